@@ -1,0 +1,142 @@
+"""Simulate the CPU demo in one process: W workers x R DiLoCo rounds on the stdlib corpus.
+
+Each round every worker trains its own shard (distinct shards throughout) for H inner
+steps from the current global weights; the token-weighted mean of their pseudo-gradients
+goes through a Nesterov-momentum SGD outer step; the validation loss is printed.
+
+    python bench/diloco_sim.py                       # workers one after another, 1 thread each
+    python bench/diloco_sim.py --parallel            # workers as concurrent processes (the demo's
+                                                     # contention: 3 x 1 thread on a 2-core box)
+
+Run on demand; not part of the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from training import defaults  # noqa: E402
+from training.corpus import build_stdlib_corpus  # noqa: E402
+from training.device import set_threads  # noqa: E402
+from training.evaluate import evaluate  # noqa: E402
+from training.inner import train_inner  # noqa: E402
+from training.model import PRESETS  # noqa: E402
+from training.shards import make_shards  # noqa: E402
+from training.state import init_arrays  # noqa: E402
+
+
+def parse_args() -> argparse.Namespace:
+    d = defaults.DEMO
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default=d.preset, choices=sorted(PRESETS))
+    p.add_argument("--n-layer", type=int, help="override the preset")
+    p.add_argument("--n-embd", type=int, help="override the preset")
+    p.add_argument("--n-head", type=int, help="override the preset")
+    p.add_argument("--workers", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--inner-steps", type=int, default=d.inner_steps)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--seq-len", type=int, default=d.seq_len)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--outer-lr", type=float, default=d.outer_lr)
+    p.add_argument("--momentum", type=float, default=d.outer_momentum)
+    p.add_argument("--shard-tokens", type=int, default=d.shard_tokens)
+    p.add_argument("--val-tokens", type=int, default=d.eval_tokens, help="validation tokens scored")
+    p.add_argument("--max-bytes", type=int, default=d.corpus_max_bytes)
+    p.add_argument("--corpus-dir", default="/tmp/atom-bench-corpus")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    p.add_argument("--parallel", action="store_true", help="run the workers as concurrent processes")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args()
+
+
+def _work(job: dict) -> dict:
+    set_threads(job.pop("threads"))
+    r = train_inner(**job)
+    return {"pg": r.pseudo_grad, "tokens": r.tokens, "before": r.loss_before,
+            "after": r.loss_after, "wall_s": r.wall_s}
+
+
+def outer_step(params, avg, buf, lr: float, momentum: float) -> None:
+    """torch.optim.SGD(nesterov=True, dampening=0) applied to the averaged pseudo-gradient."""
+    for name, g in avg.items():
+        buf[name] = g.copy() if name not in buf else momentum * buf[name] + g
+        params[name] -= lr * (g + momentum * buf[name])
+
+
+def main() -> None:
+    a = parse_args()
+    set_threads(a.threads)
+    over = {k: v for k, v in (("n_layer", a.n_layer), ("n_embd", a.n_embd), ("n_head", a.n_head)) if v}
+    cfg = replace(PRESETS[a.preset], **over)
+    info = build_stdlib_corpus(a.corpus_dir, max_bytes=a.max_bytes, val_every=defaults.DEMO.val_every)
+    toks = info.tokens()
+    shards = make_shards(*info.train_range, a.shard_tokens)
+    need = a.rounds * a.workers
+    if len(shards) < need:
+        raise SystemExit(f"only {len(shards)} shards; need {need} (raise --max-bytes)")
+    val = np.array(toks[info.val_range[0] : info.val_range[0] + a.val_tokens])
+
+    params = init_arrays(cfg, a.seed)
+    n_params = sum(v.size for v in params.values())
+    print(f"model {a.preset} {asdict(cfg)} params={n_params / 1e6:.2f}M")
+    print(f"corpus {info.n_tokens} tokens, {len(shards)} train shards of ~{a.shard_tokens}; "
+          f"val scored on {val.size} tokens")
+
+    def val_loss() -> tuple[float, float]:
+        t = time.perf_counter()
+        r = evaluate(params, cfg, val, seq_len=a.seq_len, batch_size=32, device="cpu")
+        return r.mean_loss, time.perf_counter() - t
+
+    v0, ev_s = val_loss()
+    curve, shard_s = [v0], []
+    print(f"round 0  val {v0:.3f}  (eval {ev_s:.1f}s)")
+    buf: dict[str, np.ndarray] = {}
+    pool = mp.get_context("spawn").Pool(a.workers) if a.parallel else None
+    try:
+        for rnd in range(a.rounds):
+            jobs = [
+                dict(base=params, cfg=cfg, tokens=np.array(toks[s.start : s.end]),
+                     steps=a.inner_steps, batch_size=a.batch_size, seq_len=a.seq_len, lr=a.lr,
+                     weight_decay=a.weight_decay, seed=a.seed * 1000 + s.shard_id,
+                     device="cpu", threads=a.threads)
+                for s in shards[rnd * a.workers : (rnd + 1) * a.workers]
+            ]
+            t = time.perf_counter()
+            res = pool.map(_work, jobs) if pool else [_work(j) for j in jobs]
+            round_s = time.perf_counter() - t
+            total = sum(r["tokens"] for r in res)
+            avg = {k: sum(r["pg"][k] * (r["tokens"] / total) for r in res) for k in params}
+            outer_step(params, avg, buf, a.outer_lr, a.momentum)
+            v, ev_s = val_loss()
+            curve.append(v)
+            shard_s += [r["wall_s"] for r in res]
+            inner = " ".join(f"{r['before']:.2f}->{r['after']:.2f}/{r['wall_s']:.1f}s" for r in res)
+            print(f"round {rnd + 1}  val {v:.3f}  (eval {ev_s:.1f}s)  round {round_s:.1f}s  "
+                  f"inner loss/wall: {inner}")
+    finally:
+        if pool:
+            pool.close()
+            pool.join()
+    print(json.dumps({
+        "preset": a.preset, "model": asdict(cfg), "params": n_params, "parallel": a.parallel,
+        "inner_steps": a.inner_steps, "batch_size": a.batch_size, "seq_len": a.seq_len,
+        "lr": a.lr, "outer_lr": a.outer_lr, "momentum": a.momentum, "shard_tokens": a.shard_tokens,
+        "val_curve": [round(x, 4) for x in curve],
+        "shard_s_mean": round(float(np.mean(shard_s)), 2), "shard_s_max": round(max(shard_s), 2),
+    }))
+
+
+if __name__ == "__main__":
+    main()

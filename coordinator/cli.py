@@ -1,0 +1,107 @@
+"""``atom-coordinator``: define a run, invite institutions, run it, or run the local demo."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from protocol.cli_errors import one_line_errors
+from protocol.errors import AtomError
+
+from .demo import demo_ok, run_demo
+from .launcher import Coordinator
+from .report import render_summary, run_summary
+from .rundir import RunDir, create_invite, init_run
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Coordinate an ATOM Network training run.")
+err = Console(stderr=True)
+
+DirArg = Annotated[Path, typer.Argument(help="run directory")]
+
+
+@app.command()
+@one_line_errors
+def init(
+    dir: DirArg,
+    run_id: Annotated[str, typer.Option("--run-id", help="name of the run")] = "atom-run",
+    public_host: Annotated[str, typer.Option(help="address nodes use to reach this machine")]
+    = "127.0.0.1",
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    force: Annotated[bool, typer.Option(help="overwrite an existing run directory")] = False,
+) -> None:
+    """Create DIR: run.toml, the coordinator key, a private CA and server certificate."""
+    rd = init_run(dir, force=force, run_id=run_id, network_public_host=public_host,
+                  network_host=host)
+    err.print(f"initialised {rd.path}\n  edit {rd.config_path}, then: "
+              f"atom-coordinator invite {dir} --institution NAME")
+
+
+@app.command()
+@one_line_errors
+def invite(
+    dir: DirArg,
+    institution: Annotated[str, typer.Option(help="institution the node belongs to")],
+    ttl_hours: Annotated[float, typer.Option(help="hours the invite stays valid")] = 168.0,
+) -> None:
+    """Print a single-use invite token for one node of INSTITUTION."""
+    if ttl_hours <= 0:
+        raise AtomError("--ttl-hours must be positive")
+    rd = RunDir(dir.resolve())
+    token = create_invite(rd, institution, ttl_s=ttl_hours * 3600)
+    print(token)
+    err.print(f"on the node: atom-node join {rd.coordinator_address(rd.config())} "
+              "--token <the token above>", style="dim")
+
+
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
+@app.command()
+@one_line_errors
+def start(dir: DirArg) -> None:
+    """Serve the run: SuperLink (TLS, node auth), enrollment service, and the training loop."""
+    rd = RunDir(dir.resolve())
+    signal.signal(signal.SIGTERM, _interrupt)  # stop like Ctrl-C: children are reaped
+    with Coordinator(rd) as coord:
+        run_id = coord.start_run()
+        cfg = coord.cfg
+        err.print(f"run {cfg.run.id} (Flower run {run_id}) — nodes join with "
+                  f"`atom-node join {rd.coordinator_address(cfg)} --token <invite>`")
+        status = coord.wait(run_id)
+        summary = run_summary(coord.ledger, cfg.ledger_url(rd.path))
+        render_summary(summary, err)
+        if not status.endswith("completed"):
+            errors = [e.message for e in coord.ledger.events() if e.kind == "error"]
+            raise AtomError(errors[-1] if errors else f"run ended as {status}")
+
+
+@app.command()
+@one_line_errors
+def demo(
+    nodes: Annotated[int, typer.Option(min=1, max=16, help="local nodes to start")] = 3,
+    rounds: Annotated[int, typer.Option(min=1, help="training rounds")] = 3,
+    workdir: Annotated[Optional[Path], typer.Option(help="run directory [default: a new "
+                                                    "temporary one]")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON last")]
+    = False,
+) -> None:
+    """Run a whole network on this machine: coordinator + NODES local nodes, on CPU."""
+    summary, _ = run_demo(nodes=nodes, rounds=rounds, workdir=workdir, console=err)
+    render_summary(summary, err)
+    err.print(f"demo took {summary['seconds']:.0f} s")
+    if as_json:
+        print(json.dumps(summary))
+    demo_ok(summary)
+
+
+def main() -> None:
+    app()

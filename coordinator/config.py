@@ -1,0 +1,331 @@
+"""The run's typed configuration, read from ``run.toml`` and validated on load.
+
+Every default lives in the section dataclasses below (training defaults in ``TrainParams``).
+``default_config_text`` renders them, with each field's help text, as the commented TOML that
+``atom-coordinator init`` writes. Every mistake raises one ``ConfigError`` line that names the
+file and the key, e.g. ``run.toml: [train].inner_steps must be a positive integer, got 'ten'``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from coordinator.aggregators import available_aggregators
+from protocol.errors import ConfigError
+
+__all__ = [
+    "RunParams", "ModelParams", "DataParams", "TrainParams", "OuterParams", "AggregationParams",
+    "VerifyParams", "CreditsParams", "NetworkParams", "LedgerParams", "RunConfig",
+    "load_config", "parse_config", "default_config_text",
+]
+
+# A check returns the cleaned value or raises _Bad(what the value must be).
+Check = Callable[[Any], Any]
+
+
+class _Bad(Exception):
+    pass
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)  # TOML `true` is not a count
+
+
+def _int(what: str, low: int, high: float = math.inf) -> Check:
+    def check(v: Any) -> int:
+        if not _is_int(v) or not low <= v <= high:
+            raise _Bad(what)
+        return int(v)
+    return check
+
+
+def _float(what: str, ok: Callable[[float], bool]) -> Check:
+    def check(v: Any) -> float:
+        if not (_is_int(v) or isinstance(v, float)) or not math.isfinite(v) or not ok(v):
+            raise _Bad(what)
+        return float(v)
+    return check
+
+
+def _optional(inner: Check) -> Check:
+    # TOML has no null: an absent key is the only way to say "no override"
+    return lambda v: None if v is None else inner(v)
+
+
+def _bool(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise _Bad("must be true or false")
+    return v
+
+
+def _str(v: Any) -> str:
+    if not isinstance(v, str) or not v.strip():
+        raise _Bad("must be a non-empty string")
+    return v
+
+
+def _run_id(v: Any) -> str:
+    # used in file names, ledger rows and lease seeds: keep it plain
+    if not isinstance(v, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", v):
+        raise _Bad("must be 1-64 letters, digits, '.', '_' or '-'")
+    return v
+
+
+def _method(v: Any) -> str:
+    names = available_aggregators()
+    if v not in names:
+        raise _Bad(f"must be one of {', '.join(names)}")
+    return str(v)
+
+
+def _ledger_url(v: Any) -> str:
+    if not isinstance(v, str) or not re.fullmatch(r"[a-z][a-z0-9+]*://.*", v):
+        raise _Bad("must be a database URL such as sqlite:///ledger.db")
+    return v
+
+
+_positive_int = _int("must be a positive integer", 1)
+_non_negative_int = _int("must be a non-negative integer", 0)
+_port = _int("must be a port number 1-65535", 1, 65535)
+_positive = _float("must be a positive number", lambda x: x > 0)
+_non_negative = _float("must be a non-negative number", lambda x: x >= 0)
+_momentum = _float("must be in [0, 1)", lambda x: 0 <= x < 1)
+
+
+def _opt(default: Any, check: Check, doc: str) -> Any:
+    return field(default=default, metadata={"check": check, "doc": doc})
+
+
+@dataclass(frozen=True)
+class RunParams:
+    id: str = _opt("atom-demo", _run_id, "name of this training run")
+    rounds: int = _opt(3, _positive_int, "outer rounds (model versions) to train")
+    min_nodes: int = _opt(1, _positive_int, "nodes that must be online before a round starts")
+    wait_for_nodes_s: float = _opt(120.0, _non_negative, "how long to wait for min_nodes")
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    preset: str = _opt("tiny", _str, "training.model.PRESETS: tiny (CPU demo), small, gpt2")
+    n_layer: int | None = _opt(None, _optional(_positive_int), "override the preset's layers")
+    n_head: int | None = _opt(None, _optional(_positive_int), "override attention heads")
+    n_embd: int | None = _opt(None, _optional(_positive_int), "override the embedding width")
+    block_size: int | None = _opt(None, _optional(_positive_int), "override the context length")
+
+
+@dataclass(frozen=True)
+class DataParams:
+    source: str = _opt("stdlib", _str,
+                       '"stdlib" (Python stdlib source) or a folder of text/JSONL files')
+    max_bytes: int = _opt(4_000_000, _positive_int, "read at most this many bytes of text")
+    val_every: int = _opt(10, _int("must be an integer >= 2", 2),
+                          "every N-th file goes to validation")
+    shard_tokens: int = _opt(0, _non_negative_int,
+                             "tokens per train shard; 0 = inner_steps * batch_size * seq_len")
+    eval_tokens: int = _opt(65_536, _positive_int, "validation tokens evaluated per round")
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    # Training defaults: tune them here, nowhere else.
+    inner_steps: int = _opt(40, _positive_int, "H: local AdamW steps per shard")
+    batch_size: int = _opt(8, _positive_int, "sequences per inner step")
+    seq_len: int = _opt(128, _positive_int, "tokens per sequence (<= the model's block_size)")
+    lr: float = _opt(3e-3, _positive, "inner AdamW learning rate")
+    weight_decay: float = _opt(0.1, _non_negative, "inner AdamW weight decay")
+    deadline_s: float = _opt(300.0, _positive, "seconds a node has to return a shard")
+    threads: int = _opt(1, _positive_int, "torch threads per local node process")
+
+
+@dataclass(frozen=True)
+class OuterParams:
+    lr: float = _opt(0.7, _positive, "outer Nesterov SGD learning rate")
+    momentum: float = _opt(0.9, _momentum, "outer momentum, in [0, 1)")
+    nesterov: bool = _opt(True, _bool, "Nesterov momentum (as in DiLoCo)")
+
+
+@dataclass(frozen=True)
+class AggregationParams:
+    method: str = _opt("mean", _method, "how accepted pseudo-gradients are combined")
+
+
+@dataclass(frozen=True)
+class VerifyParams:
+    max_update_norm: float = _opt(1000.0, _positive, "reject pseudo-gradients with a larger L2 norm")
+
+
+@dataclass(frozen=True)
+class CreditsParams:
+    train_per_1k_tokens: float = _opt(1.0, _non_negative, "credits per 1000 tokens trained")
+    eval_per_1k_tokens: float = _opt(0.1, _non_negative, "credits per 1000 tokens evaluated")
+
+
+@dataclass(frozen=True)
+class NetworkParams:
+    host: str = _opt("127.0.0.1", _str, "address the coordinator listens on")
+    fleet_port: int = _opt(9092, _port, "Flower Fleet API port (faces nodes)")
+    coordinator_port: int = _opt(9093, _port, "enrollment/status gRPC port (faces nodes)")
+    public_host: str = _opt("127.0.0.1", _str, "address nodes use to reach this machine")
+
+
+@dataclass(frozen=True)
+class LedgerParams:
+    url: str = _opt("sqlite:///ledger.db", _ledger_url,
+                    "sqlite:///file.db (relative to the run directory) or postgresql://...")
+
+
+_SECTIONS: dict[str, type] = {
+    "run": RunParams, "model": ModelParams, "data": DataParams, "train": TrainParams,
+    "outer": OuterParams, "aggregation": AggregationParams, "verify": VerifyParams,
+    "credits": CreditsParams, "network": NetworkParams, "ledger": LedgerParams,
+}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    run: RunParams = field(default_factory=RunParams)
+    model: ModelParams = field(default_factory=ModelParams)
+    data: DataParams = field(default_factory=DataParams)
+    train: TrainParams = field(default_factory=TrainParams)
+    outer: OuterParams = field(default_factory=OuterParams)
+    aggregation: AggregationParams = field(default_factory=AggregationParams)
+    verify: VerifyParams = field(default_factory=VerifyParams)
+    credits: CreditsParams = field(default_factory=CreditsParams)
+    network: NetworkParams = field(default_factory=NetworkParams)
+    ledger: LedgerParams = field(default_factory=LedgerParams)
+    # where run.toml lives: relative paths in it resolve here; not part of the config's value
+    base_dir: Path = field(default=Path("."), compare=False, repr=False)
+
+    @property
+    def shard_tokens(self) -> int:
+        """Tokens per train shard, with 0 resolved to inner_steps * batch_size * seq_len."""
+        t = self.train
+        return self.data.shard_tokens or t.inner_steps * t.batch_size * t.seq_len
+
+    def data_folder(self, run_dir: str | Path | None = None) -> Path | None:
+        """The corpus folder (relative paths against the run directory); None for stdlib."""
+        if self.data.source == "stdlib":
+            return None
+        root = Path(run_dir) if run_dir is not None else self.base_dir
+        return root / Path(self.data.source).expanduser()
+
+    def ledger_url(self, run_dir: str | Path | None = None) -> str:
+        """The ledger URL, with a relative SQLite path made absolute against ``run_dir``
+        (default: the directory run.toml was read from)."""
+        url = self.ledger.url
+        prefix = "sqlite:///"
+        if not url.startswith(prefix):
+            return url
+        path, sep, query = url[len(prefix):].partition("?")
+        if path in ("", ":memory:") or Path(path).is_absolute():
+            return url
+        root = Path(run_dir) if run_dir is not None else self.base_dir
+        return f"{prefix}{(root / path).resolve()}{sep}{query}"
+
+
+def _section(name: str, cls: type, table: Any, fname: str) -> Any:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{fname}: [{name}] must be a table")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in table.items():
+        if key not in fields:
+            raise ConfigError(f"{fname}: unknown key [{name}].{key}")
+        try:
+            values[key] = fields[key].metadata["check"](value)
+        except _Bad as bad:
+            raise ConfigError(f"{fname}: [{name}].{key} {bad}, got {value!r}") from None
+    return cls(**values)
+
+
+def _build(doc: dict[str, Any], base_dir: Path, fname: str) -> RunConfig:
+    sections = {}
+    for key, table in doc.items():
+        if key not in _SECTIONS:
+            raise ConfigError(f"{fname}: unknown section [{key}]")
+        sections[key] = _section(key, _SECTIONS[key], table, fname)
+    cfg = RunConfig(**sections, base_dir=base_dir)
+    m, n = cfg.model, cfg.network
+    if m.n_head is not None and m.n_embd is not None and m.n_embd % m.n_head:
+        raise ConfigError(f"{fname}: [model].n_embd must be divisible by [model].n_head, "
+                          f"got {m.n_embd} and {m.n_head}")
+    if n.fleet_port == n.coordinator_port:
+        raise ConfigError(f"{fname}: [network].coordinator_port must differ from "
+                          f"[network].fleet_port, got {n.coordinator_port}")
+    return cfg
+
+
+def parse_config(text: str, base_dir: str | Path = ".", *, name: str = "run.toml") -> RunConfig:
+    """Parse and validate run.toml ``text``; relative paths resolve against ``base_dir``,
+    ``name`` prefixes error messages."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        msg = str(e)
+        at = re.search(r" \(at line (\d+), column \d+\)$", msg)
+        where = f" at line {at.group(1)}" if at else ""
+        raise ConfigError(f"{name}: invalid TOML{where}: {msg[:at.start()] if at else msg}") from None
+    cfg = _build(doc, Path(base_dir), name)
+    folder = cfg.data_folder()
+    if folder is not None and not folder.is_dir():
+        raise ConfigError(f"{name}: [data].source must be \"stdlib\" or an existing folder, "
+                          f"got {cfg.data.source!r}")
+    return cfg
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read and validate a run.toml file; errors name ``path``."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read: {e}") from None
+    return parse_config(text, path.parent, name=str(path))
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return f"{v:_}" if abs(v) >= 10_000 else str(v)
+    if isinstance(v, float):
+        return repr(v)
+    return json.dumps(str(v), ensure_ascii=False)  # a JSON string is a valid TOML basic string
+
+
+def default_config_text(**overrides: Any) -> str:
+    """The commented run.toml that ``init`` writes: defaults, with ``overrides`` given as
+    ``section_key=value`` (``run_id="x"``, ``network_fleet_port=9100``, ``model_n_layer=6``).
+
+    Raises ConfigError on an unknown override or a value that does not validate.
+    """
+    chosen: dict[str, dict[str, Any]] = {s: {} for s in _SECTIONS}
+    for arg, value in overrides.items():
+        section, _, key = arg.partition("_")
+        if section not in _SECTIONS or key not in {f.name for f in dataclasses.fields(_SECTIONS[section])}:
+            raise ConfigError(f"default_config_text: unknown override {arg!r}")
+        chosen[section][key] = value
+    lines = ["# ATOM Network run configuration, validated on load; every key is optional."]
+    for section, cls in _SECTIONS.items():
+        lines += ["", f"[{section}]"]
+        for f in dataclasses.fields(cls):
+            value = chosen[section].get(f.name, f.default)
+            doc = f.metadata["doc"]
+            if value is None:  # an optional override left unset: show the key, commented out
+                lines.append(f"# {f.name} = <integer>  # {doc}")
+            else:
+                lines.append(f"{f.name} = {_toml_value(value)}  # {doc}")
+    text = "\n".join(lines) + "\n"
+    # never write a file that fails to load (the data folder may not exist yet, so not checked)
+    _build(tomllib.loads(text), Path("."), "default_config_text")
+    return text

@@ -1,0 +1,99 @@
+"""Bring a coordinator up: corpus, SuperLink (TLS + node auth), the gRPC service, the run.
+
+Shared by ``atom-coordinator start`` and the demo, so both run exactly the same stack.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+
+from protocol.errors import NetworkError
+from training.corpus import CorpusInfo, build_folder_corpus, build_stdlib_corpus
+
+from .config import RunConfig
+from .enrollment import Enroller
+from .ledger import Ledger
+from .model_store import model_config
+from .rundir import RunDir
+from .service import CoordinatorService, serve
+from .superlink import SuperLink
+
+__all__ = ["Coordinator", "prepare_corpus"]
+
+
+def prepare_corpus(rd: RunDir, cfg: RunConfig) -> CorpusInfo:
+    """Build (or reuse) the run's token file: the stdlib's own sources by default."""
+    folder = cfg.data_folder(rd.path)
+    if folder is None:
+        return build_stdlib_corpus(rd.corpus, cfg.data.max_bytes, cfg.data.val_every)
+    return build_folder_corpus(folder, rd.corpus, cfg.data.max_bytes, cfg.data.val_every)
+
+
+@dataclass
+class Coordinator:
+    rd: RunDir
+    cfg: RunConfig = field(init=False)
+    ledger: Ledger = field(init=False)
+    superlink: SuperLink | None = None
+    server: grpc.Server | None = None
+
+    def __post_init__(self) -> None:
+        self.cfg = self.rd.config()
+        model_config(self.cfg)  # a bad [model] fails here, before anything starts
+
+    def __enter__(self) -> Coordinator:
+        self.ledger = self.rd.ledger(self.cfg)
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        cfg, rd = self.cfg, self.rd
+        prepare_corpus(rd, cfg)
+        self.superlink = SuperLink(rd.path, rd.tls, cfg.network.host, cfg.network.fleet_port)
+        self.superlink.start()
+        enroller = Enroller(self.ledger, self.superlink.register_node)
+        service = CoordinatorService(enroller, cfg.run.id, rd.fleet_address(cfg),
+                                     rd.public_key_pem())
+        self.server = serve(service, cfg.network.host, cfg.network.coordinator_port,
+                            rd.tls.server_cert.read_bytes(), rd.tls.server_key.read_bytes())
+
+    def start_run(self) -> int:
+        assert self.superlink is not None
+        return self.superlink.start_run({"workdir": str(self.rd.path)})
+
+    def wait(self, run_id: int, *, timeout: float = float("inf"),
+             tick: Callable[[], None] | None = None) -> str:
+        """Block until the run finishes (or ``timeout``); returns Flower's run status."""
+        assert self.superlink is not None
+        end = time.monotonic() + timeout
+        while True:
+            status = self.superlink.run_status(run_id)
+            if status.startswith("finished") or time.monotonic() > end:
+                return status
+            if self.superlink.proc is not None and self.superlink.proc.poll() is not None:
+                raise NetworkError("the SuperLink exited during the run "
+                                   f"(see {self.rd.logs / 'superlink.log'})")
+            if tick is not None:
+                tick()
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop(grace=1.0).wait()
+            self.server = None
+        if self.superlink is not None:
+            self.superlink.stop()
+            self.superlink = None
+        if getattr(self, "ledger", None) is not None:
+            self.ledger.close()

@@ -1,0 +1,22 @@
+"""The ATOM ledger: SQLModel tables behind one ``Ledger`` interface (SQLite or PostgreSQL)."""
+
+from __future__ import annotations
+
+from .ledger import Ledger
+from .models import (
+    CreditEntry, Event, Institution, Invite, Lease, ModelVersion, Node, Update,
+)
+from .summaries import NodeSummary
+
+__all__ = [
+    "CreditEntry",
+    "Event",
+    "Institution",
+    "Invite",
+    "Lease",
+    "Ledger",
+    "ModelVersion",
+    "Node",
+    "NodeSummary",
+    "Update",
+]

@@ -1,0 +1,271 @@
+"""Writing the ledger: the one interface through which ATOM changes its database.
+
+Every method runs in its own short transaction. Writes that must be atomic under
+concurrency lean on the database: a conditional UPDATE for invite redemption,
+unique constraints for one update per lease and one credit per update.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+from sqlalchemy import update
+from sqlalchemy.engine import URL
+from sqlmodel import Session, SQLModel, col, select
+
+from protocol.errors import EnrollmentError, LedgerError
+
+from .models import (
+    LEASE_KINDS, LEASE_STATUSES, VERDICTS, CreditEntry, Event, Institution, Invite, Lease,
+    ModelVersion, Node, Update,
+)
+from .reads import LedgerReads, flower_id
+from .summaries import NodeSummary
+
+__all__ = ["Ledger", "NodeSummary"]
+
+_Row = TypeVar("_Row", bound=SQLModel)
+
+
+def _finite(x: float | None) -> float | None:
+    """Non-finite floats become NULL: SQLite cannot store NaN, and both backends must agree."""
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+def _now(at: float | None) -> float:
+    return time.time() if at is None else at
+
+
+class Ledger(LedgerReads):
+    """The ATOM ledger: every query of :class:`LedgerReads` plus the writes.
+
+    ``Ledger(url)`` opens (and by default creates) a ledger for reading and writing;
+    ``Ledger.read_only(url)`` opens an existing one whose writes all raise LedgerError.
+    """
+
+    @classmethod
+    def read_only(cls, url: str | URL) -> Ledger:
+        """Open an existing ledger for reading only (the TUI); the database refuses writes too."""
+        return cls(url, create=False, _read_only=True)
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def _check_writable(self, what: str) -> None:
+        if self.is_read_only:
+            raise LedgerError(f"ledger {self.url} is read-only: cannot {what}")
+
+    @contextmanager
+    def _write(self, what: str) -> Iterator[Session]:
+        self._check_writable(what)
+        with self._session() as session, session.begin():
+            yield session
+
+    def _add(self, row: _Row, what: str) -> _Row:
+        with self._write(what) as session:
+            session.add(row)
+        return row
+
+    # -- institutions and invites ---------------------------------------------------
+
+    def add_institution(self, name: str, *, now: float | None = None) -> Institution:
+        """Get or create the institution called ``name``."""
+        self._check_writable("add an institution")
+        name = name.strip()
+        if not name:
+            raise LedgerError("institution name is empty")
+        stmt = select(Institution).where(Institution.name == name)
+        if found := self._all(stmt):
+            return found[0]
+        try:
+            return self._add(Institution(name=name, created_at=_now(now)), "add an institution")
+        except LedgerError:
+            if found := self._all(stmt):  # lost a race to a concurrent creator
+                return found[0]
+            raise
+
+    def create_invite(self, institution: Institution | int, secret_hash: str, expires_at: float,
+                      *, now: float | None = None) -> Invite:
+        inst_id = institution if isinstance(institution, int) else institution.id
+        invite = Invite(institution_id=inst_id, secret_hash=secret_hash,
+                        created_at=_now(now), expires_at=expires_at)
+        return self._add(invite, "create an invite")
+
+    def redeem_invite(self, secret_hash: str, now: float) -> Invite:
+        """Claim an invite exactly once, even when several enrollments race for it.
+
+        Raises
+        ------
+        EnrollmentError
+            The token is unknown, used, expired or revoked.
+        """
+        claim = (update(Invite)
+                 .where(col(Invite.secret_hash) == secret_hash, col(Invite.used_at).is_(None),
+                        col(Invite.revoked).is_(False), col(Invite.expires_at) > now)
+                 .values(used_at=now))
+        with self._write("redeem an invite") as session:
+            claimed = session.exec(claim).rowcount == 1
+            invite = session.exec(select(Invite).where(Invite.secret_hash == secret_hash)).first()
+        if invite is None:
+            raise EnrollmentError("invite token is not valid")
+        if claimed:
+            return invite
+        if invite.revoked:
+            raise EnrollmentError("invite token was revoked")
+        if invite.used_at is not None:
+            raise EnrollmentError("invite token was already used")
+        raise EnrollmentError("invite token has expired")
+
+    def release_invite(self, invite_id: int) -> Invite:
+        """Undo a redemption whose enrollment failed before a node was added."""
+        with self._write("release an invite") as session:
+            invite = self._must(session, Invite, invite_id)
+            if invite.used_by_node_id is not None:
+                raise LedgerError(
+                    f"invite {invite_id} already enrolled node {invite.used_by_node_id}")
+            invite.used_at = None
+        return invite
+
+    def mark_invite_used(self, invite_id: int, node_id: int) -> Invite:
+        """Record which node a redeemed invite enrolled."""
+        with self._write("mark an invite used") as session:
+            invite = self._must(session, Invite, invite_id)
+            self._must(session, Node, node_id)
+            if invite.used_at is None:
+                raise LedgerError(f"invite {invite_id} was never redeemed")
+            if invite.used_by_node_id not in (None, node_id):
+                raise LedgerError(
+                    f"invite {invite_id} already enrolled node {invite.used_by_node_id}")
+            invite.used_by_node_id = node_id
+        return invite
+
+    def revoke_invite(self, invite_id: int) -> Invite:
+        with self._write("revoke an invite") as session:
+            invite = self._must(session, Invite, invite_id)
+            invite.revoked = True
+        return invite
+
+    # -- nodes ----------------------------------------------------------------------
+
+    def add_node(self, flower_node_id: int | str, name: str, institution_id: int,
+                 public_key_pem: str | bytes, fingerprint: str, *,
+                 now: float | None = None) -> Node:
+        pem = public_key_pem
+        if isinstance(pem, bytes):
+            pem = pem.decode("ascii")
+        node = Node(flower_node_id=flower_id(flower_node_id), name=name,
+                    institution_id=institution_id, public_key_pem=pem,
+                    fingerprint=fingerprint, enrolled_at=_now(now))
+        return self._add(node, "add a node")
+
+    def touch_node(self, node_id: int, now: float) -> None:
+        """Note that the node was seen at ``now``."""
+        with self._write("touch a node") as session:
+            stmt = update(Node).where(col(Node.id) == node_id).values(last_seen=now)
+            if session.exec(stmt).rowcount != 1:
+                raise LedgerError(f"no node {node_id} in the ledger")
+
+    def revoke_node(self, node_id: int) -> Node:
+        with self._write("revoke a node") as session:
+            node = self._must(session, Node, node_id)
+            node.revoked = True
+        return node
+
+    # -- leases and updates ---------------------------------------------------------
+
+    def record_lease(self, *, run_id: str, round: int, shard_id: int, kind: str, node_id: int,
+                     base_version: int, nonce: str, data_start: int, data_end: int,
+                     deadline: float, issued_at: float | None = None) -> Lease:
+        if kind not in LEASE_KINDS:
+            raise LedgerError(f"lease kind must be one of {LEASE_KINDS}, not {kind!r}")
+        lease = Lease(run_id=run_id, round=round, shard_id=shard_id, kind=kind, node_id=node_id,
+                      base_version=base_version, nonce=nonce, data_start=data_start,
+                      data_end=data_end, issued_at=_now(issued_at), deadline=deadline)
+        return self._add(lease, "record a lease")
+
+    def close_lease(self, lease_id: int, status: str, now: float) -> bool:
+        """Close an issued lease; ``False`` when it was already closed (e.g. answered)."""
+        if status not in LEASE_STATUSES[1:]:
+            raise LedgerError(f"a lease closes as one of {LEASE_STATUSES[1:]}, not {status!r}")
+        with self._write("close a lease") as session:
+            stmt = (update(Lease).where(col(Lease.id) == lease_id, col(Lease.status) == "issued")
+                    .values(status=status, closed_at=now))
+            if session.exec(stmt).rowcount == 1:
+                return True
+            self._must(session, Lease, lease_id)
+            return False
+
+    def record_update(self, *, lease_id: int, node_id: int, arrays_digest: str, verdict: str,
+                      tokens: int, steps: int, loss_before: float | None,
+                      loss_after: float | None, wall_s: float | None, reason: str | None = None,
+                      detail: str = "", norm: float | None = None,
+                      received_at: float | None = None) -> Update:
+        """Record a node's answer and close its lease as 'answered' in one transaction.
+
+        A lease that was already closed (e.g. expired before a late answer) keeps its status.
+        """
+        if verdict not in VERDICTS:
+            raise LedgerError(f"verdict must be one of {VERDICTS}, not {verdict!r}")
+        at = _now(received_at)
+        row = Update(lease_id=lease_id, node_id=node_id, arrays_digest=arrays_digest,
+                     verdict=verdict, reason=reason, detail=detail, tokens=tokens, steps=steps,
+                     loss_before=_finite(loss_before), loss_after=_finite(loss_after),
+                     wall_s=_finite(wall_s), norm=_finite(norm), received_at=at)
+        with self._write("record an update") as session:
+            self._must(session, Lease, lease_id)
+            session.add(row)
+            session.exec(update(Lease)
+                         .where(col(Lease.id) == lease_id, col(Lease.status) == "issued")
+                         .values(status="answered", closed_at=at))
+        return row
+
+    # -- credit, versions, events ---------------------------------------------------
+
+    def add_credit(self, node_id: int, update_id: int, amount: float,
+                   components: dict[str, Any], *, now: float | None = None) -> CreditEntry:
+        """Append a credit for one accepted update (at most one per update)."""
+        if not math.isfinite(amount) or amount < 0:
+            raise LedgerError(f"credit amount must be finite and >= 0, not {amount!r}")
+        try:
+            text = json.dumps(components, sort_keys=True, separators=(",", ":"), allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise LedgerError(f"credit components are not plain JSON: {exc}") from None
+        entry = CreditEntry(node_id=node_id, update_id=update_id, amount=float(amount),
+                            components=text, created_at=_now(now))
+        with self._write("add credit") as session:
+            upd = self._must(session, Update, update_id)
+            if upd.verdict != "accepted":
+                raise LedgerError(f"update {update_id} was rejected: it earns no credit")
+            if upd.node_id != node_id:
+                raise LedgerError(
+                    f"update {update_id} belongs to node {upd.node_id}, not {node_id}")
+            earlier = select(CreditEntry.id).where(CreditEntry.update_id == update_id)
+            if session.exec(earlier).first() is not None:
+                raise LedgerError(f"update {update_id} was already credited")
+            session.add(entry)
+        return entry
+
+    def add_model_version(self, version: int, digest: str, path: str, round: int, *,
+                          n_updates: int, tokens: int, val_loss: float | None = None,
+                          val_tokens: int | None = None,
+                          created_at: float | None = None) -> ModelVersion:
+        row = ModelVersion(version=version, digest=digest, path=path, round=round,
+                           created_at=_now(created_at), n_updates=n_updates,
+                           tokens=tokens, val_loss=_finite(val_loss), val_tokens=val_tokens)
+        return self._add(row, "add a model version")
+
+    def set_val_loss(self, version: int, loss: float | None, tokens: int) -> ModelVersion:
+        with self._write("set a validation loss") as session:
+            row = self._must(session, ModelVersion, version)
+            row.val_loss, row.val_tokens = _finite(loss), tokens
+        return row
+
+    def add_event(self, kind: str, message: str, node_id: int | None = None,
+                  at: float | None = None) -> Event:
+        return self._add(Event(at=_now(at), kind=kind, node_id=node_id, message=message),
+                         "add an event")

@@ -1,0 +1,176 @@
+"""SQLModel tables of the ATOM ledger.
+
+Timestamps are unix seconds as floats: portable across SQLite and PostgreSQL and
+free of timezone ambiguity. Only :mod:`coordinator.ledger.ledger` queries these
+tables; everyone else goes through :class:`~coordinator.ledger.Ledger`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Optional
+
+from sqlalchemy import BigInteger, CheckConstraint, Column, Index, Text
+from sqlmodel import Field, SQLModel
+
+__all__ = [
+    "CreditEntry",
+    "Event",
+    "Institution",
+    "Invite",
+    "LEASE_KINDS",
+    "LEASE_STATUSES",
+    "Lease",
+    "ModelVersion",
+    "Node",
+    "TABLES",
+    "Update",
+    "VERDICTS",
+]
+
+LEASE_KINDS = ("train", "eval")
+LEASE_STATUSES = ("issued", "answered", "expired", "failed")
+VERDICTS = ("accepted", "rejected")
+
+
+def _one_of(table: str, column: str, values: tuple[str, ...]) -> CheckConstraint:
+    allowed = ", ".join(f"'{v}'" for v in values)
+    return CheckConstraint(f"{column} IN ({allowed})", name=f"ck_{table}_{column}")
+
+
+class Institution(SQLModel, table=True):
+    __tablename__ = "institutions"
+
+    id: Optional[int] = Field(default=None, primary_key=True)
+    name: str = Field(unique=True)
+    created_at: float
+
+
+class Invite(SQLModel, table=True):
+    __tablename__ = "invites"
+
+    id: Optional[int] = Field(default=None, primary_key=True)
+    institution_id: int = Field(foreign_key="institutions.id", index=True)
+    secret_hash: str = Field(unique=True)
+    created_at: float
+    expires_at: float
+    used_at: Optional[float] = None
+    # No FK: the invite is claimed before the node row exists (see Ledger.redeem_invite).
+    used_by_node_id: Optional[int] = None
+    revoked: bool = False
+
+
+class Node(SQLModel, table=True):
+    __tablename__ = "nodes"
+    # AUTOINCREMENT so a node id is never handed out twice, even on SQLite.
+    __table_args__ = {"sqlite_autoincrement": True}
+
+    id: Optional[int] = Field(default=None, primary_key=True)
+    # Flower node ids are uint64: they overflow a signed BIGINT, so decimal text.
+    flower_node_id: str = Field(unique=True)
+    name: str
+    institution_id: int = Field(foreign_key="institutions.id", index=True)
+    public_key_pem: str = Field(sa_column=Column(Text, nullable=False))
+    fingerprint: str = Field(index=True)
+    enrolled_at: float
+    last_seen: Optional[float] = None
+    revoked: bool = False
+
+
+class ModelVersion(SQLModel, table=True):
+    __tablename__ = "model_versions"
+
+    version: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    digest: str
+    path: str
+    round: int
+    created_at: float
+    n_updates: int
+    tokens: int = Field(sa_type=BigInteger)
+    val_loss: Optional[float] = None
+    val_tokens: Optional[int] = Field(default=None, sa_type=BigInteger)
+
+
+class Lease(SQLModel, table=True):
+    __tablename__ = "leases"
+    __table_args__ = (
+        _one_of("leases", "kind", LEASE_KINDS),
+        _one_of("leases", "status", LEASE_STATUSES),
+        Index("ix_leases_node_status", "node_id", "status"),
+        Index("ix_leases_status", "status"),
+    )
+
+    id: Optional[int] = Field(default=None, primary_key=True)
+    run_id: str
+    round: int
+    shard_id: int
+    kind: str
+    node_id: int = Field(foreign_key="nodes.id")
+    base_version: int
+    nonce: str = Field(unique=True)
+    data_start: int = Field(sa_type=BigInteger)
+    data_end: int = Field(sa_type=BigInteger)
+    issued_at: float
+    deadline: float
+    status: str = "issued"
+    closed_at: Optional[float] = None
+
+
+class Update(SQLModel, table=True):
+    """A node's answer to one lease, accepted or not.
+
+    The metric floats are nullable because a rejected update may carry NaN/inf,
+    which SQLite cannot store; the ledger writes non-finite values as NULL.
+    """
+
+    __tablename__ = "updates"
+    __table_args__ = (_one_of("updates", "verdict", VERDICTS),)
+
+    id: Optional[int] = Field(default=None, primary_key=True)
+    lease_id: int = Field(foreign_key="leases.id", unique=True)
+    node_id: int = Field(foreign_key="nodes.id", index=True)
+    arrays_digest: str
+    verdict: str
+    reason: Optional[str] = None
+    detail: str = Field(default="", sa_column=Column(Text, nullable=False))
+    tokens: int = Field(sa_type=BigInteger)
+    steps: int
+    loss_before: Optional[float] = None
+    loss_after: Optional[float] = None
+    wall_s: Optional[float] = None
+    norm: Optional[float] = None
+    received_at: float
+
+
+class CreditEntry(SQLModel, table=True):
+    """Append-only: the ledger offers no way to change or delete an entry."""
+
+    __tablename__ = "credit_entries"
+
+    id: Optional[int] = Field(default=None, primary_key=True)
+    node_id: int = Field(foreign_key="nodes.id", index=True)
+    update_id: int = Field(foreign_key="updates.id", unique=True)
+    amount: float
+    components: str = Field(sa_column=Column(Text, nullable=False))  # JSON object
+    created_at: float
+
+    def components_dict(self) -> dict[str, Any]:
+        """The ``components`` JSON text parsed back into a dict."""
+        return json.loads(self.components)
+
+
+class Event(SQLModel, table=True):
+    __tablename__ = "events"
+
+    id: Optional[int] = Field(default=None, primary_key=True)
+    at: float
+    kind: str
+    node_id: Optional[int] = Field(default=None, foreign_key="nodes.id")
+    message: str = Field(sa_column=Column(Text, nullable=False))
+
+
+# Created explicitly so other SQLModel tables sharing the global metadata are left alone.
+TABLES = [
+    m.__table__  # type: ignore[attr-defined]
+    for m in (Institution, Invite, Node, ModelVersion, Lease, Update, CreditEntry, Event)
+]

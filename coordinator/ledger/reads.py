@@ -1,0 +1,178 @@
+"""Reading the ledger: connection lifecycle, sessions and every query.
+
+:class:`LedgerReads` is the read-only query layer (what the TUI needs);
+:class:`~coordinator.ledger.Ledger` adds the writes on top of it. Rows come back
+detached (``expire_on_commit=False``, no relationships), so nothing lazy-loads
+after the session has closed.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+from sqlalchemy import inspect
+from sqlalchemy.engine import URL
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlmodel import Session, SQLModel, col, select
+
+from protocol.errors import LedgerError
+
+from .engine import first_line, open_engine, shown_url
+from .models import (
+    TABLES, CreditEntry, Event, Institution, Invite, Lease, ModelVersion, Node, Update,
+)
+from .summaries import NodeSummary, node_summaries_query
+
+__all__ = ["LedgerReads", "flower_id"]
+
+_Row = TypeVar("_Row", bound=SQLModel)
+UINT64_MAX = 2**64 - 1
+
+
+def flower_id(flower_node_id: int | str) -> str:
+    """A Flower node id (uint64) as the canonical decimal string the ledger stores."""
+    try:
+        value = int(str(flower_node_id), 10)
+    except ValueError:
+        raise LedgerError(f"flower node id {flower_node_id!r} is not a decimal integer") from None
+    if not 0 <= value <= UINT64_MAX:
+        raise LedgerError(f"flower node id {value} is outside uint64")
+    return str(value)
+
+
+class LedgerReads:
+    """Queries over the ATOM ledger on SQLite (default) or PostgreSQL, chosen by URL.
+
+    Parameters
+    ----------
+    url
+        SQLAlchemy URL, e.g. ``sqlite:///atom.db`` or ``postgresql+psycopg://u@host/db``.
+    create
+        Create missing tables; with ``False`` the tables must already exist.
+    """
+
+    def __init__(self, url: str | URL, *, create: bool = True, _read_only: bool = False) -> None:
+        self.url = shown_url(url)
+        self.is_read_only = _read_only
+        self._engine = open_engine(url, read_only=_read_only)
+        try:
+            if create and not _read_only:
+                SQLModel.metadata.create_all(self._engine, tables=TABLES)
+            elif not inspect(self._engine).has_table(Node.__tablename__):
+                raise LedgerError(f"cannot open ledger {self.url}: it has no ledger tables")
+        except SQLAlchemyError as exc:
+            self._engine.dispose()
+            raise LedgerError(f"cannot open ledger {self.url}: {first_line(exc)}") from exc
+        except LedgerError:
+            self._engine.dispose()
+            raise
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url!r}{', read-only' if self.is_read_only else ''})"
+
+    @contextmanager
+    def _session(self) -> Iterator[Session]:
+        try:
+            with Session(self._engine, expire_on_commit=False) as session:
+                yield session
+        except IntegrityError as exc:
+            raise LedgerError(f"ledger refused the write: {first_line(exc)}") from exc
+        except SQLAlchemyError as exc:
+            raise LedgerError(f"ledger {self.url} failed: {first_line(exc)}") from exc
+
+    def _get(self, model: type[_Row], key: Any) -> _Row | None:
+        with self._session() as session:
+            return session.get(model, key)
+
+    def _all(self, stmt: Any) -> list[Any]:
+        with self._session() as session:
+            return list(session.exec(stmt).all())
+
+    @staticmethod
+    def _must(session: Session, model: type[_Row], key: Any) -> _Row:
+        row = session.get(model, key)
+        if row is None:
+            what = re.sub(r"(?<!^)(?=[A-Z])", " ", model.__name__).lower()
+            raise LedgerError(f"no {what} {key} in the ledger")
+        return row
+
+    def node(self, node_id: int) -> Node | None:
+        return self._get(Node, node_id)
+
+    def node_by_flower_id(self, flower_node_id: int | str) -> Node | None:
+        rows = self._all(select(Node).where(Node.flower_node_id == flower_id(flower_node_id)))
+        return rows[0] if rows else None
+
+    def node_by_fingerprint(self, fingerprint: str) -> Node | None:
+        """The node enrolled with this key; a live one before revoked ones, newest first."""
+        rows = self._all(select(Node).where(Node.fingerprint == fingerprint)
+                         .order_by(col(Node.revoked), col(Node.id).desc()).limit(1))
+        return rows[0] if rows else None
+
+    def nodes(self) -> list[Node]:
+        return self._all(select(Node).order_by(col(Node.id)))
+
+    def institutions(self) -> list[Institution]:
+        return self._all(select(Institution).order_by(col(Institution.id)))
+
+    def invites(self, institution_id: int | None = None) -> list[Invite]:
+        stmt = select(Invite).order_by(col(Invite.id))
+        if institution_id is not None:
+            stmt = stmt.where(Invite.institution_id == institution_id)
+        return self._all(stmt)
+
+    def lease(self, lease_id: int) -> Lease | None:
+        return self._get(Lease, lease_id)
+
+    def lease_by_nonce(self, nonce: str) -> Lease | None:
+        rows = self._all(select(Lease).where(Lease.nonce == nonce))
+        return rows[0] if rows else None
+
+    def leases(self, node_id: int | None = None, status: str | None = None) -> list[Lease]:
+        stmt = select(Lease).order_by(col(Lease.id))
+        if node_id is not None:
+            stmt = stmt.where(Lease.node_id == node_id)
+        if status is not None:
+            stmt = stmt.where(Lease.status == status)
+        return self._all(stmt)
+
+    def open_leases(self) -> list[Lease]:
+        return self.leases(status="issued")
+
+    def updates(self, node_id: int | None = None) -> list[Update]:
+        stmt = select(Update).order_by(col(Update.id))
+        return self._all(stmt if node_id is None else stmt.where(Update.node_id == node_id))
+
+    def credits(self, node_id: int | None = None) -> list[CreditEntry]:
+        stmt = select(CreditEntry).order_by(col(CreditEntry.id))
+        return self._all(stmt if node_id is None else stmt.where(CreditEntry.node_id == node_id))
+
+    def versions(self) -> list[ModelVersion]:
+        return self._all(select(ModelVersion).order_by(col(ModelVersion.version)))
+
+    def latest_version(self) -> ModelVersion | None:
+        rows = self._all(select(ModelVersion).order_by(col(ModelVersion.version).desc()).limit(1))
+        return rows[0] if rows else None
+
+    def events(self, since_id: int = 0, limit: int = 1000) -> list[Event]:
+        """Events with id > ``since_id``, oldest first (a TUI polls with the last id it saw)."""
+        return self._all(select(Event).where(col(Event.id) > since_id)
+                         .order_by(col(Event.id)).limit(limit))
+
+    def node_summaries(self) -> list[NodeSummary]:
+        """One row per node, aggregated in SQL."""
+        with self._session() as session:
+            rows = session.exec(node_summaries_query()).all()
+        return [NodeSummary.from_row(row) for row in rows]

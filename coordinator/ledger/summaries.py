@@ -1,0 +1,91 @@
+"""Per-node contribution summaries, aggregated by the database (GROUP BY), not in Python."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Select, and_, case, func, select
+from sqlmodel import col
+
+from .models import CreditEntry, Institution, Lease, Node, Update
+
+__all__ = ["NodeSummary", "node_summaries_query"]
+
+
+@dataclass(frozen=True)
+class NodeSummary:
+    """What one node has contributed so far.
+
+    ``tokens`` counts accepted train tokens, ``eval_tokens`` accepted eval tokens;
+    ``credits`` is the sum of the node's credit entries.
+    """
+
+    node_id: int
+    name: str
+    institution: str
+    accepted: int
+    rejected: int
+    tokens: int
+    eval_tokens: int
+    credits: float
+    last_seen: float | None
+    revoked: bool
+
+    @classmethod
+    def from_row(cls, row: Any) -> NodeSummary:
+        # PostgreSQL sums BIGINTs as NUMERIC (Decimal): normalise the types here.
+        return cls(
+            node_id=int(row.node_id), name=row.name, institution=row.institution,
+            accepted=int(row.accepted), rejected=int(row.rejected), tokens=int(row.tokens),
+            eval_tokens=int(row.eval_tokens), credits=float(row.credits),
+            last_seen=None if row.last_seen is None else float(row.last_seen),
+            revoked=bool(row.revoked),
+        )
+
+
+def node_summaries_query() -> Select[Any]:
+    """One row per node. Updates and credits are grouped in separate subqueries so that
+    joining both onto a node cannot multiply either sum."""
+    accepted = col(Update.verdict) == "accepted"
+
+    def accepted_tokens(kind: str) -> Any:
+        wanted = and_(accepted, col(Lease.kind) == kind)
+        return func.sum(case((wanted, col(Update.tokens)), else_=0))
+
+    per_update = (
+        select(
+            col(Update.node_id).label("node_id"),
+            func.sum(case((accepted, 1), else_=0)).label("accepted"),
+            func.sum(case((accepted, 0), else_=1)).label("rejected"),
+            accepted_tokens("train").label("tokens"),
+            accepted_tokens("eval").label("eval_tokens"),
+        )
+        .join(Lease, col(Lease.id) == col(Update.lease_id))
+        .group_by(col(Update.node_id))
+        .subquery()
+    )
+    per_credit = (
+        select(col(CreditEntry.node_id).label("node_id"),
+               func.sum(col(CreditEntry.amount)).label("credits"))
+        .group_by(col(CreditEntry.node_id))
+        .subquery()
+    )
+    return (
+        select(
+            col(Node.id).label("node_id"),
+            col(Node.name).label("name"),
+            col(Institution.name).label("institution"),
+            func.coalesce(per_update.c.accepted, 0).label("accepted"),
+            func.coalesce(per_update.c.rejected, 0).label("rejected"),
+            func.coalesce(per_update.c.tokens, 0).label("tokens"),
+            func.coalesce(per_update.c.eval_tokens, 0).label("eval_tokens"),
+            func.coalesce(per_credit.c.credits, 0.0).label("credits"),
+            col(Node.last_seen).label("last_seen"),
+            col(Node.revoked).label("revoked"),
+        )
+        .join(Institution, col(Institution.id) == col(Node.institution_id))
+        .outerjoin(per_update, per_update.c.node_id == col(Node.id))
+        .outerjoin(per_credit, per_credit.c.node_id == col(Node.id))
+        .order_by(col(Node.id))
+    )

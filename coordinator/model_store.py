@@ -1,0 +1,98 @@
+"""The current model version, its outer-optimizer state, and how a new version is made.
+
+Versions are content-addressed checkpoints (``training.checkpoint``); the ledger records each
+one. The outer Nesterov momentum lives beside them so a restarted coordinator resumes exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from protocol.errors import CheckpointError
+from training.checkpoint import load_checkpoint, save_checkpoint
+from training.model import PRESETS, GPTConfig
+from training.state import init_arrays
+
+from .config import RunConfig
+from .ledger import Ledger
+from .outer import NesterovOuter
+
+__all__ = ["ModelStore", "model_config"]
+
+Arrays = dict[str, np.ndarray]
+
+
+def model_config(cfg: RunConfig) -> GPTConfig:
+    """The run's GPTConfig: the preset with any [model] overrides applied."""
+    from protocol.errors import ConfigError
+
+    if cfg.model.preset not in PRESETS:
+        raise ConfigError(f"run.toml: [model].preset must be one of {', '.join(PRESETS)}, "
+                          f"got {cfg.model.preset!r}")
+    overrides = {k: v for k, v in dataclasses.asdict(cfg.model).items()
+                 if k != "preset" and v is not None}
+    try:
+        return dataclasses.replace(PRESETS[cfg.model.preset], **overrides)
+    except ValueError as err:
+        raise ConfigError(f"run.toml: [model]: {err}") from None
+
+
+@dataclass
+class ModelStore:
+    dir: Path
+    gpt: GPTConfig
+    outer: NesterovOuter
+    version: int = 0
+    digest: str = ""
+    arrays: Arrays = field(default_factory=dict)
+
+    @property
+    def _outer_path(self) -> Path:
+        return self.dir / "outer-state.safetensors"
+
+    @classmethod
+    def open(cls, dir: Path, cfg: RunConfig, ledger: Ledger, seed: int = 0) -> ModelStore:
+        """Resume from the ledger's latest version, or create and record version 0."""
+        store = cls(dir, model_config(cfg),
+                    NesterovOuter(cfg.outer.lr, cfg.outer.momentum, cfg.outer.nesterov))
+        latest = ledger.latest_version()
+        if latest is None:
+            store.arrays = init_arrays(store.gpt, seed)
+            path, store.digest = save_checkpoint(
+                dir, store.arrays, {"version": 0, "model": store.gpt, "round": 0})
+            ledger.add_model_version(0, store.digest, str(path), 0, n_updates=0, tokens=0)
+            ledger.add_event("version", "version 0 initialised")
+            return store
+        store.arrays, meta = load_checkpoint(latest.path)
+        if meta.get("digest") != latest.digest:
+            raise CheckpointError(f"checkpoint {latest.path} is not version {latest.version} "
+                                  "recorded in the ledger")
+        store.version, store.digest = latest.version, latest.digest
+        if store._outer_path.exists():
+            try:
+                store.outer.load_state_dict(load_file(str(store._outer_path)))
+            except Exception as err:  # noqa: BLE001 - a corrupt file of ours, one line
+                raise CheckpointError(f"outer optimizer state {store._outer_path} is corrupt: "
+                                      f"{str(err).splitlines()[0]}") from None
+        return store
+
+    def shapes(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        return {k: (tuple(a.shape), a.dtype.str) for k, a in self.arrays.items()}
+
+    def advance(self, delta: Arrays, ledger: Ledger, *, round: int, n_updates: int,
+                tokens: int) -> int:
+        """Apply the aggregated pseudo-gradient with the outer optimizer; record the version."""
+        new = self.outer.step(self.arrays, delta)
+        version = self.version + 1
+        path, digest = save_checkpoint(self.dir, new, {"version": version, "model": self.gpt,
+                                                       "round": round})
+        save_file(self.outer.state_dict(), str(self._outer_path))
+        ledger.add_model_version(version, digest, str(path), round, n_updates=n_updates,
+                                 tokens=tokens)
+        self.arrays, self.version, self.digest = new, version, digest
+        return version

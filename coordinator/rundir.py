@@ -1,0 +1,104 @@
+"""A coordinator's run directory: what ``init`` creates and every other command reads.
+
+::
+
+    DIR/run.toml            the run's configuration (edit before ``start``)
+    DIR/coordinator.key     signs receipts; its public half is pinned by nodes at join
+    DIR/tls/                private CA + server certificate chain (CA hash goes into invites)
+    DIR/ledger.db           the SQLite ledger (unless [ledger].url points elsewhere)
+    DIR/corpus/             the token file the shards are cut from
+    DIR/checkpoints/        content-addressed model versions (safetensors + JSON meta)
+    DIR/logs/               SuperLink and ServerApp logs
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from protocol.errors import ConfigError
+from protocol.invite import InviteToken, hash_secret, new_secret
+from protocol.signing import generate_key, load_private_key, public_key_pem, save_private_key
+
+from .config import RunConfig, default_config_text, load_config
+from .ledger import Ledger
+from .pki import TlsFiles, ca_sha256, make_pki, tls_files
+
+__all__ = ["RunDir", "init_run", "create_invite"]
+
+
+@dataclass(frozen=True)
+class RunDir:
+    path: Path
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "run.toml"
+
+    @property
+    def key_path(self) -> Path:
+        return self.path / "coordinator.key"
+
+    @property
+    def tls(self) -> TlsFiles:
+        return tls_files(self.path / "tls")
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def corpus(self) -> Path:
+        return self.path / "corpus"
+
+    @property
+    def logs(self) -> Path:
+        return self.path / "logs"
+
+    def config(self) -> RunConfig:
+        if not self.config_path.exists():
+            raise ConfigError(f"{self.path} is not a run directory (no run.toml): "
+                              f"run `atom-coordinator init {self.path}` first")
+        return load_config(self.config_path)
+
+    def ledger(self, cfg: RunConfig | None = None) -> Ledger:
+        cfg = cfg or self.config()
+        return Ledger(cfg.ledger_url(self.path))
+
+    def public_key_pem(self) -> bytes:
+        return public_key_pem(load_private_key(self.key_path))
+
+    def coordinator_address(self, cfg: RunConfig) -> str:
+        return f"{cfg.network.public_host}:{cfg.network.coordinator_port}"
+
+    def fleet_address(self, cfg: RunConfig) -> str:
+        return f"{cfg.network.public_host}:{cfg.network.fleet_port}"
+
+
+def init_run(path: Path, *, force: bool = False, **overrides: object) -> RunDir:
+    """Create a run directory: config, coordinator key, PKI and an empty ledger."""
+    rd = RunDir(path.resolve())
+    if rd.config_path.exists() and not force:
+        raise ConfigError(f"{rd.config_path} already exists (use --force to start over)")
+    rd.path.mkdir(parents=True, exist_ok=True)
+    for sub in (rd.checkpoints, rd.corpus, rd.logs):
+        sub.mkdir(exist_ok=True)
+    rd.config_path.write_text(default_config_text(**overrides))
+    cfg = rd.config()
+    save_private_key(generate_key(), rd.key_path)
+    make_pki(rd.path / "tls", [cfg.network.public_host, cfg.network.host])
+    rd.ledger(cfg).close()  # creates the tables now, so a bad [ledger].url fails at init
+    return rd
+
+
+def create_invite(rd: RunDir, institution: str, *, ttl_s: float = 7 * 24 * 3600) -> str:
+    """Record a single-use invite for ``institution`` and return its token."""
+    cfg = rd.config()
+    secret = new_secret()
+    with rd.ledger(cfg) as ledger:
+        inst = ledger.add_institution(institution)
+        ledger.create_invite(inst, hash_secret(secret), time.time() + ttl_s)
+    token = InviteToken(address=rd.coordinator_address(cfg), secret=secret,
+                        ca_sha256=ca_sha256(rd.tls.ca_cert.read_bytes()))
+    return token.encode()

@@ -1,0 +1,232 @@
+"""Leases data shards to nodes.
+
+Train shards come from a pool in a seeded shuffled order; when the pool runs dry a new epoch
+begins (reshuffled with ``seed + epoch``). A shard whose work was not done (lease expired or
+released, or its update rejected) goes back to the *front* of the pool so that it is reissued
+next, with the same per-shard seed. No train shard is ever out on two ordinary leases at once,
+and a node holds at most one open lease (or one batch of eval leases).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+import numpy as np
+
+from protocol.messages import Lease
+
+__all__ = ["Scheduler", "TrainLike", "shard_seed"]
+
+
+class TrainLike(Protocol):
+    """What the scheduler reads from ``config.TrainParams``."""
+
+    inner_steps: int
+    batch_size: int
+    seq_len: int
+    lr: float
+    weight_decay: float
+    deadline_s: float
+
+
+def shard_seed(run_id: str, shard_id: int, epoch: int) -> int:
+    """The batch-sampling seed of a train shard: the same for every issue of the shard within
+    an epoch, so a reissue or a spot check reproduces the same work. Fits in int63."""
+    h = hashlib.sha256(f"atom-shard-seed\0{run_id}\0{shard_id}\0{epoch}".encode()).digest()
+    return int.from_bytes(h[:8], "little") >> 1
+
+
+@dataclass(frozen=True)
+class _Open:
+    node_id: int
+    lease: Lease
+    epoch: int  # -1 for eval leases: nothing to return to the pool
+    duplicate: bool  # a spot-check copy: its outcome never touches the pool
+
+
+class Scheduler:
+    """Shard leasing; see the module docstring for the rules.
+
+    Expiry is explicit: the caller runs ``expire()`` (and records what it returns) before
+    leasing a round, so a late lease still blocks its shard and its node until then.
+    """
+
+    def __init__(self, *, run_id: str, shards: Sequence[tuple[int, int, int]],
+                 data_digest: Callable[[int, int], str], train: TrainLike, seed: int = 0,
+                 clock: Callable[[], float] = time.time,
+                 nonce: Callable[[], str] = lambda: secrets.token_hex(16)) -> None:
+        if not shards:
+            raise ValueError("no train shards to schedule")
+        self._ranges = {int(sid): (int(start), int(end)) for sid, start, end in shards}
+        if len(self._ranges) != len(shards):
+            raise ValueError("duplicate shard ids")
+        self._run_id, self._train, self._seed = run_id, train, seed
+        self._data_digest, self._clock, self._nonce = data_digest, clock, nonce
+        self._digests: dict[tuple[int, int], str] = {}
+        self._epoch = -1
+        self._pool: deque[tuple[int, int]] = deque()  # (shard_id, epoch), next first
+        self._open: dict[str, _Open] = {}  # by nonce, in issue order
+
+    @property
+    def epoch(self) -> int:
+        """The epoch whose shuffle the pool is drawing from (-1 before the first lease)."""
+        return self._epoch
+
+    # -- leasing ------------------------------------------------------------------------
+
+    def lease_train(self, round: int, node_ids: Sequence[int], base_version: int,
+                    base_digest: str) -> dict[int, Lease]:
+        """One train lease for each node (taken in id order) that holds none, as long as
+        shards not already out remain; nodes left without one are absent from the result."""
+        out: dict[int, Lease] = {}
+        for node in self._free(node_ids):
+            taken = self._take()
+            if taken is None:
+                break
+            shard_id, epoch = taken
+            start, end = self._ranges[shard_id]
+            lease = self._make(round, shard_id, "train", base_version, base_digest, start, end,
+                               shard_seed(self._run_id, shard_id, epoch))
+            self._open[lease.nonce] = _Open(node, lease, epoch, duplicate=False)
+            out[node] = lease
+        return out
+
+    def lease_duplicate(self, round: int, node_id: int, of: Lease) -> Lease:
+        """Spot-check hook: lease the same train work as the open lease ``of`` (same shard,
+        base and seed) to another node. The copy's outcome neither consumes nor returns
+        the shard."""
+        orig = self._open.get(of.nonce)
+        if orig is None or orig.lease != of or of.kind != "train":
+            raise ValueError("can only duplicate an open train lease")
+        if node_id == orig.node_id or self.leases_for(node_id):
+            raise ValueError(f"node {node_id} cannot take a duplicate of this lease")
+        lease = replace(of, round=round, nonce=self._nonce(),
+                        deadline=self._clock() + self._train.deadline_s)
+        self._open[lease.nonce] = _Open(node_id, lease, orig.epoch, duplicate=True)
+        return lease
+
+    def lease_eval(self, round: int, node_ids: Sequence[int], base_version: int,
+                   base_digest: str, ranges: Sequence[tuple[int, int]]) -> dict[int, list[Lease]]:
+        """Split the eval ``ranges`` over the nodes (id order) that hold no lease: each node
+        gets a contiguous run of ``seq_len`` blocks (counts differ by at most one), as one
+        lease per range it touches. Eval shard ids number the pieces of this call from 0."""
+        blocks = [(s, min(s + self._train.seq_len, end))
+                  for start, end in ranges for s in range(start, end, self._train.seq_len)]
+        nodes = self._free(node_ids)[:len(blocks)]
+        out: dict[int, list[Lease]] = {}
+        piece = 0
+        for i, node in enumerate(nodes):
+            mine = blocks[i * len(blocks) // len(nodes):(i + 1) * len(blocks) // len(nodes)]
+            spans: list[list[int]] = []
+            for s, e in mine:
+                if spans and spans[-1][1] == s:
+                    spans[-1][1] = e
+                else:
+                    spans.append([s, e])
+            for s, e in spans:
+                lease = self._make(round, piece, "eval", base_version, base_digest, s, e, 0)
+                self._open[lease.nonce] = _Open(node, lease, -1, duplicate=False)
+                out.setdefault(node, []).append(lease)
+                piece += 1
+        return out
+
+    # -- outcomes -----------------------------------------------------------------------
+
+    def answered(self, lease: Lease, accepted: bool) -> bool:
+        """The lease got a reply. Accepted train work consumes the shard; rejected train work
+        puts it back at the pool front. False if the lease was not open (ignored)."""
+        entry = self._close(lease)
+        if entry is None:
+            return False
+        if not accepted:
+            self._requeue([entry])
+        return True
+
+    def release(self, lease: Lease, *, reason: str) -> bool:
+        """The node failed or replied with an error: the shard goes back to the pool front.
+        ``reason`` is for the caller's records. False if the lease was not open."""
+        entry = self._close(lease)
+        if entry is None:
+            return False
+        self._requeue([entry])
+        return True
+
+    def expire(self) -> list[Lease]:
+        """Close every lease past its deadline, returning train shards to the pool front
+        (first issued first); returns the expired leases."""
+        now = self._clock()
+        late = [e for e in self._open.values() if now > e.lease.deadline]
+        for e in late:
+            del self._open[e.lease.nonce]
+        self._requeue(late)
+        return [e.lease for e in late]
+
+    # -- queries ------------------------------------------------------------------------
+
+    def outstanding(self) -> list[Lease]:
+        """Open leases, in issue order."""
+        return [e.lease for e in self._open.values()]
+
+    def leases_for(self, node_id: int) -> list[Lease]:
+        """The node's open leases (one, or a batch of eval leases)."""
+        return [e.lease for e in self._open.values() if e.node_id == node_id]
+
+    def lease_for(self, node_id: int) -> Lease | None:
+        """The node's open lease (the first, for an eval batch), or None."""
+        return next(iter(self.leases_for(node_id)), None)
+
+    def node_of(self, lease: Lease) -> int | None:
+        """The node an open lease was issued to."""
+        entry = self._open.get(lease.nonce)
+        return entry.node_id if entry is not None and entry.lease == lease else None
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _free(self, node_ids: Sequence[int]) -> list[int]:
+        busy = {e.node_id for e in self._open.values()}
+        return sorted(set(node_ids) - busy)
+
+    def _take(self) -> tuple[int, int] | None:
+        """The first pooled shard that is not out on a lease; a new epoch when the pool
+        is empty. None when every pooled shard is out."""
+        if not self._pool:
+            self._epoch += 1
+            order = np.random.default_rng(self._seed + self._epoch).permutation(sorted(self._ranges))
+            self._pool.extend((int(sid), self._epoch) for sid in order)
+        out = {e.lease.shard_id for e in self._open.values() if e.lease.kind == "train"}
+        for i, (shard_id, epoch) in enumerate(self._pool):
+            if shard_id not in out:
+                del self._pool[i]
+                return shard_id, epoch
+        return None
+
+    def _close(self, lease: Lease) -> _Open | None:
+        entry = self._open.get(lease.nonce)
+        if entry is None or entry.lease != lease:
+            return None
+        del self._open[lease.nonce]
+        return entry
+
+    def _requeue(self, entries: Sequence[_Open]) -> None:
+        back = [(e.lease.shard_id, e.epoch) for e in entries
+                if e.lease.kind == "train" and not e.duplicate]
+        self._pool.extendleft(reversed(back))
+
+    def _make(self, round: int, shard_id: int, kind: str, base_version: int, base_digest: str,
+              start: int, end: int, seed: int) -> Lease:
+        if (start, end) not in self._digests:
+            self._digests[(start, end)] = self._data_digest(start, end)
+        t, train = self._train, kind == "train"
+        return Lease(run_id=self._run_id, round=round, shard_id=shard_id, kind=kind,
+                     base_version=base_version, base_digest=base_digest,
+                     data_start=start, data_end=end, data_digest=self._digests[(start, end)],
+                     inner_steps=t.inner_steps if train else 0, batch_size=t.batch_size,
+                     seq_len=t.seq_len, lr=float(t.lr) if train else 0.0,
+                     weight_decay=float(t.weight_decay) if train else 0.0, seed=seed,
+                     deadline=self._clock() + t.deadline_s, nonce=self._nonce())

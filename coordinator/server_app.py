@@ -1,0 +1,44 @@
+"""The Flower ServerApp: wiring only. The run loop lives in ``coordinator.rounds``."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from training.corpus import load_corpus
+
+from .model_store import ModelStore
+from .rounds import RunLoop
+from .rundir import RunDir
+from .transport import FlowerTransport
+
+__all__ = ["app"]
+
+app = ServerApp()
+
+
+def _log_to(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("coordinator")
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    rd = RunDir(Path(str(context.run_config["workdir"])))
+    _log_to(rd.logs / "serverapp.log")
+    cfg = rd.config()
+    with rd.ledger(cfg) as ledger:
+        try:
+            store = ModelStore.open(rd.checkpoints, cfg, ledger)
+            RunLoop(cfg, ledger, FlowerTransport(grid), store, load_corpus(rd.corpus)).run()
+        except Exception as err:
+            logging.getLogger("coordinator").exception("run failed")
+            ledger.add_event("error", f"run failed: {str(err).splitlines()[0][:300]}")
+            raise

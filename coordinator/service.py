@@ -1,0 +1,74 @@
+"""The coordinator's own gRPC service (enrollment now; statements and status later).
+
+A thin servicer: each RPC calls one handler and domain errors map to status codes here, once.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+
+from protocol import coordinator_pb2 as pb
+from protocol import coordinator_pb2_grpc as pb_grpc
+from protocol.errors import AtomError, EnrollmentError, LedgerError, NetworkError
+
+from .enrollment import Enroller
+
+__all__ = ["CoordinatorService", "serve"]
+
+log = logging.getLogger(__name__)
+
+_STATUS = {EnrollmentError: grpc.StatusCode.PERMISSION_DENIED,
+           NetworkError: grpc.StatusCode.UNAVAILABLE,
+           LedgerError: grpc.StatusCode.UNAVAILABLE}
+
+
+def _abort(context: grpc.ServicerContext, err: Exception) -> None:
+    if isinstance(err, AtomError):
+        code = next((c for t, c in _STATUS.items() if isinstance(err, t)),
+                    grpc.StatusCode.INVALID_ARGUMENT)
+        context.abort(code, str(err))
+    log.exception("internal error in coordinator service")
+    context.abort(grpc.StatusCode.INTERNAL, "internal coordinator error")
+
+
+@dataclass
+class CoordinatorService(pb_grpc.CoordinatorServicer):
+    enroller: Enroller
+    run_id: str
+    fleet_address: str
+    coordinator_public_key_pem: bytes
+
+    def Enroll(self, request: pb.EnrollRequest, context: grpc.ServicerContext) -> pb.EnrollReply:
+        try:
+            e = self.enroller.enroll(request.secret, request.public_key_pem, request.name)
+        except Exception as err:  # noqa: BLE001 - mapped to a status below
+            _abort(context, err)
+            raise  # unreachable: abort raises
+        return pb.EnrollReply(node_id=e.node_id, flower_node_id=e.flower_node_id,
+                              institution=e.institution, run_id=self.run_id,
+                              fleet_address=self.fleet_address,
+                              coordinator_public_key_pem=self.coordinator_public_key_pem)
+
+    def Ping(self, request: pb.PingRequest, context: grpc.ServicerContext) -> pb.PingReply:
+        try:
+            latest = self.enroller.ledger.latest_version()
+        except Exception as err:  # noqa: BLE001
+            _abort(context, err)
+            raise
+        return pb.PingReply(run_id=self.run_id, version=latest.version if latest else 0)
+
+
+def serve(service: CoordinatorService, host: str, port: int, cert_chain: bytes,
+          key: bytes) -> grpc.Server:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    pb_grpc.add_CoordinatorServicer_to_server(service, server)
+    creds = grpc.ssl_server_credentials([(key, cert_chain)])
+    bound = server.add_secure_port(f"{host}:{port}", creds)
+    if bound == 0:
+        raise NetworkError(f"cannot listen on {host}:{port} (port in use?)")
+    server.start()
+    return server

@@ -1,0 +1,140 @@
+"""The coordinator's Flower SuperLink: process, Control API client, app submission.
+
+The SuperLink is started with TLS and SuperNode auth, so only keys the coordinator registered
+(at enrollment) can pull work. Its Control API is unauthenticated in open-source Flower, so the
+coordinator talks to it on loopback only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from flwr.cli.build import build_fab_from_files
+from flwr.common.serde import fab_to_proto, user_config_to_proto
+from flwr.supercore.fab import Fab
+from flwr.proto.control_pb2 import (  # pylint: disable=no-name-in-module
+    ListRunsRequest,
+    RegisterNodeRequest,
+    StartRunRequest,
+    StopRunRequest,
+    UnregisterNodeRequest,
+)
+from flwr.supercore.control.control_http_client import ControlHttpClient
+from flwr.supercore.interceptors.http.runtime_version import RuntimeVersionHttpInterceptor
+
+from protocol.errors import NetworkError
+from protocol.processes import flower_env, spawn, stop, wait_port
+
+from .pki import TlsFiles
+
+__all__ = ["SuperLink", "app_pyproject"]
+
+APP_NAME = "atom-network"
+
+
+def app_pyproject(version: str = "1.0.0") -> bytes:
+    """The whole FAB: a pyproject naming components of the *installed* package.
+
+    Nodes refuse bundles that carry code, so the app travels as configuration only.
+    """
+    return f"""[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "{APP_NAME}"
+version = "{version}"
+description = "ATOM Network training run"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "atom"
+
+[tool.flwr.app.components]
+serverapp = "coordinator.server_app:app"
+clientapp = "node.client_app:app"
+
+[tool.flwr.app.config]
+workdir = ""
+""".encode()
+
+
+@dataclass
+class SuperLink:
+    """A running ``flower-superlink`` with TLS and SuperNode auth."""
+
+    workdir: Path
+    tls: TlsFiles
+    host: str
+    port: int
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def local_address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60.0) -> None:
+        env = flower_env(self.workdir / "flwr-home")
+        cmd = [
+            "flower-superlink",
+            "--ssl-ca-certfile", str(self.tls.ca_cert),
+            "--ssl-certfile", str(self.tls.server_cert),
+            "--ssl-keyfile", str(self.tls.server_key),
+            "--enable-supernode-auth",
+            # A persistent state keeps node ids and registered keys across restarts.
+            "--database", str(self.workdir / "superlink.db"),
+            "--disable-runtime-dependency-installation",
+            "--host", self.host, "--port", str(self.port),
+        ]
+        self.proc = spawn(cmd, env=env, log=self.workdir / "logs" / "superlink.log")
+        if not wait_port("127.0.0.1", self.port, timeout, self.proc):
+            self.stop()
+            raise NetworkError(
+                f"SuperLink did not start on {self.host}:{self.port} "
+                f"(see {self.workdir / 'logs' / 'superlink.log'})")
+
+    def stop(self) -> None:
+        stop(self.proc)
+        self.proc = None
+
+    def _client(self) -> ControlHttpClient:
+        return ControlHttpClient.from_server_address(
+            self.local_address, insecure=False,
+            root_certificates=self.tls.ca_cert.read_bytes(),
+            interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-cli")])
+
+    def _call(self, name: str, request):  # type: ignore[no-untyped-def]
+        client = self._client()
+        try:
+            return getattr(client, name)(request)
+        except Exception as err:  # flwr raises httpx/protobuf errors of many kinds
+            raise NetworkError(f"SuperLink {name} failed: {str(err).splitlines()[0]}") from err
+        finally:
+            client.close()
+
+    def register_node(self, public_key_pem: bytes, name: str) -> int:
+        return int(self._call("RegisterNode", RegisterNodeRequest(
+            public_key=public_key_pem, name=name)).node_id)
+
+    def unregister_node(self, node_id: int) -> None:
+        self._call("UnregisterNode", UnregisterNodeRequest(node_id=node_id))
+
+    def start_run(self, run_config: dict[str, str]) -> int:
+        fab_bytes, _ = build_fab_from_files({"pyproject.toml": app_pyproject()})
+        fab = Fab(hashlib.sha256(fab_bytes).hexdigest(), fab_bytes, {})
+        res = self._call("StartRun", StartRunRequest(
+            fab=fab_to_proto(fab), override_config=user_config_to_proto(run_config)))
+        return int(res.run_id)
+
+    def run_status(self, run_id: int) -> str:
+        """``status:sub_status`` (e.g. ``finished:completed``) of a run."""
+        res = self._call("ListRuns", ListRunsRequest(run_id=run_id))
+        run = res.run_dict[run_id]
+        return f"{run.status.status}:{run.status.sub_status}"
+
+    def stop_run(self, run_id: int) -> None:
+        self._call("StopRun", StopRunRequest(run_id=run_id))

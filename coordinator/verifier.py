@@ -1,0 +1,152 @@
+"""Domain verification of a node's reply before anything reaches aggregation.
+
+Checks run cheapest first and stop at the first failure, each with its own
+``protocol.errors.Reason`` code::
+
+    unknown_node          update.node_id is not the node the lease was issued to
+    bad_signature         signature does not verify with that node's registered key
+    lease_mismatch        any lease field (nonce included) differs from the issued lease;
+                          a replay of an update made for another lease lands here
+    stale_base            built on another model version / base digest
+    late                  received after lease.deadline
+    digest_mismatch       arrays do not hash to the signed arrays_digest
+    shape_mismatch        train: names/shapes/dtypes differ from the model; eval: any array
+    non_finite            NaN or infinity in an array
+    norm_bound            L2 norm over all arrays above max_norm
+    metrics_inconsistent  reported steps/tokens/losses disagree with the lease
+    malformed             anything unexpected (hostile input never raises)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from protocol.digest import digest_arrays
+from protocol.errors import Reason
+from protocol.messages import Lease, Update
+from protocol.signing import verify_update
+
+__all__ = ["Expected", "Verdict", "verify"]
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What the coordinator knows, from its own records, when a reply arrives."""
+
+    lease: Lease  # the lease the coordinator issued to this node
+    node_id: int  # ledger node id the lease was issued to
+    public_key_pem: bytes  # that node's registered key (PEM SPKI)
+    current_version: int  # the model version being aggregated onto now
+    shapes: Mapping[str, tuple[tuple[int, ...], str]]  # train: name -> (shape, dtype str)
+    max_norm: float  # L2 bound over all arrays together (inf = off)
+    now: float  # receive time (unix seconds)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Outcome of ``verify``; ``norm`` is set once the norm has been computed."""
+
+    accepted: bool
+    reason: str | None
+    detail: str
+    norm: float | None = None
+
+
+class _Reject(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+
+def _check(ok: bool, reason: str, detail: str) -> None:
+    if not ok:
+        raise _Reject(reason, detail)
+
+
+def verify(update: Update, arrays: Mapping[str, np.ndarray], exp: Expected) -> Verdict:
+    """Accept or reject ``update`` with ``arrays`` against what ``exp`` says; never raises."""
+    try:
+        norm = _verify(update, arrays, exp)
+    except _Reject as r:
+        return Verdict(False, r.reason, r.detail, None)
+    except Exception as exc:  # hostile input must never crash the coordinator
+        return Verdict(False, Reason.MALFORMED, f"malformed reply: {type(exc).__name__}: {exc}"
+                       .splitlines()[0], None)
+    return Verdict(True, None, f"accepted (norm {norm:.4g})", norm)
+
+
+def _verify(update: Update, arrays: Mapping[str, np.ndarray], exp: Expected) -> float:
+    node = exp.node_id
+    _check(isinstance(update, Update), Reason.MALFORMED, "reply is not an Update")
+    _check(update.node_id == node, Reason.UNKNOWN_NODE,
+           f"update claims node {update.node_id!r}, lease was issued to node {node}")
+    _check(verify_update(update, exp.public_key_pem), Reason.BAD_SIGNATURE,
+           f"signature does not match node {node}'s registered key")
+
+    got, issued = update.lease.to_dict(), exp.lease.to_dict()
+    differ = [k for k in issued if got.get(k) != issued[k]]
+    _check(not differ, Reason.LEASE_MISMATCH,
+           f"update is bound to another lease ({', '.join(differ)} differ)")
+
+    lease = exp.lease
+    _check(lease.base_version == exp.current_version, Reason.STALE_BASE,
+           f"built on version {lease.base_version}, coordinator is at {exp.current_version}")
+    _check(update.lease.base_digest == lease.base_digest, Reason.STALE_BASE,
+           "built on a base model with another digest")
+    _check(exp.now <= lease.deadline, Reason.LATE,
+           f"received {exp.now - lease.deadline:.1f} s after the deadline")
+
+    _check(isinstance(arrays, Mapping), Reason.MALFORMED, "arrays are not a mapping")
+    _check(digest_arrays(arrays) == update.arrays_digest, Reason.DIGEST_MISMATCH,
+           "arrays do not match the signed arrays_digest")
+    _check_shapes(lease.kind, arrays, exp.shapes)
+
+    sq = 0.0
+    for name, a in arrays.items():
+        _check(bool(np.isfinite(a).all()), Reason.NON_FINITE, f"array {name!r} has NaN or inf")
+        flat = a.reshape(-1).astype(np.float64)  # float64: float32 squares overflow
+        sq += float(np.dot(flat, flat))
+    norm = math.sqrt(sq)
+    _check(norm <= exp.max_norm, Reason.NORM_BOUND,
+           f"update norm {norm:.4g} exceeds the bound {exp.max_norm:.4g}")
+    _check_metrics(update, lease)
+    return norm
+
+
+def _check_shapes(kind: str, arrays: Mapping[str, np.ndarray],
+                  shapes: Mapping[str, tuple[tuple[int, ...], str]]) -> None:
+    if kind == "eval":
+        _check(len(arrays) == 0, Reason.SHAPE_MISMATCH,
+               f"eval reply carries {len(arrays)} arrays, none expected")
+        return
+    missing, extra = sorted(set(shapes) - set(arrays)), sorted(set(arrays) - set(shapes))
+    _check(not missing, Reason.SHAPE_MISMATCH, f"missing array {missing[:1]}")
+    _check(not extra, Reason.SHAPE_MISMATCH, f"unexpected array {extra[:1]}")
+    for name, (shape, dtype) in shapes.items():
+        a = arrays[name]
+        _check(tuple(a.shape) == tuple(shape), Reason.SHAPE_MISMATCH,
+               f"array {name!r} has shape {tuple(a.shape)}, expected {tuple(shape)}")
+        _check(a.dtype == np.dtype(dtype), Reason.SHAPE_MISMATCH,
+               f"array {name!r} has dtype {a.dtype.str}, expected {np.dtype(dtype).str}")
+
+
+def _check_metrics(update: Update, lease: Lease) -> None:
+    m = update.metrics
+    bad = Reason.METRICS_INCONSISTENT
+    for name in ("loss_before", "loss_after", "wall_s"):
+        value = float(getattr(m, name))
+        _check(math.isfinite(value) and value >= 0, bad, f"{name} is {value}, must be finite, >= 0")
+    if lease.kind == "train":
+        want = lease.inner_steps * lease.batch_size * lease.seq_len
+        _check(m.steps == lease.inner_steps, bad,
+               f"reported {m.steps} steps, lease asked for {lease.inner_steps}")
+        _check(m.tokens == want, bad, f"reported {m.tokens} tokens, lease implies {want}")
+        return
+    span = lease.data_end - lease.data_start
+    _check(m.steps == 0, bad, f"eval reported {m.steps} steps, must be 0")
+    _check(0 < m.tokens <= span, bad, f"eval reported {m.tokens} tokens, range holds {span}")
+    _check(m.loss_before == m.loss_after, bad, "eval loss_before and loss_after differ")

@@ -1,0 +1,68 @@
+"""``atom-node``: join a coordinator and contribute this machine's GPU (or CPU)."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from protocol.cli_errors import one_line_errors
+from protocol.errors import EnrollmentError
+
+from .enroll import enroll
+from .identity import NodeHome, default_home
+from .supervisor import Supervisor
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Contribute compute to an ATOM Network training run.")
+console = Console(stderr=True)
+
+HomeOpt = Annotated[Optional[Path], typer.Option(
+    "--home", help="where the node keeps its key and enrollment [default: ~/.atom-node]")]
+
+
+@app.command()
+@one_line_errors
+def join(
+    coordinator: Annotated[str, typer.Argument(help="coordinator address HOST:PORT")],
+    token: Annotated[Optional[str], typer.Option(help="invite token from the coordinator")] = None,
+    name: Annotated[Optional[str], typer.Option(help="node name [default: hostname]")] = None,
+    home: HomeOpt = None,
+    threads: Annotated[int, typer.Option(help="CPU threads for torch (0 = all)")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
+    sign_key: Annotated[Optional[Path], typer.Option(hidden=True)] = None,
+) -> None:
+    """Enroll with a coordinator (first time) and keep working for it until Ctrl-C."""
+    node_home = NodeHome((home or default_home()).expanduser().resolve())
+    enrollment = node_home.enrollment()
+    if enrollment is None or (token and enrollment.coordinator_address != coordinator):
+        if not token:
+            raise EnrollmentError("this node is not enrolled yet: pass --token <invite>")
+        enrollment = enroll(coordinator, token, node_home, name or socket.gethostname())
+        console.print(f"enrolled as node {enrollment.node_id} for {enrollment.institution} "
+                      f"(run {enrollment.run_id})", style="green")
+    else:
+        console.print(f"node {enrollment.node_id} ({enrollment.institution}) rejoining "
+                      f"run {enrollment.run_id}", style="green")
+    Supervisor(node_home, enrollment, threads=threads, device=device,
+               sign_key=sign_key, console=console).run()
+
+
+@app.command()
+@one_line_errors
+def whoami(home: HomeOpt = None) -> None:
+    """Show this node's enrollment."""
+    node_home = NodeHome((home or default_home()).expanduser().resolve())
+    e = node_home.enrollment()
+    if e is None:
+        raise EnrollmentError(f"no enrollment in {node_home.path}")
+    console.print_json(data=e.__dict__)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,64 @@
+"""What the node is doing right now, shared from the ClientApp process with the supervisor.
+
+Flower runs every message in a fresh ``flwr-clientapp`` process, so the join supervisor (which
+owns the terminal) learns about progress through a small JSON file the worker rewrites.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+__all__ = ["Progress", "ProgressWriter", "read_progress"]
+
+_MIN_INTERVAL_S = 0.5
+
+
+@dataclass(frozen=True)
+class Progress:
+    kind: str  # "train" | "eval" | "idle"
+    round: int
+    shard_id: int
+    step: int
+    steps: int
+    tokens: int
+    tokens_per_s: float
+    updated: float
+    done: bool = False
+    note: str = ""
+
+
+class ProgressWriter:
+    def __init__(self, path: Path, kind: str, round: int, shard_id: int, steps: int) -> None:
+        self.path, self.kind, self.round, self.shard_id, self.steps = path, kind, round, shard_id, steps
+        self.t0 = time.perf_counter()
+        self._last = 0.0
+
+    def __call__(self, step: int, steps: int, tokens: int, *, done: bool = False,
+                 note: str = "") -> None:
+        now = time.perf_counter()
+        if not done and now - self._last < _MIN_INTERVAL_S:
+            return
+        self._last = now
+        rate = tokens / max(now - self.t0, 1e-9)
+        write_progress(self.path, Progress(self.kind, self.round, self.shard_id, step, steps,
+                                           tokens, rate, time.time(), done, note))
+
+
+def write_progress(path: Path, p: Progress) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(asdict(p)))
+        tmp.replace(path)
+    except OSError:
+        pass  # progress is cosmetic: never fail a shard over it
+
+
+def read_progress(path: Path) -> Progress | None:
+    try:
+        return Progress(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        return None

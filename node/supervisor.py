@@ -1,0 +1,107 @@
+"""The join supervisor: keep a Flower SuperNode running for this node, and show progress.
+
+A SuperNode exits when the SuperLink restarts or the network drops, so it is restarted with
+exponential backoff. Ctrl-C stops it cleanly. The terminal shows one live line: what the node
+is doing (from ``progress.json``) and how fast.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.live import Live
+from rich.text import Text
+
+from protocol.processes import flower_env, free_port, spawn, stop
+
+from .identity import Enrollment, NodeHome
+from .progress import read_progress
+
+__all__ = ["Supervisor", "supernode_command"]
+
+_BACKOFF_MAX_S = 60.0
+_HEALTHY_AFTER_S = 30.0  # a run this long resets the backoff
+
+
+def supernode_command(home: NodeHome, e: Enrollment, *, port: int, threads: int, device: str,
+                      sign_key: Path | None) -> list[str]:
+    node_config = f'home="{home.path}" threads={threads} device="{device}"'
+    if sign_key is not None:
+        node_config += f' sign-key="{sign_key}"'
+    return ["flower-supernode", "--superlink", e.fleet_address,
+            "--root-certificates", str(home.ca_path),
+            "--auth-supernode-private-key", str(home.key_path),
+            "--port", str(port), "--node-config", node_config]
+
+
+def _status_line(e: Enrollment, home: NodeHome, restarts: int) -> Text:
+    p = read_progress(home.progress_path)
+    head = Text(f"node {e.node_id} {e.name} ({e.institution}) ", style="bold")
+    if p is None or (p.done and time.time() - p.updated > 2):
+        head.append("idle · waiting for work", style="dim")
+    elif p.kind == "train":
+        head.append(f"training shard {p.shard_id} (round {p.round}) "
+                    f"step {p.step}/{p.steps} · {p.tokens_per_s:,.0f} tok/s", style="green")
+    else:
+        head.append(f"evaluating version slice {p.shard_id} (round {p.round})", style="cyan")
+    if restarts:
+        head.append(f" · restarts {restarts}", style="yellow")
+    return head
+
+
+@dataclass
+class Supervisor:
+    home: NodeHome
+    enrollment: Enrollment
+    threads: int = 1
+    device: str = "auto"
+    sign_key: Path | None = None
+    console: Console = field(default_factory=lambda: Console(stderr=True))
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def request_stop(self, *_: object) -> None:
+        self._stop.set()
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self.request_stop)
+        logs = self.home.path / "logs"
+        logs.mkdir(exist_ok=True)
+        env = flower_env(self.home.path / "flwr-home")
+        restarts, backoff = 0, 1.0
+        live = Live(console=self.console, refresh_per_second=2, transient=True,
+                    auto_refresh=self.console.is_terminal)
+        with live:
+            while not self._stop.is_set():
+                cmd = supernode_command(self.home, self.enrollment, port=free_port(),
+                                        threads=self.threads, device=self.device,
+                                        sign_key=self.sign_key)
+                started = time.monotonic()
+                proc = spawn(cmd, env=env, log=logs / "supernode.log")
+                try:
+                    while proc.poll() is None and not self._stop.wait(0.5):
+                        live.update(_status_line(self.enrollment, self.home, restarts))
+                        if not self.console.is_terminal:
+                            live.refresh()
+                except KeyboardInterrupt:
+                    self._stop.set()
+                finally:
+                    if proc.poll() is None:
+                        stop(proc)
+                if self._stop.is_set():
+                    break
+                if time.monotonic() - started > _HEALTHY_AFTER_S:
+                    backoff = 1.0
+                restarts += 1
+                self.console.print(f"SuperNode exited (code {proc.returncode}); restarting in "
+                                   f"{backoff:.0f} s — see {logs / 'supernode.log'}",
+                                   style="yellow")
+                if self._stop.wait(backoff):
+                    break
+                backoff = min(backoff * 2, _BACKOFF_MAX_S)
+        self.console.print("node stopped", style="dim")
+        return 0

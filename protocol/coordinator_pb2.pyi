@@ -1,0 +1,43 @@
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from typing import ClassVar as _ClassVar, Optional as _Optional
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class EnrollRequest(_message.Message):
+    __slots__ = ("secret", "public_key_pem", "name")
+    SECRET_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_PEM_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    secret: str
+    public_key_pem: bytes
+    name: str
+    def __init__(self, secret: _Optional[str] = ..., public_key_pem: _Optional[bytes] = ..., name: _Optional[str] = ...) -> None: ...
+
+class EnrollReply(_message.Message):
+    __slots__ = ("node_id", "flower_node_id", "institution", "run_id", "fleet_address", "coordinator_public_key_pem")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    FLOWER_NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    INSTITUTION_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    FLEET_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_PUBLIC_KEY_PEM_FIELD_NUMBER: _ClassVar[int]
+    node_id: int
+    flower_node_id: str
+    institution: str
+    run_id: str
+    fleet_address: str
+    coordinator_public_key_pem: bytes
+    def __init__(self, node_id: _Optional[int] = ..., flower_node_id: _Optional[str] = ..., institution: _Optional[str] = ..., run_id: _Optional[str] = ..., fleet_address: _Optional[str] = ..., coordinator_public_key_pem: _Optional[bytes] = ...) -> None: ...
+
+class PingRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PingReply(_message.Message):
+    __slots__ = ("run_id", "version")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    version: int
+    def __init__(self, run_id: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...

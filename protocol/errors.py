@@ -1,0 +1,113 @@
+"""Typed errors shared by every ATOM package.
+
+Each error carries a one-line message and an ``exit_code`` that CLIs return, so a
+user sees ``error: <message>`` instead of a traceback for a mistake of theirs::
+
+    AtomError(Exception)                       exit_code 1
+    ├── ConfigError                            exit_code 2   (message names the bad key)
+    ├── ProtocolError                          exit_code 3   (malformed record / message)
+    ├── VerificationError(reason: str)         exit_code 4   (.reason is a Reason code)
+    ├── EnrollmentError                        exit_code 5   (bad/used/expired token, CA mismatch)
+    ├── CheckpointError                        exit_code 6   (corrupt / missing checkpoint)
+    ├── LedgerError                            exit_code 7   (database unreachable, ...)
+    └── NetworkError                           exit_code 8   (coordinator unreachable, ...)
+
+``Reason`` holds the short codes with which the coordinator rejects an update; they
+are stored in the ledger and shown in the TUI, so they never change spelling.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AtomError",
+    "CheckpointError",
+    "ConfigError",
+    "EnrollmentError",
+    "LedgerError",
+    "NetworkError",
+    "ProtocolError",
+    "Reason",
+    "VerificationError",
+]
+
+
+class AtomError(Exception):
+    """Base of all ATOM errors; ``str(err)`` is always a single line."""
+
+    exit_code: int = 1
+
+    def __init__(self, message: str) -> None:
+        # Messages end up in logs, the ledger and terminal one-liners: keep them one line.
+        self.message = " ".join(str(message).split())
+        super().__init__(self.message)
+
+
+class ConfigError(AtomError):
+    """Invalid configuration; the message names the bad key."""
+
+    exit_code = 2
+
+
+class ProtocolError(AtomError):
+    """A record or message that does not follow the wire format."""
+
+    exit_code = 3
+
+
+class VerificationError(AtomError):
+    """An update that failed verification; ``reason`` is one of ``Reason``."""
+
+    exit_code = 4
+
+    def __init__(self, reason: str, message: str) -> None:
+        self.reason = reason
+        super().__init__(f"{reason}: {message}")
+
+
+class EnrollmentError(AtomError):
+    """Enrollment failed: bad, used or expired token, CA mismatch, ..."""
+
+    exit_code = 5
+
+
+class CheckpointError(AtomError):
+    """A checkpoint is corrupt, missing or does not match its digest."""
+
+    exit_code = 6
+
+
+class LedgerError(AtomError):
+    """The ledger database is unreachable or inconsistent."""
+
+    exit_code = 7
+
+
+class NetworkError(AtomError):
+    """The coordinator (or another peer) cannot be reached."""
+
+    exit_code = 8
+
+
+class Reason:
+    """Rejection reason codes (plain ``str`` constants)."""
+
+    UNKNOWN_LEASE = "unknown_lease"
+    BAD_SIGNATURE = "bad_signature"
+    LEASE_MISMATCH = "lease_mismatch"
+    STALE_BASE = "stale_base"
+    DIGEST_MISMATCH = "digest_mismatch"
+    SHAPE_MISMATCH = "shape_mismatch"
+    NON_FINITE = "non_finite"
+    NORM_BOUND = "norm_bound"
+    LATE = "late"
+    MALFORMED = "malformed"
+    METRICS_INCONSISTENT = "metrics_inconsistent"
+    UNKNOWN_NODE = "unknown_node"
+
+    ALL: frozenset[str] = frozenset(
+        {
+            UNKNOWN_LEASE, BAD_SIGNATURE, LEASE_MISMATCH, STALE_BASE, DIGEST_MISMATCH,
+            SHAPE_MISMATCH, NON_FINITE, NORM_BOUND, LATE, MALFORMED,
+            METRICS_INCONSISTENT, UNKNOWN_NODE,
+        }
+    )

@@ -1,0 +1,228 @@
+"""Protocol messages: frozen dataclasses and their Flower record layouts.
+
+Record layouts (all values of exact type; ``from_record`` rejects anything else)::
+
+    Lease   -> ConfigRecord {run_id, round, shard_id, kind, base_version, base_digest,
+                             data_start, data_end, data_digest, inner_steps, batch_size,
+                             seq_len, lr, weight_decay, seed, deadline, nonce}
+    Update  -> ConfigRecord {"lease.<field>" for every Lease field,
+                             "metrics.<field>" for every UpdateMetrics field,
+                             node_id, arrays_digest, signature (bytes, b"" if unsigned)}
+
+    work  RecordDict {"lease": ConfigRecord, "model": ArrayRecord (name -> array),
+                      "data": ArrayRecord {"tokens": 1-D uint16}}
+    reply RecordDict {"update": ConfigRecord, "arrays": ArrayRecord (empty for eval)}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+from protocol._fields import HEX64, NONCE, check_keys, finite, normalise, read_typed, require
+from protocol._records import array_record, decode_arrays, take_records
+from protocol.digest import digest_bytes
+
+__all__ = [
+    "KINDS",
+    "Lease",
+    "Update",
+    "UpdateMetrics",
+    "parse_reply",
+    "parse_work",
+    "reply_content",
+    "work_content",
+]
+
+KINDS = ("train", "eval")
+
+
+@dataclass(frozen=True)
+class Lease:
+    """One unit of work the coordinator hands to one node (a shard of one round)."""
+
+    run_id: str
+    round: int
+    shard_id: int
+    kind: str  # "train" | "eval"
+    base_version: int
+    base_digest: str  # digest_arrays of the base model
+    data_start: int
+    data_end: int  # exclusive token index
+    data_digest: str  # digest_bytes of the uint16 little-endian tokens
+    inner_steps: int
+    batch_size: int
+    seq_len: int
+    lr: float
+    weight_decay: float
+    seed: int
+    deadline: float  # unix seconds
+    nonce: str  # 32 lowercase hex chars, unique per lease
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict with numbers coerced to their declared types."""
+        return normalise(self)
+
+    def to_record(self) -> ConfigRecord:
+        """Validated ConfigRecord with one key per field."""
+        values = self.to_dict()
+        _validate_lease(values, "")
+        return ConfigRecord(values)
+
+    @classmethod
+    def from_record(cls, record: ConfigRecord) -> Lease:
+        """Parse a lease record strictly; raises ``ProtocolError`` naming the field."""
+        check_keys(record, {f.name for f in dataclasses.fields(cls)}, "lease record")
+        values = read_typed(record, cls)
+        _validate_lease(values, "")
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class UpdateMetrics:
+    """What a node reports about its work (eval: steps=0, loss_before=loss_after)."""
+
+    tokens: int
+    steps: int
+    loss_before: float
+    loss_after: float
+    wall_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict with numbers coerced to their declared types."""
+        return normalise(self, "metrics.")
+
+
+@dataclass(frozen=True)
+class Update:
+    """A node's signed answer to a lease; the arrays travel beside it."""
+
+    lease: Lease
+    node_id: int
+    arrays_digest: str
+    metrics: UpdateMetrics
+    signature: bytes = b""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Nested plain dict of everything but the signature (what gets signed)."""
+        top = normalise(self)
+        return {
+            "lease": normalise(self.lease, "lease."),
+            "node_id": top["node_id"],
+            "arrays_digest": top["arrays_digest"],
+            "metrics": self.metrics.to_dict(),
+        }
+
+    def to_record(self) -> ConfigRecord:
+        """Validated flat ConfigRecord (``lease.*``, ``metrics.*``, top-level keys)."""
+        values = _flatten(self.to_dict())
+        _validate_update(values)
+        sig = self.signature
+        require(isinstance(sig, (bytes, bytearray)), "signature", "expected bytes")
+        values["signature"] = bytes(sig)
+        return ConfigRecord(values)
+
+    @classmethod
+    def from_record(cls, record: ConfigRecord) -> Update:
+        """Parse an update record strictly; raises ``ProtocolError`` naming the field."""
+        expected = {"node_id", "arrays_digest", "signature"}
+        expected |= {"lease." + f.name for f in dataclasses.fields(Lease)}
+        expected |= {"metrics." + f.name for f in dataclasses.fields(UpdateMetrics)}
+        check_keys(record, expected, "update record")
+        lease = read_typed(record, Lease, "lease.")
+        metrics = read_typed(record, UpdateMetrics, "metrics.")
+        top = read_typed(record, Update)
+        _validate_update(_flatten({"lease": lease, "metrics": metrics, **top}))
+        return cls(lease=Lease(**lease), metrics=UpdateMetrics(**metrics), **top)
+
+
+def _flatten(nested: dict[str, Any]) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in nested.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def _validate_lease(v: Mapping[str, Any], p: str) -> None:
+    require(v[p + "run_id"] != "", p + "run_id", "must not be empty")
+    for name in ("round", "shard_id", "base_version", "data_start", "inner_steps", "seed"):
+        require(v[p + name] >= 0, p + name, f"must be >= 0, got {v[p + name]}")
+    require(v[p + "kind"] in KINDS, p + "kind", f"must be train or eval, got {v[p + 'kind']!r}")
+    for name in ("base_digest", "data_digest"):
+        require(HEX64.fullmatch(v[p + name]) is not None, p + name, "must be 64 lowercase hex")
+    require(v[p + "data_end"] > v[p + "data_start"], p + "data_end", "must be > data_start")
+    for name in ("batch_size", "seq_len"):
+        require(v[p + name] >= 1, p + name, f"must be >= 1, got {v[p + name]}")
+    if v[p + "kind"] == "train":
+        require(v[p + "inner_steps"] >= 1, p + "inner_steps", "must be >= 1 for train")
+    for name in ("lr", "weight_decay", "deadline"):
+        require(finite(v[p + name]) and v[p + name] >= 0, p + name, "must be finite and >= 0")
+    require(NONCE.fullmatch(v[p + "nonce"]) is not None, p + "nonce", "must be 32 lowercase hex")
+
+
+def _validate_update(v: Mapping[str, Any]) -> None:
+    _validate_lease(v, "lease.")
+    require(v["node_id"] >= 0, "node_id", f"must be >= 0, got {v['node_id']}")
+    require(HEX64.fullmatch(v["arrays_digest"]) is not None, "arrays_digest",
+            "must be 64 lowercase hex")
+    for name in ("metrics.tokens", "metrics.steps"):
+        require(v[name] >= 0, name, f"must be >= 0, got {v[name]}")
+    for name in ("metrics.loss_before", "metrics.loss_after", "metrics.wall_s"):
+        require(finite(v[name]), name, f"must be finite, got {v[name]}")
+
+
+def work_content(lease: Lease, model: Mapping[str, np.ndarray], data: np.ndarray,
+                 arch: Mapping[str, int | float | bool | str] | None = None) -> RecordDict:
+    """Pack a lease, the base model, its architecture and the shard's tokens."""
+    require(isinstance(data, np.ndarray) and data.dtype.kind == "u" and data.itemsize == 2
+            and data.ndim == 1, "data", "tokens must be a 1-D uint16 array")
+    return RecordDict({
+        "lease": lease.to_record(),
+        "model": array_record(model, "model"),
+        "arch": ConfigRecord(dict(arch or {})),
+        "data": array_record({"tokens": data.astype("<u2", copy=False)}, "data"),
+    })
+
+
+def parse_work(content: RecordDict, *, check_data: bool = True
+               ) -> tuple[Lease, dict[str, np.ndarray], np.ndarray, dict[str, Any]]:
+    """Unpack ``work_content`` into (lease, model, tokens, arch); with ``check_data`` the
+    tokens must match the lease range."""
+    lease_rec, model_rec, arch_rec, data_rec = take_records(
+        content, {"lease": ConfigRecord, "model": ArrayRecord, "arch": ConfigRecord,
+                  "data": ArrayRecord}, "work")
+    lease = Lease.from_record(lease_rec)
+    model = decode_arrays(model_rec, "model")
+    arch = dict(arch_rec)
+    for key, value in arch.items():
+        require(isinstance(value, (int, float, bool, str)), f"arch.{key}", "must be a scalar")
+    check_keys(data_rec, {"tokens"}, "data record")
+    tokens = decode_arrays(data_rec, "data")["tokens"]
+    require(tokens.dtype == np.dtype("<u2") and tokens.ndim == 1, "data.tokens",
+            "must be a 1-D little-endian uint16 array")
+    if check_data:
+        n = lease.data_end - lease.data_start
+        require(tokens.size == n, "data.tokens", f"has {tokens.size} tokens, lease range has {n}")
+        require(digest_bytes(tokens.tobytes()) == lease.data_digest, "data.tokens",
+                "does not match lease.data_digest")
+    return lease, model, tokens, arch
+
+
+def reply_content(update: Update, arrays: Mapping[str, np.ndarray]) -> RecordDict:
+    """Pack a (signed) update and its arrays into a reply content."""
+    return RecordDict({"update": update.to_record(), "arrays": array_record(arrays, "arrays")})
+
+
+def parse_reply(content: RecordDict) -> tuple[Update, dict[str, np.ndarray]]:
+    """Unpack ``reply_content``; raises ``ProtocolError`` on any deviation."""
+    update_rec, arrays_rec = take_records(
+        content, {"update": ConfigRecord, "arrays": ArrayRecord}, "reply")
+    return Update.from_record(update_rec), decode_arrays(arrays_rec, "arrays")

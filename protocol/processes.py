@@ -1,0 +1,91 @@
+"""Starting and reaping the long-running processes both sides spawn (Flower daemons, nodes).
+
+Every child starts in its own session so that one signal reaches its whole process group
+(flower-superlink starts flower-superexec, which starts flwr-serverapp; a SuperNode starts a
+flwr-clientapp per message). Nothing here may import torch.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+__all__ = ["flower_env", "free_port", "spawn", "stop", "wait_port"]
+
+
+def flower_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Environment for a Flower process: a private FLWR_HOME and no calls to the outside."""
+    env = dict(os.environ)
+    # Flower starts its helpers (flower-superexec, flwr-clientapp) by name: make sure they
+    # resolve to this interpreter's environment even when it is not activated.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env.update(
+        FLWR_HOME=str(flwr_home),
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        # The SuperExec polls for new work; the default leaves ~3 s idle per message.
+        FLWR_SUPEREXEC_TASK_POLL_INTERVAL="0.2",
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra or {})
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    return env
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def spawn(cmd: Sequence[str], *, env: Mapping[str, str], log: Path | None = None,
+          cwd: Path | None = None) -> subprocess.Popen[bytes]:
+    out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - owned by the child
+    try:
+        return subprocess.Popen(list(cmd), env=dict(env), stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, cwd=cwd, start_new_session=True)
+    finally:
+        if log:
+            out.close()  # type: ignore[union-attr]
+
+
+def stop(proc: subprocess.Popen[bytes] | None, timeout: float = 10.0) -> None:
+    """SIGTERM the child's whole process group, then SIGKILL what is left, and reap it."""
+    if proc is None:
+        return
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            proc.wait(wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    # Grandchildren that outlived the leader still carry its group id.
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def wait_port(host: str, port: int, timeout: float, proc: subprocess.Popen[bytes] | None = None
+              ) -> bool:
+    """Wait until something accepts TCP connections on host:port (or ``proc`` exits)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc is not None and proc.poll() is not None:
+            return False
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return True
+        except OSError:
+            time.sleep(0.1)
+    return False

@@ -1,0 +1,189 @@
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from coordinator.config import TrainParams
+from coordinator.scheduler import Scheduler, shard_seed
+
+BASE = "b" * 64
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def digest(start: int, end: int) -> str:
+    return f"{start:032x}{end:032x}"
+
+
+def make(n_shards: int = 6, seed: int = 0, clock: Clock | None = None, **train) -> Scheduler:
+    counter = itertools.count()
+    return Scheduler(run_id="r", shards=[(i, 100 * i, 100 * (i + 1)) for i in range(n_shards)],
+                     data_digest=digest, train=TrainParams(deadline_s=60.0, **train), seed=seed,
+                     clock=clock or Clock(), nonce=lambda: f"{next(counter):032x}")
+
+
+def test_lease_fields() -> None:
+    clock = Clock()
+    s = make(clock=clock)
+    leases = s.lease_train(0, [7], base_version=3, base_digest=BASE)
+    lease = leases[7]
+    t = TrainParams()
+    assert (lease.run_id, lease.round, lease.kind, lease.base_version, lease.base_digest) == \
+        ("r", 0, "train", 3, BASE)
+    assert lease.data_end - lease.data_start == 100 and lease.data_start == 100 * lease.shard_id
+    assert lease.data_digest == digest(lease.data_start, lease.data_end)
+    assert (lease.inner_steps, lease.batch_size, lease.seq_len, lease.lr, lease.weight_decay) == \
+        (t.inner_steps, t.batch_size, t.seq_len, t.lr, t.weight_decay)
+    assert lease.deadline == 1060.0 and lease.nonce == f"{0:032x}"
+    assert lease.seed == shard_seed("r", lease.shard_id, 0)
+    lease.to_record()  # passes the protocol's own validation
+
+
+def test_distinct_shards_within_a_round_and_one_lease_per_node() -> None:
+    s = make(n_shards=6)
+    first = s.lease_train(0, [3, 1, 2, 2], 0, BASE)
+    assert sorted(first) == [1, 2, 3]
+    assert len({lease.shard_id for lease in first.values()}) == 3
+    assert s.lease_train(0, [1, 2, 3], 0, BASE) == {}  # each already holds one
+    more = s.lease_train(0, [1, 4, 5, 6], 0, BASE)
+    assert sorted(more) == [4, 5, 6]
+    ids = [lease.shard_id for lease in [*first.values(), *more.values()]]
+    assert sorted(ids) == list(range(6))  # every shard of the epoch once
+    assert s.lease_train(0, [8], 0, BASE) == {}  # all out: nothing, even in a new epoch
+    assert s.lease_for(4) == more[4] and s.lease_for(8) is None
+    assert len(s.outstanding()) == 6
+
+
+def test_more_nodes_than_shards() -> None:
+    s = make(n_shards=2)
+    got = s.lease_train(0, range(5), 0, BASE)
+    assert len(got) == 2 and {lease.shard_id for lease in got.values()} == {0, 1}
+
+
+def test_accepted_consumes_rejected_returns_to_front() -> None:
+    s = make(n_shards=6)
+    a = s.lease_train(0, [1, 2], 0, BASE)
+    assert s.answered(a[1], accepted=True)
+    assert s.answered(a[2], accepted=False)
+    assert not s.answered(a[2], accepted=True)  # no longer open: ignored
+    b = s.lease_train(1, [3], 0, BASE)
+    assert b[3].shard_id == a[2].shard_id and b[3].seed == a[2].seed
+    assert b[3].nonce != a[2].nonce and b[3].round == 1
+
+
+def test_expire_then_reissue_to_another_node() -> None:
+    clock = Clock()
+    s = make(clock=clock)
+    a = s.lease_train(0, [1, 2], 0, BASE)
+    clock.t += 30
+    assert s.expire() == []
+    s.answered(a[2], accepted=True)
+    clock.t += 31  # a[1] is past its deadline
+    assert s.expire() == [a[1]]
+    assert s.outstanding() == [] and s.lease_for(1) is None
+    b = s.lease_train(1, [3], 1, BASE)
+    assert b[3].shard_id == a[1].shard_id and b[3].seed == a[1].seed
+    assert b[3].deadline == clock.t + 60 and b[3].base_version == 1
+
+
+def test_expired_lease_blocks_until_expire_runs() -> None:
+    clock = Clock()
+    s = make(n_shards=1, clock=clock)
+    a = s.lease_train(0, [1], 0, BASE)
+    clock.t += 100
+    assert s.lease_train(1, [2], 0, BASE) == {}  # shard still out until expire()
+    assert s.expire() == [a[1]]
+    assert s.lease_train(1, [2], 0, BASE)[2].shard_id == a[1].shard_id
+
+
+def test_release_returns_shard_first() -> None:
+    s = make()
+    a = s.lease_train(0, [1, 2, 3], 0, BASE)
+    assert s.release(a[3], reason="node_error")
+    assert not s.release(a[3], reason="again")
+    b = s.lease_train(0, [3], 0, BASE)
+    assert b[3].shard_id == a[3].shard_id
+
+
+def test_epochs_reshuffle_with_seed_plus_epoch() -> None:
+    s = make(n_shards=5, seed=4)
+    order = []
+    for r in range(3):
+        for _ in range(5):
+            lease = s.lease_train(r, [1], 0, BASE)[1]
+            order.append(lease.shard_id)
+            assert lease.seed == shard_seed("r", lease.shard_id, s.epoch)
+            s.answered(lease, accepted=True)
+    assert s.epoch == 2
+    epochs = [order[i:i + 5] for i in range(0, 15, 5)]
+    assert all(sorted(e) == list(range(5)) for e in epochs)
+    assert len({tuple(e) for e in epochs}) > 1  # reshuffled
+    again = make(n_shards=5, seed=4)
+    first = [again.lease_train(0, [i], 0, BASE)[i].shard_id for i in range(5)]
+    assert first == epochs[0]  # same seed, same order
+    other = make(n_shards=5, seed=5)
+    assert [other.lease_train(0, [i], 0, BASE)[i].shard_id for i in range(5)] != first
+
+
+def test_new_epoch_skips_shards_still_out() -> None:
+    s = make(n_shards=3)
+    a = s.lease_train(0, [1, 2], 0, BASE)
+    s.answered(a[1], accepted=True)
+    s.lease_train(1, [1], 0, BASE)  # the last shard of epoch 0
+    # epoch 1 begins; a[2]'s shard is still out, so node 3 gets a different one
+    c = s.lease_train(1, [3], 0, BASE)
+    assert s.epoch == 1 and c[3].shard_id != a[2].shard_id
+    assert len({lease.shard_id for lease in s.outstanding()}) == 3
+
+
+def test_seeds_are_deterministic_and_distinct() -> None:
+    assert shard_seed("r", 1, 0) == shard_seed("r", 1, 0)
+    seeds = {shard_seed(run, sid, ep) for run in ("r", "q") for sid in range(20) for ep in range(3)}
+    assert len(seeds) == 120 and all(0 <= x < 2**63 for x in seeds)
+
+
+def test_duplicate_hook_for_spot_checks() -> None:
+    s = make()
+    a = s.lease_train(0, [1], 0, BASE)[1]
+    dup = s.lease_duplicate(0, 2, a)
+    assert (dup.shard_id, dup.seed, dup.data_digest, dup.base_digest) == \
+        (a.shard_id, a.seed, a.data_digest, a.base_digest)
+    assert dup.nonce != a.nonce and s.lease_for(2) == dup
+    with pytest.raises(ValueError):
+        s.lease_duplicate(0, 1, a)  # not to the same node
+    s.answered(dup, accepted=False)  # a rejected copy does not requeue the shard
+    s.answered(a, accepted=True)
+    later = [s.lease_train(1, [n], 0, BASE)[n].shard_id for n in range(3, 8)]
+    assert a.shard_id not in later
+
+
+def test_eval_split_evenly() -> None:
+    s = make(seq_len=10)
+    out = s.lease_eval(2, [5, 6, 7], 4, BASE, ranges=[(1000, 1050), (2000, 2045)])
+    # 10 blocks of <=10 tokens: 3 + 3 + 4, cut on block boundaries
+    spans = {n: [(x.data_start, x.data_end) for x in ls] for n, ls in out.items()}
+    assert spans == {5: [(1000, 1030)], 6: [(1030, 1050), (2000, 2010)],
+                     7: [(2010, 2045)]}
+    leases = [x for ls in out.values() for x in ls]
+    assert [x.shard_id for x in leases] == [0, 1, 2, 3]
+    for x in leases:
+        assert (x.kind, x.inner_steps, x.round, x.base_version) == ("eval", 0, 2, 4)
+        assert x.data_digest == digest(x.data_start, x.data_end)
+        x.to_record()
+    assert s.leases_for(6) == out[6] and s.lease_for(6) == out[6][0]
+    assert s.lease_train(2, [5, 8], 4, BASE).keys() == {8}  # node 5 is busy evaluating
+    assert s.answered(out[5][0], accepted=False)  # rejected eval: nothing returns to the pool
+
+
+def test_eval_more_nodes_than_blocks() -> None:
+    s = make(seq_len=100)
+    out = s.lease_eval(0, [1, 2, 3], 0, BASE, ranges=[(0, 150)])
+    assert {n: [(x.data_start, x.data_end) for x in ls] for n, ls in out.items()} == \
+        {1: [(0, 100)], 2: [(100, 150)]}

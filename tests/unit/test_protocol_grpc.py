@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+
+from protocol import coordinator_pb2 as pb
+from protocol import coordinator_pb2_grpc as pb_grpc
+
+
+def test_generated_grpc_module_imports_through_the_package() -> None:
+    source = Path(pb_grpc.__file__).read_text()
+    assert "from protocol import coordinator_pb2" in source
+    assert "\nimport coordinator_pb2" not in source
+
+
+def test_messages_round_trip() -> None:
+    req = pb.EnrollRequest(secret="s", public_key_pem=b"-----BEGIN PUBLIC KEY-----\n", name="n1")
+    assert pb.EnrollRequest.FromString(req.SerializeToString()) == req
+    reply = pb.EnrollReply(node_id=7, flower_node_id="18446744073709551615", institution="U",
+                           run_id="r", fleet_address="h:1", coordinator_public_key_pem=b"k")
+    assert pb.EnrollReply.FromString(reply.SerializeToString()) == reply
+    ping = pb.PingReply(run_id="r", version=3)
+    assert pb.PingReply.FromString(ping.SerializeToString()) == ping
+
+
+def test_service_shape() -> None:
+    service = pb.DESCRIPTOR.services_by_name["Coordinator"]
+    assert pb.DESCRIPTOR.package == "atom.v1"
+    methods = {m.name: (m.input_type.name, m.output_type.name) for m in service.methods}
+    assert methods == {"Enroll": ("EnrollRequest", "EnrollReply"),
+                       "Ping": ("PingRequest", "PingReply")}
+
+
+class _Servicer(pb_grpc.CoordinatorServicer):
+    def Ping(self, request: pb.PingRequest, context: grpc.ServicerContext) -> pb.PingReply:
+        return pb.PingReply(run_id="run-1", version=12)
+
+
+def test_ping_over_loopback() -> None:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    pb_grpc.add_CoordinatorServicer_to_server(_Servicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.CoordinatorStub(channel)
+            assert stub.Ping(pb.PingRequest(), timeout=10) == pb.PingReply(run_id="run-1",
+                                                                           version=12)
+            try:
+                stub.Enroll(pb.EnrollRequest(), timeout=10)
+                raise AssertionError("unimplemented RPC answered")
+            except grpc.RpcError as err:
+                assert err.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        server.stop(grace=None).wait()

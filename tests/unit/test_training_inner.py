@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from training.inner import train_inner
+from training.model import GPTConfig
+from training.state import init_arrays
+from training.tokenizer import ByteTokenizer
+
+CFG = GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=32)
+KW = dict(steps=4, batch_size=4, seq_len=16, lr=3e-3, weight_decay=0.1, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def base():
+    return init_arrays(CFG, 0)
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return np.random.default_rng(0).integers(0, 256, 2000).astype(np.uint16)
+
+
+def test_same_seed_gives_identical_pseudo_gradient(base, tokens):
+    a = train_inner(base, CFG, tokens, seed=7, **KW)
+    b = train_inner(base, CFG, tokens, seed=7, **KW)
+    assert a.pseudo_grad.keys() == base.keys()
+    assert all(np.array_equal(a.pseudo_grad[k], b.pseudo_grad[k]) for k in base)
+    assert (a.loss_before, a.loss_after) == (b.loss_before, b.loss_after)
+
+
+def test_different_seed_gives_a_different_pseudo_gradient(base, tokens):
+    a = train_inner(base, CFG, tokens, seed=7, **KW)
+    c = train_inner(base, CFG, tokens, seed=8, **KW)
+    assert not all(np.array_equal(a.pseudo_grad[k], c.pseudo_grad[k]) for k in base)
+
+
+def test_result_fields_and_base_untouched(base, tokens):
+    before = {k: v.copy() for k, v in base.items()}
+    calls = []
+    r = train_inner(base, CFG, tokens, seed=1, progress=lambda *a: calls.append(a), **KW)
+    assert all(np.array_equal(before[k], base[k]) for k in base)
+    assert all(v.dtype == np.float32 and v.shape == base[k].shape for k, v in r.pseudo_grad.items())
+    assert any(np.abs(v).max() > 0 for v in r.pseudo_grad.values())
+    assert (r.steps, r.tokens) == (4, 4 * 4 * 16) and r.wall_s > 0
+    assert calls == [(i, 4, i * 64) for i in range(1, 5)]
+
+
+def test_loss_falls_on_a_repetitive_sequence(base):
+    tokens = np.tile(ByteTokenizer().encode("def add(a, b):\n    return a + b\n"), 60)
+    r = train_inner(base, CFG, tokens, seed=0, **dict(KW, steps=30, batch_size=8, lr=1e-2))
+    assert r.loss_before > 5.0
+    assert r.loss_after < r.loss_before - 2.0
+
+
+def test_rejects_a_shard_shorter_than_one_window(base):
+    with pytest.raises(ValueError, match="seq_len"):
+        train_inner(base, CFG, np.zeros(16, np.uint16), seed=0, **KW)
+    with pytest.raises(ValueError, match="block_size"):
+        train_inner(base, CFG, np.zeros(100, np.uint16), seed=0, **dict(KW, seq_len=32))

@@ -1,0 +1,144 @@
+"""The DiLoCo inner loop: H steps of AdamW from the base weights on one shard of tokens.
+
+Each call starts from a fresh optimizer (nodes keep no state between leases) and returns
+the pseudo-gradient ``base - local``, which the coordinator averages and feeds to its
+outer optimizer. Batches are drawn from ``seed`` alone, so on CPU the same base, tokens
+and seed give a bit-identical pseudo-gradient (given the same torch build and thread count).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from training.device import autocast, pick_device
+from training.model import GPT, GPTConfig
+from training.state import arrays_to_model
+
+__all__ = ["InnerResult", "train_inner", "sample_batch"]
+
+GRAD_CLIP = 1.0
+BETAS = (0.9, 0.95)
+
+
+@dataclass(frozen=True)
+class InnerResult:
+    """What one inner loop produced.
+
+    ``loss_before`` is the loss of the base weights on the first batch (the first step's
+    forward pass, so it costs nothing extra). ``loss_after`` is the mean loss over the
+    last quarter of the steps (at most 10, at least 1), each measured on a fresh batch just
+    before its update; it estimates the local model's loss without an extra forward pass
+    and without re-scoring a batch the model has already trained on.
+    ``tokens`` counts the predicted (trained-on) tokens: ``steps * batch_size * seq_len``.
+    """
+
+    pseudo_grad: dict[str, np.ndarray]
+    loss_before: float
+    loss_after: float
+    tokens: int
+    steps: int
+    wall_s: float
+
+
+def sample_batch(
+    data: torch.Tensor, batch_size: int, seq_len: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``batch_size`` windows of ``seq_len + 1`` tokens at uniform random offsets.
+
+    Returns inputs and next-token targets, both (batch_size, seq_len) int64 on data's device.
+    """
+    starts = torch.randint(0, data.numel() - seq_len, (batch_size,), generator=generator)
+    idx = starts[:, None] + torch.arange(seq_len + 1)[None, :]  # (B, T+1)
+    window = data[idx.to(data.device)]
+    return window[:, :-1], window[:, 1:]
+
+
+def _optimizer(model: GPT, lr: float, weight_decay: float, device: torch.device):
+    # Decay matrices and embeddings only; LayerNorm gains and biases are not decayed.
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    fused = device.type == "cuda"  # the fused kernel exists for CUDA only
+    return torch.optim.AdamW(groups, lr=lr, betas=BETAS, fused=fused)
+
+
+def train_inner(
+    base: Mapping[str, np.ndarray],
+    cfg: GPTConfig,
+    tokens: np.ndarray,
+    *,
+    steps: int,
+    batch_size: int,
+    seq_len: int,
+    lr: float,
+    weight_decay: float,
+    seed: int,
+    device: torch.device | str | None = None,
+    progress: Callable[[int, int, int], None] | None = None,
+) -> InnerResult:
+    """Train ``steps`` AdamW steps from ``base`` on ``tokens`` and return base - local.
+
+    Parameters
+    ----------
+    progress
+        Called as ``progress(step, steps, tokens_done)`` after each step (step is 1-based).
+
+    Raises
+    ------
+    ValueError
+        If the shard is shorter than ``seq_len + 1`` tokens, ``seq_len`` exceeds the
+        model's ``block_size``, or a count is not positive.
+    """
+    if steps < 1 or batch_size < 1 or seq_len < 1:
+        raise ValueError(f"steps, batch_size, seq_len must be >= 1, got {steps}, {batch_size}, {seq_len}")
+    if seq_len > cfg.block_size:
+        raise ValueError(f"seq_len {seq_len} exceeds the model's block_size {cfg.block_size}")
+    if len(tokens) < seq_len + 1:
+        raise ValueError(f"shard has {len(tokens)} tokens; need at least seq_len + 1 = {seq_len + 1}")
+    t0 = time.perf_counter()
+    dev = torch.device(device) if device is not None else pick_device("auto")
+    data = torch.from_numpy(np.asarray(tokens, dtype=np.int64)).to(dev)
+    gen = torch.Generator().manual_seed(seed)  # CPU generator: same batches on any device
+    n_tail = max(1, min(10, steps // 4))
+    losses: list[float] = []
+
+    # fork_rng + manual_seed: dropout (if any) is seeded too, and the caller's RNG untouched.
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        torch.manual_seed(seed)
+        model = arrays_to_model(base, cfg, dev)
+        model.train()
+        opt = _optimizer(model, lr, weight_decay, dev)
+        for step in range(1, steps + 1):
+            x, y = sample_batch(data, batch_size, seq_len, gen)
+            with autocast(dev):
+                _, loss = model(x, y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            if progress is not None:
+                progress(step, steps, step * batch_size * seq_len)
+
+    with torch.no_grad():
+        pseudo_grad = {
+            name: np.asarray(base[name], dtype=np.float32) - p.detach().to("cpu", torch.float32).numpy()
+            for name, p in model.named_parameters()
+        }
+    tail = losses[-n_tail:]
+    return InnerResult(
+        pseudo_grad=pseudo_grad,
+        loss_before=losses[0],
+        loss_after=math.fsum(tail) / len(tail),
+        tokens=steps * batch_size * seq_len,
+        steps=steps,
+        wall_s=time.perf_counter() - t0,
+    )
