@@ -132,7 +132,7 @@ class RunLoop:
             self.ledger.add_event("round", f"round {rnd}: no eligible node, skipped")
             self.sleep(5.0)
             return False
-        accepted = self._dispatch({by_id[n]: [lease] for n, lease in leases.items()})
+        accepted = self._dispatch([(by_id[n], [lease]) for n, lease in leases.items()])
         if not accepted:
             self.ledger.add_event("round", f"round {rnd}: no accepted update; "
                                            f"version {self.store.version} stays")
@@ -151,7 +151,7 @@ class RunLoop:
         nodes = {n.id: n for n in self._eligible()}
         leases = self.scheduler.lease_eval(rnd, sorted(nodes), self.store.version,
                                            self.store.digest, [(lo, hi)])
-        results = self._dispatch({nodes[n]: ls for n, ls in leases.items()})
+        results = self._dispatch([(nodes[n], ls) for n, ls in leases.items()])
         loss_sum, count = 0.0, 0
         covered = np.zeros(hi - lo, dtype=bool)
         for update, _ in results:
@@ -170,11 +170,11 @@ class RunLoop:
 
     # -- sending and judging ------------------------------------------------------------
 
-    def _dispatch(self, work: dict[Node, list[Lease]]) -> list[tuple]:
+    def _dispatch(self, work: list[tuple[Node, list[Lease]]]) -> list[tuple]:
         """Send every lease, judge replies as they come, expire the silent; return the
         accepted (update, arrays) pairs."""
         pending: dict[str, _Sent] = {}
-        for node, leases in work.items():
+        for node, leases in work:
             for lease in leases:
                 row = self.ledger.record_lease(
                     run_id=lease.run_id, round=lease.round, shard_id=lease.shard_id,
