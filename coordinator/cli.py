@@ -52,7 +52,7 @@ def invite(
     ttl_hours: Annotated[float, typer.Option(help="hours the invite stays valid")] = 168.0,
 ) -> None:
     """Print a single-use invite token for one node of INSTITUTION."""
-    if ttl_hours <= 0:
+    if not ttl_hours > 0:  # written so that nan is refused too
         raise AtomError("--ttl-hours must be positive")
     rd = RunDir(dir.resolve())
     token = create_invite(rd, institution, ttl_s=ttl_hours * 3600)

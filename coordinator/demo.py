@@ -11,6 +11,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
@@ -20,6 +21,7 @@ from protocol.errors import AtomError, NetworkError
 from protocol.processes import flower_env, free_port, spawn, stop
 
 from .launcher import Coordinator
+from .ledger import Ledger
 from .report import run_summary
 from .rundir import RunDir, create_invite, init_run
 
@@ -53,11 +55,12 @@ def _wait_enrolled(rd: RunDir, c: Coordinator, procs: list[subprocess.Popen[byte
 def run_demo(*, nodes: int = 3, rounds: int = 3, workdir: Path | None = None,
              console: Console, overrides: dict[str, Any] | None = None,
              node_args: dict[int, list[str]] | None = None,
-             on_running: Any = None) -> tuple[dict[str, Any], str]:
+             on_tick: Callable[[list[subprocess.Popen[bytes]], Ledger], None] | None = None,
+             ) -> tuple[dict[str, Any], str]:
     """Run the demo; return (summary, Flower run status).
 
     ``node_args`` adds CLI flags to node i (tests use it for a node with a wrong key);
-    ``on_running(procs)`` is called once the run is under way (tests kill a node there).
+    ``on_tick(procs, ledger)`` is called while the run is under way (tests kill a node there).
     """
     t0 = time.monotonic()
     wd = (workdir or Path(tempfile.mkdtemp(prefix="atom-demo-"))).resolve()
@@ -81,7 +84,7 @@ def run_demo(*, nodes: int = 3, rounds: int = 3, workdir: Path | None = None,
                 logs.append(log)
             _wait_enrolled(rd, coord, procs, nodes, logs)
             run_id = coord.start_run()
-            status = _watch(coord, run_id, rounds, console, procs, on_running)
+            status = _watch(coord, run_id, rounds, console, procs, on_tick)
         finally:
             for p in procs:
                 stop(p)
@@ -95,16 +98,16 @@ def run_demo(*, nodes: int = 3, rounds: int = 3, workdir: Path | None = None,
 
 
 def _watch(coord: Coordinator, run_id: int, rounds: int, console: Console,
-           procs: list[subprocess.Popen[bytes]], on_running: Any) -> str:
+           procs: list[subprocess.Popen[bytes]],
+           on_tick: Callable[[list[subprocess.Popen[bytes]], Ledger], None] | None) -> str:
     progress = Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
                         TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
                         TextColumn("{task.fields[status]}"), console=console, transient=False)
     task = progress.add_task("model versions", total=rounds, status="waiting for nodes")
     seen_event = 0
-    called = False
 
     def tick() -> None:
-        nonlocal seen_event, called
+        nonlocal seen_event
         versions = coord.ledger.versions()
         done = sum(1 for v in versions[1:] if v.val_loss is not None)
         events = coord.ledger.events(since_id=seen_event)
@@ -115,9 +118,8 @@ def _watch(coord: Coordinator, run_id: int, rounds: int, console: Console,
             progress.update(task, status=f"v{versions[-1].version} val loss "
                                          f"{versions[-1].val_loss:.3f}")
         progress.update(task, completed=done)
-        if on_running is not None and not called and coord.ledger.open_leases():
-            called = True
-            on_running(procs)
+        if on_tick is not None:
+            on_tick(procs, coord.ledger)
 
     with progress:
         return coord.wait(run_id, tick=tick)

@@ -2,7 +2,8 @@
 
 Order matters for "nothing accepted is lost": the invite is redeemed atomically first (so two
 nodes racing on one token cannot both get in), then the key is registered with the SuperLink;
-if that fails the invite is handed back, so the contributor can simply retry.
+if that fails, or the ledger then refuses the node, the registration is undone and the invite
+handed back, so the contributor can simply retry.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from protocol.errors import AtomError, EnrollmentError
+from protocol.errors import EnrollmentError
 from protocol.invite import hash_secret
 from protocol.signing import fingerprint, load_public_key
 
@@ -33,6 +34,9 @@ class Enrolled:
 class Enroller:
     ledger: Ledger
     register: Callable[[bytes, str], int]  # (PEM SPKI, name) -> Flower node id
+    # Flower node id -> None; withdraws a key whose ledger row could not be written (without
+    # it the SuperLink would refuse that key forever: "public key already in use").
+    unregister: Callable[[int], None] | None = None
 
     def enroll(self, secret: str, public_key_pem: bytes, name: str) -> Enrolled:
         name = name.strip()
@@ -49,11 +53,20 @@ class Enroller:
         invite = self.ledger.redeem_invite(hash_secret(secret), time.time())
         try:
             flower_id = self.register(public_key_pem, name)
-        except AtomError:
+        except Exception:  # whatever failed, no node exists: the token stays good
             self.ledger.release_invite(invite.id)
             raise
-        inst = {i.id: i.name for i in self.ledger.institutions()}[invite.institution_id]
-        node = self.ledger.add_node(flower_id, name, invite.institution_id, public_key_pem, fp)
+        try:
+            inst = {i.id: i.name for i in self.ledger.institutions()}[invite.institution_id]
+            node = self.ledger.add_node(flower_id, name, invite.institution_id, public_key_pem,
+                                        fp)
+        except Exception:
+            try:
+                if self.unregister is not None:
+                    self.unregister(flower_id)
+            finally:
+                self.ledger.release_invite(invite.id)
+            raise
         self.ledger.mark_invite_used(invite.id, node.id)
         self.ledger.add_event("join", f"{name} ({inst}) enrolled as node {node.id}",
                               node_id=node.id)

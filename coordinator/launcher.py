@@ -62,7 +62,8 @@ class Coordinator:
         prepare_corpus(rd, cfg)
         self.superlink = SuperLink(rd.path, rd.tls, cfg.network.host, cfg.network.fleet_port)
         self.superlink.start()
-        enroller = Enroller(self.ledger, self.superlink.register_node)
+        enroller = Enroller(self.ledger, self.superlink.register_node,
+                            self.superlink.unregister_node)
         service = CoordinatorService(enroller, cfg.run.id, rd.fleet_address(cfg),
                                      rd.public_key_pem())
         self.server = serve(service, cfg.network.host, cfg.network.coordinator_port,

@@ -34,6 +34,7 @@ __all__ = ["RunLoop"]
 log = logging.getLogger(__name__)
 
 _POLL_S = 0.2
+_TTL_SLACK_S = 600.0
 _BENCH_S = 90.0  # a node that missed a deadline sits out this long (Flower needs ~70 s to drop it)
 
 
@@ -64,6 +65,9 @@ class RunLoop:
         self.scheduler = Scheduler(run_id=self.cfg.run.id, shards=shards, train=self.cfg.train,
                                    data_digest=lambda a, b: data_digest(self.tokens[a:b]),
                                    clock=self.clock)
+        accepted = {u.lease_id for u in self.ledger.updates() if u.verdict == "accepted"}
+        self.scheduler.restore([lease.shard_id for lease in self.ledger.leases()
+                                if lease.kind == "train" and lease.id in accepted])
         self.aggregator = get_aggregator(self.cfg.aggregation.method)
         self.arch = {k: v for k, v in dataclasses.asdict(self.store.gpt).items()}
 
@@ -124,13 +128,17 @@ class RunLoop:
     # -- phases -------------------------------------------------------------------------
 
     def _train_phase(self, rnd: int) -> bool:
-        nodes = self._eligible()
-        by_id = {n.id: n for n in nodes}
-        leases = self.scheduler.lease_train(rnd, sorted(by_id), self.store.version,
-                                            self.store.digest)
+        end = self.clock() + self.cfg.run.wait_for_nodes_s
+        while True:
+            by_id = {n.id: n for n in self._eligible()}
+            leases = self.scheduler.lease_train(rnd, sorted(by_id), self.store.version,
+                                                self.store.digest)
+            if leases or self.clock() >= end:
+                break
+            # A benched node is back after _BENCH_S: wait for it rather than burn the round.
+            self.sleep(1.0)
         if not leases:
             self.ledger.add_event("round", f"round {rnd}: no eligible node, skipped")
-            self.sleep(5.0)
             return False
         accepted = self._dispatch([(by_id[n], [lease]) for n, lease in leases.items()])
         if not accepted:
@@ -184,8 +192,10 @@ class RunLoop:
                 content = work_content(
                     lease, self.store.arrays,
                     np.asarray(self.tokens[lease.data_start:lease.data_end]), arch=self.arch)
+                # The TTL bounds the reply too: keep it well past the deadline so a slow but
+                # honest answer is judged (as late) instead of vanishing inside Flower.
                 mid = self.transport.send(int(node.flower_node_id), lease.kind, content,
-                                          ttl=lease.deadline - self.clock())
+                                          ttl=lease.deadline - self.clock() + _TTL_SLACK_S)
                 pending[mid] = _Sent(lease, node, row.id)
         accepted: list[tuple] = []
         while pending:

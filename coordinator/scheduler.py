@@ -136,6 +136,14 @@ class Scheduler:
                 piece += 1
         return out
 
+    def restore(self, consumed: Sequence[int]) -> None:
+        """Resume after a restart: replay the train shards already accepted (in the order
+        they were accepted) so the pool goes on where it stopped, epochs included."""
+        for shard_id in consumed:
+            if not any(sid == shard_id for sid, _ in self._pool):
+                self._new_epoch()
+            self._pool.remove(next(e for e in self._pool if e[0] == shard_id))
+
     # -- outcomes -----------------------------------------------------------------------
 
     def answered(self, lease: Lease, accepted: bool) -> bool:
@@ -196,15 +204,18 @@ class Scheduler:
         """The first pooled shard that is not out on a lease; a new epoch when the pool
         is empty. None when every pooled shard is out."""
         if not self._pool:
-            self._epoch += 1
-            order = np.random.default_rng(self._seed + self._epoch).permutation(sorted(self._ranges))
-            self._pool.extend((int(sid), self._epoch) for sid in order)
+            self._new_epoch()
         out = {e.lease.shard_id for e in self._open.values() if e.lease.kind == "train"}
         for i, (shard_id, epoch) in enumerate(self._pool):
             if shard_id not in out:
                 del self._pool[i]
                 return shard_id, epoch
         return None
+
+    def _new_epoch(self) -> None:
+        self._epoch += 1
+        order = np.random.default_rng(self._seed + self._epoch).permutation(sorted(self._ranges))
+        self._pool.extend((int(sid), self._epoch) for sid in order)
 
     def _close(self, lease: Lease) -> _Open | None:
         entry = self._open.get(lease.nonce)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from protocol.errors import ConfigError
@@ -59,9 +59,13 @@ class NodeHome:
 
     def key(self):  # type: ignore[no-untyped-def]
         """Load the node key, making one on first use."""
-        self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if not self.key_path.exists():
-            save_private_key(generate_key(), self.key_path)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if not self.key_path.exists():
+                save_private_key(generate_key(), self.key_path)
+        except OSError as err:  # --home names a file, a read-only place, ...
+            raise ConfigError(f"cannot use {self.path} as the node home: "
+                              f"{err.strerror or err}") from None
         return load_private_key(self.key_path)
 
     def enrollment(self) -> Enrollment | None:
@@ -69,9 +73,18 @@ class NodeHome:
         if not p.exists():
             return None
         try:
-            return Enrollment(**json.loads(p.read_text()))
+            e = Enrollment(**json.loads(p.read_text()))
+            # wrong types would only fail later, deep in the supervisor, as a traceback
+            for f in fields(e):
+                want = int if f.name == "node_id" else str
+                value = getattr(e, f.name)
+                if not isinstance(value, want) or isinstance(value, bool):
+                    raise TypeError(f"{f.name} must be {want.__name__}, got {value!r}")
+            return e
         except (ValueError, TypeError) as err:
             raise ConfigError(f"{p} is corrupt ({err}); remove it to enroll again") from None
+        except OSError as err:  # a directory, no permission, ...
+            raise ConfigError(f"cannot read {p}: {err.strerror or err}") from None
 
     def save_enrollment(self, e: Enrollment, ca_pem: bytes, coordinator_pem: bytes) -> None:
         self.ca_path.write_bytes(ca_pem)

@@ -7,6 +7,7 @@ flwr-clientapp per message). Nothing here may import torch.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
@@ -17,6 +18,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 __all__ = ["flower_env", "free_port", "spawn", "stop", "wait_port"]
+
+_PR_SET_PDEATHSIG = 1
 
 
 def flower_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -44,12 +47,23 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def _die_with_parent() -> None:
+    """In the child: ask Linux to SIGTERM us when the parent dies, so a supervisor that is
+    killed outright does not leave its daemons running."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
 def spawn(cmd: Sequence[str], *, env: Mapping[str, str], log: Path | None = None,
           cwd: Path | None = None) -> subprocess.Popen[bytes]:
     out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - owned by the child
     try:
         return subprocess.Popen(list(cmd), env=dict(env), stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, cwd=cwd, start_new_session=True)
+                                stdin=subprocess.DEVNULL, cwd=cwd, start_new_session=True,
+                                preexec_fn=_die_with_parent if sys.platform == "linux" else None)
     finally:
         if log:
             out.close()  # type: ignore[union-attr]

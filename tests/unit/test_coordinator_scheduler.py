@@ -187,3 +187,23 @@ def test_eval_more_nodes_than_blocks() -> None:
     out = s.lease_eval(0, [1, 2, 3], 0, BASE, ranges=[(0, 150)])
     assert {n: [(x.data_start, x.data_end) for x in ls] for n, ls in out.items()} == \
         {1: [(0, 100)], 2: [(100, 150)]}
+
+
+def test_restore_continues_where_a_previous_scheduler_stopped() -> None:
+    first = make(n_shards=5, seed=3)
+    consumed, rejected_once = [], False
+    for r in range(7):  # crosses into the second epoch, with one rejection on the way
+        lease = first.lease_train(r, [1], 0, BASE)[1]
+        accept = rejected_once or r != 2
+        rejected_once = rejected_once or not accept
+        first.answered(lease, accepted=accept)
+        if accept:
+            consumed.append(lease.shard_id)
+    resumed = make(n_shards=5, seed=3)
+    resumed.restore(consumed)
+    for r in range(7, 12):
+        a, b = first.lease_train(r, [1], 0, BASE)[1], resumed.lease_train(r, [1], 0, BASE)[1]
+        assert (a.shard_id, a.seed) == (b.shard_id, b.seed)
+        first.answered(a, accepted=True)
+        resumed.answered(b, accepted=True)
+    assert resumed.epoch == first.epoch

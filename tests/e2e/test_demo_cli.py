@@ -1,0 +1,51 @@
+"""The README's demo command, end to end: CLI, JSON summary, and what the ledger holds."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from coordinator.ledger import Ledger
+
+
+def test_demo_two_nodes_two_rounds(workdir: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "coordinator", "demo", "--nodes", "2", "--rounds", "2",
+         "--workdir", str(workdir), "--json"],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["rounds"] == 2
+    assert summary["run_status"] == "finished:completed"
+    losses = summary["val_loss"]
+    assert len(losses) == 3 and all(v is not None for v in losses)
+    assert losses[-1] < losses[0] - 0.5, losses  # clearly learned something
+    assert Path(summary["checkpoint"]).exists()
+    assert {n["name"] for n in summary["nodes"]} == {"node-a", "node-b"}
+
+    with Ledger(summary["ledger"]) as ledger:
+        nodes = ledger.nodes()
+        assert len(nodes) == 2 and len(ledger.institutions()) == 2
+        assert all(i.used_at is not None for i in ledger.invites())
+        updates = ledger.updates()
+        train = [u for u in updates if ledger.lease(u.lease_id).kind == "train"]
+        assert len(train) == 4 and all(u.verdict == "accepted" for u in train)
+        assert {u.node_id for u in train} == {n.id for n in nodes}
+        credits = {c.update_id: c for c in ledger.credits()}
+        assert set(credits) == {u.id for u in updates if u.verdict == "accepted"}
+        for u in train:
+            comp = credits[u.id].components_dict()
+            assert comp["kind"] == "train" and comp["tokens"] == u.tokens > 0
+        # the same shard never went to two nodes in one round
+        leases = [lease for lease in ledger.leases() if lease.kind == "train"]
+        per_round = {(lease.round, lease.shard_id) for lease in leases}
+        assert len(per_round) == len(leases)
+        versions = ledger.versions()
+        assert [v.version for v in versions] == [0, 1, 2]
+        assert [v.n_updates for v in versions[1:]] == [2, 2]
+        summary_by_id = {n["node_id"]: n for n in summary["nodes"]}
+        for s in ledger.node_summaries():
+            assert summary_by_id[s.node_id]["credits"] == round(s.credits, 6)
+            assert summary_by_id[s.node_id]["tokens"] == s.tokens
