@@ -57,6 +57,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--corpus-dir", default="/tmp/atom-bench-corpus")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     p.add_argument("--parallel", action="store_true", help="run the workers as concurrent processes")
+    p.add_argument("--shard-order", choices=["shuffled", "sequential"], default="shuffled",
+                   help="shuffled: a seeded permutation, so a round's shards come from all over the "
+                   "corpus (sorted stdlib files make neighbouring shards alike)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args()
 
@@ -86,6 +89,8 @@ def main() -> None:
     need = a.rounds * a.workers
     if len(shards) < need:
         raise SystemExit(f"only {len(shards)} shards; need {need} (raise --max-bytes)")
+    if a.shard_order == "shuffled":
+        shards = [shards[i] for i in np.random.default_rng(a.seed).permutation(len(shards))]
     val = np.array(toks[info.val_range[0] : info.val_range[0] + a.val_tokens])
 
     params = init_arrays(cfg, a.seed)
