@@ -13,10 +13,10 @@ from rich.console import Console
 from protocol.cli_errors import one_line_errors
 from protocol.errors import AtomError
 
-from .demo import demo_ok, run_demo
-from .launcher import Coordinator
-from .report import render_summary, run_summary
 from .rundir import RunDir, create_invite, init_run
+
+# `start` and `demo` import the training stack (torch) inside the command, so that
+# `init` and `invite` answer in well under a second.
 
 __all__ = ["app", "main"]
 
@@ -69,6 +69,9 @@ def _interrupt(*_: object) -> None:
 @one_line_errors
 def start(dir: DirArg) -> None:
     """Serve the run: SuperLink (TLS, node auth), enrollment service, and the training loop."""
+    from .launcher import Coordinator
+    from .report import render_summary, run_summary
+
     rd = RunDir(dir.resolve())
     signal.signal(signal.SIGTERM, _interrupt)  # stop like Ctrl-C: children are reaped
     with Coordinator(rd) as coord:
@@ -95,6 +98,9 @@ def demo(
     = False,
 ) -> None:
     """Run a whole network on this machine: coordinator + NODES local nodes, on CPU."""
+    from .demo import demo_ok, run_demo
+    from .report import render_summary
+
     summary, _ = run_demo(nodes=nodes, rounds=rounds, workdir=workdir, console=err)
     render_summary(summary, err)
     err.print(f"demo took {summary['seconds']:.0f} s")

@@ -43,17 +43,18 @@ def _bar(value: float, top: float, style: str) -> Text:
 
 
 def render_summary(summary: dict[str, Any], console: Console) -> None:
+    wide = console.width >= 100  # the contribution bars only where they fit
     table = Table(title="Contributions", title_justify="left")
     for col, just in (("node", "right"), ("name", "left"), ("institution", "left"),
                       ("accepted", "right"), ("rejected", "right"), ("tokens", "right"),
-                      ("credits", "right"), ("", "left")):
-        table.add_column(col, justify=just)  # type: ignore[arg-type]
+                      ("credits", "right")) + ((("", "left"),) if wide else ()):
+        table.add_column(col, justify=just, no_wrap=True)  # type: ignore[arg-type]
     top = max((n["tokens"] for n in summary["nodes"]), default=0)
     for n in summary["nodes"]:
-        table.add_row(str(n["node_id"]), n["name"], n["institution"], str(n["accepted"]),
-                      str(n["rejected"]) if not n["rejected"] else f"[red]{n['rejected']}[/]",
-                      f"{n['tokens']:,}", f"{n['credits']:.2f}",
-                      _bar(n["tokens"], top, "green"))
+        row = [str(n["node_id"]), n["name"], n["institution"], str(n["accepted"]),
+               str(n["rejected"]) if not n["rejected"] else f"[red]{n['rejected']}[/]",
+               f"{n['tokens']:,}", f"{n['credits']:.2f}"]
+        table.add_row(*row, *([_bar(n["tokens"], top, "green")] if wide else []))
     curve = Table(title="Validation loss by model version", title_justify="left",
                   show_header=False, box=None)
     losses = [v for v in summary["val_loss"] if v is not None]

@@ -68,7 +68,8 @@ class Supervisor:
         self._stop.set()
 
     def run(self) -> int:
-        signal.signal(signal.SIGTERM, self.request_stop)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self.request_stop)  # `kill` stops like Ctrl-C
         logs = self.home.path / "logs"
         logs.mkdir(exist_ok=True)
         env = flower_env(self.home.path / "flwr-home")
