@@ -42,10 +42,11 @@ def _wait_enrolled(rd: RunDir, c: Coordinator, procs: list[subprocess.Popen[byte
                    n: int, logs: list[Path]) -> None:
     end = time.monotonic() + _ENROLL_TIMEOUT_S
     while len(c.ledger.nodes()) < n:
-        for p, log in zip(procs, logs):
+        for i, (p, log) in enumerate(zip(procs, logs)):
             if p.poll() is not None:
                 tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["?"]
-                raise NetworkError(f"a demo node exited before enrolling: {tail[0]}")
+                raise NetworkError(f"demo node {i} exited early (code {p.returncode}): "
+                                   f"{tail[0]} — see {log}")
         if time.monotonic() > end:
             raise NetworkError(f"demo nodes did not enroll within {_ENROLL_TIMEOUT_S:.0f} s "
                                f"(see {rd.logs})")

@@ -7,7 +7,6 @@ flwr-clientapp per message). Nothing here may import torch.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import socket
@@ -18,8 +17,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 __all__ = ["flower_env", "free_port", "spawn", "stop", "wait_port"]
-
-_PR_SET_PDEATHSIG = 1
 
 
 def flower_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -47,23 +44,30 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def _die_with_parent() -> None:
-    """In the child: ask Linux to SIGTERM us when the parent dies, so a supervisor that is
-    killed outright does not leave its daemons running."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
+# Run in a bare interpreter (-S -E: no site, no env hooks) that asks Linux to SIGTERM it when
+# its parent dies, then becomes the real command. Doing this with ``preexec_fn`` would force a
+# plain fork() of a process that may run gRPC threads, which gRPC does not survive reliably.
+_TRAMPOLINE = (
+    "import ctypes, os, signal, sys\n"
+    "try:\n"
+    "    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG\n"
+    "except (OSError, AttributeError):\n"
+    "    pass\n"
+    "if os.getppid() == int(sys.argv[1]):  # the parent may already be gone\n"
+    "    os.execvp(sys.argv[2], sys.argv[2:])\n"
+)
 
 
 def spawn(cmd: Sequence[str], *, env: Mapping[str, str], log: Path | None = None,
           cwd: Path | None = None) -> subprocess.Popen[bytes]:
+    """Start ``cmd`` in its own session, output to ``log``; on Linux it dies with us."""
+    argv = list(cmd)
+    if sys.platform == "linux":
+        argv = [sys.executable, "-S", "-E", "-c", _TRAMPOLINE, str(os.getpid()), *argv]
     out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - owned by the child
     try:
-        return subprocess.Popen(list(cmd), env=dict(env), stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, cwd=cwd, start_new_session=True,
-                                preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+        return subprocess.Popen(argv, env=dict(env), stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, cwd=cwd, start_new_session=True)
     finally:
         if log:
             out.close()  # type: ignore[union-attr]
