@@ -44,13 +44,14 @@ def rel_l2(a: dict, b: dict) -> tuple[float, float]:
     return (num / max(den, 1e-30)) ** 0.5, max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
 
 
-def train(name: str, tokens: np.ndarray, dev: torch.device, steps: int | None = None, seed: int = 0):
-    batch, seq, default_steps = RUNS[name]
+def train(name: str, tokens: np.ndarray, dev: torch.device, steps: int, seed: int = 0,
+          progress=None):
+    batch, seq, _ = RUNS[name]
     cfg = PRESETS[name]
     base = init_arrays(cfg, 0)
     return cfg, base, inner.train_inner(
-        base, cfg, tokens, steps=steps or default_steps, batch_size=batch, seq_len=seq,
-        lr=1e-3, weight_decay=0.1, seed=seed, device=dev,
+        base, cfg, tokens, steps=steps, batch_size=batch, seq_len=seq,
+        lr=1e-3, weight_decay=0.1, seed=seed, device=dev, progress=progress,
     )
 
 
@@ -60,7 +61,10 @@ def preset_run(name: str, train_tok: np.ndarray, val_tok: np.ndarray, dev: torch
     train(name, train_tok, dev, steps=2)  # warm-up: CUDA context, kernels, allocator
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    cfg, base, r = train(name, train_tok, dev, steps=steps)
+    stamps: list[float] = []  # loss.item() syncs every step, so these are true step ends
+    cfg, base, r = train(name, train_tok, dev, steps=steps,
+                         progress=lambda *_: stamps.append(time.perf_counter()))
+    step_s = (stamps[-1] - stamps[0]) / (steps - 1)  # steady state: excludes model build
     peak_train = torch.cuda.max_memory_allocated() / 2**20
     torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
@@ -70,10 +74,11 @@ def preset_run(name: str, train_tok: np.ndarray, val_tok: np.ndarray, dev: torch
     return {
         "params_M": round(sum(v.size for v in base.values()) / 1e6, 2),
         "batch": batch, "seq_len": seq, "steps": steps,
-        "train_tok_s": round(r.tokens / r.wall_s), "ms_per_step": round(1000 * r.wall_s / steps, 1),
+        "train_tok_s": round(batch * seq / step_s), "ms_per_step": round(1000 * step_s, 1),
+        "inner_wall_s": round(r.wall_s, 2),
         "peak_train_MiB": round(peak_train), "peak_eval_MiB": round(torch.cuda.max_memory_allocated() / 2**20),
         "loss_before": round(r.loss_before, 4), "loss_after": round(r.loss_after, 4),
-        "eval_tokens": ev.tokens, "eval_tok_s": round(ev.tokens / ev_s), "eval_loss": round(ev.mean_loss, 4),
+        "eval_tokens": ev.tokens, "eval_s_incl_build": round(ev_s, 2), "eval_loss": round(ev.mean_loss, 4),
         "finite": bool(all(np.isfinite(v).all() for v in r.pseudo_grad.values())),
     }
 
@@ -107,7 +112,7 @@ def main() -> None:
         info = build_stdlib_corpus(tmp, max_bytes=3_000_000, val_every=20)
         toks = info.tokens()
         train_tok = np.array(toks[: info.train_range[1]])
-        val_tok = np.array(toks[info.val_range[0] : info.val_range[0] + 65_536 + 1])
+        val_tok = np.array(toks[info.val_range[0] : info.val_range[1]])
     if not out["cuda"]:
         out["skipped"] = "CUDA not available: CUDA checks skipped; ran a CPU smoke test only"
         _, _, r = train("tiny", train_tok, torch.device("cpu"), steps=3)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import signal
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
+import click
 import typer
 from rich.console import Console
 
@@ -61,6 +63,34 @@ def invite(
               "--token <the token above>", style="dim")
 
 
+@app.command("revoke-invite")
+@one_line_errors
+def revoke_invite(
+    dir: DirArg,
+    institution: Annotated[str, typer.Option(help="institution whose unused invites to revoke")],
+) -> None:
+    """Revoke every unused invite of INSTITUTION (nodes already enrolled keep working)."""
+    from .revocation import revoke_invites
+
+    n = revoke_invites(RunDir(dir.resolve()), institution)
+    err.print(f"revoked {n} unused invite(s) of {institution}")
+
+
+@app.command("revoke-node")
+@one_line_errors
+def revoke_node(
+    dir: DirArg,
+    node_id: Annotated[int, typer.Argument(help="ledger node id (see the TUI or the summary)")],
+) -> None:
+    """Revoke NODE_ID: it gets no more work, its updates are rejected, its key is dropped."""
+    from .revocation import revoke_node as revoke
+
+    r = revoke(RunDir(dir.resolve()), node_id)
+    when = ("now" if r.unregistered
+            else "when the coordinator next starts (it is not running)")
+    err.print(f"revoked node {r.node_id} ({r.name}); its SuperNode key is unregistered {when}")
+
+
 def _interrupt(*_: object) -> None:
     raise KeyboardInterrupt
 
@@ -107,6 +137,32 @@ def demo(
     if as_json:
         print(json.dumps(summary))
     demo_ok(summary)
+
+
+@app.command()
+@one_line_errors
+def export(
+    dir: DirArg,
+    fmt: Annotated[str, typer.Option(
+        "--format", click_type=click.Choice(["csv", "json"]), help="csv or json")] = "json",
+    out: Annotated[Optional[Path], typer.Option(
+        help="write to FILE (default: standard output)", metavar="FILE")] = None,
+) -> None:
+    """Write the leaderboard (per institution and per node) for publishing."""
+    from .leaderboard import export_text
+
+    text = export_text(RunDir(dir.resolve()), fmt)
+    if out is None:
+        sys.stdout.write(text)
+        return
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(text)
+        tmp.replace(out)
+    except OSError as exc:
+        raise AtomError(f"cannot write {out}: {exc.strerror or exc}") from None
+    err.print(f"wrote {out}")
 
 
 def main() -> None:

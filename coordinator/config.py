@@ -98,6 +98,7 @@ _port = _int("must be a port number 1-65535", 1, 65535)
 _positive = _float("must be a positive number", lambda x: x > 0)
 _non_negative = _float("must be a non-negative number", lambda x: x >= 0)
 _momentum = _float("must be in [0, 1)", lambda x: 0 <= x < 1)
+_trim_fraction = _float("must be in [0, 0.5)", lambda x: 0 <= x < 0.5)
 
 
 def _opt(default: Any, check: Check, doc: str) -> Any:
@@ -154,7 +155,16 @@ class OuterParams:
 
 @dataclass(frozen=True)
 class AggregationParams:
-    method: str = _opt("mean", _method, "how accepted pseudo-gradients are combined")
+    # Defaults match the aggregators' own (a unit test checks); README "Robust aggregation".
+    method: str = _opt("mean", _method, "how accepted pseudo-gradients are combined: "
+                       f"{', '.join(available_aggregators())} (README: Robust aggregation)")
+    trim_fraction: float = _opt(0.2, _trim_fraction, "trimmed_mean: share of the largest and "
+                                "of the smallest values dropped per coordinate, in [0, 0.5)")
+    clip_radius: float = _opt(0.0, _non_negative, "centered_clip: L2 clipping radius over a "
+                              "whole update; 0 = the median distance from the start point")
+    iterations: int = _opt(3, _positive_int, "centered_clip: clipping iterations per round")
+    clip_from_previous: bool = _opt(False, _bool, "centered_clip: start from the previous "
+                                    "round's result instead of the coordinate-wise median")
 
 
 @dataclass(frozen=True)

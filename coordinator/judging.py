@@ -17,7 +17,7 @@ from protocol.errors import ProtocolError, Reason
 from protocol.messages import Lease, Update, parse_reply
 
 from .config import RunConfig
-from .credits import credit_for
+from .credits import ReceiptIssuer, pay_credit
 from .ledger import Ledger
 from .verifier import Expected, Verdict, verify
 
@@ -37,10 +37,15 @@ def _num(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
+def _revoked(ledger: Ledger, node_id: int) -> bool:
+    node = ledger.node(node_id)  # read now: a revocation during the run counts at once
+    return node is None or bool(node.revoked)
+
+
 def judge_reply(content: RecordDict, *, lease: Lease, lease_row_id: int, node_id: int,
                 public_key_pem: bytes, version: int,
                 shapes: dict[str, tuple[tuple[int, ...], str]], cfg: RunConfig,
-                ledger: Ledger, now: float) -> Judged:
+                ledger: Ledger, now: float, issuer: ReceiptIssuer | None = None) -> Judged:
     try:
         update, arrays = parse_reply(content)
     except ProtocolError as err:
@@ -53,7 +58,7 @@ def judge_reply(content: RecordDict, *, lease: Lease, lease_row_id: int, node_id
     verdict = verify(update, arrays, Expected(
         lease=lease, node_id=node_id, public_key_pem=public_key_pem, current_version=version,
         shapes=shapes if lease.kind == "train" else {},
-        max_norm=cfg.verify.max_update_norm, now=now))
+        max_norm=cfg.verify.max_update_norm, now=now, revoked=_revoked(ledger, node_id)))
     m = update.metrics
     row = ledger.record_update(
         lease_id=lease_row_id, node_id=node_id, arrays_digest=update.arrays_digest,
@@ -61,6 +66,6 @@ def judge_reply(content: RecordDict, *, lease: Lease, lease_row_id: int, node_id
         loss_before=_num(m.loss_before), loss_after=_num(m.loss_after), wall_s=_num(m.wall_s),
         reason=verdict.reason, detail=verdict.detail, norm=verdict.norm, received_at=now)
     if verdict.accepted:
-        amount, components = credit_for(lease.kind, m.tokens, cfg.credits)
-        ledger.add_credit(node_id, row.id, amount, components, now=now)
+        pay_credit(ledger, cfg.credits, issuer, node_id=node_id, lease=lease, update=update,
+                   update_id=row.id, now=now)
     return Judged(verdict, update, arrays)

@@ -12,12 +12,15 @@ from dataclasses import dataclass, field
 import grpc
 
 from protocol.errors import NetworkError
+from protocol.processes import free_port
 from training.corpus import CorpusInfo, build_folder_corpus, build_stdlib_corpus
 
 from .config import RunConfig
 from .enrollment import Enroller
+from .fleet_proxy import FleetProxy
 from .ledger import Ledger
 from .model_store import model_config
+from .revocation import clear_superlink_state, unregister_revoked, write_superlink_state
 from .rundir import RunDir
 from .service import CoordinatorService, serve
 from .superlink import SuperLink
@@ -39,6 +42,7 @@ class Coordinator:
     cfg: RunConfig = field(init=False)
     ledger: Ledger = field(init=False)
     superlink: SuperLink | None = None
+    proxy: FleetProxy | None = None
     server: grpc.Server | None = None
 
     def __post_init__(self) -> None:
@@ -60,8 +64,16 @@ class Coordinator:
     def start(self) -> None:
         cfg, rd = self.cfg, self.rd
         prepare_corpus(rd, cfg)
-        self.superlink = SuperLink(rd.path, rd.tls, cfg.network.host, cfg.network.fleet_port)
+        # The SuperLink's port also serves Flower's unauthenticated Control API: it listens on
+        # loopback only, and nodes reach its Fleet API through the proxy on the public port.
+        private_port = free_port()
+        self.superlink = SuperLink(rd.path, rd.tls, "127.0.0.1", private_port)
         self.superlink.start()
+        unregister_revoked(self.ledger, self.superlink)  # revoked while we were down
+        self.proxy = FleetProxy(rd.path, rd.tls.server_cert, rd.tls.server_key, rd.tls.ca_cert,
+                                cfg.network.host, cfg.network.fleet_port, private_port)
+        self.proxy.start()
+        write_superlink_state(rd, private_port)  # for `atom-coordinator revoke-node`
         enroller = Enroller(self.ledger, self.superlink.register_node,
                             self.superlink.unregister_node)
         service = CoordinatorService(enroller, cfg.run.id, rd.fleet_address(cfg),
@@ -85,6 +97,10 @@ class Coordinator:
             if self.superlink.proc is not None and self.superlink.proc.poll() is not None:
                 raise NetworkError("the SuperLink exited during the run "
                                    f"(see {self.rd.logs / 'superlink.log'})")
+            if self.proxy is not None and self.proxy.proc is not None \
+                    and self.proxy.proc.poll() is not None:
+                raise NetworkError("the Fleet proxy exited during the run "
+                                   f"(see {self.rd.logs / 'fleet-proxy.log'})")
             if tick is not None:
                 tick()
             time.sleep(0.5)
@@ -93,7 +109,11 @@ class Coordinator:
         if self.server is not None:
             self.server.stop(grace=1.0).wait()
             self.server = None
+        if self.proxy is not None:
+            self.proxy.stop()
+            self.proxy = None
         if self.superlink is not None:
+            clear_superlink_state(self.rd)
             self.superlink.stop()
             self.superlink = None
         if getattr(self, "ledger", None) is not None:

@@ -23,6 +23,7 @@ from training.shards import data_digest, make_shards
 
 from .aggregators import get_aggregator
 from .config import RunConfig
+from .credits import ReceiptIssuer
 from .judging import judge_reply
 from .ledger import Ledger, Node
 from .model_store import ModelStore
@@ -54,6 +55,7 @@ class RunLoop:
     corpus: CorpusInfo
     clock: Callable[[], float] = time.time
     sleep: Callable[[float], None] = time.sleep
+    issuer: ReceiptIssuer | None = None  # signs credit receipts; the ServerApp passes one
     _nodes: dict[int, Node] = field(default_factory=dict)  # by Flower id
     _benched: dict[int, float] = field(default_factory=dict)  # ledger id -> until
     _seen: set[int] = field(default_factory=set)
@@ -68,7 +70,8 @@ class RunLoop:
         accepted = {u.lease_id for u in self.ledger.updates() if u.verdict == "accepted"}
         self.scheduler.restore([lease.shard_id for lease in self.ledger.leases()
                                 if lease.kind == "train" and lease.id in accepted])
-        self.aggregator = get_aggregator(self.cfg.aggregation.method)
+        self.aggregator = get_aggregator(self.cfg.aggregation.method,
+                                         dataclasses.asdict(self.cfg.aggregation))
         self.arch = {k: v for k, v in dataclasses.asdict(self.store.gpt).items()}
 
     # -- the loop -----------------------------------------------------------------------
@@ -106,7 +109,8 @@ class RunLoop:
         now, out = self.clock(), []
         online = set(self.transport.online())
         for fid in sorted(online):
-            node = self._nodes.get(fid) or self.ledger.node_by_flower_id(str(fid))
+            # Read afresh (not from _nodes): a node revoked mid-run gets no further lease.
+            node = self.ledger.node_by_flower_id(str(fid))
             if node is None or node.revoked:
                 continue
             self._nodes[fid] = node
@@ -210,7 +214,7 @@ class RunLoop:
                     reply.content, lease=sent.lease, lease_row_id=sent.row_id,
                     node_id=sent.node.id, public_key_pem=sent.node.public_key_pem.encode(),
                     version=self.store.version, shapes=self.store.shapes(), cfg=self.cfg,
-                    ledger=self.ledger, now=self.clock())
+                    ledger=self.ledger, now=self.clock(), issuer=self.issuer)
                 self.scheduler.answered(sent.lease, judged.verdict.accepted)
                 if judged.verdict.accepted:
                     accepted.append((judged.update, judged.arrays))

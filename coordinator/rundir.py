@@ -8,7 +8,8 @@
     DIR/ledger.db           the SQLite ledger (unless [ledger].url points elsewhere)
     DIR/corpus/             the token file the shards are cut from
     DIR/checkpoints/        content-addressed model versions (safetensors + JSON meta)
-    DIR/logs/               SuperLink and ServerApp logs
+    DIR/logs/               SuperLink, Fleet proxy and ServerApp logs
+    DIR/superlink.json      while running: the SuperLink's loopback (Control API) port
 """
 
 from __future__ import annotations

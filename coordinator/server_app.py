@@ -10,6 +10,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from training.corpus import load_corpus
 
+from .credits import ReceiptIssuer
 from .model_store import ModelStore
 from .rounds import RunLoop
 from .rundir import RunDir
@@ -37,7 +38,9 @@ def main(grid: Grid, context: Context) -> None:
     with rd.ledger(cfg) as ledger:
         try:
             store = ModelStore.open(rd.checkpoints, cfg, ledger)
-            RunLoop(cfg, ledger, FlowerTransport(grid), store, load_corpus(rd.corpus)).run()
+            issuer = ReceiptIssuer.load(rd.key_path)  # once: every receipt of this run
+            RunLoop(cfg, ledger, FlowerTransport(grid), store, load_corpus(rd.corpus),
+                    issuer=issuer).run()
         except Exception as err:
             logging.getLogger("coordinator").exception("run failed")
             ledger.add_event("error", f"run failed: {str(err).splitlines()[0][:300]}")

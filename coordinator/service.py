@@ -1,4 +1,4 @@
-"""The coordinator's own gRPC service (enrollment now; statements and status later).
+"""The coordinator's own gRPC service: enrollment, liveness, credit statements.
 
 A thin servicer: each RPC calls one handler and domain errors map to status codes here, once.
 """
@@ -13,9 +13,12 @@ import grpc
 
 from protocol import coordinator_pb2 as pb
 from protocol import coordinator_pb2_grpc as pb_grpc
-from protocol.errors import AtomError, EnrollmentError, LedgerError, NetworkError
+from protocol.errors import (
+    AtomError, EnrollmentError, LedgerError, NetworkError, VerificationError,
+)
 
 from .enrollment import Enroller
+from .statements import StatementDesk
 
 __all__ = ["CoordinatorService", "serve"]
 
@@ -23,7 +26,8 @@ log = logging.getLogger(__name__)
 
 _STATUS = {EnrollmentError: grpc.StatusCode.PERMISSION_DENIED,
            NetworkError: grpc.StatusCode.UNAVAILABLE,
-           LedgerError: grpc.StatusCode.UNAVAILABLE}
+           LedgerError: grpc.StatusCode.UNAVAILABLE,
+           VerificationError: grpc.StatusCode.UNAUTHENTICATED}
 
 
 def _abort(context: grpc.ServicerContext, err: Exception) -> None:
@@ -41,6 +45,12 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     run_id: str
     fleet_address: str
     coordinator_public_key_pem: bytes
+    statements: StatementDesk | None = None  # default: over the enroller's ledger
+
+    def __post_init__(self) -> None:
+        if self.statements is None:
+            self.statements = StatementDesk(self.enroller.ledger, self.run_id,
+                                            self.coordinator_public_key_pem)
 
     def Enroll(self, request: pb.EnrollRequest, context: grpc.ServicerContext) -> pb.EnrollReply:
         try:
@@ -60,6 +70,17 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             _abort(context, err)
             raise
         return pb.PingReply(run_id=self.run_id, version=latest.version if latest else 0)
+
+    def GetCreditStatement(self, request: pb.StatementRequest,
+                           context: grpc.ServicerContext) -> pb.StatementReply:
+        try:
+            assert self.statements is not None
+            statement = self.statements.statement(request.node_id, request.timestamp,
+                                                  request.signature)
+        except Exception as err:  # noqa: BLE001
+            _abort(context, err)
+            raise
+        return pb.StatementReply(statement_json=statement.to_json())
 
 
 def serve(service: CoordinatorService, host: str, port: int, cert_chain: bytes,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from flwr.cli.build import build_fab_from_files
 from flwr.common.serde import fab_to_proto, user_config_to_proto
 from flwr.supercore.fab import Fab
 from flwr.proto.control_pb2 import (  # pylint: disable=no-name-in-module
+    ListNodesRequest,
     ListRunsRequest,
     RegisterNodeRequest,
     StartRunRequest,
@@ -123,8 +125,15 @@ class SuperLink:
     def unregister_node(self, node_id: int) -> None:
         self._call("UnregisterNode", UnregisterNodeRequest(node_id=node_id))
 
-    def start_run(self, run_config: dict[str, str]) -> int:
-        fab_bytes, _ = build_fab_from_files({"pyproject.toml": app_pyproject()})
+    def node_statuses(self) -> dict[int, str]:
+        """Flower node id -> status (registered, online, offline, unregistered)."""
+        res = self._call("ListNodes", ListNodesRequest())
+        return {int(n.node_id): str(n.status) for n in res.nodes_info}
+
+    def start_run(self, run_config: dict[str, str],
+                  files: Mapping[str, bytes] | None = None) -> int:
+        """Submit a run; ``files`` replaces the FAB's contents (tests submit hostile FABs)."""
+        fab_bytes, _ = build_fab_from_files(dict(files or {"pyproject.toml": app_pyproject()}))
         fab = Fab(hashlib.sha256(fab_bytes).hexdigest(), fab_bytes, {})
         res = self._call("StartRun", StartRunRequest(
             fab=fab_to_proto(fab), override_config=user_config_to_proto(run_config)))

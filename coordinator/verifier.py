@@ -3,7 +3,8 @@
 Checks run cheapest first and stop at the first failure, each with its own
 ``protocol.errors.Reason`` code::
 
-    unknown_node          update.node_id is not the node the lease was issued to
+    unknown_node          update.node_id is not the node the lease was issued to, or that
+                          node has been revoked (``atom-coordinator revoke-node``)
     bad_signature         signature does not verify with that node's registered key
     lease_mismatch        any lease field (nonce included) differs from the issued lease;
                           a replay of an update made for another lease lands here
@@ -44,6 +45,7 @@ class Expected:
     shapes: Mapping[str, tuple[tuple[int, ...], str]]  # train: name -> (shape, dtype str)
     max_norm: float  # L2 bound over all arrays together (inf = off)
     now: float  # receive time (unix seconds)
+    revoked: bool = False  # the ledger says the node was revoked: nothing of it is accepted
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,7 @@ def verify(update: Update, arrays: Mapping[str, np.ndarray], exp: Expected) -> V
 def _verify(update: Update, arrays: Mapping[str, np.ndarray], exp: Expected) -> float:
     node = exp.node_id
     _check(isinstance(update, Update), Reason.MALFORMED, "reply is not an Update")
+    _check(not exp.revoked, Reason.UNKNOWN_NODE, f"node {node} is revoked")
     _check(update.node_id == node, Reason.UNKNOWN_NODE,
            f"update claims node {update.node_id!r}, lease was issued to node {node}")
     _check(verify_update(update, exp.public_key_pem), Reason.BAD_SIGNATURE,

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import socket
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
 from protocol.cli_errors import one_line_errors
 from protocol.errors import EnrollmentError
 
+from .credits import CreditReport, credits_report
 from .enroll import enroll
 from .identity import NodeHome, default_home
 from .supervisor import Supervisor
@@ -62,6 +65,49 @@ def whoami(home: HomeOpt = None) -> None:
     if e is None:
         raise EnrollmentError(f"no enrollment in {node_home.path}")
     console.print_json(data=e.__dict__)
+
+
+def _credits_table(report: CreditReport) -> Table:
+    table = Table(title=f"credits of node {report.node_id}",
+                  caption=f"{report.total.updates} receipts verified with coordinator key "
+                          f"{report.coordinator_key_fingerprint}")
+    for name in ("run", "work", "updates", "tokens", "credits"):
+        table.add_column(name, justify="left" if name in ("run", "work") else "right")
+    for run, total in report.runs.items():
+        for line in (x for x in report.lines if x.run_id == run):
+            table.add_row(run, line.kind, str(line.updates), f"{line.tokens:,}",
+                          f"{line.credits:,.4f}")
+        if len(report.runs) > 1:
+            table.add_row(run, "all", str(total.updates), "", f"{total.credits:,.4f}",
+                          style="dim")
+    t = report.total
+    table.add_row("total", "", str(t.updates),
+                  f"{t.tokens_trained:,} trained, {t.tokens_evaluated:,} evaluated",
+                  f"{t.credits:,.4f}", style="bold", end_section=True)
+    return table
+
+
+@app.command()
+@one_line_errors
+def credits(
+    home: HomeOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the totals as JSON")] = False,
+    verify_only: Annotated[Optional[Path], typer.Option(
+        "--verify-only", help="check an exported statement FILE offline", metavar="FILE")]
+    = None,
+    coordinator_key: Annotated[Optional[Path], typer.Option(
+        help="verify with this PEM instead of the key pinned at join", metavar="PEM")] = None,
+    save: Annotated[Optional[Path], typer.Option(
+        help="write the verified statement to FILE", metavar="FILE")] = None,
+) -> None:
+    """Show what this node earned: every receipt verified against the coordinator's key."""
+    node_home = NodeHome((home or default_home()).expanduser().resolve())
+    report = credits_report(node_home, statement_file=verify_only, key_file=coordinator_key,
+                            save=save)
+    if as_json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        Console().print(_credits_table(report))
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ from protocol.errors import ConfigError
 from protocol.signing import load_private_key
 
 from .identity import NodeHome
+from .limits import NodeLimits
 from .progress import ProgressWriter
 from .worker import WorkerSettings, do_work
 
@@ -32,7 +33,8 @@ def _handle(msg: Message, context: Context) -> Message:
     key_path = Path(str(cfg.get("sign-key") or home.key_path))
     settings = WorkerSettings(node_id=enrollment.node_id, key=load_private_key(key_path),
                               threads=int(cfg.get("threads", 0)),
-                              device=str(cfg.get("device", "auto")))
+                              device=str(cfg.get("device", "auto")),
+                              limits=NodeLimits.from_node_config(cfg))
 
     def progress(kind: str, rnd: int, shard: int, steps: int) -> ProgressWriter:
         return ProgressWriter(home.progress_path, kind, rnd, shard, steps)

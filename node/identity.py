@@ -7,6 +7,7 @@ Layout of ``home`` (default ``~/.atom-node``)::
     ca.pem          the coordinator's CA, pinned at join (its SHA-256 came in the invite)
     coordinator.pem the coordinator's receipt-signing public key, pinned at join
     progress.json   what the ClientApp is doing now (read by the join supervisor)
+    guard-bin/      the guarded ``flwr-clientapp`` the SuperNode runs (node.fab_guard)
 """
 
 from __future__ import annotations

@@ -17,8 +17,10 @@ from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
+from protocol.errors import EnrollmentError
 from protocol.processes import flower_env, free_port, spawn, stop
 
+from .fab_guard import guarded_env, install_guard
 from .identity import Enrollment, NodeHome
 from .progress import read_progress
 
@@ -26,6 +28,20 @@ __all__ = ["Supervisor", "supernode_command"]
 
 _BACKOFF_MAX_S = 60.0
 _HEALTHY_AFTER_S = 30.0  # a run this long resets the backoff
+_REFUSALS_TO_GIVE_UP = 3  # a revoked key would otherwise be retried forever
+# What Flower logs when the SuperLink does not know (any more) the key a SuperNode presents.
+_KEY_REFUSED = ("Failed to activate SuperNode", "Exit Code: 302")
+
+
+def _key_refused(log: Path, since: int) -> bool:
+    """Whether the SuperNode run that logged from byte ``since`` on was refused its key."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(since)
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return False
+    return any(marker in text for marker in _KEY_REFUSED)
 
 
 def supernode_command(home: NodeHome, e: Enrollment, *, port: int, threads: int, device: str,
@@ -72,8 +88,11 @@ class Supervisor:
             signal.signal(signal.SIGTERM, self.request_stop)  # `kill` stops like Ctrl-C
         logs = self.home.path / "logs"
         logs.mkdir(exist_ok=True)
-        env = flower_env(self.home.path / "flwr-home")
-        restarts, backoff = 0, 1.0
+        # The SuperExec starts `flwr-clientapp` by name: ours, first on PATH, checks each FAB.
+        env = guarded_env(flower_env(self.home.path / "flwr-home"),
+                          install_guard(self.home.path / "guard-bin"))
+        restarts, refused, backoff = 0, 0, 1.0
+        log = logs / "supernode.log"
         live = Live(console=self.console, refresh_per_second=2, transient=True,
                     auto_refresh=self.console.is_terminal)
         with live:
@@ -82,7 +101,8 @@ class Supervisor:
                                         threads=self.threads, device=self.device,
                                         sign_key=self.sign_key)
                 started = time.monotonic()
-                proc = spawn(cmd, env=env, log=logs / "supernode.log")
+                log_start = log.stat().st_size if log.exists() else 0
+                proc = spawn(cmd, env=env, log=log)
                 try:
                     while proc.poll() is None and not self._stop.wait(0.5):
                         live.update(_status_line(self.enrollment, self.home, restarts))
@@ -98,6 +118,11 @@ class Supervisor:
                 if time.monotonic() - started > _HEALTHY_AFTER_S:
                     backoff = 1.0
                 restarts += 1
+                refused = refused + 1 if _key_refused(log, log_start) else 0
+                if refused >= _REFUSALS_TO_GIVE_UP:
+                    raise EnrollmentError(
+                        "the coordinator refuses this node's key (revoked, or the run was "
+                        f"re-initialised); see {log}")
                 self.console.print(f"SuperNode exited (code {proc.returncode}); restarting in "
                                    f"{backoff:.0f} s — see {logs / 'supernode.log'}",
                                    style="yellow")

@@ -21,6 +21,8 @@ from training.evaluate import evaluate
 from training.inner import train_inner
 from training.model import GPTConfig
 
+from .limits import NodeLimits, check_work
+
 __all__ = ["WorkerSettings", "do_work"]
 
 Progress = Callable[..., None]
@@ -32,6 +34,7 @@ class WorkerSettings:
     key: object  # EllipticCurvePrivateKey
     threads: int = 0
     device: str = "auto"
+    limits: NodeLimits = NodeLimits()
 
 
 def _gpt_config(arch: Mapping[str, object]) -> GPTConfig:
@@ -44,6 +47,7 @@ def _gpt_config(arch: Mapping[str, object]) -> GPTConfig:
 def do_work(content: RecordDict, settings: WorkerSettings,
             progress: Callable[[str, int, int, int], Progress] | None = None) -> RecordDict:
     """Run the lease in ``content`` and return the signed reply content."""
+    check_work(content, settings.limits)  # before anything is decoded or allocated
     lease, model, tokens, arch = parse_work(content)
     if digest_arrays(model) != lease.base_digest:
         raise ProtocolError("work.model: base model does not match lease.base_digest")

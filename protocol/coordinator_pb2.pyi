@@ -41,3 +41,19 @@ class PingReply(_message.Message):
     run_id: str
     version: int
     def __init__(self, run_id: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class StatementRequest(_message.Message):
+    __slots__ = ("node_id", "timestamp", "signature")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    node_id: int
+    timestamp: float
+    signature: bytes
+    def __init__(self, node_id: _Optional[int] = ..., timestamp: _Optional[float] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class StatementReply(_message.Message):
+    __slots__ = ("statement_json",)
+    STATEMENT_JSON_FIELD_NUMBER: _ClassVar[int]
+    statement_json: str
+    def __init__(self, statement_json: _Optional[str] = ...) -> None: ...

@@ -44,6 +44,11 @@ class CoordinatorStub:
                 request_serializer=protocol_dot_coordinator__pb2.PingRequest.SerializeToString,
                 response_deserializer=protocol_dot_coordinator__pb2.PingReply.FromString,
                 _registered_method=True)
+        self.GetCreditStatement = channel.unary_unary(
+                '/atom.v1.Coordinator/GetCreditStatement',
+                request_serializer=protocol_dot_coordinator__pb2.StatementRequest.SerializeToString,
+                response_deserializer=protocol_dot_coordinator__pb2.StatementReply.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -64,6 +69,14 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetCreditStatement(self, request, context):
+        """A node's own credit statement: every receipt the coordinator signed for it. The request
+        is signed by the node's key (see protocol/receipts.py statement_request_bytes).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -76,6 +89,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Ping,
                     request_deserializer=protocol_dot_coordinator__pb2.PingRequest.FromString,
                     response_serializer=protocol_dot_coordinator__pb2.PingReply.SerializeToString,
+            ),
+            'GetCreditStatement': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCreditStatement,
+                    request_deserializer=protocol_dot_coordinator__pb2.StatementRequest.FromString,
+                    response_serializer=protocol_dot_coordinator__pb2.StatementReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -132,6 +150,33 @@ class Coordinator:
             '/atom.v1.Coordinator/Ping',
             protocol_dot_coordinator__pb2.PingRequest.SerializeToString,
             protocol_dot_coordinator__pb2.PingReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCreditStatement(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/atom.v1.Coordinator/GetCreditStatement',
+            protocol_dot_coordinator__pb2.StatementRequest.SerializeToString,
+            protocol_dot_coordinator__pb2.StatementReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -55,7 +55,10 @@ def save_checkpoint(
     arrays = {name: np.ascontiguousarray(a) for name, a in arrays.items()}
     digest = digest_arrays(arrays)
     meta.update(format=FORMAT, digest=digest)
-    meta_text = json.dumps(meta, indent=2, sort_keys=True) + "\n"  # ValueError/TypeError if not JSON
+    try:
+        meta_text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"checkpoint meta is not JSON-serialisable: {e}") from None
 
     out = Path(dir)
     out.mkdir(parents=True, exist_ok=True)

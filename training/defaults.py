@@ -16,10 +16,10 @@ class DemoDefaults:
     """Training defaults for the "tiny" preset on CPU."""
 
     preset: str = "tiny"
-    inner_steps: int = 60
-    batch_size: int = 16
+    inner_steps: int = 240
+    batch_size: int = 8
     seq_len: int = 128
-    lr: float = 3e-3
+    lr: float = 1.5e-3
     weight_decay: float = 0.1
     outer_lr: float = 0.7
     outer_momentum: float = 0.9

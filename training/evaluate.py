@@ -75,5 +75,6 @@ def _loss_sum(model: torch.nn.Module, window: torch.Tensor, dev: torch.device) -
     x, y = window[:, :-1], window[:, 1:]
     with autocast(dev):
         logits, _ = model(x)
-    loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum")
+    logits = logits.float().reshape(-1, logits.size(-1))  # (B*T, vocab_size)
+    loss = F.cross_entropy(logits, y.reshape(-1), reduction="sum")
     return float(loss.item())

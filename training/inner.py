@@ -18,7 +18,7 @@ import torch
 
 from training.device import autocast, pick_device
 from training.model import GPT, GPTConfig
-from training.state import arrays_to_model
+from training.state import arrays_to_model, model_to_arrays
 
 __all__ = ["InnerResult", "train_inner", "sample_batch"]
 
@@ -60,7 +60,9 @@ def sample_batch(
 
 
 def _optimizer(model: GPT, lr: float, weight_decay: float, device: torch.device):
-    # Decay matrices and embeddings only; LayerNorm gains and biases are not decayed.
+    # Constant lr, no warm-up: a per-lease warm-up + cosine decay measured worse on the demo
+    # setup (bench/diloco_sim.py); a schedule across rounds is the coordinator's, through
+    # each lease's lr. Weight decay on matrices and embeddings only, not gains and biases.
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
@@ -98,11 +100,15 @@ def train_inner(
         model's ``block_size``, or a count is not positive.
     """
     if steps < 1 or batch_size < 1 or seq_len < 1:
-        raise ValueError(f"steps, batch_size, seq_len must be >= 1, got {steps}, {batch_size}, {seq_len}")
+        raise ValueError(
+            f"steps, batch_size, seq_len must be >= 1, got {steps}, {batch_size}, {seq_len}"
+        )
     if seq_len > cfg.block_size:
         raise ValueError(f"seq_len {seq_len} exceeds the model's block_size {cfg.block_size}")
     if len(tokens) < seq_len + 1:
-        raise ValueError(f"shard has {len(tokens)} tokens; need at least seq_len + 1 = {seq_len + 1}")
+        raise ValueError(
+            f"shard has {len(tokens)} tokens; need at least seq_len + 1 = {seq_len + 1}"
+        )
     t0 = time.perf_counter()
     dev = torch.device(device) if device is not None else pick_device("auto")
     data = torch.from_numpy(np.asarray(tokens, dtype=np.int64)).to(dev)
@@ -111,7 +117,10 @@ def train_inner(
     losses: list[float] = []
 
     # fork_rng + manual_seed: dropout (if any) is seeded too, and the caller's RNG untouched.
-    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+    cuda_ids = []
+    if dev.type == "cuda":
+        cuda_ids = [dev.index if dev.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=cuda_ids):
         torch.manual_seed(seed)
         model = arrays_to_model(base, cfg, dev)
         model.train()
@@ -128,11 +137,8 @@ def train_inner(
             if progress is not None:
                 progress(step, steps, step * batch_size * seq_len)
 
-    with torch.no_grad():
-        pseudo_grad = {
-            name: np.asarray(base[name], dtype=np.float32) - p.detach().to("cpu", torch.float32).numpy()
-            for name, p in model.named_parameters()
-        }
+    local = model_to_arrays(model)
+    pseudo_grad = {name: np.asarray(base[name], dtype=np.float32) - local[name] for name in local}
     tail = losses[-n_tail:]
     return InnerResult(
         pseudo_grad=pseudo_grad,

@@ -46,7 +46,7 @@ def make_shards(start: int, end: int, shard_tokens: int) -> list[Shard]:
 
 
 def data_digest(tokens: np.ndarray) -> str:
-    """Hex SHA-256 of ``tokens`` as little-endian uint16 bytes (what the lease's data_digest holds)."""
+    """Hex SHA-256 of ``tokens`` as little-endian uint16 bytes: a lease's ``data_digest``."""
     arr = np.asarray(tokens)
     if arr.size and (arr.min() < 0 or arr.max() > 0xFFFF):
         raise ValueError("tokens do not fit in uint16")

@@ -43,7 +43,9 @@ def arrays_to_model(
         for name, p in params.items():
             a = np.asarray(arrays[name])
             if tuple(a.shape) != tuple(p.shape):
-                raise ValueError(f"array {name!r} has shape {a.shape}, model expects {tuple(p.shape)}")
+                raise ValueError(
+                    f"array {name!r} has shape {a.shape}, model expects {tuple(p.shape)}"
+                )
             p.copy_(torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)))
     return model.to(device)
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from typing import TypeVar
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 
-__all__ = ["Aggregator", "Arrays", "register", "get_aggregator", "available_aggregators", "check_inputs"]
+__all__ = ["Aggregator", "Arrays", "register", "get_aggregator", "available_aggregators",
+           "check_inputs", "stack"]
 
 Arrays = dict[str, np.ndarray]
 
@@ -19,6 +20,12 @@ class Aggregator(ABC):
     """Combines accepted pseudo-gradients into one."""
 
     name: str
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> Aggregator:
+        """Build from run.toml's ``[aggregation]`` keys; each aggregator takes the keys it
+        knows and ignores the others (the section holds every aggregator's keys)."""
+        return cls()
 
     @abstractmethod
     def aggregate(self, updates: Sequence[Arrays], weights: Sequence[float]) -> Arrays:
@@ -44,13 +51,16 @@ def available_aggregators() -> list[str]:
     return list(_REGISTRY)
 
 
-def get_aggregator(name: str) -> Aggregator:
-    """A new aggregator by name; ValueError names the choices."""
+def get_aggregator(name: str, params: Mapping[str, Any] | None = None) -> Aggregator:
+    """A new aggregator by name, configured from ``params`` (the ``[aggregation]`` keys, e.g.
+    ``dataclasses.asdict(cfg.aggregation)``; absent keys take the aggregator's defaults).
+    ValueError names the choices, or the bad parameter."""
     try:
-        return _REGISTRY[name]()
+        cls = _REGISTRY[name]
     except KeyError:
         raise ValueError(f"unknown aggregator {name!r}, choose one of "
                          f"{', '.join(_REGISTRY)}") from None
+    return cls.from_params(params or {})
 
 
 def check_inputs(updates: Sequence[Arrays], weights: Sequence[float]) -> np.ndarray:
@@ -73,3 +83,8 @@ def check_inputs(updates: Sequence[Arrays], weights: Sequence[float]) -> np.ndar
                                  f"update 0 has {first[name].shape}")
     w = np.asarray(weights, dtype=np.float64)
     return w / w.sum()
+
+
+def stack(updates: Sequence[Arrays], name: str) -> np.ndarray:
+    """Array ``name`` of every update as one float64 array of shape (n_updates, *shape)."""
+    return np.stack([np.asarray(u[name], dtype=np.float64) for u in updates])

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from .ledger import Ledger
 from .models import (
-    CreditEntry, Event, Institution, Invite, Lease, ModelVersion, Node, Update,
+    CreditEntry, CreditReceipt, Event, Institution, Invite, Lease, ModelVersion, Node, Update,
 )
 from .summaries import NodeSummary
 
 __all__ = [
     "CreditEntry",
+    "CreditReceipt",
     "Event",
     "Institution",
     "Invite",

@@ -7,6 +7,7 @@ unique constraints for one update per lease and one credit per update.
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import time
@@ -21,8 +22,8 @@ from sqlmodel import Session, SQLModel, col, select
 from protocol.errors import EnrollmentError, LedgerError
 
 from .models import (
-    LEASE_KINDS, LEASE_STATUSES, VERDICTS, CreditEntry, Event, Institution, Invite, Lease,
-    ModelVersion, Node, Update,
+    LEASE_KINDS, LEASE_STATUSES, VERDICTS, CreditEntry, CreditReceipt, Event, Institution,
+    Invite, Lease, ModelVersion, Node, Update,
 )
 from .reads import LedgerReads, flower_id
 from .summaries import NodeSummary
@@ -39,6 +40,16 @@ def _finite(x: float | None) -> float | None:
 
 def _now(at: float | None) -> float:
     return time.time() if at is None else at
+
+
+def _check_receipt(body: str, node_id: int, update_id: int, amount: float) -> None:
+    try:
+        doc = json.loads(body)
+        same = (doc["node_id"], doc["update_id"], doc["amount"]) == (node_id, update_id, amount)
+    except (ValueError, TypeError, KeyError):
+        raise LedgerError(f"receipt for update {update_id} is not a receipt document") from None
+    if not same:
+        raise LedgerError(f"receipt for update {update_id} does not match its credit")
 
 
 class Ledger(LedgerReads):
@@ -227,8 +238,15 @@ class Ledger(LedgerReads):
     # -- credit, versions, events ---------------------------------------------------
 
     def add_credit(self, node_id: int, update_id: int, amount: float,
-                   components: dict[str, Any], *, now: float | None = None) -> CreditEntry:
-        """Append a credit for one accepted update (at most one per update)."""
+                   components: dict[str, Any], *, now: float | None = None,
+                   receipt: tuple[str, bytes] | None = None) -> CreditEntry:
+        """Append a credit for one accepted update (at most one per update).
+
+        ``receipt`` is ``(canonical JSON body, signature)`` of the coordinator-signed receipt,
+        stored in the same transaction; its node, update and amount must be this credit's.
+        """
+        if receipt is not None:
+            _check_receipt(receipt[0], node_id, update_id, amount)
         if not math.isfinite(amount) or amount < 0:
             raise LedgerError(f"credit amount must be finite and >= 0, not {amount!r}")
         try:
@@ -248,6 +266,12 @@ class Ledger(LedgerReads):
             if session.exec(earlier).first() is not None:
                 raise LedgerError(f"update {update_id} was already credited")
             session.add(entry)
+            if receipt is not None:
+                session.flush()  # assigns entry.id
+                session.add(CreditReceipt(
+                    credit_id=entry.id, node_id=node_id, update_id=update_id, body=receipt[0],
+                    signature=base64.b64encode(receipt[1]).decode("ascii"),
+                    created_at=entry.created_at))
         return entry
 
     def add_model_version(self, version: int, digest: str, path: str, round: int, *,

@@ -15,6 +15,7 @@ from sqlmodel import Field, SQLModel
 
 __all__ = [
     "CreditEntry",
+    "CreditReceipt",
     "Event",
     "Institution",
     "Invite",
@@ -159,6 +160,25 @@ class CreditEntry(SQLModel, table=True):
         return json.loads(self.components)
 
 
+class CreditReceipt(SQLModel, table=True):
+    """The coordinator-signed receipt of one credit entry, written in the same transaction.
+
+    ``body`` is the receipt's canonical JSON (``protocol.receipts.receipt_bytes`` without its
+    prefix line), ``signature`` the DER ECDSA signature in base64. A table of its own, not
+    columns of ``credit_entries``, so ledgers made before receipts existed simply gain it.
+    """
+
+    __tablename__ = "credit_receipts"
+
+    id: Optional[int] = Field(default=None, primary_key=True)
+    credit_id: int = Field(foreign_key="credit_entries.id", unique=True)
+    node_id: int = Field(foreign_key="nodes.id", index=True)
+    update_id: int = Field(foreign_key="updates.id", unique=True)
+    body: str = Field(sa_column=Column(Text, nullable=False))
+    signature: str = Field(sa_column=Column(Text, nullable=False))
+    created_at: float
+
+
 class Event(SQLModel, table=True):
     __tablename__ = "events"
 
@@ -172,5 +192,6 @@ class Event(SQLModel, table=True):
 # Created explicitly so other SQLModel tables sharing the global metadata are left alone.
 TABLES = [
     m.__table__  # type: ignore[attr-defined]
-    for m in (Institution, Invite, Node, ModelVersion, Lease, Update, CreditEntry, Event)
+    for m in (Institution, Invite, Node, ModelVersion, Lease, Update, CreditEntry,
+              CreditReceipt, Event)
 ]

@@ -22,7 +22,8 @@ from protocol.errors import LedgerError
 
 from .engine import first_line, open_engine, shown_url
 from .models import (
-    TABLES, CreditEntry, Event, Institution, Invite, Lease, ModelVersion, Node, Update,
+    TABLES, CreditEntry, CreditReceipt, Event, Institution, Invite, Lease, ModelVersion, Node,
+    Update,
 )
 from .summaries import NodeSummary, node_summaries_query
 
@@ -151,13 +152,44 @@ class LedgerReads:
     def open_leases(self) -> list[Lease]:
         return self.leases(status="issued")
 
+    def latest_lease(self) -> Lease | None:
+        """The lease issued last: its run id and round are the run's current ones."""
+        rows = self._all(select(Lease).order_by(col(Lease.id).desc()).limit(1))
+        return rows[0] if rows else None
+
     def updates(self, node_id: int | None = None) -> list[Update]:
         stmt = select(Update).order_by(col(Update.id))
         return self._all(stmt if node_id is None else stmt.where(Update.node_id == node_id))
 
+    def updates_with_leases(self, node_id: int | None = None) -> list[tuple[Update, Lease]]:
+        """Each update with the lease it answers (kind, round, shard), in one query."""
+        stmt = (select(Update, Lease).join(Lease, col(Lease.id) == col(Update.lease_id))
+                .order_by(col(Update.id)))
+        if node_id is not None:
+            stmt = stmt.where(Update.node_id == node_id)
+        return [(u, lease) for u, lease in self._all(stmt)]
+
+    def accepted_work(self, kind: str = "train",
+                      since: float | None = None) -> list[tuple[float, int, float | None]]:
+        """``(received_at, tokens, wall_s)`` of accepted updates on ``kind`` leases received
+        after ``since``, oldest first: the network's throughput without loading whole rows."""
+        stmt = (select(col(Update.received_at), col(Update.tokens), col(Update.wall_s))
+                .join(Lease, col(Lease.id) == col(Update.lease_id))
+                .where(col(Update.verdict) == "accepted", col(Lease.kind) == kind)
+                .order_by(col(Update.received_at)))
+        if since is not None:
+            stmt = stmt.where(col(Update.received_at) > since)
+        return [(float(at), int(tokens), None if wall is None else float(wall))
+                for at, tokens, wall in self._all(stmt)]
+
     def credits(self, node_id: int | None = None) -> list[CreditEntry]:
         stmt = select(CreditEntry).order_by(col(CreditEntry.id))
         return self._all(stmt if node_id is None else stmt.where(CreditEntry.node_id == node_id))
+
+    def receipts(self, node_id: int | None = None) -> list[CreditReceipt]:
+        """Signed credit receipts, oldest first (a node's statement is its receipts)."""
+        stmt = select(CreditReceipt).order_by(col(CreditReceipt.id))
+        return self._all(stmt if node_id is None else stmt.where(CreditReceipt.node_id == node_id))
 
     def versions(self) -> list[ModelVersion]:
         return self._all(select(ModelVersion).order_by(col(ModelVersion.version)))
@@ -171,8 +203,8 @@ class LedgerReads:
         return self._all(select(Event).where(col(Event.id) > since_id)
                          .order_by(col(Event.id)).limit(limit))
 
-    def node_summaries(self) -> list[NodeSummary]:
-        """One row per node, aggregated in SQL."""
+    def node_summaries(self, node_id: int | None = None) -> list[NodeSummary]:
+        """One row per node (or only ``node_id``'s), aggregated in SQL."""
         with self._session() as session:
-            rows = session.exec(node_summaries_query()).all()
+            rows = session.exec(node_summaries_query(node_id)).all()
         return [NodeSummary.from_row(row) for row in rows]

@@ -44,16 +44,17 @@ class NodeSummary:
         )
 
 
-def node_summaries_query() -> Select[Any]:
-    """One row per node. Updates and credits are grouped in separate subqueries so that
-    joining both onto a node cannot multiply either sum."""
+def node_summaries_query(node_id: int | None = None) -> Select[Any]:
+    """One row per node (only ``node_id`` when given: its subqueries are filtered too).
+    Updates and credits are grouped in separate subqueries so that joining both onto a
+    node cannot multiply either sum."""
     accepted = col(Update.verdict) == "accepted"
 
     def accepted_tokens(kind: str) -> Any:
         wanted = and_(accepted, col(Lease.kind) == kind)
         return func.sum(case((wanted, col(Update.tokens)), else_=0))
 
-    per_update = (
+    by_update = (
         select(
             col(Update.node_id).label("node_id"),
             func.sum(case((accepted, 1), else_=0)).label("accepted"),
@@ -63,15 +64,17 @@ def node_summaries_query() -> Select[Any]:
         )
         .join(Lease, col(Lease.id) == col(Update.lease_id))
         .group_by(col(Update.node_id))
-        .subquery()
     )
-    per_credit = (
+    by_credit = (
         select(col(CreditEntry.node_id).label("node_id"),
                func.sum(col(CreditEntry.amount)).label("credits"))
         .group_by(col(CreditEntry.node_id))
-        .subquery()
     )
-    return (
+    if node_id is not None:
+        by_update = by_update.where(col(Update.node_id) == node_id)
+        by_credit = by_credit.where(col(CreditEntry.node_id) == node_id)
+    per_update, per_credit = by_update.subquery(), by_credit.subquery()
+    query = (
         select(
             col(Node.id).label("node_id"),
             col(Node.name).label("name"),
@@ -89,3 +92,4 @@ def node_summaries_query() -> Select[Any]:
         .outerjoin(per_credit, per_credit.c.node_id == col(Node.id))
         .order_by(col(Node.id))
     )
+    return query if node_id is None else query.where(col(Node.id) == node_id)

@@ -88,7 +88,19 @@ def test_invalid_toml_names_line() -> None:
 
 def test_aggregation_method_lists_choices() -> None:
     assert err('[aggregation]\nmethod = "median2"\n') == \
-        "run.toml: [aggregation].method must be one of mean, got 'median2'"
+        "run.toml: [aggregation].method must be one of mean, trimmed_mean, median, " \
+        "centered_clip, got 'median2'"
+
+
+def test_aggregation_params(tmp_path: Path) -> None:
+    cfg = parse_config('[aggregation]\nmethod = "centered_clip"\nclip_radius = 2\n'
+                       'iterations = 5\nclip_from_previous = true\ntrim_fraction = 0\n', tmp_path)
+    a = cfg.aggregation
+    assert (a.method, a.clip_radius, a.iterations, a.clip_from_previous) == \
+        ("centered_clip", 2.0, 5, True)
+    assert a.trim_fraction == 0.0 and isinstance(a.clip_radius, float)
+    text = default_config_text(aggregation_method="trimmed_mean", aggregation_trim_fraction=0.1)
+    assert parse_config(text, tmp_path).aggregation.trim_fraction == 0.1
 
 
 @pytest.mark.parametrize("text, key", [
@@ -106,6 +118,11 @@ def test_aggregation_method_lists_choices() -> None:
     ("[data]\nval_every = 1", "[data].val_every must be an integer >= 2"),
     ("[data]\nmax_bytes = 1.5", "[data].max_bytes must be a positive integer"),
     ("[credits]\neval_per_1k_tokens = -1", "[credits].eval_per_1k_tokens must be a non-negative"),
+    ("[aggregation]\ntrim_fraction = 0.5", "[aggregation].trim_fraction must be in [0, 0.5)"),
+    ("[aggregation]\ntrim_fraction = -0.1", "[aggregation].trim_fraction must be in [0, 0.5)"),
+    ("[aggregation]\nclip_radius = -1", "[aggregation].clip_radius must be a non-negative"),
+    ("[aggregation]\niterations = 0", "[aggregation].iterations must be a positive integer"),
+    ("[aggregation]\nclip_from_previous = 1", "[aggregation].clip_from_previous must be true"),
     ("[verify]\nmax_update_norm = 0", "[verify].max_update_norm must be a positive number"),
     ("[run]\nid = 'a b'", "[run].id must be 1-64 letters"),
     ("[run]\nmin_nodes = 0", "[run].min_nodes must be a positive integer"),

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from protocol.errors import EnrollmentError
 from node.identity import Enrollment, NodeHome
+from node import supervisor
 from node.supervisor import Supervisor, supernode_command
 
 ENROLLED = Enrollment(node_id=7, flower_node_id="123", name="gpu-box", institution="Uni X",
@@ -28,9 +30,14 @@ def fake_supernode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     script = bin_dir / "flower-supernode"
     script.write_text(f"#!/bin/sh\necho \"$@\" >> {starts}\nexit 3\n")
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    # flower_env puts the interpreter's bin first; make ours win for this test
-    monkeypatch.setattr("protocol.processes.sys.executable", str(bin_dir / "python"))
+    real_guarded_env = supervisor.guarded_env
+
+    def env_with_fake_first(env: dict[str, str], guard_bin: Path) -> dict[str, str]:
+        env = real_guarded_env(env, guard_bin)
+        env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"  # ahead of the venv's real one
+        return env
+
+    monkeypatch.setattr(supervisor, "guarded_env", env_with_fake_first)
     return starts
 
 
@@ -49,6 +56,19 @@ def test_restarts_with_backoff_and_stops_cleanly(tmp_path: Path, fake_supernode:
     starts = fake_supernode.read_text().splitlines()
     assert 2 <= len(starts) <= 4, starts
     assert "--auth-supernode-private-key" in starts[0] and "127.0.0.1:2" in starts[0]
+
+
+def test_gives_up_when_the_coordinator_refuses_the_key(
+        tmp_path: Path, fake_supernode: Path) -> None:
+    script = tmp_path / "bin" / "flower-supernode"
+    script.write_text(f"#!/bin/sh\necho \"$@\" >> {fake_supernode}\n"
+                      "echo 'ERROR: Failed to activate SuperNode.'\nexit 49\n")
+    home = NodeHome(tmp_path / "home")
+    home.path.mkdir()
+    sup = Supervisor(home, ENROLLED, console=Console(file=open(os.devnull, "w")))  # noqa: SIM115
+    with pytest.raises(EnrollmentError, match="refuses this node's key"):
+        sup.run()
+    assert len(fake_supernode.read_text().splitlines()) == 3
 
 
 def test_supernode_command_carries_key_ca_and_node_config(tmp_path: Path) -> None:

@@ -23,6 +23,10 @@ def test_messages_round_trip() -> None:
     assert pb.EnrollReply.FromString(reply.SerializeToString()) == reply
     ping = pb.PingReply(run_id="r", version=3)
     assert pb.PingReply.FromString(ping.SerializeToString()) == ping
+    req2 = pb.StatementRequest(node_id=7, timestamp=1_700_000_000.5, signature=b"\x30sig")
+    assert pb.StatementRequest.FromString(req2.SerializeToString()) == req2
+    st = pb.StatementReply(statement_json='{"format": "atom-statement-v1"}')
+    assert pb.StatementReply.FromString(st.SerializeToString()) == st
 
 
 def test_service_shape() -> None:
@@ -30,7 +34,8 @@ def test_service_shape() -> None:
     assert pb.DESCRIPTOR.package == "atom.v1"
     methods = {m.name: (m.input_type.name, m.output_type.name) for m in service.methods}
     assert methods == {"Enroll": ("EnrollRequest", "EnrollReply"),
-                       "Ping": ("PingRequest", "PingReply")}
+                       "Ping": ("PingRequest", "PingReply"),
+                       "GetCreditStatement": ("StatementRequest", "StatementReply")}
 
 
 class _Servicer(pb_grpc.CoordinatorServicer):

@@ -49,7 +49,7 @@ def test_result_fields_and_base_untouched(base, tokens):
 
 def test_loss_falls_on_a_repetitive_sequence(base):
     tokens = np.tile(ByteTokenizer().encode("def add(a, b):\n    return a + b\n"), 60)
-    r = train_inner(base, CFG, tokens, seed=0, **dict(KW, steps=30, batch_size=8, lr=1e-2))
+    r = train_inner(base, CFG, tokens, seed=0, **dict(KW, steps=20, lr=1e-2))
     assert r.loss_before > 5.0
     assert r.loss_after < r.loss_before - 2.0
 

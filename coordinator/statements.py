@@ -1,0 +1,68 @@
+"""Credit statements: a node's signed receipts, handed only to that node.
+
+The request is signed by the node's own key (``statement_request_bytes``) and carries a
+timestamp; it is honoured within ``WINDOW_S`` of the coordinator's clock, so a captured request
+stops working after a few minutes. The statement is the ledger's receipts for that node as
+stored: the coordinator signed them when it paid the credit, nothing is re-signed here.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from protocol.errors import ProtocolError, Reason, VerificationError
+from protocol.receipts import Receipt, SignedReceipt, Statement, statement_request_bytes
+from protocol.signing import verify
+
+from .ledger import CreditReceipt
+from .ledger.reads import LedgerReads
+
+__all__ = ["StatementDesk", "WINDOW_S", "signed_receipt"]
+
+WINDOW_S = 300.0
+CLOCK_SKEW = "clock_skew"
+
+
+def signed_receipt(row: CreditReceipt) -> SignedReceipt:
+    """A ledger receipt row as the protocol object."""
+    return SignedReceipt(Receipt.from_dict(json.loads(row.body)), base64.b64decode(row.signature))
+
+
+@dataclass
+class StatementDesk:
+    ledger: LedgerReads
+    run_id: str
+    coordinator_public_key_pem: bytes
+    clock: Callable[[], float] = time.time
+    window_s: float = WINDOW_S
+
+    def statement(self, node_id: int, timestamp: float, signature: bytes) -> Statement:
+        """The statement of ``node_id`` if the request is that node's, signed and fresh.
+
+        Raises
+        ------
+        VerificationError
+            ``unknown_node``, ``clock_skew`` or ``bad_signature``.
+        """
+        node = self.ledger.node(node_id)
+        if node is None:
+            raise VerificationError(Reason.UNKNOWN_NODE, f"no node {node_id} is enrolled")
+        skew = self.clock() - timestamp
+        if not math.isfinite(skew) or abs(skew) > self.window_s:
+            raise VerificationError(CLOCK_SKEW, f"request timestamp is {skew:+.0f} s off the "
+                                    f"coordinator's clock (allowed ±{self.window_s:.0f} s)")
+        try:
+            data = statement_request_bytes(node_id, timestamp)
+        except ProtocolError as err:
+            raise VerificationError(Reason.MALFORMED, str(err)) from None
+        if not verify(node.public_key_pem, data, signature):
+            raise VerificationError(Reason.BAD_SIGNATURE,
+                                    f"request is not signed by node {node_id}'s key")
+        receipts = [signed_receipt(row) for row in self.ledger.receipts(node_id)]
+        return Statement(node_id=node_id, run_id=self.run_id, receipts=receipts,
+                         coordinator_public_key_pem=self.coordinator_public_key_pem.decode())

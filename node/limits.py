@@ -1,0 +1,110 @@
+"""Limits on the work a node accepts, checked before anything is decoded, built or trained.
+
+A lease is the coordinator's word for what to do, but a node does not have to trust it with its
+memory: a model, shard or batch bigger than the node agreed to is refused with a
+``ProtocolError`` (and the coordinator gets an error reply) instead of an out-of-memory kill.
+
+Defaults (change them with the SuperNode's ``--node-config``, e.g.
+``max-model-params=2000000000``):
+
+================  ==============  ===========================================================
+key               default         why
+================  ==============  ===========================================================
+max-work-bytes    5 GiB           array bytes in one work message (model + tokens)
+max-model-params  1,000,000,000   fp32 weights + grads + AdamW moments ~16 GB: one 24-80 GB GPU
+max-shard-tokens  67,108,864      64 Mi tokens (128 MiB of uint16) per shard
+max-batch-tokens  1,048,576       batch_size x seq_len per inner step (activation memory)
+================  ==============  ===========================================================
+
+The largest preset (``gpt2``, ~85M parameters) with a generous shard fits well inside.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+from protocol._records import take_records
+from protocol.errors import ConfigError, ProtocolError
+from protocol.messages import Lease
+
+__all__ = ["NodeLimits", "check_work", "arch_params"]
+
+
+@dataclass(frozen=True)
+class NodeLimits:
+    max_work_bytes: int = 5 << 30
+    max_model_params: int = 1_000_000_000
+    max_shard_tokens: int = 64 << 20
+    max_batch_tokens: int = 1 << 20
+
+    @classmethod
+    def from_node_config(cls, cfg: Mapping[str, Any]) -> NodeLimits:
+        """Defaults, overridden by ``max-...`` keys of Flower's node config."""
+        values: dict[str, int] = {}
+        for f in fields(cls):
+            key = f.name.replace("_", "-")
+            if key not in cfg:
+                continue
+            value = cfg[key]
+            if type(value) is not int or value < 1:
+                raise ConfigError(f"node config {key} must be a positive integer, "
+                                  f"got {value!r}")
+            values[f.name] = value
+        return cls(**values)
+
+
+def _refuse(what: str, got: int, limit: int, key: str) -> None:
+    if got > limit:
+        raise ProtocolError(f"work refused: {what} is {got:,}, this node accepts at most "
+                            f"{limit:,} (node config {key})")
+
+
+def arch_params(arch: Mapping[str, Any]) -> int:
+    """Parameters the model built from ``arch`` would allocate (GPT, tied embedding, with
+    biases counted as if on: an upper bound)."""
+    dims = {"vocab_size": 256, "block_size": 128, "n_layer": 4, "n_embd": 128}
+    for key in dims:
+        if key in arch:
+            value = arch[key]
+            if type(value) is not int or value < 1:
+                raise ProtocolError(f"work.arch.{key}: must be a positive int, got {value!r}")
+            dims[key] = value
+    n = dims["n_embd"]
+    per_layer = 12 * n * n + 13 * n  # attn 4n^2 + mlp 8n^2, their biases, two LayerNorms
+    return (dims["vocab_size"] + dims["block_size"]) * n + dims["n_layer"] * per_layer + 2 * n
+
+
+def _elements(shape: Any, where: str) -> int:
+    dims = tuple(shape)
+    if not all(type(d) is int and d >= 0 for d in dims):
+        raise ProtocolError(f"{where}: shape {dims!r} is not a shape")
+    return math.prod(dims)
+
+
+def check_work(content: RecordDict, limits: NodeLimits) -> None:
+    """Raise ``ProtocolError`` when the work in ``content`` exceeds ``limits``.
+
+    Reads only what Flower already holds (record sizes, claimed shapes, the lease), so it runs
+    before any array is decoded or any model is built.
+    """
+    lease_rec, model_rec, arch_rec, data_rec = take_records(
+        content, {"lease": ConfigRecord, "model": ArrayRecord, "arch": ConfigRecord,
+                  "data": ArrayRecord}, "work")
+    size = sum(len(a.data) for rec in (model_rec, data_rec) for a in rec.values())
+    _refuse("the work's array data (bytes)", size, limits.max_work_bytes, "max-work-bytes")
+    claimed = sum(_elements(a.shape, f"work.model.{k}") for k, a in model_rec.items())
+    _refuse("the model's parameter count", claimed, limits.max_model_params, "max-model-params")
+    _refuse("the model's architecture (parameters)", arch_params(dict(arch_rec)),
+            limits.max_model_params, "max-model-params")
+    tokens = sum(_elements(a.shape, f"work.data.{k}") for k, a in data_rec.items())
+    _refuse("the shard (tokens)", tokens, limits.max_shard_tokens, "max-shard-tokens")
+    lease = Lease.from_record(lease_rec)
+    _refuse("the lease's range (tokens)", lease.data_end - lease.data_start,
+            limits.max_shard_tokens, "max-shard-tokens")
+    _refuse("batch_size x seq_len", lease.batch_size * lease.seq_len, limits.max_batch_tokens,
+            "max-batch-tokens")

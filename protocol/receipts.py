@@ -1,0 +1,254 @@
+r"""Credit receipts: what the coordinator signs when it pays credit, and how anyone checks it.
+
+What is signed — ``receipt_bytes(receipt)`` is the only definition::
+
+    b"atom-receipt-v1\n" + json.dumps(doc, sort_keys=True, separators=(",", ":"),
+                                       ensure_ascii=True, allow_nan=False).encode("ascii")
+
+    doc = {"amount": float, "components": {...}, "coordinator_key_fingerprint": str,
+           "issued_at": float, "kind": "train"|"eval", "lease_nonce": str, "node_id": int,
+           "round": int, "run_id": str, "shard_id": int, "tokens": int,
+           "update_digest": str, "update_id": int}
+
+The canonical JSON follows ``protocol.signing``: keys sorted by code point at every level, no
+whitespace, integers in plain decimal, ``amount`` and ``issued_at`` always floats written as
+Python's ``repr(float)`` (``0.192``, ``1700000000.25``, ``1.0``), no NaN or infinity, every
+non-ASCII character as ``\uXXXX``. Python's ``json.loads`` followed by the ``json.dumps`` above
+gives back exactly these bytes, so a third party can rebuild them with the standard library
+alone and check the signature (ECDSA over SHA-256, DER, the coordinator's P-384 key) with
+``openssl dgst -sha256 -verify coordinator.pem -signature receipt.sig receipt.bin``.
+
+``update_digest`` is the update's signed ``arrays_digest``; ``coordinator_key_fingerprint``
+is ``protocol.signing.fingerprint`` of the signing key, so a receipt names the key it needs.
+
+A node asks for its statement with a request signed by its own key over
+``statement_request_bytes(node_id, timestamp)``: ``b"atom-statement-request-v1\n"`` +
+canonical JSON ``{"node_id": int, "timestamp": float}``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from protocol._fields import check_keys, normalise
+from protocol.errors import ProtocolError, VerificationError
+from protocol.messages import KINDS
+from protocol.signing import fingerprint, public_key_pem, sign, verify
+
+__all__ = [
+    "RECEIPT_PREFIX",
+    "REQUEST_PREFIX",
+    "STATEMENT_FORMAT",
+    "Receipt",
+    "ReceiptReason",
+    "SignedReceipt",
+    "Statement",
+    "receipt_bytes",
+    "sign_receipt",
+    "statement_request_bytes",
+    "verify_receipt",
+]
+
+RECEIPT_PREFIX = b"atom-receipt-v1\n"
+REQUEST_PREFIX = b"atom-statement-request-v1\n"
+STATEMENT_FORMAT = "atom-statement-v1"
+
+
+class ReceiptReason:
+    """Why ``verify_receipt`` refused a receipt (``VerificationError.reason``)."""
+
+    BAD_SIGNATURE = "bad_signature"  # not signed by the pinned coordinator key
+    WRONG_NODE = "wrong_node"  # a valid receipt, but made out to another node
+    MALFORMED = "malformed"  # fields of the wrong type, NaN, ...
+
+
+def _canonical(doc: Mapping[str, Any]) -> bytes:
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                      allow_nan=False).encode("ascii")
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """The coordinator's word that ``node_id`` earned ``amount`` for one accepted update."""
+
+    run_id: str
+    node_id: int
+    update_id: int  # the ledger's update row
+    update_digest: str  # the update's signed arrays_digest
+    lease_nonce: str
+    round: int
+    shard_id: int
+    kind: str  # "train" | "eval"
+    tokens: int
+    amount: float
+    components: dict[str, Any]  # why: {"kind", "tokens", "rate_per_1k"}
+    issued_at: float  # unix seconds
+    coordinator_key_fingerprint: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """The signed document: numbers coerced to their declared types, fields checked."""
+        doc: dict[str, Any] = normalise(self)
+        if self.kind not in KINDS:
+            raise ProtocolError(f"receipt.kind: must be one of {KINDS}, not {self.kind!r}")
+        for name in ("amount", "issued_at"):
+            if not math.isfinite(doc[name]):
+                raise ProtocolError(f"receipt.{name}: must be finite")
+        if not isinstance(self.components, Mapping):
+            raise ProtocolError("receipt.components: expected an object")
+        doc["components"] = json.loads(_canonical(self.components))  # plain JSON or raise
+        return doc
+
+    @classmethod
+    def from_dict(cls, doc: Any) -> Receipt:
+        """Parse a receipt document strictly; raises ``ProtocolError`` naming the field."""
+        if not isinstance(doc, Mapping):
+            raise ProtocolError("receipt: expected an object")
+        check_keys(doc, {f.name for f in dataclasses.fields(cls)}, "receipt")
+        receipt = cls(**doc)
+        receipt.to_dict()  # type checks
+        return receipt
+
+
+def receipt_bytes(receipt: Receipt) -> bytes:
+    """The exact bytes the coordinator signs for ``receipt`` (see the module docstring)."""
+    try:
+        return RECEIPT_PREFIX + _canonical(receipt.to_dict())
+    except (ValueError, TypeError) as exc:
+        raise ProtocolError(f"receipt cannot be signed: {exc}") from None
+
+
+@dataclass(frozen=True)
+class SignedReceipt:
+    receipt: Receipt
+    signature: bytes  # DER ECDSA-SHA256 over receipt_bytes(receipt)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"receipt": self.receipt.to_dict(),
+                "signature": base64.b64encode(self.signature).decode("ascii")}
+
+    @classmethod
+    def from_dict(cls, doc: Any) -> SignedReceipt:
+        if not isinstance(doc, Mapping):
+            raise ProtocolError("signed receipt: expected an object")
+        check_keys(doc, {"receipt", "signature"}, "signed receipt")
+        if not isinstance(doc["signature"], str):
+            raise ProtocolError("signed receipt.signature: expected base64 text")
+        try:
+            sig = base64.b64decode(doc["signature"], validate=True)
+        except (binascii.Error, ValueError):
+            raise ProtocolError("signed receipt.signature: not base64") from None
+        return cls(Receipt.from_dict(doc["receipt"]), sig)
+
+
+def sign_receipt(receipt: Receipt, key: ec.EllipticCurvePrivateKey) -> SignedReceipt:
+    """Sign ``receipt`` with the coordinator key it names (ProtocolError if it names another)."""
+    own = fingerprint(public_key_pem(key))
+    if receipt.coordinator_key_fingerprint != own:
+        raise ProtocolError(f"receipt names key {receipt.coordinator_key_fingerprint!r}, "
+                            f"but the signing key is {own}")
+    return SignedReceipt(receipt, sign(key, receipt_bytes(receipt)))
+
+
+def verify_receipt(signed: SignedReceipt, coordinator_pem: bytes | str,
+                   expected_node_id: int) -> None:
+    """Return if ``signed`` was made by ``coordinator_pem`` for ``expected_node_id``.
+
+    Raises
+    ------
+    VerificationError
+        ``.reason`` is ``malformed``, ``bad_signature`` or ``wrong_node`` (checked in that
+        order). A bad ``coordinator_pem`` is the caller's ProtocolError, not the receipt's.
+    """
+    pinned = fingerprint(coordinator_pem)
+    try:
+        receipt = signed.receipt
+        data = receipt_bytes(receipt)
+        sig = bytes(signed.signature)
+    except (ProtocolError, AttributeError, TypeError) as exc:
+        raise VerificationError(ReceiptReason.MALFORMED, str(exc)) from None
+    if receipt.coordinator_key_fingerprint != pinned:
+        raise VerificationError(ReceiptReason.BAD_SIGNATURE,
+                                f"receipt names key {receipt.coordinator_key_fingerprint}, "
+                                f"the pinned coordinator key is {pinned}")
+    if not verify(coordinator_pem, data, sig):
+        raise VerificationError(ReceiptReason.BAD_SIGNATURE,
+                                f"signature does not verify with coordinator key {pinned}")
+    if receipt.node_id != expected_node_id:
+        raise VerificationError(ReceiptReason.WRONG_NODE,
+                                f"receipt is made out to node {receipt.node_id}, "
+                                f"not node {expected_node_id}")
+
+
+def statement_request_bytes(node_id: int, timestamp: float) -> bytes:
+    """The exact bytes a node signs to ask for its own statement."""
+    if isinstance(node_id, bool) or not isinstance(node_id, int):
+        raise ProtocolError("statement request: node_id must be an int")
+    if not math.isfinite(float(timestamp)):
+        raise ProtocolError("statement request: timestamp must be finite")
+    return REQUEST_PREFIX + _canonical({"node_id": node_id, "timestamp": float(timestamp)})
+
+
+@dataclass(frozen=True)
+class Statement:
+    """Every receipt of one node, as the coordinator hands it out (and ``--save`` keeps it).
+
+    ``coordinator_public_key_pem`` says which key the coordinator claims; verifiers use the
+    key they pinned themselves, never this one.
+    """
+
+    node_id: int
+    run_id: str
+    receipts: list[SignedReceipt]
+    coordinator_public_key_pem: str
+
+    def to_json(self) -> str:
+        doc = {"format": STATEMENT_FORMAT, "node_id": self.node_id, "run_id": self.run_id,
+               "coordinator_public_key_pem": self.coordinator_public_key_pem,
+               "receipts": [r.to_dict() for r in self.receipts]}
+        return json.dumps(doc, indent=2, sort_keys=True, ensure_ascii=True, allow_nan=False)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Statement:
+        """Parse a statement; ``ProtocolError`` names what is wrong (and which receipt)."""
+        try:
+            doc = json.loads(text)
+        except (ValueError, UnicodeError) as exc:
+            raise ProtocolError(f"not a credit statement: invalid JSON ({exc})") from None
+        if not isinstance(doc, dict) or doc.get("format") != STATEMENT_FORMAT:
+            raise ProtocolError(f"not a credit statement (format is not {STATEMENT_FORMAT!r})")
+        check_keys(doc, {"format", "node_id", "run_id", "coordinator_public_key_pem",
+                         "receipts"}, "statement")
+        node_id, run_id, pem = doc["node_id"], doc["run_id"], doc["coordinator_public_key_pem"]
+        if isinstance(node_id, bool) or not isinstance(node_id, int):
+            raise ProtocolError("statement.node_id: expected int")
+        if not isinstance(run_id, str) or not isinstance(pem, str):
+            raise ProtocolError("statement: run_id and coordinator_public_key_pem are text")
+        if not isinstance(doc["receipts"], list):
+            raise ProtocolError("statement.receipts: expected a list")
+        receipts = []
+        for i, raw in enumerate(doc["receipts"]):
+            try:
+                receipts.append(SignedReceipt.from_dict(raw))
+            except ProtocolError as err:
+                raise ProtocolError(f"{_name(raw, i)} is malformed: {err}") from None
+        return cls(node_id, run_id, receipts, pem)
+
+
+def _name(raw: Any, index: int) -> str:
+    """How to name a receipt that may not even parse: by update id if it has one."""
+    try:
+        update_id = raw["receipt"]["update_id"]
+        if isinstance(update_id, int) and not isinstance(update_id, bool):
+            return f"receipt for update {update_id}"
+    except (TypeError, KeyError):
+        pass
+    return f"receipt #{index + 1} of the statement"
