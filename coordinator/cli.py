@@ -12,6 +12,7 @@ import click
 import typer
 from rich.console import Console
 
+from protocol.cli_app import CliApp
 from protocol.cli_errors import one_line_errors
 from protocol.errors import AtomError
 
@@ -22,8 +23,8 @@ from .rundir import RunDir, create_invite, init_run
 
 __all__ = ["app", "main"]
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Coordinate an ATOM Network training run.")
+app = CliApp(add_completion=False, no_args_is_help=True,
+             help="Coordinate an ATOM Network training run.")
 err = Console(stderr=True)
 
 DirArg = Annotated[Path, typer.Argument(help="run directory")]

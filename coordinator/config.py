@@ -126,21 +126,21 @@ class ModelParams:
 class DataParams:
     source: str = _opt("stdlib", _str,
                        '"stdlib" (Python stdlib source) or a folder of text/JSONL files')
-    max_bytes: int = _opt(4_000_000, _positive_int, "read at most this many bytes of text")
-    val_every: int = _opt(10, _int("must be an integer >= 2", 2),
+    max_bytes: int = _opt(8_000_000, _positive_int, "read at most this many bytes of text")
+    val_every: int = _opt(20, _int("must be an integer >= 2", 2),
                           "every N-th file goes to validation")
     shard_tokens: int = _opt(0, _non_negative_int,
                              "tokens per train shard; 0 = inner_steps * batch_size * seq_len")
-    eval_tokens: int = _opt(65_536, _positive_int, "validation tokens evaluated per round")
+    eval_tokens: int = _opt(32_768, _positive_int, "validation tokens evaluated per round")
 
 
 @dataclass(frozen=True)
 class TrainParams:
     # Training defaults: tune them here, nowhere else.
-    inner_steps: int = _opt(40, _positive_int, "H: local AdamW steps per shard")
+    inner_steps: int = _opt(240, _positive_int, "H: local AdamW steps per shard")
     batch_size: int = _opt(8, _positive_int, "sequences per inner step")
     seq_len: int = _opt(128, _positive_int, "tokens per sequence (<= the model's block_size)")
-    lr: float = _opt(3e-3, _positive, "inner AdamW learning rate")
+    lr: float = _opt(1.5e-3, _positive, "inner AdamW learning rate")
     weight_decay: float = _opt(0.1, _non_negative, "inner AdamW weight decay")
     deadline_s: float = _opt(300.0, _positive, "seconds a node has to return a shard")
     threads: int = _opt(1, _positive_int, "torch threads per local node process")
@@ -148,8 +148,8 @@ class TrainParams:
 
 @dataclass(frozen=True)
 class OuterParams:
-    lr: float = _opt(0.7, _positive, "outer Nesterov SGD learning rate")
-    momentum: float = _opt(0.9, _momentum, "outer momentum, in [0, 1)")
+    lr: float = _opt(1.0, _positive, "outer SGD learning rate (DiLoCo: 0.7)")
+    momentum: float = _opt(0.0, _momentum, "outer Nesterov momentum in [0, 1) (DiLoCo: 0.9, which pays off after ~8+ rounds; 0 = plain model averaging, best for short runs)")
     nesterov: bool = _opt(True, _bool, "Nesterov momentum (as in DiLoCo)")
 
 

@@ -39,9 +39,10 @@ def _node_cmd(rd: RunDir, token: str, name: str, home: Path, threads: int,
 
 
 def _wait_enrolled(rd: RunDir, c: Coordinator, procs: list[subprocess.Popen[bytes]],
-                   n: int, logs: list[Path]) -> None:
+                   n: int, logs: list[Path], show: Callable[[int], None]) -> None:
     end = time.monotonic() + _ENROLL_TIMEOUT_S
-    while len(c.ledger.nodes()) < n:
+    while (enrolled := len(c.ledger.nodes())) < n:
+        show(enrolled)
         for i, (p, log) in enumerate(zip(procs, logs)):
             if p.poll() is not None:
                 tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["?"]
@@ -72,7 +73,9 @@ def run_demo(*, nodes: int = 3, rounds: int = 3, workdir: Path | None = None,
     console.print(f"[bold]ATOM demo[/] · {nodes} nodes · {rounds} rounds · workdir {wd}")
     procs: list[subprocess.Popen[bytes]] = []
     status = "not started"
-    with Coordinator(rd) as coord:
+    progress = _progress(console)
+    with Coordinator(rd) as coord, progress:
+        joined = progress.add_task("nodes enrolled", total=nodes, status="starting nodes")
         try:
             logs = []
             for i in range(nodes):
@@ -83,9 +86,11 @@ def run_demo(*, nodes: int = 3, rounds: int = 3, workdir: Path | None = None,
                                 DEMO_THREADS, (node_args or {}).get(i, []))
                 procs.append(spawn(cmd, env=flower_env(wd / "nodes" / f"flwr-{i}"), log=log))
                 logs.append(log)
-            _wait_enrolled(rd, coord, procs, nodes, logs)
+            _wait_enrolled(rd, coord, procs, nodes, logs,
+                           lambda k: progress.update(joined, completed=k))
+            progress.update(joined, completed=nodes, status="TLS + node keys")
             run_id = coord.start_run()
-            status = _watch(coord, run_id, rounds, console, procs, on_tick)
+            status = _watch(coord, run_id, rounds, progress, procs, on_tick)
         finally:
             for p in procs:
                 stop(p)
@@ -98,13 +103,18 @@ def run_demo(*, nodes: int = 3, rounds: int = 3, workdir: Path | None = None,
     return summary, status
 
 
-def _watch(coord: Coordinator, run_id: int, rounds: int, console: Console,
+def _progress(console: Console) -> Progress:
+    return Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
+                    TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+                    TextColumn("{task.fields[status]}"), console=console)
+
+
+def _watch(coord: Coordinator, run_id: int, rounds: int, progress: Progress,
            procs: list[subprocess.Popen[bytes]],
            on_tick: Callable[[list[subprocess.Popen[bytes]], Ledger], None] | None) -> str:
-    progress = Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
-                        TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
-                        TextColumn("{task.fields[status]}"), console=console, transient=False)
     task = progress.add_task("model versions", total=rounds, status="waiting for nodes")
+    # Without a terminal (CI logs, pipes) a live bar shows nothing: print each event instead.
+    plain = not progress.console.is_terminal
     seen_event = 0
 
     def tick() -> None:
@@ -112,6 +122,9 @@ def _watch(coord: Coordinator, run_id: int, rounds: int, console: Console,
         versions = coord.ledger.versions()
         done = sum(1 for v in versions[1:] if v.val_loss is not None)
         events = coord.ledger.events(since_id=seen_event)
+        for e in events if plain else ():
+            progress.console.print(f"[dim]{time.strftime('%H:%M:%S', time.localtime(e.at))}[/] "
+                                   f"{e.kind:8} {e.message}", highlight=False)
         if events:
             seen_event = events[-1].id
             progress.update(task, status=events[-1].message[:60])
@@ -122,8 +135,7 @@ def _watch(coord: Coordinator, run_id: int, rounds: int, console: Console,
         if on_tick is not None:
             on_tick(procs, coord.ledger)
 
-    with progress:
-        return coord.wait(run_id, tick=tick)
+    return coord.wait(run_id, tick=tick)
 
 
 def demo_ok(summary: dict[str, Any]) -> None:

@@ -37,13 +37,13 @@ def run_summary(ledger: Ledger, ledger_url: str) -> dict[str, Any]:
     }
 
 
-def _bar(value: float, top: float, style: str) -> Text:
-    n = 0 if top <= 0 else max(1, round(_BAR * value / top))
+def _bar(value: float, top: float, style: str, width: int = _BAR) -> Text:
+    n = 0 if top <= 0 else max(1, round(width * value / top))
     return Text("█" * n, style=style)
 
 
 def render_summary(summary: dict[str, Any], console: Console) -> None:
-    wide = console.width >= 100  # the contribution bars only where they fit
+    wide = console.width >= 110  # the contribution bars only where they fit
     table = Table(title="Contributions", title_justify="left")
     for col, just in (("node", "right"), ("name", "left"), ("institution", "left"),
                       ("accepted", "right"), ("rejected", "right"), ("tokens", "right"),
@@ -54,7 +54,7 @@ def render_summary(summary: dict[str, Any], console: Console) -> None:
         row = [str(n["node_id"]), n["name"], n["institution"], str(n["accepted"]),
                str(n["rejected"]) if not n["rejected"] else f"[red]{n['rejected']}[/]",
                f"{n['tokens']:,}", f"{n['credits']:.2f}"]
-        table.add_row(*row, *([_bar(n["tokens"], top, "green")] if wide else []))
+        table.add_row(*row, *([_bar(n["tokens"], top, "green", 24)] if wide else []))
     curve = Table(title="Validation loss by model version", title_justify="left",
                   show_header=False, box=None)
     losses = [v for v in summary["val_loss"] if v is not None]

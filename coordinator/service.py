@@ -1,4 +1,4 @@
-"""The coordinator's own gRPC service: enrollment, liveness, credit statements.
+"""The coordinator's own gRPC service: enrollment, liveness, credit statements, status.
 
 A thin servicer: each RPC calls one handler and domain errors map to status codes here, once.
 """
@@ -16,15 +16,20 @@ from protocol import coordinator_pb2_grpc as pb_grpc
 from protocol.errors import (
     AtomError, EnrollmentError, LedgerError, NetworkError, VerificationError,
 )
+from protocol.status import StatusQuery
 
 from .enrollment import Enroller
 from .statements import StatementDesk
+from .status import AccessDenied, NoSuchNode, StatusDesk
 
 __all__ = ["CoordinatorService", "serve"]
 
 log = logging.getLogger(__name__)
 
-_STATUS = {EnrollmentError: grpc.StatusCode.PERMISSION_DENIED,
+# First match wins: subclasses before their bases.
+_STATUS = {AccessDenied: grpc.StatusCode.PERMISSION_DENIED,
+           NoSuchNode: grpc.StatusCode.NOT_FOUND,
+           EnrollmentError: grpc.StatusCode.PERMISSION_DENIED,
            NetworkError: grpc.StatusCode.UNAVAILABLE,
            LedgerError: grpc.StatusCode.UNAVAILABLE,
            VerificationError: grpc.StatusCode.UNAUTHENTICATED}
@@ -46,11 +51,15 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     fleet_address: str
     coordinator_public_key_pem: bytes
     statements: StatementDesk | None = None  # default: over the enroller's ledger
+    status: StatusDesk | None = None  # default: over the enroller's ledger
 
     def __post_init__(self) -> None:
         if self.statements is None:
             self.statements = StatementDesk(self.enroller.ledger, self.run_id,
                                             self.coordinator_public_key_pem)
+        if self.status is None:
+            self.status = StatusDesk(self.enroller.ledger, self.run_id,
+                                     self.coordinator_public_key_pem)
 
     def Enroll(self, request: pb.EnrollRequest, context: grpc.ServicerContext) -> pb.EnrollReply:
         try:
@@ -81,6 +90,20 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             _abort(context, err)
             raise
         return pb.StatementReply(statement_json=statement.to_json())
+
+    def GetStatus(self, request: pb.StatusRequest,
+                  context: grpc.ServicerContext) -> pb.StatusReply:
+        query = StatusQuery(view=request.view, node_id=request.node_id,
+                            since_event_id=request.since_event_id,
+                            requester_node_id=request.requester_node_id,
+                            timestamp=request.timestamp)
+        try:
+            assert self.status is not None
+            text = self.status.status(query, request.signature)
+        except Exception as err:  # noqa: BLE001
+            _abort(context, err)
+            raise
+        return pb.StatusReply(json=text)
 
 
 def serve(service: CoordinatorService, host: str, port: int, cert_chain: bytes,

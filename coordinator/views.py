@@ -1,21 +1,24 @@
 """Read-only views of a run for people: the network, progress, one node, the events.
 
-The one query layer between the ledger and whatever shows it (the TUI now, the status RPC
-later). Every view is a frozen dataclass of plain values, so ``dataclasses.asdict(view)``
-is JSON-serialisable. Nothing here writes, and nothing here imports a UI toolkit.
+The one query layer between the ledger and whatever shows it (the TUI, the status RPC).
+Every view is a frozen dataclass of plain values (``view_types``), so
+``dataclasses.asdict(view)`` is JSON-serialisable and ``View.from_dict`` reads it back.
+Nothing here writes, and nothing here imports a UI toolkit.
 Time is always passed in (``now``) so a view is a pure function of the ledger and the clock.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any
 
 from protocol.errors import LedgerError
 
 from .ledger import Lease, NodeSummary
 from .ledger.reads import LedgerReads
+from .view_types import (
+    CreditRow, EventRow, EventsView, HistoryPoint, LossPoint, NetworkHeader, NetworkView,
+    NodeDetail, NodeRow, ProgressView, RunInfo, ThroughputPoint, UpdateRow,
+)
 
 __all__ = [
     "EventRow", "EventsView", "HistoryPoint", "LossPoint", "NetworkHeader", "NetworkView",
@@ -30,125 +33,6 @@ ONLINE_WINDOW_S = 60.0
 THROUGHPUT_WINDOW_S = 120.0
 # working: holds an open lease; idle: online, waiting for work.
 ONLINE_STATUSES = ("working", "idle")
-
-
-@dataclass(frozen=True)
-class RunInfo:
-    run_id: str
-    round: int
-    version: int | None
-    val_loss: float | None
-
-
-@dataclass(frozen=True)
-class NetworkHeader:
-    run: RunInfo
-    online: int
-    nodes: int
-    tokens_per_s: float
-    window_s: float
-
-
-@dataclass(frozen=True)
-class NodeRow:
-    node_id: int
-    name: str
-    institution: str
-    status: str  # working | idle | offline | revoked
-    current_shard: str  # "train 12" while working, else ""
-    accepted: int
-    rejected: int
-    tokens: int  # accepted train tokens
-    eval_tokens: int
-    credits: float
-    acceptance_rate: float | None  # None before the first update
-    last_seen: float | None
-
-
-@dataclass(frozen=True)
-class NetworkView:
-    at: float
-    header: NetworkHeader
-    nodes: tuple[NodeRow, ...]
-
-
-@dataclass(frozen=True)
-class LossPoint:
-    version: int
-    round: int
-    val_loss: float | None
-    tokens: int
-    created_at: float
-
-
-@dataclass(frozen=True)
-class ThroughputPoint:
-    start: float  # bucket start, unix seconds
-    tokens: int
-    tokens_per_s: float
-
-
-@dataclass(frozen=True)
-class ProgressView:
-    losses: tuple[LossPoint, ...]
-    throughput: tuple[ThroughputPoint, ...]
-    bucket_s: float
-
-
-@dataclass(frozen=True)
-class HistoryPoint:
-    at: float
-    tokens: int  # cumulative accepted train tokens
-    credits: float  # cumulative credits
-
-
-@dataclass(frozen=True)
-class UpdateRow:
-    update_id: int
-    at: float
-    round: int
-    kind: str
-    shard_id: int
-    verdict: str
-    reason: str | None
-    detail: str
-    tokens: int
-    loss_before: float | None
-    loss_after: float | None
-    norm: float | None  # L2 norm of an accepted pseudo-gradient
-
-
-@dataclass(frozen=True)
-class CreditRow:
-    credit_id: int
-    at: float
-    update_id: int
-    amount: float
-    components: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class NodeDetail:
-    row: NodeRow
-    history: tuple[HistoryPoint, ...]
-    updates: tuple[UpdateRow, ...]
-    credits: tuple[CreditRow, ...]
-    credits_by_kind: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class EventRow:
-    event_id: int
-    at: float
-    kind: str
-    node_id: int | None
-    message: str
-
-
-@dataclass(frozen=True)
-class EventsView:
-    events: tuple[EventRow, ...]
-    last_id: int  # pass back as ``since_id`` to get only newer events
 
 
 def node_status(last_seen: float | None, open_lease: Lease | None, now: float,

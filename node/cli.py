@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from protocol.cli_app import CliApp
 from protocol.cli_errors import one_line_errors
 from protocol.errors import EnrollmentError
 
@@ -21,8 +22,8 @@ from .supervisor import Supervisor
 
 __all__ = ["app", "main"]
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Contribute compute to an ATOM Network training run.")
+app = CliApp(add_completion=False, no_args_is_help=True,
+             help="Contribute compute to an ATOM Network training run.")
 console = Console(stderr=True)
 
 HomeOpt = Annotated[Optional[Path], typer.Option(

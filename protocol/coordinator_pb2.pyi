@@ -57,3 +57,25 @@ class StatementReply(_message.Message):
     STATEMENT_JSON_FIELD_NUMBER: _ClassVar[int]
     statement_json: str
     def __init__(self, statement_json: _Optional[str] = ...) -> None: ...
+
+class StatusRequest(_message.Message):
+    __slots__ = ("view", "node_id", "since_event_id", "requester_node_id", "timestamp", "signature")
+    VIEW_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    SINCE_EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUESTER_NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    view: str
+    node_id: int
+    since_event_id: int
+    requester_node_id: int
+    timestamp: float
+    signature: bytes
+    def __init__(self, view: _Optional[str] = ..., node_id: _Optional[int] = ..., since_event_id: _Optional[int] = ..., requester_node_id: _Optional[int] = ..., timestamp: _Optional[float] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class StatusReply(_message.Message):
+    __slots__ = ("json",)
+    JSON_FIELD_NUMBER: _ClassVar[int]
+    json: str
+    def __init__(self, json: _Optional[str] = ...) -> None: ...

@@ -49,6 +49,11 @@ class CoordinatorStub:
                 request_serializer=protocol_dot_coordinator__pb2.StatementRequest.SerializeToString,
                 response_deserializer=protocol_dot_coordinator__pb2.StatementReply.FromString,
                 _registered_method=True)
+        self.GetStatus = channel.unary_unary(
+                '/atom.v1.Coordinator/GetStatus',
+                request_serializer=protocol_dot_coordinator__pb2.StatusRequest.SerializeToString,
+                response_deserializer=protocol_dot_coordinator__pb2.StatusReply.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -77,6 +82,14 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetStatus(self, request, context):
+        """A read-only view of the run for atom-tui. Signed by the coordinator's key (any view) or by
+        a node's key (its own "node" view only); see protocol/status.py status_request_bytes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -94,6 +107,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.GetCreditStatement,
                     request_deserializer=protocol_dot_coordinator__pb2.StatementRequest.FromString,
                     response_serializer=protocol_dot_coordinator__pb2.StatementReply.SerializeToString,
+            ),
+            'GetStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStatus,
+                    request_deserializer=protocol_dot_coordinator__pb2.StatusRequest.FromString,
+                    response_serializer=protocol_dot_coordinator__pb2.StatusReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -177,6 +195,33 @@ class Coordinator:
             '/atom.v1.Coordinator/GetCreditStatement',
             protocol_dot_coordinator__pb2.StatementRequest.SerializeToString,
             protocol_dot_coordinator__pb2.StatementReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/atom.v1.Coordinator/GetStatus',
+            protocol_dot_coordinator__pb2.StatusRequest.SerializeToString,
+            protocol_dot_coordinator__pb2.StatusReply.FromString,
             options,
             channel_credentials,
             insecure,

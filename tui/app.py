@@ -88,7 +88,7 @@ class AtomApp(App[None]):
     def on_source_failed(self, message: SourceFailed) -> None:
         if message.error != self._last_error:  # say it once, not every second
             self._last_error = message.error
-            self.notify(message.error, title="cannot read the ledger", severity="error")
+            self.notify(message.error, title=f"cannot read {self.source.name}", severity="error")
 
     def watch_node(self, node_id: int) -> None:
         """A node-detail screen opened: read that node's detail from now on."""

@@ -1,4 +1,4 @@
-"""``atom-tui``: watch a run from its ledger, or a contributor's own node.
+"""``atom-tui``: watch a run from its ledger or a running coordinator, or one node only.
 
 ::
 
@@ -8,23 +8,34 @@
     atom-tui --home ~/.atom-node --db URL
                                       the contributor view of the node enrolled in that home
                                       (a node's home does not hold the ledger: give --db or DIR)
+    atom-tui --coordinator ADDR RUN_DIR
+    atom-tui --coordinator ADDR --key coordinator.key --ca ca.pem
+                                      live from a coordinator's status service, signed with the
+                                      run's coordinator key, TLS checked with the run's CA
+    atom-tui --coordinator ADDR --home ~/.atom-node
+                                      live contributor view, signed with the node's own key
 
-The ledger is opened read-only; the TUI never writes.
+The ledger is opened read-only and the status service only reads; the TUI never writes.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
+from protocol.cli_app import CliApp
 from protocol.cli_errors import one_line_errors
 from protocol.errors import ConfigError
 
+if TYPE_CHECKING:
+    from .coordinator_source import CoordinatorSource
+    from .source import Source
+
 __all__ = ["app", "main", "resolve_source"]
 
-app = typer.Typer(add_completion=False, help=__doc__.split("::")[0].strip())
+app = CliApp(add_completion=False, help=__doc__.split("::")[0].strip())
 
 
 def _node_from_home(home: Path) -> int:
@@ -34,6 +45,35 @@ def _node_from_home(home: Path) -> int:
     if enrollment is None:
         raise ConfigError(f"no enrollment in {home}: this node has not joined a coordinator")
     return enrollment.node_id
+
+
+def _live_source(address: str, run_dir: Path | None, db: str | None, key: Path | None,
+                 ca: Path | None, home: Path | None, node: int | None) -> CoordinatorSource:
+    """The coordinator's status service, with the team's files or a node's home (whose
+    enrolled node is ``node``)."""
+    from .coordinator_source import CoordinatorSource
+
+    if db is not None:
+        raise ConfigError("give --coordinator ADDR or --db URL, not both")
+    if home is not None:
+        if run_dir is not None or key is not None or ca is not None:
+            raise ConfigError("--home brings the node's key and CA: not with a run directory, "
+                              "--key or --ca")
+        from node.identity import NodeHome
+
+        node_home = NodeHome(home.expanduser().resolve())
+        return CoordinatorSource.from_files(address, node_home.key_path, node_home.ca_path,
+                                            node)
+    if run_dir is not None:
+        from coordinator.rundir import RunDir
+
+        rd = RunDir(run_dir.expanduser().resolve())
+        rd.config()  # "is not a run directory" rather than a missing key
+        key, ca = key or rd.key_path, ca or rd.tls.ca_cert
+    if key is None or ca is None:
+        raise ConfigError("--coordinator needs the coordinator key and the run's CA: give the "
+                          "run directory, --key and --ca, or a node's --home")
+    return CoordinatorSource.from_files(address, key, ca)
 
 
 def resolve_source(run_dir: Path | None, db: str | None) -> tuple[str, str | None]:
@@ -54,7 +94,8 @@ def resolve_source(run_dir: Path | None, db: str | None) -> tuple[str, str | Non
 @one_line_errors
 def tui(
     run_dir: Annotated[Optional[Path], typer.Argument(
-        help="run directory (its run.toml names the ledger)", show_default=False)] = None,
+        help="run directory: its ledger (run.toml names it), or with --coordinator its "
+             "coordinator.key and tls/ca.pem", show_default=False)] = None,
     db: Annotated[Optional[str], typer.Option(
         "--db", help="ledger URL instead of a run directory")] = None,
     node: Annotated[Optional[int], typer.Option(
@@ -62,13 +103,15 @@ def tui(
     home: Annotated[Optional[Path], typer.Option(
         "--home", help="contributor view of the node enrolled in this node home")] = None,
     coordinator: Annotated[Optional[str], typer.Option(
-        "--coordinator", help="live updates from a coordinator's status service")] = None,
-    poll: Annotated[float, typer.Option(help="seconds between ledger reads")] = 1.0,
+        "--coordinator", metavar="ADDR",
+        help="live from a running coordinator's status service at HOST:PORT")] = None,
+    key: Annotated[Optional[Path], typer.Option(
+        "--key", help="with --coordinator: the run's coordinator.key (the team's view)")] = None,
+    ca: Annotated[Optional[Path], typer.Option(
+        "--ca", help="with --coordinator: the run's tls/ca.pem")] = None,
+    poll: Annotated[float, typer.Option(help="seconds between reads")] = 1.0,
 ) -> None:
     """Watch an ATOM Network run: nodes, progress, events, contributions and credits."""
-    if coordinator is not None:
-        raise ConfigError("live gRPC mode needs a coordinator with the status service; "
-                          "open the run's ledger instead (a run directory or --db URL)")
     if poll <= 0:
         raise ConfigError("--poll must be > 0 seconds")
     if home is not None:
@@ -76,15 +119,25 @@ def tui(
         if node is not None and node != from_home:
             raise ConfigError(f"--node {node} is not the node enrolled in {home} ({from_home})")
         node = from_home
-    url, run_id = resolve_source(run_dir, db)
+    source: Source
+    live: CoordinatorSource | None = None
+    if coordinator is not None:
+        source = live = _live_source(coordinator, run_dir, db, key, ca, home, node)
+    elif key is not None or ca is not None:
+        raise ConfigError("--key and --ca go with --coordinator ADDR")
+    else:
+        from .source import LedgerSource
+
+        url, run_id = resolve_source(run_dir, db)
+        source = LedgerSource.open(url, run_id)
 
     from .app import make_app
-    from .source import LedgerSource
 
-    source = LedgerSource.open(url, run_id)
     try:
         if node is not None:
             source.check_node(node)
+        elif live is not None:
+            live.check()
         make_app(source, node_id=node, poll_s=poll).run()
     finally:
         source.close()

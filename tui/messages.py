@@ -10,7 +10,7 @@ __all__ = ["NodeChosen", "SnapshotReady", "SourceFailed"]
 
 
 class SnapshotReady(Message):
-    """The poll worker read the ledger."""
+    """The poll worker read the source."""
 
     def __init__(self, snapshot: Snapshot) -> None:
         super().__init__()
@@ -18,7 +18,7 @@ class SnapshotReady(Message):
 
 
 class SourceFailed(Message):
-    """The poll worker could not read the ledger (it keeps trying)."""
+    """The poll worker could not read the source (it keeps trying)."""
 
     def __init__(self, error: str) -> None:
         super().__init__()

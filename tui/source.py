@@ -29,7 +29,8 @@ class Snapshot:
 
 
 class Source(Protocol):
-    """What the app reads from: a ledger now; a coordinator's status service later."""
+    """What the app reads from: a ledger (``LedgerSource``) or a running coordinator's status
+    service (``tui.coordinator_source.CoordinatorSource``)."""
 
     name: str
 

@@ -72,8 +72,9 @@ def test_opens_the_contributor_view(run_dir: Path, started: list[object], tmp_pa
     (["/nonexistent/run"], 2, "is not a run directory"),
     (["--db", "sqlite:////nonexistent/ledger.db"], 7, "cannot open ledger"),
     (["--db", "nonsense://"], 7, "cannot open ledger"),
-    (["--coordinator", "127.0.0.1:9093"], 2,
-     "live gRPC mode needs a coordinator with the status service"),
+    (["--coordinator", "127.0.0.1:9093"], 2, "--coordinator needs the coordinator key"),
+    (["--coordinator", "127.0.0.1:9093", "--db", "sqlite:///x.db"], 2, "not both"),
+    (["--key", "coordinator.key", "--db", "sqlite:///x.db"], 2, "go with --coordinator"),
     ([], 2, "give a run directory or --db URL"),
     (["--poll", "0", "--db", "sqlite:///x.db"], 2, "--poll"),
 ])

@@ -31,10 +31,24 @@ def test_defaults_round_trip(tmp_path: Path) -> None:
 def test_default_values_match_the_documented_ones() -> None:
     c = RunConfig()
     assert (c.run.id, c.run.rounds, c.model.preset, c.data.source) == ("atom-demo", 3, "tiny", "stdlib")
-    assert (c.outer.lr, c.outer.momentum, c.outer.nesterov) == (0.7, 0.9, True)
+    assert (c.outer.lr, c.outer.momentum, c.outer.nesterov) == (1.0, 0.0, True)
     assert (c.network.fleet_port, c.network.coordinator_port) == (9092, 9093)
     assert c.aggregation.method == "mean"
     assert c.shard_tokens == c.train.inner_steps * c.train.batch_size * c.train.seq_len
+
+
+def test_training_defaults_are_the_measured_demo_defaults() -> None:
+    """run.toml's defaults run the demo: keep them equal to what bench/diloco_sim.py chose."""
+    from training.defaults import DEMO
+
+    c = RunConfig()
+    assert (c.model.preset, c.train.inner_steps, c.train.batch_size, c.train.seq_len,
+            c.train.lr, c.train.weight_decay) == (DEMO.preset, DEMO.inner_steps,
+                                                  DEMO.batch_size, DEMO.seq_len, DEMO.lr,
+                                                  DEMO.weight_decay)
+    assert (c.outer.lr, c.outer.momentum) == (DEMO.outer_lr, DEMO.outer_momentum)
+    assert (c.data.eval_tokens, c.data.max_bytes, c.data.val_every) == (
+        DEMO.eval_tokens, DEMO.corpus_max_bytes, DEMO.val_every)
 
 
 def test_overrides_round_trip(tmp_path: Path) -> None:

@@ -27,6 +27,11 @@ def test_messages_round_trip() -> None:
     assert pb.StatementRequest.FromString(req2.SerializeToString()) == req2
     st = pb.StatementReply(statement_json='{"format": "atom-statement-v1"}')
     assert pb.StatementReply.FromString(st.SerializeToString()) == st
+    status = pb.StatusRequest(view="node", node_id=7, since_event_id=2**40, requester_node_id=7,
+                              timestamp=1_700_000_000.25, signature=b"\x30sig")
+    assert pb.StatusRequest.FromString(status.SerializeToString()) == status
+    reply = pb.StatusReply(json='{"format": "atom-status-v1"}')
+    assert pb.StatusReply.FromString(reply.SerializeToString()) == reply
 
 
 def test_service_shape() -> None:
@@ -35,7 +40,15 @@ def test_service_shape() -> None:
     methods = {m.name: (m.input_type.name, m.output_type.name) for m in service.methods}
     assert methods == {"Enroll": ("EnrollRequest", "EnrollReply"),
                        "Ping": ("PingRequest", "PingReply"),
-                       "GetCreditStatement": ("StatementRequest", "StatementReply")}
+                       "GetCreditStatement": ("StatementRequest", "StatementReply"),
+                       "GetStatus": ("StatusRequest", "StatusReply")}
+    fields = {f.name: (f.number, f.type) for f in pb.StatusRequest.DESCRIPTOR.fields}
+    fd = pb.StatusRequest.DESCRIPTOR.fields[0]
+    assert fields == {"view": (1, fd.TYPE_STRING), "node_id": (2, fd.TYPE_INT64),
+                      "since_event_id": (3, fd.TYPE_INT64),
+                      "requester_node_id": (4, fd.TYPE_INT64),
+                      "timestamp": (5, fd.TYPE_DOUBLE), "signature": (6, fd.TYPE_BYTES)}
+    assert [(f.name, f.number) for f in pb.StatusReply.DESCRIPTOR.fields] == [("json", 1)]
 
 
 class _Servicer(pb_grpc.CoordinatorServicer):
