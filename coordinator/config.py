@@ -167,9 +167,38 @@ class AggregationParams:
                                     "round's result instead of the coordinate-wise median")
 
 
+_fraction = _float("must be in [0, 1]", lambda x: 0 <= x <= 1)
+_norm_factor = _float("must be 0 (off) or a number > 1", lambda x: x == 0 or x > 1)
+
+
 @dataclass(frozen=True)
 class VerifyParams:
-    max_update_norm: float = _opt(1000.0, _positive, "reject pseudo-gradients with a larger L2 norm")
+    # README "How a round works" step 3; the round-level rules live in round_checks.py.
+    max_update_norm: float = _opt(1000.0, _positive, "reject pseudo-gradients with a larger L2 "
+                                  "norm (an absolute cap, checked on every update)")
+    norm_factor: float = _opt(3.0, _norm_factor, "reject an update whose L2 norm is more than "
+                              "this many times the round's median update norm, or less than "
+                              "the median over it (rounds of 3+ updates); 0 = off")
+    reject_duplicates: bool = _opt(True, _bool, "reject an update whose arrays another node "
+                                   "already sent this round, or that was accepted before")
+    usefulness_tokens: int = _opt(4096, _non_negative_int, "tokens of held-out validation data "
+                                  "and of the update's own shard on which the coordinator "
+                                  "scores base - update against base; 0 = off")
+    usefulness_tolerance: float = _opt(2.0, _non_negative, "nats: reject an update whose "
+                                       "held-out improvement is below min(0, the round's "
+                                       "median) by more than this")
+    min_improvement: float = _opt(0.01, _non_negative, "nats: reject an update that lowers "
+                                  "the loss on its own shard by less than this (free riders)")
+    min_improvement_fraction: float = _opt(0.05, _fraction, "reject an update that lowers "
+                                           "the loss on its own shard by less than this "
+                                           "fraction of the round's median such improvement")
+    spot_check_rate: float = _opt(0.1, _fraction, "chance that a train shard is also leased to "
+                                  "a second node to compare (raised for nodes of low trust); "
+                                  "0 = off")
+    spot_check_tolerance: float = _opt(0.1, _positive, "relative L2 distance within which two "
+                                       "results of the same shard agree")
+    trust_weighting: bool = _opt(False, _bool, "scale each update's aggregation weight by its "
+                                 "node's trust score")
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,10 @@
 """Judging one reply: decode, verify, record the verdict, pay credit for accepted work.
 
 Whatever a node sends, the outcome is a row in the ledger: hostile or broken input becomes a
-rejection with its reason, never an exception that stops the run.
+rejection with its reason, never an exception that stops the run. ``judge_reply`` does it all
+at once (eval work); the run loop screens train replies with ``screen_reply`` as they arrive
+and records them with ``record_judged`` once the round-level checks
+(``coordinator.round_judge``) have had their say.
 """
 
 from __future__ import annotations
@@ -19,9 +22,10 @@ from protocol.messages import Lease, Update, parse_reply
 from .config import RunConfig
 from .credits import ReceiptIssuer, pay_credit
 from .ledger import Ledger
+from .ledger import Update as UpdateRow
 from .verifier import Expected, Verdict, verify
 
-__all__ = ["Judged", "judge_reply"]
+__all__ = ["Judged", "judge_reply", "record_judged", "screen_reply"]
 
 log = logging.getLogger(__name__)
 
@@ -42,30 +46,52 @@ def _revoked(ledger: Ledger, node_id: int) -> bool:
     return node is None or bool(node.revoked)
 
 
-def judge_reply(content: RecordDict, *, lease: Lease, lease_row_id: int, node_id: int,
-                public_key_pem: bytes, version: int,
-                shapes: dict[str, tuple[tuple[int, ...], str]], cfg: RunConfig,
-                ledger: Ledger, now: float, issuer: ReceiptIssuer | None = None) -> Judged:
+def screen_reply(content: RecordDict, *, lease: Lease, node_id: int, public_key_pem: bytes,
+                 version: int, shapes: dict[str, tuple[tuple[int, ...], str]], cfg: RunConfig,
+                 ledger: Ledger, now: float) -> Judged:
+    """Decode and ``verify`` one reply; records nothing."""
     try:
         update, arrays = parse_reply(content)
     except ProtocolError as err:
-        verdict = Verdict(False, Reason.MALFORMED, str(err))
-        ledger.record_update(lease_id=lease_row_id, node_id=node_id, arrays_digest="",
-                             verdict="rejected", tokens=0, steps=0, loss_before=None,
-                             loss_after=None, wall_s=None, reason=verdict.reason,
-                             detail=verdict.detail, received_at=now)
-        return Judged(verdict, None, {})
+        return Judged(Verdict(False, Reason.MALFORMED, str(err)), None, {})
     verdict = verify(update, arrays, Expected(
         lease=lease, node_id=node_id, public_key_pem=public_key_pem, current_version=version,
         shapes=shapes if lease.kind == "train" else {},
         max_norm=cfg.verify.max_update_norm, now=now, revoked=_revoked(ledger, node_id)))
+    return Judged(verdict, update, arrays)
+
+
+def record_judged(judged: Judged, *, lease: Lease, lease_row_id: int, node_id: int,
+                  cfg: RunConfig, ledger: Ledger, now: float,
+                  issuer: ReceiptIssuer | None = None,
+                  improvement: float | None = None) -> UpdateRow:
+    """Record the verdict on one reply (received at ``now``) and pay accepted work."""
+    verdict, update = judged.verdict, judged.update
+    if update is None:
+        return ledger.record_update(lease_id=lease_row_id, node_id=node_id, arrays_digest="",
+                                    verdict="rejected", tokens=0, steps=0, loss_before=None,
+                                    loss_after=None, wall_s=None, reason=verdict.reason,
+                                    detail=verdict.detail, received_at=now)
     m = update.metrics
     row = ledger.record_update(
         lease_id=lease_row_id, node_id=node_id, arrays_digest=update.arrays_digest,
         verdict="accepted" if verdict.accepted else "rejected", tokens=m.tokens, steps=m.steps,
         loss_before=_num(m.loss_before), loss_after=_num(m.loss_after), wall_s=_num(m.wall_s),
-        reason=verdict.reason, detail=verdict.detail, norm=verdict.norm, received_at=now)
+        reason=verdict.reason, detail=verdict.detail, norm=verdict.norm,
+        improvement=improvement, received_at=now)
     if verdict.accepted:
         pay_credit(ledger, cfg.credits, issuer, node_id=node_id, lease=lease, update=update,
                    update_id=row.id, now=now)
-    return Judged(verdict, update, arrays)
+    return row
+
+
+def judge_reply(content: RecordDict, *, lease: Lease, lease_row_id: int, node_id: int,
+                public_key_pem: bytes, version: int,
+                shapes: dict[str, tuple[tuple[int, ...], str]], cfg: RunConfig,
+                ledger: Ledger, now: float, issuer: ReceiptIssuer | None = None) -> Judged:
+    """Screen one reply and record its verdict at once (no round-level checks)."""
+    judged = screen_reply(content, lease=lease, node_id=node_id, public_key_pem=public_key_pem,
+                          version=version, shapes=shapes, cfg=cfg, ledger=ledger, now=now)
+    record_judged(judged, lease=lease, lease_row_id=lease_row_id, node_id=node_id, cfg=cfg,
+                  ledger=ledger, now=now, issuer=issuer)
+    return judged

@@ -1,20 +1,24 @@
 """The run loop: lease shards to online nodes, judge what comes back, make model versions.
 
 One round = a train phase (each eligible node trains one distinct shard from the current
-version; accepted pseudo-gradients are aggregated and applied with the outer optimizer) and
-an eval phase (the validation slice is split over the nodes; any part no node answered is
-evaluated here, so every version gets a validation loss).
+version, except spot checkers, which train another node's shard again; each reply is
+screened by ``verifier.verify`` as it arrives, and once all are in, ``round_judge`` judges
+them together; accepted pseudo-gradients are aggregated and applied with the outer
+optimizer) and an eval phase (the validation slice is split over the nodes; any part no node
+answered is evaluated here, so every version gets a validation loss).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+from flwr.app import RecordDict
 
 from protocol.messages import Lease, work_content
 from training.corpus import CorpusInfo
@@ -24,11 +28,13 @@ from training.shards import data_digest, make_shards
 from .aggregators import get_aggregator
 from .config import RunConfig
 from .credits import ReceiptIssuer
-from .judging import judge_reply
+from .judging import record_judged, screen_reply
 from .ledger import Ledger, Node
 from .model_store import ModelStore
+from .round_judge import Candidate, RoundJudge
 from .scheduler import Scheduler
 from .transport import Transport
+from .trust import NEW_NODE_TRUST, plan_spot_checks
 
 __all__ = ["RunLoop"]
 
@@ -56,6 +62,8 @@ class RunLoop:
     clock: Callable[[], float] = time.time
     sleep: Callable[[float], None] = time.sleep
     issuer: ReceiptIssuer | None = None  # signs credit receipts; the ServerApp passes one
+    # spot checks and held-out batches: unpredictable to nodes (tests pass a seeded Random)
+    rng: random.Random = field(default_factory=random.SystemRandom)
     _nodes: dict[int, Node] = field(default_factory=dict)  # by Flower id
     _benched: dict[int, float] = field(default_factory=dict)  # ledger id -> until
     _seen: set[int] = field(default_factory=set)
@@ -68,11 +76,15 @@ class RunLoop:
                                    data_digest=lambda a, b: data_digest(self.tokens[a:b]),
                                    clock=self.clock)
         accepted = {u.lease_id for u in self.ledger.updates() if u.verdict == "accepted"}
-        self.scheduler.restore([lease.shard_id for lease in self.ledger.leases()
-                                if lease.kind == "train" and lease.id in accepted])
+        # a spot-checked shard may have two accepted results in its round: it counts once
+        done = {(lease.round, lease.shard_id): lease.shard_id for lease in self.ledger.leases()
+                if lease.kind == "train" and lease.id in accepted}
+        self.scheduler.restore(list(done.values()))
         self.aggregator = get_aggregator(self.cfg.aggregation.method,
                                          dataclasses.asdict(self.cfg.aggregation))
         self.arch = {k: v for k, v in dataclasses.asdict(self.store.gpt).items()}
+        self.judge = RoundJudge(self.cfg, self.ledger, self.store.gpt, self.tokens,
+                                self.corpus.val_range, self.rng, self.issuer)
 
     # -- the loop -----------------------------------------------------------------------
 
@@ -133,9 +145,13 @@ class RunLoop:
 
     def _train_phase(self, rnd: int) -> bool:
         end = self.clock() + self.cfg.run.wait_for_nodes_s
+        trust = {s.node_id: s.trust for s in self.ledger.node_summaries()}
         while True:
             by_id = {n.id: n for n in self._eligible()}
-            leases = self.scheduler.lease_train(rnd, sorted(by_id), self.store.version,
+            checks = plan_spot_checks(sorted(by_id), trust, self.cfg.verify.spot_check_rate,
+                                      self.rng)
+            workers = sorted(set(by_id) - set(checks.values()))
+            leases = self.scheduler.lease_train(rnd, workers, self.store.version,
                                                 self.store.digest)
             if leases or self.clock() >= end:
                 break
@@ -144,18 +160,48 @@ class RunLoop:
         if not leases:
             self.ledger.add_event("round", f"round {rnd}: no eligible node, skipped")
             return False
-        accepted = self._dispatch([(by_id[n], [lease]) for n, lease in leases.items()])
-        if not accepted:
+        # spot checks: the checker trains its worker's shard instead of one of its own
+        copies = {c: self.scheduler.lease_duplicate(rnd, c, leases[w])
+                  for w, c in checks.items() if w in leases}
+        work = [(by_id[n], [lease]) for n, lease in sorted({**leases, **copies}.items())]
+        cands, screened_out = self._dispatch(work, hold=True)
+        kept = self._judge_round(rnd, cands, screened_out,
+                                 [(leases[w], copies[c]) for w, c in checks.items() if c in copies])
+        if not kept:
             self.ledger.add_event("round", f"round {rnd}: no accepted update; "
                                            f"version {self.store.version} stays")
             return False
-        weights = [float(u.metrics.tokens) for u, _ in accepted]
-        delta = self.aggregator.aggregate([a for _, a in accepted], weights)
-        version = self.store.advance(delta, self.ledger, round=rnd, n_updates=len(accepted),
-                                     tokens=int(sum(weights)))
+        weights = [float(c.judged.update.metrics.tokens) * (
+            trust.get(c.node.id, NEW_NODE_TRUST) if self.cfg.verify.trust_weighting else 1.0)
+            for c in kept]
+        delta = self.aggregator.aggregate([c.arrays for c in kept], weights)
+        tokens = sum(c.judged.update.metrics.tokens for c in kept)
+        version = self.store.advance(delta, self.ledger, round=rnd, n_updates=len(kept),
+                                     tokens=tokens)
         self.ledger.add_event("version", f"round {rnd}: version {version} from "
-                                         f"{len(accepted)} updates ({int(sum(weights))} tokens)")
+                                         f"{len(kept)} updates ({tokens} tokens)")
         return True
+
+    def _judge_round(self, rnd: int, cands: list[Candidate], screened_out: list[Lease],
+                     pairs: list[tuple[Lease, Lease]]) -> list[Candidate]:
+        """Round-level verdicts, then every held lease closed; returns what is aggregated:
+        the accepted results, one per shard (a spot check's original before its copy)."""
+        at = {c.lease.nonce: i for i, c in enumerate(cands)}
+        self.judge.judge(rnd, self.store.arrays, cands,
+                         [(at[o.nonce], at[c.nonce]) for o, c in pairs
+                          if o.nonce in at and c.nonce in at])
+        done = {c.lease.shard_id for c in cands if c.standing}
+        for lease in screened_out:
+            # a rejected original whose copy was accepted has had its shard's work done
+            self.scheduler.answered(lease, lease.shard_id in done)
+        copies = {c.nonce for _, c in pairs}
+        kept, seen = [], set()
+        for c in sorted(cands, key=lambda c: c.lease.nonce in copies):  # stable: originals first
+            self.scheduler.answered(c.lease, c.lease.shard_id in done)
+            if c.standing and c.lease.shard_id not in seen:
+                seen.add(c.lease.shard_id)
+                kept.append(c)
+        return kept
 
     def _eval_phase(self, rnd: int) -> None:
         lo, hi = self.corpus.val_range
@@ -163,7 +209,7 @@ class RunLoop:
         nodes = {n.id: n for n in self._eligible()}
         leases = self.scheduler.lease_eval(rnd, sorted(nodes), self.store.version,
                                            self.store.digest, [(lo, hi)])
-        results = self._dispatch([(nodes[n], ls) for n, ls in leases.items()])
+        results, _ = self._dispatch([(nodes[n], ls) for n, ls in leases.items()])
         loss_sum, count = 0.0, 0
         covered = np.zeros(hi - lo, dtype=bool)
         for update, _ in results:
@@ -182,9 +228,14 @@ class RunLoop:
 
     # -- sending and judging ------------------------------------------------------------
 
-    def _dispatch(self, work: list[tuple[Node, list[Lease]]]) -> list[tuple]:
-        """Send every lease, judge replies as they come, expire the silent; return the
-        accepted (update, arrays) pairs."""
+    def _dispatch(self, work: list[tuple[Node, list[Lease]]], hold: bool = False) -> tuple:
+        """Send every lease, screen replies as they come, expire the silent.
+
+        Without ``hold`` replies are judged at once; returns (accepted (update, arrays)
+        pairs, []). With ``hold`` (train) rejections are recorded at once but every answered
+        lease stays open in the scheduler for the round's verdict; returns (the replies that
+        passed ``verify`` as ``Candidate``s, the leases of those that did not).
+        """
         pending: dict[str, _Sent] = {}
         for node, leases in work:
             for lease in leases:
@@ -201,7 +252,8 @@ class RunLoop:
                 mid = self.transport.send(int(node.flower_node_id), lease.kind, content,
                                           ttl=lease.deadline - self.clock() + _TTL_SLACK_S)
                 pending[mid] = _Sent(lease, node, row.id)
-        accepted: list[tuple] = []
+        out: list = []
+        screened_out: list[Lease] = []
         while pending:
             for reply in self.transport.poll(list(pending)):
                 sent = pending.pop(reply.msg_id, None)
@@ -210,18 +262,7 @@ class RunLoop:
                 if reply.error is not None or reply.content is None:
                     self._failed(sent, reply.error or "empty reply")
                     continue
-                judged = judge_reply(
-                    reply.content, lease=sent.lease, lease_row_id=sent.row_id,
-                    node_id=sent.node.id, public_key_pem=sent.node.public_key_pem.encode(),
-                    version=self.store.version, shapes=self.store.shapes(), cfg=self.cfg,
-                    ledger=self.ledger, now=self.clock(), issuer=self.issuer)
-                self.scheduler.answered(sent.lease, judged.verdict.accepted)
-                if judged.verdict.accepted:
-                    accepted.append((judged.update, judged.arrays))
-                else:
-                    self.ledger.add_event("reject", f"{sent.node.name}: {judged.verdict.reason}"
-                                                    f" — {judged.verdict.detail}",
-                                          node_id=sent.node.id)
+                self._screen(sent, reply.content, hold, out, screened_out)
             expired = {lease.nonce for lease in self.scheduler.expire()}
             for mid, sent in list(pending.items()):
                 if sent.lease.nonce in expired:
@@ -233,7 +274,32 @@ class RunLoop:
                     self._bench(sent.node, "missed a deadline")
             if pending:
                 self.sleep(_POLL_S)
-        return accepted
+        return out, screened_out
+
+    def _screen(self, sent: _Sent, content: RecordDict, hold: bool, out: list,
+                screened_out: list[Lease]) -> None:
+        now, t0 = self.clock(), time.perf_counter()
+        judged = screen_reply(
+            content, lease=sent.lease, node_id=sent.node.id,
+            public_key_pem=sent.node.public_key_pem.encode(), version=self.store.version,
+            shapes=self.store.shapes(), cfg=self.cfg, ledger=self.ledger, now=now)
+        if hold:
+            self.judge.cost.screen_s += time.perf_counter() - t0
+            self.judge.cost.updates += 1
+            self.scheduler.received(sent.lease)
+            if judged.verdict.accepted:
+                out.append(Candidate(judged, sent.lease, sent.row_id, sent.node, now))
+                return
+            screened_out.append(sent.lease)
+        else:
+            self.scheduler.answered(sent.lease, judged.verdict.accepted)
+        record_judged(judged, lease=sent.lease, lease_row_id=sent.row_id, node_id=sent.node.id,
+                      cfg=self.cfg, ledger=self.ledger, now=now, issuer=self.issuer)
+        if judged.verdict.accepted:
+            out.append((judged.update, judged.arrays))
+        else:
+            self.ledger.add_event("reject", f"{sent.node.name}: {judged.verdict.reason}"
+                                            f" — {judged.verdict.detail}", node_id=sent.node.id)
 
     def _failed(self, sent: _Sent, error: str) -> None:
         self.scheduler.release(sent.lease, reason=error)

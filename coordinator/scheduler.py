@@ -48,6 +48,7 @@ class _Open:
     lease: Lease
     epoch: int  # -1 for eval leases: nothing to return to the pool
     duplicate: bool  # a spot-check copy: its outcome never touches the pool
+    received: bool = False  # its reply is in and awaits the round's verdict: never expires
 
 
 class Scheduler:
@@ -156,6 +157,15 @@ class Scheduler:
             self._requeue([entry])
         return True
 
+    def received(self, lease: Lease) -> bool:
+        """A reply to the open ``lease`` arrived and waits for its round's verdict: the lease
+        no longer expires, and ``answered`` closes it. False if the lease was not open."""
+        entry = self._open.get(lease.nonce)
+        if entry is None or entry.lease != lease:
+            return False
+        self._open[lease.nonce] = replace(entry, received=True)
+        return True
+
     def release(self, lease: Lease, *, reason: str) -> bool:
         """The node failed or replied with an error: the shard goes back to the pool front.
         ``reason`` is for the caller's records. False if the lease was not open."""
@@ -166,10 +176,10 @@ class Scheduler:
         return True
 
     def expire(self) -> list[Lease]:
-        """Close every lease past its deadline, returning train shards to the pool front
-        (first issued first); returns the expired leases."""
+        """Close every lease past its deadline and not ``received``, returning train shards
+        to the pool front (first issued first); returns the expired leases."""
         now = self._clock()
-        late = [e for e in self._open.values() if now > e.lease.deadline]
+        late = [e for e in self._open.values() if now > e.lease.deadline and not e.received]
         for e in late:
             del self._open[e.lease.nonce]
         self._requeue(late)

@@ -103,11 +103,15 @@ class Reason:
     MALFORMED = "malformed"
     METRICS_INCONSISTENT = "metrics_inconsistent"
     UNKNOWN_NODE = "unknown_node"
+    # round-level checks (coordinator.round_checks), judged once a round's replies are in
+    DUPLICATE = "duplicate"
+    NOT_USEFUL = "not_useful"
+    SPOT_CHECK_MISMATCH = "spot_check_mismatch"
 
     ALL: frozenset[str] = frozenset(
         {
             UNKNOWN_LEASE, BAD_SIGNATURE, LEASE_MISMATCH, STALE_BASE, DIGEST_MISMATCH,
             SHAPE_MISMATCH, NON_FINITE, NORM_BOUND, LATE, MALFORMED,
-            METRICS_INCONSISTENT, UNKNOWN_NODE,
+            METRICS_INCONSISTENT, UNKNOWN_NODE, DUPLICATE, NOT_USEFUL, SPOT_CHECK_MISMATCH,
         }
     )

@@ -215,6 +215,7 @@ class Ledger(LedgerReads):
                       tokens: int, steps: int, loss_before: float | None,
                       loss_after: float | None, wall_s: float | None, reason: str | None = None,
                       detail: str = "", norm: float | None = None,
+                      improvement: float | None = None,
                       received_at: float | None = None) -> Update:
         """Record a node's answer and close its lease as 'answered' in one transaction.
 
@@ -226,7 +227,8 @@ class Ledger(LedgerReads):
         row = Update(lease_id=lease_id, node_id=node_id, arrays_digest=arrays_digest,
                      verdict=verdict, reason=reason, detail=detail, tokens=tokens, steps=steps,
                      loss_before=_finite(loss_before), loss_after=_finite(loss_after),
-                     wall_s=_finite(wall_s), norm=_finite(norm), received_at=at)
+                     wall_s=_finite(wall_s), norm=_finite(norm),
+                     improvement=_finite(improvement), received_at=at)
         with self._write("record an update") as session:
             self._must(session, Lease, lease_id)
             session.add(row)

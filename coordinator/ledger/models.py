@@ -14,6 +14,7 @@ from sqlalchemy import BigInteger, CheckConstraint, Column, Index, Text
 from sqlmodel import Field, SQLModel
 
 __all__ = [
+    "ADDED_COLUMNS",
     "CreditEntry",
     "CreditReceipt",
     "Event",
@@ -140,6 +141,9 @@ class Update(SQLModel, table=True):
     loss_after: Optional[float] = None
     wall_s: Optional[float] = None
     norm: Optional[float] = None
+    # held-out loss of the base minus that of base - update, in nats (coordinator.round_judge);
+    # NULL where it was not measured (eval work, rejected before scoring, scoring off)
+    improvement: Optional[float] = None
     received_at: float
 
 
@@ -188,6 +192,10 @@ class Event(SQLModel, table=True):
     node_id: Optional[int] = Field(default=None, foreign_key="nodes.id")
     message: str = Field(sa_column=Column(Text, nullable=False))
 
+
+# Columns added after a table was first released: (table, column, SQL type). Opening a
+# ledger for writing adds the missing ones (nullable), so older ledgers keep working.
+ADDED_COLUMNS = [("updates", "improvement", "FLOAT")]
 
 # Created explicitly so other SQLModel tables sharing the global metadata are left alone.
 TABLES = [

@@ -22,8 +22,8 @@ from protocol.errors import LedgerError
 
 from .engine import first_line, open_engine, shown_url
 from .models import (
-    TABLES, CreditEntry, CreditReceipt, Event, Institution, Invite, Lease, ModelVersion, Node,
-    Update,
+    ADDED_COLUMNS, TABLES, CreditEntry, CreditReceipt, Event, Institution, Invite, Lease,
+    ModelVersion, Node, Update,
 )
 from .summaries import NodeSummary, node_summaries_query
 
@@ -62,6 +62,7 @@ class LedgerReads:
         try:
             if create and not _read_only:
                 SQLModel.metadata.create_all(self._engine, tables=TABLES)
+                self._add_missing_columns()
             elif not inspect(self._engine).has_table(Node.__tablename__):
                 raise LedgerError(f"cannot open ledger {self.url}: it has no ledger tables")
         except SQLAlchemyError as exc:
@@ -70,6 +71,21 @@ class LedgerReads:
         except LedgerError:
             self._engine.dispose()
             raise
+
+    def _add_missing_columns(self) -> None:
+        """Bring a ledger made by an older ATOM up to date (see ``models.ADDED_COLUMNS``)."""
+        def has(table: str, column: str) -> bool:
+            return column in {c["name"] for c in inspect(self._engine).get_columns(table)}
+
+        for table, column, sql_type in ADDED_COLUMNS:
+            if has(table, column):
+                continue
+            try:
+                with self._engine.begin() as conn:
+                    conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {column} {sql_type}")
+            except SQLAlchemyError:
+                if not has(table, column):  # not a concurrent opener that was faster
+                    raise
 
     def close(self) -> None:
         self._engine.dispose()
@@ -160,6 +176,13 @@ class LedgerReads:
     def updates(self, node_id: int | None = None) -> list[Update]:
         stmt = select(Update).order_by(col(Update.id))
         return self._all(stmt if node_id is None else stmt.where(Update.node_id == node_id))
+
+    def accepted_with_digest(self, arrays_digest: str) -> Update | None:
+        """The first accepted update whose arrays hash to ``arrays_digest`` (replay check)."""
+        rows = self._all(select(Update).where(col(Update.arrays_digest) == arrays_digest,
+                                              col(Update.verdict) == "accepted")
+                         .order_by(col(Update.id)).limit(1))
+        return rows[0] if rows else None
 
     def updates_with_leases(self, node_id: int | None = None) -> list[tuple[Update, Lease]]:
         """Each update with the lease it answers (kind, round, shard), in one query."""

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Select, and_, case, func, select
 from sqlmodel import col
 
+from protocol.errors import Reason
+
+from ..trust import NEW_NODE_TRUST, trust_score
 from .models import CreditEntry, Institution, Lease, Node, Update
 
 __all__ = ["NodeSummary", "node_summaries_query"]
@@ -18,7 +21,9 @@ class NodeSummary:
     """What one node has contributed so far.
 
     ``tokens`` counts accepted train tokens, ``eval_tokens`` accepted eval tokens;
-    ``credits`` is the sum of the node's credit entries.
+    ``credits`` is the sum of the node's credit entries. ``trust`` is
+    ``coordinator.trust.trust_score`` of its train updates (derived from its record, so not
+    part of equality).
     """
 
     node_id: int
@@ -31,6 +36,7 @@ class NodeSummary:
     credits: float
     last_seen: float | None
     revoked: bool
+    trust: float = field(default=NEW_NODE_TRUST, compare=False)
 
     @classmethod
     def from_row(cls, row: Any) -> NodeSummary:
@@ -41,6 +47,8 @@ class NodeSummary:
             eval_tokens=int(row.eval_tokens), credits=float(row.credits),
             last_seen=None if row.last_seen is None else float(row.last_seen),
             revoked=bool(row.revoked),
+            trust=trust_score(int(row.train_accepted), int(row.train_rejected),
+                              int(row.mismatches)),
         )
 
 
@@ -49,10 +57,14 @@ def node_summaries_query(node_id: int | None = None) -> Select[Any]:
     Updates and credits are grouped in separate subqueries so that joining both onto a
     node cannot multiply either sum."""
     accepted = col(Update.verdict) == "accepted"
+    train = col(Lease.kind) == "train"
 
     def accepted_tokens(kind: str) -> Any:
         wanted = and_(accepted, col(Lease.kind) == kind)
         return func.sum(case((wanted, col(Update.tokens)), else_=0))
+
+    def count(condition: Any) -> Any:
+        return func.sum(case((condition, 1), else_=0))
 
     by_update = (
         select(
@@ -61,6 +73,9 @@ def node_summaries_query(node_id: int | None = None) -> Select[Any]:
             func.sum(case((accepted, 0), else_=1)).label("rejected"),
             accepted_tokens("train").label("tokens"),
             accepted_tokens("eval").label("eval_tokens"),
+            count(and_(train, accepted)).label("train_accepted"),
+            count(and_(train, col(Update.verdict) != "accepted")).label("train_rejected"),
+            count(col(Update.reason) == Reason.SPOT_CHECK_MISMATCH).label("mismatches"),
         )
         .join(Lease, col(Lease.id) == col(Update.lease_id))
         .group_by(col(Update.node_id))
@@ -84,6 +99,9 @@ def node_summaries_query(node_id: int | None = None) -> Select[Any]:
             func.coalesce(per_update.c.tokens, 0).label("tokens"),
             func.coalesce(per_update.c.eval_tokens, 0).label("eval_tokens"),
             func.coalesce(per_credit.c.credits, 0.0).label("credits"),
+            func.coalesce(per_update.c.train_accepted, 0).label("train_accepted"),
+            func.coalesce(per_update.c.train_rejected, 0).label("train_rejected"),
+            func.coalesce(per_update.c.mismatches, 0).label("mismatches"),
             col(Node.last_seen).label("last_seen"),
             col(Node.revoked).label("revoked"),
         )

@@ -13,6 +13,18 @@ ways a node can go wrong that the coordinator must survive::
     silent     never answer                                        -> lease expires
     error      answer with an error (as Flower does when the ClientApp raises)
 
+and the well-formed, correctly signed attacks that only the round-level checks
+(``coordinator.round_checks``) can catch::
+
+    sign_flip   the honest update times -10                        -> norm_bound / not_useful
+    noise       honest + Gaussian noise of NOISE_SCALE x its RMS     -> norm_bound / not_useful
+    free_rider  zero arrays, no training, full tokens claimed      -> not_useful
+    copy        another node's update of this round, as its own    -> duplicate
+    reuse       its own previous train update, signed for the new lease (honest in its
+                first round)                                        -> duplicate
+    stale       trains from the base of its previous train lease, claims the current one
+                (honest in its first round)              -> not_useful (mostly) / spot checks
+
 A misbehaviour applies to the message kinds in ``FakeNode.on`` (train only by default); for
 the other kinds the node is honest, so one node can e.g. train well but go silent in eval.
 Replies are made when the loop polls, so they arrive at the earliest on the poll after the send.
@@ -22,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,13 +46,17 @@ from coordinator.ledger import Ledger, Node
 from coordinator.transport import Reply
 from node.worker import WorkerSettings, do_work
 from protocol.digest import digest_arrays
-from protocol.messages import Lease, parse_reply, parse_work, reply_content
+from protocol.messages import (
+    Lease, Update, UpdateMetrics, parse_reply, parse_work, reply_content, work_content,
+)
 from protocol.signing import fingerprint, generate_key, public_key_pem, sign_update
 
 __all__ = ["BEHAVIOURS", "FakeClock", "FakeNode", "FakeTransport", "Sent", "enroll"]
 
-BEHAVIOURS = ("honest", "wrong_key", "tamper", "nan", "replay", "late", "silent", "error")
+BEHAVIOURS = ("honest", "wrong_key", "tamper", "nan", "replay", "late", "silent", "error",
+              "sign_flip", "noise", "free_rider", "copy", "reuse", "stale")
 T0 = 1_700_000_000.0
+NOISE_SCALE = 20.0
 
 
 class FakeClock:
@@ -75,7 +92,53 @@ class FakeNode:
     online: bool = True
     # (lease, arrays) of every honest reply it made, for checking what was aggregated
     answered: list[tuple[Lease, dict[str, np.ndarray]]] = field(default_factory=list)
+    copy_from: FakeNode | None = None  # "copy": whose update it sends as its own
+    attacked: set[str] = field(default_factory=set)  # nonces of the leases it misbehaved on
+    seed: int = 0  # "noise": its noise generator's seed
     _last_train: RecordDict | None = None
+    _last_base: dict[str, np.ndarray] | None = None  # "stale": the base of its last train lease
+
+    def ready(self, kind: str, lease: Lease) -> bool:
+        """False while a copier's source has not answered this round's train lease yet."""
+        how = self.behaviour if kind in self.on else "honest"
+        return how != "copy" or self._copied(lease) is not None
+
+    def _copied(self, lease: Lease) -> dict[str, np.ndarray] | None:
+        src = self.copy_from
+        if src is None:
+            return None
+        return next((a for held, a in src.answered
+                     if held.kind == "train" and held.round == lease.round), None)
+
+    def _signed(self, update: Update, arrays: dict[str, np.ndarray], **changes: Any) -> RecordDict:
+        """``update`` with ``changes``, digested over ``arrays`` and signed with its key."""
+        forged = dataclasses.replace(update, arrays_digest=digest_arrays(arrays), signature=b"",
+                                     **changes)
+        return reply_content(sign_update(forged, self.key), arrays)
+
+    def _attack(self, how: str, content: RecordDict) -> RecordDict | None:
+        """The reply of the round-level attacks, or None to go on with the honest work."""
+        lease, model, data, arch = parse_work(content)
+        old_base, self._last_base = self._last_base, model
+        # what a node that did not train claims: the lease's counts, plausible losses
+        claim = Update(lease, self.id, "", UpdateMetrics(
+            tokens=lease.inner_steps * lease.batch_size * lease.seq_len,
+            steps=lease.inner_steps, loss_before=5.0, loss_after=4.0, wall_s=1.0))
+        if how == "free_rider":
+            return self._signed(claim, {k: np.zeros_like(a) for k, a in model.items()})
+        if how == "stale" and old_base is not None:
+            # honest work on the right shard, from the model it had before
+            old = dataclasses.replace(lease, base_digest=digest_arrays(old_base))
+            update, arrays = parse_reply(self._honest(work_content(old, old_base, data, arch)))
+            return self._signed(update, arrays, lease=lease)
+        if how == "reuse" and self._last_train is not None:
+            update, arrays = parse_reply(self._last_train)
+            return self._signed(update, arrays, lease=lease)
+        if how == "copy":
+            copied = self._copied(lease)
+            assert copied is not None, "poll only asks a copier that is ready"
+            return self._signed(claim, {k: a.copy() for k, a in copied.items()})
+        return None
 
     @property
     def id(self) -> int:
@@ -89,30 +152,54 @@ class FakeNode:
     def answer(self, kind: str, content: RecordDict) -> tuple[RecordDict | None, str | None]:
         """The reply content or error this node sends for ``content``."""
         how = self.behaviour if kind in self.on else "honest"
+        reply, error, misbehaved = self._answer(how, kind, content)
+        if misbehaved:
+            self.attacked.add(Lease.from_record(content["lease"]).nonce)
+        return reply, error
+
+    def _answer(self, how: str, kind: str, content: RecordDict
+                ) -> tuple[RecordDict | None, str | None, bool]:
         if how == "error":
-            return None, "ClientApp raised RuntimeError: out of memory"
+            return None, "ClientApp raised RuntimeError: out of memory", True
         if how == "replay" and self._last_train is not None:
-            return self._last_train, None
+            return self._last_train, None, True
+        if how in ("free_rider", "stale", "reuse", "copy") and kind == "train":
+            forged = self._attack(how, content)
+            if forged is not None:
+                if how != "reuse":  # reuse keeps sending the same old arrays
+                    self._last_train = forged
+                return forged, None, True
         try:
             reply = self._honest(content, generate_key() if how == "wrong_key" else None)
         except Exception as err:  # as Flower does: a raising ClientApp answers with an error
-            return None, f"{type(err).__name__}: {err}"
+            return None, f"{type(err).__name__}: {err}", False
         update, arrays = parse_reply(reply)
         if how in ("honest", "late", "replay"):
             self.answered.append((update.lease, arrays))
         if kind == "train":
             self._last_train = reply
+        misbehaved = how not in ("honest", "replay", "stale", "reuse", "copy", "free_rider")
         if how == "tamper":
             name = sorted(arrays)[0]
             arrays[name] = arrays[name] + np.float32(1e-3)
-            return reply_content(update, arrays), None
+            return reply_content(update, arrays), None, True
         if how == "nan":
             name = sorted(arrays)[0]
             arrays[name] = arrays[name].copy()
             arrays[name].reshape(-1)[0] = np.nan
-            forged = dataclasses.replace(update, arrays_digest=digest_arrays(arrays), signature=b"")
-            return reply_content(sign_update(forged, self.key), arrays), None
-        return reply, None
+            return self._signed(update, arrays), None, True
+        if how == "sign_flip":
+            flipped = {k: a * np.float32(-10) for k, a in arrays.items()}
+            return self._signed(update, flipped), None, True
+        if how == "noise":
+            rng = np.random.default_rng(self.seed + update.lease.round)
+            size = sum(a.size for a in arrays.values())
+            rms = math.sqrt(sum(float(np.square(a, dtype=np.float64).sum())
+                                for a in arrays.values()) / size)
+            return self._signed(update, {
+                k: a + rng.normal(0.0, NOISE_SCALE * rms, a.shape).astype(np.float32)
+                for k, a in arrays.items()}), None, True
+        return reply, None, misbehaved
 
 
 def enroll(ledger: Ledger, specs: Iterable[str | tuple[str, Iterable[str]]],
@@ -129,7 +216,11 @@ def enroll(ledger: Ledger, specs: Iterable[str | tuple[str, Iterable[str]]],
         name = f"node-{chr(ord('a') + i)}-{behaviour}"
         flower_id = 10_000 + i
         row = ledger.add_node(flower_id, name, inst.id, pem, fingerprint(pem))
-        nodes.append(FakeNode(name, flower_id, key, row, behaviour, frozenset(on)))
+        nodes.append(FakeNode(name, flower_id, key, row, behaviour, frozenset(on), seed=i))
+    honest = next((n for n in nodes if n.behaviour == "honest"), None)
+    for n in nodes:
+        if n.behaviour == "copy":
+            n.copy_from = honest
     return nodes
 
 
@@ -177,6 +268,8 @@ class FakeTransport:
             if how == "silent" or not sent.node.online:
                 continue
             if how == "late" and self.clock() <= sent.lease.deadline:
+                continue
+            if not sent.node.ready(sent.kind, sent.lease):
                 continue
             del self._pending[mid]
             reply, error = sent.node.answer(sent.kind, content)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
@@ -207,3 +208,17 @@ def test_restore_continues_where_a_previous_scheduler_stopped() -> None:
         first.answered(a, accepted=True)
         resumed.answered(b, accepted=True)
     assert resumed.epoch == first.epoch
+
+
+def test_received_lease_waits_for_its_verdict_past_the_deadline() -> None:
+    clock = Clock()
+    s = make(clock=clock)
+    held, gone = s.lease_train(0, [1, 2], 0, BASE).values()
+    assert s.received(held) and not s.received(dataclasses.replace(held, nonce="f" * 32))
+    clock.t += 61.0  # both past the deadline: only the unanswered one expires
+    assert s.expire() == [gone]
+    assert s.outstanding() == [held]
+    assert s.answered(held, accepted=False)  # the round's verdict closes it ...
+    again = s.lease_train(1, [3, 4], 0, BASE)
+    # ... and the rejected and the expired shard are both leased again first
+    assert {lease.shard_id for lease in again.values()} == {held.shard_id, gone.shard_id}

@@ -35,7 +35,8 @@ def test_reason_codes_match_the_contract() -> None:
     contract = {
         "unknown_lease", "bad_signature", "lease_mismatch", "stale_base", "digest_mismatch",
         "shape_mismatch", "non_finite", "norm_bound", "late", "malformed",
-        "metrics_inconsistent", "unknown_node",
+        "metrics_inconsistent", "unknown_node", "duplicate", "not_useful",
+        "spot_check_mismatch",
     }
     assert Reason.ALL == contract
     assert {getattr(Reason, c.upper()) for c in contract} == contract

@@ -30,7 +30,9 @@ EVAL_TOKENS = 1024
 SHARD_TOKENS = 3 * 2 * 32  # inner_steps * batch_size * seq_len
 
 
-def run_toml(rounds: int, wait_s: float = 0) -> str:
+def run_toml(rounds: int, wait_s: float = 0, verify: str = "spot_check_rate = 0") -> str:
+    """The test run; spot checks off unless ``verify`` (the [verify] section's body) says
+    otherwise, so these tests see one lease per node and round."""
     return f"""
 [run]
 id = "loop-test"
@@ -54,6 +56,13 @@ batch_size = 2
 seq_len = 32
 lr = 1e-2
 deadline_s = 10
+
+[outer]  # DiLoCo's outer step, so the momentum paths are exercised whatever the defaults
+lr = 0.7
+momentum = 0.9
+
+[verify]
+{verify}
 """
 
 
@@ -88,15 +97,18 @@ class Net:
 
 
 def make_net(tmp_path: Path, corpus: CorpusInfo, specs: list, *, rounds: int = 2,
-             wait_s: float = 0, nodes: list[FakeNode] | None = None) -> Net:
-    """A loop over ``specs`` nodes, or over already enrolled ``nodes`` on the same ledger."""
-    cfg = parse_config(run_toml(rounds, wait_s), tmp_path)
+             wait_s: float = 0, nodes: list[FakeNode] | None = None,
+             verify: str = "spot_check_rate = 0", seed: int = 0) -> Net:
+    """A loop over ``specs`` nodes, or over already enrolled ``nodes`` on the same ledger;
+    ``verify`` is the body of the [verify] section, ``seed`` seeds the loop's choices."""
+    cfg = parse_config(run_toml(rounds, wait_s, verify), tmp_path)
     ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
     nodes = nodes if nodes is not None else enroll(ledger, specs)
     clock = FakeClock()
     transport = FakeTransport(nodes, clock)
     store = ModelStore.open(tmp_path / "checkpoints", cfg, ledger)
-    loop = RunLoop(cfg, ledger, transport, store, corpus, clock=clock, sleep=clock.sleep)
+    loop = RunLoop(cfg, ledger, transport, store, corpus, clock=clock, sleep=clock.sleep,
+                   rng=random.Random(seed))
     return Net(cfg, ledger, store, transport, clock, nodes, loop)
 
 

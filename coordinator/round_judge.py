@@ -1,0 +1,243 @@
+"""The round-level verdict: what of a round's screened train replies is accepted.
+
+Replies that pass ``verifier.verify`` as they arrive are held as ``Candidate``s; when the
+round's replies are in, ``RoundJudge.judge`` runs the rules of ``coordinator.round_checks``
+over them, cheapest first (duplicates, adaptive norm bound, spot checks, usefulness), then
+records every verdict in the ledger and pays credit for the accepted ones.
+
+Usefulness is scored on the *node's local model*, ``base - update`` (not on the outer step
+``base - outer_lr * update``): it asks "did this work help" of the work itself, independent
+of the outer optimizer's state. Each round draws one held-out batch (``usefulness_tokens``
+in ``seq_len`` windows at random offsets of the validation range) and, per shard, a sample
+of the same size from the shard the update was trained on.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from protocol.errors import Reason
+from protocol.messages import Lease
+from training.evaluate import evaluate
+from training.inner import train_inner
+from training.model import GPTConfig
+
+from . import round_checks as rules
+from .config import RunConfig
+from .credits import ReceiptIssuer
+from .judging import Judged, record_judged
+from .ledger import Ledger, Node
+from .verifier import Verdict
+
+__all__ = ["Candidate", "RoundJudge", "VerifyCost"]
+
+log = logging.getLogger(__name__)
+
+Arrays = Mapping[str, np.ndarray]
+
+
+@dataclass
+class Candidate:
+    """A train reply that passed ``verify``, waiting for the round's verdict."""
+
+    judged: Judged
+    lease: Lease
+    lease_row_id: int
+    node: Node
+    received_at: float
+    reason: str | None = None  # set by the first round rule that rejects it
+    detail: str = ""
+    improvement: float | None = None  # held-out, nats
+    shard_gain: float | None = None  # on its own shard, nats
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def standing(self) -> bool:
+        return self.reason is None
+
+    @property
+    def arrays(self) -> dict[str, np.ndarray]:
+        return self.judged.arrays
+
+    @property
+    def norm(self) -> float:
+        return float(self.judged.verdict.norm or 0.0)
+
+    def reject(self, reason: str, detail: str) -> None:
+        if self.reason is None:
+            self.reason, self.detail = reason, detail
+
+
+@dataclass
+class VerifyCost:
+    """Seconds spent verifying train replies, for the cost report (bench/byzantine.py)."""
+
+    updates: int = 0  # train replies screened
+    judged: int = 0  # of them, candidates for the round-level rules
+    screen_s: float = 0.0  # verifier.verify as replies arrive
+    round_s: float = 0.0  # the round-level rules, recomputations included
+    recomputes: int = 0
+    recompute_s: float = 0.0
+    train_wall_s: float = 0.0  # what the nodes reported training the candidates took
+
+    @property
+    def per_update_s(self) -> float:
+        """Verification seconds per train reply."""
+        return (self.screen_s + self.round_s) / max(self.updates, 1)
+
+    @property
+    def train_s_per_update(self) -> float:
+        """Training seconds per candidate, as its node reported them."""
+        return self.train_wall_s / max(self.judged, 1)
+
+
+@dataclass
+class RoundJudge:
+    cfg: RunConfig
+    ledger: Ledger
+    gpt: GPTConfig
+    tokens: np.ndarray  # the whole corpus
+    val_range: tuple[int, int]
+    rng: random.Random
+    issuer: ReceiptIssuer | None = None
+    cost: VerifyCost = field(default_factory=VerifyCost)
+
+    def judge(self, rnd: int, base: Arrays, cands: Sequence[Candidate],
+              pairs: Sequence[tuple[int, int]]) -> None:
+        """Give every candidate (in arrival order) its verdict and record it; ``pairs`` are
+        index pairs (original, copy) of spot-checked shards."""
+        t0 = time.perf_counter()
+        v = self.cfg.verify
+        if v.reject_duplicates:
+            self._apply(cands, range(len(cands)), Reason.DUPLICATE, rules.duplicates(
+                [c.judged.update.arrays_digest for c in cands], [c.node.id for c in cands],
+                {frozenset(p) for p in pairs}, self._accepted_before))
+        live = [i for i, c in enumerate(cands) if c.standing]
+        self._apply(cands, live, Reason.NORM_BOUND,
+                    rules.norm_outliers([cands[i].norm for i in live], v.norm_factor))
+        for a, b in pairs:
+            self._spot_check(rnd, base, cands[a], cands[b])
+        if v.usefulness_tokens > 0:
+            self._usefulness(base, cands)
+        took = time.perf_counter() - t0
+        self.cost.round_s += took
+        log.info("round %d: %d train results judged in %.2f s", rnd, len(cands), took)
+        self.cost.judged += len(cands)
+        for c in cands:
+            self.cost.train_wall_s += float(c.judged.update.metrics.wall_s)
+            self._record(c)
+
+    # -- rules --------------------------------------------------------------------------
+
+    @staticmethod
+    def _apply(cands: Sequence[Candidate], idx: Sequence[int], reason: str,
+               rejected: Mapping[int, str]) -> None:
+        for k, detail in rejected.items():
+            cands[idx[k]].reject(reason, detail)
+
+    def _accepted_before(self, digest: str) -> str | None:
+        row = self.ledger.accepted_with_digest(digest)
+        return None if row is None else f"update {row.id} of node {row.node_id}, accepted before"
+
+    def _spot_check(self, rnd: int, base: Arrays, a: Candidate, b: Candidate) -> None:
+        lease = a.lease
+        where = f"round {rnd} shard {lease.shard_id}: {a.node.name} and {b.node.name}"
+        if not (a.standing and b.standing):
+            self.ledger.add_event("spot_check", f"{where}: only one result left to compare")
+            return
+        out = rules.spot_check(a.arrays, b.arrays, self.cfg.verify.spot_check_tolerance,
+                               lambda: self._recompute(base, lease))
+        pair = (a, b)
+        for i, c in enumerate(pair):
+            other = pair[1 - i]
+            if i in out.losers:
+                c.reject(Reason.SPOT_CHECK_MISMATCH,
+                         f"spot check with {other.node.name}: {out.detail}")
+            else:
+                c.notes.append(f"spot check with {other.node.name}: {out.detail}")
+        lost = ", ".join(pair[i].node.name for i in out.losers)
+        self.ledger.add_event("spot_check", f"{where} {out.detail}"
+                                            + (f"; rejected: {lost}" if lost else ""))
+
+    def _recompute(self, base: Arrays, lease: Lease) -> dict[str, np.ndarray]:
+        t0 = time.perf_counter()
+        res = train_inner(base, self.gpt, np.asarray(self.tokens[lease.data_start:lease.data_end]),
+                          steps=lease.inner_steps, batch_size=lease.batch_size,
+                          seq_len=lease.seq_len, lr=lease.lr, weight_decay=lease.weight_decay,
+                          seed=lease.seed, device="cpu")
+        self.cost.recomputes += 1
+        self.cost.recompute_s += time.perf_counter() - t0
+        return res.pseudo_grad
+
+    def _usefulness(self, base: Arrays, cands: Sequence[Candidate]) -> None:
+        live = [c for c in cands if c.standing]
+        if not live:
+            return
+        v, seq = self.cfg.verify, self.cfg.train.seq_len
+        held = _windows(self.tokens, *self.val_range, v.usefulness_tokens, seq, self.rng)
+        if held is None:
+            log.warning("validation range too short to score usefulness")
+            return
+        base_held = self._loss(base, held)
+        shard_base: dict[int, tuple[np.ndarray, float]] = {}
+        for c in live:
+            key = c.lease.shard_id
+            if key not in shard_base:
+                own = _windows(self.tokens, c.lease.data_start, c.lease.data_end,
+                               v.usefulness_tokens, seq, self.rng)
+                shard_base[key] = (own, math.nan if own is None else self._loss(base, own))
+            own, own_base = shard_base[key]
+            local = {k: np.asarray(base[k], np.float32) - c.arrays[k] for k in base}
+            c.improvement = base_held - self._loss(local, held)
+            c.shard_gain = math.inf if own is None else own_base - self._loss(local, own)
+        found = rules.not_useful([c.improvement for c in live], [c.shard_gain for c in live],
+                                 tolerance=v.usefulness_tolerance,
+                                 min_improvement=v.min_improvement,
+                                 min_fraction=v.min_improvement_fraction)
+        for k, detail in found.items():
+            live[k].reject(Reason.NOT_USEFUL, detail)
+
+    def _loss(self, arrays: Arrays, tokens: np.ndarray) -> float:
+        res = evaluate(arrays, self.gpt, tokens, seq_len=self.cfg.train.seq_len,
+                       batch_size=self.cfg.train.batch_size)
+        return res.mean_loss
+
+    # -- recording ----------------------------------------------------------------------
+
+    def _record(self, c: Candidate) -> None:
+        norm = c.judged.verdict.norm
+        if c.standing:
+            parts = [f"norm {c.norm:.4g}"]
+            if c.improvement is not None and c.shard_gain is not None:
+                parts.append(f"held-out {c.improvement:+.3g}, own shard {c.shard_gain:+.3g} nats")
+            verdict = Verdict(True, None, f"accepted ({'; '.join(parts + c.notes)})", norm)
+        else:
+            verdict = Verdict(False, c.reason, c.detail, norm)
+            self.ledger.add_event("reject", f"{c.node.name}: {c.reason} — {c.detail}",
+                                  node_id=c.node.id)
+        improvement = c.improvement if c.improvement is not None and math.isfinite(
+            c.improvement) else None
+        record_judged(Judged(verdict, c.judged.update, c.arrays), lease=c.lease,
+                      lease_row_id=c.lease_row_id, node_id=c.node.id, cfg=self.cfg,
+                      ledger=self.ledger, now=c.received_at, issuer=self.issuer,
+                      improvement=improvement)
+
+
+def _windows(tokens: np.ndarray, lo: int, hi: int, n_tokens: int, seq_len: int,
+             rng: random.Random) -> np.ndarray | None:
+    """About ``n_tokens`` tokens as ``seq_len`` windows at random offsets of [lo, hi), laid
+    end to end (plus one token) so ``evaluate`` scores each window once; None if the range
+    holds no window."""
+    if hi - lo < seq_len + 1:
+        return None
+    n = max(1, math.ceil(n_tokens / seq_len))
+    starts = [rng.randrange(lo, hi - seq_len) for _ in range(n)]
+    parts = [np.asarray(tokens[s:s + seq_len]) for s in starts]
+    return np.concatenate(parts + [np.asarray(tokens[starts[0]:starts[0] + 1])])

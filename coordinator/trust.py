@@ -1,0 +1,66 @@
+"""How much the coordinator trusts a node, from its record, and what that changes.
+
+A node's trust is the mean of a Beta posterior over "its next train update is good":
+``Beta(accepted + 1, rejected + (MISMATCH_WEIGHT - 1) * mismatches + 1)``, counted over its
+train updates only (eval answers are cheap to get accepted, so they build no trust). A spot
+check it lost (``spot_check_mismatch``) weighs ``MISMATCH_WEIGHT`` rejections: it is the one
+rejection that proves the node sent work it did not do. A new node starts at 0.5.
+
+Trust raises a node's spot-check rate (``spot_check_rate``) and, with ``[verify]
+trust_weighting``, scales its aggregation weight.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+
+__all__ = ["MISMATCH_WEIGHT", "NEW_NODE_TRUST", "plan_spot_checks", "spot_check_rate",
+           "trust_score"]
+
+MISMATCH_WEIGHT = 5.0
+NEW_NODE_TRUST = 0.5
+
+
+def trust_score(accepted: int, rejected: int, mismatches: int = 0) -> float:
+    """Posterior mean trust in [0, 1]; ``rejected`` includes the ``mismatches``."""
+    good = accepted + 1.0
+    bad = (rejected - mismatches) + MISMATCH_WEIGHT * mismatches + 1.0
+    return good / (good + bad)
+
+
+def spot_check_rate(base_rate: float, trust: float) -> float:
+    """The chance that one of the node's train shards is spot-checked: ``base_rate`` for a
+    node at or above a new node's trust, raised in proportion as trust falls below it
+    (double at 0.25, certain near 0)."""
+    if base_rate <= 0:
+        return 0.0
+    return min(1.0, base_rate * max(1.0, NEW_NODE_TRUST / max(trust, 1e-9)))
+
+
+def plan_spot_checks(nodes: Sequence[int], trust: Mapping[int, float], base_rate: float,
+                     rng: random.Random) -> dict[int, int]:
+    """Pick this round's spot checks: ``{worker: checker}``, disjoint pairs of ``nodes``.
+
+    Nodes are visited in random order; each not yet paired is checked with its
+    ``spot_check_rate`` by the most trusted node still free (ties broken at random), which
+    then trains the same shard instead of one of its own. Unknown nodes count as new.
+    """
+    if base_rate <= 0:
+        return {}
+    order = list(nodes)
+    rng.shuffle(order)
+    free = set(order)
+    pairs: dict[int, int] = {}
+    for node in order:
+        if node not in free:
+            continue
+        if rng.random() >= spot_check_rate(base_rate, trust.get(node, NEW_NODE_TRUST)):
+            continue
+        others = [n for n in order if n in free and n != node]  # random order: random ties
+        if not others:
+            break
+        checker = max(others, key=lambda n: trust.get(n, NEW_NODE_TRUST))
+        pairs[node] = checker
+        free -= {node, checker}
+    return pairs

@@ -1,0 +1,66 @@
+"""Verification records in the ledger: the measured improvement, replay lookups, node trust,
+and the upgrade of ledgers made before the improvement column existed."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import inspect
+
+from coordinator.ledger import Ledger
+from coordinator.trust import trust_score
+
+
+def test_improvement_is_stored_and_non_finite_becomes_null(ledger: Ledger, inst, make) -> None:
+    node = make.node(inst.id)
+    scored = make.answer(make.lease(node.id), improvement=0.25)
+    broken = make.answer(make.lease(node.id), verdict="rejected", improvement=float("nan"))
+    plain = make.answer(make.lease(node.id, kind="eval"))
+    got = {u.id: u.improvement for u in ledger.updates()}
+    assert got == {scored.id: pytest.approx(0.25), broken.id: None, plain.id: None}
+
+
+def test_accepted_with_digest_finds_only_accepted_updates(ledger: Ledger, inst, make) -> None:
+    node = make.node(inst.id)
+    make.answer(make.lease(node.id), verdict="rejected")  # digest "abab..." but rejected
+    assert ledger.accepted_with_digest("ab" * 32) is None
+    first = make.answer(make.lease(node.id))
+    make.answer(make.lease(node.id))
+    assert ledger.accepted_with_digest("ab" * 32).id == first.id
+    assert ledger.accepted_with_digest("cd" * 32) is None
+
+
+def test_trust_counts_train_updates_with_mismatches_weighted(ledger: Ledger, inst, make) -> None:
+    good, cheat, fresh = make.node(inst.id), make.node(inst.id), make.node(inst.id)
+    for _ in range(3):
+        make.answer(make.lease(good.id))
+    make.answer(make.lease(good.id), verdict="rejected", reason="late")
+    make.answer(make.lease(cheat.id))
+    make.answer(make.lease(cheat.id), verdict="rejected", reason="spot_check_mismatch")
+    for _ in range(5):  # eval answers build no trust
+        make.answer(make.lease(cheat.id, kind="eval"))
+    got = {s.node_id: s.trust for s in ledger.node_summaries()}
+    assert got[good.id] == pytest.approx(trust_score(3, 1)) == pytest.approx(4 / 6)
+    assert got[cheat.id] == pytest.approx(trust_score(1, 1, 1)) == pytest.approx(2 / 8)
+    assert got[fresh.id] == 0.5
+    [one] = ledger.node_summaries(cheat.id)
+    assert one.trust == got[cheat.id]
+
+
+def test_an_older_ledger_gains_the_improvement_column(open_ledger) -> None:
+    old = open_ledger()
+    with old._engine.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE updates DROP COLUMN improvement")
+    assert "improvement" not in {c["name"] for c in inspect(old._engine).get_columns("updates")}
+    old.close()
+    led = open_ledger()
+    assert "improvement" in {c["name"] for c in inspect(led._engine).get_columns("updates")}
+    inst = led.add_institution("Uni A")
+    node = led.add_node(1, "n", inst.id, b"pem", "f" * 16)
+    lease = led.record_lease(run_id="r", round=1, shard_id=1, kind="train", node_id=node.id,
+                             base_version=0, nonce="a" * 32, data_start=0, data_end=10,
+                             deadline=1.0)
+    led.record_update(lease_id=lease.id, node_id=node.id, arrays_digest="x", verdict="accepted",
+                      tokens=1, steps=1, loss_before=1.0, loss_after=0.5, wall_s=1.0,
+                      improvement=0.5)
+    assert [u.improvement for u in led.updates()] == [0.5]
+    open_ledger()  # opening an up-to-date ledger again changes nothing
