@@ -73,25 +73,59 @@ def spawn(cmd: Sequence[str], *, env: Mapping[str, str], log: Path | None = None
             out.close()  # type: ignore[union-attr]
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux /proc), children first found first."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                # the command name may hold spaces: the parent pid follows the last ')'
+                ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        parents.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _kill(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
 def stop(proc: subprocess.Popen[bytes] | None, timeout: float = 10.0) -> None:
-    """SIGTERM the child's whole process group, then SIGKILL what is left, and reap it."""
+    """SIGTERM the child's process group and every descendant (Flower starts some helpers in
+    sessions of their own), then SIGKILL what is left, and reap the child."""
     if proc is None:
         return
+    tree = _descendants(proc.pid)
     for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
         try:
             os.killpg(proc.pid, sig)
         except (ProcessLookupError, PermissionError):
             pass
+        _kill(tree, sig)
         try:
             proc.wait(wait)
             break
         except subprocess.TimeoutExpired:
             continue
-    # Grandchildren that outlived the leader still carry its group id.
+    # Helpers that outlived the leader: its group, and the tree it had when we started.
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+    _kill([p for p in tree + _descendants(proc.pid) if os.path.exists(f"/proc/{p}")],
+          signal.SIGKILL)
 
 
 def wait_port(host: str, port: int, timeout: float, proc: subprocess.Popen[bytes] | None = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,7 +37,10 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     monkeypatch.setenv("ATOM_NODE_HOME", str(tmp_path / "node-home"))
     wd = tmp_path / "run"
     yield wd
-    left = processes_mentioning(str(tmp_path))
+    # Flower helpers poll their parent and leave within a few seconds of it: allow that much.
+    end = time.monotonic() + 5.0
+    while (left := processes_mentioning(str(tmp_path))) and time.monotonic() < end:
+        time.sleep(0.2)
     for pid in left:
         try:
             os.kill(pid, signal.SIGKILL)
