@@ -113,9 +113,8 @@ def start(dir: DirArg) -> None:
         status = coord.wait(run_id)
         summary = run_summary(coord.ledger, cfg.ledger_url(rd.path))
         render_summary(summary, err)
-        if not status.endswith("completed"):
-            errors = [e.message for e in coord.ledger.events() if e.kind == "error"]
-            raise AtomError(errors[-1] if errors else f"run ended as {status}")
+        if (failure := coord.failure(status)) is not None:
+            raise AtomError(failure)
 
 
 @app.command()

@@ -95,9 +95,8 @@ def run_demo(*, nodes: int = 3, rounds: int = 3, workdir: Path | None = None,
             for p in procs:
                 stop(p)
         summary = run_summary(coord.ledger, coord.cfg.ledger_url(rd.path))
-        if not status.endswith("completed"):
-            errors = [e.message for e in coord.ledger.events() if e.kind == "error"]
-            summary["error"] = errors[-1] if errors else f"run ended as {status}"
+        if (failure := coord.failure(status)) is not None:
+            summary["error"] = failure
     summary["run_status"] = status
     summary["seconds"] = round(time.monotonic() - t0, 1)
     return summary, status

@@ -105,6 +105,16 @@ class Coordinator:
                 tick()
             time.sleep(0.5)
 
+    def failure(self, status: str) -> str | None:
+        """None for a completed run, else the run's last recorded error (one line)."""
+        if status.endswith("completed"):
+            return None
+        last, since = None, 0
+        while events := self.ledger.events(since_id=since):  # paged: long runs log a lot
+            last = next((e.message for e in reversed(events) if e.kind == "error"), last)
+            since = events[-1].id
+        return last or f"run ended as {status}"
+
     def stop(self) -> None:
         if self.server is not None:
             self.server.stop(grace=1.0).wait()

@@ -82,7 +82,7 @@ class RunLoop:
         self.scheduler.restore(list(done.values()))
         self.aggregator = get_aggregator(self.cfg.aggregation.method,
                                          dataclasses.asdict(self.cfg.aggregation))
-        self.arch = {k: v for k, v in dataclasses.asdict(self.store.gpt).items()}
+        self.arch = dataclasses.asdict(self.store.gpt)
         self.judge = RoundJudge(self.cfg, self.ledger, self.store.gpt, self.tokens,
                                 self.corpus.val_range, self.rng, self.issuer)
 
