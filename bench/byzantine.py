@@ -8,7 +8,8 @@ round-level layers off and ``method = "mean"`` ("undefended": ``norm_factor = 0`
 ``reject_duplicates = false``, ``usefulness_tokens = 0``, ``spot_check_rate = 0``). The
 per-reply checks of ``coordinator.verifier`` (signature, lease binding, digest, shapes,
 finite values, the static norm cap, metrics) cannot be turned off: wrong_key, nan and
-replay are rejected in both. Attackers misbehave in train work only and evaluate honestly.
+replay are rejected in both. Undefended also turns off the base check
+(``base_loss_tolerance = 0``). Attackers misbehave in train work only and evaluate honestly.
 
     sign_flip   the honest update times -10
     noise       honest + Gaussian noise of 20 x its RMS per value
@@ -20,6 +21,11 @@ replay are rejected in both. Attackers misbehave in train work only and evaluate
     wrong_key   honest work signed with another key
     nan         a NaN in the update, digest and signature made over it
     stale       honest work from the model of its previous lease, claimed for the current one
+                with that work's own metrics (a node that missed a model update)
+    stale_forged  as stale, reporting the loss the *current* base has on the first batch: an
+                attacker who knows the base check. Adaptive: reported apart, not in the
+                headline attacker credits, as metric checks cannot stop it by design; only
+                spot checks (and the trust they lower) can
 
 Reported per kind: the final validation loss over an all-honest run's (same seed, same
 policy), the attacks rejected / submitted (an attack = a train reply an attacker misbehaved
@@ -27,7 +33,7 @@ in: replay, reuse and stale have nothing to attack with in their first round and
 honestly there, which is not counted), the credits the attacks earned; and the cost of
 verification per update against the node's training time.
 
-    python bench/byzantine.py                 # ~3-5 min on 2 cores
+    python bench/byzantine.py                 # ~2-4 min on 2 cores
     python bench/byzantine.py --json          # ... and one JSON object, last
     python bench/byzantine.py --kinds noise,stale --rounds 6
 
@@ -59,14 +65,16 @@ from coordinator.model_store import ModelStore  # noqa: E402
 from coordinator.rounds import RunLoop  # noqa: E402
 from training.corpus import build_stdlib_corpus  # noqa: E402
 from training.evaluate import evaluate  # noqa: E402
-from training.inner import train_inner  # noqa: E402
+from training.inner import first_batch_loss, train_inner  # noqa: E402
 
 KINDS = ("sign_flip", "noise", "free_rider", "replay", "reuse", "copy", "wrong_key", "nan",
-         "stale")
+         "stale", "stale_forged")
+ADAPTIVE = ("stale_forged",)  # built to pass the cheap checks; see the module docstring
 UNDEFENDED = """norm_factor = 0
 reject_duplicates = false
 usefulness_tokens = 0
 spot_check_rate = 0
+base_loss_tolerance = 0
 """
 
 
@@ -187,8 +195,9 @@ def run_once(a: argparse.Namespace, corpus, kind: str | None, defended: bool) ->
 def cost_probe(corpus) -> dict[str, float]:
     """Verification of one update against training it, at the *default* config (tiny
     preset, default [train] and [verify]): one shard trained, then what the coordinator does
-    with it — the per-reply checks' norm, the usefulness scoring (base on both batches and the
-    local model), a spot-check comparison, and a recomputation (only on a mismatch)."""
+    with it — the per-reply checks' norm, the base check (one batch), the usefulness scoring
+    (base on both batches and the local model), a spot-check comparison, and a recomputation
+    (only on a mismatch)."""
     from coordinator.config import RunConfig
     from coordinator.model_store import model_config
     from coordinator.round_checks import l2_norm, rel_l2
@@ -208,6 +217,7 @@ def cost_probe(corpus) -> dict[str, float]:
     t0 = time.perf_counter()
     digest_arrays(res.pseudo_grad)
     l2_norm(res.pseudo_grad)
+    first_batch_loss(base, gpt, shard, batch_size=t.batch_size, seq_len=t.seq_len, seed=1)
     local = {k: base[k] - res.pseudo_grad[k] for k in base}
     held_out = np.asarray(corpus.tokens()[vlo:vlo + n])
     for arrays, tokens in ((base, held_out), (local, held_out), (base, shard[:n]),
@@ -232,7 +242,7 @@ def main() -> None:
     for kind in [None, *kinds]:
         results[kind or "honest"] = {d: run_once(a, corpus, kind, d) for d in (True, False)}
         r = results[kind or "honest"]
-        print(f"{kind or 'honest':>10}: defended loss {r[True].final_loss:.4f} "
+        print(f"{kind or 'honest':>13}: defended loss {r[True].final_loss:.4f} "
               f"({r[True].rejected}/{r[True].submitted} rejected, {r[True].seconds:.0f} s), "
               f"undefended {r[False].final_loss:.4f} "
               f"({r[False].rejected}/{r[False].submitted} rejected)", file=sys.stderr)
@@ -259,16 +269,21 @@ def main() -> None:
     print(f"\n{a.nodes} nodes, {a.attackers} attackers, {a.rounds} rounds; loss ratio = final "
           f"validation loss / all-honest run's (honest: defended {base[True].final_loss:.4f}, "
           f"undefended {base[False].final_loss:.4f})")
-    head = f"{'attack':>10} | {'loss ratio':>10} {'undefended':>10} | {'rejected':>9} " \
+    head = f"{'attack':>13} | {'loss ratio':>10} {'undefended':>10} | {'rejected':>9} " \
            f"{'undefended':>10} | {'credits':>7} {'undefended':>10} | reasons"
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['kind']:>10} | {r['loss_ratio']:>10.4f} {r['loss_ratio_undefended']:>10.4f} | "
+        mark = "*" if r["kind"] in ADAPTIVE else ""
+        print(f"{r['kind'] + mark:>13} | {r['loss_ratio']:>10.4f} {r['loss_ratio_undefended']:>10.4f} | "
               f"{'%d/%d' % tuple(r['rejected']):>9} {'%d/%d' % tuple(r['rejected_undefended']):>10}"
               f" | {r['attacker_credits']:>7.3f} {r['attacker_credits_undefended']:>10.3f} | "
               + ", ".join(f"{k} {v}" for k, v in sorted(r["reasons"].items())))
+    if any(r["kind"] in ADAPTIVE for r in rows):
+        print("* adaptive: forges the metrics the cheap checks use; caught by spot checks only")
     honest_rejected = sum(r.honest_rejected for r in defended)
+    headline = [r for r in rows if r["kind"] not in ADAPTIVE]
+    adaptive = [r for r in rows if r["kind"] in ADAPTIVE]
     print(f"honest updates rejected (defended runs): {honest_rejected} of "
           f"{sum(r.honest_submitted for r in defended)}")
     print(f"verification per update (bench model, {a.inner_steps} inner steps): {verify_s:.3f} s "
@@ -283,9 +298,10 @@ def main() -> None:
         print(json.dumps({
             "loss_ratio": max(r["loss_ratio"] for r in rows) if rows else 1.0,
             "loss_ratio_undefended": max(r["loss_ratio_undefended"] for r in rows) if rows else 1.0,
-            "attacker_credits": round(sum(r["attacker_credits"] for r in rows), 6),
+            "attacker_credits": round(sum(r["attacker_credits"] for r in headline), 6),
             "attacker_credits_undefended": round(sum(r["attacker_credits_undefended"]
-                                                     for r in rows), 6),
+                                                     for r in headline), 6),
+            "attacker_credits_adaptive": round(sum(r["attacker_credits"] for r in adaptive), 6),
             "honest_rejected": honest_rejected,
             "rejected": {r["kind"]: r["rejected"] for r in rows},
             "rejected_undefended": {r["kind"]: r["rejected_undefended"] for r in rows},

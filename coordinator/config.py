@@ -192,6 +192,10 @@ class VerifyParams:
     min_improvement_fraction: float = _opt(0.05, _fraction, "reject an update that lowers "
                                            "the loss on its own shard by less than this "
                                            "fraction of the round's median such improvement")
+    base_loss_tolerance: float = _opt(0.002, _non_negative, "nats: reject an update whose "
+                                      "reported loss_before differs by more than this from the "
+                                      "coordinator's loss of the lease's base on the same first "
+                                      "batch (work not started from that base); 0 = off")
     spot_check_rate: float = _opt(0.1, _fraction, "chance that a train shard is also leased to "
                                   "a second node to compare (raised for nodes of low trust); "
                                   "0 = off")

@@ -11,6 +11,10 @@ each is unit-tested on hand-made updates::
                          round; the two results of one spot check are exempt from each other
     norm_bound           L2 norm above ``factor`` x the round's median norm or below the median
                          over ``factor`` (only with 3+ candidates: with two, neither is "typical")
+    base_mismatch        the ``loss_before`` a node reports (its starting model on the first
+                         batch its seed draws) differs by more than the tolerance from the
+                         coordinator's loss of the lease's base on that batch: the work did not
+                         start from the base it is signed for (a stale model)
     spot_check_mismatch  two results of the same shard differ by more than the tolerance
                          (relative L2); the coordinator's own recomputation picks the loser
     not_useful           the local model (base - update) is worse on held-out data than the
@@ -27,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["SpotCheck", "duplicates", "norm_outliers", "not_useful", "rel_l2", "spot_check",
+__all__ = ["SpotCheck", "base_mismatch", "duplicates", "norm_outliers", "not_useful", "rel_l2", "spot_check",
            "l2_norm"]
 
 Arrays = Mapping[str, np.ndarray]
@@ -78,6 +82,20 @@ def norm_outliers(norms: Sequence[float], factor: float) -> dict[int, str]:
             out[i] = f"update norm {n:.4g} exceeds {factor:g} x the round's median {median:.4g}"
         elif n * factor < median:
             out[i] = f"update norm {n:.4g} is below the round's median {median:.4g} / {factor:g}"
+    return out
+
+
+def base_mismatch(reported: Sequence[float], measured: Sequence[float],
+                  tolerance: float) -> dict[int, str]:
+    """Candidates whose reported first-batch loss is further than ``tolerance`` nats from the
+    coordinator's (NaN is never within); off (empty) for ``tolerance`` 0."""
+    if tolerance <= 0:
+        return {}
+    out = {}
+    for i, (r, m) in enumerate(zip(reported, measured, strict=True)):
+        if not abs(r - m) <= tolerance:
+            out[i] = (f"reports loss {r:.4f} on its first batch, but the lease's base scores "
+                      f"{m:.4f} there (tolerance {tolerance:g} nats): not trained from that base")
     return out
 
 

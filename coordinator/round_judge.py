@@ -2,8 +2,8 @@
 
 Replies that pass ``verifier.verify`` as they arrive are held as ``Candidate``s; when the
 round's replies are in, ``RoundJudge.judge`` runs the rules of ``coordinator.round_checks``
-over them, cheapest first (duplicates, adaptive norm bound, spot checks, usefulness), then
-records every verdict in the ledger and pays credit for the accepted ones.
+over them, cheapest first (duplicates, adaptive norm bound, base check, spot checks,
+usefulness), then records every verdict in the ledger and pays credit for the accepted ones.
 
 Usefulness is scored on the *node's local model*, ``base - update`` (not on the outer step
 ``base - outer_lr * update``): it asks "did this work help" of the work itself, independent
@@ -26,7 +26,7 @@ import numpy as np
 from protocol.errors import Reason
 from protocol.messages import Lease
 from training.evaluate import evaluate
-from training.inner import train_inner
+from training.inner import first_batch_loss, train_inner
 from training.model import GPTConfig
 
 from . import round_checks as rules
@@ -122,6 +122,8 @@ class RoundJudge:
         live = [i for i, c in enumerate(cands) if c.standing]
         self._apply(cands, live, Reason.NORM_BOUND,
                     rules.norm_outliers([cands[i].norm for i in live], v.norm_factor))
+        if v.base_loss_tolerance > 0:
+            self._base_check(base, cands)
         for a, b in pairs:
             self._spot_check(rnd, base, cands[a], cands[b])
         if v.usefulness_tokens > 0:
@@ -145,6 +147,22 @@ class RoundJudge:
     def _accepted_before(self, digest: str) -> str | None:
         row = self.ledger.accepted_with_digest(digest)
         return None if row is None else f"update {row.id} of node {row.node_id}, accepted before"
+
+    def _base_check(self, base: Arrays, cands: Sequence[Candidate]) -> None:
+        # one forward pass of one batch per shard: the two results of a spot check share it
+        live = [i for i, c in enumerate(cands) if c.standing]
+        measured: dict[tuple[int, int, int], float] = {}
+        for i in live:
+            lease = cands[i].lease
+            key = (lease.data_start, lease.data_end, lease.seed)
+            if key not in measured:
+                measured[key] = first_batch_loss(
+                    base, self.gpt, np.asarray(self.tokens[lease.data_start:lease.data_end]),
+                    batch_size=lease.batch_size, seq_len=lease.seq_len, seed=lease.seed)
+        self._apply(cands, live, Reason.BASE_MISMATCH, rules.base_mismatch(
+            [float(cands[i].judged.update.metrics.loss_before) for i in live],
+            [measured[(cands[i].lease.data_start, cands[i].lease.data_end, cands[i].lease.seed)]
+             for i in live], self.cfg.verify.base_loss_tolerance))
 
     def _spot_check(self, rnd: int, base: Arrays, a: Candidate, b: Candidate) -> None:
         lease = a.lease

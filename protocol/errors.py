@@ -107,11 +107,13 @@ class Reason:
     DUPLICATE = "duplicate"
     NOT_USEFUL = "not_useful"
     SPOT_CHECK_MISMATCH = "spot_check_mismatch"
+    BASE_MISMATCH = "base_mismatch"
 
     ALL: frozenset[str] = frozenset(
         {
             UNKNOWN_LEASE, BAD_SIGNATURE, LEASE_MISMATCH, STALE_BASE, DIGEST_MISMATCH,
             SHAPE_MISMATCH, NON_FINITE, NORM_BOUND, LATE, MALFORMED,
             METRICS_INCONSISTENT, UNKNOWN_NODE, DUPLICATE, NOT_USEFUL, SPOT_CHECK_MISMATCH,
+            BASE_MISMATCH,
         }
     )

@@ -85,7 +85,11 @@ class Lease:
 
 @dataclass(frozen=True)
 class UpdateMetrics:
-    """What a node reports about its work (eval: steps=0, loss_before=loss_after)."""
+    """What a node reports about its work (eval: steps=0, loss_before=loss_after).
+
+    For train work ``loss_before`` is the base's fp32 loss on the first batch the lease's
+    seed draws; the coordinator recomputes it (``round_checks.base_mismatch``).
+    """
 
     tokens: int
     steps: int

@@ -20,7 +20,7 @@ from training.device import autocast, pick_device
 from training.model import GPT, GPTConfig
 from training.state import arrays_to_model, model_to_arrays
 
-__all__ = ["InnerResult", "train_inner", "sample_batch"]
+__all__ = ["InnerResult", "train_inner", "sample_batch", "first_batch_loss"]
 
 GRAD_CLIP = 1.0
 BETAS = (0.9, 0.95)
@@ -30,8 +30,10 @@ BETAS = (0.9, 0.95)
 class InnerResult:
     """What one inner loop produced.
 
-    ``loss_before`` is the loss of the base weights on the first batch (the first step's
-    forward pass, so it costs nothing extra). ``loss_after`` is the mean loss over the
+    ``loss_before`` is the loss of the base weights on the first batch, in fp32 even where
+    training runs under bf16 autocast: the coordinator recomputes it on its CPU to check the
+    work started from the lease's base (``first_batch_loss``), and fp32 CPU and CUDA agree to
+    about 1e-6 nats where bf16 differs by up to ~1e-3. One extra forward pass of one batch. ``loss_after`` is the mean loss over the
     last quarter of the steps (at most 10, at least 1), each measured on a fresh batch just
     before its update; it estimates the local model's loss without an extra forward pass
     and without re-scoring a batch the model has already trained on.
@@ -125,8 +127,11 @@ def train_inner(
         model = arrays_to_model(base, cfg, dev)
         model.train()
         opt = _optimizer(model, lr, weight_decay, dev)
+        x, y = sample_batch(data, batch_size, seq_len, gen)
+        loss_before = _fp32_loss(model, x, y)
         for step in range(1, steps + 1):
-            x, y = sample_batch(data, batch_size, seq_len, gen)
+            if step > 1:
+                x, y = sample_batch(data, batch_size, seq_len, gen)
             with autocast(dev):
                 _, loss = model(x, y)
             loss.backward()
@@ -142,9 +147,47 @@ def train_inner(
     tail = losses[-n_tail:]
     return InnerResult(
         pseudo_grad=pseudo_grad,
-        loss_before=losses[0],
+        loss_before=loss_before,
         loss_after=math.fsum(tail) / len(tail),
         tokens=steps * batch_size * seq_len,
         steps=steps,
         wall_s=time.perf_counter() - t0,
     )
+
+
+def first_batch_loss(
+    base: Mapping[str, np.ndarray],
+    cfg: GPTConfig,
+    tokens: np.ndarray,
+    *,
+    batch_size: int,
+    seq_len: int,
+    seed: int,
+    device: torch.device | str = "cpu",
+) -> float:
+    """The loss ``train_inner`` reports as ``loss_before`` for the same arguments: ``base``
+    on the first batch ``seed`` draws from ``tokens``, in fp32, without training.
+
+    One forward pass of one batch: the coordinator uses it to check that a node's work
+    started from the lease's base model (``coordinator.round_checks.base_mismatch``).
+    """
+    if len(tokens) < seq_len + 1:
+        raise ValueError(
+            f"shard has {len(tokens)} tokens; need at least seq_len + 1 = {seq_len + 1}"
+        )
+    dev = torch.device(device)
+    data = torch.from_numpy(np.asarray(tokens, dtype=np.int64)).to(dev)
+    gen = torch.Generator().manual_seed(seed)  # as train_inner: the same first batch
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = arrays_to_model(base, cfg, dev)
+        model.train()  # as train_inner (dropout, if any, seeded alike)
+        x, y = sample_batch(data, batch_size, seq_len, gen)
+        return _fp32_loss(model, x, y)
+
+
+def _fp32_loss(model: GPT, x: torch.Tensor, y: torch.Tensor) -> float:
+    """The model's loss on one batch, without autocast or gradients."""
+    with torch.no_grad():
+        _, loss = model(x, y)
+    return float(loss.item())

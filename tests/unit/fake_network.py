@@ -23,7 +23,11 @@ and the well-formed, correctly signed attacks that only the round-level checks
     reuse       its own previous train update, signed for the new lease (honest in its
                 first round)                                        -> duplicate
     stale       trains from the base of its previous train lease, claims the current one
-                (honest in its first round)              -> not_useful (mostly) / spot checks
+                and reports that work's own metrics (honest in its first round)
+                                                                    -> base_mismatch
+    stale_forged  as stale, but reports the loss the *current* base has on the first batch
+                (an attacker who knows the base check; honest in its first round)
+                                                                    -> spot checks only
 
 A misbehaviour applies to the message kinds in ``FakeNode.on`` (train only by default); for
 the other kinds the node is honest, so one node can e.g. train well but go silent in eval.
@@ -50,11 +54,13 @@ from protocol.messages import (
     Lease, Update, UpdateMetrics, parse_reply, parse_work, reply_content, work_content,
 )
 from protocol.signing import fingerprint, generate_key, public_key_pem, sign_update
+from training.inner import first_batch_loss
+from training.model import GPTConfig
 
 __all__ = ["BEHAVIOURS", "FakeClock", "FakeNode", "FakeTransport", "Sent", "enroll"]
 
 BEHAVIOURS = ("honest", "wrong_key", "tamper", "nan", "replay", "late", "silent", "error",
-              "sign_flip", "noise", "free_rider", "copy", "reuse", "stale")
+              "sign_flip", "noise", "free_rider", "copy", "reuse", "stale", "stale_forged")
 T0 = 1_700_000_000.0
 NOISE_SCALE = 20.0
 
@@ -120,16 +126,23 @@ class FakeNode:
         """The reply of the round-level attacks, or None to go on with the honest work."""
         lease, model, data, arch = parse_work(content)
         old_base, self._last_base = self._last_base, model
-        # what a node that did not train claims: the lease's counts, plausible losses
+        # what a node that did not train claims: the lease's counts, the loss the base check
+        # wants (one forward pass buys it), a plausible loss after
+        gpt = GPTConfig(**arch)  # type: ignore[arg-type]
+        first = first_batch_loss(model, gpt, data, batch_size=lease.batch_size,
+                                 seq_len=lease.seq_len, seed=lease.seed)
         claim = Update(lease, self.id, "", UpdateMetrics(
             tokens=lease.inner_steps * lease.batch_size * lease.seq_len,
-            steps=lease.inner_steps, loss_before=5.0, loss_after=4.0, wall_s=1.0))
+            steps=lease.inner_steps, loss_before=first, loss_after=first - 1.0, wall_s=1.0))
         if how == "free_rider":
             return self._signed(claim, {k: np.zeros_like(a) for k, a in model.items()})
-        if how == "stale" and old_base is not None:
+        if how in ("stale", "stale_forged") and old_base is not None:
             # honest work on the right shard, from the model it had before
             old = dataclasses.replace(lease, base_digest=digest_arrays(old_base))
             update, arrays = parse_reply(self._honest(work_content(old, old_base, data, arch)))
+            if how == "stale_forged":
+                update = dataclasses.replace(update, metrics=dataclasses.replace(
+                    update.metrics, loss_before=first))
             return self._signed(update, arrays, lease=lease)
         if how == "reuse" and self._last_train is not None:
             update, arrays = parse_reply(self._last_train)
@@ -163,7 +176,7 @@ class FakeNode:
             return None, "ClientApp raised RuntimeError: out of memory", True
         if how == "replay" and self._last_train is not None:
             return self._last_train, None, True
-        if how in ("free_rider", "stale", "reuse", "copy") and kind == "train":
+        if how in ("free_rider", "stale", "stale_forged", "reuse", "copy") and kind == "train":
             forged = self._attack(how, content)
             if forged is not None:
                 if how != "reuse":  # reuse keeps sending the same old arrays
@@ -178,7 +191,8 @@ class FakeNode:
             self.answered.append((update.lease, arrays))
         if kind == "train":
             self._last_train = reply
-        misbehaved = how not in ("honest", "replay", "stale", "reuse", "copy", "free_rider")
+        misbehaved = how not in ("honest", "replay", "stale", "stale_forged", "reuse", "copy",
+                                 "free_rider")
         if how == "tamper":
             name = sorted(arrays)[0]
             arrays[name] = arrays[name] + np.float32(1e-3)

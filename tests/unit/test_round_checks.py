@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from coordinator.round_checks import (
-    duplicates, l2_norm, norm_outliers, not_useful, rel_l2, spot_check,
+    base_mismatch, duplicates, l2_norm, norm_outliers, not_useful, rel_l2, spot_check,
 )
 
 
@@ -149,3 +149,15 @@ def test_of_two_updates_the_better_one_sets_the_bar() -> None:
     got = not_useful([0.5, -2.2], [0.5, 0.4], **RULES)  # floor min(0, 0.5) - 2 = -2
     assert list(got) == [1]
     assert not_useful([-0.5, -2.2], [0.5, 0.4], **RULES) == {}  # floor -2.5
+
+
+def test_base_mismatch_against_the_coordinators_first_batch_loss() -> None:
+    reported = [3.1000, 3.1015, 3.0990, 3.1250, math.nan]
+    measured = [3.1000, 3.1000, 3.1000, 3.1000, 3.1000]
+    got = base_mismatch(reported, measured, 0.002)
+    assert sorted(got) == [3, 4]  # 0.0015 and 0.001 are within, 0.025 is not, NaN never
+    assert "reports loss 3.1250" in got[3] and "scores 3.1000" in got[3]
+    assert "not trained from that base" in got[3]
+    assert base_mismatch(reported, measured, 0.0) == {}  # off
+    with pytest.raises(ValueError):
+        base_mismatch([1.0], [1.0, 2.0], 0.002)

@@ -24,6 +24,7 @@ ATTACKS = {  # behaviour: (nodes, rounds it attacks in, reason)
     "free_rider": (["honest", "free_rider"], {1, 2}, Reason.NOT_USEFUL),
     "copy": (["honest", "honest", "copy"], {1, 2}, Reason.DUPLICATE),
     "reuse": (["honest", "reuse"], {2}, Reason.DUPLICATE),  # round 1: nothing to reuse yet
+    "stale": (["honest", "honest", "stale"], {2}, Reason.BASE_MISMATCH),  # round 1: no old base
 }
 
 
@@ -101,14 +102,14 @@ def test_honest_spot_checks_agree_both_earn_and_one_counts(network) -> None:
     assert shards[1] != shards[2]
 
 
-@pytest.mark.parametrize("behaviour", ["stale", "free_rider"])
+@pytest.mark.parametrize("behaviour", ["stale_forged", "free_rider"])
 def test_spot_check_mismatch_is_recomputed_and_the_cheat_loses(network, behaviour) -> None:
     net = network(["honest", behaviour], verify="spot_check_rate = 1.0")
     good, bad = net.nodes
     net.run()
     led = net.ledger
-    # stale is honest in round 1 (it has no older model yet); free_rider never is
-    rnd = 2 if behaviour == "stale" else 1
+    # stale_forged is honest in round 1 (it has no older model yet); free_rider never is
+    rnd = 2 if behaviour == "stale_forged" else 1
     g, b = train_updates(net, good.id)[rnd], train_updates(net, bad.id)[rnd]
     assert g.verdict == "accepted"
     assert (b.verdict, b.reason) == ("rejected", Reason.SPOT_CHECK_MISMATCH)

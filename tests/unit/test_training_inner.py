@@ -1,11 +1,15 @@
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 
-from training.inner import train_inner
+from training.inner import first_batch_loss, sample_batch, train_inner
 from training.model import GPTConfig
-from training.state import init_arrays
+from training.state import arrays_to_model, init_arrays
 from training.tokenizer import ByteTokenizer
 
 CFG = GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=32)
@@ -59,3 +63,39 @@ def test_rejects_a_shard_shorter_than_one_window(base):
         train_inner(base, CFG, np.zeros(16, np.uint16), seed=0, **KW)
     with pytest.raises(ValueError, match="block_size"):
         train_inner(base, CFG, np.zeros(100, np.uint16), seed=0, **dict(KW, seq_len=32))
+
+
+def test_first_batch_loss_is_the_reported_loss_before(base, tokens):
+    # the coordinator's base check recomputes loss_before with first_batch_loss: on CPU the
+    # two must agree exactly, and depend on the seed's batch and on the base
+    r = train_inner(base, CFG, tokens, seed=7, **KW)
+    kw = dict(batch_size=4, seq_len=16)
+    assert first_batch_loss(base, CFG, tokens, seed=7, **kw) == r.loss_before
+    assert first_batch_loss(base, CFG, tokens, seed=8, **kw) != r.loss_before
+    local = {k: base[k] - r.pseudo_grad[k] for k in base}
+    assert first_batch_loss(local, CFG, tokens, seed=7, **kw) < r.loss_before - 0.05
+
+    # ... and it is the plain cross-entropy of the base on the batch the seed draws first
+    model = arrays_to_model(base, CFG, "cpu")
+    x, y = sample_batch(torch.from_numpy(tokens.astype(np.int64)), 4, 16,
+                        torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        logits, _ = model(x, y)
+    want = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1)).item()
+    assert r.loss_before == pytest.approx(want, abs=1e-6)
+
+
+def test_loss_before_is_fp32_even_under_autocast(base, tokens, monkeypatch):
+    # on CUDA the steps run under bf16 autocast; loss_before must not, or the coordinator's
+    # fp32 recomputation would differ by bf16 rounding. CPU bf16 autocast stands in for it.
+    @contextlib.contextmanager
+    def bf16(_dev):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            yield
+
+    monkeypatch.setattr("training.inner.autocast", bf16)
+    r = train_inner(base, CFG, tokens, seed=7, **KW)
+    assert r.loss_before == first_batch_loss(base, CFG, tokens, seed=7, batch_size=4, seq_len=16)
+    monkeypatch.undo()
+    plain = train_inner(base, CFG, tokens, seed=7, **dict(KW, steps=1))
+    assert r.loss_before == plain.loss_before  # same number with or without autocast

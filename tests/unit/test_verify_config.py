@@ -18,6 +18,7 @@ def test_defaults_turn_every_layer_on() -> None:
     assert 0 < v.min_improvement and 0 < v.min_improvement_fraction
     assert v.spot_check_rate == 0.1 and v.spot_check_tolerance == 0.1
     assert not v.trust_weighting and v.max_update_norm == 1000.0
+    assert v.base_loss_tolerance == 0.002
 
 
 def test_every_key_parses_and_layers_turn_off(tmp_path: Path) -> None:
@@ -32,13 +33,14 @@ min_improvement_fraction = 0.2
 spot_check_rate = 0
 spot_check_tolerance = 0.05
 trust_weighting = true
+base_loss_tolerance = 0
 """, tmp_path)
     v = cfg.verify
     assert (v.norm_factor, v.reject_duplicates, v.usefulness_tokens) == (0.0, False, 0)
     assert (v.usefulness_tolerance, v.min_improvement, v.min_improvement_fraction) == \
         (0.5, 0.0, 0.2)
     assert (v.spot_check_rate, v.spot_check_tolerance, v.trust_weighting) == (0.0, 0.05, True)
-    assert isinstance(v.norm_factor, float)
+    assert isinstance(v.norm_factor, float) and v.base_loss_tolerance == 0.0
 
 
 @pytest.mark.parametrize("text, key", [
@@ -52,6 +54,7 @@ trust_weighting = true
     ("min_improvement_fraction = 1.5", "[verify].min_improvement_fraction must be in [0, 1]"),
     ("spot_check_rate = 1.01", "[verify].spot_check_rate must be in [0, 1]"),
     ("spot_check_tolerance = 0", "[verify].spot_check_tolerance must be a positive number"),
+    ("base_loss_tolerance = -1e-3", "[verify].base_loss_tolerance must be a non-negative"),
     ("trust_weighting = 'yes'", "[verify].trust_weighting must be true or false"),
     ("spot_checks = 1", "unknown key [verify].spot_checks"),
 ])
