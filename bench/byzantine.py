@@ -26,6 +26,8 @@ replay are rejected in both. Undefended also turns off the base check
                 attacker who knows the base check. Adaptive: reported apart, not in the
                 headline attacker credits, as metric checks cannot stop it by design; only
                 spot checks (and the trust they lower) can
+    partial     half the lease's inner steps, the full count claimed (adaptive, too: it
+                starts from the right base, and half the training still helps)
 
 Reported per kind: the final validation loss over an all-honest run's (same seed, same
 policy), the attacks rejected / submitted (an attack = a train reply an attacker misbehaved
@@ -68,8 +70,8 @@ from training.evaluate import evaluate  # noqa: E402
 from training.inner import first_batch_loss, train_inner  # noqa: E402
 
 KINDS = ("sign_flip", "noise", "free_rider", "replay", "reuse", "copy", "wrong_key", "nan",
-         "stale", "stale_forged")
-ADAPTIVE = ("stale_forged",)  # built to pass the cheap checks; see the module docstring
+         "stale", "stale_forged", "partial")
+ADAPTIVE = ("stale_forged", "partial")  # built to pass the cheap checks; see the module docstring
 UNDEFENDED = """norm_factor = 0
 reject_duplicates = false
 usefulness_tokens = 0
@@ -280,7 +282,7 @@ def main() -> None:
               f" | {r['attacker_credits']:>7.3f} {r['attacker_credits_undefended']:>10.3f} | "
               + ", ".join(f"{k} {v}" for k, v in sorted(r["reasons"].items())))
     if any(r["kind"] in ADAPTIVE for r in rows):
-        print("* adaptive: forges the metrics the cheap checks use; caught by spot checks only")
+        print("* adaptive: passes the cheap checks by design; spot checks are what catch it")
     honest_rejected = sum(r.honest_rejected for r in defended)
     headline = [r for r in rows if r["kind"] not in ADAPTIVE]
     adaptive = [r for r in rows if r["kind"] in ADAPTIVE]

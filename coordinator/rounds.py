@@ -149,7 +149,7 @@ class RunLoop:
         while True:
             by_id = {n.id: n for n in self._eligible()}
             checks = plan_spot_checks(sorted(by_id), trust, self.cfg.verify.spot_check_rate,
-                                      self.rng)
+                                      self.rng, {i: n.institution_id for i, n in by_id.items()})
             workers = sorted(set(by_id) - set(checks.values()))
             leases = self.scheduler.lease_train(rnd, workers, self.store.version,
                                                 self.store.digest)

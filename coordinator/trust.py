@@ -39,15 +39,20 @@ def spot_check_rate(base_rate: float, trust: float) -> float:
 
 
 def plan_spot_checks(nodes: Sequence[int], trust: Mapping[int, float], base_rate: float,
-                     rng: random.Random) -> dict[int, int]:
+                     rng: random.Random,
+                     institution: Mapping[int, int] | None = None) -> dict[int, int]:
     """Pick this round's spot checks: ``{worker: checker}``, disjoint pairs of ``nodes``.
 
     Nodes are visited in random order; each not yet paired is checked with its
-    ``spot_check_rate`` by the most trusted node still free (ties broken at random), which
-    then trains the same shard instead of one of its own. Unknown nodes count as new.
+    ``spot_check_rate`` by a free node drawn at random with weight = its trust, from another
+    ``institution`` than the worker's where one is free. Trust-weighted, so the checker is
+    likely honest; drawn, not the single most trusted, so no node is a predictable partner;
+    from another institution, so the nodes of one operator (who could agree on a forged
+    result) are not paired while anyone else can check. Unknown nodes count as new.
     """
     if base_rate <= 0:
         return {}
+    inst = institution or {}
     order = list(nodes)
     rng.shuffle(order)
     free = set(order)
@@ -57,10 +62,13 @@ def plan_spot_checks(nodes: Sequence[int], trust: Mapping[int, float], base_rate
             continue
         if rng.random() >= spot_check_rate(base_rate, trust.get(node, NEW_NODE_TRUST)):
             continue
-        others = [n for n in order if n in free and n != node]  # random order: random ties
+        others = [n for n in order if n in free and n != node]
         if not others:
             break
-        checker = max(others, key=lambda n: trust.get(n, NEW_NODE_TRUST))
+        outside = [n for n in others if inst.get(n) is None or inst.get(n) != inst.get(node)]
+        pool = outside or others
+        weights = [max(trust.get(n, NEW_NODE_TRUST), 1e-6) for n in pool]
+        checker = rng.choices(pool, weights=weights)[0]
         pairs[node] = checker
         free -= {node, checker}
     return pairs

@@ -28,6 +28,7 @@ and the well-formed, correctly signed attacks that only the round-level checks
     stale_forged  as stale, but reports the loss the *current* base has on the first batch
                 (an attacker who knows the base check; honest in its first round)
                                                                     -> spot checks only
+    partial     trains half the lease's steps, claims all of them   -> spot checks only
 
 A misbehaviour applies to the message kinds in ``FakeNode.on`` (train only by default); for
 the other kinds the node is honest, so one node can e.g. train well but go silent in eval.
@@ -60,7 +61,8 @@ from training.model import GPTConfig
 __all__ = ["BEHAVIOURS", "FakeClock", "FakeNode", "FakeTransport", "Sent", "enroll"]
 
 BEHAVIOURS = ("honest", "wrong_key", "tamper", "nan", "replay", "late", "silent", "error",
-              "sign_flip", "noise", "free_rider", "copy", "reuse", "stale", "stale_forged")
+              "sign_flip", "noise", "free_rider", "copy", "reuse", "stale", "stale_forged",
+              "partial")
 T0 = 1_700_000_000.0
 NOISE_SCALE = 20.0
 
@@ -144,6 +146,11 @@ class FakeNode:
                 update = dataclasses.replace(update, metrics=dataclasses.replace(
                     update.metrics, loss_before=first))
             return self._signed(update, arrays, lease=lease)
+        if how == "partial":  # half the compute, the full claim
+            half = dataclasses.replace(lease, inner_steps=max(1, lease.inner_steps // 2))
+            update, arrays = parse_reply(self._honest(work_content(half, model, data, arch)))
+            return self._signed(update, arrays, lease=lease, metrics=dataclasses.replace(
+                update.metrics, tokens=claim.metrics.tokens, steps=lease.inner_steps))
         if how == "reuse" and self._last_train is not None:
             update, arrays = parse_reply(self._last_train)
             return self._signed(update, arrays, lease=lease)
@@ -176,7 +183,8 @@ class FakeNode:
             return None, "ClientApp raised RuntimeError: out of memory", True
         if how == "replay" and self._last_train is not None:
             return self._last_train, None, True
-        if how in ("free_rider", "stale", "stale_forged", "reuse", "copy") and kind == "train":
+        if how in ("free_rider", "stale", "stale_forged", "partial", "reuse", "copy") \
+                and kind == "train":
             forged = self._attack(how, content)
             if forged is not None:
                 if how != "reuse":  # reuse keeps sending the same old arrays
@@ -191,8 +199,8 @@ class FakeNode:
             self.answered.append((update.lease, arrays))
         if kind == "train":
             self._last_train = reply
-        misbehaved = how not in ("honest", "replay", "stale", "stale_forged", "reuse", "copy",
-                                 "free_rider")
+        misbehaved = how not in ("honest", "replay", "stale", "stale_forged", "partial", "reuse",
+                                 "copy", "free_rider")
         if how == "tamper":
             name = sorted(arrays)[0]
             arrays[name] = arrays[name] + np.float32(1e-3)
@@ -217,12 +225,13 @@ class FakeNode:
 
 
 def enroll(ledger: Ledger, specs: Iterable[str | tuple[str, Iterable[str]]],
-           institution: str = "University A") -> list[FakeNode]:
-    """Enroll one node per spec: a behaviour, or (behaviour, kinds it applies to)."""
+           institution: str = "University A", first: int = 0) -> list[FakeNode]:
+    """Enroll one node per spec: a behaviour, or (behaviour, kinds it applies to); ``first``
+    numbers them on from earlier calls (for nodes of a second institution)."""
     inst = ledger.add_institution(institution)
     assert inst.id is not None
     nodes = []
-    for i, spec in enumerate(specs):
+    for i, spec in enumerate(specs, start=first):
         behaviour, on = (spec, ("train",)) if isinstance(spec, str) else spec
         assert behaviour in BEHAVIOURS, behaviour
         key = generate_key()

@@ -14,6 +14,8 @@ from test_run_loop import (  # noqa: F401  (fixtures)
     network, nets, one_torch_thread, updates_by_lease,
 )
 
+from fake_network import enroll
+
 from coordinator.trust import trust_score
 from protocol.errors import Reason
 from training.checkpoint import load_checkpoint
@@ -102,13 +104,13 @@ def test_honest_spot_checks_agree_both_earn_and_one_counts(network) -> None:
     assert shards[1] != shards[2]
 
 
-@pytest.mark.parametrize("behaviour", ["stale_forged", "free_rider"])
+@pytest.mark.parametrize("behaviour", ["stale_forged", "partial", "free_rider"])
 def test_spot_check_mismatch_is_recomputed_and_the_cheat_loses(network, behaviour) -> None:
     net = network(["honest", behaviour], verify="spot_check_rate = 1.0")
     good, bad = net.nodes
     net.run()
     led = net.ledger
-    # stale_forged is honest in round 1 (it has no older model yet); free_rider never is
+    # stale_forged is honest in round 1 (it has no older model yet); the others never are
     rnd = 2 if behaviour == "stale_forged" else 1
     g, b = train_updates(net, good.id)[rnd], train_updates(net, bad.id)[rnd]
     assert g.verdict == "accepted"
@@ -171,3 +173,20 @@ def test_resume_counts_a_spot_checked_shard_once(tmp_path, corpus, nets) -> None
              if lease.kind == "train" and lease.round == 2]
     assert len(again) == 2 and shard not in again
     assert second.loop.scheduler.epoch == 0
+
+
+def test_spot_checkers_come_from_another_institution(network) -> None:
+    # two nodes of one operator and two of another institution, every shard spot-checked:
+    # the operator's nodes never check each other, so they could not agree on a forgery
+    net = network(["honest", "honest"], rounds=3, verify="spot_check_rate = 1.0")
+    net.nodes += enroll(net.ledger, ["honest", "honest"], "Operator X", first=2)
+    net.run()
+    inst = {n.id: n.row.institution_id for n in net.nodes}
+    assert len(set(inst.values())) == 2
+    train = [lease for lease, _ in updates_by_lease(net.ledger) if lease.kind == "train"]
+    by_shard: dict[tuple[int, int], list[int]] = {}
+    for lease in train:
+        by_shard.setdefault((lease.round, lease.shard_id), []).append(lease.node_id)
+    pairs = [ids for ids in by_shard.values() if len(ids) == 2]
+    assert len(pairs) == 6  # 3 rounds x 2 checks
+    assert all(inst[a] != inst[b] for a, b in pairs)

@@ -34,14 +34,42 @@ def test_spot_check_rate_rises_as_trust_falls() -> None:
     assert spot_check_rate(0.0, 0.01) == 0.0
 
 
-def test_plan_pairs_distinct_nodes_with_the_most_trusted_checker() -> None:
+def test_plan_pairs_distinct_nodes() -> None:
     trust = {1: 0.9, 2: 0.5, 3: 0.5, 4: 0.2}
-    pairs = plan_spot_checks([1, 2, 3, 4], trust, 1.0, random.Random(0))
-    assert len(pairs) == 2
-    nodes = list(pairs) + list(pairs.values())
-    assert sorted(nodes) == [1, 2, 3, 4]  # disjoint pairs
-    assert 1 in pairs.values()  # the most trusted node checks first
-    assert all(w != c for w, c in pairs.items())
+    for seed in range(20):
+        pairs = plan_spot_checks([1, 2, 3, 4], trust, 1.0, random.Random(seed))
+        assert len(pairs) == 2
+        nodes = list(pairs) + list(pairs.values())
+        assert sorted(nodes) == [1, 2, 3, 4]  # disjoint pairs
+        assert all(w != c for w, c in pairs.items())
+
+
+def test_checkers_are_drawn_by_trust_not_fixed() -> None:
+    # node 9 is checked every round: by whom is a draw weighted by trust, so the most
+    # trusted checks most often but is not a partner 9 can count on
+    trust = {1: 0.9, 2: 0.6, 3: 0.1, 9: 0.001}  # 9: always checked; the others rarely
+    by = Counter()
+    rng = random.Random(2)
+    for _ in range(3000):
+        pairs = plan_spot_checks([1, 2, 3, 9], trust, 0.01, rng)
+        if list(pairs) == [9]:  # the only check: its checker was drawn from all of 1, 2, 3
+            by[pairs[9]] += 1
+    total = sum(by.values())
+    assert total > 500
+    for checker, share in ((1, 0.9 / 1.6), (2, 0.6 / 1.6), (3, 0.1 / 1.6)):
+        assert by[checker] / total == pytest.approx(share, abs=0.05), by
+
+
+def test_a_checker_comes_from_another_institution_when_one_is_free() -> None:
+    # nodes 1, 2 belong to one operator; 3, 4 to another institution
+    inst = {1: 7, 2: 7, 3: 8, 4: 8}
+    trust = {1: 0.99, 2: 0.99, 3: 0.3, 4: 0.3}  # the operator's nodes look best
+    rng = random.Random(3)
+    for _ in range(500):
+        for worker, checker in plan_spot_checks([1, 2, 3, 4], trust, 1.0, rng, inst).items():
+            assert inst[worker] != inst[checker]
+    # one institution only: its nodes check each other, as before
+    assert plan_spot_checks([1, 2], trust, 1.0, random.Random(0), inst) in ({1: 2}, {2: 1})
 
 
 def test_plan_is_off_at_rate_zero_and_needs_two_nodes() -> None:
