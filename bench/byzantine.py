@@ -32,8 +32,9 @@ replay are rejected in both. Undefended also turns off the base check
 Reported per kind: the final validation loss over an all-honest run's (same seed, same
 policy), the attacks rejected / submitted (an attack = a train reply an attacker misbehaved
 in: replay, reuse and stale have nothing to attack with in their first round and work
-honestly there, which is not counted), the credits the attacks earned; and the cost of
-verification per update against the node's training time.
+honestly there, which is not counted), the credits the attacks earned, net of the penalties
+lost spot checks cost (``[credits] mismatch_penalty``); and the cost of verification per
+update against the node's training time.
 
     python bench/byzantine.py                 # ~2-4 min on 2 cores
     python bench/byzantine.py --json          # ... and one JSON object, last

@@ -201,6 +201,12 @@ class VerifyParams:
                                   "0 = off")
     spot_check_tolerance: float = _opt(0.1, _positive, "relative L2 distance within which two "
                                        "results of the same shard agree")
+    spot_check_loss_tolerance: float = _opt(0.02, _non_negative, "nats: on a spot-check "
+                                            "mismatch a result also stands if its local "
+                                            "model's loss on the shard is this close to the "
+                                            "coordinator's recomputation (bf16 vs fp32 "
+                                            "training diverges in parameters, not in loss); "
+                                            "0 = parameters only")
     trust_weighting: bool = _opt(False, _bool, "scale each update's aggregation weight by its "
                                  "node's trust score")
 
@@ -209,6 +215,11 @@ class VerifyParams:
 class CreditsParams:
     train_per_1k_tokens: float = _opt(1.0, _non_negative, "credits per 1000 tokens trained")
     eval_per_1k_tokens: float = _opt(0.1, _non_negative, "credits per 1000 tokens evaluated")
+    mismatch_penalty: float = _opt(10.0, _non_negative, "a train update that loses a spot "
+                                   "check (the coordinator's recomputation disagrees) costs "
+                                   "this many times what it would have earned; at least "
+                                   "1 / spot_check_rate makes cheating lose in expectation; "
+                                   "0 = it just earns nothing")
 
 
 @dataclass(frozen=True)

@@ -1,29 +1,37 @@
 """The credit policy: what an accepted update earns, with the components that explain it,
-and the signed receipt that comes with every credit.
+what an update that lost a spot check costs, and the signed receipt that comes with every
+entry.
 
 Rejected or late work earns nothing: credit is only ever computed for an accepted update
-(the verifier rejects an answer past its deadline as ``late``).
+(the verifier rejects an answer past its deadline as ``late``). One rejection costs more:
+an update that lost a spot check (``spot_check_mismatch``: the coordinator's own
+recomputation of the shard disagreed with it) pays ``mismatch_penalty`` times what the shard
+would have earned. Spot checks are random, so without a price on being caught a node could
+send half-done work and keep most of the credit; with the factor at least
+1 / ``spot_check_rate`` such work loses credit in expectation.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from protocol.errors import Reason
 from protocol.messages import Lease, Update
 from protocol.receipts import (
-    RECEIPT_PREFIX, Receipt, SignedReceipt, receipt_bytes, sign_receipt,
+    PENALTY, RECEIPT_PREFIX, Receipt, SignedReceipt, receipt_bytes, sign_receipt,
 )
 from protocol.signing import fingerprint, load_private_key, public_key_pem
 
 from .config import CreditsParams
 from .ledger import CreditEntry, Ledger
 
-__all__ = ["ReceiptIssuer", "credit_for", "pay_credit"]
+__all__ = ["ReceiptIssuer", "charge_penalty", "credit_for", "pay_credit"]
 
 log = logging.getLogger(__name__)
 
@@ -64,16 +72,42 @@ def pay_credit(ledger: Ledger, policy: CreditsParams, issuer: ReceiptIssuer | No
     """
     tokens = update.metrics.tokens
     amount, components = credit_for(lease.kind, tokens, policy)
+    return _enter(ledger.add_credit, issuer, node_id=node_id, lease=lease, update=update,
+                  update_id=update_id, now=now, kind=lease.kind, tokens=tokens, amount=amount,
+                  components=components)
+
+
+def charge_penalty(ledger: Ledger, policy: CreditsParams, issuer: ReceiptIssuer | None, *,
+                   node_id: int, lease: Lease, update: Update, update_id: int, now: float
+                   ) -> tuple[CreditEntry, SignedReceipt | None] | None:
+    """Charge a train update that lost a spot check ``mismatch_penalty`` x the credit its
+    claimed tokens would have earned; None when the factor (or that credit) is 0."""
+    claimed = update.metrics.tokens
+    worth, parts = credit_for("train", claimed, policy)
+    amount = -round(policy.mismatch_penalty * worth, 6)
+    if amount == 0:
+        return None
+    components = {"kind": PENALTY, "reason": Reason.SPOT_CHECK_MISMATCH, "tokens": claimed,
+                  "rate_per_1k": parts["rate_per_1k"], "factor": policy.mismatch_penalty}
+    return _enter(ledger.add_penalty, issuer, node_id=node_id, lease=lease, update=update,
+                  update_id=update_id, now=now, kind=PENALTY, tokens=0, amount=amount,
+                  components=components)
+
+
+def _enter(add: Callable[..., CreditEntry], issuer: ReceiptIssuer | None, *, node_id: int,
+           lease: Lease, update: Update, update_id: int, now: float, kind: str, tokens: int,
+           amount: float, components: dict[str, Any]
+           ) -> tuple[CreditEntry, SignedReceipt | None]:
+    """Sign the receipt (with an issuer) and ``add`` the entry with it in one transaction."""
     signed = None
     if issuer is not None:
         signed = issuer.issue(Receipt(
             run_id=lease.run_id, node_id=node_id, update_id=update_id,
             update_digest=update.arrays_digest, lease_nonce=lease.nonce, round=lease.round,
-            shard_id=lease.shard_id, kind=lease.kind, tokens=tokens, amount=amount,
+            shard_id=lease.shard_id, kind=kind, tokens=tokens, amount=amount,
             components=components, issued_at=now,
             coordinator_key_fingerprint=issuer.fingerprint))
     body = None if signed is None else (
         receipt_bytes(signed.receipt)[len(RECEIPT_PREFIX):].decode("ascii"), signed.signature)
-    entry = ledger.add_credit(node_id, update_id, amount, components, now=now,
-                              receipt=body)
+    entry = add(node_id, update_id, amount, components, now=now, receipt=body)
     return entry, signed

@@ -1,4 +1,5 @@
-"""Judging one reply: decode, verify, record the verdict, pay credit for accepted work.
+"""Judging one reply: decode, verify, record the verdict, pay credit for accepted work
+(and charge the penalty for a lost spot check).
 
 Whatever a node sends, the outcome is a row in the ledger: hostile or broken input becomes a
 rejection with its reason, never an exception that stops the run. ``judge_reply`` does it all
@@ -20,7 +21,7 @@ from protocol.errors import ProtocolError, Reason
 from protocol.messages import Lease, Update, parse_reply
 
 from .config import RunConfig
-from .credits import ReceiptIssuer, pay_credit
+from .credits import ReceiptIssuer, charge_penalty, pay_credit
 from .ledger import Ledger
 from .ledger import Update as UpdateRow
 from .verifier import Expected, Verdict, verify
@@ -82,6 +83,9 @@ def record_judged(judged: Judged, *, lease: Lease, lease_row_id: int, node_id: i
     if verdict.accepted:
         pay_credit(ledger, cfg.credits, issuer, node_id=node_id, lease=lease, update=update,
                    update_id=row.id, now=now)
+    elif verdict.reason == Reason.SPOT_CHECK_MISMATCH:
+        charge_penalty(ledger, cfg.credits, issuer, node_id=node_id, lease=lease,
+                       update=update, update_id=row.id, now=now)
     return row
 
 

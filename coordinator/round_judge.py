@@ -14,6 +14,7 @@ of the same size from the shard the update was trained on.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import random
@@ -41,6 +42,7 @@ __all__ = ["Candidate", "RoundJudge", "VerifyCost"]
 log = logging.getLogger(__name__)
 
 Arrays = Mapping[str, np.ndarray]
+SPOT_CHECK_TOKENS = 4096  # shard tokens a spot check scores on when usefulness is off
 
 
 @dataclass
@@ -170,8 +172,21 @@ class RoundJudge:
         if not (a.standing and b.standing):
             self.ledger.add_event("spot_check", f"{where}: only one result left to compare")
             return
-        out = rules.spot_check(a.arrays, b.arrays, self.cfg.verify.spot_check_tolerance,
-                               lambda: self._recompute(base, lease))
+        v = self.cfg.verify
+
+        @functools.cache
+        def shard() -> np.ndarray | None:  # drawn only if the results disagree
+            return _windows(self.tokens, lease.data_start, lease.data_end,
+                            v.usefulness_tokens or SPOT_CHECK_TOKENS, self.cfg.train.seq_len,
+                            self.rng)
+
+        def score(update: Arrays) -> float:  # NaN (never within tolerance) if no window
+            windows = shard()
+            return math.nan if windows is None else self._loss(_local(base, update), windows)
+
+        out = rules.spot_check(a.arrays, b.arrays, v.spot_check_tolerance,
+                               lambda: self._recompute(base, lease), score,
+                               v.spot_check_loss_tolerance)
         pair = (a, b)
         for i, c in enumerate(pair):
             other = pair[1 - i]
@@ -212,7 +227,7 @@ class RoundJudge:
                                v.usefulness_tokens, seq, self.rng)
                 shard_base[key] = (own, math.nan if own is None else self._loss(base, own))
             own, own_base = shard_base[key]
-            local = {k: np.asarray(base[k], np.float32) - c.arrays[k] for k in base}
+            local = _local(base, c.arrays)
             c.improvement = base_held - self._loss(local, held)
             c.shard_gain = math.inf if own is None else own_base - self._loss(local, own)
         found = rules.not_useful([c.improvement for c in live], [c.shard_gain for c in live],
@@ -246,6 +261,11 @@ class RoundJudge:
                       lease_row_id=c.lease_row_id, node_id=c.node.id, cfg=self.cfg,
                       ledger=self.ledger, now=c.received_at, issuer=self.issuer,
                       improvement=improvement)
+
+
+def _local(base: Arrays, update: Arrays) -> dict[str, np.ndarray]:
+    """The node's local model: base - update."""
+    return {k: np.asarray(base[k], np.float32) - update[k] for k in base}
 
 
 def _windows(tokens: np.ndarray, lo: int, hi: int, n_tokens: int, seq_len: int,

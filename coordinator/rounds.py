@@ -34,7 +34,7 @@ from .model_store import ModelStore
 from .round_judge import Candidate, RoundJudge
 from .scheduler import Scheduler
 from .transport import Transport
-from .trust import NEW_NODE_TRUST, plan_spot_checks
+from .trust import NEW_NODE_TRUST, PROBATION_UPDATES, plan_spot_checks
 
 __all__ = ["RunLoop"]
 
@@ -146,10 +146,12 @@ class RunLoop:
     def _train_phase(self, rnd: int) -> bool:
         end = self.clock() + self.cfg.run.wait_for_nodes_s
         trust = {s.node_id: s.trust for s in self.ledger.node_summaries()}
+        probation = self.ledger.lost_spot_check_within(PROBATION_UPDATES)
         while True:
             by_id = {n.id: n for n in self._eligible()}
             checks = plan_spot_checks(sorted(by_id), trust, self.cfg.verify.spot_check_rate,
-                                      self.rng, {i: n.institution_id for i, n in by_id.items()})
+                                      self.rng, {i: n.institution_id for i, n in by_id.items()},
+                                      probation)
             workers = sorted(set(by_id) - set(checks.values()))
             leases = self.scheduler.lease_train(rnd, workers, self.store.version,
                                                 self.store.digest)

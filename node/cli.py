@@ -70,8 +70,8 @@ def whoami(home: HomeOpt = None) -> None:
 
 def _credits_table(report: CreditReport) -> Table:
     table = Table(title=f"credits of node {report.node_id}",
-                  caption=f"{report.total.updates} receipts verified with coordinator key "
-                          f"{report.coordinator_key_fingerprint}")
+                  caption=f"{report.receipts_verified} receipts verified with coordinator "
+                          f"key {report.coordinator_key_fingerprint}")
     for name in ("run", "work", "updates", "tokens", "credits"):
         table.add_column(name, justify="left" if name in ("run", "work") else "right")
     for run, total in report.runs.items():
@@ -85,6 +85,9 @@ def _credits_table(report: CreditReport) -> Table:
     table.add_row("total", "", str(t.updates),
                   f"{t.tokens_trained:,} trained, {t.tokens_evaluated:,} evaluated",
                   f"{t.credits:,.4f}", style="bold", end_section=True)
+    if t.penalties:  # say why the total is below what the work earned
+        table.caption += (f"; {t.penalties} update(s) lost a spot check and were charged "
+                          "(work: penalty)")
     return table
 
 

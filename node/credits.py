@@ -24,7 +24,9 @@ from protocol import coordinator_pb2_grpc as pb_grpc
 from protocol.errors import (
     AtomError, ConfigError, EnrollmentError, NetworkError, ProtocolError, VerificationError,
 )
-from protocol.receipts import Receipt, Statement, statement_request_bytes, verify_receipt
+from protocol.receipts import (
+    PENALTY, Receipt, Statement, statement_request_bytes, verify_receipt,
+)
 from protocol.signing import fingerprint, load_private_key, load_public_key, sign
 
 from .identity import NodeHome
@@ -130,17 +132,19 @@ class CreditLine:
 
 @dataclass(frozen=True)
 class CreditTotal:
-    updates: int
+    updates: int  # accepted updates paid
     tokens_trained: int
     tokens_evaluated: int
-    credits: float
+    penalties: int  # updates that lost a spot check and were charged
+    credits: float  # net of penalties
 
 
 def _total(receipts: Iterable[Receipt]) -> CreditTotal:
     rs = list(receipts)
+    penalties = sum(r.kind == PENALTY for r in rs)
     return CreditTotal(
-        updates=len(rs), tokens_trained=sum(r.tokens for r in rs if r.kind == "train"),
-        tokens_evaluated=sum(r.tokens for r in rs if r.kind == "eval"),
+        updates=len(rs) - penalties, tokens_trained=sum(r.tokens for r in rs if r.kind == "train"),
+        tokens_evaluated=sum(r.tokens for r in rs if r.kind == "eval"), penalties=penalties,
         credits=round(math.fsum(float(r.amount) for r in rs), 6))
 
 
@@ -153,10 +157,11 @@ class CreditReport:
     lines: list[CreditLine]
     runs: dict[str, CreditTotal]
     total: CreditTotal
+    receipts_verified: int
 
     @classmethod
     def of(cls, node_id: int, receipts: list[Receipt], coordinator_pem: bytes) -> CreditReport:
-        order = {"train": 0, "eval": 1}
+        order = {"train": 0, "eval": 1, PENALTY: 2}
         keys = sorted({(r.run_id, r.kind) for r in receipts},
                       key=lambda k: (k[0], order.get(k[1], 2), k[1]))
         lines = []
@@ -166,12 +171,13 @@ class CreditReport:
                                     round(math.fsum(float(r.amount) for r in rs), 6)))
         runs = {run: _total(r for r in receipts if r.run_id == run)
                 for run in sorted({r.run_id for r in receipts})}
-        return cls(node_id, fingerprint(coordinator_pem), lines, runs, _total(receipts))
+        return cls(node_id, fingerprint(coordinator_pem), lines, runs, _total(receipts),
+                   len(receipts))
 
     def to_dict(self) -> dict[str, Any]:
         return {"node_id": self.node_id,
                 "coordinator_key_fingerprint": self.coordinator_key_fingerprint,
-                "receipts_verified": self.total.updates,
+                "receipts_verified": self.receipts_verified,
                 "by_kind": [asdict(line) for line in self.lines],
                 "runs": [{"run_id": run, **asdict(t)} for run, t in self.runs.items()],
                 "total": asdict(self.total)}

@@ -6,9 +6,14 @@ What is signed — ``receipt_bytes(receipt)`` is the only definition::
                                        ensure_ascii=True, allow_nan=False).encode("ascii")
 
     doc = {"amount": float, "components": {...}, "coordinator_key_fingerprint": str,
-           "issued_at": float, "kind": "train"|"eval", "lease_nonce": str, "node_id": int,
-           "round": int, "run_id": str, "shard_id": int, "tokens": int,
+           "issued_at": float, "kind": "train"|"eval"|"penalty", "lease_nonce": str,
+           "node_id": int, "round": int, "run_id": str, "shard_id": int, "tokens": int,
            "update_digest": str, "update_id": int}
+
+A ``train`` or ``eval`` receipt pays accepted work (``amount`` >= 0, ``tokens`` the tokens
+credited). A ``penalty`` receipt charges a train update that lost a spot check against the
+coordinator's recomputation: ``amount`` < 0, ``tokens`` 0, and its ``components`` say how
+it was sized (``{"kind": "penalty", "reason", "tokens" claimed, "rate_per_1k", "factor"}``).
 
 The canonical JSON follows ``protocol.signing``: keys sorted by code point at every level, no
 whitespace, integers in plain decimal, ``amount`` and ``issued_at`` always floats written as
@@ -45,6 +50,8 @@ from protocol.messages import KINDS
 from protocol.signing import fingerprint, public_key_pem, sign, verify
 
 __all__ = [
+    "PENALTY",
+    "RECEIPT_KINDS",
     "RECEIPT_PREFIX",
     "REQUEST_PREFIX",
     "STATEMENT_FORMAT",
@@ -58,6 +65,8 @@ __all__ = [
     "verify_receipt",
 ]
 
+PENALTY = "penalty"
+RECEIPT_KINDS = (*KINDS, PENALTY)
 RECEIPT_PREFIX = b"atom-receipt-v1\n"
 REQUEST_PREFIX = b"atom-statement-request-v1\n"
 STATEMENT_FORMAT = "atom-statement-v1"
@@ -78,7 +87,8 @@ def _canonical(doc: Mapping[str, Any]) -> bytes:
 
 @dataclass(frozen=True)
 class Receipt:
-    """The coordinator's word that ``node_id`` earned ``amount`` for one accepted update."""
+    """The coordinator's word that ``node_id`` earned ``amount`` for one accepted update, or
+    (kind ``penalty``, ``amount`` < 0) paid it for one that lost a spot check."""
 
     run_id: str
     node_id: int
@@ -87,7 +97,7 @@ class Receipt:
     lease_nonce: str
     round: int
     shard_id: int
-    kind: str  # "train" | "eval"
+    kind: str  # "train" | "eval" | "penalty"
     tokens: int
     amount: float
     components: dict[str, Any]  # why: {"kind", "tokens", "rate_per_1k"}
@@ -97,11 +107,14 @@ class Receipt:
     def to_dict(self) -> dict[str, Any]:
         """The signed document: numbers coerced to their declared types, fields checked."""
         doc: dict[str, Any] = normalise(self)
-        if self.kind not in KINDS:
-            raise ProtocolError(f"receipt.kind: must be one of {KINDS}, not {self.kind!r}")
+        if self.kind not in RECEIPT_KINDS:
+            raise ProtocolError(f"receipt.kind: must be one of {RECEIPT_KINDS}, "
+                                f"not {self.kind!r}")
         for name in ("amount", "issued_at"):
             if not math.isfinite(doc[name]):
                 raise ProtocolError(f"receipt.{name}: must be finite")
+        if (doc["amount"] < 0) != (self.kind == PENALTY):
+            raise ProtocolError("receipt.amount: must be < 0 for a penalty and >= 0 otherwise")
         if not isinstance(self.components, Mapping):
             raise ProtocolError("receipt.components: expected an object")
         doc["components"] = json.loads(_canonical(self.components))  # plain JSON or raise

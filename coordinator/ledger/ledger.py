@@ -19,7 +19,7 @@ from sqlalchemy import update
 from sqlalchemy.engine import URL
 from sqlmodel import Session, SQLModel, col, select
 
-from protocol.errors import EnrollmentError, LedgerError
+from protocol.errors import EnrollmentError, LedgerError, Reason
 
 from .models import (
     LEASE_KINDS, LEASE_STATUSES, VERDICTS, CreditEntry, CreditReceipt, Event, Institution,
@@ -242,24 +242,44 @@ class Ledger(LedgerReads):
     def add_credit(self, node_id: int, update_id: int, amount: float,
                    components: dict[str, Any], *, now: float | None = None,
                    receipt: tuple[str, bytes] | None = None) -> CreditEntry:
-        """Append a credit for one accepted update (at most one per update).
+        """Append a credit for one accepted update (at most one entry per update).
 
         ``receipt`` is ``(canonical JSON body, signature)`` of the coordinator-signed receipt,
         stored in the same transaction; its node, update and amount must be this credit's.
         """
-        if receipt is not None:
-            _check_receipt(receipt[0], node_id, update_id, amount)
         if not math.isfinite(amount) or amount < 0:
             raise LedgerError(f"credit amount must be finite and >= 0, not {amount!r}")
+        return self._append_credit(node_id, update_id, amount, components, now, receipt,
+                                   penalty=False)
+
+    def add_penalty(self, node_id: int, update_id: int, amount: float,
+                    components: dict[str, Any], *, now: float | None = None,
+                    receipt: tuple[str, bytes] | None = None) -> CreditEntry:
+        """Append the negative credit a node pays for an update that lost a spot check
+        (rejected as ``spot_check_mismatch``: the coordinator's own recomputation disagreed
+        with it); at most one entry per update, as for credits."""
+        if not math.isfinite(amount) or amount >= 0:
+            raise LedgerError(f"a penalty must be finite and < 0, not {amount!r}")
+        return self._append_credit(node_id, update_id, amount, components, now, receipt,
+                                   penalty=True)
+
+    def _append_credit(self, node_id: int, update_id: int, amount: float,
+                       components: dict[str, Any], now: float | None,
+                       receipt: tuple[str, bytes] | None, *, penalty: bool) -> CreditEntry:
+        if receipt is not None:
+            _check_receipt(receipt[0], node_id, update_id, amount)
         try:
             text = json.dumps(components, sort_keys=True, separators=(",", ":"), allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise LedgerError(f"credit components are not plain JSON: {exc}") from None
         entry = CreditEntry(node_id=node_id, update_id=update_id, amount=float(amount),
                             components=text, created_at=_now(now))
-        with self._write("add credit") as session:
+        with self._write("add a penalty" if penalty else "add credit") as session:
             upd = self._must(session, Update, update_id)
-            if upd.verdict != "accepted":
+            if penalty and (upd.verdict, upd.reason) != ("rejected", Reason.SPOT_CHECK_MISMATCH):
+                raise LedgerError(f"update {update_id} did not lose a spot check: "
+                                  "it owes no penalty")
+            if not penalty and upd.verdict != "accepted":
                 raise LedgerError(f"update {update_id} was rejected: it earns no credit")
             if upd.node_id != node_id:
                 raise LedgerError(

@@ -13,12 +13,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-from sqlalchemy import inspect
+from sqlalchemy import func, inspect
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlmodel import Session, SQLModel, col, select
 
-from protocol.errors import LedgerError
+from protocol.errors import LedgerError, Reason
 
 from .engine import first_line, open_engine, shown_url
 from .models import (
@@ -183,6 +183,18 @@ class LedgerReads:
                                               col(Update.verdict) == "accepted")
                          .order_by(col(Update.id)).limit(1))
         return rows[0] if rows else None
+
+    def lost_spot_check_within(self, last: int) -> set[int]:
+        """Nodes with a ``spot_check_mismatch`` among their ``last`` train updates."""
+        recent = (select(col(Update.node_id).label("node_id"),
+                         col(Update.reason).label("reason"),
+                         func.row_number().over(partition_by=col(Update.node_id),
+                                                order_by=col(Update.id).desc()).label("n"))
+                  .join(Lease, col(Lease.id) == col(Update.lease_id))
+                  .where(col(Lease.kind) == "train").subquery())
+        stmt = (select(recent.c.node_id).distinct()
+                .where(recent.c.n <= last, recent.c.reason == Reason.SPOT_CHECK_MISMATCH))
+        return set(self._all(stmt))
 
     def updates_with_leases(self, node_id: int | None = None) -> list[tuple[Update, Lease]]:
         """Each update with the lease it answers (kind, round, shard), in one query."""

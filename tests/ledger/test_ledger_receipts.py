@@ -117,3 +117,29 @@ def test_read_only_ledger_reads_receipts_and_refuses_them(open_ledger, make, nod
     other = make.answer(make.lease(node.id))
     with pytest.raises(LedgerError, match="read-only"):
         ro.add_credit(node.id, other.id, 1.0, {}, receipt=(_body(node.id, other.id, 1.0), b"s"))
+
+
+def test_a_penalty_only_for_an_update_that_lost_a_spot_check(ledger: Ledger, make,
+                                                             node) -> None:
+    lost = make.answer(make.lease(node.id), verdict="rejected", reason="spot_check_mismatch")
+    entry = ledger.add_penalty(node.id, lost.id, -1.92, {"kind": "penalty"}, now=5.0,
+                               receipt=(_body(node.id, lost.id, -1.92), b"p"))
+    assert (entry.amount, entry.update_id) == (-1.92, lost.id)
+    assert [r.update_id for r in ledger.receipts(node_id=node.id)] == [lost.id]
+    [summary] = [s for s in ledger.node_summaries() if s.node_id == node.id]
+    assert summary.credits == pytest.approx(-1.92)
+    with pytest.raises(LedgerError, match="already credited"):
+        ledger.add_penalty(node.id, lost.id, -1.0, {})
+    late = make.answer(make.lease(node.id), verdict="rejected", reason="late")
+    paid = make.answer(make.lease(node.id))
+    for upd in (late, paid):
+        with pytest.raises(LedgerError, match="did not lose a spot check"):
+            ledger.add_penalty(node.id, upd.id, -1.0, {})
+    for amount in (0.0, 1.0, float("nan")):
+        with pytest.raises(LedgerError, match="penalty must be finite and < 0"):
+            ledger.add_penalty(node.id, lost.id, amount, {})
+    with pytest.raises(LedgerError, match="amount must be finite and >= 0"):
+        ledger.add_credit(node.id, paid.id, -1.0, {})
+    with pytest.raises(LedgerError, match="was rejected"):  # credit for it: still refused
+        ledger.add_credit(node.id, lost.id, 1.0, {})
+    assert len(ledger.credits()) == 1

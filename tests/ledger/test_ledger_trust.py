@@ -64,3 +64,20 @@ def test_an_older_ledger_gains_the_improvement_column(open_ledger) -> None:
                       improvement=0.5)
     assert [u.improvement for u in led.updates()] == [0.5]
     open_ledger()  # opening an up-to-date ledger again changes nothing
+
+
+def test_lost_spot_check_within_the_last_train_updates(ledger: Ledger, inst, make) -> None:
+    recent, served, clean, fresh = (make.node(inst.id) for _ in range(4))
+    for _ in range(3):
+        make.answer(make.lease(recent.id))
+    make.answer(make.lease(recent.id), verdict="rejected", reason="spot_check_mismatch")
+    make.answer(make.lease(recent.id))
+    make.answer(make.lease(served.id), verdict="rejected", reason="spot_check_mismatch")
+    for _ in range(5):  # five train updates since: probation served
+        make.answer(make.lease(served.id))
+    make.answer(make.lease(clean.id), verdict="rejected", reason="late")
+    for _ in range(6):  # eval answers do not count towards the window
+        make.answer(make.lease(recent.id, kind="eval"))
+    assert ledger.lost_spot_check_within(5) == {recent.id}
+    assert ledger.lost_spot_check_within(6) == {recent.id, served.id}
+    assert ledger.lost_spot_check_within(1) == set()

@@ -199,3 +199,12 @@ async def test_an_empty_ledger_shows_empty_screens(tui_app: AppFactory, tmp_path
         await pilot.press("e")
         await settle(pilot)
         assert app.screen.query_one(EventTable).row_count == 0
+
+
+def test_components_text_explains_credits_and_penalties() -> None:
+    from tui.widgets.node_panels import components_text
+    assert components_text({"kind": "train", "tokens": 40960, "rate_per_1k": 1.0}) == \
+        "train 40,960 tok × 1/1k"
+    assert components_text({"kind": "penalty", "reason": "spot_check_mismatch",
+                            "tokens": 40960, "rate_per_1k": 1.0, "factor": 10.0}) == \
+        "penalty 10 × train 40,960 tok × 1/1k (spot_check_mismatch)"

@@ -5,6 +5,7 @@ Each node has a behaviour. ``honest`` runs ``node.worker.do_work`` for real; the
 ways a node can go wrong that the coordinator must survive::
 
     honest     do the work, sign it with the node's own key
+    bf16       honest, training under bf16 autocast as a CUDA node does (CPU bf16 here)
     wrong_key  do the work, sign it with another key               -> bad_signature
     tamper     change an array after signing                       -> digest_mismatch
     nan        NaN in an array, digest and signature made over it  -> non_finite
@@ -37,15 +38,19 @@ Replies are made when the loop polls, so they arrive at the earliest on the poll
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import math
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 from flwr.app import RecordDict
+
+import training.inner
 
 from coordinator.ledger import Ledger, Node
 from coordinator.transport import Reply
@@ -60,11 +65,17 @@ from training.model import GPTConfig
 
 __all__ = ["BEHAVIOURS", "FakeClock", "FakeNode", "FakeTransport", "Sent", "enroll"]
 
-BEHAVIOURS = ("honest", "wrong_key", "tamper", "nan", "replay", "late", "silent", "error",
+BEHAVIOURS = ("honest", "bf16", "wrong_key", "tamper", "nan", "replay", "late", "silent", "error",
               "sign_flip", "noise", "free_rider", "copy", "reuse", "stale", "stale_forged",
               "partial")
 T0 = 1_700_000_000.0
 NOISE_SCALE = 20.0
+
+
+@contextlib.contextmanager
+def _cpu_bf16(_device: Any) -> Iterator[None]:
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        yield
 
 
 class FakeClock:
@@ -167,7 +178,15 @@ class FakeNode:
 
     def _honest(self, content: RecordDict, key: Any = None) -> RecordDict:
         settings = WorkerSettings(node_id=self.id, key=key or self.key, device="cpu")
-        return do_work(content, settings)
+        if self.behaviour != "bf16":
+            return do_work(content, settings)
+        # what a CUDA node does (bf16 autocast), with CPU bf16 standing in for it
+        saved = training.inner.autocast
+        training.inner.autocast = _cpu_bf16
+        try:
+            return do_work(content, settings)
+        finally:
+            training.inner.autocast = saved
 
     def answer(self, kind: str, content: RecordDict) -> tuple[RecordDict | None, str | None]:
         """The reply content or error this node sends for ``content``."""
@@ -195,12 +214,12 @@ class FakeNode:
         except Exception as err:  # as Flower does: a raising ClientApp answers with an error
             return None, f"{type(err).__name__}: {err}", False
         update, arrays = parse_reply(reply)
-        if how in ("honest", "late", "replay"):
+        if how in ("honest", "bf16", "late", "replay"):
             self.answered.append((update.lease, arrays))
         if kind == "train":
             self._last_train = reply
-        misbehaved = how not in ("honest", "replay", "stale", "stale_forged", "partial", "reuse",
-                                 "copy", "free_rider")
+        misbehaved = how not in ("honest", "bf16", "replay", "stale", "stale_forged", "partial",
+                                 "reuse", "copy", "free_rider")
         if how == "tamper":
             name = sorted(arrays)[0]
             arrays[name] = arrays[name] + np.float32(1e-3)

@@ -132,6 +132,7 @@ def test_aggregation_params(tmp_path: Path) -> None:
     ("[data]\nval_every = 1", "[data].val_every must be an integer >= 2"),
     ("[data]\nmax_bytes = 1.5", "[data].max_bytes must be a positive integer"),
     ("[credits]\neval_per_1k_tokens = -1", "[credits].eval_per_1k_tokens must be a non-negative"),
+    ("[credits]\nmismatch_penalty = -1", "[credits].mismatch_penalty must be a non-negative"),
     ("[aggregation]\ntrim_fraction = 0.5", "[aggregation].trim_fraction must be in [0, 0.5)"),
     ("[aggregation]\ntrim_fraction = -0.1", "[aggregation].trim_fraction must be in [0, 0.5)"),
     ("[aggregation]\nclip_radius = -1", "[aggregation].clip_radius must be a non-negative"),

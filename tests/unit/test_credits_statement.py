@@ -38,7 +38,7 @@ def test_statement_agrees_with_the_ledger(world: World) -> None:
         s = summaries[world.ids[name]]
         assert doc["node_id"] == s.node_id
         assert doc["total"] == {"updates": s.accepted, "tokens_trained": s.tokens,
-                                "tokens_evaluated": s.eval_tokens,
+                                "tokens_evaluated": s.eval_tokens, "penalties": 0,
                                 "credits": pytest.approx(s.credits, abs=1e-9)}
     a = ok_json("--home", world.homes["a"].path)
     assert a["total"]["updates"] == 3 and summaries[world.ids["a"]].rejected == 2

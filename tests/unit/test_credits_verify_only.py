@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from credits_world import World, make_world, ok_json, one_line_failure
+from credits_world import World, credits, make_world, ok_json, one_line_failure
 
 from coordinator.credits import ReceiptIssuer
 from protocol.receipts import Statement, sign_receipt
@@ -100,3 +100,27 @@ def test_duplicate_receipt_is_rejected(world: World, tmp_path: Path) -> None:
     assert code == 4 and line.endswith("appears twice: duplicate")
 
 
+
+
+def test_a_penalty_shows_apart_and_lowers_the_total(world: World, tmp_path: Path) -> None:
+    # the coordinator's signed penalty for an update that lost a spot check, in a statement
+    path, online = _saved(world, tmp_path, "a")
+    st = Statement.from_json(path.read_text())
+    first = st.receipts[0].receipt
+    penalty = replace(first, update_id=10_000, kind="penalty", tokens=0, amount=-0.32,
+                      components={"kind": "penalty", "reason": "spot_check_mismatch",
+                                  "tokens": 32, "rate_per_1k": 1.0, "factor": 10.0})
+    changed = tmp_path / "with-penalty.json"
+    changed.write_text(Statement(st.node_id, st.run_id, [*st.receipts,
+                                                         world.issuer.issue(penalty)],
+                                 st.coordinator_public_key_pem).to_json())
+    report = ok_json("--home", world.homes["a"].path, "--verify-only", changed)
+    assert report["total"]["penalties"] == 1
+    assert report["total"]["updates"] == online["total"]["updates"]
+    assert report["total"]["credits"] == pytest.approx(online["total"]["credits"] - 0.32)
+    assert report["receipts_verified"] == online["receipts_verified"] + 1
+    assert report["by_kind"][-1] == {"run_id": first.run_id, "kind": "penalty", "updates": 1,
+                                     "tokens": 0, "credits": -0.32}
+    result = credits("--home", world.homes["a"].path, "--verify-only", changed)
+    assert result.exit_code == 0, result.stderr
+    assert "penalty" in result.stdout and "lost a spot check" in result.stdout

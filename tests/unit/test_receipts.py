@@ -112,8 +112,19 @@ def test_sign_receipt_refuses_a_receipt_naming_another_key(coordinator, mallory)
         sign_receipt(make_receipt(mallory), coordinator)
 
 
+def test_a_penalty_receipt_is_negative_and_verifies(coordinator) -> None:
+    r = make_receipt(coordinator, kind="penalty", tokens=0, amount=-40.96, components={
+        "kind": "penalty", "reason": "spot_check_mismatch", "tokens": 4096,
+        "rate_per_1k": 1.0, "factor": 10.0})
+    signed = sign_receipt(r, coordinator)
+    verify_receipt(signed, public_key_pem(coordinator), 7)
+    assert b'"amount":-40.96' in receipt_bytes(r) and b'"kind":"penalty"' in receipt_bytes(r)
+
+
 @pytest.mark.parametrize("over", [dict(amount=float("nan")), dict(node_id="7"),
                                   dict(kind="infer"), dict(tokens=True),
+                                  dict(amount=-4.096), dict(kind="penalty", amount=0.0),
+                                  dict(kind="penalty", amount=40.96),
                                   dict(components={"x": object()}), dict(components=[1])])
 def test_malformed_receipt_is_rejected(coordinator, over: dict) -> None:
     r = make_receipt(coordinator, **over)

@@ -98,6 +98,33 @@ def test_both_lose_when_neither_matches_the_recomputation() -> None:
     assert out.losers == (0, 1)
 
 
+def test_a_result_far_in_parameters_but_at_the_same_loss_stands() -> None:
+    # bf16 against fp32 from a young model: far apart in parameters, same loss on the shard
+    ref = arrays(1.0, 2.0, 3.0)
+    bf16, partial = arrays(1.0, 2.6, 3.0), arrays(0.5, 1.0, 1.5)
+    loss = {id(ref): 2.000, id(bf16): 2.008, id(partial): 2.09}
+    scored = []
+
+    def score(x) -> float:  # type: ignore[no-untyped-def]
+        scored.append(id(x))
+        return loss[id(x)]
+
+    out = spot_check(bf16, partial, 0.1, lambda: ref, score, 0.02)
+    assert out.losers == (1,) and out.recomputed
+    assert "shard loss +0.008 and +0.09 nats" in out.detail
+    # off, or without a scorer: parameters alone decide, and both are too far
+    assert spot_check(bf16, partial, 0.1, lambda: ref, score, 0.0).losers == (0, 1)
+    assert spot_check(bf16, partial, 0.1, lambda: ref).losers == (0, 1)
+    # NaN (no window to score on) is never within the tolerance
+    assert spot_check(bf16, partial, 0.1, lambda: ref, lambda x: math.nan, 0.02).losers == (0, 1)
+    # both close to the recomputation in loss: both stand, though they disagreed
+    loss[id(partial)] = 1.99
+    assert spot_check(bf16, partial, 0.1, lambda: ref, score, 0.02).losers == ()
+    # results that agree are neither recomputed nor scored
+    scored.clear()
+    assert spot_check(ref, ref, 0.1, never, score, 0.02).losers == () and scored == []
+
+
 # -- usefulness ----------------------------------------------------------------------------
 
 RULES = dict(tolerance=2.0, min_improvement=0.01, min_fraction=0.05)

@@ -154,9 +154,17 @@ def credits_by_update(ledger: Ledger) -> dict[int, list]:
 
 
 def assert_credit_only_for_accepted(ledger: Ledger) -> None:
+    """One credit (>= 0) per accepted update; none for a rejected one, except the one
+    penalty (< 0) an update that lost a spot check pays."""
     credits = credits_by_update(ledger)
     for u in ledger.updates():
-        assert len(credits.get(u.id, [])) == (1 if u.verdict == "accepted" else 0), u
+        got = credits.get(u.id, [])
+        if u.verdict == "accepted":
+            assert len(got) == 1 and got[0].amount >= 0, u
+        elif u.reason == Reason.SPOT_CHECK_MISMATCH and got:
+            assert len(got) == 1 and got[0].amount < 0, u
+        else:
+            assert got == [], u
     assert set(credits) <= {u.id for u in ledger.updates()}
 
 

@@ -30,6 +30,16 @@ ATTACKS = {  # behaviour: (nodes, rounds it attacks in, reason)
 }
 
 
+def reject_on_record(ledger, node_id: int, reason: str) -> None:  # type: ignore[no-untyped-def]
+    """A rejected train update of an earlier run (round 0) in the node's history."""
+    lease = ledger.record_lease(run_id="old", round=0, shard_id=0, kind="train",
+                                node_id=node_id, base_version=0, nonce=f"{node_id:032x}",
+                                data_start=0, data_end=1, deadline=0.0)
+    ledger.record_update(lease_id=lease.id, node_id=node_id, arrays_digest="",
+                         verdict="rejected", tokens=0, steps=0, loss_before=None,
+                         loss_after=None, wall_s=None, reason=reason)
+
+
 def train_updates(net, node_id: int) -> dict[int, object]:
     return {lease.round: u for lease, u in updates_by_lease(net.ledger)
             if lease.node_id == node_id and lease.kind == "train"}
@@ -116,7 +126,14 @@ def test_spot_check_mismatch_is_recomputed_and_the_cheat_loses(network, behaviou
     assert g.verdict == "accepted"
     assert (b.verdict, b.reason) == ("rejected", Reason.SPOT_CHECK_MISMATCH)
     assert "recomputation" in b.detail
-    assert not credits_by_update(led).get(b.id) and credits_by_update(led)[g.id]
+    # the winner is paid; the loser pays mismatch_penalty x what its claim would have earned
+    assert credits_by_update(led)[g.id][0].amount == SHARD_TOKENS / 1000
+    [penalty] = credits_by_update(led)[b.id]
+    assert penalty.amount == -10.0 * SHARD_TOKENS / 1000
+    assert penalty.components_dict() == {"kind": "penalty", "reason": "spot_check_mismatch",
+                                         "tokens": SHARD_TOKENS, "rate_per_1k": 1.0,
+                                         "factor": 10.0}
+    assert_credit_only_for_accepted(led)
     assert net.loop.judge.cost.recomputes >= 1
     [event] = [e.message for e in led.events() if e.kind == "spot_check"
                and f"round {rnd} " in e.message]
@@ -138,12 +155,7 @@ def test_trust_weighting_scales_the_aggregation_weights(network) -> None:
     a, b = net.nodes
     led = net.ledger
     # b has one rejected train update on record: trust 1/3 against a's 1/2
-    lease = led.record_lease(run_id="old", round=0, shard_id=0, kind="train", node_id=b.id,
-                             base_version=0, nonce="f" * 32, data_start=0, data_end=1,
-                             deadline=0.0)
-    led.record_update(lease_id=lease.id, node_id=b.id, arrays_digest="", verdict="rejected",
-                      tokens=0, steps=0, loss_before=None, loss_after=None, wall_s=None,
-                      reason=Reason.NORM_BOUND)
+    reject_on_record(led, b.id, Reason.NORM_BOUND)
     net.run()
     v0, _ = load_checkpoint(led.versions()[0].path)
     v1, _ = load_checkpoint(led.versions()[1].path)
@@ -190,3 +202,58 @@ def test_spot_checkers_come_from_another_institution(network) -> None:
     pairs = [ids for ids in by_shard.values() if len(ids) == 2]
     assert len(pairs) == 6  # 3 rounds x 2 checks
     assert all(inst[a] != inst[b] for a, b in pairs)
+
+
+def test_no_penalty_when_the_factor_is_zero(network) -> None:
+    net = network(["honest", "partial"], rounds=1,
+                  verify="spot_check_rate = 1.0\n[credits]\nmismatch_penalty = 0")
+    assert net.cfg.credits.mismatch_penalty == 0.0
+    net.run()
+    [b] = train_updates(net, net.nodes[1].id).values()
+    assert (b.verdict, b.reason) == ("rejected", Reason.SPOT_CHECK_MISMATCH)
+    assert not credits_by_update(net.ledger).get(b.id)
+
+
+def test_a_node_that_lost_a_spot_check_is_checked_and_charged_every_round(network) -> None:
+    # a past lost spot check on record puts the cheat on probation: at a base rate that
+    # would almost never pick it, every one of its shards is checked, and each costs it
+    net = network(["honest", "honest", "partial"], rounds=3, verify="spot_check_rate = 0.001")
+    cheat = net.nodes[-1]
+    led = net.ledger
+    reject_on_record(led, cheat.id, Reason.SPOT_CHECK_MISMATCH)
+    net.run()
+    mine = {rnd: u for rnd, u in train_updates(net, cheat.id).items() if rnd >= 1}
+    assert sorted(mine) == [1, 2, 3]
+    credits = credits_by_update(led)
+    for u in mine.values():
+        assert (u.verdict, u.reason) == ("rejected", Reason.SPOT_CHECK_MISMATCH), u.detail
+        assert credits[u.id][0].amount == -10.0 * SHARD_TOKENS / 1000
+    assert_credit_only_for_accepted(led)
+    # the honest nodes were checked only as the cheat's checkers: one of them each round
+    for rnd in (1, 2, 3):
+        shards = [lease for lease, _ in updates_by_lease(led)
+                  if lease.kind == "train" and lease.round == rnd]
+        assert len(shards) == 3 and len({s.shard_id for s in shards}) == 2
+
+
+@pytest.mark.parametrize("loss_tolerance, stands", [(0.02, True), (0.0, False)])
+def test_a_bf16_node_that_differs_in_parameters_but_not_in_loss_stands(
+        network, loss_tolerance: float, stands: bool) -> None:
+    # a CUDA node (bf16) checked against a CPU node (fp32): with the tolerance in parameters
+    # made tiny they "differ", the coordinator recomputes in fp32 and sides with the CPU
+    # node; the bf16 result stands on its loss on the shard, unless that test is off
+    net = network(["honest", "bf16"], rounds=1, verify=f"""spot_check_rate = 1.0
+spot_check_tolerance = 1e-12
+spot_check_loss_tolerance = {loss_tolerance}""")
+    cpu, gpu = net.nodes
+    net.run()
+    [c], [g] = (list(train_updates(net, n.id).values()) for n in (cpu, gpu))
+    assert c.verdict == "accepted" and c.arrays_digest != g.arrays_digest
+    assert net.loop.judge.cost.recomputes == 1
+    [event] = [e.message for e in net.ledger.events() if e.kind == "spot_check"]
+    assert "shard loss" in event if stands else "shard loss" not in event
+    if stands:
+        assert g.verdict == "accepted" and not credits_by_update(net.ledger)[g.id][0].amount < 0
+    else:
+        assert (g.verdict, g.reason) == ("rejected", Reason.SPOT_CHECK_MISMATCH)
+        assert credits_by_update(net.ledger)[g.id][0].amount < 0

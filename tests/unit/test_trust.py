@@ -8,7 +8,8 @@ from collections import Counter
 import pytest
 
 from coordinator.trust import (
-    MISMATCH_WEIGHT, NEW_NODE_TRUST, plan_spot_checks, spot_check_rate, trust_score,
+    MISMATCH_WEIGHT, NEW_NODE_TRUST, PROBATION_UPDATES, plan_spot_checks, spot_check_rate,
+    trust_score,
 )
 
 
@@ -85,3 +86,15 @@ def test_plan_checks_distrusted_nodes_more_often() -> None:
             checked[worker] += 1
     assert checked[6] > 3 * max(checked[n] for n in range(1, 6))
     assert 250 < checked[1] < 650  # about the base rate of 4000 rounds
+
+
+def test_a_node_on_probation_is_checked_every_time() -> None:
+    assert PROBATION_UPDATES == 5
+    assert spot_check_rate(0.1, 0.9, probation=True) == 1.0
+    assert spot_check_rate(0.0, 0.9, probation=True) == 0.0  # spot checks off: off
+    rng = random.Random(4)
+    for _ in range(200):
+        pairs = plan_spot_checks([1, 2, 3, 4], {}, 0.01, rng, probation={3})
+        assert 3 in pairs and 3 not in pairs.values()  # checked, never a checker
+    both = plan_spot_checks([1, 2, 3, 4], {}, 0.01, rng, probation={3, 4})
+    assert set(both) == {3, 4} and set(both.values()) == {1, 2}

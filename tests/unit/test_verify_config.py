@@ -18,7 +18,9 @@ def test_defaults_turn_every_layer_on() -> None:
     assert 0 < v.min_improvement and 0 < v.min_improvement_fraction
     assert v.spot_check_rate == 0.1 and v.spot_check_tolerance == 0.1
     assert not v.trust_weighting and v.max_update_norm == 1000.0
-    assert v.base_loss_tolerance == 0.002
+    assert v.base_loss_tolerance == 0.002 and v.spot_check_loss_tolerance == 0.02
+    # a lost spot check costs 1 / spot_check_rate x the shard: cheating loses in expectation
+    assert RunConfig().credits.mismatch_penalty == 10.0 == 1 / v.spot_check_rate
 
 
 def test_every_key_parses_and_layers_turn_off(tmp_path: Path) -> None:
@@ -54,6 +56,7 @@ base_loss_tolerance = 0
     ("min_improvement_fraction = 1.5", "[verify].min_improvement_fraction must be in [0, 1]"),
     ("spot_check_rate = 1.01", "[verify].spot_check_rate must be in [0, 1]"),
     ("spot_check_tolerance = 0", "[verify].spot_check_tolerance must be a positive number"),
+    ("spot_check_loss_tolerance = -1", "[verify].spot_check_loss_tolerance must be a non-neg"),
     ("base_loss_tolerance = -1e-3", "[verify].base_loss_tolerance must be a non-negative"),
     ("trust_weighting = 'yes'", "[verify].trust_weighting must be true or false"),
     ("spot_checks = 1", "unknown key [verify].spot_checks"),

@@ -20,9 +20,16 @@ _VERDICT_STYLE = {"accepted": "green", "rejected": "bold red"}
 
 
 def components_text(components: Mapping[str, Any]) -> str:
-    """Why a credit entry is worth what it is, e.g. ``train 40,960 tok × 1.0/1k``."""
+    """Why a credit entry is worth what it is, e.g. ``train 40,960 tok × 1.0/1k``, or
+    ``penalty 10 × train 40,960 tok × 1/1k (spot_check_mismatch)``."""
     rest = dict(components)
-    parts = [str(rest.pop("kind", "credit"))]
+    kind = str(rest.pop("kind", "credit"))
+    if kind == "penalty":
+        factor, reason = rest.pop("factor", None), rest.pop("reason", None)
+        parts = [kind] + ([f"{factor:g} ×"] if isinstance(factor, (int, float)) else [])
+        body = components_text({"kind": "train", **rest})
+        return " ".join(parts + [body] + ([f"({reason})"] if reason else []))
+    parts = [kind]
     if isinstance(tokens := rest.pop("tokens", None), int):
         parts.append(f"{fmt.exact(tokens)} tok")
     if (per_1k := rest.pop("rate_per_1k", None)) is not None:
