@@ -278,7 +278,8 @@ def main() -> None:
     print("-" * len(head))
     for r in rows:
         mark = "*" if r["kind"] in ADAPTIVE else ""
-        print(f"{r['kind'] + mark:>13} | {r['loss_ratio']:>10.4f} {r['loss_ratio_undefended']:>10.4f} | "
+        print(f"{r['kind'] + mark:>13} | {r['loss_ratio']:>10.4f} "
+              f"{r['loss_ratio_undefended']:>10.4f} | "
               f"{'%d/%d' % tuple(r['rejected']):>9} {'%d/%d' % tuple(r['rejected_undefended']):>10}"
               f" | {r['attacker_credits']:>7.3f} {r['attacker_credits_undefended']:>10.3f} | "
               + ", ".join(f"{k} {v}" for k, v in sorted(r["reasons"].items())))

@@ -16,6 +16,7 @@ from protocol.processes import free_port
 from training.corpus import CorpusInfo, build_folder_corpus, build_stdlib_corpus
 
 from .config import RunConfig
+from .credits import ReceiptIssuer
 from .enrollment import Enroller
 from .fleet_proxy import FleetProxy
 from .ledger import Ledger
@@ -77,7 +78,7 @@ class Coordinator:
         enroller = Enroller(self.ledger, self.superlink.register_node,
                             self.superlink.unregister_node)
         service = CoordinatorService(enroller, cfg.run.id, rd.fleet_address(cfg),
-                                     rd.public_key_pem())
+                                     rd.public_key_pem(), ReceiptIssuer.load(rd.key_path))
         self.server = serve(service, cfg.network.host, cfg.network.coordinator_port,
                             rd.tls.server_cert.read_bytes(), rd.tls.server_key.read_bytes())
 

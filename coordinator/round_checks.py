@@ -32,8 +32,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["SpotCheck", "base_mismatch", "duplicates", "norm_outliers", "not_useful", "rel_l2", "spot_check",
-           "l2_norm"]
+__all__ = ["SpotCheck", "base_mismatch", "duplicates", "l2_norm", "norm_outliers", "not_useful",
+           "rel_l2", "spot_check"]
 
 Arrays = Mapping[str, np.ndarray]
 

@@ -18,6 +18,7 @@ from protocol.errors import (
 )
 from protocol.status import StatusQuery
 
+from .credits import ReceiptIssuer
 from .enrollment import Enroller
 from .statements import StatementDesk
 from .status import AccessDenied, NoSuchNode, StatusDesk
@@ -50,13 +51,13 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     run_id: str
     fleet_address: str
     coordinator_public_key_pem: bytes
+    issuer: ReceiptIssuer | None = None  # the coordinator key: without it, no statements
     statements: StatementDesk | None = None  # default: over the enroller's ledger
     status: StatusDesk | None = None  # default: over the enroller's ledger
 
     def __post_init__(self) -> None:
-        if self.statements is None:
-            self.statements = StatementDesk(self.enroller.ledger, self.run_id,
-                                            self.coordinator_public_key_pem)
+        if self.statements is None and self.issuer is not None:
+            self.statements = StatementDesk(self.enroller.ledger, self.run_id, self.issuer)
         if self.status is None:
             self.status = StatusDesk(self.enroller.ledger, self.run_id,
                                      self.coordinator_public_key_pem)
@@ -83,7 +84,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     def GetCreditStatement(self, request: pb.StatementRequest,
                            context: grpc.ServicerContext) -> pb.StatementReply:
         try:
-            assert self.statements is not None
+            if self.statements is None:
+                raise NetworkError("this coordinator service hands out no credit statements")
             statement = self.statements.statement(request.node_id, request.timestamp,
                                                   request.signature)
         except Exception as err:  # noqa: BLE001

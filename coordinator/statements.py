@@ -3,7 +3,8 @@
 The request is signed by the node's own key (``statement_request_bytes``) and carries a
 timestamp; it is honoured within ``WINDOW_S`` of the coordinator's clock, so a captured request
 stops working after a few minutes. The statement is the ledger's receipts for that node as
-stored: the coordinator signed them when it paid the credit, nothing is re-signed here.
+stored (the coordinator signed each when it paid the credit or charged the penalty), sealed
+here as a whole so that none can be dropped from a saved copy (``protocol.receipts``).
 """
 
 from __future__ import annotations
@@ -16,9 +17,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from protocol.errors import ProtocolError, Reason, VerificationError
-from protocol.receipts import Receipt, SignedReceipt, Statement, statement_request_bytes
+from protocol.receipts import (
+    Receipt, SignedReceipt, Statement, seal_statement, statement_request_bytes,
+)
 from protocol.signing import verify
 
+from .credits import ReceiptIssuer
 from .ledger import CreditReceipt
 from .ledger.reads import LedgerReads
 
@@ -37,7 +41,7 @@ def signed_receipt(row: CreditReceipt) -> SignedReceipt:
 class StatementDesk:
     ledger: LedgerReads
     run_id: str
-    coordinator_public_key_pem: bytes
+    issuer: ReceiptIssuer  # the coordinator key, which seals each statement
     clock: Callable[[], float] = time.time
     window_s: float = WINDOW_S
 
@@ -64,5 +68,4 @@ class StatementDesk:
             raise VerificationError(Reason.BAD_SIGNATURE,
                                     f"request is not signed by node {node_id}'s key")
         receipts = [signed_receipt(row) for row in self.ledger.receipts(node_id)]
-        return Statement(node_id=node_id, run_id=self.run_id, receipts=receipts,
-                         coordinator_public_key_pem=self.coordinator_public_key_pem.decode())
+        return seal_statement(node_id, self.run_id, receipts, self.issuer.key, self.clock())

@@ -23,7 +23,8 @@ MISMATCH_WEIGHT = 5.0
 NEW_NODE_TRUST = 0.5
 # A node that lost a spot check has every shard checked until its last this-many train
 # updates hold no lost check: a cheat caught once is caught (and charged) every time after,
-# and an honest node, which does not lose spot checks, never pays for the rule.
+# while an honest node, which should not lose spot checks (README "Spot checks"), never pays
+# for the rule.
 PROBATION_UPDATES = 5
 
 

@@ -103,7 +103,9 @@ def fetch_statement(home: NodeHome, *, clock: Callable[[], float] = time.time,
 
 def verify_statement(statement: Statement, coordinator_pem: bytes, node_id: int
                      ) -> list[Receipt]:
-    """Every receipt, verified for ``node_id``; the first bad one raises ``BadReceipt``."""
+    """Every receipt, verified for ``node_id`` (the first bad one raises ``BadReceipt``),
+    then the coordinator's seal over all of them: a statement missing a receipt it was
+    issued with (a penalty, say) does not verify."""
     seen: set[int] = set()
     out = []
     for signed in statement.receipts:
@@ -116,6 +118,10 @@ def verify_statement(statement: Statement, coordinator_pem: bytes, node_id: int
             raise BadReceipt(update_id, "duplicate", "appears twice")
         seen.add(update_id)
         out.append(signed.receipt)
+    if not statement.seal_verifies(coordinator_pem):
+        raise VerificationError(
+            "bad_seal", f"the statement's seal does not verify with coordinator key "
+            f"{fingerprint(coordinator_pem)}: receipts were removed, added or reordered")
     return out
 
 

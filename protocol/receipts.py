@@ -29,6 +29,14 @@ is ``protocol.signing.fingerprint`` of the signing key, so a receipt names the k
 A node asks for its statement with a request signed by its own key over
 ``statement_request_bytes(node_id, timestamp)``: ``b"atom-statement-request-v1\n"`` +
 canonical JSON ``{"node_id": int, "timestamp": float}``.
+
+The coordinator seals each statement it hands out, so a saved one cannot lose a receipt
+(a penalty, say) and still verify: it signs ``statement_seal_bytes`` =
+``b"atom-statement-seal-v1\n"`` + canonical JSON ``{"issued_at": float, "node_id": int,
+"receipts": int, "receipts_sha256": str, "run_id": str}``, where ``receipts_sha256`` is the
+hex SHA-256 of the concatenated SHA-256 digests of each receipt's ``receipt_bytes``, in the
+statement's order. A sealed statement is complete as of ``issued_at``; a later one may hold
+more.
 """
 
 from __future__ import annotations
@@ -36,9 +44,10 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import hashlib
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,8 +69,10 @@ __all__ = [
     "SignedReceipt",
     "Statement",
     "receipt_bytes",
+    "seal_statement",
     "sign_receipt",
     "statement_request_bytes",
+    "statement_seal_bytes",
     "verify_receipt",
 ]
 
@@ -69,7 +80,8 @@ PENALTY = "penalty"
 RECEIPT_KINDS = (*KINDS, PENALTY)
 RECEIPT_PREFIX = b"atom-receipt-v1\n"
 REQUEST_PREFIX = b"atom-statement-request-v1\n"
-STATEMENT_FORMAT = "atom-statement-v1"
+STATEMENT_FORMAT = "atom-statement-v2"  # v2: sealed (issued_at, seal)
+SEAL_PREFIX = b"atom-statement-seal-v1\n"
 
 
 class ReceiptReason:
@@ -100,7 +112,7 @@ class Receipt:
     kind: str  # "train" | "eval" | "penalty"
     tokens: int
     amount: float
-    components: dict[str, Any]  # why: {"kind", "tokens", "rate_per_1k"}
+    components: dict[str, Any]  # why: {"kind", "tokens", "rate_per_1k"} (+ "reason", "factor")
     issued_at: float  # unix seconds
     coordinator_key_fingerprint: str
 
@@ -210,9 +222,23 @@ def statement_request_bytes(node_id: int, timestamp: float) -> bytes:
     return REQUEST_PREFIX + _canonical({"node_id": node_id, "timestamp": float(timestamp)})
 
 
+def statement_seal_bytes(node_id: int, run_id: str, issued_at: float,
+                         receipts: Sequence[SignedReceipt]) -> bytes:
+    """The exact bytes the coordinator signs to seal a statement (module docstring)."""
+    if isinstance(node_id, bool) or not isinstance(node_id, int):
+        raise ProtocolError("statement seal: node_id must be an int")
+    if not math.isfinite(float(issued_at)):
+        raise ProtocolError("statement seal: issued_at must be finite")
+    digests = b"".join(hashlib.sha256(receipt_bytes(r.receipt)).digest() for r in receipts)
+    return SEAL_PREFIX + _canonical({
+        "issued_at": float(issued_at), "node_id": node_id, "receipts": len(receipts),
+        "receipts_sha256": hashlib.sha256(digests).hexdigest(), "run_id": str(run_id)})
+
+
 @dataclass(frozen=True)
 class Statement:
-    """Every receipt of one node, as the coordinator hands it out (and ``--save`` keeps it).
+    """Every receipt of one node, as the coordinator hands it out (and ``--save`` keeps it),
+    sealed by the coordinator at ``issued_at`` (``seal`` signs ``statement_seal_bytes``).
 
     ``coordinator_public_key_pem`` says which key the coordinator claims; verifiers use the
     key they pinned themselves, never this one.
@@ -222,10 +248,23 @@ class Statement:
     run_id: str
     receipts: list[SignedReceipt]
     coordinator_public_key_pem: str
+    issued_at: float
+    seal: bytes
+
+    def seal_verifies(self, coordinator_pem: bytes | str) -> bool:
+        """True if ``coordinator_pem`` sealed exactly these receipts, in this order."""
+        try:
+            data = statement_seal_bytes(self.node_id, self.run_id, self.issued_at,
+                                        self.receipts)
+        except (ProtocolError, AttributeError, TypeError, ValueError):
+            return False
+        return verify(coordinator_pem, data, self.seal)
 
     def to_json(self) -> str:
         doc = {"format": STATEMENT_FORMAT, "node_id": self.node_id, "run_id": self.run_id,
                "coordinator_public_key_pem": self.coordinator_public_key_pem,
+               "issued_at": float(self.issued_at),
+               "seal": base64.b64encode(self.seal).decode("ascii"),
                "receipts": [r.to_dict() for r in self.receipts]}
         return json.dumps(doc, indent=2, sort_keys=True, ensure_ascii=True, allow_nan=False)
 
@@ -239,12 +278,19 @@ class Statement:
         if not isinstance(doc, dict) or doc.get("format") != STATEMENT_FORMAT:
             raise ProtocolError(f"not a credit statement (format is not {STATEMENT_FORMAT!r})")
         check_keys(doc, {"format", "node_id", "run_id", "coordinator_public_key_pem",
-                         "receipts"}, "statement")
+                         "issued_at", "seal", "receipts"}, "statement")
         node_id, run_id, pem = doc["node_id"], doc["run_id"], doc["coordinator_public_key_pem"]
         if isinstance(node_id, bool) or not isinstance(node_id, int):
             raise ProtocolError("statement.node_id: expected int")
         if not isinstance(run_id, str) or not isinstance(pem, str):
             raise ProtocolError("statement: run_id and coordinator_public_key_pem are text")
+        issued_at = doc["issued_at"]
+        if isinstance(issued_at, bool) or not isinstance(issued_at, (int, float)):
+            raise ProtocolError("statement.issued_at: expected a number")
+        try:
+            seal = base64.b64decode(doc["seal"], validate=True)
+        except (binascii.Error, ValueError, TypeError):
+            raise ProtocolError("statement.seal: not base64") from None
         if not isinstance(doc["receipts"], list):
             raise ProtocolError("statement.receipts: expected a list")
         receipts = []
@@ -253,7 +299,15 @@ class Statement:
                 receipts.append(SignedReceipt.from_dict(raw))
             except ProtocolError as err:
                 raise ProtocolError(f"{_name(raw, i)} is malformed: {err}") from None
-        return cls(node_id, run_id, receipts, pem)
+        return cls(node_id, run_id, receipts, pem, float(issued_at), seal)
+
+
+def seal_statement(node_id: int, run_id: str, receipts: Sequence[SignedReceipt],
+                   key: ec.EllipticCurvePrivateKey, issued_at: float) -> Statement:
+    """The coordinator's sealed statement of ``receipts`` for ``node_id``."""
+    data = statement_seal_bytes(node_id, run_id, issued_at, receipts)
+    return Statement(node_id, run_id, list(receipts), public_key_pem(key).decode(),
+                     float(issued_at), sign(key, data))
 
 
 def _name(raw: Any, index: int) -> str:

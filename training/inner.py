@@ -33,10 +33,11 @@ class InnerResult:
     ``loss_before`` is the loss of the base weights on the first batch, in fp32 even where
     training runs under bf16 autocast: the coordinator recomputes it on its CPU to check the
     work started from the lease's base (``first_batch_loss``), and fp32 CPU and CUDA agree to
-    about 1e-6 nats where bf16 differs by up to ~1e-3. One extra forward pass of one batch. ``loss_after`` is the mean loss over the
-    last quarter of the steps (at most 10, at least 1), each measured on a fresh batch just
-    before its update; it estimates the local model's loss without an extra forward pass
-    and without re-scoring a batch the model has already trained on.
+    about 1e-6 nats where bf16 differs by up to ~1e-3. One extra forward pass of one batch.
+    ``loss_after`` is the mean loss over the last quarter of the steps (at most 10, at least
+    1), each measured on a fresh batch just before its update; it estimates the local
+    model's loss without an extra forward pass and without re-scoring a batch the model has
+    already trained on.
     ``tokens`` counts the predicted (trained-on) tokens: ``steps * batch_size * seq_len``.
     """
 
@@ -181,13 +182,15 @@ def first_batch_loss(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = arrays_to_model(base, cfg, dev)
-        model.train()  # as train_inner (dropout, if any, seeded alike)
         x, y = sample_batch(data, batch_size, seq_len, gen)
         return _fp32_loss(model, x, y)
 
 
 def _fp32_loss(model: GPT, x: torch.Tensor, y: torch.Tensor) -> float:
-    """The model's loss on one batch, without autocast or gradients."""
+    """The model's loss on one batch, without autocast, gradients or dropout (eval mode:
+    no random masks that CPU and CUDA would draw differently); leaves it in train mode."""
+    model.eval()
     with torch.no_grad():
         _, loss = model(x, y)
+    model.train()
     return float(loss.item())

@@ -88,11 +88,13 @@ def make_world(tmp_path: Path) -> Iterator[World]:
     ledger = rd.ledger(cfg)
     flower_ids = itertools.count(2**63 + 5)
     enroller = Enroller(ledger, lambda pem, name: next(flower_ids))
-    service = CoordinatorService(enroller, cfg.run.id, rd.fleet_address(cfg), rd.public_key_pem())
+    issuer = ReceiptIssuer.load(rd.key_path)
+    service = CoordinatorService(enroller, cfg.run.id, rd.fleet_address(cfg), rd.public_key_pem(),
+                                 issuer)
     server = serve(service, "127.0.0.1", port, rd.tls.server_cert.read_bytes(),
                    rd.tls.server_key.read_bytes())
     try:
-        w = World(rd, cfg, ledger, f"127.0.0.1:{port}", ReceiptIssuer.load(rd.key_path), {},
+        w = World(rd, cfg, ledger, f"127.0.0.1:{port}", issuer, {},
                   {}, itertools.count(1))
         for name, inst in (("a", "Uni A"), ("b", "Uni B"), ("c", "Uni A")):
             w.homes[name] = NodeHome(tmp_path / "nodes" / name)

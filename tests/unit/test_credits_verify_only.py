@@ -13,7 +13,7 @@ import pytest
 from credits_world import World, credits, make_world, ok_json, one_line_failure
 
 from coordinator.credits import ReceiptIssuer
-from protocol.receipts import Statement, sign_receipt
+from protocol.receipts import Statement, seal_statement, sign_receipt
 from protocol.signing import generate_key, public_key_pem
 
 
@@ -111,9 +111,9 @@ def test_a_penalty_shows_apart_and_lowers_the_total(world: World, tmp_path: Path
                       components={"kind": "penalty", "reason": "spot_check_mismatch",
                                   "tokens": 32, "rate_per_1k": 1.0, "factor": 10.0})
     changed = tmp_path / "with-penalty.json"
-    changed.write_text(Statement(st.node_id, st.run_id, [*st.receipts,
-                                                         world.issuer.issue(penalty)],
-                                 st.coordinator_public_key_pem).to_json())
+    sealed = seal_statement(st.node_id, st.run_id, [*st.receipts, world.issuer.issue(penalty)],
+                            world.issuer.key, st.issued_at + 1)
+    changed.write_text(sealed.to_json())
     report = ok_json("--home", world.homes["a"].path, "--verify-only", changed)
     assert report["total"]["penalties"] == 1
     assert report["total"]["updates"] == online["total"]["updates"]
@@ -124,3 +124,11 @@ def test_a_penalty_shows_apart_and_lowers_the_total(world: World, tmp_path: Path
     result = credits("--home", world.homes["a"].path, "--verify-only", changed)
     assert result.exit_code == 0, result.stderr
     assert "penalty" in result.stdout and "lost a spot check" in result.stdout
+
+    # ... and the penalty cannot be dropped from the saved statement: the seal breaks
+    doc = json.loads(changed.read_text())
+    doc["receipts"] = doc["receipts"][:-1]
+    dropped = tmp_path / "penalty-dropped.json"
+    dropped.write_text(json.dumps(doc))
+    code, line = one_line_failure("--home", world.homes["a"].path, "--verify-only", dropped)
+    assert code == 4 and "seal does not verify" in line and "removed" in line

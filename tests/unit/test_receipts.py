@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
 import json
 import shutil
 import subprocess
@@ -19,8 +20,10 @@ from protocol.receipts import (
     SignedReceipt,
     Statement,
     receipt_bytes,
+    seal_statement,
     sign_receipt,
     statement_request_bytes,
+    statement_seal_bytes,
     verify_receipt,
 )
 from protocol.signing import fingerprint, generate_key, public_key_pem, sign
@@ -136,14 +139,15 @@ def test_malformed_receipt_is_rejected(coordinator, over: dict) -> None:
 def test_statement_json_round_trip(coordinator) -> None:
     receipts = [sign_receipt(make_receipt(coordinator, update_id=i, kind=k), coordinator)
                 for i, k in ((1, "train"), (2, "eval"))]
-    st = Statement(7, "run-1", receipts, public_key_pem(coordinator).decode())
+    st = seal_statement(7, "run-1", receipts, coordinator, 1_700_000_500.5)
     text = st.to_json()
     back = Statement.from_json(text)
     assert back == st and back.to_json() == text
     for signed in back.receipts:
         verify_receipt(signed, public_key_pem(coordinator), 7)
+    assert back.seal_verifies(public_key_pem(coordinator))
     doc = json.loads(text)
-    assert doc["format"] == "atom-statement-v1"
+    assert doc["format"] == "atom-statement-v2" and doc["issued_at"] == 1_700_000_500.5
     assert base64.b64decode(doc["receipts"][0]["signature"]) == receipts[0].signature
     # Python's json round trip rebuilds the signed bytes exactly (what the README relies on)
     raw = doc["receipts"][1]["receipt"]
@@ -153,12 +157,15 @@ def test_statement_json_round_trip(coordinator) -> None:
 
 
 def test_statement_from_json_refusals(coordinator) -> None:
-    good = json.loads(Statement(7, "r", [sign_receipt(make_receipt(coordinator), coordinator)],
-                                "pem").to_json())
+    good = json.loads(seal_statement(7, "r", [sign_receipt(make_receipt(coordinator),
+                                                           coordinator)],
+                                     coordinator, 1.0).to_json())
     for text, match in [("{", "invalid JSON"), ("[]", "not a credit statement"),
                         (json.dumps({**good, "format": "other"}), "not a credit statement"),
                         (json.dumps({**good, "extra": 1}), "unexpected field 'extra'"),
-                        (json.dumps({**good, "node_id": "7"}), "node_id")]:
+                        (json.dumps({**good, "node_id": "7"}), "node_id"),
+                        (json.dumps({**good, "issued_at": "now"}), "issued_at"),
+                        (json.dumps({**good, "seal": "!!"}), "seal: not base64")]:
         with pytest.raises(ProtocolError, match=match):
             Statement.from_json(text)
     bad = json.loads(json.dumps(good))
@@ -170,11 +177,30 @@ def test_statement_from_json_refusals(coordinator) -> None:
         Statement.from_json(json.dumps(bad))
 
 
+def test_the_seal_covers_every_receipt_in_order(coordinator, mallory) -> None:
+    pem = public_key_pem(coordinator)
+    receipts = [sign_receipt(make_receipt(coordinator, update_id=i), coordinator)
+                for i in (1, 2, 3)]
+    st = seal_statement(7, "run-1", receipts, coordinator, 5.0)
+    assert st.seal_verifies(pem) and not st.seal_verifies(public_key_pem(mallory))
+    for changed in (dict(receipts=receipts[:2]),  # a receipt dropped (a penalty, say)
+                    dict(receipts=receipts[::-1]), dict(receipts=[*receipts, receipts[0]]),
+                    dict(node_id=8), dict(run_id="run-2"), dict(issued_at=6.0),
+                    dict(seal=b"junk")):
+        assert not dataclasses.replace(st, **changed).seal_verifies(pem), changed
+    # the bytes, rebuilt from the module docstring with the standard library
+    digests = b"".join(hashlib.sha256(receipt_bytes(r.receipt)).digest() for r in receipts)
+    doc = {"issued_at": 5.0, "node_id": 7, "receipts": 3,
+           "receipts_sha256": hashlib.sha256(digests).hexdigest(), "run_id": "run-1"}
+    assert statement_seal_bytes(7, "run-1", 5.0, receipts) == (
+        b"atom-statement-seal-v1\n" + json.dumps(doc, sort_keys=True,
+                                                 separators=(",", ":")).encode())
+
+
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")
 def test_openssl_verifies_a_receipt_as_the_readme_says(coordinator, tmp_path: Path) -> None:
     signed = sign_receipt(make_receipt(coordinator), coordinator)
-    doc = json.loads(Statement(7, "r", [signed], public_key_pem(coordinator).decode())
-                     .to_json())
+    doc = json.loads(seal_statement(7, "r", [signed], coordinator, 1.0).to_json())
     entry = doc["receipts"][0]
     body = json.dumps(entry["receipt"], sort_keys=True, separators=(",", ":"),
                       ensure_ascii=True, allow_nan=False)

@@ -136,3 +136,35 @@ def test_one_node_summary_is_the_same_row(ledger: Ledger) -> None:
     for node_id, summary in every.items():
         assert ledger.node_summaries(node_id) == [summary]
     assert ledger.node_summaries(99) == []
+
+
+def test_a_penalty_lowers_the_totals_people_see(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from coordinator.leaderboard import leaderboard
+    with Ledger(f"sqlite:///{tmp_path / 'l.db'}") as led:
+        inst = led.add_institution("U")
+        cheat = led.add_node(1, "cheat", inst.id, "pem", "fp1")
+        good = led.add_node(2, "good", inst.id, "pem", "fp2")
+
+        def work(node, verdict: str, reason: str | None, at: float):  # type: ignore[no-untyped-def]
+            lease = led.record_lease(run_id="r", round=1, shard_id=int(at), kind="train",
+                                     node_id=node.id, base_version=0, nonce=f"{int(at):032x}",
+                                     data_start=0, data_end=1, deadline=NOW + 100)
+            return led.record_update(lease_id=lease.id, node_id=node.id, arrays_digest="ab",
+                                     verdict=verdict, tokens=1000, steps=1, loss_before=1.0,
+                                     loss_after=0.5, wall_s=1.0, reason=reason,
+                                     received_at=NOW - 100 + at)
+        paid = work(cheat, "accepted", None, 1)
+        led.add_credit(cheat.id, paid.id, 1.0, {"kind": "train", "tokens": 1000,
+                                                "rate_per_1k": 1.0})
+        lost = work(cheat, "rejected", "spot_check_mismatch", 2)
+        led.add_penalty(cheat.id, lost.id, -10.0, {"kind": "penalty", "tokens": 1000,
+                                                    "rate_per_1k": 1.0, "factor": 10.0})
+        fair = work(good, "accepted", None, 3)
+        led.add_credit(good.id, fair.id, 1.0, {"kind": "train"})
+        d = node_detail(led, cheat.id, NOW)
+        assert d.row.credits == pytest.approx(-9.0)
+        assert [(h.tokens, h.credits) for h in d.history] == [(1000, 1.0), (1000, -9.0)]
+        assert d.credits_by_kind == pytest.approx({"train": 1.0, "penalty": -10.0})
+        board = leaderboard(led.node_summaries(), "r", NOW)
+        assert [(r.node, r.rank, r.credits) for r in board.nodes] == [
+            ("good", 1, 1.0), ("cheat", 2, -9.0)]
