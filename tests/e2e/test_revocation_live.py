@@ -13,6 +13,7 @@ from coordinator.launcher import Coordinator
 from coordinator.revocation import revoke_node, running_superlink
 from coordinator.rundir import RunDir, init_run
 from coordinator.superlink import SuperLink
+from node.credits import credits_report
 from node.identity import Enrollment, NodeHome
 from node.supervisor import supernode_command
 from protocol.errors import NetworkError
@@ -29,9 +30,10 @@ def _enroll(coord: Coordinator, home: NodeHome, name: str) -> tuple[int, Enrollm
     node = coord.ledger.add_node(fid, name, inst.id, pem, fingerprint(pem))
     assert node.id is not None
     e = Enrollment(node_id=node.id, flower_node_id=str(fid), name=name, institution="Uni",
-                   run_id="r", coordinator_address="127.0.0.1:1",
+                   run_id="r",
+                   coordinator_address=f"127.0.0.1:{coord.cfg.network.coordinator_port}",
                    fleet_address=coord.rd.fleet_address(coord.cfg))
-    home.save_enrollment(e, coord.rd.tls.ca_cert.read_bytes(), b"")
+    home.save_enrollment(e, coord.rd.tls.ca_cert.read_bytes(), coord.rd.public_key_pem())
     return node.id, e
 
 
@@ -72,6 +74,11 @@ def test_control_api_refused_publicly_and_revocation_live_and_at_start(
 
             live_id, live_e = _enroll(coord, live, "live")
             later_id, _ = _enroll(coord, later, "later")
+            # the running coordinator's service hands a node its statement, sealed with the
+            # run's key (nothing earned yet: an empty statement still verifies)
+            report = credits_report(live)
+            assert (report.node_id, report.receipts_verified, report.total.credits) == \
+                (live_id, 0, 0.0)
             node = _supernode(live, live_e, tmp_path / "live.log")
             procs.append(node)
             fid = int(live_e.flower_node_id)
