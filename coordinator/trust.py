@@ -22,7 +22,7 @@ __all__ = ["MISMATCH_WEIGHT", "NEW_NODE_TRUST", "PROBATION_UPDATES", "plan_spot_
 MISMATCH_WEIGHT = 5.0
 NEW_NODE_TRUST = 0.5
 # A node that lost a spot check has every shard checked until its last this-many train
-# updates hold no lost check: a cheat caught once is caught (and charged) every time after,
+# updates that count (accepted, or lost a check) hold no lost check: a cheat caught once is caught (and charged) every time after,
 # while an honest node, which should not lose spot checks (README "Spot checks"), never pays
 # for the rule.
 PROBATION_UPDATES = 5

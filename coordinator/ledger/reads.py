@@ -185,13 +185,17 @@ class LedgerReads:
         return rows[0] if rows else None
 
     def lost_spot_check_within(self, last: int) -> set[int]:
-        """Nodes with a ``spot_check_mismatch`` among their ``last`` train updates."""
+        """Nodes with a ``spot_check_mismatch`` among their ``last`` train updates that were
+        accepted or lost a spot check (other rejections cost nothing to make, so they do not
+        count towards serving probation)."""
+        counted = (col(Update.verdict) == "accepted") | (
+            col(Update.reason) == Reason.SPOT_CHECK_MISMATCH)
         recent = (select(col(Update.node_id).label("node_id"),
                          col(Update.reason).label("reason"),
                          func.row_number().over(partition_by=col(Update.node_id),
                                                 order_by=col(Update.id).desc()).label("n"))
                   .join(Lease, col(Lease.id) == col(Update.lease_id))
-                  .where(col(Lease.kind) == "train").subquery())
+                  .where(col(Lease.kind) == "train", counted).subquery())
         stmt = (select(recent.c.node_id).distinct()
                 .where(recent.c.n <= last, recent.c.reason == Reason.SPOT_CHECK_MISMATCH))
         return set(self._all(stmt))

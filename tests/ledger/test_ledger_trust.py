@@ -73,11 +73,15 @@ def test_lost_spot_check_within_the_last_train_updates(ledger: Ledger, inst, mak
     make.answer(make.lease(recent.id), verdict="rejected", reason="spot_check_mismatch")
     make.answer(make.lease(recent.id))
     make.answer(make.lease(served.id), verdict="rejected", reason="spot_check_mismatch")
-    for _ in range(5):  # five train updates since: probation served
+    for _ in range(5):  # five accepted train updates since: probation served
         make.answer(make.lease(served.id))
     make.answer(make.lease(clean.id), verdict="rejected", reason="late")
     for _ in range(6):  # eval answers do not count towards the window
         make.answer(make.lease(recent.id, kind="eval"))
-    assert ledger.lost_spot_check_within(5) == {recent.id}
-    assert ledger.lost_spot_check_within(6) == {recent.id, served.id}
-    assert ledger.lost_spot_check_within(1) == set()
+    dodger = make.node(inst.id)
+    make.answer(make.lease(dodger.id), verdict="rejected", reason="spot_check_mismatch")
+    for _ in range(6):  # cheap rejections do not serve probation either
+        make.answer(make.lease(dodger.id), verdict="rejected", reason="base_mismatch")
+    assert ledger.lost_spot_check_within(5) == {recent.id, dodger.id}
+    assert ledger.lost_spot_check_within(6) == {recent.id, served.id, dodger.id}
+    assert ledger.lost_spot_check_within(1) == {dodger.id}
