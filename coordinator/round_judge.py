@@ -151,20 +151,18 @@ class RoundJudge:
         return None if row is None else f"update {row.id} of node {row.node_id}, accepted before"
 
     def _base_check(self, base: Arrays, cands: Sequence[Candidate]) -> None:
-        # one forward pass of one batch per shard: the two results of a spot check share it
         live = [i for i, c in enumerate(cands) if c.standing]
-        measured: dict[tuple[int, int, int], float] = {}
-        for i in live:
-            lease = cands[i].lease
-            key = (lease.data_start, lease.data_end, lease.seed)
-            if key not in measured:
-                measured[key] = first_batch_loss(
-                    base, self.gpt, np.asarray(self.tokens[lease.data_start:lease.data_end]),
-                    batch_size=lease.batch_size, seq_len=lease.seq_len, seed=lease.seed)
+
+        @functools.cache  # one forward pass per shard: a spot check's two results share it
+        def measured(start: int, end: int, seed: int, batch_size: int, seq_len: int) -> float:
+            return first_batch_loss(base, self.gpt, np.asarray(self.tokens[start:end]),
+                                    batch_size=batch_size, seq_len=seq_len, seed=seed)
+
+        leases = [cands[i].lease for i in live]
         self._apply(cands, live, Reason.BASE_MISMATCH, rules.base_mismatch(
             [float(cands[i].judged.update.metrics.loss_before) for i in live],
-            [measured[(cands[i].lease.data_start, cands[i].lease.data_end, cands[i].lease.seed)]
-             for i in live], self.cfg.verify.base_loss_tolerance))
+            [measured(x.data_start, x.data_end, x.seed, x.batch_size, x.seq_len)
+             for x in leases], self.cfg.verify.base_loss_tolerance))
 
     def _spot_check(self, rnd: int, base: Arrays, a: Candidate, b: Candidate) -> None:
         lease = a.lease

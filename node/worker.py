@@ -9,7 +9,6 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-import numpy as np
 from flwr.app import RecordDict
 
 from protocol.digest import digest_arrays

@@ -139,36 +139,41 @@ class FakeNode:
         """The reply of the round-level attacks, or None to go on with the honest work."""
         lease, model, data, arch = parse_work(content)
         old_base, self._last_base = self._last_base, model
-        # what a node that did not train claims: the lease's counts, the loss the base check
-        # wants (one forward pass buys it), a plausible loss after
-        gpt = GPTConfig(**arch)  # type: ignore[arg-type]
-        first = first_batch_loss(model, gpt, data, batch_size=lease.batch_size,
-                                 seq_len=lease.seq_len, seed=lease.seed)
-        claim = Update(lease, self.id, "", UpdateMetrics(
-            tokens=lease.inner_steps * lease.batch_size * lease.seq_len,
-            steps=lease.inner_steps, loss_before=first, loss_after=first - 1.0, wall_s=1.0))
+        tokens = lease.inner_steps * lease.batch_size * lease.seq_len  # the full claim
+
+        def first() -> float:  # the loss the base check wants: one forward pass buys it
+            gpt = GPTConfig(**arch)  # type: ignore[arg-type]
+            return first_batch_loss(model, gpt, data, batch_size=lease.batch_size,
+                                    seq_len=lease.seq_len, seed=lease.seed)
+
+        def claim() -> Update:  # what a node that did not train claims
+            loss = first()
+            return Update(lease, self.id, "", UpdateMetrics(
+                tokens=tokens, steps=lease.inner_steps, loss_before=loss, loss_after=loss - 1.0,
+                wall_s=1.0))
+
         if how == "free_rider":
-            return self._signed(claim, {k: np.zeros_like(a) for k, a in model.items()})
+            return self._signed(claim(), {k: np.zeros_like(a) for k, a in model.items()})
         if how in ("stale", "stale_forged") and old_base is not None:
             # honest work on the right shard, from the model it had before
             old = dataclasses.replace(lease, base_digest=digest_arrays(old_base))
             update, arrays = parse_reply(self._honest(work_content(old, old_base, data, arch)))
             if how == "stale_forged":
                 update = dataclasses.replace(update, metrics=dataclasses.replace(
-                    update.metrics, loss_before=first))
+                    update.metrics, loss_before=first()))
             return self._signed(update, arrays, lease=lease)
         if how == "partial":  # half the compute, the full claim
             half = dataclasses.replace(lease, inner_steps=max(1, lease.inner_steps // 2))
             update, arrays = parse_reply(self._honest(work_content(half, model, data, arch)))
             return self._signed(update, arrays, lease=lease, metrics=dataclasses.replace(
-                update.metrics, tokens=claim.metrics.tokens, steps=lease.inner_steps))
+                update.metrics, tokens=tokens, steps=lease.inner_steps))
         if how == "reuse" and self._last_train is not None:
             update, arrays = parse_reply(self._last_train)
             return self._signed(update, arrays, lease=lease)
         if how == "copy":
             copied = self._copied(lease)
             assert copied is not None, "poll only asks a copier that is ready"
-            return self._signed(claim, {k: a.copy() for k, a in copied.items()})
+            return self._signed(claim(), {k: a.copy() for k, a in copied.items()})
         return None
 
     @property
