@@ -11,21 +11,19 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from coordinator.ledger import Ledger
 from protocol.processes import free_port
 from protocol.signing import generate_key, save_private_key
 from tests.fixture_ledger import NOW, RUN_ID
 from tests.status_world import CONTRIBUTOR, StatusWorld, serving, status_world
-from tui import CoordinatorSource, LedgerSource, format as fmt, make_app
+from tui import CoordinatorSource, LedgerSource, make_app
 from tui import app as tui_app_module
 from tui.app import AtomApp, ContributorApp, NetworkApp
 from tui.cli import app as cli
-from tui.screens import NodeDetailScreen
 from tui.source import Source
-from tui.widgets import CreditsTable, NodeTable, UpdatesTable
+from tui.widgets import NodeTable
 
 from .conftest import settle
-from .test_tui_live import OTHERS, screen_text
+from .test_tui_live import contributor_screens, forbidden_words, screen_text
 
 __all__ = ["status_world"]
 
@@ -66,26 +64,11 @@ async def test_the_same_screens_as_over_the_ledger(status_world: StatusWorld) ->
 
 async def test_the_contributor_view_over_grpc_shows_no_one_else(
         status_world: StatusWorld) -> None:
-    with Ledger.read_only(status_world.url) as ledger:
-        others = [s for s in ledger.node_summaries() if s.node_id != CONTRIBUTOR]
-    forbidden = [*OTHERS, *(fmt.credits(s.credits) for s in others if s.credits)]
+    forbidden = forbidden_words(status_world.url, CONTRIBUTOR)
     app = make_app(status_world.source(node_id=CONTRIBUTOR), node_id=CONTRIBUTOR,
                    clock=lambda: NOW, poll_s=0.05)
     async with app.run_test(size=(120, 40)) as pilot:
-        await settle(pilot)
-        await pilot.pause(0.2)  # a few polls
-        screen = app.screen
-        assert isinstance(screen, NodeDetailScreen) and screen.contributor
-        assert screen.query_one(UpdatesTable).row_count == 4
-        shots = [screen_text(app)]
-        await pilot.press("c")
-        await settle(pilot)
-        assert screen.query_one(CreditsTable).row_count == 3
-        shots.append(screen_text(app))
-        for keys in ("n", "p", "e", "escape", "enter"):
-            await pilot.press(keys)
-            await settle(pilot)
-            assert app.screen is screen
+        shots = await contributor_screens(app, pilot)
         assert app.snapshot is not None and app.snapshot.network is None
         assert app.snapshot.events is None and list(app._notifications) == []
     app.source.close()

@@ -100,28 +100,41 @@ def screen_text(app) -> str:  # type: ignore[no-untyped-def]
     return html.unescape(re.sub(r"<[^>]+>", "", body)).replace("\xa0", " ")
 
 
+def forbidden_words(url: str, node_id: int) -> list[str]:
+    """What a contributor view of ``node_id`` must never show: the other nodes' names and
+    institutions, and their credit totals."""
+    with Ledger.read_only(url) as ledger:
+        others = [s for s in ledger.node_summaries() if s.node_id != node_id]
+    return [*OTHERS, *(fmt.credits(s.credits) for s in others if s.credits)]
+
+
+async def contributor_screens(app, pilot) -> list[str]:  # type: ignore[no-untyped-def]
+    """Walk a contributor app: its node's detail (4 updates), credits (3 entries), and every
+    key that would lead elsewhere, which must not. Returns the screens' text."""
+    await settle(pilot)
+    await pilot.pause(0.2)  # a few polls
+    screen = app.screen
+    assert isinstance(screen, NodeDetailScreen) and screen.contributor
+    assert screen.query_one(UpdatesTable).row_count == 4
+    shots = [screen_text(app)]
+    await pilot.press("c")
+    await settle(pilot)
+    assert screen.query_one(CreditsTable).row_count == 3
+    shots.append(screen_text(app))
+    for keys in ("n", "p", "e", "escape", "enter"):  # no way out to the network
+        await pilot.press(keys)
+        await settle(pilot)
+        assert app.screen is screen
+    shots.append(screen_text(app))
+    return shots
+
+
 async def test_the_contributor_view_shows_only_its_node(tui_app: AppFactory,
                                                         fixture_ledger: FixtureRun) -> None:
-    with Ledger.read_only(fixture_ledger.url) as ledger:
-        others = [s for s in ledger.node_summaries() if s.node_id != 2]
-    forbidden = [*OTHERS, *(fmt.credits(s.credits) for s in others if s.credits)]
+    forbidden = forbidden_words(fixture_ledger.url, 2)
     app = tui_app(node_id=2, poll_s=0.05)
     async with app.run_test(size=(120, 40)) as pilot:
-        await settle(pilot)
-        await pilot.pause(0.2)
-        screen = app.screen
-        assert isinstance(screen, NodeDetailScreen) and screen.contributor
-        assert screen.query_one(UpdatesTable).row_count == 4
-        shots = [screen_text(app)]
-        await pilot.press("c")
-        await settle(pilot)
-        assert screen.query_one(CreditsTable).row_count == 3
-        shots.append(screen_text(app))
-        for keys in ("n", "p", "e", "escape", "enter"):  # no way out to the network
-            await pilot.press(keys)
-            await settle(pilot)
-            assert app.screen is screen
-        shots.append(screen_text(app))
+        shots = await contributor_screens(app, pilot)
         assert app.snapshot is not None and app.snapshot.network is None
         assert app.snapshot.progress is None and app.snapshot.events is None
         assert app.events == []

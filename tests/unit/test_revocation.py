@@ -10,6 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_run_loop import (  # noqa: F401  (fixtures)
+    corpus, network, nets, one_torch_thread,
+)
 from typer.testing import CliRunner
 
 from coordinator import revocation
@@ -186,62 +189,25 @@ def test_verifier_rejects_a_revoked_nodes_valid_update() -> None:
 
 
 def test_revocation_mid_run_rejects_the_pending_update_and_ends_the_nodes_leases(
-        tmp_path: Path) -> None:
-    import torch
-    from fake_network import FakeClock, FakeTransport, enroll
+        network) -> None:  # noqa: F811
+    net = network(["honest", "honest"], rounds=2)
+    led, transport = net.ledger, net.transport
+    good, bad = net.nodes
+    send = transport.send
 
-    from coordinator.config import parse_config
-    from coordinator.model_store import ModelStore
-    from coordinator.rounds import RunLoop
-    from training.corpus import build_folder_corpus
+    def send_then_revoke(dst: int, kind: str, content: Any, ttl: float) -> str:
+        mid = send(dst, kind, content, ttl)
+        if dst == bad.flower_id:
+            led.revoke_node(bad.id)  # revoked while its lease is out
+        return mid
 
-    torch.set_num_threads(1)
-    src = tmp_path / "text"
-    src.mkdir()
-    for i in range(10):
-        (src / f"d{i}.txt").write_text(("the cat sat on the mat. " * 200) + str(i))
-    corpus = build_folder_corpus(src, tmp_path / "built", val_every=5)
-    cfg = parse_config("""
-[run]
-id = "revoke"
-rounds = 2
-min_nodes = 1
-wait_for_nodes_s = 0
-[model]
-preset = "tiny"
-n_layer = 1
-n_head = 2
-n_embd = 32
-block_size = 32
-[data]
-eval_tokens = 512
-[train]
-inner_steps = 2
-batch_size = 2
-seq_len = 32
-deadline_s = 10
-""", tmp_path)
-    with Ledger(f"sqlite:///{tmp_path / 'ledger.db'}") as led:
-        good, bad = enroll(led, ["honest", "honest"])
-        clock = FakeClock()
-        transport = FakeTransport([good, bad], clock)
-        send = transport.send
-
-        def send_then_revoke(dst: int, kind: str, content: Any, ttl: float) -> str:
-            mid = send(dst, kind, content, ttl)
-            if dst == bad.flower_id:
-                led.revoke_node(bad.id)  # revoked while its lease is out
-            return mid
-
-        transport.send = send_then_revoke  # type: ignore[method-assign]
-        store = ModelStore.open(tmp_path / "checkpoints", cfg, led)
-        RunLoop(cfg, led, transport, store, corpus, clock=clock, sleep=clock.sleep).run()
-
-        bad_leases = led.leases(node_id=bad.id)
-        assert len(bad_leases) == 1  # the one out when it was revoked, nothing after
-        [upd] = led.updates(node_id=bad.id)
-        assert (upd.verdict, upd.reason) == ("rejected", Reason.UNKNOWN_NODE)
-        assert "revoked" in upd.detail
-        assert led.credits(node_id=bad.id) == []
-        assert [v.version for v in led.versions()] == [0, 1, 2]  # the run went on
-        assert all(u.verdict == "accepted" for u in led.updates(node_id=good.id))
+    transport.send = send_then_revoke  # type: ignore[method-assign]
+    net.run()
+    bad_leases = led.leases(node_id=bad.id)
+    assert len(bad_leases) == 1  # the one out when it was revoked, nothing after
+    [upd] = led.updates(node_id=bad.id)
+    assert (upd.verdict, upd.reason) == ("rejected", Reason.UNKNOWN_NODE)
+    assert "revoked" in upd.detail
+    assert led.credits(node_id=bad.id) == []
+    assert [v.version for v in led.versions()] == [0, 1, 2]  # the run went on
+    assert all(u.verdict == "accepted" for u in led.updates(node_id=good.id))

@@ -17,6 +17,7 @@ import torch
 from fake_network import FakeClock, FakeNode, FakeTransport, enroll
 
 from coordinator.config import RunConfig, parse_config
+from coordinator.credits import ReceiptIssuer
 from coordinator.ledger import Ledger
 from coordinator.model_store import ModelStore
 from coordinator.outer import NesterovOuter
@@ -30,12 +31,13 @@ EVAL_TOKENS = 1024
 SHARD_TOKENS = 3 * 2 * 32  # inner_steps * batch_size * seq_len
 
 
-def run_toml(rounds: int, wait_s: float = 0, verify: str = "spot_check_rate = 0") -> str:
+def run_toml(rounds: int, wait_s: float = 0, verify: str = "spot_check_rate = 0",
+             extra: str = "", run_id: str = "loop-test") -> str:
     """The test run; spot checks off unless ``verify`` (the [verify] section's body) says
-    otherwise, so these tests see one lease per node and round."""
+    otherwise, so these tests see one lease per node and round; ``extra`` sections follow."""
     return f"""
 [run]
-id = "loop-test"
+id = "{run_id}"
 rounds = {rounds}
 min_nodes = 1
 wait_for_nodes_s = {wait_s}
@@ -63,6 +65,7 @@ momentum = 0.9
 
 [verify]
 {verify}
+{extra}
 """
 
 
@@ -98,17 +101,19 @@ class Net:
 
 def make_net(tmp_path: Path, corpus: CorpusInfo, specs: list, *, rounds: int = 2,
              wait_s: float = 0, nodes: list[FakeNode] | None = None,
-             verify: str = "spot_check_rate = 0", seed: int = 0) -> Net:
+             verify: str = "spot_check_rate = 0", extra: str = "", run_id: str = "loop-test",
+             seed: int = 0, issuer: ReceiptIssuer | None = None) -> Net:
     """A loop over ``specs`` nodes, or over already enrolled ``nodes`` on the same ledger;
-    ``verify`` is the body of the [verify] section, ``seed`` seeds the loop's choices."""
-    cfg = parse_config(run_toml(rounds, wait_s, verify), tmp_path)
+    ``verify`` is the body of the [verify] section, ``extra`` more sections, ``seed`` seeds
+    the loop's choices, ``issuer`` signs receipts."""
+    cfg = parse_config(run_toml(rounds, wait_s, verify, extra, run_id), tmp_path)
     ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
     nodes = nodes if nodes is not None else enroll(ledger, specs)
     clock = FakeClock()
     transport = FakeTransport(nodes, clock)
     store = ModelStore.open(tmp_path / "checkpoints", cfg, ledger)
     loop = RunLoop(cfg, ledger, transport, store, corpus, clock=clock, sleep=clock.sleep,
-                   rng=random.Random(seed))
+                   rng=random.Random(seed), issuer=issuer)
     return Net(cfg, ledger, store, transport, clock, nodes, loop)
 
 
