@@ -9,7 +9,9 @@ round-level layers off and ``method = "mean"`` ("undefended": ``norm_factor = 0`
 per-reply checks of ``coordinator.verifier`` (signature, lease binding, digest, shapes,
 finite values, the static norm cap, metrics) cannot be turned off: wrong_key, nan and
 replay are rejected in both. Undefended also turns off the base check
-(``base_loss_tolerance = 0``). Attackers misbehave in train work only and evaluate honestly.
+(``base_loss_tolerance = 0``) and the eval checks (``eval_check_windows = 0``,
+``eval_quorum_rate = 0``). Attackers misbehave in train work only and evaluate honestly,
+except the two eval liars, which train honestly and lie in every eval reply.
 
     sign_flip   the honest update times -10
     noise       honest + Gaussian noise of 20 x its RMS per value
@@ -28,13 +30,18 @@ replay are rejected in both. Undefended also turns off the base check
                 spot checks (and the trust they lower) can
     partial     half the lease's inner steps, the full count claimed (adaptive, too: it
                 starts from the right base, and half the training still helps)
+    eval_lie    every eval window a flat 0.25 nats per token, the total made to match
+    eval_subtle every eval window 3% below the honest loss, the total made to match
 
 Reported per kind: the final validation loss over an all-honest run's (same seed, same
-policy), the attacks rejected / submitted (an attack = a train reply an attacker misbehaved
-in: replay, reuse and stale have nothing to attack with in their first round and work
-honestly there, which is not counted), the credits the attacks earned, net of the penalties
-lost spot checks cost (``[credits] mismatch_penalty``); and the cost of verification per
-update against the node's training time.
+policy), the attacks rejected / submitted (an attack = a reply an attacker misbehaved in:
+replay, reuse and stale have nothing to attack with in their first round and work honestly
+there, which is not counted), the credits the attacks earned, net of the penalties lost spot
+and eval checks cost (``[credits] mismatch_penalty``); the largest relative gap between a
+version's published validation loss and the all-honest run's (``val_loss_error``) and
+between it and that version's true loss on the same ranges (``published_error``, which
+isolates the lie from the run taking another path); and the cost of verification per update
+against the node's training time.
 
     python bench/byzantine.py                 # ~2-4 min on 2 cores
     python bench/byzantine.py --json          # ... and one JSON object, last
@@ -71,13 +78,15 @@ from training.evaluate import evaluate  # noqa: E402
 from training.inner import first_batch_loss, train_inner  # noqa: E402
 
 KINDS = ("sign_flip", "noise", "free_rider", "replay", "reuse", "copy", "wrong_key", "nan",
-         "stale", "stale_forged", "partial")
+         "stale", "stale_forged", "partial", "eval_lie", "eval_subtle")
 ADAPTIVE = ("stale_forged", "partial")  # built to pass the cheap checks; see the module docstring
 UNDEFENDED = """norm_factor = 0
 reject_duplicates = false
 usefulness_tokens = 0
 spot_check_rate = 0
 base_loss_tolerance = 0
+eval_check_windows = 0
+eval_quorum_rate = 0
 """
 
 
@@ -136,10 +145,12 @@ method = "mean"
 @dataclass
 class RunResult:
     final_loss: float
-    submitted: int = 0  # attackers' train updates
+    submitted: int = 0  # attackers' replies they misbehaved in
     rejected: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
-    attacker_credits: float = 0.0  # for train work
+    attacker_credits: float = 0.0  # for (and charged against) those replies
+    val_loss: list[float | None] = field(default_factory=list)  # published, per version
+    true_val_loss: list[float] = field(default_factory=list)  # the same ranges, recomputed
     honest_rejected: int = 0
     honest_submitted: int = 0
     verify_s_per_update: float = 0.0
@@ -172,9 +183,10 @@ def run_once(a: argparse.Namespace, corpus, kind: str | None, defended: bool) ->
             honest = {n.id for n in nodes if n.behaviour == "honest"}
             res = RunResult(final_loss=final)
             attack_ids = set()
+            res.val_loss = [v.val_loss for v in ledger.versions()]
+            res.true_val_loss = [true_val_loss(ledger, v.version, store, cfg, corpus)
+                                 for v in ledger.versions()]
             for update, lease in ledger.updates_with_leases():
-                if lease.kind != "train":
-                    continue
                 rejected = update.verdict != "accepted"
                 if lease.nonce in attacks:
                     attack_ids.add(update.id)
@@ -193,6 +205,24 @@ def run_once(a: argparse.Namespace, corpus, kind: str | None, defended: bool) ->
             res.recomputes = cost.recomputes
     res.seconds = time.perf_counter() - t0
     return res
+
+
+def true_val_loss(ledger, version: int, store, cfg, corpus) -> float:
+    """The version's loss on the eval ranges its published number covers, computed here."""
+    from training.checkpoint import load_checkpoint
+
+    arrays, _ = load_checkpoint(ledger.versions()[version].path)
+    spans = sorted({(x.data_start, x.data_end) for x in ledger.leases()
+                    if x.kind == "eval" and x.round == version})
+    parts = [evaluate(arrays, store.gpt, np.asarray(corpus.tokens()[s:e]),
+                      seq_len=cfg.train.seq_len, batch_size=32, device="cpu") for s, e in spans]
+    return sum(p.loss_sum for p in parts) / sum(p.tokens for p in parts)
+
+
+def rel_gap(published: list, reference: list) -> float:
+    """Largest relative gap between two runs' (or a run's and the truth's) version losses."""
+    pairs = [(p, r) for p, r in zip(published, reference) if p is not None and r]
+    return max((abs(p - r) / r for p, r in pairs), default=0.0)
 
 
 def cost_probe(corpus) -> dict[str, float]:
@@ -263,6 +293,10 @@ def main() -> None:
             "attacker_credits": round(d.attacker_credits, 6),
             "attacker_credits_undefended": round(u.attacker_credits, 6),
             "honest_rejected": d.honest_rejected,
+            "val_loss_error": rel_gap(d.val_loss, base[True].val_loss),
+            "val_loss_error_undefended": rel_gap(u.val_loss, base[False].val_loss),
+            "published_error": rel_gap(d.val_loss, d.true_val_loss),
+            "published_error_undefended": rel_gap(u.val_loss, u.true_val_loss),
         })
     defended = [results[k][True] for k in ["honest", *kinds]]
     verify_s = sum(r.verify_s_per_update for r in defended) / len(defended)
@@ -273,7 +307,8 @@ def main() -> None:
           f"validation loss / all-honest run's (honest: defended {base[True].final_loss:.4f}, "
           f"undefended {base[False].final_loss:.4f})")
     head = f"{'attack':>13} | {'loss ratio':>10} {'undefended':>10} | {'rejected':>9} " \
-           f"{'undefended':>10} | {'credits':>7} {'undefended':>10} | reasons"
+           f"{'undefended':>10} | {'credits':>7} {'undefended':>10} | {'val err':>7} " \
+           f"{'undefended':>10} | reasons"
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -282,13 +317,16 @@ def main() -> None:
               f"{r['loss_ratio_undefended']:>10.4f} | "
               f"{'%d/%d' % tuple(r['rejected']):>9} {'%d/%d' % tuple(r['rejected_undefended']):>10}"
               f" | {r['attacker_credits']:>7.3f} {r['attacker_credits_undefended']:>10.3f} | "
+              f"{r['published_error']:>7.2%} {r['published_error_undefended']:>10.2%} | "
               + ", ".join(f"{k} {v}" for k, v in sorted(r["reasons"].items())))
     if any(r["kind"] in ADAPTIVE for r in rows):
         print("* adaptive: passes the cheap checks by design; spot checks are what catch it")
     honest_rejected = sum(r.honest_rejected for r in defended)
     headline = [r for r in rows if r["kind"] not in ADAPTIVE]
     adaptive = [r for r in rows if r["kind"] in ADAPTIVE]
-    print(f"honest updates rejected (defended runs): {honest_rejected} of "
+    print("val err: largest relative gap between a version's published validation loss and "
+          "its true loss on the same ranges")
+    print(f"honest updates rejected (defended runs, train and eval): {honest_rejected} of "
           f"{sum(r.honest_submitted for r in defended)}")
     print(f"verification per update (bench model, {a.inner_steps} inner steps): {verify_s:.3f} s "
           f"vs {train_s:.3f} s training ({verify_s / max(train_s, 1e-9):.0%}); recomputations: "
@@ -307,6 +345,12 @@ def main() -> None:
                                                      for r in headline), 6),
             "attacker_credits_adaptive": round(sum(r["attacker_credits"] for r in adaptive), 6),
             "honest_rejected": honest_rejected,
+            "val_loss_error_max": max((r["val_loss_error"] for r in rows), default=0.0),
+            "val_loss_error_max_undefended": max((r["val_loss_error_undefended"]
+                                                  for r in rows), default=0.0),
+            "published_error_max": max((r["published_error"] for r in rows), default=0.0),
+            "published_error_max_undefended": max((r["published_error_undefended"]
+                                                   for r in rows), default=0.0),
             "rejected": {r["kind"]: r["rejected"] for r in rows},
             "rejected_undefended": {r["kind"]: r["rejected_undefended"] for r in rows},
             "per_kind": rows,

@@ -16,6 +16,7 @@ from protocol.cli_app import CliApp
 from protocol.cli_errors import one_line_errors
 from protocol.errors import AtomError
 
+from .ledger.engine import shown_url
 from .rundir import RunDir, create_invite, init_run
 
 # `start` and `demo` import the training stack (torch) inside the command, so that
@@ -30,6 +31,12 @@ err = Console(stderr=True)
 DirArg = Annotated[Path, typer.Argument(help="run directory")]
 
 
+def say_command(text: str) -> None:
+    """A hint holding a command, on stderr, never wrapped: rich wraps at 80 columns when
+    stderr is no terminal, which breaks copy-paste and ``grep`` in logs."""
+    err.print(text, soft_wrap=True, highlight=False, markup=False)
+
+
 @app.command()
 @one_line_errors
 def init(
@@ -38,13 +45,18 @@ def init(
     public_host: Annotated[str, typer.Option(help="address nodes use to reach this machine")]
     = "127.0.0.1",
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    ledger: Annotated[Optional[str], typer.Option(
+        help="ledger database URL, e.g. postgresql+psycopg://user@host/db [default: "
+             "sqlite:///ledger.db in DIR]", metavar="URL")] = None,
     force: Annotated[bool, typer.Option(help="overwrite an existing run directory")] = False,
 ) -> None:
     """Create DIR: run.toml, the coordinator key, a private CA and server certificate."""
+    more = {} if ledger is None else {"ledger_url": ledger}
     rd = init_run(dir, force=force, run_id=run_id, network_public_host=public_host,
-                  network_host=host)
-    err.print(f"initialised {rd.path}\n  edit {rd.config_path}, then: "
-              f"atom-coordinator invite {dir} --institution NAME")
+                  network_host=host, **more)
+    err.print(f"initialised {rd.path} (ledger {shown_url(rd.config().ledger_url(rd.path))})")
+    say_command(f"  edit {rd.config_path}, then: atom-coordinator invite {dir} "
+                "--institution NAME")
 
 
 @app.command()
@@ -60,8 +72,7 @@ def invite(
     rd = RunDir(dir.resolve())
     token = create_invite(rd, institution, ttl_s=ttl_hours * 3600)
     print(token)
-    err.print(f"on the node: atom-node join {rd.coordinator_address(rd.config())} "
-              "--token <the token above>", style="dim")
+    say_command("on the node: atom-node join --token <the token above>")
 
 
 @app.command("revoke-invite")
@@ -108,8 +119,8 @@ def start(dir: DirArg) -> None:
     with Coordinator(rd) as coord:
         run_id = coord.start_run()
         cfg = coord.cfg
-        err.print(f"run {cfg.run.id} (Flower run {run_id}) — nodes join with "
-                  f"`atom-node join {rd.coordinator_address(cfg)} --token <invite>`")
+        say_command(f"run {cfg.run.id} (Flower run {run_id}) — nodes join with "
+                    f"`atom-node join {rd.coordinator_address(cfg)} --token <invite>`")
         status = coord.wait(run_id)
         summary = run_summary(coord.ledger, cfg.ledger_url(rd.path))
         render_summary(summary, err)
@@ -126,12 +137,16 @@ def demo(
                                                     "temporary one]")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON last")]
     = False,
+    ledger: Annotated[Optional[str], typer.Option(
+        help="run on this (empty) ledger database, e.g. the local PostgreSQL [default: "
+             "SQLite in the run directory]", metavar="URL")] = None,
 ) -> None:
     """Run a whole network on this machine: coordinator + NODES local nodes, on CPU."""
     from .demo import demo_ok, run_demo
     from .report import render_summary
 
-    summary, _ = run_demo(nodes=nodes, rounds=rounds, workdir=workdir, console=err)
+    summary, _ = run_demo(nodes=nodes, rounds=rounds, workdir=workdir, console=err,
+                          overrides=None if ledger is None else {"ledger_url": ledger})
     render_summary(summary, err)
     err.print(f"demo took {summary['seconds']:.0f} s")
     if as_json:

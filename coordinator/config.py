@@ -209,6 +209,17 @@ class VerifyParams:
                                             "0 = parameters only")
     trust_weighting: bool = _opt(False, _bool, "scale each update's aggregation weight by its "
                                  "node's trust score")
+    # Eval replies commit to a loss per window (coordinator.eval_judge; README "Evaluation").
+    eval_check_windows: int = _opt(2, _non_negative_int, "windows of every eval reply the "
+                                   "coordinator recomputes, drawn at random; 0 = off")
+    eval_check_fraction: float = _opt(0.0, _fraction, "recompute at least this fraction of "
+                                      "an eval reply's windows (the larger of the two counts)")
+    eval_tolerance: float = _opt(0.01, _positive, "an eval window agrees with a recomputation "
+                                 "(or a quorum partner) if its mean loss is within this "
+                                 "fraction of it, or of 1 nat below 1 nat (fp32 vs bf16: "
+                                 "<= 0.07% measured)")
+    eval_quorum_rate: float = _opt(0.1, _fraction, "chance that an eval shard is also leased "
+                                   "to a node of another institution to compare; 0 = off")
 
 
 @dataclass(frozen=True)

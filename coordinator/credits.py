@@ -1,12 +1,12 @@
 """The credit policy: what an accepted update earns, with the components that explain it,
-what an update that lost a spot check costs, and the signed receipt that comes with every
+what an update that lost a spot or eval check costs, and the signed receipt that comes with every
 entry.
 
 Rejected or late work earns nothing: credit is only ever computed for an accepted update
-(the verifier rejects an answer past its deadline as ``late``). One rejection costs more:
-an update that lost a spot check (``spot_check_mismatch``: the coordinator's own
-recomputation of the shard disagreed with it) pays ``mismatch_penalty`` times what the shard
-would have earned. Spot checks are random, so without a price on being caught a node could
+(the verifier rejects an answer past its deadline as ``late``). Two rejections cost more:
+an update that lost a check (``spot_check_mismatch``: the coordinator's own recomputation of
+the shard disagreed with it; ``eval_mismatch``: windows of an eval reply it recomputed did)
+pays ``mismatch_penalty`` times what the shard would have earned. Spot checks are random, so without a price on being caught a node could
 send half-done work and keep most of the credit; with the factor at least
 1 / ``spot_check_rate`` such work loses credit in expectation.
 """
@@ -78,16 +78,18 @@ def pay_credit(ledger: Ledger, policy: CreditsParams, issuer: ReceiptIssuer | No
 
 
 def charge_penalty(ledger: Ledger, policy: CreditsParams, issuer: ReceiptIssuer | None, *,
-                   node_id: int, lease: Lease, update: Update, update_id: int, now: float
+                   node_id: int, lease: Lease, update: Update, update_id: int, now: float,
+                   reason: str = Reason.SPOT_CHECK_MISMATCH
                    ) -> tuple[CreditEntry, SignedReceipt | None] | None:
-    """Charge a train update that lost a spot check ``mismatch_penalty`` x the credit its
-    claimed tokens would have earned; None when the factor (or that credit) is 0."""
+    """Charge an update that lost a check (``reason``, one of ``Reason.MISMATCHES``)
+    ``mismatch_penalty`` x the credit its claimed tokens of ``lease.kind`` work would have
+    earned; None when the factor (or that credit) is 0."""
     claimed = update.metrics.tokens
-    worth, parts = credit_for("train", claimed, policy)
+    worth, parts = credit_for(lease.kind, claimed, policy)
     amount = -round(policy.mismatch_penalty * worth, 6)
     if amount == 0:
         return None
-    components = {"kind": PENALTY, "reason": Reason.SPOT_CHECK_MISMATCH, "tokens": claimed,
+    components = {"kind": PENALTY, "reason": reason, "tokens": claimed,
                   "rate_per_1k": parts["rate_per_1k"], "factor": policy.mismatch_penalty}
     return _enter(ledger.add_penalty, issuer, node_id=node_id, lease=lease, update=update,
                   update_id=update_id, now=now, kind=PENALTY, tokens=0, amount=amount,

@@ -70,6 +70,10 @@ def run_demo(*, nodes: int = 3, rounds: int = 3, workdir: Path | None = None,
                     network_fleet_port=free_port(), network_coordinator_port=free_port(),
                     **(overrides or {}))
     rd = init_run(wd, force=True, **settings)
+    with rd.ledger() as ledger:
+        if ledger.nodes() or ledger.versions():  # a demo would mix its run into another's
+            raise AtomError(f"ledger {ledger.url} already holds a run: give the demo an "
+                            "empty database (or PostgreSQL schema)")
     console.print(f"[bold]ATOM demo[/] · {nodes} nodes · {rounds} rounds · workdir {wd}")
     procs: list[subprocess.Popen[bytes]] = []
     status = "not started"

@@ -1,11 +1,12 @@
 """Judging one reply: decode, verify, record the verdict, pay credit for accepted work
-(and charge the penalty for a lost spot check).
+(and charge the penalty for a lost spot or eval check).
 
 Whatever a node sends, the outcome is a row in the ledger: hostile or broken input becomes a
-rejection with its reason, never an exception that stops the run. ``judge_reply`` does it all
-at once (eval work); the run loop screens train replies with ``screen_reply`` as they arrive
-and records them with ``record_judged`` once the round-level checks
-(``coordinator.round_judge``) have had their say.
+rejection with its reason, never an exception that stops the run. The run loop screens every
+reply with ``screen_reply`` as it arrives and records it with ``record_judged`` — at once if
+it failed, else once its phase's checks have had their say (``coordinator.round_judge`` for
+train work, ``coordinator.eval_judge`` for eval work). ``judge_reply`` does both at once,
+without the phase checks (tests and fuzzing of the per-reply path).
 """
 
 from __future__ import annotations
@@ -83,9 +84,9 @@ def record_judged(judged: Judged, *, lease: Lease, lease_row_id: int, node_id: i
     if verdict.accepted:
         pay_credit(ledger, cfg.credits, issuer, node_id=node_id, lease=lease, update=update,
                    update_id=row.id, now=now)
-    elif verdict.reason == Reason.SPOT_CHECK_MISMATCH:
+    elif verdict.reason in Reason.MISMATCHES:
         charge_penalty(ledger, cfg.credits, issuer, node_id=node_id, lease=lease,
-                       update=update, update_id=row.id, now=now)
+                       update=update, update_id=row.id, now=now, reason=verdict.reason)
     return row
 
 

@@ -4,8 +4,10 @@ One round = a train phase (each eligible node trains one distinct shard from the
 version, except spot checkers, which train another node's shard again; each reply is
 screened by ``verifier.verify`` as it arrives, and once all are in, ``round_judge`` judges
 them together; accepted pseudo-gradients are aggregated and applied with the outer
-optimizer) and an eval phase (the validation slice is split over the nodes; any part no node
-answered is evaluated here, so every version gets a validation loss).
+optimizer) and an eval phase (the validation slice is split over the nodes, some pieces
+also leased to a second node for a quorum; ``eval_judge`` recomputes a sample of every reply's
+windows; the version's validation loss sums the accepted replies, and any part no accepted
+reply covers is evaluated here, so every version gets a validation loss that was checked).
 """
 
 from __future__ import annotations
@@ -22,12 +24,12 @@ from flwr.app import RecordDict
 
 from protocol.messages import Lease, work_content
 from training.corpus import CorpusInfo
-from training.evaluate import evaluate
 from training.shards import data_digest, make_shards
 
 from .aggregators import get_aggregator
 from .config import RunConfig
 from .credits import ReceiptIssuer
+from .eval_judge import EvalJudge, plan_quorum, validation_loss
 from .judging import record_judged, screen_reply
 from .ledger import Ledger, Node
 from .model_store import ModelStore
@@ -85,6 +87,8 @@ class RunLoop:
         self.arch = dataclasses.asdict(self.store.gpt)
         self.judge = RoundJudge(self.cfg, self.ledger, self.store.gpt, self.tokens,
                                 self.corpus.val_range, self.rng, self.issuer)
+        self.eval_judge = EvalJudge(self.cfg, self.ledger, self.store.gpt, self.tokens,
+                                    self.rng, self.issuer)
 
     # -- the loop -----------------------------------------------------------------------
 
@@ -166,7 +170,7 @@ class RunLoop:
         copies = {c: self.scheduler.lease_duplicate(rnd, c, leases[w])
                   for w, c in checks.items() if w in leases}
         work = [(by_id[n], [lease]) for n, lease in sorted({**leases, **copies}.items())]
-        cands, screened_out = self._dispatch(work, hold=True)
+        cands, screened_out = self._dispatch(work)
         kept = self._judge_round(rnd, cands, screened_out,
                                  [(leases[w], copies[c]) for w, c in checks.items() if c in copies])
         if not kept:
@@ -211,32 +215,43 @@ class RunLoop:
         nodes = {n.id: n for n in self._eligible()}
         leases = self.scheduler.lease_eval(rnd, sorted(nodes), self.store.version,
                                            self.store.digest, [(lo, hi)])
-        results, _ = self._dispatch([(nodes[n], ls) for n, ls in leases.items()])
-        loss_sum, count = 0.0, 0
-        covered = np.zeros(hi - lo, dtype=bool)
-        for update, _ in results:
-            lease = update.lease
-            covered[lease.data_start - lo:lease.data_end - lo] = True
-            loss_sum += update.metrics.loss_before * update.metrics.tokens
-            count += update.metrics.tokens
-        for start, end in _gaps(covered, lo):
-            # Nobody answered this part: evaluate it here rather than leave a hole.
-            res = evaluate(self.store.arrays, self.store.gpt, np.asarray(self.tokens[start:end]),
-                           seq_len=self.cfg.train.seq_len, batch_size=self.cfg.train.batch_size)
-            loss_sum, count = loss_sum + res.loss_sum, count + res.tokens
-        val = loss_sum / count if count else None
-        self.ledger.set_val_loss(self.store.version, val, count)
-        log.info("version %d: val loss %s over %d tokens", self.store.version, val, count)
+        quorum = plan_quorum(leases, {i: n.institution_id for i, n in nodes.items()},
+                             self.cfg.verify.eval_quorum_rate, self.rng)
+        copies = [(of, self.scheduler.lease_eval_copy(rnd, node, of)) for of, node in quorum]
+        for of, copy in copies:
+            leases[self.scheduler.node_of(copy) or 0].append(copy)
+        cands, screened_out = self._dispatch([(nodes[n], ls) for n, ls in leases.items()])
+        # originals first: the published loss takes a range from its first accepted reply
+        copy_nonces = {c.nonce for _, c in copies}
+        cands.sort(key=lambda c: c.lease.nonce in copy_nonces)
+        at = {c.lease.nonce: i for i, c in enumerate(cands)}
+        base = self.store.arrays
+        ids = self.eval_judge.judge(base, cands, [(at[o.nonce], at[c.nonce]) for o, c in copies
+                                                  if o.nonce in at and c.nonce in at])
+        for lease in screened_out:
+            self.scheduler.answered(lease, False)
+        for c in cands:
+            self.scheduler.answered(c.lease, c.standing)
+        val = validation_loss(cands, ids, (lo, hi),
+                              lambda a, b: self.eval_judge.evaluate_range(base, a, b))
+        self.ledger.set_val_loss(self.store.version, val.loss, val.tokens,
+                                 update_ids=val.update_ids,
+                                 windows_recomputed=self.eval_judge.recomputed,
+                                 local_tokens=val.local_tokens)
+        log.info("version %d: val loss %s over %d tokens (%d from %d accepted replies, %d "
+                 "evaluated here; %d windows recomputed)", self.store.version, val.loss,
+                 val.tokens, val.tokens - val.local_tokens, len(val.update_ids),
+                 val.local_tokens, self.eval_judge.recomputed)
 
     # -- sending and judging ------------------------------------------------------------
 
-    def _dispatch(self, work: list[tuple[Node, list[Lease]]], hold: bool = False) -> tuple:
+    def _dispatch(self, work: list[tuple[Node, list[Lease]]]
+                  ) -> tuple[list[Candidate], list[Lease]]:
         """Send every lease, screen replies as they come, expire the silent.
 
-        Without ``hold`` replies are judged at once; returns (accepted (update, arrays)
-        pairs, []). With ``hold`` (train) rejections are recorded at once but every answered
-        lease stays open in the scheduler for the round's verdict; returns (the replies that
-        passed ``verify`` as ``Candidate``s, the leases of those that did not).
+        Replies that fail ``verify`` are recorded (rejected) at once; the others stay open in
+        the scheduler for their phase's verdict. Returns (the replies that passed ``verify``
+        as ``Candidate``s, the leases of those that did not).
         """
         pending: dict[str, _Sent] = {}
         for node, leases in work:
@@ -254,7 +269,7 @@ class RunLoop:
                 mid = self.transport.send(int(node.flower_node_id), lease.kind, content,
                                           ttl=lease.deadline - self.clock() + _TTL_SLACK_S)
                 pending[mid] = _Sent(lease, node, row.id)
-        out: list = []
+        cands: list[Candidate] = []
         screened_out: list[Lease] = []
         while pending:
             for reply in self.transport.poll(list(pending)):
@@ -264,7 +279,11 @@ class RunLoop:
                 if reply.error is not None or reply.content is None:
                     self._failed(sent, reply.error or "empty reply")
                     continue
-                self._screen(sent, reply.content, hold, out, screened_out)
+                cand = self._screen(sent, reply.content)
+                if cand is None:
+                    screened_out.append(sent.lease)
+                else:
+                    cands.append(cand)
             expired = {lease.nonce for lease in self.scheduler.expire()}
             for mid, sent in list(pending.items()):
                 if sent.lease.nonce in expired:
@@ -276,32 +295,27 @@ class RunLoop:
                     self._bench(sent.node, "missed a deadline")
             if pending:
                 self.sleep(_POLL_S)
-        return out, screened_out
+        return cands, screened_out
 
-    def _screen(self, sent: _Sent, content: RecordDict, hold: bool, out: list,
-                screened_out: list[Lease]) -> None:
+    def _screen(self, sent: _Sent, content: RecordDict) -> Candidate | None:
+        """``verify`` one reply: a Candidate for its phase's verdict, or None once a
+        rejection has been recorded."""
         now, t0 = self.clock(), time.perf_counter()
         judged = screen_reply(
             content, lease=sent.lease, node_id=sent.node.id,
             public_key_pem=sent.node.public_key_pem.encode(), version=self.store.version,
             shapes=self.store.shapes(), cfg=self.cfg, ledger=self.ledger, now=now)
-        if hold:
+        if sent.lease.kind == "train":
             self.judge.cost.screen_s += time.perf_counter() - t0
             self.judge.cost.updates += 1
-            self.scheduler.received(sent.lease)
-            if judged.verdict.accepted:
-                out.append(Candidate(judged, sent.lease, sent.row_id, sent.node, now))
-                return
-            screened_out.append(sent.lease)
-        else:
-            self.scheduler.answered(sent.lease, judged.verdict.accepted)
+        self.scheduler.received(sent.lease)
+        if judged.verdict.accepted:
+            return Candidate(judged, sent.lease, sent.row_id, sent.node, now)
         record_judged(judged, lease=sent.lease, lease_row_id=sent.row_id, node_id=sent.node.id,
                       cfg=self.cfg, ledger=self.ledger, now=now, issuer=self.issuer)
-        if judged.verdict.accepted:
-            out.append((judged.update, judged.arrays))
-        else:
-            self.ledger.add_event("reject", f"{sent.node.name}: {judged.verdict.reason}"
-                                            f" — {judged.verdict.detail}", node_id=sent.node.id)
+        self.ledger.add_event("reject", f"{sent.node.name}: {judged.verdict.reason}"
+                                        f" — {judged.verdict.detail}", node_id=sent.node.id)
+        return None
 
     def _failed(self, sent: _Sent, error: str) -> None:
         self.scheduler.release(sent.lease, reason=error)
@@ -311,9 +325,3 @@ class RunLoop:
                               "it goes back to the pool", node_id=sent.node.id)
         self._bench(sent.node, "failed a lease")
 
-
-def _gaps(covered: np.ndarray, offset: int) -> list[tuple[int, int]]:
-    """Maximal runs of False in ``covered`` as absolute (start, end) ranges."""
-    edges = np.diff(np.concatenate(([1], covered.astype(np.int8), [1])))
-    starts, ends = np.flatnonzero(edges == -1), np.flatnonzero(edges == 1)
-    return [(offset + int(s), offset + int(e)) for s, e in zip(starts, ends)]

@@ -4,6 +4,7 @@
 
     DIR/run.toml            the run's configuration (edit before ``start``)
     DIR/coordinator.key     signs receipts; its public half is pinned by nodes at join
+    DIR/coordinator.pub.pem that public half as PEM, for ``openssl`` checks of receipts
     DIR/tls/                private CA + server certificate chain (CA hash goes into invites)
     DIR/ledger.db           the SQLite ledger (unless [ledger].url points elsewhere)
     DIR/corpus/             the token file the shards are cut from
@@ -40,6 +41,10 @@ class RunDir:
     @property
     def key_path(self) -> Path:
         return self.path / "coordinator.key"
+
+    @property
+    def public_key_path(self) -> Path:
+        return self.path / "coordinator.pub.pem"
 
     @property
     def tls(self) -> TlsFiles:
@@ -87,9 +92,15 @@ def init_run(path: Path, *, force: bool = False, **overrides: object) -> RunDir:
         sub.mkdir(exist_ok=True)
     rd.config_path.write_text(default_config_text(**overrides))
     cfg = rd.config()
-    save_private_key(generate_key(), rd.key_path)
+    key = generate_key()
+    save_private_key(key, rd.key_path)
+    # The key file is OpenSSH PEM (what Flower wants), which ``openssl`` cannot read: publish
+    # the public half in the SubjectPublicKeyInfo PEM every tool reads.
+    rd.public_key_path.write_bytes(public_key_pem(key))
     make_pki(rd.path / "tls", [cfg.network.public_host, cfg.network.host])
-    rd.ledger(cfg).close()  # creates the tables now, so a bad [ledger].url fails at init
+    # Creates the tables now (in whatever database [ledger].url names: no SQLite file is
+    # left behind for a PostgreSQL run), so a bad URL fails at init.
+    rd.ledger(cfg).close()
     return rd
 
 

@@ -3,8 +3,10 @@
 Train shards come from a pool in a seeded shuffled order; when the pool runs dry a new epoch
 begins (reshuffled with ``seed + epoch``). A shard whose work was not done (lease expired or
 released, or its update rejected) goes back to the *front* of the pool so that it is reissued
-next, with the same per-shard seed. No train shard is ever out on two ordinary leases at once,
-and a node holds at most one open lease (or one batch of eval leases).
+next, with the same per-shard seed — to another node than the one that returned it whenever
+another is free (a node whose work on a shard was rejected would otherwise get the same shard
+back round after round). No train shard is ever out on two ordinary leases at once, and a
+node holds at most one open lease (or one batch of eval leases, quorum copies included).
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ class Scheduler:
         self._epoch = -1
         self._pool: deque[tuple[int, int]] = deque()  # (shard_id, epoch), next first
         self._open: dict[str, _Open] = {}  # by nonce, in issue order
+        self._returned_by: dict[int, int] = {}  # shard_id -> the node whose lease returned it
 
     @property
     def epoch(self) -> int:
@@ -86,16 +89,22 @@ class Scheduler:
         """One train lease for each node (taken in id order) that holds none, as long as
         shards not already out remain; nodes left without one are absent from the result."""
         out: dict[int, Lease] = {}
-        for node in self._free(node_ids):
-            taken = self._take()
-            if taken is None:
-                break
-            shard_id, epoch = taken
-            start, end = self._ranges[shard_id]
-            lease = self._make(round, shard_id, "train", base_version, base_digest, start, end,
-                               shard_seed(self._run_id, shard_id, epoch))
-            self._open[lease.nonce] = _Open(node, lease, epoch, duplicate=False)
-            out[node] = lease
+        free = self._free(node_ids)
+        # First pass: no node gets back a shard it returned. Second: what is left goes to
+        # whoever is still free, so a shard only its returner could take is not held back.
+        for strict in (True, False):
+            for node in free:
+                if node in out:
+                    continue
+                taken = self._take(avoid=node if strict else None)
+                if taken is None:
+                    continue
+                shard_id, epoch = taken
+                start, end = self._ranges[shard_id]
+                lease = self._make(round, shard_id, "train", base_version, base_digest, start,
+                                   end, shard_seed(self._run_id, shard_id, epoch))
+                self._open[lease.nonce] = _Open(node, lease, epoch, duplicate=False)
+                out[node] = lease
         return out
 
     def lease_duplicate(self, round: int, node_id: int, of: Lease) -> Lease:
@@ -110,6 +119,21 @@ class Scheduler:
         lease = replace(of, round=round, nonce=self._nonce(),
                         deadline=self._clock() + self._train.deadline_s)
         self._open[lease.nonce] = _Open(node_id, lease, orig.epoch, duplicate=True)
+        return lease
+
+    def lease_eval_copy(self, round: int, node_id: int, of: Lease) -> Lease:
+        """Quorum hook: lease the range of the open eval lease ``of`` to another node too,
+        which may hold eval leases of its own (it answers them all in one batch)."""
+        orig = self._open.get(of.nonce)
+        if orig is None or orig.lease != of or of.kind != "eval":
+            raise ValueError("can only copy an open eval lease")
+        held = self.leases_for(node_id)
+        if node_id == orig.node_id or any(x.kind != "eval" or x.data_start == of.data_start
+                                          for x in held):
+            raise ValueError(f"node {node_id} cannot take a copy of this eval lease")
+        lease = replace(of, round=round, nonce=self._nonce(),
+                        deadline=self._clock() + self._train.deadline_s)
+        self._open[lease.nonce] = _Open(node_id, lease, -1, duplicate=True)
         return lease
 
     def lease_eval(self, round: int, node_ids: Sequence[int], base_version: int,
@@ -155,6 +179,8 @@ class Scheduler:
             return False
         if not accepted:
             self._requeue([entry])
+        elif not entry.duplicate:
+            self._returned_by.pop(lease.shard_id, None)
         return True
 
     def received(self, lease: Lease) -> bool:
@@ -210,14 +236,15 @@ class Scheduler:
         busy = {e.node_id for e in self._open.values()}
         return sorted(set(node_ids) - busy)
 
-    def _take(self) -> tuple[int, int] | None:
-        """The first pooled shard that is not out on a lease; a new epoch when the pool
-        is empty. None when every pooled shard is out."""
+    def _take(self, avoid: int | None = None) -> tuple[int, int] | None:
+        """The first pooled shard that is not out on a lease (nor returned by node
+        ``avoid``); a new epoch when the pool is empty. None when no pooled shard fits."""
         if not self._pool:
             self._new_epoch()
         out = {e.lease.shard_id for e in self._open.values() if e.lease.kind == "train"}
         for i, (shard_id, epoch) in enumerate(self._pool):
-            if shard_id not in out:
+            if shard_id not in out and (avoid is None
+                                        or self._returned_by.get(shard_id) != avoid):
                 del self._pool[i]
                 return shard_id, epoch
         return None
@@ -235,9 +262,10 @@ class Scheduler:
         return entry
 
     def _requeue(self, entries: Sequence[_Open]) -> None:
-        back = [(e.lease.shard_id, e.epoch) for e in entries
-                if e.lease.kind == "train" and not e.duplicate]
-        self._pool.extendleft(reversed(back))
+        back = [e for e in entries if e.lease.kind == "train" and not e.duplicate]
+        for e in back:
+            self._returned_by[e.lease.shard_id] = e.node_id
+        self._pool.extendleft(reversed([(e.lease.shard_id, e.epoch) for e in back]))
 
     def _make(self, round: int, shard_id: int, kind: str, base_version: int, base_digest: str,
               start: int, end: int, seed: int) -> Lease:

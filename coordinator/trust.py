@@ -2,12 +2,13 @@
 
 A node's trust is the mean of a Beta posterior over "its next train update is good":
 ``Beta(accepted + 1, rejected + (MISMATCH_WEIGHT - 1) * mismatches + 1)``, counted over its
-train updates only (eval answers are cheap to get accepted, so they build no trust). A spot
-check it lost (``spot_check_mismatch``) weighs ``MISMATCH_WEIGHT`` rejections: it is the one
+train updates (eval answers are cheap to get accepted, so they build no trust) and its lost
+checks. A lost check (``Reason.MISMATCHES``: a spot check, or an eval reply whose windows the
+coordinator recomputed and found false) weighs ``MISMATCH_WEIGHT`` rejections: it is the
 rejection that proves the node sent work it did not do. A new node starts at 0.5.
 
 Trust raises a node's spot-check rate (``spot_check_rate``) and, with ``[verify]
-trust_weighting``, scales its aggregation weight. A lost spot check also puts the node on
+trust_weighting``, scales its aggregation weight. A lost check also puts the node on
 probation: every shard checked for its next ``PROBATION_UPDATES`` train updates.
 """
 

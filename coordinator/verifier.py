@@ -11,10 +11,12 @@ Checks run cheapest first and stop at the first failure, each with its own
     stale_base            built on another model version / base digest
     late                  received after lease.deadline
     digest_mismatch       arrays do not hash to the signed arrays_digest
-    shape_mismatch        train: names/shapes/dtypes differ from the model; eval: any array
+    shape_mismatch        train: names/shapes/dtypes differ from the model; eval: anything
+                          but one float64 ``window_loss`` array of one value per window
     non_finite            NaN or infinity in an array
-    norm_bound            L2 norm over all arrays above max_norm
-    metrics_inconsistent  reported steps/tokens/losses disagree with the lease
+    norm_bound            train: L2 norm over all arrays above max_norm
+    metrics_inconsistent  reported steps/tokens/losses disagree with the lease; eval: a
+                          negative window, or windows that do not sum to the claimed total
     malformed             anything unexpected (hostile input never raises)
 """
 
@@ -28,7 +30,7 @@ import numpy as np
 
 from protocol.digest import digest_arrays
 from protocol.errors import Reason
-from protocol.messages import Lease, Update
+from protocol.messages import EVAL_WINDOWS, Lease, Update, eval_window_count
 from protocol.signing import verify_update
 
 __all__ = ["Expected", "Verdict", "verify"]
@@ -106,26 +108,55 @@ def _verify(update: Update, arrays: Mapping[str, np.ndarray], exp: Expected) -> 
     _check(isinstance(arrays, Mapping), Reason.MALFORMED, "arrays are not a mapping")
     _check(digest_arrays(arrays) == update.arrays_digest, Reason.DIGEST_MISMATCH,
            "arrays do not match the signed arrays_digest")
-    _check_shapes(lease.kind, arrays, exp.shapes)
+    if lease.kind == "eval":
+        _check_windows(arrays, lease)
+    else:
+        _check_shapes(arrays, exp.shapes)
 
     sq = 0.0
     for name, a in arrays.items():
         _check(bool(np.isfinite(a).all()), Reason.NON_FINITE, f"array {name!r} has NaN or inf")
         flat = a.reshape(-1).astype(np.float64)  # float64: float32 squares overflow
         sq += float(np.dot(flat, flat))
-    norm = math.sqrt(sq)
+    norm = math.sqrt(sq) if lease.kind == "train" else 0.0  # eval windows are no update
     _check(norm <= exp.max_norm, Reason.NORM_BOUND,
            f"update norm {norm:.4g} exceeds the bound {exp.max_norm:.4g}")
     _check_metrics(update, lease)
+    if lease.kind == "eval":
+        _check_window_total(arrays[EVAL_WINDOWS], update)
     return norm
 
 
-def _check_shapes(kind: str, arrays: Mapping[str, np.ndarray],
+def _check_windows(arrays: Mapping[str, np.ndarray], lease: Lease) -> None:
+    """An eval reply carries one float64 loss sum per window of its range, nothing else."""
+    names = sorted(arrays)
+    _check(names == [EVAL_WINDOWS], Reason.SHAPE_MISMATCH,
+           f"eval reply carries arrays {names[:3]}, expected only {EVAL_WINDOWS!r}")
+    w, want = arrays[EVAL_WINDOWS], eval_window_count(lease)
+    _check(w.dtype == np.dtype("<f8") and w.ndim == 1, Reason.SHAPE_MISMATCH,
+           f"{EVAL_WINDOWS} must be 1-D float64, got {w.dtype.str} {tuple(w.shape)}")
+    _check(w.size == want, Reason.SHAPE_MISMATCH,
+           f"eval reply has {w.size} windows, the lease's range holds {want}")
+
+
+# Relative slack between the claimed mean loss x tokens and the windows' sum: float64
+# rounding is ~1e-16; a lie that moved the total but not the windows is far above this.
+_TOTAL_RTOL = 1e-9
+
+
+def _check_window_total(windows: np.ndarray, update: Update) -> None:
+    m = update.metrics
+    _check(bool((windows >= 0).all()), Reason.METRICS_INCONSISTENT,
+           "an eval window has a negative loss")
+    total, claimed = float(windows.sum()), float(m.loss_before) * m.tokens
+    _check(abs(total - claimed) <= _TOTAL_RTOL * max(1.0, abs(total)),
+           Reason.METRICS_INCONSISTENT,
+           f"windows sum to {total:.6g} nats, the reply claims {claimed:.6g} "
+           f"({m.loss_before:.6g} x {m.tokens} tokens)")
+
+
+def _check_shapes(arrays: Mapping[str, np.ndarray],
                   shapes: Mapping[str, tuple[tuple[int, ...], str]]) -> None:
-    if kind == "eval":
-        _check(len(arrays) == 0, Reason.SHAPE_MISMATCH,
-               f"eval reply carries {len(arrays)} arrays, none expected")
-        return
     missing, extra = sorted(set(shapes) - set(arrays)), sorted(set(arrays) - set(shapes))
     _check(not missing, Reason.SHAPE_MISMATCH, f"missing array {missing[:1]}")
     _check(not extra, Reason.SHAPE_MISMATCH, f"unexpected array {extra[:1]}")
@@ -149,7 +180,7 @@ def _check_metrics(update: Update, lease: Lease) -> None:
                f"reported {m.steps} steps, lease asked for {lease.inner_steps}")
         _check(m.tokens == want, bad, f"reported {m.tokens} tokens, lease implies {want}")
         return
-    span = lease.data_end - lease.data_start
+    span = lease.data_end - lease.data_start - 1  # predictions: every token but the first
     _check(m.steps == 0, bad, f"eval reported {m.steps} steps, must be 0")
-    _check(0 < m.tokens <= span, bad, f"eval reported {m.tokens} tokens, range holds {span}")
+    _check(m.tokens == span, bad, f"eval reported {m.tokens} tokens, range predicts {span}")
     _check(m.loss_before == m.loss_after, bad, "eval loss_before and loss_after differ")

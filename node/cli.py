@@ -14,6 +14,7 @@ from rich.table import Table
 from protocol.cli_app import CliApp
 from protocol.cli_errors import one_line_errors
 from protocol.errors import EnrollmentError
+from protocol.invite import InviteToken
 
 from .credits import CreditReport, credits_report
 from .enroll import enroll
@@ -33,7 +34,9 @@ HomeOpt = Annotated[Optional[Path], typer.Option(
 @app.command()
 @one_line_errors
 def join(
-    coordinator: Annotated[str, typer.Argument(help="coordinator address HOST:PORT")],
+    coordinator: Annotated[Optional[str], typer.Argument(
+        help="coordinator address HOST:PORT [default: the one in the token, or the one this "
+             "node enrolled with]")] = None,
     token: Annotated[Optional[str], typer.Option(help="invite token from the coordinator")] = None,
     name: Annotated[Optional[str], typer.Option(help="node name [default: hostname]")] = None,
     home: HomeOpt = None,
@@ -44,10 +47,11 @@ def join(
     """Enroll with a coordinator (first time) and keep working for it until Ctrl-C."""
     node_home = NodeHome((home or default_home()).expanduser().resolve())
     enrollment = node_home.enrollment()
-    if enrollment is None or (token and enrollment.coordinator_address != coordinator):
+    address = _address(coordinator, token, enrollment.coordinator_address if enrollment else None)
+    if enrollment is None or (token and enrollment.coordinator_address != address):
         if not token:
             raise EnrollmentError("this node is not enrolled yet: pass --token <invite>")
-        enrollment = enroll(coordinator, token, node_home, name or socket.gethostname())
+        enrollment = enroll(address, token, node_home, name or socket.gethostname())
         console.print(f"enrolled as node {enrollment.node_id} for {enrollment.institution} "
                       f"(run {enrollment.run_id})", style="green")
     else:
@@ -55,6 +59,20 @@ def join(
                       f"run {enrollment.run_id}", style="green")
     Supervisor(node_home, enrollment, threads=threads, device=device,
                sign_key=sign_key, console=console).run()
+
+
+def _address(given: str | None, token: str | None, enrolled: str | None) -> str:
+    """The coordinator to talk to: as given, else the invite token's, else the enrollment's.
+    A given address that differs from the token's wins (it may be another name for the same
+    machine; the token's CA pin still checks it is the right coordinator), with a warning."""
+    in_token = InviteToken.decode(token).address if token else None  # one-line error if bad
+    if given and in_token and given != in_token:
+        console.print(f"warning: using {given}, not {in_token} from the invite token",
+                      style="yellow", soft_wrap=True, highlight=False)
+    address = given or in_token or enrolled
+    if address is None:
+        raise EnrollmentError("this node is not enrolled yet: pass --token <invite>")
+    return address
 
 
 @app.command()
@@ -86,7 +104,7 @@ def _credits_table(report: CreditReport) -> Table:
                   f"{t.tokens_trained:,} trained, {t.tokens_evaluated:,} evaluated",
                   f"{t.credits:,.4f}", style="bold", end_section=True)
     if t.penalties:  # say why the total is below what the work earned
-        table.caption += (f"; {t.penalties} update(s) lost a spot check and were charged "
+        table.caption += (f"; {t.penalties} update(s) lost a spot or eval check and were charged "
                           "(work: penalty)")
     return table
 

@@ -141,7 +141,7 @@ class CreditTotal:
     updates: int  # accepted updates paid
     tokens_trained: int
     tokens_evaluated: int
-    penalties: int  # updates that lost a spot check and were charged
+    penalties: int  # updates that lost a spot or eval check and were charged
     credits: float  # net of penalties
 
 

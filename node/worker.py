@@ -13,7 +13,7 @@ from flwr.app import RecordDict
 
 from protocol.digest import digest_arrays
 from protocol.errors import ProtocolError
-from protocol.messages import Update, UpdateMetrics, parse_work, reply_content
+from protocol.messages import EVAL_WINDOWS, Update, UpdateMetrics, parse_work, reply_content
 from protocol.signing import sign_update
 from training.device import pick_device, set_threads
 from training.evaluate import evaluate
@@ -66,7 +66,7 @@ def do_work(content: RecordDict, settings: WorkerSettings,
     else:
         ev = evaluate(model, cfg, tokens, seq_len=lease.seq_len, batch_size=lease.batch_size,
                       device=device)
-        arrays = {}
+        arrays = {EVAL_WINDOWS: ev.window_loss}  # the signed commitment, window by window
         metrics = UpdateMetrics(tokens=ev.tokens, steps=0, loss_before=ev.mean_loss,
                                 loss_after=ev.mean_loss, wall_s=time.perf_counter() - t0)
     if report is not None:

@@ -108,12 +108,18 @@ class Reason:
     NOT_USEFUL = "not_useful"
     SPOT_CHECK_MISMATCH = "spot_check_mismatch"
     BASE_MISMATCH = "base_mismatch"
+    # eval: a window the coordinator recomputed (or a quorum partner's, then recomputed)
+    # disagrees with what the reply committed to (coordinator.eval_judge)
+    EVAL_MISMATCH = "eval_mismatch"
+    # the rejections that prove a node sent results it did not compute: they cost credit
+    # (``[credits] mismatch_penalty``), weigh most against trust and start probation
+    MISMATCHES: frozenset[str] = frozenset({SPOT_CHECK_MISMATCH, EVAL_MISMATCH})
 
     ALL: frozenset[str] = frozenset(
         {
             UNKNOWN_LEASE, BAD_SIGNATURE, LEASE_MISMATCH, STALE_BASE, DIGEST_MISMATCH,
             SHAPE_MISMATCH, NON_FINITE, NORM_BOUND, LATE, MALFORMED,
             METRICS_INCONSISTENT, UNKNOWN_NODE, DUPLICATE, NOT_USEFUL, SPOT_CHECK_MISMATCH,
-            BASE_MISMATCH,
+            BASE_MISMATCH, EVAL_MISMATCH,
         }
     )

@@ -11,7 +11,13 @@ Record layouts (all values of exact type; ``from_record`` rejects anything else)
 
     work  RecordDict {"lease": ConfigRecord, "model": ArrayRecord (name -> array),
                       "data": ArrayRecord {"tokens": 1-D uint16}}
-    reply RecordDict {"update": ConfigRecord, "arrays": ArrayRecord (empty for eval)}
+    reply RecordDict {"update": ConfigRecord, "arrays": ArrayRecord}
+
+A train reply's arrays are the pseudo-gradient (one per model array). An eval reply's arrays
+are exactly ``{"window_loss": float64 (n,)}``: the loss summed over each of the
+``eval_window_count(lease)`` windows ``training.evaluate`` cuts the range into, so the
+signed ``arrays_digest`` commits the node to every window, and the coordinator recomputes
+a sample of them (``coordinator.eval_judge``).
 """
 
 from __future__ import annotations
@@ -29,10 +35,12 @@ from protocol._records import array_record, decode_arrays, take_records
 from protocol.digest import digest_bytes
 
 __all__ = [
+    "EVAL_WINDOWS",
     "KINDS",
     "Lease",
     "Update",
     "UpdateMetrics",
+    "eval_window_count",
     "parse_reply",
     "parse_work",
     "reply_content",
@@ -40,6 +48,7 @@ __all__ = [
 ]
 
 KINDS = ("train", "eval")
+EVAL_WINDOWS = "window_loss"  # the one array of an eval reply
 
 
 @dataclass(frozen=True)
@@ -143,6 +152,12 @@ class Update:
         top = read_typed(record, Update)
         _validate_update(_flatten({"lease": lease, "metrics": metrics, **top}))
         return cls(lease=Lease(**lease), metrics=UpdateMetrics(**metrics), **top)
+
+
+def eval_window_count(lease: Lease) -> int:
+    """Windows an eval reply for ``lease`` commits to: its ``data_end - data_start - 1``
+    predictions in ``seq_len`` runs, the last one possibly shorter."""
+    return -(-(lease.data_end - lease.data_start - 1) // lease.seq_len)
 
 
 def _flatten(nested: dict[str, Any]) -> dict[str, Any]:

@@ -11,8 +11,8 @@ What is signed — ``receipt_bytes(receipt)`` is the only definition::
            "update_digest": str, "update_id": int}
 
 A ``train`` or ``eval`` receipt pays accepted work (``amount`` >= 0, ``tokens`` the tokens
-credited). A ``penalty`` receipt charges a train update that lost a spot check against the
-coordinator's recomputation: ``amount`` < 0, ``tokens`` 0, and its ``components`` say how
+credited). A ``penalty`` receipt charges an update that lost a check against the coordinator's
+recomputation (a train spot check, or eval windows): ``amount`` < 0, ``tokens`` 0, and its ``components`` say how
 it was sized (``{"kind": "penalty", "reason", "tokens" claimed, "rate_per_1k", "factor"}``).
 
 The canonical JSON follows ``protocol.signing``: keys sorted by code point at every level, no
@@ -100,7 +100,7 @@ def _canonical(doc: Mapping[str, Any]) -> bytes:
 @dataclass(frozen=True)
 class Receipt:
     """The coordinator's word that ``node_id`` earned ``amount`` for one accepted update, or
-    (kind ``penalty``, ``amount`` < 0) paid it for one that lost a spot check."""
+    (kind ``penalty``, ``amount`` < 0) paid it for one that lost a spot or eval check."""
 
     run_id: str
     node_id: int

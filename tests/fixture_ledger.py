@@ -62,7 +62,8 @@ class _Writer:
             lease_id=lease, node_id=node, arrays_digest="ab" * 32, verdict=verdict,
             tokens=tokens, steps=40 if kind == "train" else 0, loss_before=loss[0],
             loss_after=loss[1], wall_s=50.0 if kind == "train" else 5.0, reason=reason,
-            detail=detail or f"accepted (norm {norm:.4g})",
+            detail=detail or (f"accepted (norm {norm:.4g})" if kind == "train" else
+                              "accepted (2 of 64 windows recomputed; largest gap 0.012%)"),
             norm=None if reason else norm if kind == "train" else 0.0,
             received_at=at)
         if verdict == "accepted":
@@ -93,9 +94,10 @@ def build_fixture_ledger(path: Path) -> FixtureRun:
     for n, name in zip((a, b, c), ("aurora", "borealis", "cygnus")):
         led.add_event("online", f"{name} is online", node_id=n, at=T0 + 6)
     # Round 0: the validation slice split over three nodes.
-    for i, n in enumerate((a, b, c)):
-        w.answer(w.lease(n, 0, i, "eval", 0, T0 + 10), n, "eval", T0 + 30 + i, loss=(5.5, 5.5))
-    led.set_val_loss(0, 5.5, 3 * EVAL - 3 * 1024)
+    evals = [w.answer(w.lease(n, 0, i, "eval", 0, T0 + 10), n, "eval", T0 + 30 + i,
+                      loss=(5.5, 5.5)) for i, n in enumerate((a, b, c))]
+    led.set_val_loss(0, 5.5, 3 * EVAL - 3 * 1024, update_ids=evals, windows_recomputed=6,
+                     local_tokens=0)
     # Round 1: everyone trains, all accepted.
     for i, n in enumerate((a, b, c)):
         w.answer(w.lease(n, 1, i, "train", 0, T0 + 40), n, "train", T0 + 100 + i,

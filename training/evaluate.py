@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -13,16 +13,20 @@ from training.device import autocast, pick_device
 from training.model import GPTConfig
 from training.state import arrays_to_model
 
-__all__ = ["EvalResult", "evaluate"]
+__all__ = ["EvalResult", "eval_windows", "evaluate", "window_losses"]
 
 
 @dataclass(frozen=True)
 class EvalResult:
-    """``loss_sum`` (nats, summed over tokens), ``tokens`` predicted, and their mean."""
+    """``loss_sum`` (nats, summed over tokens), ``tokens`` predicted, and their mean;
+    ``window_loss[i]`` is the loss summed over window ``i`` (``eval_windows``), float64, so
+    ``loss_sum == window_loss.sum()``: an eval reply commits to these and the coordinator
+    recomputes a sample of them (``coordinator.eval_checks``)."""
 
     loss_sum: float
     tokens: int
     mean_loss: float
+    window_loss: np.ndarray = field(default_factory=lambda: np.zeros(0), compare=False)
 
 
 @torch.no_grad()
@@ -60,21 +64,61 @@ def evaluate(
 
     n_pred = data.numel() - 1
     n_full = n_pred // seq_len
-    loss_sum = 0.0
+    sums: list[np.ndarray] = []
     for b0 in range(0, n_full, batch_size):
         rows = torch.arange(b0, min(b0 + batch_size, n_full))[:, None] * seq_len  # (B, 1)
         window = data[rows + torch.arange(seq_len + 1)[None, :]]  # (B, T+1)
-        loss_sum += _loss_sum(model, window, dev)
+        sums.append(_window_sums(model, window, dev))
     if n_full * seq_len < n_pred:  # the remainder, as one shorter window
-        loss_sum += _loss_sum(model, data[n_full * seq_len :][None, :], dev)
-    return EvalResult(loss_sum=loss_sum, tokens=n_pred, mean_loss=loss_sum / n_pred)
+        sums.append(_window_sums(model, data[n_full * seq_len :][None, :], dev))
+    window_loss = np.concatenate(sums)
+    loss_sum = float(window_loss.sum())
+    return EvalResult(loss_sum=loss_sum, tokens=n_pred, mean_loss=loss_sum / n_pred,
+                      window_loss=window_loss)
 
 
-def _loss_sum(model: torch.nn.Module, window: torch.Tensor, dev: torch.device) -> float:
+def eval_windows(n_tokens: int, seq_len: int) -> list[tuple[int, int]]:
+    """The windows ``evaluate`` cuts ``n_tokens`` tokens into, as (start, end) offsets of
+    the tokens each reads (``end - start - 1`` predictions; neighbours share one token)."""
+    n_pred = n_tokens - 1
+    return [(s, min(s + seq_len, n_pred) + 1) for s in range(0, max(n_pred, 0), seq_len)]
+
+
+@torch.no_grad()
+def window_losses(
+    arrays: Mapping[str, np.ndarray],
+    cfg: GPTConfig,
+    tokens: np.ndarray,
+    windows: list[int],
+    *,
+    seq_len: int,
+    device: torch.device | str = "cpu",
+) -> np.ndarray:
+    """The loss sums ``evaluate(arrays, cfg, tokens, ...)`` would report for the windows
+    numbered ``windows`` (``window_loss[windows]``), computing only those: how the coordinator
+    checks an eval reply's commitments at a small fraction of the node's cost."""
+    cuts = eval_windows(len(tokens), seq_len)
+    dev = torch.device(device)
+    model = arrays_to_model(arrays, cfg, dev)
+    model.eval()
+    data = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
+    out = np.zeros(len(windows))
+    by_len: dict[int, list[int]] = {}  # windows of one length go through the model together
+    for k, i in enumerate(windows):
+        s, e = cuts[i]
+        by_len.setdefault(e - s, []).append(k)
+    for length, ks in by_len.items():
+        rows = torch.stack([data[cuts[windows[k]][0]:cuts[windows[k]][0] + length] for k in ks])
+        out[ks] = _window_sums(model, rows, dev)
+    return out
+
+
+def _window_sums(model: torch.nn.Module, window: torch.Tensor, dev: torch.device) -> np.ndarray:
+    """Loss summed over each row of ``window`` (B, T+1), as float64 (B,)."""
     window = window.to(dev)
     x, y = window[:, :-1], window[:, 1:]
     with autocast(dev):
         logits, _ = model(x)
-    logits = logits.float().reshape(-1, logits.size(-1))  # (B*T, vocab_size)
-    loss = F.cross_entropy(logits, y.reshape(-1), reduction="sum")
-    return float(loss.item())
+    logits = logits.float()  # (B, T, vocab_size)
+    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
+    return loss.view(y.shape).double().sum(dim=1).cpu().numpy()

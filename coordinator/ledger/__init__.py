@@ -5,6 +5,7 @@ from __future__ import annotations
 from .ledger import Ledger
 from .models import (
     CreditEntry, CreditReceipt, Event, Institution, Invite, Lease, ModelVersion, Node, Update,
+    VersionEval,
 )
 from .summaries import NodeSummary
 
@@ -20,4 +21,5 @@ __all__ = [
     "Node",
     "NodeSummary",
     "Update",
+    "VersionEval",
 ]

@@ -11,7 +11,7 @@ import base64
 import json
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -23,7 +23,7 @@ from protocol.errors import EnrollmentError, LedgerError, Reason
 
 from .models import (
     LEASE_KINDS, LEASE_STATUSES, VERDICTS, CreditEntry, CreditReceipt, Event, Institution,
-    Invite, Lease, ModelVersion, Node, Update,
+    Invite, Lease, ModelVersion, Node, Update, VersionEval,
 )
 from .reads import LedgerReads, flower_id
 from .summaries import NodeSummary
@@ -255,9 +255,9 @@ class Ledger(LedgerReads):
     def add_penalty(self, node_id: int, update_id: int, amount: float,
                     components: dict[str, Any], *, now: float | None = None,
                     receipt: tuple[str, bytes] | None = None) -> CreditEntry:
-        """Append the negative credit a node pays for an update that lost a spot check
-        (rejected as ``spot_check_mismatch``: the coordinator's own recomputation disagreed
-        with it); at most one entry per update, as for credits."""
+        """Append the negative credit a node pays for an update that lost a check (rejected
+        as one of ``Reason.MISMATCHES``: the coordinator's own recomputation disagreed with
+        it); at most one entry per update, as for credits."""
         if not math.isfinite(amount) or amount >= 0:
             raise LedgerError(f"a penalty must be finite and < 0, not {amount!r}")
         return self._append_credit(node_id, update_id, amount, components, now, receipt,
@@ -276,8 +276,8 @@ class Ledger(LedgerReads):
                             components=text, created_at=_now(now))
         with self._write("add a penalty" if penalty else "add credit") as session:
             upd = self._must(session, Update, update_id)
-            if penalty and (upd.verdict, upd.reason) != ("rejected", Reason.SPOT_CHECK_MISMATCH):
-                raise LedgerError(f"update {update_id} did not lose a spot check: "
+            if penalty and (upd.verdict != "rejected" or upd.reason not in Reason.MISMATCHES):
+                raise LedgerError(f"update {update_id} did not lose a spot or eval check: "
                                   "it owes no penalty")
             if not penalty and upd.verdict != "accepted":
                 raise LedgerError(f"update {update_id} was rejected: it earns no credit")
@@ -305,10 +305,23 @@ class Ledger(LedgerReads):
                            tokens=tokens, val_loss=_finite(val_loss), val_tokens=val_tokens)
         return self._add(row, "add a model version")
 
-    def set_val_loss(self, version: int, loss: float | None, tokens: int) -> ModelVersion:
+    def set_val_loss(self, version: int, loss: float | None, tokens: int, *,
+                     update_ids: Sequence[int] = (), windows_recomputed: int | None = None,
+                     local_tokens: int | None = None) -> ModelVersion:
+        """Publish ``version``'s validation loss over ``tokens``, with what it is made of:
+        the accepted eval updates it sums (``update_ids``), the eval windows the coordinator
+        recomputed to check the replies and the tokens it evaluated itself. One transaction:
+        a loss is never published without its sources."""
         with self._write("set a validation loss") as session:
             row = self._must(session, ModelVersion, version)
+            for uid in update_ids:
+                upd = self._must(session, Update, uid)
+                if upd.verdict != "accepted":
+                    raise LedgerError(f"update {uid} was rejected: a validation loss cannot "
+                                      "be computed from it")
+                session.add(VersionEval(version=version, update_id=uid))
             row.val_loss, row.val_tokens = _finite(loss), tokens
+            row.val_windows_recomputed, row.val_local_tokens = windows_recomputed, local_tokens
         return row
 
     def add_event(self, kind: str, message: str, node_id: int | None = None,

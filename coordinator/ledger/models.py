@@ -28,6 +28,7 @@ __all__ = [
     "TABLES",
     "Update",
     "VERDICTS",
+    "VersionEval",
 ]
 
 LEASE_KINDS = ("train", "eval")
@@ -91,6 +92,21 @@ class ModelVersion(SQLModel, table=True):
     tokens: int = Field(sa_type=BigInteger)
     val_loss: Optional[float] = None
     val_tokens: Optional[int] = Field(default=None, sa_type=BigInteger)
+    # how val_loss was made (coordinator.eval_judge): eval windows the coordinator recomputed
+    # to check the replies, and tokens it evaluated itself where no accepted reply covered;
+    # the accepted replies it sums are the version's ``version_evals`` rows
+    val_windows_recomputed: Optional[int] = None
+    val_local_tokens: Optional[int] = Field(default=None, sa_type=BigInteger)
+
+
+class VersionEval(SQLModel, table=True):
+    """One accepted eval update whose windows a version's published validation loss sums."""
+
+    __tablename__ = "version_evals"
+
+    id: Optional[int] = Field(default=None, primary_key=True)
+    version: int = Field(foreign_key="model_versions.version", index=True)
+    update_id: int = Field(foreign_key="updates.id", unique=True)
 
 
 class Lease(SQLModel, table=True):
@@ -195,11 +211,13 @@ class Event(SQLModel, table=True):
 
 # Columns added after a table was first released: (table, column, SQL type). Opening a
 # ledger for writing adds the missing ones (nullable), so older ledgers keep working.
-ADDED_COLUMNS = [("updates", "improvement", "FLOAT")]
+ADDED_COLUMNS = [("updates", "improvement", "FLOAT"),
+                 ("model_versions", "val_windows_recomputed", "INTEGER"),
+                 ("model_versions", "val_local_tokens", "BIGINT")]
 
 # Created explicitly so other SQLModel tables sharing the global metadata are left alone.
 TABLES = [
     m.__table__  # type: ignore[attr-defined]
     for m in (Institution, Invite, Node, ModelVersion, Lease, Update, CreditEntry,
-              CreditReceipt, Event)
+              CreditReceipt, Event, VersionEval)
 ]

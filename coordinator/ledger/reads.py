@@ -23,7 +23,7 @@ from protocol.errors import LedgerError, Reason
 from .engine import first_line, open_engine, shown_url
 from .models import (
     ADDED_COLUMNS, TABLES, CreditEntry, CreditReceipt, Event, Institution, Invite, Lease,
-    ModelVersion, Node, Update,
+    ModelVersion, Node, Update, VersionEval,
 )
 from .summaries import NodeSummary, node_summaries_query
 
@@ -185,19 +185,20 @@ class LedgerReads:
         return rows[0] if rows else None
 
     def lost_spot_check_within(self, last: int) -> set[int]:
-        """Nodes with a ``spot_check_mismatch`` among their ``last`` train updates that were
-        accepted or lost a spot check (other rejections cost nothing to make, so they do not
-        count towards serving probation)."""
-        counted = (col(Update.verdict) == "accepted") | (
-            col(Update.reason) == Reason.SPOT_CHECK_MISMATCH)
+        """Nodes with a lost check (``Reason.MISMATCHES``: a spot check, or an eval reply
+        whose windows the coordinator's recomputation contradicted) among their ``last``
+        updates that count: train updates that were accepted and every lost check (other
+        rejections cost nothing to make, so they do not count towards serving probation)."""
+        lost = col(Update.reason).in_(sorted(Reason.MISMATCHES))
+        counted = ((col(Lease.kind) == "train") & (col(Update.verdict) == "accepted")) | lost
         recent = (select(col(Update.node_id).label("node_id"),
                          col(Update.reason).label("reason"),
                          func.row_number().over(partition_by=col(Update.node_id),
                                                 order_by=col(Update.id).desc()).label("n"))
                   .join(Lease, col(Lease.id) == col(Update.lease_id))
-                  .where(col(Lease.kind) == "train", counted).subquery())
+                  .where(counted).subquery())
         stmt = (select(recent.c.node_id).distinct()
-                .where(recent.c.n <= last, recent.c.reason == Reason.SPOT_CHECK_MISMATCH))
+                .where(recent.c.n <= last, recent.c.reason.in_(sorted(Reason.MISMATCHES))))
         return set(self._all(stmt))
 
     def updates_with_leases(self, node_id: int | None = None) -> list[tuple[Update, Lease]]:
@@ -232,6 +233,12 @@ class LedgerReads:
 
     def versions(self) -> list[ModelVersion]:
         return self._all(select(ModelVersion).order_by(col(ModelVersion.version)))
+
+    def version_evals(self, version: int) -> list[Update]:
+        """The accepted eval updates ``version``'s validation loss was computed from."""
+        return self._all(select(Update)
+                         .join(VersionEval, col(VersionEval.update_id) == col(Update.id))
+                         .where(col(VersionEval.version) == version).order_by(col(Update.id)))
 
     def latest_version(self) -> ModelVersion | None:
         rows = self._all(select(ModelVersion).order_by(col(ModelVersion.version).desc()).limit(1))

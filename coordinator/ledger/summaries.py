@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Select, and_, case, func, select
+from sqlalchemy import Select, and_, case, func, or_, select
 from sqlmodel import col
 
 from protocol.errors import Reason
@@ -58,6 +58,7 @@ def node_summaries_query(node_id: int | None = None) -> Select[Any]:
     node cannot multiply either sum."""
     accepted = col(Update.verdict) == "accepted"
     train = col(Lease.kind) == "train"
+    lost = col(Update.reason).in_(sorted(Reason.MISMATCHES))
 
     def accepted_tokens(kind: str) -> Any:
         wanted = and_(accepted, col(Lease.kind) == kind)
@@ -74,8 +75,10 @@ def node_summaries_query(node_id: int | None = None) -> Select[Any]:
             accepted_tokens("train").label("tokens"),
             accepted_tokens("eval").label("eval_tokens"),
             count(and_(train, accepted)).label("train_accepted"),
-            count(and_(train, col(Update.verdict) != "accepted")).label("train_rejected"),
-            count(col(Update.reason) == Reason.SPOT_CHECK_MISMATCH).label("mismatches"),
+            # a lost eval check counts like a lost spot check (coordinator.trust)
+            count(or_(and_(train, col(Update.verdict) != "accepted"), lost))
+            .label("train_rejected"),
+            count(lost).label("mismatches"),
         )
         .join(Lease, col(Lease.id) == col(Update.lease_id))
         .group_by(col(Update.node_id))

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from coordinator.ledger import Ledger
+from tests.pg_schema import fresh_schema
 
 
 def test_demo_two_nodes_two_rounds(workdir: Path) -> None:
@@ -59,3 +63,35 @@ def test_demo_two_nodes_two_rounds(workdir: Path) -> None:
         for s in ledger.node_summaries():
             assert summary_by_id[s.node_id]["credits"] == round(s.credits, 6)
             assert summary_by_id[s.node_id]["tokens"] == s.tokens
+
+
+def test_demo_on_a_given_postgresql_ledger(workdir: Path) -> None:
+    # `demo --ledger URL`: the main job on the production ledger backend (a fresh schema)
+    base = os.environ.get("ATOM_TEST_PG_URL")
+    if not base:
+        if os.environ.get("CI") == "true":
+            pytest.fail("ATOM_TEST_PG_URL is not set: CI must run the demo on PostgreSQL too")
+        pytest.skip("set ATOM_TEST_PG_URL to run the demo on PostgreSQL")
+    with fresh_schema(base, "demo") as url_text:
+        proc = subprocess.run(
+            [sys.executable, "-m", "coordinator", "demo", "--nodes", "1", "--rounds", "1",
+             "--workdir", str(workdir), "--ledger", url_text, "--json"],
+            capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        summary = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert summary["run_status"] == "finished:completed"
+        assert not (workdir / "ledger.db").exists()
+        with Ledger(url_text, create=False) as ledger:
+            versions = ledger.versions()
+            assert [v.version for v in versions] == [0, 1]
+            assert all(v.val_loss is not None and ledger.version_evals(v.version)
+                       for v in versions)
+            assert len(ledger.nodes()) == 1
+        # the same database again: the demo refuses to mix its run into another's
+        again = subprocess.run(
+            [sys.executable, "-m", "coordinator", "demo", "--nodes", "1", "--rounds", "1",
+             "--workdir", str(workdir.with_name("again")), "--ledger", url_text],
+            capture_output=True, text=True, timeout=120)
+        assert again.returncode != 0
+        assert again.stderr.strip().splitlines()[-1].startswith("error: ledger ")
+        assert "already holds a run" in again.stderr

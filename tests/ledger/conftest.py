@@ -8,14 +8,13 @@ clash. Without the variable the PostgreSQL half is skipped locally but fails in 
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
-from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from coordinator.ledger import Institution, Lease, Ledger, Node, Update
+from tests.pg_schema import fresh_schema
 
 PG_ENV = "ATOM_TEST_PG_URL"
 PG_SKIP = "set ATOM_TEST_PG_URL to run the ledger suite on PostgreSQL"
@@ -36,18 +35,8 @@ def ledger_url(request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:
         if os.environ.get("CI") == "true":
             pytest.fail(f"{PG_ENV} is not set: CI must run the ledger suite on PostgreSQL too")
         pytest.skip(PG_SKIP)
-    schema = f"t_{uuid.uuid4().hex}"
-    admin = create_engine(base, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-        url = make_url(base).update_query_dict({"options": f"-csearch_path={schema}"})
-        yield url.render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
-        admin.dispose()
-
+    with fresh_schema(base) as url:
+        yield url
 
 @pytest.fixture
 def open_ledger(ledger_url: str) -> Iterator[Callable[..., Ledger]]:

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
+from typer.testing import CliRunner
 
+from coordinator.cli import app
 from coordinator.ledger import Ledger
 from coordinator.ledger.models import TABLES
 from protocol.errors import LedgerError
@@ -162,3 +164,13 @@ def test_floats_round_trip_exactly(ledger: Ledger) -> None:
     t = 1_764_201_600.123456
     ledger.add_event("x", "y", at=t)
     assert ledger.events()[0].at == t and not math.isnan(t)
+
+
+def test_init_on_the_named_ledger_leaves_no_sqlite_file(tmp_path, ledger_url: str) -> None:
+    # init creates the tables in the database [ledger].url names, nowhere else
+    d = tmp_path / "run"
+    res = CliRunner().invoke(app, ["init", str(d), "--ledger", ledger_url])
+    assert res.exit_code == 0, res.output
+    assert not (d / "ledger.db").exists()
+    with Ledger(ledger_url, create=False) as led:
+        assert led.nodes() == [] and led.versions() == []

@@ -133,7 +133,7 @@ def test_a_penalty_only_for_an_update_that_lost_a_spot_check(ledger: Ledger, mak
     late = make.answer(make.lease(node.id), verdict="rejected", reason="late")
     paid = make.answer(make.lease(node.id))
     for upd in (late, paid):
-        with pytest.raises(LedgerError, match="did not lose a spot check"):
+        with pytest.raises(LedgerError, match="did not lose a spot or eval check"):
             ledger.add_penalty(node.id, upd.id, -1.0, {})
     for amount in (0.0, 1.0, float("nan")):
         with pytest.raises(LedgerError, match="penalty must be finite and < 0"):

@@ -31,9 +31,10 @@ from node.cli import app as node_app
 from node.enroll import enroll
 from node.identity import NodeHome
 from protocol.digest import digest_arrays
-from protocol.messages import Lease, Update, UpdateMetrics, reply_content
+from protocol.messages import EVAL_WINDOWS, Lease, Update, UpdateMetrics, reply_content
 from protocol.processes import free_port
 from protocol.signing import load_private_key, sign_update
+from training.evaluate import eval_windows
 
 __all__ = ["TRAIN_TOKENS", "World", "credits", "make_world", "ok_json", "one_line_failure"]
 
@@ -59,14 +60,19 @@ class World:
         shard = next(self.shards)
         lease = Lease(run_id=self.cfg.run.id, round=1 + shard // 10, shard_id=shard, kind=kind,
                       base_version=0, base_digest="a" * 64, data_start=shard * 100,
-                      data_end=shard * 100 + 64, data_digest="b" * 64, inner_steps=2,
+                      # an eval range predicts all its tokens but the first
+                      data_end=shard * 100 + (64 if kind == "train" else tokens + 1),
+                      data_digest="b" * 64, inner_steps=2,
                       batch_size=2, seq_len=8, lr=1e-3, weight_decay=0.0, seed=shard,
                       deadline=now + (-1.0 if late else 60.0), nonce=secrets.token_hex(16))
         row = self.ledger.record_lease(
             run_id=lease.run_id, round=lease.round, shard_id=shard, kind=kind, node_id=node_id,
             base_version=0, nonce=lease.nonce, data_start=lease.data_start,
             data_end=lease.data_end, deadline=lease.deadline)
-        arrays = {"w": np.zeros((2, 3), np.float32)} if kind == "train" else {}
+        # eval: 4.0 nats on every prediction, window by window (protocol.messages)
+        windows = [4.0 * (e - s - 1) for s, e in eval_windows(tokens + 1, lease.seq_len)]
+        arrays = ({"w": np.zeros((2, 3), np.float32)} if kind == "train"
+                  else {EVAL_WINDOWS: np.array(windows)})
         metrics = (UpdateMetrics(TRAIN_TOKENS, 2, 5.0, 4.5, 0.5) if kind == "train"
                    else UpdateMetrics(tokens, 0, 4.0, 4.0, 0.2))
         key = load_private_key(self.homes[signer or name].key_path)

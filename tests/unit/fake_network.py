@@ -5,7 +5,7 @@ Each node has a behaviour. ``honest`` runs ``node.worker.do_work`` for real; the
 ways a node can go wrong that the coordinator must survive::
 
     honest     do the work, sign it with the node's own key
-    bf16       honest, training under bf16 autocast as a CUDA node does (CPU bf16 here)
+    bf16       honest, training and evaluating under bf16 autocast as a CUDA node does (CPU bf16)
     wrong_key  do the work, sign it with another key               -> bad_signature
     tamper     change an array after signing                       -> digest_mismatch
     nan        NaN in an array, digest and signature made over it  -> non_finite
@@ -31,7 +31,14 @@ and the well-formed, correctly signed attacks that only the round-level checks
                                                                     -> spot checks only
     partial     trains half the lease's steps, claims all of them   -> spot checks only
 
-A misbehaviour applies to the message kinds in ``FakeNode.on`` (train only by default); for
+and two lies about evaluation, well-formed and signed (windows that sum to the total), that
+only the coordinator's recomputation of sampled windows or a quorum catches::
+
+    eval_lie     every window a flat, low 0.25 nats per token        -> eval_mismatch
+    eval_subtle  every window 3% below the honest loss               -> eval_mismatch
+
+A misbehaviour applies to the message kinds in ``FakeNode.on`` (train only by default, eval
+only for the eval lies); for
 the other kinds the node is honest, so one node can e.g. train well but go silent in eval.
 Replies are made when the loop polls, so they arrive at the earliest on the poll after the send.
 """
@@ -50,6 +57,7 @@ import numpy as np
 import torch
 from flwr.app import RecordDict
 
+import training.evaluate
 import training.inner
 
 from coordinator.ledger import Ledger, Node
@@ -57,17 +65,20 @@ from coordinator.transport import Reply
 from node.worker import WorkerSettings, do_work
 from protocol.digest import digest_arrays
 from protocol.messages import (
-    Lease, Update, UpdateMetrics, parse_reply, parse_work, reply_content, work_content,
+    EVAL_WINDOWS, Lease, Update, UpdateMetrics, parse_reply, parse_work, reply_content,
+    work_content,
 )
 from protocol.signing import fingerprint, generate_key, public_key_pem, sign_update
+from training.evaluate import eval_windows
 from training.inner import first_batch_loss
 from training.model import GPTConfig
 
-__all__ = ["BEHAVIOURS", "FakeClock", "FakeNode", "FakeTransport", "Sent", "enroll"]
+__all__ = ["BEHAVIOURS", "EVAL_LIES", "FakeClock", "FakeNode", "FakeTransport", "Sent", "enroll"]
 
 BEHAVIOURS = ("honest", "bf16", "wrong_key", "tamper", "nan", "replay", "late", "silent", "error",
               "sign_flip", "noise", "free_rider", "copy", "reuse", "stale", "stale_forged",
-              "partial")
+              "partial", "eval_lie", "eval_subtle")
+EVAL_LIES = {"eval_lie": 0.25, "eval_subtle": 0.97}  # flat nats per token / factor on the truth
 T0 = 1_700_000_000.0
 NOISE_SCALE = 20.0
 
@@ -176,6 +187,19 @@ class FakeNode:
             return self._signed(claim(), {k: a.copy() for k, a in copied.items()})
         return None
 
+    def _eval_lie(self, how: str, update: Update, arrays: dict[str, np.ndarray]) -> RecordDict:
+        """A consistent lie: every window changed, the total made to match, signed."""
+        honest = arrays[EVAL_WINDOWS]
+        if how == "eval_lie":
+            n_pred = np.array([e - s - 1 for s, e in eval_windows(
+                update.lease.data_end - update.lease.data_start, update.lease.seq_len)])
+            lie = EVAL_LIES[how] * n_pred.astype(np.float64)
+        else:
+            lie = honest * EVAL_LIES[how]
+        mean = float(lie.sum()) / update.metrics.tokens
+        metrics = dataclasses.replace(update.metrics, loss_before=mean, loss_after=mean)
+        return self._signed(update, {EVAL_WINDOWS: lie}, metrics=metrics)
+
     @property
     def id(self) -> int:
         assert self.row.id is not None
@@ -186,12 +210,12 @@ class FakeNode:
         if self.behaviour != "bf16":
             return do_work(content, settings)
         # what a CUDA node does (bf16 autocast), with CPU bf16 standing in for it
-        saved = training.inner.autocast
-        training.inner.autocast = _cpu_bf16
+        saved = training.inner.autocast, training.evaluate.autocast
+        training.inner.autocast = training.evaluate.autocast = _cpu_bf16
         try:
             return do_work(content, settings)
         finally:
-            training.inner.autocast = saved
+            training.inner.autocast, training.evaluate.autocast = saved
 
     def answer(self, kind: str, content: RecordDict) -> tuple[RecordDict | None, str | None]:
         """The reply content or error this node sends for ``content``."""
@@ -219,6 +243,8 @@ class FakeNode:
         except Exception as err:  # as Flower does: a raising ClientApp answers with an error
             return None, f"{type(err).__name__}: {err}", False
         update, arrays = parse_reply(reply)
+        if how in EVAL_LIES and kind == "eval":
+            return self._eval_lie(how, update, arrays), None, True
         if how in ("honest", "bf16", "late", "replay"):
             self.answered.append((update.lease, arrays))
         if kind == "train":
@@ -256,7 +282,8 @@ def enroll(ledger: Ledger, specs: Iterable[str | tuple[str, Iterable[str]]],
     assert inst.id is not None
     nodes = []
     for i, spec in enumerate(specs, start=first):
-        behaviour, on = (spec, ("train",)) if isinstance(spec, str) else spec
+        default_on = ("eval",) if spec in EVAL_LIES else ("train",)
+        behaviour, on = (spec, default_on) if isinstance(spec, str) else spec
         assert behaviour in BEHAVIOURS, behaviour
         key = generate_key()
         pem = public_key_pem(key)

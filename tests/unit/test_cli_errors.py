@@ -150,13 +150,30 @@ def test_join_unreachable_coordinator(tmp_path: Path) -> None:
     assert not (tmp_path / "env-node-home").exists()
 
 
+def test_join_takes_the_address_from_the_token(tmp_path: Path) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    token = InviteToken(address, new_secret(), "ab" * 32).encode()
+    res = _join(tmp_path, "--token", token)  # no COORDINATOR argument
+    _assert_one_error_line(res, NETWORK, f"cannot reach coordinator at {address}")
+
+
+def test_join_with_another_address_than_the_tokens_says_so_and_uses_it(tmp_path: Path) -> None:
+    mine, other = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    token = InviteToken(other, new_secret(), "ab" * 32).encode()
+    res = _join(tmp_path, mine, "--token", token)
+    warning, error = res.stderr.splitlines()
+    assert warning == f"warning: using {mine}, not {other} from the invite token"
+    assert error.startswith(f"error: cannot reach coordinator at {mine}") and res.rc == NETWORK
+
+
 def test_join_with_garbage_token(tmp_path: Path) -> None:
     res = _join(tmp_path, f"127.0.0.1:{free_port()}", "--token", "garbage")
     _assert_one_error_line(res, ENROLLMENT, "invalid invite token")
 
 
-def test_join_without_token_on_a_fresh_home(tmp_path: Path) -> None:
-    res = _join(tmp_path, f"127.0.0.1:{free_port()}")
+@pytest.mark.parametrize("address", [True, False], ids=["address", "nothing"])
+def test_join_without_token_on_a_fresh_home(tmp_path: Path, address: bool) -> None:
+    res = _join(tmp_path, *([f"127.0.0.1:{free_port()}"] if address else []))
     _assert_one_error_line(res, ENROLLMENT, "not enrolled", "--token")
     assert not (tmp_path / "env-node-home").exists()
 

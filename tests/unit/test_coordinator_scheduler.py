@@ -109,8 +109,56 @@ def test_release_returns_shard_first() -> None:
     a = s.lease_train(0, [1, 2, 3], 0, BASE)
     assert s.release(a[3], reason="node_error")
     assert not s.release(a[3], reason="again")
-    b = s.lease_train(0, [3], 0, BASE)
-    assert b[3].shard_id == a[3].shard_id
+    b = s.lease_train(0, [3, 4], 0, BASE)
+    assert b[4].shard_id == a[3].shard_id  # first in line, to a node that did not return it
+    assert b[3].shard_id != a[3].shard_id
+
+
+def test_rejected_shard_goes_to_another_node_round_after_round() -> None:
+    # observed: a lying node (lowest id) held one shard for five rounds
+    s = make(n_shards=4)
+    liar, honest = 1, 2
+    mine = s.lease_train(0, [liar, honest], 0, BASE)
+    bad = mine[liar].shard_id
+    s.answered(mine[liar], accepted=False)
+    s.answered(mine[honest], accepted=True)
+    nxt = s.lease_train(1, [liar, honest], 0, BASE)
+    assert nxt[honest].shard_id == bad and nxt[liar].shard_id != bad
+    s.answered(nxt[honest], accepted=True)  # done by someone else: the mark is cleared
+    s.answered(nxt[liar], accepted=False)
+    again = s.lease_train(2, [liar, honest], 0, BASE)
+    assert again[honest].shard_id == nxt[liar].shard_id
+
+
+def test_returned_shard_goes_back_to_its_node_when_no_other_can_take_it() -> None:
+    s = make(n_shards=1)
+    a = s.lease_train(0, [1], 0, BASE)[1]
+    s.answered(a, accepted=False)
+    assert s.lease_train(1, [1], 0, BASE)[1].shard_id == a.shard_id  # alone: no one else
+
+
+def test_expired_shard_avoids_its_node_too() -> None:
+    clock = Clock()
+    s = make(n_shards=3, clock=clock)
+    a = s.lease_train(0, [1], 0, BASE)[1]
+    clock.t += 100
+    s.expire()
+    assert s.lease_train(1, [1], 0, BASE)[1].shard_id != a.shard_id
+    assert s.lease_train(1, [2], 0, BASE)[2].shard_id == a.shard_id
+
+
+def test_eval_copy_goes_to_another_node_holding_eval_leases() -> None:
+    s = make()
+    ev = s.lease_eval(0, [1, 2], 0, BASE, [(0, 64)])
+    copy = s.lease_eval_copy(0, 2, ev[1][0])
+    assert (copy.data_start, copy.data_end, copy.shard_id) == (
+        ev[1][0].data_start, ev[1][0].data_end, ev[1][0].shard_id)
+    assert copy.nonce != ev[1][0].nonce and s.node_of(copy) == 2
+    with pytest.raises(ValueError):
+        s.lease_eval_copy(0, 1, ev[1][0])  # not to its own node
+    with pytest.raises(ValueError):
+        s.lease_eval_copy(0, 2, ev[1][0])  # nor twice to one node
+    assert s.answered(copy, accepted=False)  # a copy's outcome returns nothing to the pool
 
 
 def test_epochs_reshuffle_with_seed_plus_epoch() -> None:

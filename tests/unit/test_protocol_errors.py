@@ -36,7 +36,7 @@ def test_reason_codes_match_the_contract() -> None:
         "unknown_lease", "bad_signature", "lease_mismatch", "stale_base", "digest_mismatch",
         "shape_mismatch", "non_finite", "norm_bound", "late", "malformed",
         "metrics_inconsistent", "unknown_node", "duplicate", "not_useful",
-        "spot_check_mismatch", "base_mismatch",
+        "spot_check_mismatch", "base_mismatch", "eval_mismatch",
     }
     assert Reason.ALL == contract
     assert {getattr(Reason, c.upper()) for c in contract} == contract

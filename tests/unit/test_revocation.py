@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from test_run_loop import (  # noqa: F401  (fixtures)
     corpus, network, nets, one_torch_thread,
@@ -27,7 +28,7 @@ from coordinator.verifier import Expected, verify
 from protocol.digest import digest_arrays
 from protocol.errors import ConfigError, EnrollmentError, Reason
 from protocol.invite import InviteToken, hash_secret
-from protocol.messages import Lease, Update, UpdateMetrics
+from protocol.messages import EVAL_WINDOWS, Lease, Update, UpdateMetrics
 from protocol.signing import fingerprint, generate_key, public_key_pem, sign_update
 
 runner = CliRunner()
@@ -178,12 +179,13 @@ def test_verifier_rejects_a_revoked_nodes_valid_update() -> None:
                   base_digest="a" * 64, data_start=0, data_end=100, data_digest="b" * 64,
                   inner_steps=0, batch_size=1, seq_len=8, lr=0.0, weight_decay=0.0, seed=0,
                   deadline=NOW + 60, nonce="c" * 32)
-    update = sign_update(Update(lease=lease, node_id=3, arrays_digest=digest_arrays({}),
-                                metrics=UpdateMetrics(50, 0, 2.0, 2.0, 1.0)), key)
+    windows = {EVAL_WINDOWS: np.array([2.0 * 8] * 12 + [2.0 * 3])}  # 99 predictions
+    update = sign_update(Update(lease=lease, node_id=3, arrays_digest=digest_arrays(windows),
+                                metrics=UpdateMetrics(99, 0, 2.0, 2.0, 1.0)), key)
     exp = Expected(lease=lease, node_id=3, public_key_pem=public_key_pem(key),
                    current_version=0, shapes={}, max_norm=10.0, now=NOW)
-    assert verify(update, {}, exp).accepted
-    verdict = verify(update, {}, dataclasses.replace(exp, revoked=True))
+    assert verify(update, windows, exp).accepted
+    verdict = verify(update, windows, dataclasses.replace(exp, revoked=True))
     assert (verdict.accepted, verdict.reason, verdict.detail) == (
         False, Reason.UNKNOWN_NODE, "node 3 is revoked")
 

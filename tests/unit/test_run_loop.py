@@ -31,10 +31,14 @@ EVAL_TOKENS = 1024
 SHARD_TOKENS = 3 * 2 * 32  # inner_steps * batch_size * seq_len
 
 
-def run_toml(rounds: int, wait_s: float = 0, verify: str = "spot_check_rate = 0",
+NO_DUPLICATES = "spot_check_rate = 0\neval_quorum_rate = 0"
+
+
+def run_toml(rounds: int, wait_s: float = 0, verify: str = NO_DUPLICATES,
              extra: str = "", run_id: str = "loop-test") -> str:
-    """The test run; spot checks off unless ``verify`` (the [verify] section's body) says
-    otherwise, so these tests see one lease per node and round; ``extra`` sections follow."""
+    """The test run; spot checks and eval quorum off unless ``verify`` (the [verify]
+    section's body) says otherwise, so these tests see one lease per node and round (and
+    eval range); ``extra`` sections follow."""
     return f"""
 [run]
 id = "{run_id}"
@@ -101,13 +105,14 @@ class Net:
 
 def make_net(tmp_path: Path, corpus: CorpusInfo, specs: list, *, rounds: int = 2,
              wait_s: float = 0, nodes: list[FakeNode] | None = None,
-             verify: str = "spot_check_rate = 0", extra: str = "", run_id: str = "loop-test",
+             ledger_url: str | None = None,
+             verify: str = NO_DUPLICATES, extra: str = "", run_id: str = "loop-test",
              seed: int = 0, issuer: ReceiptIssuer | None = None) -> Net:
     """A loop over ``specs`` nodes, or over already enrolled ``nodes`` on the same ledger;
     ``verify`` is the body of the [verify] section, ``extra`` more sections, ``seed`` seeds
-    the loop's choices, ``issuer`` signs receipts."""
+    the loop's choices, ``issuer`` signs receipts; ``ledger_url`` picks another database."""
     cfg = parse_config(run_toml(rounds, wait_s, verify, extra, run_id), tmp_path)
-    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
+    ledger = Ledger(ledger_url or f"sqlite:///{tmp_path / 'ledger.db'}")
     nodes = nodes if nodes is not None else enroll(ledger, specs)
     clock = FakeClock()
     transport = FakeTransport(nodes, clock)
@@ -160,13 +165,13 @@ def credits_by_update(ledger: Ledger) -> dict[int, list]:
 
 def assert_credit_only_for_accepted(ledger: Ledger) -> None:
     """One credit (>= 0) per accepted update; none for a rejected one, except the one
-    penalty (< 0) an update that lost a spot check pays."""
+    penalty (< 0) an update that lost a spot or eval check pays."""
     credits = credits_by_update(ledger)
     for u in ledger.updates():
         got = credits.get(u.id, [])
         if u.verdict == "accepted":
             assert len(got) == 1 and got[0].amount >= 0, u
-        elif u.reason == Reason.SPOT_CHECK_MISMATCH and got:
+        elif u.reason in Reason.MISMATCHES and got:
             assert len(got) == 1 and got[0].amount < 0, u
         else:
             assert got == [], u

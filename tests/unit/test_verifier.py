@@ -10,8 +10,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from coordinator.verifier import Expected, Verdict, verify
 from protocol.digest import digest_arrays
 from protocol.errors import Reason
-from protocol.messages import Lease, Update, UpdateMetrics
+from protocol.messages import EVAL_WINDOWS, Lease, Update, UpdateMetrics
 from protocol.signing import generate_key, public_key_pem, sign_update
+from training.evaluate import eval_windows
 
 NOW = 1_700_000_000.0
 NODE = 3
@@ -63,9 +64,20 @@ def test_accepts_an_honest_train_update() -> None:
     assert verdict.norm == pytest.approx(want)
 
 
+def windows(ev: Lease, loss: float = 3.0) -> dict[str, np.ndarray]:
+    """An honest eval reply's arrays: ``loss`` nats on every prediction, window by window."""
+    n_pred = [e - s - 1 for s, e in eval_windows(ev.data_end - ev.data_start, ev.seq_len)]
+    return {EVAL_WINDOWS: loss * np.array(n_pred, np.float64)}
+
+
+EVAL_TOKENS = 999  # the eval lease's range predicts every token but its first
+
+
 def test_accepts_an_honest_eval_update() -> None:
     ev = lease(kind="eval", inner_steps=0)
-    update, arrays = reply({}, the_lease=ev, tokens=1000, steps=0, loss_before=3.0, loss_after=3.0)
+    update, arrays = reply(windows(ev), the_lease=ev, tokens=EVAL_TOKENS, steps=0,
+                           loss_before=3.0, loss_after=3.0)
+    assert arrays[EVAL_WINDOWS].shape == (125,)
     verdict = verify(update, arrays, expected(lease=ev, shapes={}))
     assert verdict.accepted and verdict.norm == 0.0
 
@@ -154,13 +166,15 @@ def test_metrics_inconsistent_train(metrics: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize("metrics", [
-    {"tokens": 0}, {"tokens": 1001}, {"steps": 1, "tokens": 10}, {"tokens": 10, "loss_after": 2.0},
-], ids=["no-tokens", "beyond-range", "steps", "losses-differ"])
+    {"tokens": 0}, {"tokens": 1000}, {"tokens": 500}, {"steps": 1}, {"loss_after": 2.0},
+    {"loss_before": 2.9, "loss_after": 2.9},
+], ids=["no-tokens", "beyond-range", "part-of-range", "steps", "losses-differ",
+        "total-not-the-windows-sum"])
 def test_metrics_inconsistent_eval(metrics: dict[str, Any]) -> None:
     ev = lease(kind="eval", inner_steps=0)
-    m = dict(steps=0, loss_before=3.0, loss_after=3.0)
+    m = dict(steps=0, tokens=EVAL_TOKENS, loss_before=3.0, loss_after=3.0)
     m.update(metrics)
-    update, arrays = reply({}, the_lease=ev, **m)
+    update, arrays = reply(windows(ev), the_lease=ev, **m)
     check(verify(update, arrays, expected(lease=ev, shapes={})), Reason.METRICS_INCONSISTENT)
 
 

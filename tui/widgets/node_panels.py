@@ -81,6 +81,13 @@ class LedgerRowsTable(NotedTable):
         self.add_row(*styled, key=str(row_id))
 
 
+def _checks(detail: str) -> str:
+    """What an accepted eval update's verdict says was checked: ``accepted (2 of 85 windows
+    recomputed; ...)`` -> ``2 of 85 windows recomputed; ...``."""
+    inner = detail.removeprefix("accepted (").removesuffix(")")
+    return "" if inner == detail else inner
+
+
 class UpdatesTable(LedgerRowsTable):
     COLUMNS = (("time", False), ("rnd", True), ("kind", False), ("shard", True),
                ("tokens", True), ("loss", False), ("verdict", False), ("why", False))
@@ -91,7 +98,7 @@ class UpdatesTable(LedgerRowsTable):
                     else fmt.loss(u.loss_before))
             why = (f"{u.reason}: {u.detail}" if u.reason
                    else f"norm {u.norm:.4g}" if u.norm is not None and u.kind == "train"
-                   else "")
+                   else _checks(u.detail))
             verdict = Text(u.verdict, style=_VERDICT_STYLE.get(u.verdict, ""))
             note = Text.assemble(f"update {u.update_id} · round {u.round} {u.kind} shard "
                                  f"{u.shard_id} · ", verdict, f" · {why}" if why else "")
