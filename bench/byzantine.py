@@ -73,6 +73,7 @@ from coordinator.config import parse_config  # noqa: E402
 from coordinator.ledger import Ledger  # noqa: E402
 from coordinator.model_store import ModelStore  # noqa: E402
 from coordinator.rounds import RunLoop  # noqa: E402
+from protocol.blobstore import BlobDir  # noqa: E402
 from training.corpus import build_stdlib_corpus  # noqa: E402
 from training.evaluate import evaluate  # noqa: E402
 from training.inner import first_batch_loss, train_inner  # noqa: E402
@@ -170,7 +171,9 @@ def run_once(a: argparse.Namespace, corpus, kind: str | None, defended: bool) ->
             nodes = enroll(ledger, specs)
             clock = FakeClock(limit_s=24 * 3600.0)
             store = ModelStore.open(Path(tmp) / "checkpoints", cfg, ledger, seed=a.seed)
-            loop = RunLoop(cfg, ledger, FakeTransport(nodes, clock), store, corpus, clock=clock,
+            blobs = BlobDir(Path(tmp) / "blobs")
+            loop = RunLoop(cfg, ledger, FakeTransport(nodes, clock, blobs), store, corpus,
+                           blobs=blobs, clock=clock,
                            sleep=clock.sleep, rng=random.Random(a.seed))
             loop.run()
             lo, hi = corpus.val_range

@@ -7,6 +7,11 @@ goes through a Nesterov-momentum SGD outer step; the validation loss is printed.
     python bench/diloco_sim.py                       # workers one after another, 1 thread each
     python bench/diloco_sim.py --parallel            # workers as concurrent processes (the demo's
                                                      # contention: 3 x 1 thread on a 2-core box)
+    python bench/diloco_sim.py --compression none,int8,topk   # one run per update encoding,
+                                                     # final val loss of each over none's
+
+Each pseudo-gradient goes through ``protocol.compression`` as a node would send it (top-k
+with ``--error-feedback``: each worker carries what it dropped into its next round).
 
 Run on demand; not part of the test suite.
 """
@@ -25,6 +30,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from protocol.compression import (  # noqa: E402
+    Compression, ErrorFeedback, decode, encoded_bytes,
+)
 from training import defaults  # noqa: E402
 from training.corpus import build_stdlib_corpus  # noqa: E402
 from training.device import set_threads  # noqa: E402
@@ -61,6 +69,10 @@ def parse_args() -> argparse.Namespace:
                    help="shuffled: a seeded permutation, so a round's shards come from all over the "
                    "corpus (sorted stdlib files make neighbouring shards alike)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compression", default="none",
+                   help="comma-separated update encodings to compare: none, int8, topk")
+    p.add_argument("--topk-fraction", type=float, default=0.01)
+    p.add_argument("--error-feedback", action="store_true", help="topk: carry what was dropped")
     return p.parse_args()
 
 
@@ -80,26 +92,14 @@ def outer_step(params, avg, buf, lr: float, momentum: float) -> None:
         params[name] -= lr * (g + momentum * buf[name])
 
 
-def main() -> None:
-    a = parse_args()
-    set_threads(a.threads)
-    over = {k: v for k, v in (("n_layer", a.n_layer), ("n_embd", a.n_embd), ("n_head", a.n_head)) if v}
-    cfg = replace(PRESETS[a.preset], **over)
-    info = build_stdlib_corpus(a.corpus_dir, max_bytes=a.max_bytes, val_every=defaults.DEMO.val_every)
-    toks = info.tokens()
-    shards = make_shards(*info.train_range, a.shard_tokens)
-    need = a.rounds * a.workers
-    if len(shards) < need:
-        raise SystemExit(f"only {len(shards)} shards; need {need} (raise --max-bytes)")
-    if a.shard_order == "shuffled":
-        shards = [shards[i] for i in np.random.default_rng(a.seed).permutation(len(shards))]
-    val = np.array(toks[info.val_range[0] : info.val_range[0] + a.val_tokens])
-
+def simulate(a: argparse.Namespace, cfg, shards, toks, val, codec: Compression):  # type: ignore[no-untyped-def]
+    """R rounds of W workers from the same start; each update through ``codec``."""
     params = init_arrays(cfg, a.seed)
     n_params = sum(v.size for v in params.values())
-    print(f"model {a.preset} {asdict(cfg)} params={n_params / 1e6:.2f}M")
-    print(f"corpus {info.n_tokens} tokens, {len(shards)} train shards of ~{a.shard_tokens}; "
-          f"val scored on {val.size} tokens")
+    print(f"{codec.scheme}: model {a.preset} {asdict(cfg)} params={n_params / 1e6:.2f}M")
+    feedback = [ErrorFeedback() for _ in range(a.workers)]  # one per worker, across rounds
+    shapes = {k: (v.shape, "<f4") for k, v in params.items()}
+    sent = 0
 
     def val_loss() -> tuple[float, float]:
         t = time.perf_counter()
@@ -123,6 +123,10 @@ def main() -> None:
             t = time.perf_counter()
             res = pool.map(_work, jobs) if pool else [_work(j) for j in jobs]
             round_s = time.perf_counter() - t
+            for w, r in enumerate(res):  # what the coordinator gets: the decoded encoding
+                enc = feedback[w].encode(r["pg"], codec)
+                sent += encoded_bytes(enc)
+                r["pg"] = decode(enc, codec, shapes, float("inf"))
             total = sum(r["tokens"] for r in res)
             avg = {k: sum(r["pg"][k] * (r["tokens"] / total) for r in res) for k in params}
             outer_step(params, avg, buf, a.outer_lr, a.momentum)
@@ -139,11 +143,45 @@ def main() -> None:
         if pool:
             pool.close()
             pool.join()
+    return curve, shard_s, shard_cpu, sent, n_params
+
+
+def main() -> None:
+    a = parse_args()
+    set_threads(a.threads)
+    over = {k: v for k, v in (("n_layer", a.n_layer), ("n_embd", a.n_embd), ("n_head", a.n_head)) if v}
+    cfg = replace(PRESETS[a.preset], **over)
+    info = build_stdlib_corpus(a.corpus_dir, max_bytes=a.max_bytes, val_every=defaults.DEMO.val_every)
+    toks = info.tokens()
+    shards = make_shards(*info.train_range, a.shard_tokens)
+    need = a.rounds * a.workers
+    if len(shards) < need:
+        raise SystemExit(f"only {len(shards)} shards; need {need} (raise --max-bytes)")
+    if a.shard_order == "shuffled":
+        shards = [shards[i] for i in np.random.default_rng(a.seed).permutation(len(shards))]
+    val = np.array(toks[info.val_range[0] : info.val_range[0] + a.val_tokens])
+
+    schemes = [x for x in a.compression.split(",") if x]
+    finals: dict[str, float] = {}
+    for scheme in schemes:
+        codec = Compression(scheme, fraction=a.topk_fraction, feedback=a.error_feedback)
+        curve, shard_s, shard_cpu, sent, n_params = simulate(a, cfg, shards, toks, val, codec)
+        finals[scheme] = curve[-1]
+        print(f"{scheme}: final val {curve[-1]:.4f}, {sent / a.rounds / a.workers / 1e6:.3f} MB "
+              "per update")
+    print(f"corpus {info.n_tokens} tokens, {len(shards)} train shards of ~{a.shard_tokens}; "
+          f"val scored on {val.size} tokens")
+    base = finals.get("none")
+    ratios = {k: round(v / base, 4) for k, v in finals.items()} if base else {}
+    if ratios:
+        print("final val loss over none's: " + ", ".join(f"{k} {v:.4f}" for k, v in ratios.items()))
     print(json.dumps({
         "preset": a.preset, "model": asdict(cfg), "params": n_params, "parallel": a.parallel,
         "inner_steps": a.inner_steps, "batch_size": a.batch_size, "seq_len": a.seq_len,
         "lr": a.lr, "outer_lr": a.outer_lr, "momentum": a.momentum, "shard_tokens": a.shard_tokens,
         "val_curve": [round(x, 4) for x in curve],
+        "final_val": finals, "loss_ratio_vs_none": ratios, "topk_fraction": a.topk_fraction,
+        "error_feedback": a.error_feedback,
         "shard_s_mean": round(float(np.mean(shard_s)), 2), "shard_s_max": round(max(shard_s), 2),
         "shard_cpu_s_mean": round(float(np.mean(shard_cpu)), 2),
     }))

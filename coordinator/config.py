@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.aggregators import available_aggregators
+from protocol.compression import SCHEMES, Compression
 from protocol.errors import ConfigError
 
 __all__ = [
@@ -84,6 +85,13 @@ def _method(v: Any) -> str:
     if v not in names:
         raise _Bad(f"must be one of {', '.join(names)}")
     return str(v)
+
+
+def _mirrors(v: Any) -> tuple[str, ...]:
+    if not isinstance(v, list) or not all(
+            isinstance(u, str) and re.fullmatch(r"https?://[^\s]+", u) for u in v):
+        raise _Bad('must be a list of http(s) URLs, e.g. ["https://mirror.example.edu/atom"]')
+    return tuple(v)
 
 
 def _ledger_url(v: Any) -> str:
@@ -222,6 +230,29 @@ class VerifyParams:
                                    "to a node of another institution to compare; 0 = off")
 
 
+def _scheme(v: Any) -> str:
+    if v not in SCHEMES:
+        raise _Bad(f"must be one of {', '.join(SCHEMES)}")
+    return str(v)
+
+
+_topk_fraction = _float("must be in (0, 1]", lambda x: 0 < x <= 1)
+
+
+@dataclass(frozen=True)
+class CompressionParams:
+    # protocol/compression.py; README "Compressed updates"
+    scheme: str = _opt("int8", _scheme, "how nodes encode train updates: none (fp32), int8 "
+                       "(blockwise absmax, 3.9x less) or topk (largest values only, with "
+                       "error feedback on the node)")
+    block: int = _opt(256, _int("must be an integer in 1..1048576", 1, 1 << 20),
+                      "int8: values per scale")
+    fraction: float = _opt(0.01, _topk_fraction, "topk: share of each array's values sent")
+    error_feedback: bool = _opt(False, _bool, "topk: nodes carry what top-k dropped into their "
+                                "next update (needs [verify] spot_check_rate = 0: an update "
+                                "that depends on a node's history cannot be spot-checked)")
+
+
 @dataclass(frozen=True)
 class CreditsParams:
     train_per_1k_tokens: float = _opt(1.0, _non_negative, "credits per 1000 tokens trained")
@@ -239,6 +270,9 @@ class NetworkParams:
     fleet_port: int = _opt(9092, _port, "Flower Fleet API port (faces nodes)")
     coordinator_port: int = _opt(9093, _port, "enrollment/status gRPC port (faces nodes)")
     public_host: str = _opt("127.0.0.1", _str, "address nodes use to reach this machine")
+    blob_mirrors: tuple[str, ...] = _opt((), _mirrors, "HTTP(S) mirrors nodes try before the "
+                                         "coordinator for model versions and shards (files "
+                                         "named by digest: untrusted, every blob is checked)")
 
 
 @dataclass(frozen=True)
@@ -250,7 +284,7 @@ class LedgerParams:
 _SECTIONS: dict[str, type] = {
     "run": RunParams, "model": ModelParams, "data": DataParams, "train": TrainParams,
     "outer": OuterParams, "aggregation": AggregationParams, "verify": VerifyParams,
-    "credits": CreditsParams, "network": NetworkParams, "ledger": LedgerParams,
+    "compression": CompressionParams, "credits": CreditsParams, "network": NetworkParams, "ledger": LedgerParams,
 }
 
 
@@ -263,6 +297,7 @@ class RunConfig:
     outer: OuterParams = field(default_factory=OuterParams)
     aggregation: AggregationParams = field(default_factory=AggregationParams)
     verify: VerifyParams = field(default_factory=VerifyParams)
+    compression: CompressionParams = field(default_factory=CompressionParams)
     credits: CreditsParams = field(default_factory=CreditsParams)
     network: NetworkParams = field(default_factory=NetworkParams)
     ledger: LedgerParams = field(default_factory=LedgerParams)
@@ -274,6 +309,11 @@ class RunConfig:
         """Tokens per train shard, with 0 resolved to inner_steps * batch_size * seq_len."""
         t = self.train
         return self.data.shard_tokens or t.inner_steps * t.batch_size * t.seq_len
+
+    def codec(self) -> Compression:
+        """The ``[compression]`` section as the wire's ``protocol.compression.Compression``."""
+        c = self.compression
+        return Compression(c.scheme, c.block, float(c.fraction), c.error_feedback)
 
     def data_folder(self, run_dir: str | Path | None = None) -> Path | None:
         """The corpus folder (relative paths against the run directory); None for stdlib."""
@@ -322,6 +362,11 @@ def _build(doc: dict[str, Any], base_dir: Path, fname: str) -> RunConfig:
     if m.n_head is not None and m.n_embd is not None and m.n_embd % m.n_head:
         raise ConfigError(f"{fname}: [model].n_embd must be divisible by [model].n_head, "
                           f"got {m.n_embd} and {m.n_head}")
+    c = cfg.compression
+    if c.scheme == "topk" and c.error_feedback and cfg.verify.spot_check_rate > 0:
+        raise ConfigError(f"{fname}: [compression].error_feedback needs [verify]."
+                          "spot_check_rate = 0: an update that carries a node's earlier "
+                          "residuals cannot be reproduced by a spot check")
     if n.fleet_port == n.coordinator_port:
         raise ConfigError(f"{fname}: [network].coordinator_port must differ from "
                           f"[network].fleet_port, got {n.coordinator_port}")
@@ -359,6 +404,8 @@ def load_config(path: str | Path) -> RunConfig:
 
 
 def _toml_value(v: Any) -> str:
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, int):

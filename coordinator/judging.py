@@ -51,16 +51,18 @@ def _revoked(ledger: Ledger, node_id: int) -> bool:
 def screen_reply(content: RecordDict, *, lease: Lease, node_id: int, public_key_pem: bytes,
                  version: int, shapes: dict[str, tuple[tuple[int, ...], str]], cfg: RunConfig,
                  ledger: Ledger, now: float) -> Judged:
-    """Decode and ``verify`` one reply; records nothing."""
+    """Decode and ``verify`` one reply; records nothing. A train reply's arrays come back
+    decoded from the run's ``[compression]`` (the signature covers the encoding)."""
     try:
         update, arrays = parse_reply(content)
     except ProtocolError as err:
         return Judged(Verdict(False, Reason.MALFORMED, str(err)), None, {})
+    train = lease.kind == "train"
     verdict = verify(update, arrays, Expected(
         lease=lease, node_id=node_id, public_key_pem=public_key_pem, current_version=version,
-        shapes=shapes if lease.kind == "train" else {},
-        max_norm=cfg.verify.max_update_norm, now=now, revoked=_revoked(ledger, node_id)))
-    return Judged(verdict, update, arrays)
+        shapes=shapes if train else {}, max_norm=cfg.verify.max_update_norm, now=now,
+        revoked=_revoked(ledger, node_id), compression=cfg.codec() if train else None))
+    return Judged(verdict, update, verdict.arrays if verdict.arrays is not None else arrays)
 
 
 def record_judged(judged: Judged, *, lease: Lease, lease_row_id: int, node_id: int,

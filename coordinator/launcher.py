@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from protocol.blobstore import BlobDir
 from protocol.errors import NetworkError
 from protocol.processes import free_port
 from training.corpus import CorpusInfo, build_folder_corpus, build_stdlib_corpus
@@ -78,7 +79,8 @@ class Coordinator:
         enroller = Enroller(self.ledger, self.superlink.register_node,
                             self.superlink.unregister_node)
         service = CoordinatorService(enroller, cfg.run.id, rd.fleet_address(cfg),
-                                     rd.public_key_pem(), ReceiptIssuer.load(rd.key_path))
+                                     rd.public_key_pem(), ReceiptIssuer.load(rd.key_path),
+                                     blobs=BlobDir(rd.blobs))
         self.server = serve(service, cfg.network.host, cfg.network.coordinator_port,
                             rd.tls.server_cert.read_bytes(), rd.tls.server_key.read_bytes())
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from protocol.compression import decode, encode
 from protocol.errors import Reason
 from protocol.messages import Lease
 from training.evaluate import evaluate
@@ -205,7 +206,11 @@ class RoundJudge:
                           seed=lease.seed, device="cpu")
         self.cost.recomputes += 1
         self.cost.recompute_s += time.perf_counter() - t0
-        return res.pseudo_grad
+        # through the run's encoding, as an honest node would send it (int8 is deterministic:
+        # an honest CPU node's update decodes to exactly this)
+        codec = self.cfg.codec()
+        shapes = {k: (tuple(a.shape), "<f4") for k, a in res.pseudo_grad.items()}
+        return decode(encode(res.pseudo_grad, codec), codec, shapes, math.inf)
 
     def _usefulness(self, base: Arrays, cands: Sequence[Candidate]) -> None:
         live = [c for c in cands if c.standing]

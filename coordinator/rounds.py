@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from flwr.app import RecordDict
 
+from protocol.blobstore import BlobDir
+from protocol.digest import arrays_to_bytes
 from protocol.messages import Lease, work_content
 from training.corpus import CorpusInfo
 from training.shards import data_digest, make_shards
@@ -64,6 +66,8 @@ class RunLoop:
     clock: Callable[[], float] = time.time
     sleep: Callable[[float], None] = time.sleep
     issuer: ReceiptIssuer | None = None  # signs credit receipts; the ServerApp passes one
+    # what nodes fetch by digest (model versions, shards); default: beside the checkpoints
+    blobs: BlobDir | None = None
     # spot checks and held-out batches: unpredictable to nodes (tests pass a seeded Random)
     rng: random.Random = field(default_factory=random.SystemRandom)
     _nodes: dict[int, Node] = field(default_factory=dict)  # by Flower id
@@ -72,6 +76,8 @@ class RunLoop:
 
     def __post_init__(self) -> None:
         self.tokens = self.corpus.tokens()
+        if self.blobs is None:
+            self.blobs = BlobDir(self.store.dir.parent / "blobs")
         lo, hi = self.corpus.train_range
         shards = [(s.shard_id, s.start, s.end) for s in make_shards(lo, hi, self.cfg.shard_tokens)]
         self.scheduler = Scheduler(run_id=self.cfg.run.id, shards=shards, train=self.cfg.train,
@@ -85,6 +91,7 @@ class RunLoop:
         self.aggregator = get_aggregator(self.cfg.aggregation.method,
                                          dataclasses.asdict(self.cfg.aggregation))
         self.arch = dataclasses.asdict(self.store.gpt)
+        self.codec = self.cfg.codec()
         self.judge = RoundJudge(self.cfg, self.ledger, self.store.gpt, self.tokens,
                                 self.corpus.val_range, self.rng, self.issuer)
         self.eval_judge = EvalJudge(self.cfg, self.ledger, self.store.gpt, self.tokens,
@@ -261,9 +268,9 @@ class RunLoop:
                     kind=lease.kind, node_id=node.id, base_version=lease.base_version,
                     nonce=lease.nonce, data_start=lease.data_start, data_end=lease.data_end,
                     deadline=lease.deadline)
-                content = work_content(
-                    lease, self.store.arrays,
-                    np.asarray(self.tokens[lease.data_start:lease.data_end]), arch=self.arch)
+                self._publish(lease)
+                content = work_content(lease, self.arch, self.cfg.network.blob_mirrors,
+                                       self.codec)
                 # The TTL bounds the reply too: keep it well past the deadline so a slow but
                 # honest answer is judged (as late) instead of vanishing inside Flower.
                 mid = self.transport.send(int(node.flower_node_id), lease.kind, content,
@@ -296,6 +303,15 @@ class RunLoop:
             if pending:
                 self.sleep(_POLL_S)
         return cands, screened_out
+
+    def _publish(self, lease: Lease) -> None:
+        """Put what ``lease`` names into the blob store (once: blobs are named by content)."""
+        assert self.blobs is not None
+        if lease.base_digest == self.store.digest and not self.blobs.has(self.store.digest):
+            self.blobs.put(arrays_to_bytes(self.store.arrays), self.store.digest)
+        if not self.blobs.has(lease.data_digest):
+            data = np.asarray(self.tokens[lease.data_start:lease.data_end]).astype("<u2")
+            self.blobs.put(data.tobytes(), lease.data_digest)
 
     def _screen(self, sent: _Sent, content: RecordDict) -> Candidate | None:
         """``verify`` one reply: a Candidate for its phase's verdict, or None once a

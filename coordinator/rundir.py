@@ -9,6 +9,7 @@
     DIR/ledger.db           the SQLite ledger (unless [ledger].url points elsewhere)
     DIR/corpus/             the token file the shards are cut from
     DIR/checkpoints/        content-addressed model versions (safetensors + JSON meta)
+    DIR/blobs/              what nodes fetch by digest: model versions, data shards
     DIR/logs/               SuperLink, Fleet proxy and ServerApp logs
     DIR/superlink.json      while running: the SuperLink's loopback (Control API) port
 """
@@ -53,6 +54,10 @@ class RunDir:
     @property
     def checkpoints(self) -> Path:
         return self.path / "checkpoints"
+
+    @property
+    def blobs(self) -> Path:
+        return self.path / "blobs"
 
     @property
     def corpus(self) -> Path:

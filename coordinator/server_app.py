@@ -8,6 +8,7 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from protocol.blobstore import BlobDir
 from training.corpus import load_corpus
 
 from .credits import ReceiptIssuer
@@ -40,7 +41,7 @@ def main(grid: Grid, context: Context) -> None:
             store = ModelStore.open(rd.checkpoints, cfg, ledger)
             issuer = ReceiptIssuer.load(rd.key_path)  # once: every receipt of this run
             RunLoop(cfg, ledger, FlowerTransport(grid), store, load_corpus(rd.corpus),
-                    issuer=issuer).run()
+                    issuer=issuer, blobs=BlobDir(rd.blobs)).run()
         except Exception as err:
             logging.getLogger("coordinator").exception("run failed")
             ledger.add_event("error", f"run failed: {str(err).splitlines()[0][:300]}")

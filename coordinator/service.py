@@ -6,6 +6,7 @@ A thin servicer: each RPC calls one handler and domain errors map to status code
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass
 
@@ -13,8 +14,10 @@ import grpc
 
 from protocol import coordinator_pb2 as pb
 from protocol import coordinator_pb2_grpc as pb_grpc
+from protocol.blobstore import BlobDir, check_digest
 from protocol.errors import (
-    AtomError, EnrollmentError, LedgerError, NetworkError, VerificationError,
+    AtomError, BlobError, EnrollmentError, LedgerError, NetworkError, ProtocolError,
+    VerificationError,
 )
 from protocol.status import StatusQuery
 
@@ -23,7 +26,7 @@ from .enrollment import Enroller
 from .statements import StatementDesk
 from .status import AccessDenied, NoSuchNode, StatusDesk
 
-__all__ = ["CoordinatorService", "serve"]
+__all__ = ["BlobService", "CoordinatorService", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +36,8 @@ _STATUS = {AccessDenied: grpc.StatusCode.PERMISSION_DENIED,
            EnrollmentError: grpc.StatusCode.PERMISSION_DENIED,
            NetworkError: grpc.StatusCode.UNAVAILABLE,
            LedgerError: grpc.StatusCode.UNAVAILABLE,
-           VerificationError: grpc.StatusCode.UNAUTHENTICATED}
+           VerificationError: grpc.StatusCode.UNAUTHENTICATED,
+           BlobError: grpc.StatusCode.NOT_FOUND}
 
 
 def _abort(context: grpc.ServicerContext, err: Exception) -> None:
@@ -45,8 +49,38 @@ def _abort(context: grpc.ServicerContext, err: Exception) -> None:
     context.abort(grpc.StatusCode.INTERNAL, "internal coordinator error")
 
 
+class BlobService:
+    """``FetchBlob``: content-addressed blobs streamed from ``self.blobs`` in chunks."""
+
+    blobs: BlobDir | None
+    CHUNK = 1 << 20  # bytes per message: well under gRPC's 4 MiB default
+
+    def FetchBlob(self, request: pb.FetchBlobRequest,
+                  context: grpc.ServicerContext) -> Iterator[pb.BlobChunk]:
+        try:
+            if self.blobs is None:
+                raise BlobError("this coordinator serves no blobs")
+            try:
+                digest = check_digest(request.digest)
+            except BlobError as err:
+                raise ProtocolError(str(err)) from None
+            size = self.blobs.size(digest)
+            if not 0 <= request.offset <= size:
+                raise ProtocolError(f"offset {request.offset} is outside blob {digest[:12]} "
+                                    f"of {size} bytes")
+        except Exception as err:  # noqa: BLE001 - mapped to a status below
+            _abort(context, err)
+            raise
+        offset = request.offset
+        if offset == size:  # nothing left (or an empty blob): still say how big it is
+            yield pb.BlobChunk(size=size, offset=offset, data=b"")
+        for chunk in self.blobs.chunks(digest, offset, self.CHUNK):
+            yield pb.BlobChunk(size=size, offset=offset, data=chunk)
+            offset += len(chunk)
+
+
 @dataclass
-class CoordinatorService(pb_grpc.CoordinatorServicer):
+class CoordinatorService(BlobService, pb_grpc.CoordinatorServicer):
     enroller: Enroller
     run_id: str
     fleet_address: str
@@ -54,6 +88,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     issuer: ReceiptIssuer | None = None  # the coordinator key: without it, no statements
     statements: StatementDesk | None = None  # default: over the enroller's ledger
     status: StatusDesk | None = None  # default: over the enroller's ledger
+    blobs: BlobDir | None = None  # model versions and data shards, by digest
 
     def __post_init__(self) -> None:
         if self.statements is None and self.issuer is not None:

@@ -11,6 +11,9 @@ Checks run cheapest first and stop at the first failure, each with its own
     stale_base            built on another model version / base digest
     late                  received after lease.deadline
     digest_mismatch       arrays do not hash to the signed arrays_digest
+    bad_encoding          train: the compressed update's structure is not what the run's
+                          ``[compression]`` and the model's shapes declare (names, dtypes,
+                          counts, scales or values out of range, indices out of order)
     shape_mismatch        train: names/shapes/dtypes differ from the model; eval: anything
                           but one float64 ``window_loss`` array of one value per window
     non_finite            NaN or infinity in an array
@@ -24,12 +27,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from protocol.compression import Compression, decode
 from protocol.digest import digest_arrays
-from protocol.errors import Reason
+from protocol.errors import ProtocolError, Reason
 from protocol.messages import EVAL_WINDOWS, Lease, Update, eval_window_count
 from protocol.signing import verify_update
 
@@ -48,6 +52,7 @@ class Expected:
     max_norm: float  # L2 bound over all arrays together (inf = off)
     now: float  # receive time (unix seconds)
     revoked: bool = False  # the ledger says the node was revoked: nothing of it is accepted
+    compression: Compression | None = None  # train: how updates are encoded (None: plain)
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,9 @@ class Verdict:
     reason: str | None
     detail: str
     norm: float | None = None
+    # an accepted train reply's decoded pseudo-gradient (what the round judge and the
+    # aggregator see); None for eval replies and rejections
+    arrays: dict[str, np.ndarray] | None = field(default=None, compare=False, repr=False)
 
 
 class _Reject(Exception):
@@ -74,16 +82,18 @@ def _check(ok: bool, reason: str, detail: str) -> None:
 def verify(update: Update, arrays: Mapping[str, np.ndarray], exp: Expected) -> Verdict:
     """Accept or reject ``update`` with ``arrays`` against what ``exp`` says; never raises."""
     try:
-        norm = _verify(update, arrays, exp)
+        norm, decoded = _verify(update, arrays, exp)
     except _Reject as r:
         return Verdict(False, r.reason, r.detail, None)
     except Exception as exc:  # hostile input must never crash the coordinator
         return Verdict(False, Reason.MALFORMED, f"malformed reply: {type(exc).__name__}: {exc}"
                        .splitlines()[0], None)
-    return Verdict(True, None, f"accepted (norm {norm:.4g})", norm)
+    return Verdict(True, None, f"accepted (norm {norm:.4g})", norm,
+                   decoded if exp.lease.kind == "train" else None)
 
 
-def _verify(update: Update, arrays: Mapping[str, np.ndarray], exp: Expected) -> float:
+def _verify(update: Update, arrays: Mapping[str, np.ndarray], exp: Expected
+            ) -> tuple[float, dict[str, np.ndarray]]:
     node = exp.node_id
     _check(isinstance(update, Update), Reason.MALFORMED, "reply is not an Update")
     _check(not exp.revoked, Reason.UNKNOWN_NODE, f"node {node} is revoked")
@@ -111,6 +121,7 @@ def _verify(update: Update, arrays: Mapping[str, np.ndarray], exp: Expected) -> 
     if lease.kind == "eval":
         _check_windows(arrays, lease)
     else:
+        arrays = _decode(arrays, exp)
         _check_shapes(arrays, exp.shapes)
 
     sq = 0.0
@@ -124,7 +135,17 @@ def _verify(update: Update, arrays: Mapping[str, np.ndarray], exp: Expected) -> 
     _check_metrics(update, lease)
     if lease.kind == "eval":
         _check_window_total(arrays[EVAL_WINDOWS], update)
-    return norm
+    return norm, dict(arrays)
+
+
+def _decode(arrays: Mapping[str, np.ndarray], exp: Expected) -> Mapping[str, np.ndarray]:
+    """A train reply's pseudo-gradient from its encoding (checked before anything is built)."""
+    if exp.compression is None:
+        return arrays
+    try:
+        return decode(arrays, exp.compression, exp.shapes, exp.max_norm)
+    except ProtocolError as err:
+        raise _Reject(Reason.BAD_ENCODING, str(err)) from None
 
 
 def _check_windows(arrays: Mapping[str, np.ndarray], lease: Lease) -> None:

@@ -10,7 +10,7 @@ Defaults (change them with the SuperNode's ``--node-config``, e.g.
 ================  ==============  ===========================================================
 key               default         why
 ================  ==============  ===========================================================
-max-work-bytes    5 GiB           array bytes in one work message (model + tokens)
+max-work-bytes    5 GiB           bytes of one blob a lease names (the model, or the shard)
 max-model-params  1,000,000,000   fp32 weights + grads + AdamW moments ~16 GB: one 24-80 GB GPU
 max-shard-tokens  67,108,864      64 Mi tokens (128 MiB of uint16) per shard
 max-batch-tokens  1,048,576       batch_size x seq_len per inner step (activation memory)
@@ -26,13 +26,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
-
-from protocol._records import take_records
 from protocol.errors import ConfigError, ProtocolError
 from protocol.messages import Lease
 
-__all__ = ["NodeLimits", "check_work", "arch_params"]
+__all__ = ["NodeLimits", "arch_params", "check_model", "check_work"]
 
 
 @dataclass(frozen=True)
@@ -86,25 +83,19 @@ def _elements(shape: Any, where: str) -> int:
     return math.prod(dims)
 
 
-def check_work(content: RecordDict, limits: NodeLimits) -> None:
-    """Raise ``ProtocolError`` when the work in ``content`` exceeds ``limits``.
-
-    Reads only what Flower already holds (record sizes, claimed shapes, the lease), so it runs
-    before any array is decoded or any model is built.
-    """
-    lease_rec, model_rec, arch_rec, data_rec = take_records(
-        content, {"lease": ConfigRecord, "model": ArrayRecord, "arch": ConfigRecord,
-                  "data": ArrayRecord}, "work")
-    size = sum(len(a.data) for rec in (model_rec, data_rec) for a in rec.values())
-    _refuse("the work's array data (bytes)", size, limits.max_work_bytes, "max-work-bytes")
-    claimed = sum(_elements(a.shape, f"work.model.{k}") for k, a in model_rec.items())
-    _refuse("the model's parameter count", claimed, limits.max_model_params, "max-model-params")
-    _refuse("the model's architecture (parameters)", arch_params(dict(arch_rec)),
+def check_work(lease: Lease, arch: Mapping[str, Any], limits: NodeLimits) -> None:
+    """Raise ``ProtocolError`` when the lease or architecture exceeds ``limits``: before any
+    blob is fetched or any model is built."""
+    _refuse("the model's architecture (parameters)", arch_params(arch),
             limits.max_model_params, "max-model-params")
-    tokens = sum(_elements(a.shape, f"work.data.{k}") for k, a in data_rec.items())
-    _refuse("the shard (tokens)", tokens, limits.max_shard_tokens, "max-shard-tokens")
-    lease = Lease.from_record(lease_rec)
     _refuse("the lease's range (tokens)", lease.data_end - lease.data_start,
             limits.max_shard_tokens, "max-shard-tokens")
     _refuse("batch_size x seq_len", lease.batch_size * lease.seq_len, limits.max_batch_tokens,
             "max-batch-tokens")
+
+
+def check_model(arrays: Mapping[str, Any], limits: NodeLimits) -> None:
+    """Raise ``ProtocolError`` when the fetched model holds more parameters than ``limits``
+    allow (the parsed blob is a view: nothing has been allocated yet)."""
+    claimed = sum(_elements(a.shape, f"model.{k}") for k, a in arrays.items())
+    _refuse("the model's parameter count", claimed, limits.max_model_params, "max-model-params")

@@ -63,6 +63,8 @@ def _status_line(e: Enrollment, home: NodeHome, restarts: int) -> Text:
     elif p.kind == "train":
         head.append(f"training shard {p.shard_id} (round {p.round}) "
                     f"step {p.step}/{p.steps} · {p.tokens_per_s:,.0f} tok/s", style="green")
+    elif p.kind == "fetch":
+        head.append(f"fetching {p.note} · {p.tokens_per_s / 1e6:,.1f} MB/s", style="magenta")
     else:
         head.append(f"evaluating version slice {p.shard_id} (round {p.round})", style="cyan")
     if restarts:

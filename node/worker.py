@@ -1,4 +1,8 @@
-"""Doing one lease: check what arrived, train or evaluate, sign the result.
+"""Doing one lease: fetch what it names, train or evaluate, sign the result.
+
+The base model and the shard come as content-addressed blobs (``node.blobs``: the node's cache,
+else the mirrors the work lists, else the coordinator), each checked against the digest the
+lease names before a byte is used, and against the node's limits before it is stored.
 
 Pure library code (no Flower process machinery), so tests can run a node's work in-process.
 """
@@ -11,20 +15,26 @@ from dataclasses import dataclass
 
 from flwr.app import RecordDict
 
-from protocol.digest import digest_arrays
-from protocol.errors import ProtocolError
-from protocol.messages import EVAL_WINDOWS, Update, UpdateMetrics, parse_work, reply_content
+from protocol.blobstore import BlobDir
+from protocol.compression import ErrorFeedback
+from protocol.digest import arrays_from_bytes, digest_arrays
+from protocol.errors import ConfigError, ProtocolError
+from protocol.messages import (
+    EVAL_WINDOWS, Update, UpdateMetrics, parse_work, reply_content, shard_tokens,
+)
 from protocol.signing import sign_update
 from training.device import pick_device, set_threads
 from training.evaluate import evaluate
 from training.inner import train_inner
 from training.model import GPTConfig
 
-from .limits import NodeLimits, check_work
+from .blobs import BlobFetcher, BlobSource, HttpMirror
+from .limits import NodeLimits, check_model, check_work
 
 __all__ = ["WorkerSettings", "do_work"]
 
 Progress = Callable[..., None]
+Transfer = Callable[[str, int, int], None]  # (what, bytes so far, total)
 
 
 @dataclass(frozen=True)
@@ -34,6 +44,18 @@ class WorkerSettings:
     threads: int = 0
     device: str = "auto"
     limits: NodeLimits = NodeLimits()
+    cache: BlobDir | None = None  # where fetched blobs are kept (size-capped)
+    coordinator_blobs: BlobSource | None = None  # the coordinator's FetchBlob, tried last
+    # topk: what earlier updates left out, carried into the next (the caller keeps it)
+    feedback: ErrorFeedback | None = None
+
+    def fetcher(self, mirrors: list[str]) -> BlobFetcher:
+        if self.cache is None:
+            raise ConfigError("this node has no blob cache configured")
+        sources: list[BlobSource] = [HttpMirror(url) for url in mirrors]
+        if self.coordinator_blobs is not None:
+            sources.append(self.coordinator_blobs)
+        return BlobFetcher(self.cache, sources, self.limits.max_work_bytes)
 
 
 def _gpt_config(arch: Mapping[str, object]) -> GPTConfig:
@@ -44,12 +66,24 @@ def _gpt_config(arch: Mapping[str, object]) -> GPTConfig:
 
 
 def do_work(content: RecordDict, settings: WorkerSettings,
-            progress: Callable[[str, int, int, int], Progress] | None = None) -> RecordDict:
-    """Run the lease in ``content`` and return the signed reply content."""
-    check_work(content, settings.limits)  # before anything is decoded or allocated
-    lease, model, tokens, arch = parse_work(content)
-    if digest_arrays(model) != lease.base_digest:
-        raise ProtocolError("work.model: base model does not match lease.base_digest")
+            progress: Callable[[str, int, int, int], Progress] | None = None,
+            transfer: Transfer | None = None) -> RecordDict:
+    """Run the lease in ``content`` and return the signed reply content; ``transfer``
+    hears how fetching each blob goes."""
+    work = parse_work(content)
+    lease, arch = work.lease, work.arch
+    check_work(lease, arch, settings.limits)  # before anything is fetched or allocated
+    blobs = settings.fetcher(work.mirrors)
+
+    def fetch(what: str, digest: str) -> bytes:
+        report = None if transfer is None else (lambda done, total: transfer(what, done, total))
+        return blobs.get(digest, report)
+
+    # The blob matched base_digest and parses only in its canonical layout, so these arrays
+    # are the base model (views of the blob: nothing else allocated yet).
+    model = arrays_from_bytes(fetch("model", lease.base_digest))
+    check_model(model, settings.limits)
+    tokens = shard_tokens(fetch("shard", lease.data_digest), lease)
     cfg = _gpt_config(arch)
     set_threads(settings.threads or None)
     device = pick_device(settings.device)
@@ -60,7 +94,8 @@ def do_work(content: RecordDict, settings: WorkerSettings,
                           batch_size=lease.batch_size, seq_len=lease.seq_len, lr=lease.lr,
                           weight_decay=lease.weight_decay, seed=lease.seed, device=device,
                           progress=report)
-        arrays = res.pseudo_grad
+        feedback = settings.feedback if settings.feedback is not None else ErrorFeedback()
+        arrays = feedback.encode(res.pseudo_grad, work.compression)
         metrics = UpdateMetrics(tokens=res.tokens, steps=res.steps, loss_before=res.loss_before,
                                 loss_after=res.loss_after, wall_s=time.perf_counter() - t0)
     else:

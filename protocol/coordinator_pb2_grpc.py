@@ -54,6 +54,11 @@ class CoordinatorStub:
                 request_serializer=protocol_dot_coordinator__pb2.StatusRequest.SerializeToString,
                 response_deserializer=protocol_dot_coordinator__pb2.StatusReply.FromString,
                 _registered_method=True)
+        self.FetchBlob = channel.unary_stream(
+                '/atom.v1.Coordinator/FetchBlob',
+                request_serializer=protocol_dot_coordinator__pb2.FetchBlobRequest.SerializeToString,
+                response_deserializer=protocol_dot_coordinator__pb2.BlobChunk.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -90,6 +95,16 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FetchBlob(self, request, context):
+        """A content-addressed blob (a model version, a data shard) by its SHA-256, from `offset`
+        on, in chunks; the first chunk says the blob's whole size, so a client checks its limit
+        before it stores anything. Needs no enrollment: every blob is named by a digest the
+        coordinator leased, and a client checks the digest before it uses a byte.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -112,6 +127,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=protocol_dot_coordinator__pb2.StatusRequest.FromString,
                     response_serializer=protocol_dot_coordinator__pb2.StatusReply.SerializeToString,
+            ),
+            'FetchBlob': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchBlob,
+                    request_deserializer=protocol_dot_coordinator__pb2.FetchBlobRequest.FromString,
+                    response_serializer=protocol_dot_coordinator__pb2.BlobChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -222,6 +242,33 @@ class Coordinator:
             '/atom.v1.Coordinator/GetStatus',
             protocol_dot_coordinator__pb2.StatusRequest.SerializeToString,
             protocol_dot_coordinator__pb2.StatusReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchBlob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/atom.v1.Coordinator/FetchBlob',
+            protocol_dot_coordinator__pb2.FetchBlobRequest.SerializeToString,
+            protocol_dot_coordinator__pb2.BlobChunk.FromString,
             options,
             channel_credentials,
             insecure,

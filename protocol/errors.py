@@ -10,7 +10,9 @@ user sees ``error: <message>`` instead of a traceback for a mistake of theirs::
     ├── EnrollmentError                        exit_code 5   (bad/used/expired token, CA mismatch)
     ├── CheckpointError                        exit_code 6   (corrupt / missing checkpoint)
     ├── LedgerError                            exit_code 7   (database unreachable, ...)
-    └── NetworkError                           exit_code 8   (coordinator unreachable, ...)
+    ├── NetworkError                           exit_code 8   (coordinator unreachable, ...)
+    └── BlobError                              exit_code 9   (a blob unknown, too large, corrupt
+                                                              from every source, or unstorable)
 
 ``Reason`` holds the short codes with which the coordinator rejects an update; they
 are stored in the ledger and shown in the TUI, so they never change spelling.
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 __all__ = [
     "AtomError",
+    "BlobError",
     "CheckpointError",
     "ConfigError",
     "EnrollmentError",
@@ -88,6 +91,13 @@ class NetworkError(AtomError):
     exit_code = 8
 
 
+class BlobError(AtomError):
+    """A content-addressed blob could not be had: unknown, over the size limit, corrupt from
+    every source, or not storable (disk full). Nothing corrupt is ever kept."""
+
+    exit_code = 9
+
+
 class Reason:
     """Rejection reason codes (plain ``str`` constants)."""
 
@@ -103,6 +113,7 @@ class Reason:
     MALFORMED = "malformed"
     METRICS_INCONSISTENT = "metrics_inconsistent"
     UNKNOWN_NODE = "unknown_node"
+    BAD_ENCODING = "bad_encoding"  # a compressed update whose structure is not as declared
     # round-level checks (coordinator.round_checks), judged once a round's replies are in
     DUPLICATE = "duplicate"
     NOT_USEFUL = "not_useful"
@@ -119,7 +130,7 @@ class Reason:
         {
             UNKNOWN_LEASE, BAD_SIGNATURE, LEASE_MISMATCH, STALE_BASE, DIGEST_MISMATCH,
             SHAPE_MISMATCH, NON_FINITE, NORM_BOUND, LATE, MALFORMED,
-            METRICS_INCONSISTENT, UNKNOWN_NODE, DUPLICATE, NOT_USEFUL, SPOT_CHECK_MISMATCH,
+            METRICS_INCONSISTENT, UNKNOWN_NODE, BAD_ENCODING, DUPLICATE, NOT_USEFUL, SPOT_CHECK_MISMATCH,
             BASE_MISMATCH, EVAL_MISMATCH,
         }
     )

@@ -9,11 +9,19 @@ Record layouts (all values of exact type; ``from_record`` rejects anything else)
                              "metrics.<field>" for every UpdateMetrics field,
                              node_id, arrays_digest, signature (bytes, b"" if unsigned)}
 
-    work  RecordDict {"lease": ConfigRecord, "model": ArrayRecord (name -> array),
-                      "data": ArrayRecord {"tokens": 1-D uint16}}
+    work  RecordDict {"lease": ConfigRecord, "arch": ConfigRecord (model config scalars),
+                      "blobs": ConfigRecord {"mirrors": list[str]},
+                      "compression": ConfigRecord {scheme, block, fraction}}
     reply RecordDict {"update": ConfigRecord, "arrays": ArrayRecord}
 
-A train reply's arrays are the pseudo-gradient (one per model array). An eval reply's arrays
+Flower carries decisions, not bytes: the base model and the shard's tokens are
+content-addressed blobs named by the lease (``base_digest`` is the SHA-256 of the model's
+canonical bytes, ``protocol.digest.arrays_to_bytes``; ``data_digest`` that of the uint16
+little-endian tokens), which the node fetches from the mirrors the work lists, else from the
+coordinator's ``FetchBlob``, checking each digest before use (``node.blobs``).
+
+A train reply's arrays are the pseudo-gradient encoded as the work's ``compression`` says
+(``protocol.compression``: by default int8, two arrays per model array). An eval reply's arrays
 are exactly ``{"window_loss": float64 (n,)}``: the loss summed over each of the
 ``eval_window_count(lease)`` windows ``training.evaluate`` cuts the range into, so the
 signed ``arrays_digest`` commits the node to every window, and the coordinator recomputes
@@ -23,7 +31,7 @@ a sample of them (``coordinator.eval_judge``).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +40,7 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from protocol._fields import HEX64, NONCE, check_keys, finite, normalise, read_typed, require
 from protocol._records import array_record, decode_arrays, take_records
-from protocol.digest import digest_bytes
+from protocol.compression import Compression
 
 __all__ = [
     "EVAL_WINDOWS",
@@ -40,10 +48,12 @@ __all__ = [
     "Lease",
     "Update",
     "UpdateMetrics",
+    "Work",
     "eval_window_count",
     "parse_reply",
     "parse_work",
     "reply_content",
+    "shard_tokens",
     "work_content",
 ]
 
@@ -198,41 +208,57 @@ def _validate_update(v: Mapping[str, Any]) -> None:
         require(finite(v[name]), name, f"must be finite, got {v[name]}")
 
 
-def work_content(lease: Lease, model: Mapping[str, np.ndarray], data: np.ndarray,
-                 arch: Mapping[str, int | float | bool | str] | None = None) -> RecordDict:
-    """Pack a lease, the base model, its architecture and the shard's tokens."""
-    require(isinstance(data, np.ndarray) and data.dtype.kind == "u" and data.itemsize == 2
-            and data.ndim == 1, "data", "tokens must be a 1-D uint16 array")
+@dataclass(frozen=True)
+class Work:
+    """What a work message asks: the lease, the model's architecture, the blob mirrors to
+    try first and how to encode the update."""
+
+    lease: Lease
+    arch: dict[str, Any]
+    mirrors: list[str]
+    compression: Compression = Compression()
+
+
+def work_content(lease: Lease, arch: Mapping[str, int | float | bool | str] | None = None,
+                 mirrors: Sequence[str] = (),
+                 compression: Compression = Compression()) -> RecordDict:
+    """Pack a lease, the model's architecture, the blob mirrors a node may try first and the
+    update encoding."""
+    for url in mirrors:
+        require(isinstance(url, str) and url.startswith(("http://", "https://")),
+                "blobs.mirrors", f"not an http(s) URL: {str(url)[:80]!r}")
     return RecordDict({
         "lease": lease.to_record(),
-        "model": array_record(model, "model"),
         "arch": ConfigRecord(dict(arch or {})),
-        "data": array_record({"tokens": data.astype("<u2", copy=False)}, "data"),
+        "blobs": ConfigRecord({"mirrors": list(mirrors)}),
+        "compression": ConfigRecord(compression.to_dict()),
     })
 
 
-def parse_work(content: RecordDict, *, check_data: bool = True
-               ) -> tuple[Lease, dict[str, np.ndarray], np.ndarray, dict[str, Any]]:
-    """Unpack ``work_content`` into (lease, model, tokens, arch); with ``check_data`` the
-    tokens must match the lease range."""
-    lease_rec, model_rec, arch_rec, data_rec = take_records(
-        content, {"lease": ConfigRecord, "model": ArrayRecord, "arch": ConfigRecord,
-                  "data": ArrayRecord}, "work")
+def parse_work(content: RecordDict) -> Work:
+    """Unpack ``work_content``; raises ``ProtocolError`` naming what is wrong."""
+    lease_rec, arch_rec, blobs_rec, comp_rec = take_records(
+        content, {"lease": ConfigRecord, "arch": ConfigRecord, "blobs": ConfigRecord,
+                  "compression": ConfigRecord}, "work")
     lease = Lease.from_record(lease_rec)
-    model = decode_arrays(model_rec, "model")
     arch = dict(arch_rec)
     for key, value in arch.items():
         require(isinstance(value, (int, float, bool, str)), f"arch.{key}", "must be a scalar")
-    check_keys(data_rec, {"tokens"}, "data record")
-    tokens = decode_arrays(data_rec, "data")["tokens"]
-    require(tokens.dtype == np.dtype("<u2") and tokens.ndim == 1, "data.tokens",
-            "must be a 1-D little-endian uint16 array")
-    if check_data:
-        n = lease.data_end - lease.data_start
-        require(tokens.size == n, "data.tokens", f"has {tokens.size} tokens, lease range has {n}")
-        require(digest_bytes(tokens.tobytes()) == lease.data_digest, "data.tokens",
-                "does not match lease.data_digest")
-    return lease, model, tokens, arch
+    check_keys(blobs_rec, {"mirrors"}, "blobs record")
+    mirrors = blobs_rec["mirrors"]
+    require(isinstance(mirrors, list) and all(isinstance(u, str) and u.startswith(
+        ("http://", "https://")) for u in mirrors), "blobs.mirrors",
+        "must be a list of http(s) URLs")
+    return Work(lease, arch, list(mirrors), Compression.from_dict(dict(comp_rec)))
+
+
+def shard_tokens(data: bytes, lease: Lease) -> np.ndarray:
+    """The lease's tokens from its data blob (already checked against ``data_digest``):
+    uint16 little-endian, exactly the lease's range; a read-only view, no copy."""
+    n = lease.data_end - lease.data_start
+    require(len(data) == 2 * n, "data", f"blob holds {len(data)} bytes, the lease range "
+            f"needs {2 * n}")
+    return np.frombuffer(data, dtype="<u2")
 
 
 def reply_content(update: Update, arrays: Mapping[str, np.ndarray]) -> RecordDict:

@@ -63,6 +63,17 @@ def test_demo_two_nodes_two_rounds(workdir: Path) -> None:
         for s in ledger.node_summaries():
             assert summary_by_id[s.node_id]["credits"] == round(s.credits, 6)
             assert summary_by_id[s.node_id]["tokens"] == s.tokens
+        # bytes travelled by digest: every version and shard is a blob of the coordinator,
+        # and each node cached every version it evaluated (fetched once, not per lease)
+        def blob(root: Path, digest: str) -> Path:
+            return root / digest[:2] / digest
+
+        assert all(blob(workdir / "blobs", v.digest).is_file() for v in versions)
+        ranges = {(lease.data_start, lease.data_end) for lease in ledger.leases()}
+        assert len(list((workdir / "blobs").glob("??/*"))) == len(versions) + len(ranges)
+        for i in range(2):
+            cache = workdir / "nodes" / str(i) / "blobs"
+            assert all(blob(cache, v.digest).is_file() for v in versions), i
 
 
 def test_demo_on_a_given_postgresql_ledger(workdir: Path) -> None:

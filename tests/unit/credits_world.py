@@ -30,6 +30,7 @@ from coordinator.service import CoordinatorService, serve
 from node.cli import app as node_app
 from node.enroll import enroll
 from node.identity import NodeHome
+from protocol.compression import encode
 from protocol.digest import digest_arrays
 from protocol.messages import EVAL_WINDOWS, Lease, Update, UpdateMetrics, reply_content
 from protocol.processes import free_port
@@ -71,8 +72,8 @@ class World:
             data_end=lease.data_end, deadline=lease.deadline)
         # eval: 4.0 nats on every prediction, window by window (protocol.messages)
         windows = [4.0 * (e - s - 1) for s, e in eval_windows(tokens + 1, lease.seq_len)]
-        arrays = ({"w": np.zeros((2, 3), np.float32)} if kind == "train"
-                  else {EVAL_WINDOWS: np.array(windows)})
+        arrays = (encode({"w": np.zeros((2, 3), np.float32)}, self.cfg.codec())
+                  if kind == "train" else {EVAL_WINDOWS: np.array(windows)})
         metrics = (UpdateMetrics(TRAIN_TOKENS, 2, 5.0, 4.5, 0.5) if kind == "train"
                    else UpdateMetrics(tokens, 0, 4.0, 4.0, 0.2))
         key = load_private_key(self.homes[signer or name].key_path)

@@ -63,10 +63,12 @@ import training.inner
 from coordinator.ledger import Ledger, Node
 from coordinator.transport import Reply
 from node.worker import WorkerSettings, do_work
-from protocol.digest import digest_arrays
+from protocol.blobstore import BlobDir
+from protocol.compression import Compression, ErrorFeedback, decode, encode
+from protocol.digest import arrays_from_bytes, digest_arrays
 from protocol.messages import (
     EVAL_WINDOWS, Lease, Update, UpdateMetrics, parse_reply, parse_work, reply_content,
-    work_content,
+    shard_tokens, work_content,
 )
 from protocol.signing import fingerprint, generate_key, public_key_pem, sign_update
 from training.evaluate import eval_windows
@@ -125,6 +127,8 @@ class FakeNode:
     copy_from: FakeNode | None = None  # "copy": whose update it sends as its own
     attacked: set[str] = field(default_factory=set)  # nonces of the leases it misbehaved on
     seed: int = 0  # "noise": its noise generator's seed
+    blobs: BlobDir | None = None  # set by FakeTransport: the coordinator's store
+    feedback: ErrorFeedback = field(default_factory=ErrorFeedback)  # topk: kept across leases
     _last_train: RecordDict | None = None
     _last_base: dict[str, np.ndarray] | None = None  # "stale": the base of its last train lease
 
@@ -146,9 +150,19 @@ class FakeNode:
                                      **changes)
         return reply_content(sign_update(forged, self.key), arrays)
 
+    def _codec(self, content: RecordDict) -> tuple[Compression, dict[str, Any]]:
+        """The work's update encoding and the base model's shapes (to decode and re-encode:
+        an attacker sends a validly encoded update of whatever it made up)."""
+        work = parse_work(content)
+        model = arrays_from_bytes(self.blobs.get(work.lease.base_digest))
+        return work.compression, {k: (a.shape, "<f4") for k, a in model.items()}
+
     def _attack(self, how: str, content: RecordDict) -> RecordDict | None:
         """The reply of the round-level attacks, or None to go on with the honest work."""
-        lease, model, data, arch = parse_work(content)
+        work = parse_work(content)
+        lease, arch, mirrors, codec = work.lease, work.arch, work.mirrors, work.compression
+        model = arrays_from_bytes(self.blobs.get(lease.base_digest))
+        data = shard_tokens(self.blobs.get(lease.data_digest), lease)
         old_base, self._last_base = self._last_base, model
         tokens = lease.inner_steps * lease.batch_size * lease.seq_len  # the full claim
 
@@ -164,18 +178,19 @@ class FakeNode:
                 wall_s=1.0))
 
         if how == "free_rider":
-            return self._signed(claim(), {k: np.zeros_like(a) for k, a in model.items()})
+            return self._signed(claim(), encode({k: np.zeros_like(a) for k, a in model.items()},
+                                                codec))
         if how in ("stale", "stale_forged") and old_base is not None:
-            # honest work on the right shard, from the model it had before
+            # honest work on the right shard, from the model it had before (still a blob)
             old = dataclasses.replace(lease, base_digest=digest_arrays(old_base))
-            update, arrays = parse_reply(self._honest(work_content(old, old_base, data, arch)))
+            update, arrays = parse_reply(self._honest(work_content(old, arch, mirrors, codec)))
             if how == "stale_forged":
                 update = dataclasses.replace(update, metrics=dataclasses.replace(
                     update.metrics, loss_before=first()))
             return self._signed(update, arrays, lease=lease)
         if how == "partial":  # half the compute, the full claim
             half = dataclasses.replace(lease, inner_steps=max(1, lease.inner_steps // 2))
-            update, arrays = parse_reply(self._honest(work_content(half, model, data, arch)))
+            update, arrays = parse_reply(self._honest(work_content(half, arch, mirrors, codec)))
             return self._signed(update, arrays, lease=lease, metrics=dataclasses.replace(
                 update.metrics, tokens=tokens, steps=lease.inner_steps))
         if how == "reuse" and self._last_train is not None:
@@ -184,7 +199,7 @@ class FakeNode:
         if how == "copy":
             copied = self._copied(lease)
             assert copied is not None, "poll only asks a copier that is ready"
-            return self._signed(claim(), {k: a.copy() for k, a in copied.items()})
+            return self._signed(claim(), encode(copied, codec))
         return None
 
     def _eval_lie(self, how: str, update: Update, arrays: dict[str, np.ndarray]) -> RecordDict:
@@ -206,7 +221,9 @@ class FakeNode:
         return self.row.id
 
     def _honest(self, content: RecordDict, key: Any = None) -> RecordDict:
-        settings = WorkerSettings(node_id=self.id, key=key or self.key, device="cpu")
+        # in-process, the coordinator's blob store is the node's cache: always a hit
+        settings = WorkerSettings(node_id=self.id, key=key or self.key, device="cpu",
+                                  cache=self.blobs, feedback=self.feedback)
         if self.behaviour != "bf16":
             return do_work(content, settings)
         # what a CUDA node does (bf16 autocast), with CPU bf16 standing in for it
@@ -245,8 +262,11 @@ class FakeNode:
         update, arrays = parse_reply(reply)
         if how in EVAL_LIES and kind == "eval":
             return self._eval_lie(how, update, arrays), None, True
+        codec, shapes = self._codec(content)
+        # train: the pseudo-gradient the coordinator will decode (eval: the windows)
+        plain = decode(arrays, codec, shapes, math.inf) if kind == "train" else arrays
         if how in ("honest", "bf16", "late", "replay"):
-            self.answered.append((update.lease, arrays))
+            self.answered.append((update.lease, plain))
         if kind == "train":
             self._last_train = reply
         misbehaved = how not in ("honest", "bf16", "replay", "stale", "stale_forged", "partial",
@@ -255,22 +275,24 @@ class FakeNode:
             name = sorted(arrays)[0]
             arrays[name] = arrays[name] + np.float32(1e-3)
             return reply_content(update, arrays), None, True
-        if how == "nan":
-            name = sorted(arrays)[0]
-            arrays[name] = arrays[name].copy()
-            arrays[name].reshape(-1)[0] = np.nan
-            return self._signed(update, arrays), None, True
+        if kind != "train":
+            return reply, None, misbehaved
+        if how == "nan":  # (int8 cannot hold a NaN: its scale becomes NaN)
+            name = sorted(plain)[0]
+            plain[name] = plain[name].copy()
+            plain[name].reshape(-1)[0] = np.nan
+            return self._signed(update, encode(plain, codec)), None, True
         if how == "sign_flip":
-            flipped = {k: a * np.float32(-10) for k, a in arrays.items()}
-            return self._signed(update, flipped), None, True
+            flipped = {k: a * np.float32(-10) for k, a in plain.items()}
+            return self._signed(update, encode(flipped, codec)), None, True
         if how == "noise":
             rng = np.random.default_rng(self.seed + update.lease.round)
-            size = sum(a.size for a in arrays.values())
+            size = sum(a.size for a in plain.values())
             rms = math.sqrt(sum(float(np.square(a, dtype=np.float64).sum())
-                                for a in arrays.values()) / size)
-            return self._signed(update, {
+                                for a in plain.values()) / size)
+            return self._signed(update, encode({
                 k: a + rng.normal(0.0, NOISE_SCALE * rms, a.shape).astype(np.float32)
-                for k, a in arrays.items()}), None, True
+                for k, a in plain.items()}, codec)), None, True
         return reply, None, misbehaved
 
 
@@ -313,6 +335,7 @@ class FakeTransport:
 
     nodes: list[FakeNode]
     clock: FakeClock
+    blobs: BlobDir | None = None  # the coordinator's blob store (the loop's ``blobs``)
     sent: list[Sent] = field(default_factory=list)
     _pending: dict[str, tuple[Sent, RecordDict]] = field(default_factory=dict)
     _ids: Any = field(default_factory=lambda: itertools.count(1))
@@ -325,7 +348,8 @@ class FakeTransport:
 
     def send(self, dst: int, kind: str, content: RecordDict, ttl: float) -> str:
         node = self._by_fid(dst)
-        lease = parse_work(content)[0]
+        node.blobs = self.blobs
+        lease = parse_work(content).lease
         assert lease.kind == kind
         sent = Sent(f"msg-{next(self._ids)}", node, kind, lease, ttl)
         self.sent.append(sent)

@@ -22,7 +22,8 @@ from fake_network import EVAL_LIES, enroll
 from coordinator.eval_judge import agrees, plan_quorum
 from coordinator.verifier import Expected, verify
 from node.worker import WorkerSettings, do_work
-from protocol.digest import digest_arrays, digest_bytes
+from protocol.blobstore import BlobDir
+from protocol.digest import arrays_to_bytes, digest_arrays
 from protocol.errors import Reason
 from protocol.messages import EVAL_WINDOWS, Lease, eval_window_count, parse_reply, work_content
 from protocol.signing import generate_key, public_key_pem, sign_update
@@ -69,19 +70,20 @@ def test_quorum_prefers_another_institution_and_copies_once_per_node() -> None:
 # -- per reply -----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def eval_reply():
+def eval_reply(tmp_path_factory: pytest.TempPathFactory):
     """An honest eval lease over 200 random tokens, its node's key and its signed reply."""
     tokens = np.random.default_rng(3).integers(0, 256, 200).astype(np.uint16)
     base = init_arrays(GPT, 0)
+    blobs = BlobDir(tmp_path_factory.mktemp("blobs"))
     lease = Lease(run_id="r", round=1, shard_id=0, kind="eval", base_version=0,
-                  base_digest=digest_arrays(base), data_start=1000, data_end=1200,
-                  data_digest=digest_bytes(tokens.tobytes()), inner_steps=0, batch_size=2,
-                  seq_len=SEQ, lr=0.0, weight_decay=0.0, seed=0, deadline=2e9,
+                  base_digest=blobs.put(arrays_to_bytes(base)), data_start=1000,
+                  data_end=1200, data_digest=blobs.put(tokens.tobytes()), inner_steps=0,
+                  batch_size=2, seq_len=SEQ, lr=0.0, weight_decay=0.0, seed=0, deadline=2e9,
                   nonce="ab" * 16)
     key = generate_key()
-    content = work_content(lease, base, tokens, arch=dataclasses.asdict(GPT))
+    content = work_content(lease, dataclasses.asdict(GPT))
     update, arrays = parse_reply(do_work(content, WorkerSettings(node_id=7, key=key,
-                                                                 device="cpu")))
+                                                                 device="cpu", cache=blobs)))
     return lease, key, update, arrays, base, tokens
 
 

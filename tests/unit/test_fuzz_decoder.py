@@ -233,7 +233,8 @@ def bench(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-
     inst = ledger.add_institution("Fuzz U")
     pem = public_key_pem(KEY)
     node = ledger.add_node(4242, "fuzzed", inst.id, pem, fingerprint(pem))
-    cfg = parse_config('[run]\nid = "fuzz"\n', root)
+    # plain fp32 updates: this fuzzes the reply and array layers (encodings: test_compression)
+    cfg = parse_config('[run]\nid = "fuzz"\n[compression]\nscheme = "none"\n', root)
     yield Bench(ledger, db, cfg, node.id, pem)
     ledger.close()
 

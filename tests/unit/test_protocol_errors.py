@@ -8,6 +8,7 @@ from protocol.errors import AtomError, ProtocolError, Reason, VerificationError
 EXIT_CODES = {
     "AtomError": 1, "ConfigError": 2, "ProtocolError": 3, "VerificationError": 4,
     "EnrollmentError": 5, "CheckpointError": 6, "LedgerError": 7, "NetworkError": 8,
+    "BlobError": 9,
 }
 
 
@@ -36,7 +37,7 @@ def test_reason_codes_match_the_contract() -> None:
         "unknown_lease", "bad_signature", "lease_mismatch", "stale_base", "digest_mismatch",
         "shape_mismatch", "non_finite", "norm_bound", "late", "malformed",
         "metrics_inconsistent", "unknown_node", "duplicate", "not_useful",
-        "spot_check_mismatch", "base_mismatch", "eval_mismatch",
+        "spot_check_mismatch", "base_mismatch", "eval_mismatch", "bad_encoding",
     }
     assert Reason.ALL == contract
     assert {getattr(Reason, c.upper()) for c in contract} == contract

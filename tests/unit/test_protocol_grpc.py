@@ -41,7 +41,12 @@ def test_service_shape() -> None:
     assert methods == {"Enroll": ("EnrollRequest", "EnrollReply"),
                        "Ping": ("PingRequest", "PingReply"),
                        "GetCreditStatement": ("StatementRequest", "StatementReply"),
-                       "GetStatus": ("StatusRequest", "StatusReply")}
+                       "GetStatus": ("StatusRequest", "StatusReply"),
+                       "FetchBlob": ("FetchBlobRequest", "BlobChunk")}
+    fetch = service.methods_by_name["FetchBlob"]
+    assert fetch.server_streaming and not fetch.client_streaming
+    assert [(f.name, f.number) for f in pb.BlobChunk.DESCRIPTOR.fields] == [
+        ("size", 1), ("offset", 2), ("data", 3)]
     fields = {f.name: (f.number, f.type) for f in pb.StatusRequest.DESCRIPTOR.fields}
     fd = pb.StatusRequest.DESCRIPTOR.fields[0]
     assert fields == {"view": (1, fd.TYPE_STRING), "node_id": (2, fd.TYPE_INT64),

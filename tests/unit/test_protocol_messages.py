@@ -12,15 +12,18 @@ from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_conte
 from hypothesis import given
 from hypothesis import strategies as st
 
+from protocol.compression import Compression
 from protocol.digest import digest_arrays, digest_bytes
 from protocol.errors import ProtocolError
 from protocol.messages import (
     Lease,
     Update,
     UpdateMetrics,
+    Work,
     parse_reply,
     parse_work,
     reply_content,
+    shard_tokens,
     work_content,
 )
 
@@ -153,16 +156,33 @@ def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
 
 
-def test_work_round_trip_is_bit_exact_through_flower() -> None:
-    lease, model = make_lease(), _model()
-    got_lease, got_model, got_tokens, got_arch = parse_work(
-        wire(work_content(lease, model, TOKENS, {"n_layer": 2, "bias": False})))
-    assert got_arch == {"n_layer": 2, "bias": False}
-    assert got_lease == lease
-    assert list(got_model) == list(model)
-    assert all(_same_bits(model[k], got_model[k]) for k in model)
-    assert _same_bits(TOKENS, got_tokens)
-    assert digest_arrays(got_model) == digest_arrays(model)
+def test_work_round_trip_through_flower_carries_no_bytes() -> None:
+    lease = make_lease()
+    mirrors = ["https://mirror.example.edu/atom", "http://10.0.0.2:8000"]
+    codec = Compression("topk", 256, 0.05)
+    content = wire(work_content(lease, {"n_layer": 2, "bias": False}, mirrors, codec))
+    assert parse_work(content) == Work(lease, {"n_layer": 2, "bias": False}, mirrors, codec)
+    assert not any(isinstance(r, ArrayRecord) for r in content.values())  # by digest only
+
+
+def test_shard_tokens_must_fill_the_lease_range() -> None:
+    lease = make_lease()
+    n = lease.data_end - lease.data_start
+    data = (np.arange(n) % 256).astype("<u2").tobytes()
+    tokens = shard_tokens(data, lease)
+    assert tokens.dtype == np.dtype("<u2") and tokens.size == n
+    with pytest.raises(ProtocolError, match="lease range needs"):
+        shard_tokens(data[:-2], lease)
+
+
+@pytest.mark.parametrize("mirrors", [["ftp://x/y"], ["file:///etc"], [""]])
+def test_work_mirrors_must_be_http_urls(mirrors: list[str]) -> None:
+    with pytest.raises(ProtocolError, match="mirrors"):
+        work_content(make_lease(), {}, mirrors)
+    good = work_content(make_lease(), {})
+    good["blobs"] = ConfigRecord({"mirrors": mirrors})
+    with pytest.raises(ProtocolError, match="mirrors"):
+        parse_work(good)
 
 
 def test_reply_round_trip_is_bit_exact_through_flower() -> None:
@@ -172,18 +192,6 @@ def test_reply_round_trip_is_bit_exact_through_flower() -> None:
     assert all(_same_bits(arrays[k], got_arrays[k]) for k in arrays)
     eval_update, no_arrays = parse_reply(wire(reply_content(update, {})))
     assert eval_update == update and no_arrays == {}
-
-
-def test_work_checks_tokens_against_the_lease() -> None:
-    with pytest.raises(ProtocolError, match="data_digest"):
-        parse_work(work_content(make_lease(), {}, TOKENS[::-1].copy()))
-    with pytest.raises(ProtocolError, match="lease range"):
-        parse_work(work_content(make_lease(), {}, TOKENS[:4].copy()))
-    lease, _, tokens, _ = parse_work(work_content(make_lease(), {}, TOKENS[:4].copy()),
-                                  check_data=False)
-    assert tokens.size == 4
-    with pytest.raises(ProtocolError, match="uint16"):
-        work_content(make_lease(), {}, TOKENS.astype(np.int32))
 
 
 def _npy(a: np.ndarray) -> bytes:
@@ -242,12 +250,15 @@ def test_parse_rejects_missing_extra_and_mistyped_records() -> None:
     for content, field in [(missing, "arrays"), (extra, "more"), (mistyped, "arrays")]:
         with pytest.raises(ProtocolError, match=field):
             parse_reply(content)
-    work = work_content(make_lease(), {}, TOKENS)
+    work = work_content(make_lease(), {})
     with pytest.raises(ProtocolError, match="lease"):
-        parse_work(RecordDict({"model": work["model"], "arch": work["arch"], "data": work["data"]}))
-    with pytest.raises(ProtocolError, match="tokens"):
-        parse_work(RecordDict({"lease": work["lease"], "model": work["model"],
-                               "arch": work["arch"], "data": ArrayRecord()}))
+        parse_work(RecordDict({k: work[k] for k in work if k != "lease"}))
+    bad = RecordDict({**{k: work[k] for k in work}, "compression": ConfigRecord(
+        {"scheme": "zip", "block": 256, "fraction": 0.01, "feedback": False})})
+    with pytest.raises(ProtocolError, match="compression.scheme"):
+        parse_work(bad)
+    with pytest.raises(ProtocolError, match="model"):  # the old layout, bytes inline
+        parse_work(RecordDict({**{k: work[k] for k in work}, "model": ArrayRecord()}))
     with pytest.raises(ProtocolError, match="RecordDict"):
         parse_reply({"update": good["update"]})  # type: ignore[arg-type]
 

@@ -1,0 +1,165 @@
+"""Getting the blobs a lease names: the node's cache first, then mirrors, then the coordinator.
+
+Every blob is named by the SHA-256 of its bytes and lands in the cache only through
+``BlobDir.commit``, which checks that digest, so a mirror need not be trusted: one that
+serves wrong bytes costs a retry from the next source, never a corrupt model. Sizes are
+checked against ``max_bytes`` before a byte is stored (the coordinator says the size in its
+first chunk; a mirror in ``Content-Length``, and it is cut off if it sends more).
+
+Sources, tried in order::
+
+    HttpMirror(url)        GET {url}/{digest[:2]}/{digest}: any HTTP(S) server holding a copy
+                           of the coordinator's DIR/blobs/ (same layout: rsync it there)
+    CoordinatorBlobs(...)  the coordinator's FetchBlob stream; resumes from the last byte
+                           received after a dropped connection (``RESUMES`` times)
+"""
+
+from __future__ import annotations
+
+import logging
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import grpc
+
+from protocol import coordinator_pb2 as pb
+from protocol import coordinator_pb2_grpc as pb_grpc
+from protocol.blobstore import BlobDir, Partial, check_digest
+from protocol.errors import BlobError
+
+__all__ = ["BlobFetcher", "BlobSource", "CoordinatorBlobs", "HttpMirror", "Progress"]
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]  # (bytes so far, total)
+_HTTP_READ = 1 << 20
+_TIMEOUT_S = 30.0
+
+
+class BlobSource(Protocol):
+    name: str
+
+    def fetch(self, digest: str, into: Partial, max_bytes: int,
+              progress: Progress | None) -> None:
+        """Append the blob's bytes (from ``into.size`` on, where supported) to ``into``;
+        ``BlobError`` if this source cannot."""
+
+
+def _too_big(digest: str, size: int, max_bytes: int) -> BlobError:
+    return BlobError(f"blob {digest[:12]} is {size} bytes, over the limit of {max_bytes}")
+
+
+@dataclass(frozen=True)
+class HttpMirror:
+    """An untrusted HTTP(S) mirror of a blob directory: ``{url}/{digest[:2]}/{digest}``."""
+
+    url: str
+    timeout_s: float = _TIMEOUT_S
+
+    @property
+    def name(self) -> str:
+        return self.url
+
+    def fetch(self, digest: str, into: Partial, max_bytes: int,
+              progress: Progress | None) -> None:
+        into.discard()  # mirrors are plain file servers: start over rather than trust Range
+        try:
+            with urllib.request.urlopen(f"{self.url.rstrip('/')}/{digest[:2]}/{digest}",
+                                        timeout=self.timeout_s) as resp:
+                length = resp.headers.get("Content-Length")
+                total = int(length) if length and length.isdigit() else 0
+                if total > max_bytes:
+                    raise _too_big(digest, total, max_bytes)
+                done = 0
+                while chunk := resp.read(_HTTP_READ):
+                    done += len(chunk)
+                    if done > max_bytes:
+                        raise _too_big(digest, done, max_bytes)
+                    into.append(chunk)
+                    if progress is not None:
+                        progress(done, total or done)
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            raise BlobError(f"{self.url}: {getattr(exc, 'reason', None) or exc}") from None
+
+
+@dataclass
+class CoordinatorBlobs:
+    """The coordinator's ``FetchBlob`` stream over an already made (TLS) channel."""
+
+    channel: grpc.Channel
+    name: str = "coordinator"
+    RESUMES: int = 3
+    timeout_s: float = 600.0
+
+    def fetch(self, digest: str, into: Partial, max_bytes: int,
+              progress: Progress | None) -> None:
+        stub = pb_grpc.CoordinatorStub(self.channel)
+        for attempt in range(self.RESUMES + 1):
+            offset = into.size
+            try:
+                if self._stream(stub, digest, into, offset, max_bytes, progress):
+                    return
+                why = "the stream ended early"
+            except grpc.RpcError as err:
+                code = err.code()  # type: ignore[attr-defined]
+                if code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT,
+                            grpc.StatusCode.PERMISSION_DENIED):
+                    raise BlobError(f"coordinator: {err.details()}") from None  # type: ignore[attr-defined]
+                why = f"{code.name}: {err.details()}"  # type: ignore[attr-defined]
+            log.info("blob %s: %s after %d bytes; resuming (%d)", digest[:12], why, into.size,
+                     attempt + 1)
+        raise BlobError(f"coordinator: blob {digest[:12]} still incomplete after "
+                        f"{self.RESUMES} resumes ({why})")
+
+    def _stream(self, stub: pb_grpc.CoordinatorStub, digest: str, into: Partial, offset: int,
+                max_bytes: int, progress: Progress | None) -> bool:
+        """Append one stream's chunks; True once the whole blob is in."""
+        size = -1
+        for chunk in stub.FetchBlob(pb.FetchBlobRequest(digest=digest, offset=offset),
+                                    timeout=self.timeout_s):
+            if size < 0:
+                size = chunk.size
+                if size > max_bytes:
+                    raise _too_big(digest, size, max_bytes)
+            if chunk.size != size or chunk.offset != offset or offset + len(chunk.data) > size:
+                into.discard()  # a coordinator that contradicts itself: start clean
+                raise BlobError(f"coordinator: blob {digest[:12]} arrived out of order")
+            into.append(chunk.data)
+            offset += len(chunk.data)
+            if progress is not None:
+                progress(offset, size)
+        return size >= 0 and offset == size
+
+
+@dataclass
+class BlobFetcher:
+    """The node's way to a blob: its cache, else each source in turn."""
+
+    cache: BlobDir
+    sources: Sequence[BlobSource]
+    max_bytes: int
+    fetched: list[str] = field(default_factory=list)  # digests downloaded (not cache hits)
+
+    def get(self, digest: str, progress: Progress | None = None) -> bytes:
+        """The blob's bytes, checked against ``digest``; ``BlobError`` naming every source's
+        failure if none could serve it."""
+        check_digest(digest)
+        if self.cache.has(digest):
+            return self.cache.get(digest)
+        failures = []
+        for source in self.sources:
+            part = self.cache.partial(digest)
+            try:
+                source.fetch(digest, part, self.max_bytes, progress)
+                self.cache.commit(part)
+            except BlobError as err:
+                failures.append(f"{source.name}: {err}")
+                part.discard()  # a source that failed leaves nothing for the next to trust
+                continue
+            self.fetched.append(digest)
+            return self.cache.get(digest)
+        raise BlobError(f"blob {digest[:12]}: no source could serve it ("
+                        + "; ".join(failures or ["no sources"]) + ")")

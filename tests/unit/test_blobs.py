@@ -1,0 +1,272 @@
+"""The content-addressed data plane: the canonical array blob, the store, the coordinator's
+FetchBlob stream (chunked, resumable) and the node's fetcher with untrusted mirrors.
+
+Every failure is a ``BlobError`` (or ``ProtocolError`` for a malformed array blob), and no
+corrupt or partial blob is ever left in a cache.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import http.server
+import threading
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from coordinator.service import BlobService
+from node.blobs import BlobFetcher, CoordinatorBlobs, HttpMirror
+from protocol import coordinator_pb2 as pb
+from protocol import coordinator_pb2_grpc as pb_grpc
+from protocol.blobstore import BlobDir
+from protocol.digest import arrays_from_bytes, arrays_to_bytes, digest_arrays, digest_bytes
+from protocol.errors import BlobError, ProtocolError
+
+BLOB = np.random.default_rng(0).integers(0, 256, 3_500_000, dtype=np.uint8).tobytes()
+DIGEST = hashlib.sha256(BLOB).hexdigest()
+
+
+# -- the canonical array blob --------------------------------------------------------------
+
+def test_array_blob_is_the_digested_layout_and_round_trips() -> None:
+    arrays = {"w": np.arange(12, dtype=">f4").reshape(3, 4), "b": np.ones(3, np.float16),
+              "n": np.array(7, np.int64), "e": np.zeros((0, 5), np.float32)}
+    data = arrays_to_bytes(arrays)
+    assert digest_bytes(data) == digest_arrays(arrays)
+    back = arrays_from_bytes(data)
+    assert list(back) == sorted(arrays) and digest_arrays(back) == digest_arrays(arrays)
+    assert back["w"].dtype == np.dtype("<f4") and np.array_equal(back["w"], arrays["w"])
+    assert not back["w"].flags.writeable  # a view of the blob, not a copy
+
+
+@pytest.mark.parametrize("cut", [1, 8, 20, -1])
+def test_truncated_array_blob_is_refused(cut: int) -> None:
+    data = arrays_to_bytes({"w": np.ones((4, 4), np.float32)})
+    with pytest.raises(ProtocolError, match="array blob"):
+        arrays_from_bytes(data[:cut])
+
+
+def test_array_blob_with_a_lying_length_or_shape_is_refused() -> None:
+    data = bytearray(arrays_to_bytes({"w": np.ones(4, np.float32)}))
+    huge = bytearray(data)
+    huge[-16 - 8:-16] = (2**60).to_bytes(8, "little")  # the data field claims 2^60 bytes
+    with pytest.raises(ProtocolError, match="overruns"):
+        arrays_from_bytes(bytes(huge))
+    bad_shape = bytearray(data)
+    # layout: [8 len]"w" [8 len]"<f4" [8 len][8: 4] [8 len][16 bytes]: the dim is at 28
+    assert bytes(data[28:36]) == (4).to_bytes(8, "little")
+    bad_shape[28:36] = (5).to_bytes(8, "little")
+    with pytest.raises(ProtocolError, match="needs"):
+        arrays_from_bytes(bytes(bad_shape))
+    two = arrays_to_bytes({"a": np.ones(1, np.float32)})
+    with pytest.raises(ProtocolError, match="out of order or repeated"):
+        arrays_from_bytes(two + two)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_array_blob_parser_never_raises_anything_else(data: bytes) -> None:
+    try:
+        arrays_from_bytes(data)
+    except ProtocolError:
+        pass
+
+
+# -- the store -----------------------------------------------------------------------------
+
+def test_store_keeps_only_what_matches_its_name(tmp_path: Path) -> None:
+    store = BlobDir(tmp_path / "blobs")
+    assert store.put(b"hello") == digest_bytes(b"hello") and store.get(digest_bytes(b"hello"))
+    with pytest.raises(BlobError, match="does not match its digest"):
+        store.put(b"forged", digest="0" * 64)
+    assert list((tmp_path / "blobs" / ".partial").iterdir()) == []
+    with pytest.raises(BlobError, match="no blob"):
+        store.get("ab" * 32)
+    with pytest.raises(BlobError, match="not a blob digest"):
+        store.get("../../etc/passwd")
+
+
+def test_cache_evicts_the_least_recently_used(tmp_path: Path) -> None:
+    import os
+    import time
+    store = BlobDir(tmp_path, max_bytes=250)
+    a, b = store.put(b"a" * 100), store.put(b"b" * 100)
+    past = time.time() - 100
+    os.utime(store.path(a), (past, past))
+    os.utime(store.path(b), (past + 1, past + 1))
+    store.get(a)  # a is used again: b is now the oldest
+    c = store.put(b"c" * 100)
+    assert store.has(a) and store.has(c) and not store.has(b)
+
+
+def test_full_disk_is_one_clear_error_and_leaves_nothing(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    store = BlobDir(tmp_path)
+
+    def full(*_a, **_k):  # type: ignore[no-untyped-def]
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "open", full)
+    with pytest.raises(BlobError, match="disk full"):
+        store.put(b"x" * 10)
+    monkeypatch.undo()
+    assert not store.has(digest_bytes(b"x" * 10))
+    assert list((tmp_path / ".partial").iterdir()) == []
+
+
+# -- the coordinator's stream ----------------------------------------------------------------
+
+class _Served(BlobService, pb_grpc.CoordinatorServicer):
+    CHUNK = 256 * 1024
+
+    def __init__(self, blobs: BlobDir, drop_after: int = 0, corrupt: bool = False) -> None:
+        self.blobs, self.drop_after, self.corrupt = blobs, drop_after, corrupt
+        self.offsets: list[int] = []
+
+    def FetchBlob(self, request, context):  # type: ignore[no-untyped-def]
+        self.offsets.append(request.offset)
+        for i, chunk in enumerate(super().FetchBlob(request, context)):
+            if self.drop_after and i == self.drop_after and len(self.offsets) == 1:
+                context.abort(grpc.StatusCode.UNAVAILABLE, "connection dropped")
+            if self.corrupt and i == 1:
+                chunk = pb.BlobChunk(size=chunk.size, offset=chunk.offset,
+                                     data=bytes(len(chunk.data)))
+            yield chunk
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator:
+    """Start a FetchBlob server over a store holding BLOB; yields (make, store)."""
+    store = BlobDir(tmp_path / "coordinator")
+    store.put(BLOB)
+    servers = []
+
+    def make(**kw) -> tuple[_Served, grpc.Channel]:  # type: ignore[no-untyped-def]
+        servicer = _Served(store, **kw)
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        pb_grpc.add_CoordinatorServicer_to_server(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        servers.append((server, channel))
+        return servicer, channel
+
+    yield make, store
+    for server, channel in servers:
+        channel.close()
+        server.stop(None)
+
+
+def _fetcher(tmp_path: Path, *sources, max_bytes: int = 10 << 20) -> BlobFetcher:
+    return BlobFetcher(BlobDir(tmp_path / "node-cache", max_bytes=64 << 20), list(sources),
+                       max_bytes)
+
+
+def _clean(fetcher: BlobFetcher) -> bool:
+    """No partial transfer left, and every stored blob matches its name."""
+    root = fetcher.cache.root
+    return (not list((root / ".partial").iterdir())
+            and all(digest_bytes(p.read_bytes()) == p.name for p in root.glob("??/*")))
+
+
+def test_chunked_transfer_then_a_cache_hit(tmp_path: Path, served) -> None:
+    make, _ = served
+    servicer, channel = make()
+    seen: list[tuple[int, int]] = []
+    f = _fetcher(tmp_path, CoordinatorBlobs(channel))
+    assert f.get(DIGEST, progress=lambda done, total: seen.append((done, total))) == BLOB
+    assert len(seen) == 14 and seen[-1] == (len(BLOB), len(BLOB))  # 3.5 MB in 256 KiB chunks
+    assert f.get(DIGEST) == BLOB and servicer.offsets == [0] and f.fetched == [DIGEST]
+    assert _clean(f)
+
+
+def test_a_dropped_stream_resumes_where_it_stopped(tmp_path: Path, served) -> None:
+    make, _ = served
+    servicer, channel = make(drop_after=5)
+    f = _fetcher(tmp_path, CoordinatorBlobs(channel))
+    assert f.get(DIGEST) == BLOB
+    assert servicer.offsets[0] == 0 and servicer.offsets[1] == 5 * _Served.CHUNK
+    assert _clean(f)
+
+
+def test_corrupt_bytes_unknown_digest_and_oversize_are_refused(tmp_path: Path, served) -> None:
+    make, _ = served
+    _, bad = make(corrupt=True)
+    f = _fetcher(tmp_path, CoordinatorBlobs(bad))
+    with pytest.raises(BlobError, match="does not match its digest"):
+        f.get(DIGEST)
+    assert not f.cache.has(DIGEST) and _clean(f)
+    _, good = make()
+    with pytest.raises(BlobError, match="no blob"):
+        _fetcher(tmp_path, CoordinatorBlobs(good)).get("ab" * 32)
+    small = _fetcher(tmp_path, CoordinatorBlobs(good), max_bytes=1 << 20)
+    with pytest.raises(BlobError, match="over the limit"):
+        small.get(DIGEST)
+    assert small.cache.partial(DIGEST).size == 0 and _clean(small)
+    with pytest.raises(BlobError, match="not a blob digest"):
+        small.get("nope")
+
+
+# -- untrusted mirrors -------------------------------------------------------------------------
+
+@pytest.fixture
+def mirror(tmp_path: Path) -> Iterator:
+    """An http.server over a folder; yields (url, folder)."""
+    folder = tmp_path / "mirror"
+    folder.mkdir()
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **k):  # type: ignore[no-untyped-def]
+            super().__init__(*a, directory=str(folder), **k)
+
+        def log_message(self, *_a) -> None:  # type: ignore[no-untyped-def]
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/blobs", folder
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_mirror_serves_first(tmp_path: Path, served, mirror) -> None:
+    url, folder = mirror
+    (folder / "blobs" / DIGEST[:2]).mkdir(parents=True)
+    (folder / "blobs" / DIGEST[:2] / DIGEST).write_bytes(BLOB)  # the layout of DIR/blobs
+    make, _ = served
+    servicer, channel = make()
+    f = _fetcher(tmp_path, HttpMirror(url), CoordinatorBlobs(channel))
+    assert f.get(DIGEST) == BLOB and servicer.offsets == []  # the coordinator was not asked
+
+
+@pytest.mark.parametrize("served_bytes", [BLOB[:-1] + b"\x00", BLOB[:1000], None],
+                         ids=["corrupt", "truncated", "missing"])
+def test_a_lying_mirror_falls_back_and_nothing_corrupt_is_kept(
+        tmp_path: Path, served, mirror, served_bytes: bytes | None) -> None:
+    url, folder = mirror
+    (folder / "blobs" / DIGEST[:2]).mkdir(parents=True)
+    if served_bytes is not None:
+        (folder / "blobs" / DIGEST[:2] / DIGEST).write_bytes(served_bytes)
+    make, _ = served
+    servicer, channel = make()
+    f = _fetcher(tmp_path, HttpMirror(url), CoordinatorBlobs(channel))
+    assert f.get(DIGEST) == BLOB and servicer.offsets == [0]
+    assert _clean(f)
+
+
+def test_no_source_is_one_error_naming_each(tmp_path: Path, mirror) -> None:
+    url, _ = mirror
+    f = _fetcher(tmp_path, HttpMirror(url), HttpMirror("http://127.0.0.1:1/x"))
+    with pytest.raises(BlobError) as info:
+        f.get(DIGEST)
+    msg = str(info.value)
+    assert "no source could serve it" in msg and url in msg and "127.0.0.1:1" in msg
+    assert "\n" not in msg and _clean(f)
