@@ -21,6 +21,7 @@ import hashlib
 import os
 import re
 from collections.abc import Iterator
+from typing import Any, BinaryIO
 from pathlib import Path
 
 from protocol.errors import BlobError
@@ -44,14 +45,22 @@ def _stored(what: str, exc: OSError) -> BlobError:
 
 
 class Partial:
-    """A blob being received: append chunks, then ``BlobDir.commit`` (or ``discard``)."""
+    """A blob being received: append chunks, then ``BlobDir.commit`` (or ``discard``).
+
+    The bytes are hashed as they are written (one pass: a resumed transfer hashes what an
+    earlier one left, once), and the file stays open between chunks.
+    """
 
     def __init__(self, path: Path, digest: str) -> None:
         self.path, self.digest = path, digest
+        self._file: BinaryIO | None = None
+        self._hash: Any = None
 
     @property
     def size(self) -> int:
         """Bytes received so far (where a resumed transfer starts)."""
+        if self._file is not None:
+            return self._file.tell()
         try:
             return self.path.stat().st_size
         except FileNotFoundError:
@@ -59,13 +68,35 @@ class Partial:
 
     def append(self, data: bytes) -> None:
         try:
-            with self.path.open("ab") as f:
-                f.write(data)
+            if self._file is None:
+                self._hash = hashlib.sha256()
+                if self.path.exists():  # resuming: what is already here counts
+                    with self.path.open("rb") as f:
+                        while chunk := f.read(_READ):
+                            self._hash.update(chunk)
+                self._file = self.path.open("ab")
+            self._file.write(data)
+            self._hash.update(data)
         except OSError as exc:
             self.discard()
             raise _stored(f"blob {self.digest[:12]}", exc) from None
 
+    def finish(self) -> str:
+        """Close the file; the hex SHA-256 of everything in it."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+            return str(self._hash.hexdigest())
+        h = hashlib.sha256()  # nothing appended by us: hash what is there
+        with self.path.open("rb") as f:
+            while chunk := f.read(_READ):
+                h.update(chunk)
+        return h.hexdigest()
+
     def discard(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
         self.path.unlink(missing_ok=True)
 
 
@@ -127,17 +158,17 @@ class BlobDir:
     def commit(self, partial: Partial) -> Path:
         """Move a finished transfer into the store if its bytes hash to its digest; else
         discard it and raise ``BlobError``."""
-        h = hashlib.sha256()
         try:
-            with partial.path.open("rb") as f:
-                while chunk := f.read(_READ):
-                    h.update(chunk)
+            got = partial.finish()
         except FileNotFoundError:
             raise BlobError(f"blob {partial.digest[:12]}: nothing was received") from None
-        if h.hexdigest() != partial.digest:
+        except OSError as exc:
+            partial.discard()
+            raise _stored(f"blob {partial.digest[:12]}", exc) from None
+        if got != partial.digest:
             partial.discard()
             raise BlobError(f"blob {partial.digest[:12]} does not match its digest "
-                            f"(got {h.hexdigest()[:12]}): discarded")
+                            f"(got {got[:12]}): discarded")
         dest = self.path(partial.digest)
         try:
             dest.parent.mkdir(exist_ok=True)
