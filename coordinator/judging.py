@@ -18,7 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import RecordDict
 
-from protocol.errors import ProtocolError, Reason
+from protocol.blobstore import BlobDir
+from protocol.digest import arrays_from_bytes
+from protocol.errors import BlobError, ProtocolError, Reason
 from protocol.messages import Lease, Update, parse_reply
 
 from .config import RunConfig
@@ -50,14 +52,21 @@ def _revoked(ledger: Ledger, node_id: int) -> bool:
 
 def screen_reply(content: RecordDict, *, lease: Lease, node_id: int, public_key_pem: bytes,
                  version: int, shapes: dict[str, tuple[tuple[int, ...], str]], cfg: RunConfig,
-                 ledger: Ledger, now: float) -> Judged:
-    """Decode and ``verify`` one reply; records nothing. A train reply's arrays come back
-    decoded from the run's ``[compression]`` (the signature covers the encoding)."""
+                 ledger: Ledger, now: float, blobs: BlobDir | None = None) -> Judged:
+    """Decode and ``verify`` one reply; records nothing. A train reply's payload comes from
+    ``blobs`` (the node uploaded it under the digest its signed update names) unless it came
+    inline; its arrays come back decoded from the run's ``[compression]`` (the signature
+    covers the encoding)."""
     try:
         update, arrays = parse_reply(content)
     except ProtocolError as err:
         return Judged(Verdict(False, Reason.MALFORMED, str(err)), None, {})
     train = lease.kind == "train"
+    if train and not arrays and blobs is not None:
+        try:
+            arrays = arrays_from_bytes(blobs.get(update.arrays_digest))
+        except (BlobError, ProtocolError) as err:
+            return Judged(Verdict(False, Reason.MALFORMED, f"update payload: {err}"), update, {})
     verdict = verify(update, arrays, Expected(
         lease=lease, node_id=node_id, public_key_pem=public_key_pem, current_version=version,
         shapes=shapes if train else {}, max_norm=cfg.verify.max_update_norm, now=now,
@@ -95,10 +104,12 @@ def record_judged(judged: Judged, *, lease: Lease, lease_row_id: int, node_id: i
 def judge_reply(content: RecordDict, *, lease: Lease, lease_row_id: int, node_id: int,
                 public_key_pem: bytes, version: int,
                 shapes: dict[str, tuple[tuple[int, ...], str]], cfg: RunConfig,
-                ledger: Ledger, now: float, issuer: ReceiptIssuer | None = None) -> Judged:
+                ledger: Ledger, now: float, issuer: ReceiptIssuer | None = None,
+                blobs: BlobDir | None = None) -> Judged:
     """Screen one reply and record its verdict at once (no round-level checks)."""
     judged = screen_reply(content, lease=lease, node_id=node_id, public_key_pem=public_key_pem,
-                          version=version, shapes=shapes, cfg=cfg, ledger=ledger, now=now)
+                          version=version, shapes=shapes, cfg=cfg, ledger=ledger, now=now,
+                          blobs=blobs)
     record_judged(judged, lease=lease, lease_row_id=lease_row_id, node_id=node_id, cfg=cfg,
                   ledger=ledger, now=now, issuer=issuer)
     return judged

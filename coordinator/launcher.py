@@ -21,10 +21,10 @@ from .credits import ReceiptIssuer
 from .enrollment import Enroller
 from .fleet_proxy import FleetProxy
 from .ledger import Ledger
-from .model_store import model_config
+from .model_store import model_config, model_params
 from .revocation import clear_superlink_state, unregister_revoked, write_superlink_state
 from .rundir import RunDir
-from .service import CoordinatorService, serve
+from .service import CoordinatorService, serve, upload_limit
 from .superlink import SuperLink
 
 __all__ = ["Coordinator", "prepare_corpus"]
@@ -80,7 +80,8 @@ class Coordinator:
                             self.superlink.unregister_node)
         service = CoordinatorService(enroller, cfg.run.id, rd.fleet_address(cfg),
                                      rd.public_key_pem(), ReceiptIssuer.load(rd.key_path),
-                                     blobs=BlobDir(rd.blobs))
+                                     blobs=BlobDir(rd.blobs), max_upload_bytes=upload_limit(
+                                         model_params(cfg), cfg.compression.scheme))
         self.server = serve(service, cfg.network.host, cfg.network.coordinator_port,
                             rd.tls.server_cert.read_bytes(), rd.tls.server_key.read_bytes())
 

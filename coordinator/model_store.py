@@ -15,14 +15,14 @@ from safetensors.numpy import load_file, save_file
 
 from protocol.errors import CheckpointError
 from training.checkpoint import load_checkpoint, save_checkpoint
-from training.model import PRESETS, GPTConfig
+from training.model import GPT, PRESETS, GPTConfig
 from training.state import init_arrays
 
 from .config import RunConfig
 from .ledger import Ledger
 from .outer import NesterovOuter
 
-__all__ = ["ModelStore", "model_config"]
+__all__ = ["ModelStore", "model_config", "model_params"]
 
 Arrays = dict[str, np.ndarray]
 
@@ -40,6 +40,11 @@ def model_config(cfg: RunConfig) -> GPTConfig:
         return dataclasses.replace(PRESETS[cfg.model.preset], **overrides)
     except ValueError as err:
         raise ConfigError(f"run.toml: [model]: {err}") from None
+
+
+def model_params(cfg: RunConfig) -> int:
+    """Parameters of the run's model (what bounds an update payload's size)."""
+    return sum(p.numel() for p in GPT(model_config(cfg)).parameters())
 
 
 @dataclass

@@ -320,7 +320,8 @@ class RunLoop:
         judged = screen_reply(
             content, lease=sent.lease, node_id=sent.node.id,
             public_key_pem=sent.node.public_key_pem.encode(), version=self.store.version,
-            shapes=self.store.shapes(), cfg=self.cfg, ledger=self.ledger, now=now)
+            shapes=self.store.shapes(), cfg=self.cfg, ledger=self.ledger, now=now,
+            blobs=self.blobs)
         if sent.lease.kind == "train":
             self.judge.cost.screen_s += time.perf_counter() - t0
             self.judge.cost.updates += 1

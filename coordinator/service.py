@@ -6,7 +6,9 @@ A thin servicer: each RPC calls one handler and domain errors map to status code
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import itertools
+import secrets
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
 
@@ -26,7 +28,7 @@ from .enrollment import Enroller
 from .statements import StatementDesk
 from .status import AccessDenied, NoSuchNode, StatusDesk
 
-__all__ = ["BlobService", "CoordinatorService", "serve"]
+__all__ = ["BlobService", "CoordinatorService", "serve", "upload_limit"]
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +52,50 @@ def _abort(context: grpc.ServicerContext, err: Exception) -> None:
 
 
 class BlobService:
-    """``FetchBlob``: content-addressed blobs streamed from ``self.blobs`` in chunks."""
+    """``FetchBlob``: content-addressed blobs streamed from ``self.blobs`` in chunks;
+    ``PutBlob``: a node's update payload for an open train lease (``lease_open``), at most
+    ``max_upload_bytes``, kept only if it matches its digest."""
 
     blobs: BlobDir | None
+    lease_open: Callable[[str], bool] | None = None  # nonce -> an issued train lease?
+    max_upload_bytes: int = 0  # 0: uploads refused
     CHUNK = 2 << 20  # bytes per message: under gRPC's 4 MiB default limit, few round trips
+
+    def PutBlob(self, request_iterator: Iterator[pb.BlobUpload],
+                context: grpc.ServicerContext) -> pb.PutBlobReply:
+        part = None
+        try:
+            if self.blobs is None or not self.max_upload_bytes or self.lease_open is None:
+                raise AccessDenied("this coordinator takes no uploads")
+            first = next(request_iterator, None)
+            if first is None:
+                raise ProtocolError("empty upload")
+            try:
+                digest = check_digest(first.digest)
+            except BlobError as err:
+                raise ProtocolError(str(err)) from None
+            if not 0 <= first.size <= self.max_upload_bytes:
+                raise ProtocolError(f"an upload of {first.size} bytes is over the limit of "
+                                    f"{self.max_upload_bytes}")
+            if not self.lease_open(first.lease_nonce):
+                raise AccessDenied("no open train lease with that nonce")
+            part = self.blobs.partial(digest, tag=secrets.token_hex(8))
+            n = 0
+            for msg in itertools.chain([first], request_iterator):
+                n += len(msg.data)
+                if n > first.size:
+                    raise ProtocolError(f"upload sent more than the {first.size} bytes it "
+                                        "declared")
+                part.append(msg.data)
+            if n != first.size:
+                raise ProtocolError(f"upload ended after {n} of {first.size} bytes")
+            self.blobs.commit(part)
+        except Exception as err:  # noqa: BLE001 - mapped to a status below
+            if part is not None:
+                part.discard()
+            _abort(context, err)
+            raise
+        return pb.PutBlobReply(size=n)
 
     def FetchBlob(self, request: pb.FetchBlobRequest,
                   context: grpc.ServicerContext) -> Iterator[pb.BlobChunk]:
@@ -89,13 +131,19 @@ class CoordinatorService(BlobService, pb_grpc.CoordinatorServicer):
     statements: StatementDesk | None = None  # default: over the enroller's ledger
     status: StatusDesk | None = None  # default: over the enroller's ledger
     blobs: BlobDir | None = None  # model versions and data shards, by digest
+    max_upload_bytes: int = 0  # an update payload's bound (``upload_limit``); 0: none taken
 
     def __post_init__(self) -> None:
+        self.lease_open = self._train_lease_open
         if self.statements is None and self.issuer is not None:
             self.statements = StatementDesk(self.enroller.ledger, self.run_id, self.issuer)
         if self.status is None:
             self.status = StatusDesk(self.enroller.ledger, self.run_id,
                                      self.coordinator_public_key_pem)
+
+    def _train_lease_open(self, nonce: str) -> bool:
+        lease = self.enroller.ledger.lease_by_nonce(nonce)
+        return lease is not None and lease.kind == "train" and lease.status == "issued"
 
     def Enroll(self, request: pb.EnrollRequest, context: grpc.ServicerContext) -> pb.EnrollReply:
         try:
@@ -141,6 +189,13 @@ class CoordinatorService(BlobService, pb_grpc.CoordinatorServicer):
             _abort(context, err)
             raise
         return pb.StatusReply(json=text)
+
+
+def upload_limit(n_params: int, scheme: str) -> int:
+    """The largest update payload a run can produce: every value as fp32 (none), one byte
+    plus scales (int8), or index + value (topk at fraction 1), plus room for the names."""
+    per_value = {"none": 4, "int8": 2, "topk": 8}[scheme]
+    return n_params * per_value + (1 << 20)
 
 
 def serve(service: CoordinatorService, host: str, port: int, cert_chain: bytes,

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -30,12 +30,13 @@ from protocol import coordinator_pb2_grpc as pb_grpc
 from protocol.blobstore import BlobDir, Partial, check_digest
 from protocol.errors import BlobError
 
-__all__ = ["BlobFetcher", "BlobSource", "CoordinatorBlobs", "HttpMirror", "Progress"]
+__all__ = ["BlobFetcher", "BlobSink", "BlobSource", "CoordinatorBlobs", "HttpMirror", "Progress"]
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]  # (bytes so far, total)
 _HTTP_READ = 1 << 20
+_UPLOAD_CHUNK = 2 << 20
 _TIMEOUT_S = 30.0
 
 
@@ -46,6 +47,12 @@ class BlobSource(Protocol):
               progress: Progress | None) -> None:
         """Append the blob's bytes (from ``into.size`` on, where supported) to ``into``;
         ``BlobError`` if this source cannot."""
+
+
+class BlobSink(Protocol):
+    def put(self, digest: str, data: bytes, lease_nonce: str,
+            progress: Progress | None = None) -> None:
+        """Hand the coordinator an update payload for the open train lease; ``BlobError``."""
 
 
 def _too_big(digest: str, size: int, max_bytes: int) -> BlobError:
@@ -113,6 +120,36 @@ class CoordinatorBlobs:
                      attempt + 1)
         raise BlobError(f"coordinator: blob {digest[:12]} still incomplete after "
                         f"{self.RESUMES} resumes ({why})")
+
+    def put(self, digest: str, data: bytes, lease_nonce: str,
+            progress: Progress | None = None) -> None:
+        """Upload an update payload for the open train lease ``lease_nonce`` (retried from
+        the start after a dropped connection, ``RESUMES`` times); ``BlobError`` if refused."""
+        stub = pb_grpc.CoordinatorStub(self.channel)
+
+        def chunks() -> Iterator[pb.BlobUpload]:
+            yield pb.BlobUpload(digest=digest, size=len(data), lease_nonce=lease_nonce,
+                                data=data[:_UPLOAD_CHUNK])
+            for at in range(_UPLOAD_CHUNK, len(data), _UPLOAD_CHUNK):
+                if progress is not None:
+                    progress(at, len(data))
+                yield pb.BlobUpload(data=data[at:at + _UPLOAD_CHUNK])
+
+        why = ""
+        for attempt in range(self.RESUMES + 1):
+            try:
+                stub.PutBlob(chunks(), timeout=self.timeout_s)
+                if progress is not None:
+                    progress(len(data), len(data))
+                return
+            except grpc.RpcError as err:
+                code = err.code()  # type: ignore[attr-defined]
+                why = f"{code.name}: {err.details()}"  # type: ignore[attr-defined]
+                if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                                grpc.StatusCode.CANCELLED):
+                    break
+                log.info("upload of %s: %s; again (%d)", digest[:12], why, attempt + 1)
+        raise BlobError(f"coordinator refused the update payload {digest[:12]}: {why}")
 
     def _stream(self, stub: pb_grpc.CoordinatorStub, digest: str, into: Partial, offset: int,
                 max_bytes: int, progress: Progress | None) -> bool:

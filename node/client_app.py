@@ -50,12 +50,13 @@ def _handle(msg: Message, context: Context) -> Message:
     feedback_path = home.path / "feedback" / f"{enrollment.run_id}.arrays"
     creds = grpc.ssl_channel_credentials(root_certificates=home.ca_path.read_bytes())
     with grpc.secure_channel(enrollment.coordinator_address, creds) as channel:
+        coordinator = CoordinatorBlobs(channel)
         settings = WorkerSettings(node_id=enrollment.node_id, key=load_private_key(key_path),
                                   threads=int(cfg.get("threads", 0)),
                                   device=str(cfg.get("device", "auto")),
                                   limits=NodeLimits.from_node_config(cfg),
                                   cache=BlobDir(home.path / "blobs", _cache_bytes(dict(cfg))),
-                                  coordinator_blobs=CoordinatorBlobs(channel),
+                                  coordinator_blobs=coordinator, uploads=coordinator,
                                   feedback=_load_feedback(feedback_path))
 
         def progress(kind: str, rnd: int, shard: int, steps: int) -> ProgressWriter:

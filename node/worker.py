@@ -17,7 +17,7 @@ from flwr.app import RecordDict
 
 from protocol.blobstore import BlobDir
 from protocol.compression import ErrorFeedback
-from protocol.digest import arrays_from_bytes, digest_arrays
+from protocol.digest import arrays_from_bytes, arrays_to_bytes, digest_arrays, digest_bytes
 from protocol.errors import ConfigError, ProtocolError
 from protocol.messages import (
     EVAL_WINDOWS, Update, UpdateMetrics, parse_work, reply_content, shard_tokens,
@@ -28,7 +28,7 @@ from training.evaluate import evaluate
 from training.inner import train_inner
 from training.model import GPTConfig
 
-from .blobs import BlobFetcher, BlobSource, HttpMirror
+from .blobs import BlobFetcher, BlobSink, BlobSource, HttpMirror
 from .limits import NodeLimits, check_model, check_work
 
 __all__ = ["WorkerSettings", "do_work"]
@@ -48,6 +48,8 @@ class WorkerSettings:
     coordinator_blobs: BlobSource | None = None  # the coordinator's FetchBlob, tried last
     # topk: what earlier updates left out, carried into the next (the caller keeps it)
     feedback: ErrorFeedback | None = None
+    # where a train update's payload goes by digest (the coordinator); None: in the reply
+    uploads: BlobSink | None = None
 
     def fetcher(self, mirrors: list[str]) -> BlobFetcher:
         if self.cache is None:
@@ -106,6 +108,17 @@ def do_work(content: RecordDict, settings: WorkerSettings,
                                 loss_after=ev.mean_loss, wall_s=time.perf_counter() - t0)
     if report is not None:
         report(metrics.steps, metrics.steps, metrics.tokens, done=True)
+    if lease.kind == "train" and settings.uploads is not None:
+        # bytes by digest: the payload goes up first, the signed update binds its digest,
+        # and the Flower reply carries the small signed record only
+        payload = arrays_to_bytes(arrays)
+        digest = digest_bytes(payload)  # == digest_arrays(arrays): the canonical layout
+        report = None if transfer is None else (lambda done, total: transfer("update", done,
+                                                                              total))
+        settings.uploads.put(digest, payload, lease.nonce, report)
+        update = Update(lease=lease, node_id=settings.node_id, arrays_digest=digest,
+                        metrics=metrics)
+        return reply_content(sign_update(update, settings.key), {})
     update = Update(lease=lease, node_id=settings.node_id,
                     arrays_digest=digest_arrays(arrays), metrics=metrics)
     return reply_content(sign_update(update, settings.key), arrays)

@@ -151,9 +151,12 @@ class BlobDir:
             while chunk := f.read(size):
                 yield chunk
 
-    def partial(self, digest: str) -> Partial:
-        """Where a transfer of ``digest`` goes (picking up what an earlier one left)."""
-        return Partial(self.root / ".partial" / check_digest(digest), digest)
+    def partial(self, digest: str, tag: str = "") -> Partial:
+        """Where a transfer of ``digest`` goes (picking up what an earlier one left); a
+        ``tag`` keeps concurrent transfers of one digest apart (two nodes may upload the
+        same bytes at once)."""
+        name = check_digest(digest) + (f".{tag}" if tag else "")
+        return Partial(self.root / ".partial" / name, digest)
 
     def commit(self, partial: Partial) -> Path:
         """Move a finished transfer into the store if its bytes hash to its digest; else

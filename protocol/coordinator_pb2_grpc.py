@@ -59,6 +59,11 @@ class CoordinatorStub:
                 request_serializer=protocol_dot_coordinator__pb2.FetchBlobRequest.SerializeToString,
                 response_deserializer=protocol_dot_coordinator__pb2.BlobChunk.FromString,
                 _registered_method=True)
+        self.PutBlob = channel.stream_unary(
+                '/atom.v1.Coordinator/PutBlob',
+                request_serializer=protocol_dot_coordinator__pb2.BlobUpload.SerializeToString,
+                response_deserializer=protocol_dot_coordinator__pb2.PutBlobReply.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -105,6 +110,15 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PutBlob(self, request_iterator, context):
+        """A node's update payload, in chunks, before it replies: the first message names the open
+        train lease it answers (its nonce), the payload's SHA-256 and size; the coordinator keeps
+        it only if the bytes match the digest, and the signed update then binds that digest.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -132,6 +146,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.FetchBlob,
                     request_deserializer=protocol_dot_coordinator__pb2.FetchBlobRequest.FromString,
                     response_serializer=protocol_dot_coordinator__pb2.BlobChunk.SerializeToString,
+            ),
+            'PutBlob': grpc.stream_unary_rpc_method_handler(
+                    servicer.PutBlob,
+                    request_deserializer=protocol_dot_coordinator__pb2.BlobUpload.FromString,
+                    response_serializer=protocol_dot_coordinator__pb2.PutBlobReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -269,6 +288,33 @@ class Coordinator:
             '/atom.v1.Coordinator/FetchBlob',
             protocol_dot_coordinator__pb2.FetchBlobRequest.SerializeToString,
             protocol_dot_coordinator__pb2.BlobChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutBlob(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/atom.v1.Coordinator/PutBlob',
+            protocol_dot_coordinator__pb2.BlobUpload.SerializeToString,
+            protocol_dot_coordinator__pb2.PutBlobReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -21,7 +21,8 @@ little-endian tokens), which the node fetches from the mirrors the work lists, e
 coordinator's ``FetchBlob``, checking each digest before use (``node.blobs``).
 
 A train reply's arrays are the pseudo-gradient encoded as the work's ``compression`` says
-(``protocol.compression``: by default int8, two arrays per model array). An eval reply's arrays
+(``protocol.compression``: by default int8, two arrays per model array) — or, as nodes send
+them, empty: the payload was uploaded first (``PutBlob``) as the blob ``arrays_digest`` names. An eval reply's arrays
 are exactly ``{"window_loss": float64 (n,)}``: the loss summed over each of the
 ``eval_window_count(lease)`` windows ``training.evaluate`` cuts the range into, so the
 signed ``arrays_digest`` commits the node to every window, and the coordinator recomputes

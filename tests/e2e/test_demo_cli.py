@@ -63,14 +63,18 @@ def test_demo_two_nodes_two_rounds(workdir: Path) -> None:
         for s in ledger.node_summaries():
             assert summary_by_id[s.node_id]["credits"] == round(s.credits, 6)
             assert summary_by_id[s.node_id]["tokens"] == s.tokens
-        # bytes travelled by digest: every version and shard is a blob of the coordinator,
-        # and each node cached every version it evaluated (fetched once, not per lease)
+        # bytes travelled by digest: every version, shard and update payload is a blob of the
+        # coordinator, and each node cached every version it evaluated (fetched once, not per
+        # lease)
         def blob(root: Path, digest: str) -> Path:
             return root / digest[:2] / digest
 
         assert all(blob(workdir / "blobs", v.digest).is_file() for v in versions)
         ranges = {(lease.data_start, lease.data_end) for lease in ledger.leases()}
-        assert len(list((workdir / "blobs").glob("??/*"))) == len(versions) + len(ranges)
+        payloads = {u.arrays_digest for u in train}  # uploaded (a spot check's pair: once)
+        assert all(blob(workdir / "blobs", d).is_file() for d in payloads)
+        assert len(list((workdir / "blobs").glob("??/*"))) == (
+            len(versions) + len(ranges) + len(payloads))
         for i in range(2):
             cache = workdir / "nodes" / str(i) / "blobs"
             assert all(blob(cache, v.digest).is_file() for v in versions), i

@@ -111,6 +111,17 @@ class FakeClock:
             raise RuntimeError(f"fake clock ran past {self.limit_s} s: the loop never finished")
 
 
+@dataclass(frozen=True)
+class _Uploads:
+    """In-process, a node's upload lands straight in the coordinator's blob store."""
+
+    blobs: BlobDir | None
+
+    def put(self, digest: str, data: bytes, lease_nonce: str, progress: Any = None) -> None:
+        assert self.blobs is not None
+        self.blobs.put(data, digest)
+
+
 @dataclass
 class FakeNode:
     """One enrolled node: its ledger row, key and behaviour, and what it has answered."""
@@ -129,6 +140,7 @@ class FakeNode:
     seed: int = 0  # "noise": its noise generator's seed
     blobs: BlobDir | None = None  # set by FakeTransport: the coordinator's store
     feedback: ErrorFeedback = field(default_factory=ErrorFeedback)  # topk: kept across leases
+    upload: bool = True  # honest train payloads go up by digest (False: inline, as attacks do)
     _last_train: RecordDict | None = None
     _last_base: dict[str, np.ndarray] | None = None  # "stale": the base of its last train lease
 
@@ -149,6 +161,14 @@ class FakeNode:
         forged = dataclasses.replace(update, arrays_digest=digest_arrays(arrays), signature=b"",
                                      **changes)
         return reply_content(sign_update(forged, self.key), arrays)
+
+    def _parsed(self, reply: RecordDict) -> tuple[Update, dict[str, np.ndarray]]:
+        """A reply's update and arrays, an uploaded payload fetched back (as the coordinator
+        will: an attacker re-signing honest work re-sends its bytes)."""
+        update, arrays = parse_reply(reply)
+        if not arrays and update.lease.kind == "train":
+            arrays = dict(arrays_from_bytes(self.blobs.get(update.arrays_digest)))
+        return update, arrays
 
     def _codec(self, content: RecordDict) -> tuple[Compression, dict[str, Any]]:
         """The work's update encoding and the base model's shapes (to decode and re-encode:
@@ -183,18 +203,18 @@ class FakeNode:
         if how in ("stale", "stale_forged") and old_base is not None:
             # honest work on the right shard, from the model it had before (still a blob)
             old = dataclasses.replace(lease, base_digest=digest_arrays(old_base))
-            update, arrays = parse_reply(self._honest(work_content(old, arch, mirrors, codec)))
+            update, arrays = self._parsed(self._honest(work_content(old, arch, mirrors, codec)))
             if how == "stale_forged":
                 update = dataclasses.replace(update, metrics=dataclasses.replace(
                     update.metrics, loss_before=first()))
             return self._signed(update, arrays, lease=lease)
         if how == "partial":  # half the compute, the full claim
             half = dataclasses.replace(lease, inner_steps=max(1, lease.inner_steps // 2))
-            update, arrays = parse_reply(self._honest(work_content(half, arch, mirrors, codec)))
+            update, arrays = self._parsed(self._honest(work_content(half, arch, mirrors, codec)))
             return self._signed(update, arrays, lease=lease, metrics=dataclasses.replace(
                 update.metrics, tokens=tokens, steps=lease.inner_steps))
         if how == "reuse" and self._last_train is not None:
-            update, arrays = parse_reply(self._last_train)
+            update, arrays = self._parsed(self._last_train)
             return self._signed(update, arrays, lease=lease)
         if how == "copy":
             copied = self._copied(lease)
@@ -223,7 +243,8 @@ class FakeNode:
     def _honest(self, content: RecordDict, key: Any = None) -> RecordDict:
         # in-process, the coordinator's blob store is the node's cache: always a hit
         settings = WorkerSettings(node_id=self.id, key=key or self.key, device="cpu",
-                                  cache=self.blobs, feedback=self.feedback)
+                                  cache=self.blobs, feedback=self.feedback,
+                                  uploads=_Uploads(self.blobs) if self.upload else None)
         if self.behaviour != "bf16":
             return do_work(content, settings)
         # what a CUDA node does (bf16 autocast), with CPU bf16 standing in for it
@@ -259,7 +280,7 @@ class FakeNode:
             reply = self._honest(content, generate_key() if how == "wrong_key" else None)
         except Exception as err:  # as Flower does: a raising ClientApp answers with an error
             return None, f"{type(err).__name__}: {err}", False
-        update, arrays = parse_reply(reply)
+        update, arrays = self._parsed(reply)
         if how in EVAL_LIES and kind == "eval":
             return self._eval_lie(how, update, arrays), None, True
         codec, shapes = self._codec(content)

@@ -270,3 +270,52 @@ def test_no_source_is_one_error_naming_each(tmp_path: Path, mirror) -> None:
     msg = str(info.value)
     assert "no source could serve it" in msg and url in msg and "127.0.0.1:1" in msg
     assert "\n" not in msg and _clean(f)
+
+
+# -- update payloads up ----------------------------------------------------------------------
+
+def test_an_update_payload_goes_up_for_an_open_lease_only(tmp_path: Path, served) -> None:
+    make, store = served
+    servicer, channel = make()
+    servicer.lease_open = lambda nonce: nonce == "a" * 32
+    servicer.max_upload_bytes = 8 << 20
+    up = CoordinatorBlobs(channel)
+    payload = bytes(range(256)) * 20_000  # 5 MB: three chunks
+    digest = hashlib.sha256(payload).hexdigest()
+    seen: list[int] = []
+    up.put(digest, payload, "a" * 32, progress=lambda done, total: seen.append(done))
+    assert store.get(digest) == payload and seen[-1] == len(payload)
+    other = payload[::-1]
+    with pytest.raises(BlobError, match="no open train lease"):
+        up.put(hashlib.sha256(other).hexdigest(), other, "b" * 32)
+    with pytest.raises(BlobError, match="does not match its digest"):
+        up.put("0" * 64, other, "a" * 32)  # bytes that are not what the digest says
+    huge = bytes(9 << 20)
+    with pytest.raises(BlobError, match="over the limit"):
+        up.put(hashlib.sha256(huge).hexdigest(), huge, "a" * 32)
+    assert not store.has("0" * 64) and not store.has(hashlib.sha256(huge).hexdigest())
+    assert list((store.root / ".partial").iterdir()) == []
+
+
+def test_two_nodes_may_upload_the_same_payload_at_once(tmp_path: Path, served) -> None:
+    # a spot check's two honest results are the same bytes: their uploads must not collide
+    make, store = served
+    servicer, channel = make()
+    servicer.lease_open = lambda nonce: True
+    servicer.max_upload_bytes = 64 << 20
+    payload = np.random.default_rng(2).integers(0, 256, 12 << 20, dtype=np.uint8).tobytes()
+    digest = hashlib.sha256(payload).hexdigest()
+    errors: list[Exception] = []
+
+    def one(nonce: str) -> None:
+        try:
+            CoordinatorBlobs(channel).put(digest, payload, nonce)
+        except Exception as err:  # noqa: BLE001 - collected for the assert
+            errors.append(err)
+
+    threads = [threading.Thread(target=one, args=(c * 32,)) for c in "ab"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and store.get(digest) == payload

@@ -42,7 +42,10 @@ def test_service_shape() -> None:
                        "Ping": ("PingRequest", "PingReply"),
                        "GetCreditStatement": ("StatementRequest", "StatementReply"),
                        "GetStatus": ("StatusRequest", "StatusReply"),
-                       "FetchBlob": ("FetchBlobRequest", "BlobChunk")}
+                       "FetchBlob": ("FetchBlobRequest", "BlobChunk"),
+                       "PutBlob": ("BlobUpload", "PutBlobReply")}
+    put = service.methods_by_name["PutBlob"]
+    assert put.client_streaming and not put.server_streaming
     fetch = service.methods_by_name["FetchBlob"]
     assert fetch.server_streaming and not fetch.client_streaming
     assert [(f.name, f.number) for f in pb.BlobChunk.DESCRIPTOR.fields] == [
