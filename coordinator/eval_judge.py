@@ -31,7 +31,6 @@ from __future__ import annotations
 import logging
 import math
 import random
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -138,7 +137,6 @@ class EvalJudge:
     rng: random.Random
     issuer: ReceiptIssuer | None = None
     recomputed: int = 0  # windows recomputed by the last ``judge``
-    seconds: float = 0.0  # spent recomputing, all phases
     _cache: dict[tuple[int, int, int], float] = field(default_factory=dict)
 
     def judge(self, base: Arrays, cands: Sequence[Candidate],
@@ -226,10 +224,8 @@ class EvalJudge:
         key = (lease.data_start, lease.data_end)
         todo = sorted({i for i in windows if (*key, i) not in self._cache})
         if todo:
-            t0 = time.perf_counter()
             sums = window_losses(base, self.gpt, np.asarray(self.tokens[slice(*key)]), todo,
                                  seq_len=lease.seq_len)
-            self.seconds += time.perf_counter() - t0
             self._cache.update({(*key, i): float(s) for i, s in zip(todo, sums)})
         return [self._cache[(*key, i)] for i in windows]
 

@@ -62,7 +62,8 @@ def screen_reply(content: RecordDict, *, lease: Lease, node_id: int, public_key_
     except ProtocolError as err:
         return Judged(Verdict(False, Reason.MALFORMED, str(err)), None, {})
     train = lease.kind == "train"
-    if train and not arrays and blobs is not None:
+    from_store = train and not arrays and blobs is not None
+    if from_store:
         try:
             arrays = arrays_from_bytes(blobs.get(update.arrays_digest))
         except (BlobError, ProtocolError) as err:
@@ -70,7 +71,8 @@ def screen_reply(content: RecordDict, *, lease: Lease, node_id: int, public_key_
     verdict = verify(update, arrays, Expected(
         lease=lease, node_id=node_id, public_key_pem=public_key_pem, current_version=version,
         shapes=shapes if train else {}, max_norm=cfg.verify.max_update_norm, now=now,
-        revoked=_revoked(ledger, node_id), compression=cfg.codec() if train else None))
+        revoked=_revoked(ledger, node_id), compression=cfg.codec() if train else None,
+        from_store=from_store))
     return Judged(verdict, update, verdict.arrays if verdict.arrays is not None else arrays)
 
 

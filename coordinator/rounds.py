@@ -224,9 +224,11 @@ class RunLoop:
                                            self.store.digest, [(lo, hi)])
         quorum = plan_quorum(leases, {i: n.institution_id for i, n in nodes.items()},
                              self.cfg.verify.eval_quorum_rate, self.rng)
-        copies = [(of, self.scheduler.lease_eval_copy(rnd, node, of)) for of, node in quorum]
-        for of, copy in copies:
-            leases[self.scheduler.node_of(copy) or 0].append(copy)
+        copies = []
+        for of, node in quorum:
+            copy = self.scheduler.lease_eval_copy(rnd, node, of)
+            leases[node].append(copy)
+            copies.append((of, copy))
         cands, screened_out = self._dispatch([(nodes[n], ls) for n, ls in leases.items()])
         # originals first: the published loss takes a range from its first accepted reply
         copy_nonces = {c.nonce for _, c in copies}

@@ -30,16 +30,6 @@ __all__ = ["app"]
 
 app = ClientApp()
 
-DEFAULT_CACHE_BYTES = 20 << 30
-
-
-def _cache_bytes(cfg: dict) -> int:  # type: ignore[type-arg]
-    value = cfg.get("max-cache-bytes", DEFAULT_CACHE_BYTES)
-    if type(value) is not int or value < 1:
-        raise ConfigError(f"node config max-cache-bytes must be a positive integer, got {value!r}")
-    return value
-
-
 def _handle(msg: Message, context: Context) -> Message:
     cfg = context.node_config
     home = NodeHome(Path(str(cfg["home"])))
@@ -51,11 +41,11 @@ def _handle(msg: Message, context: Context) -> Message:
     creds = grpc.ssl_channel_credentials(root_certificates=home.ca_path.read_bytes())
     with grpc.secure_channel(enrollment.coordinator_address, creds) as channel:
         coordinator = CoordinatorBlobs(channel)
+        limits = NodeLimits.from_node_config(cfg)
         settings = WorkerSettings(node_id=enrollment.node_id, key=load_private_key(key_path),
                                   threads=int(cfg.get("threads", 0)),
-                                  device=str(cfg.get("device", "auto")),
-                                  limits=NodeLimits.from_node_config(cfg),
-                                  cache=BlobDir(home.path / "blobs", _cache_bytes(dict(cfg))),
+                                  device=str(cfg.get("device", "auto")), limits=limits,
+                                  cache=BlobDir(home.path / "blobs", limits.max_cache_bytes),
                                   coordinator_blobs=coordinator, uploads=coordinator,
                                   feedback=_load_feedback(feedback_path))
 

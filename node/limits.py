@@ -14,6 +14,7 @@ max-work-bytes    5 GiB           bytes of one blob a lease names (the model, or
 max-model-params  1,000,000,000   fp32 weights + grads + AdamW moments ~16 GB: one 24-80 GB GPU
 max-shard-tokens  67,108,864      64 Mi tokens (128 MiB of uint16) per shard
 max-batch-tokens  1,048,576       batch_size x seq_len per inner step (activation memory)
+max-cache-bytes   20 GiB          the blob cache in the node home (least recently used evicted)
 ================  ==============  ===========================================================
 
 The largest preset (``gpt2``, ~85M parameters) with a generous shard fits well inside.
@@ -38,6 +39,7 @@ class NodeLimits:
     max_model_params: int = 1_000_000_000
     max_shard_tokens: int = 64 << 20
     max_batch_tokens: int = 1 << 20
+    max_cache_bytes: int = 20 << 30
 
     @classmethod
     def from_node_config(cls, cfg: Mapping[str, Any]) -> NodeLimits:

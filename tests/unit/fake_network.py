@@ -283,9 +283,11 @@ class FakeNode:
         update, arrays = self._parsed(reply)
         if how in EVAL_LIES and kind == "eval":
             return self._eval_lie(how, update, arrays), None, True
-        codec, shapes = self._codec(content)
         # train: the pseudo-gradient the coordinator will decode (eval: the windows)
-        plain = decode(arrays, codec, shapes, math.inf) if kind == "train" else arrays
+        plain = arrays
+        if kind == "train":
+            codec, shapes = self._codec(content)
+            plain = decode(arrays, codec, shapes, math.inf)
         if how in ("honest", "bf16", "late", "replay"):
             self.answered.append((update.lease, plain))
         if kind == "train":
