@@ -73,6 +73,9 @@ def parse_args() -> argparse.Namespace:
                    help="comma-separated update encodings to compare: none, int8, topk")
     p.add_argument("--topk-fraction", type=float, default=0.01)
     p.add_argument("--error-feedback", action="store_true", help="topk: carry what was dropped")
+    p.add_argument("--keep-inner-state", action="store_true",
+                   help="each worker keeps its AdamW state across rounds (as DiLoCo's do); "
+                        "runs once without and once with, and prints both (serial only)")
     return p.parse_args()
 
 
@@ -82,7 +85,8 @@ def _work(job: dict) -> dict:
     r = train_inner(**job)
     # CPU seconds do not depend on what else runs: x1.5 is the ideal wall for 3 on 2 cores.
     return {"pg": r.pseudo_grad, "tokens": r.tokens, "before": r.loss_before,
-            "after": r.loss_after, "wall_s": r.wall_s, "cpu_s": time.process_time() - cpu}
+            "after": r.loss_after, "wall_s": r.wall_s, "cpu_s": time.process_time() - cpu,
+            "opt_state": r.opt_state}
 
 
 def outer_step(params, avg, buf, lr: float, momentum: float) -> None:
@@ -92,12 +96,15 @@ def outer_step(params, avg, buf, lr: float, momentum: float) -> None:
         params[name] -= lr * (g + momentum * buf[name])
 
 
-def simulate(a: argparse.Namespace, cfg, shards, toks, val, codec: Compression):  # type: ignore[no-untyped-def]
-    """R rounds of W workers from the same start; each update through ``codec``."""
+def simulate(a: argparse.Namespace, cfg, shards, toks, val, codec: Compression,  # type: ignore[no-untyped-def]
+             keep_state: bool = False):
+    """R rounds of W workers from the same start; each update through ``codec``; with
+    ``keep_state`` each worker starts its AdamW from where its previous round ended."""
     params = init_arrays(cfg, a.seed)
     n_params = sum(v.size for v in params.values())
     print(f"{codec.scheme}: model {a.preset} {asdict(cfg)} params={n_params / 1e6:.2f}M")
     feedback = [ErrorFeedback() for _ in range(a.workers)]  # one per worker, across rounds
+    opt_states: list = [None] * a.workers
     shapes = {k: (v.shape, "<f4") for k, v in params.items()}
     sent = 0
 
@@ -117,12 +124,14 @@ def simulate(a: argparse.Namespace, cfg, shards, toks, val, codec: Compression):
                 dict(base=params, cfg=cfg, tokens=np.array(toks[s.start : s.end]),
                      steps=a.inner_steps, batch_size=a.batch_size, seq_len=a.seq_len, lr=a.lr,
                      weight_decay=a.weight_decay, seed=a.seed * 1000 + s.shard_id,
-                     device="cpu", threads=a.threads)
-                for s in shards[rnd * a.workers : (rnd + 1) * a.workers]
+                     device="cpu", threads=a.threads, opt_state=opt_states[w],
+                     keep_opt_state=keep_state)
+                for w, s in enumerate(shards[rnd * a.workers : (rnd + 1) * a.workers])
             ]
             t = time.perf_counter()
             res = pool.map(_work, jobs) if pool else [_work(j) for j in jobs]
             round_s = time.perf_counter() - t
+            opt_states = [r["opt_state"] for r in res]
             for w, r in enumerate(res):  # what the coordinator gets: the decoded encoding
                 enc = feedback[w].encode(r["pg"], codec)
                 sent += encoded_bytes(enc)
@@ -162,12 +171,18 @@ def main() -> None:
     val = np.array(toks[info.val_range[0] : info.val_range[0] + a.val_tokens])
 
     schemes = [x for x in a.compression.split(",") if x]
+    if a.keep_inner_state and a.parallel:
+        raise SystemExit("--keep-inner-state runs the workers one after another")
     finals: dict[str, float] = {}
-    for scheme in schemes:
+    curves: dict[str, list[float]] = {}
+    runs = [(s, False) for s in schemes] + [(s, True) for s in schemes if a.keep_inner_state]
+    for scheme, keep in runs:
         codec = Compression(scheme, fraction=a.topk_fraction, feedback=a.error_feedback)
-        curve, shard_s, shard_cpu, sent, n_params = simulate(a, cfg, shards, toks, val, codec)
-        finals[scheme] = curve[-1]
-        print(f"{scheme}: final val {curve[-1]:.4f}, {sent / a.rounds / a.workers / 1e6:.3f} MB "
+        curve, shard_s, shard_cpu, sent, n_params = simulate(a, cfg, shards, toks, val, codec,
+                                                             keep)
+        name = f"{scheme}+inner_state" if keep else scheme
+        finals[name], curves[name] = curve[-1], curve
+        print(f"{name}: final val {curve[-1]:.4f}, {sent / a.rounds / a.workers / 1e6:.3f} MB "
               "per update")
     print(f"corpus {info.n_tokens} tokens, {len(shards)} train shards of ~{a.shard_tokens}; "
           f"val scored on {val.size} tokens")
@@ -180,6 +195,7 @@ def main() -> None:
         "inner_steps": a.inner_steps, "batch_size": a.batch_size, "seq_len": a.seq_len,
         "lr": a.lr, "outer_lr": a.outer_lr, "momentum": a.momentum, "shard_tokens": a.shard_tokens,
         "val_curve": [round(x, 4) for x in curve],
+        "val_curves": {k: [round(x, 4) for x in c] for k, c in curves.items()},
         "final_val": finals, "loss_ratio_vs_none": ratios, "topk_fraction": a.topk_fraction,
         "error_feedback": a.error_feedback,
         "shard_s_mean": round(float(np.mean(shard_s)), 2), "shard_s_max": round(max(shard_s), 2),

@@ -49,11 +49,40 @@ _TTL_SLACK_S = 600.0
 _BENCH_S = 90.0  # a node that missed a deadline sits out this long (Flower needs ~70 s to drop it)
 
 
+@dataclass
+class _Batch:
+    """Leases sent for one verdict: a round's training, or the evaluation of one version.
+
+    ``version`` is the model version its leases are built on (what replies are checked
+    against, even after the run has moved on to the next version).
+    """
+
+    kind: str
+    version: int
+    open: int = 0  # leases not yet answered, failed or expired
+    cands: list[Candidate] = field(default_factory=list)  # replies that passed ``verify``
+    screened_out: list[Lease] = field(default_factory=list)  # replies that did not
+
+
+@dataclass
+class _TrainBatch(_Batch):
+    pairs: list[tuple[Lease, Lease]] = field(default_factory=list)  # (worker's, spot check)
+    trust: dict[int, float] = field(default_factory=dict)  # by node, when it was leased
+
+
+@dataclass
+class _EvalBatch(_Batch):
+    base: dict[str, np.ndarray] = field(default_factory=dict)
+    span: tuple[int, int] = (0, 0)
+    copies: list[tuple[Lease, Lease]] = field(default_factory=list)  # (original, quorum copy)
+
+
 @dataclass(frozen=True)
 class _Sent:
     lease: Lease
     node: Node
     row_id: int
+    batch: _Batch
 
 
 @dataclass
@@ -73,6 +102,11 @@ class RunLoop:
     _nodes: dict[int, Node] = field(default_factory=dict)  # by Flower id
     _benched: dict[int, float] = field(default_factory=dict)  # ledger id -> until
     _seen: set[int] = field(default_factory=set)
+    _pending: dict[str, _Sent] = field(default_factory=dict)  # by Flower message id
+    _batch_of: dict[str, _Batch] = field(default_factory=dict)  # lease nonce -> its batch
+    _evals: list[_EvalBatch] = field(default_factory=list)  # evaluations still open
+    _evaluated: set[int] = field(default_factory=set)  # versions whose evaluation was sent
+    _rows: dict[int, Node] = field(default_factory=dict)  # by ledger id
 
     def __post_init__(self) -> None:
         self.tokens = self.corpus.tokens()
@@ -94,6 +128,7 @@ class RunLoop:
         self.codec = self.cfg.codec()
         self.judge = RoundJudge(self.cfg, self.ledger, self.store.gpt, self.tokens,
                                 self.corpus.val_range, self.rng, self.issuer)
+        self._evaluated = {v.version for v in self.ledger.versions() if v.val_loss is not None}
         self.eval_judge = EvalJudge(self.cfg, self.ledger, self.store.gpt, self.tokens,
                                     self.rng, self.issuer)
 
@@ -101,16 +136,15 @@ class RunLoop:
 
     def run(self) -> None:
         first = self._last_round() + 1
-        if first > self.cfg.run.rounds:
+        latest = self.ledger.latest_version()
+        unevaluated = latest is not None and latest.val_loss is None
+        if first > self.cfg.run.rounds and not unevaluated:
             log.info("all %d rounds already done", self.cfg.run.rounds)
             return
         self._wait_for_nodes()
-        latest = self.ledger.latest_version()
-        if latest is not None and latest.val_loss is None:
-            self._eval_phase(first - 1)
         for rnd in range(first, self.cfg.run.rounds + 1):
-            if self._train_phase(rnd):
-                self._eval_phase(rnd)
+            self._round(rnd)
+        self._round(self.cfg.run.rounds, train=False)  # the last version's evaluation
         self.ledger.add_event("run", f"run {self.cfg.run.id} finished at version "
                                      f"{self.store.version}")
 
@@ -136,7 +170,7 @@ class RunLoop:
             node = self.ledger.node_by_flower_id(str(fid))
             if node is None or node.revoked:
                 continue
-            self._nodes[fid] = node
+            self._nodes[fid] = self._rows[node.id] = node
             if fid not in self._seen:
                 self.ledger.add_event("online", f"{node.name} is online", node_id=node.id)
             if self._benched.get(node.id, 0.0) <= now:
@@ -152,9 +186,26 @@ class RunLoop:
         self._benched[node.id] = self.clock() + _BENCH_S
         log.info("benching %s: %s", node.name, why)
 
-    # -- phases -------------------------------------------------------------------------
+    # -- rounds -------------------------------------------------------------------------
 
-    def _train_phase(self, rnd: int) -> bool:
+    def _round(self, rnd: int, *, train: bool = True) -> None:
+        """Lease round ``rnd``'s training on the current version and, queued behind it on
+        the same nodes, that version's evaluation if it has none yet; wait for the training
+        only. The evaluation is judged when its last reply is in — usually while the nodes
+        already train the next version — so it is never a barrier."""
+        version = self.store.version
+        work: dict[int, list[Lease]] = {}
+        batch = self._train_leases(rnd, work) if train else None
+        if version not in self._evaluated:
+            self._evaluated.add(version)
+            made_in = self.ledger.latest_version()  # its leases carry the round it was made in
+            self._eval_leases(made_in.round if made_in is not None else rnd - 1, work)
+        self._send(work)
+        self._collect(lambda: (batch.open == 0) if batch is not None else not self._evals)
+        if batch is not None:
+            self._close_train(rnd, batch)
+
+    def _train_leases(self, rnd: int, work: dict[int, list[Lease]]) -> _TrainBatch | None:
         end = self.clock() + self.cfg.run.wait_for_nodes_s
         trust = {s.node_id: s.trust for s in self.ledger.node_summaries()}
         probation = self.ledger.lost_spot_check_within(PROBATION_UPDATES)
@@ -172,18 +223,26 @@ class RunLoop:
             self.sleep(1.0)
         if not leases:
             self.ledger.add_event("round", f"round {rnd}: no eligible node, skipped")
-            return False
+            return None
         # spot checks: the checker trains its worker's shard instead of one of its own
         copies = {c: self.scheduler.lease_duplicate(rnd, c, leases[w])
                   for w, c in checks.items() if w in leases}
-        work = [(by_id[n], [lease]) for n, lease in sorted({**leases, **copies}.items())]
-        cands, screened_out = self._dispatch(work)
-        kept = self._judge_round(rnd, cands, screened_out,
-                                 [(leases[w], copies[c]) for w, c in checks.items() if c in copies])
+        batch = _TrainBatch("train", self.store.version, trust=trust,
+                            pairs=[(leases[w], copies[c]) for w, c in checks.items()
+                                   if c in copies])
+        for n, lease in {**leases, **copies}.items():
+            work.setdefault(n, []).append(lease)
+            self._batch_of[lease.nonce] = batch
+        return batch
+
+    def _close_train(self, rnd: int, batch: _TrainBatch) -> None:
+        """Judge the round's training together and make the next version from what stands."""
+        kept = self._judge_round(rnd, batch.cands, batch.screened_out, batch.pairs)
         if not kept:
             self.ledger.add_event("round", f"round {rnd}: no accepted update; "
                                            f"version {self.store.version} stays")
-            return False
+            return
+        trust = batch.trust
         weights = [float(c.judged.update.metrics.tokens) * (
             trust.get(c.node.id, NEW_NODE_TRUST) if self.cfg.verify.trust_weighting else 1.0)
             for c in kept]
@@ -193,7 +252,6 @@ class RunLoop:
                                      tokens=tokens)
         self.ledger.add_event("version", f"round {rnd}: version {version} from "
                                          f"{len(kept)} updates ({tokens} tokens)")
-        return True
 
     def _judge_round(self, rnd: int, cands: list[Candidate], screened_out: list[Lease],
                      pairs: list[tuple[Lease, Lease]]) -> list[Candidate]:
@@ -216,7 +274,9 @@ class RunLoop:
                 kept.append(c)
         return kept
 
-    def _eval_phase(self, rnd: int) -> None:
+    def _eval_leases(self, rnd: int, work: dict[int, list[Lease]]) -> None:
+        """Split the validation slice of the current version over the nodes (some pieces to
+        a second node for a quorum), each queued behind the node's train lease."""
         lo, hi = self.corpus.val_range
         hi = min(hi, lo + self.cfg.data.eval_tokens)
         nodes = {n.id: n for n in self._eligible()}
@@ -224,87 +284,113 @@ class RunLoop:
                                            self.store.digest, [(lo, hi)])
         quorum = plan_quorum(leases, {i: n.institution_id for i, n in nodes.items()},
                              self.cfg.verify.eval_quorum_rate, self.rng)
-        copies = []
+        batch = _EvalBatch("eval", self.store.version, base=self.store.arrays, span=(lo, hi))
         for of, node in quorum:
             copy = self.scheduler.lease_eval_copy(rnd, node, of)
             leases[node].append(copy)
-            copies.append((of, copy))
-        cands, screened_out = self._dispatch([(nodes[n], ls) for n, ls in leases.items()])
+            batch.copies.append((of, copy))
+        for n, ls in leases.items():
+            work.setdefault(n, []).extend(ls)
+            for lease in ls:
+                self._batch_of[lease.nonce] = batch
+        self._evals.append(batch)
+        if not leases:  # no node free to evaluate: the coordinator does it all
+            self._close_eval(batch)
+
+    def _close_eval(self, batch: _EvalBatch) -> None:
+        """Judge a version's evaluation once every lease of it is answered, and publish the
+        version's validation loss from what was accepted (and the coordinator's own
+        evaluation of whatever no accepted reply covers)."""
+        self._evals.remove(batch)
+        cands, copies = batch.cands, batch.copies
         # originals first: the published loss takes a range from its first accepted reply
         copy_nonces = {c.nonce for _, c in copies}
         cands.sort(key=lambda c: c.lease.nonce in copy_nonces)
         at = {c.lease.nonce: i for i, c in enumerate(cands)}
-        base = self.store.arrays
+        base = batch.base
         ids = self.eval_judge.judge(base, cands, [(at[o.nonce], at[c.nonce]) for o, c in copies
                                                   if o.nonce in at and c.nonce in at])
-        for lease in screened_out:
+        for lease in batch.screened_out:
             self.scheduler.answered(lease, False)
         for c in cands:
             self.scheduler.answered(c.lease, c.standing)
-        val = validation_loss(cands, ids, (lo, hi),
+        val = validation_loss(cands, ids, batch.span,
                               lambda a, b: self.eval_judge.evaluate_range(base, a, b))
-        self.ledger.set_val_loss(self.store.version, val.loss, val.tokens,
+        self.ledger.set_val_loss(batch.version, val.loss, val.tokens,
                                  update_ids=val.update_ids,
                                  windows_recomputed=self.eval_judge.recomputed,
                                  local_tokens=val.local_tokens)
         log.info("version %d: val loss %s over %d tokens (%d from %d accepted replies, %d "
-                 "evaluated here; %d windows recomputed)", self.store.version, val.loss,
+                 "evaluated here; %d windows recomputed)", batch.version, val.loss,
                  val.tokens, val.tokens - val.local_tokens, len(val.update_ids),
                  val.local_tokens, self.eval_judge.recomputed)
 
     # -- sending and judging ------------------------------------------------------------
 
-    def _dispatch(self, work: list[tuple[Node, list[Lease]]]
-                  ) -> tuple[list[Candidate], list[Lease]]:
-        """Send every lease, screen replies as they come, expire the silent.
-
-        Replies that fail ``verify`` are recorded (rejected) at once; the others stay open in
-        the scheduler for their phase's verdict. Returns (the replies that passed ``verify``
-        as ``Candidate``s, the leases of those that did not).
-        """
-        pending: dict[str, _Sent] = {}
-        for node, leases in work:
-            for lease in leases:
+    def _send(self, work: dict[int, list[Lease]]) -> None:
+        """Send every node its leases in order (a train lease, then the evaluation queued
+        behind it): each message names what the one after it needs, to fetch while it
+        works."""
+        for node_id, leases in sorted(work.items()):
+            node = self._rows[node_id]
+            for i, lease in enumerate(leases):
                 row = self.ledger.record_lease(
                     run_id=lease.run_id, round=lease.round, shard_id=lease.shard_id,
                     kind=lease.kind, node_id=node.id, base_version=lease.base_version,
                     nonce=lease.nonce, data_start=lease.data_start, data_end=lease.data_end,
                     deadline=lease.deadline)
                 self._publish(lease)
+                nxt = leases[i + 1] if i + 1 < len(leases) else None
+                prefetch = [d for d in (nxt.base_digest, nxt.data_digest)
+                            if d not in (lease.base_digest, lease.data_digest)] if nxt else []
                 content = work_content(lease, self.arch, self.cfg.network.blob_mirrors,
-                                       self.codec)
+                                       self.codec, prefetch=list(dict.fromkeys(prefetch)))
                 # The TTL bounds the reply too: keep it well past the deadline so a slow but
                 # honest answer is judged (as late) instead of vanishing inside Flower.
                 mid = self.transport.send(int(node.flower_node_id), lease.kind, content,
                                           ttl=lease.deadline - self.clock() + _TTL_SLACK_S)
-                pending[mid] = _Sent(lease, node, row.id)
-        cands: list[Candidate] = []
-        screened_out: list[Lease] = []
-        while pending:
-            for reply in self.transport.poll(list(pending)):
-                sent = pending.pop(reply.msg_id, None)
+                batch = self._batch_of.pop(lease.nonce)
+                batch.open += 1
+                self._pending[mid] = _Sent(lease, node, row.id, batch)
+
+    def _collect(self, done: Callable[[], bool]) -> None:
+        """Take replies (of any batch) as they come and expire the silent, until ``done``.
+
+        Each reply is screened by ``verify`` at once: a failure is recorded (rejected) there
+        and then; the others wait in their batch for its verdict. An evaluation whose last
+        lease is settled is judged on the spot.
+        """
+        while not done():
+            for reply in self.transport.poll(list(self._pending)):
+                sent = self._pending.pop(reply.msg_id, None)
                 if sent is None:
                     continue
                 if reply.error is not None or reply.content is None:
                     self._failed(sent, reply.error or "empty reply")
-                    continue
-                cand = self._screen(sent, reply.content)
-                if cand is None:
-                    screened_out.append(sent.lease)
                 else:
-                    cands.append(cand)
+                    cand = self._screen(sent, reply.content)
+                    if cand is None:
+                        sent.batch.screened_out.append(sent.lease)
+                    else:
+                        sent.batch.cands.append(cand)
+                self._settled(sent.batch)
             expired = {lease.nonce for lease in self.scheduler.expire()}
-            for mid, sent in list(pending.items()):
+            for mid, sent in list(self._pending.items()):
                 if sent.lease.nonce in expired:
-                    del pending[mid]
+                    del self._pending[mid]
                     self.ledger.close_lease(sent.row_id, "expired", self.clock())
                     self.ledger.add_event("reissue", f"{sent.node.name} missed the deadline "
                                           f"of {sent.lease.kind} shard {sent.lease.shard_id}; "
                                           "it goes back to the pool", node_id=sent.node.id)
                     self._bench(sent.node, "missed a deadline")
-            if pending:
+                    self._settled(sent.batch)
+            if not done():
                 self.sleep(_POLL_S)
-        return cands, screened_out
+
+    def _settled(self, batch: _Batch) -> None:
+        batch.open -= 1
+        if batch.open == 0 and isinstance(batch, _EvalBatch):
+            self._close_eval(batch)
 
     def _publish(self, lease: Lease) -> None:
         """Put what ``lease`` names into the blob store (once: blobs are named by content)."""
@@ -321,7 +407,7 @@ class RunLoop:
         now, t0 = self.clock(), time.perf_counter()
         judged = screen_reply(
             content, lease=sent.lease, node_id=sent.node.id,
-            public_key_pem=sent.node.public_key_pem.encode(), version=self.store.version,
+            public_key_pem=sent.node.public_key_pem.encode(), version=sent.batch.version,
             shapes=self.store.shapes(), cfg=self.cfg, ledger=self.ledger, now=now,
             blobs=self.blobs)
         if sent.lease.kind == "train":

@@ -86,10 +86,10 @@ class Scheduler:
 
     def lease_train(self, round: int, node_ids: Sequence[int], base_version: int,
                     base_digest: str) -> dict[int, Lease]:
-        """One train lease for each node (taken in id order) that holds none, as long as
+        """One train lease for each node (taken in id order) that holds no train lease, as long as
         shards not already out remain; nodes left without one are absent from the result."""
         out: dict[int, Lease] = {}
-        free = self._free(node_ids)
+        free = self._free(node_ids, "train")
         # First pass: no node gets back a shard it returned. Second: what is left goes to
         # whoever is still free, so a shard only its returner could take is not held back.
         for strict in (True, False):
@@ -102,7 +102,8 @@ class Scheduler:
                 shard_id, epoch = taken
                 start, end = self._ranges[shard_id]
                 lease = self._make(round, shard_id, "train", base_version, base_digest, start,
-                                   end, shard_seed(self._run_id, shard_id, epoch))
+                                   end, shard_seed(self._run_id, shard_id, epoch),
+                                   begin=self._start(node))
                 self._open[lease.nonce] = _Open(node, lease, epoch, duplicate=False)
                 out[node] = lease
         return out
@@ -114,10 +115,10 @@ class Scheduler:
         orig = self._open.get(of.nonce)
         if orig is None or orig.lease != of or of.kind != "train":
             raise ValueError("can only duplicate an open train lease")
-        if node_id == orig.node_id or self.leases_for(node_id):
+        if node_id == orig.node_id or any(x.kind == "train" for x in self.leases_for(node_id)):
             raise ValueError(f"node {node_id} cannot take a duplicate of this lease")
         lease = replace(of, round=round, nonce=self._nonce(),
-                        deadline=self._clock() + self._train.deadline_s)
+                        deadline=self._start(node_id) + self._train.deadline_s)
         self._open[lease.nonce] = _Open(node_id, lease, orig.epoch, duplicate=True)
         return lease
 
@@ -128,22 +129,23 @@ class Scheduler:
         if orig is None or orig.lease != of or of.kind != "eval":
             raise ValueError("can only copy an open eval lease")
         held = self.leases_for(node_id)
-        if node_id == orig.node_id or any(x.kind != "eval" or x.data_start == of.data_start
+        if node_id == orig.node_id or any(x.kind == "eval" and x.data_start == of.data_start
                                           for x in held):
             raise ValueError(f"node {node_id} cannot take a copy of this eval lease")
         lease = replace(of, round=round, nonce=self._nonce(),
-                        deadline=self._clock() + self._train.deadline_s)
+                        deadline=self._start(node_id) + self._train.deadline_s)
         self._open[lease.nonce] = _Open(node_id, lease, -1, duplicate=True)
         return lease
 
     def lease_eval(self, round: int, node_ids: Sequence[int], base_version: int,
                    base_digest: str, ranges: Sequence[tuple[int, int]]) -> dict[int, list[Lease]]:
-        """Split the eval ``ranges`` over the nodes (id order) that hold no lease: each node
-        gets a contiguous run of ``seq_len`` blocks (counts differ by at most one), as one
-        lease per range it touches. Eval shard ids number the pieces of this call from 0."""
+        """Split the eval ``ranges`` over the nodes (id order) that hold no eval lease on this
+        version: each node gets a contiguous run of ``seq_len`` blocks (counts differ by at
+        most one), as one lease per range it touches, its deadline counted from when what the
+        node already holds is due. Eval shard ids number the pieces of this call from 0."""
         blocks = [(s, min(s + self._train.seq_len, end))
                   for start, end in ranges for s in range(start, end, self._train.seq_len)]
-        nodes = self._free(node_ids)[:len(blocks)]
+        nodes = self._free(node_ids, "eval", base_version)[:len(blocks)]
         out: dict[int, list[Lease]] = {}
         piece = 0
         for i, node in enumerate(nodes):
@@ -155,7 +157,8 @@ class Scheduler:
                 else:
                     spans.append([s, e])
             for s, e in spans:
-                lease = self._make(round, piece, "eval", base_version, base_digest, s, e, 0)
+                lease = self._make(round, piece, "eval", base_version, base_digest, s, e, 0,
+                                   begin=self._start(node))
                 self._open[lease.nonce] = _Open(node, lease, -1, duplicate=False)
                 out.setdefault(node, []).append(lease)
                 piece += 1
@@ -232,9 +235,20 @@ class Scheduler:
 
     # -- internals ----------------------------------------------------------------------
 
-    def _free(self, node_ids: Sequence[int]) -> list[int]:
-        busy = {e.node_id for e in self._open.values()}
+    def _free(self, node_ids: Sequence[int], kind: str, version: int | None = None
+              ) -> list[int]:
+        """The nodes holding no open lease of ``kind`` (on base ``version``, if given). A node
+        may hold a train lease and evaluations queued behind it: its SuperNode takes the
+        next the moment it replies."""
+        busy = {e.node_id for e in self._open.values() if e.lease.kind == kind
+                and (version is None or e.lease.base_version == version)}
         return sorted(set(node_ids) - busy)
+
+    def _start(self, node_id: int) -> float:
+        """When a new lease for ``node_id`` may start: now, or when what it already holds is
+        due (a queued lease's deadline counts from there, not from its issue)."""
+        return max([self._clock(), *(e.lease.deadline for e in self._open.values()
+                                     if e.node_id == node_id and not e.received)])
 
     def _take(self, avoid: int | None = None) -> tuple[int, int] | None:
         """The first pooled shard that is not out on a lease (nor returned by node
@@ -268,7 +282,7 @@ class Scheduler:
         self._pool.extendleft(reversed([(e.lease.shard_id, e.epoch) for e in back]))
 
     def _make(self, round: int, shard_id: int, kind: str, base_version: int, base_digest: str,
-              start: int, end: int, seed: int) -> Lease:
+              start: int, end: int, seed: int, *, begin: float | None = None) -> Lease:
         if (start, end) not in self._digests:
             self._digests[(start, end)] = self._data_digest(start, end)
         t, train = self._train, kind == "train"
@@ -278,4 +292,5 @@ class Scheduler:
                      inner_steps=t.inner_steps if train else 0, batch_size=t.batch_size,
                      seq_len=t.seq_len, lr=float(t.lr) if train else 0.0,
                      weight_decay=float(t.weight_decay) if train else 0.0, seed=seed,
-                     deadline=self._clock() + t.deadline_s, nonce=self._nonce())
+                     deadline=(self._clock() if begin is None else begin) + t.deadline_s,
+                     nonce=self._nonce())

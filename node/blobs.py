@@ -17,6 +17,7 @@ Sources, tried in order::
 from __future__ import annotations
 
 import logging
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
@@ -171,6 +172,15 @@ class CoordinatorBlobs:
         return size >= 0 and offset == size
 
 
+# Striped by digest: two fetches of one blob (a prefetch and the lease that needs it)
+# take turns, and the second finds it cached.
+_LOCKS = [threading.Lock() for _ in range(64)]
+
+
+def _lock_for(digest: str) -> threading.Lock:
+    return _LOCKS[int(digest[:8], 16) % len(_LOCKS)]
+
+
 @dataclass
 class BlobFetcher:
     """The node's way to a blob: its cache, else each source in turn."""
@@ -184,6 +194,11 @@ class BlobFetcher:
         """The blob's bytes, checked against ``digest``; ``BlobError`` naming every source's
         failure if none could serve it."""
         check_digest(digest)
+        # a lease may need the blob a prefetch is fetching: wait for it, never fetch it twice
+        with _lock_for(digest):
+            return self._get(digest, progress)
+
+    def _get(self, digest: str, progress: Progress | None) -> bytes:
         if self.cache.has(digest):
             return self.cache.get(digest)
         failures = []

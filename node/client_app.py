@@ -1,86 +1,95 @@
 """The Flower ClientApp: wiring only. The work itself is ``node.worker.do_work``.
 
-Flower starts this in a fresh process per message; everything it needs comes from the
-SuperNode's ``--node-config`` (``home``, ``threads``, ``device``, optionally ``sign-key`` and
-``max-cache-bytes``) and the node home (enrollment, pinned CA, the blob cache ``blobs/``,
-which outlives the process: a model version is fetched once per node, not once per lease).
+It runs inside the node's warm worker (``node.warm_worker``): one long-lived process per node
+that takes every message the SuperNode receives, so what :class:`NodeSession` holds — the
+signing key, the TLS channel to the coordinator, the blob cache, the base models last used,
+top-k error feedback — lives across leases (torch is imported once). Run the old way, one
+``flwr-clientapp`` process per message, it still works, paying all of that every time.
+
+Everything it needs comes from the SuperNode's ``--node-config`` (``home``, ``threads``,
+``device``, optionally ``sign-key`` and ``max-cache-bytes``) and the node home (enrollment,
+pinned CA, the blob cache ``blobs/``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import grpc
-from flwr.app import Context, Message
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from protocol.blobstore import BlobDir
 from protocol.compression import ErrorFeedback
-from protocol.digest import arrays_from_bytes, arrays_to_bytes
-from protocol.errors import ConfigError, ProtocolError
+from protocol.errors import ConfigError
 from protocol.signing import load_private_key
 
 from .blobs import CoordinatorBlobs
 from .identity import NodeHome
 from .limits import NodeLimits
 from .progress import ProgressWriter, TransferProgress
-from .worker import WorkerSettings, do_work
+from .worker import BaseModels, WorkerSettings, do_work
 
-__all__ = ["app"]
+__all__ = ["NodeSession", "app", "session_for"]
 
 app = ClientApp()
 
-def _handle(msg: Message, context: Context) -> Message:
-    cfg = context.node_config
-    home = NodeHome(Path(str(cfg["home"])))
-    enrollment = home.enrollment()
-    if enrollment is None:
-        raise ConfigError(f"{home.path} holds no enrollment")
-    key_path = Path(str(cfg.get("sign-key") or home.key_path))
-    feedback_path = home.path / "feedback" / f"{enrollment.run_id}.arrays"
-    creds = grpc.ssl_channel_credentials(root_certificates=home.ca_path.read_bytes())
-    with grpc.secure_channel(enrollment.coordinator_address, creds) as channel:
-        coordinator = CoordinatorBlobs(channel)
-        limits = NodeLimits.from_node_config(cfg)
-        settings = WorkerSettings(node_id=enrollment.node_id, key=load_private_key(key_path),
-                                  threads=int(cfg.get("threads", 0)),
-                                  device=str(cfg.get("device", "auto")), limits=limits,
-                                  cache=BlobDir(home.path / "blobs", limits.max_cache_bytes),
-                                  coordinator_blobs=coordinator, uploads=coordinator,
-                                  feedback=_load_feedback(feedback_path))
 
+class NodeSession:
+    """What a node keeps between leases, built from the SuperNode's node config."""
+
+    def __init__(self, node_config: Mapping[str, Any]) -> None:
+        self.node_config = dict(node_config)
+        home = NodeHome(Path(str(node_config["home"])))
+        enrollment = home.enrollment()
+        if enrollment is None:
+            raise ConfigError(f"{home.path} holds no enrollment")
+        key_path = Path(str(node_config.get("sign-key") or home.key_path))
+        creds = grpc.ssl_channel_credentials(root_certificates=home.ca_path.read_bytes())
+        self.channel = grpc.secure_channel(enrollment.coordinator_address, creds)
+        coordinator = CoordinatorBlobs(self.channel)
+        limits = NodeLimits.from_node_config(node_config)
+        self.home = home
+        self.settings = WorkerSettings(
+            node_id=enrollment.node_id, key=load_private_key(key_path),
+            threads=int(node_config.get("threads", 0)),
+            device=str(node_config.get("device", "auto")), limits=limits,
+            cache=BlobDir(home.path / "blobs", limits.max_cache_bytes),
+            coordinator_blobs=coordinator, uploads=coordinator,
+            # top-k residuals of this run: in memory, so a worker restart starts them afresh
+            feedback=ErrorFeedback(), models=BaseModels())
+
+    def handle(self, content: RecordDict) -> RecordDict:
         def progress(kind: str, rnd: int, shard: int, steps: int) -> ProgressWriter:
-            return ProgressWriter(home.progress_path, kind, rnd, shard, steps)
+            return ProgressWriter(self.home.progress_path, kind, rnd, shard, steps)
 
-        transfer = TransferProgress(home.progress_path)
-        reply = do_work(msg.content, settings, progress, transfer)
-        _save_feedback(feedback_path, settings.feedback)
-        return Message(reply, reply_to=msg)
+        return do_work(content, self.settings, progress,
+                       TransferProgress(self.home.progress_path))
 
-
-def _load_feedback(path: Path) -> ErrorFeedback:
-    """What top-k left out of this node's earlier updates of the run (a fresh process per
-    message: it lives in the node home between leases). Unreadable: start again from none."""
-    try:
-        return ErrorFeedback(arrays_from_bytes(bytearray(path.read_bytes())))
-    except (OSError, ProtocolError):
-        return ErrorFeedback()
+    def close(self) -> None:
+        self.channel.close()
 
 
-def _save_feedback(path: Path, feedback: ErrorFeedback | None) -> None:
-    if feedback is None or not feedback.residual:
-        return
-    tmp = path.with_name(path.name + ".tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp.write_bytes(arrays_to_bytes(feedback.residual))
-    tmp.replace(path)
+_session: NodeSession | None = None
+
+
+def session_for(node_config: Mapping[str, Any]) -> NodeSession:
+    """The process's session, made on the first message (and again if the config changes)."""
+    global _session
+    if _session is None or _session.node_config != dict(node_config):
+        if _session is not None:
+            _session.close()
+        _session = NodeSession(node_config)
+    return _session
 
 
 @app.train("shard")
 def train(msg: Message, context: Context) -> Message:
-    return _handle(msg, context)
+    return Message(session_for(context.node_config).handle(msg.content), reply_to=msg)
 
 
 @app.evaluate("shard")
 def evaluate(msg: Message, context: Context) -> Message:
-    return _handle(msg, context)
+    return Message(session_for(context.node_config).handle(msg.content), reply_to=msg)

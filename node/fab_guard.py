@@ -1,46 +1,29 @@
 """The FAB guard: a node runs only the ATOM code installed on it.
 
-Flower ships each run's app to a node as a FAB (a zip). The node's ``flwr-clientapp`` process
+Flower ships each run's app to a node as a FAB (a zip). Flower's own ``flwr-clientapp``
 unpacks it into ``$FLWR_HOME/apps/...`` and puts that folder *first* on ``sys.path`` before it
-imports the ClientApp, so any module in a FAB shadows the installed ``node`` package or one of
-its dependencies (``torch/__init__.py`` would do) — a check inside the ClientApp is too late.
+imports the ClientApp, so any module in a FAB would shadow the installed ``node`` package or one
+of its dependencies (``torch/__init__.py`` would do). An ATOM node never does that: its warm
+worker (``node.warm_worker``) takes the tasks itself, checks each run's FAB with
+:func:`check_fab` before anything else, never unpacks it, and runs the installed ClientApp.
 ATOM's coordinator sends a FAB holding only ``pyproject.toml`` that names
-``node.client_app:app`` (see ``coordinator.superlink.app_pyproject``); anything else is refused
-here, before a byte of it is unpacked:
-
-- :func:`check_fab` is the policy, a pure function over the FAB bytes.
-- :func:`main` is a ``flwr-clientapp`` stand-in: the join supervisor writes it (with
-  :func:`install_guard`) into a private bin folder and puts that folder first on the SuperNode's
-  ``PATH`` (:func:`guarded_env`), because the SuperNode's SuperExec starts ``flwr-clientapp`` by
-  name. It runs Flower's own ``flwr-clientapp`` with the FAB installer wrapped, so a refused FAB
-  ends as an error reply to the ServerApp (``FabRejected: FAB rejected by node policy: ...``).
-  The other task programs a SuperExec may start (``flwr-agentapp``, ...) are refused outright.
+``node.client_app:app`` (see ``coordinator.superlink.app_pyproject``); anything else is
+refused, and the coordinator gets an error reply (``FAB rejected by node policy: ...``).
 """
 
 from __future__ import annotations
 
 import io
-import os
-import shlex
-import shutil
 import stat
-import sys
 import tomllib
 import zipfile
-from collections.abc import Callable, Mapping
-from pathlib import Path, PurePosixPath
+from collections.abc import Mapping
+from pathlib import PurePosixPath
 from typing import Any
 
-from protocol.errors import ConfigError, ProtocolError
+from protocol.errors import ProtocolError
 
-__all__ = [
-    "CLIENTAPP",
-    "FabRejected",
-    "check_fab",
-    "guarded_env",
-    "install_guard",
-    "main",
-]
+__all__ = ["CLIENTAPP", "FabRejected", "check_fab"]
 
 CLIENTAPP = "node.client_app:app"  # the only ClientApp a node runs
 ALLOWED_SUFFIXES = (".toml", ".md")  # data, never imported
@@ -49,11 +32,6 @@ _MAX_FAB_BYTES = 1 << 20  # ours is under 1 KiB; Flower allows 10 MB
 _MAX_MEMBERS = 16
 _MAX_UNPACKED_BYTES = 1 << 20  # zip bombs: cap what the members claim to unpack to
 _COMPONENTS = {"serverapp", "clientapp"}  # serverapp runs on the coordinator, not here
-_GUARDED = "flwr-clientapp"
-# Task programs a SuperNode's SuperExec may start by name; none of them is ATOM's.
-_REFUSED = ("flwr-agentapp", "flwr-connector", "flwr-model", "flwr-serverapp",
-            "flwr-simulation")
-_RUNTIME_INSTALL_FLAG = "--allow-runtime-dependency-installation"
 
 
 class FabRejected(ProtocolError):
@@ -139,92 +117,3 @@ def check_fab(fab: bytes) -> None:
             NotImplementedError) as err:  # whatever a broken archive raises
         raise FabRejected(f"it is not a readable zip archive ({type(err).__name__})") from None
     _check_components(config)
-
-
-def _check_installed(app_dir: Path) -> None:
-    """What Flower left in ``app_dir`` must pass the same policy: Flower reuses an existing
-    app folder unchecked, so one written before the guard existed must not be run."""
-    bad = [p for p in app_dir.rglob("*")
-           if p.parent != app_dir or not p.is_file() or p.is_symlink()
-           or not p.name.lower().endswith(ALLOWED_SUFFIXES)]
-    if bad:
-        shutil.rmtree(app_dir, ignore_errors=True)
-        raise FabRejected(f"its app folder held {bad[0].relative_to(app_dir)}; removed it")
-
-
-def guarded_installer(install: Callable[..., Path]) -> Callable[..., Path]:
-    """Wrap Flower's ``install_from_fab`` so that only FABs passing :func:`check_fab` land."""
-
-    def install_checked(fab_file: Any, *args: Any, **kwargs: Any) -> Path:
-        content = fab_file.read_bytes() if isinstance(fab_file, Path) else fab_file
-        check_fab(content)
-        # Import the installed ClientApp (and, through it, torch and the rest) before the app
-        # folder goes first on sys.path: Flower's loader then takes it from sys.modules.
-        import node.client_app  # noqa: F401
-
-        app_dir = Path(install(content, *args, **kwargs))
-        _check_installed(app_dir)
-        return app_dir
-
-    return install_checked
-
-
-def main() -> int:
-    """``flwr-clientapp`` with the FAB guard; refuse every other task program."""
-    program = Path(sys.argv[0]).name
-    if program != _GUARDED:
-        print(f"{program}: refused by the ATOM node policy (only ClientApps run here)",
-              file=sys.stderr)
-        return 2
-    import flwr.supernode.runtime.run_clientapp as runtime
-    from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
-
-    # Fail closed: a Flower without this hook must not run unguarded.
-    if not callable(getattr(runtime, "install_from_fab", None)):
-        print(f"{program}: this Flower has no install_from_fab to guard; refusing",
-              file=sys.stderr)
-        return 2
-    runtime.install_from_fab = guarded_installer(runtime.install_from_fab)
-    # A FAB's [project].dependencies must never be installed on the node.
-    sys.argv = [a for a in sys.argv if a != _RUNTIME_INSTALL_FLAG]
-    flwr_clientapp()
-    return 0
-
-
-_SCRIPT = """#!/bin/sh
-'''exec' {python} "$0" "$@"
-' '''
-# ATOM Network FAB guard, written by node.fab_guard.install_guard: do not edit.
-import sys
-from node.fab_guard import main
-sys.exit(main())
-"""
-
-
-def install_guard(bin_dir: Path, python: str | None = None) -> Path:
-    """Write the guard as ``flwr-clientapp`` (and the refusing stand-ins) into ``bin_dir``.
-
-    Rewritten on every call, so the scripts always name the interpreter running now.
-    """
-    python = python or sys.executable
-    if "'" in python or "\n" in python:
-        raise ConfigError(f"cannot write the FAB guard for interpreter path {python!r}")
-    try:
-        bin_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        text = _SCRIPT.format(python=shlex.quote(python))
-        for name in (_GUARDED, *_REFUSED):
-            tmp = bin_dir / f".{name}.tmp"
-            tmp.write_text(text)
-            tmp.chmod(0o755)
-            tmp.replace(bin_dir / name)
-    except OSError as err:
-        raise ConfigError(f"cannot write the FAB guard into {bin_dir}: "
-                          f"{err.strerror or err}") from None
-    return bin_dir
-
-
-def guarded_env(env: Mapping[str, str], bin_dir: Path) -> dict[str, str]:
-    """``env`` with ``bin_dir`` first on PATH, so the SuperExec starts the guard."""
-    out = dict(env)
-    out["PATH"] = os.pathsep.join([str(bin_dir), out.get("PATH", "")])
-    return out

@@ -6,8 +6,9 @@ Layout of ``home`` (default ``~/.atom-node``)::
     node.json       enrollment: node id, coordinator + fleet addresses, run id
     ca.pem          the coordinator's CA, pinned at join (its SHA-256 came in the invite)
     coordinator.pem the coordinator's receipt-signing public key, pinned at join
-    progress.json   what the ClientApp is doing now (read by the join supervisor)
-    guard-bin/      the guarded ``flwr-clientapp`` the SuperNode runs (node.fab_guard)
+    progress.json   what the warm worker is doing now (read by the join supervisor)
+    blobs/          the blob cache (node.blobs)
+    logs/           supernode.log, worker.log (one ``lease {...}`` timing line per lease)
 """
 
 from __future__ import annotations

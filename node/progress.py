@@ -1,7 +1,7 @@
-"""What the node is doing right now, shared from the ClientApp process with the supervisor.
+"""What the node is doing right now, shared from the warm worker with the supervisor.
 
-Flower runs every message in a fresh ``flwr-clientapp`` process, so the join supervisor (which
-owns the terminal) learns about progress through a small JSON file the worker rewrites.
+The lease runs in the warm worker's process, so the join supervisor (which owns the
+terminal) learns about progress through a small JSON file the worker rewrites.
 """
 
 from __future__ import annotations

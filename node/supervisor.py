@@ -1,13 +1,18 @@
-"""The join supervisor: keep a Flower SuperNode running for this node, and show progress.
+"""The join supervisor: keep this node's SuperNode and warm worker running, and show progress.
 
-A SuperNode exits when the SuperLink restarts or the network drops, so it is restarted with
-exponential backoff. Ctrl-C stops it cleanly. The terminal shows one live line: what the node
-is doing (from ``progress.json``) and how fast.
+Two processes per node: the Flower SuperNode (control plane, ``--isolation process``) and the
+warm worker on its Runtime API (``node.warm_worker``), which runs every lease in one process.
+A SuperNode exits when the SuperLink restarts or the network drops: both are restarted with
+exponential backoff. A worker that dies alone is restarted alone (the SuperNode keeps its
+place in the network; only the lease in flight is lost). Ctrl-C stops both cleanly. The
+terminal shows one live line: what the node is doing (from ``progress.json``) and how fast.
 """
 
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -20,11 +25,10 @@ from rich.text import Text
 from protocol.errors import EnrollmentError
 from protocol.processes import flower_env, free_port, spawn, stop
 
-from .fab_guard import guarded_env, install_guard
 from .identity import Enrollment, NodeHome
 from .progress import read_progress
 
-__all__ = ["Supervisor", "supernode_command"]
+__all__ = ["Supervisor", "supernode_command", "worker_command"]
 
 _BACKOFF_MAX_S = 60.0
 _HEALTHY_AFTER_S = 30.0  # a run this long resets the backoff
@@ -52,7 +56,14 @@ def supernode_command(home: NodeHome, e: Enrollment, *, port: int, threads: int,
     return ["flower-supernode", "--superlink", e.fleet_address,
             "--root-certificates", str(home.ca_path),
             "--auth-supernode-private-key", str(home.key_path),
-            "--port", str(port), "--node-config", node_config]
+            "--port", str(port), "--node-config", node_config,
+            # no flwr-clientapp per message: the warm worker takes the tasks
+            "--isolation", "process"]
+
+
+def worker_command(port: int) -> list[str]:
+    """The warm worker on the Runtime API of the SuperNode started with ``port``."""
+    return [sys.executable, "-m", "node.warm_worker", "--runtime-api", f"127.0.0.1:{port}"]
 
 
 def _status_line(e: Enrollment, home: NodeHome, restarts: int) -> Text:
@@ -90,29 +101,32 @@ class Supervisor:
             signal.signal(signal.SIGTERM, self.request_stop)  # `kill` stops like Ctrl-C
         logs = self.home.path / "logs"
         logs.mkdir(exist_ok=True)
-        # The SuperExec starts `flwr-clientapp` by name: ours, first on PATH, checks each FAB.
-        env = guarded_env(flower_env(self.home.path / "flwr-home"),
-                          install_guard(self.home.path / "guard-bin"))
+        env = flower_env(self.home.path / "flwr-home")
         restarts, refused, backoff = 0, 0, 1.0
-        log = logs / "supernode.log"
+        log, worker_log = logs / "supernode.log", logs / "worker.log"
         live = Live(console=self.console, refresh_per_second=2, transient=True,
                     auto_refresh=self.console.is_terminal)
         with live:
             while not self._stop.is_set():
-                cmd = supernode_command(self.home, self.enrollment, port=free_port(),
+                port = free_port()
+                cmd = supernode_command(self.home, self.enrollment, port=port,
                                         threads=self.threads, device=self.device,
                                         sign_key=self.sign_key)
                 started = time.monotonic()
                 log_start = log.stat().st_size if log.exists() else 0
                 proc = spawn(cmd, env=env, log=log)
+                worker = _Worker(worker_command(port), env, worker_log, self.console)
                 try:
                     while proc.poll() is None and not self._stop.wait(0.5):
-                        live.update(_status_line(self.enrollment, self.home, restarts))
+                        worker.keep_alive()
+                        live.update(_status_line(self.enrollment, self.home,
+                                                 restarts + worker.restarts))
                         if not self.console.is_terminal:
                             live.refresh()
                 except KeyboardInterrupt:
                     self._stop.set()
                 finally:
+                    worker.stop()
                     if proc.poll() is None:
                         stop(proc)
                 if self._stop.is_set():
@@ -133,3 +147,35 @@ class Supervisor:
                 backoff = min(backoff * 2, _BACKOFF_MAX_S)
         self.console.print("node stopped", style="dim")
         return 0
+
+
+class _Worker:
+    """The warm worker process: started at once, restarted (with backoff) when it dies."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str], log: Path,
+                 console: Console) -> None:
+        self.cmd, self.env, self.log, self.console = cmd, env, log, console
+        self.restarts, self._backoff, self._due = 0, 1.0, 0.0
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._start()
+
+    def _start(self) -> None:
+        self.proc, self._started = spawn(self.cmd, env=self.env, log=self.log), time.monotonic()
+
+    def keep_alive(self) -> None:
+        now = time.monotonic()
+        if self.proc is not None and self.proc.poll() is not None:  # it died
+            code, self.proc = self.proc.returncode, None
+            if now - self._started > _HEALTHY_AFTER_S:
+                self._backoff = 1.0
+            self._due = now + self._backoff
+            self.console.print(f"worker exited (code {code}); restarting in "
+                               f"{self._backoff:.0f} s — see {self.log}", style="yellow")
+            self._backoff = min(self._backoff * 2, _BACKOFF_MAX_S)
+        if self.proc is None and now >= self._due:
+            self.restarts += 1
+            self._start()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            stop(self.proc)

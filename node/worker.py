@@ -9,18 +9,24 @@ Pure library code (no Flower process machinery), so tests can run a node's work 
 
 from __future__ import annotations
 
+import json
+import logging
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import numpy as np
 
 from flwr.app import RecordDict
 
 from protocol.blobstore import BlobDir
 from protocol.compression import ErrorFeedback
 from protocol.digest import arrays_from_bytes, arrays_to_bytes, digest_arrays, digest_bytes
-from protocol.errors import ConfigError, ProtocolError
+from protocol.errors import AtomError, ConfigError, ProtocolError
 from protocol.messages import (
-    EVAL_WINDOWS, Update, UpdateMetrics, parse_work, reply_content, shard_tokens,
+    EVAL_WINDOWS, Update, UpdateMetrics, Work, parse_work, reply_content, shard_tokens,
 )
 from protocol.signing import sign_update
 from training.device import pick_device, set_threads
@@ -31,10 +37,40 @@ from training.model import GPTConfig
 from .blobs import BlobFetcher, BlobSink, BlobSource, HttpMirror
 from .limits import NodeLimits, check_model, check_work
 
-__all__ = ["WorkerSettings", "do_work"]
+__all__ = ["BaseModels", "WorkerSettings", "do_work"]
+
+log = logging.getLogger(__name__)
 
 Progress = Callable[..., None]
 Transfer = Callable[[str, int, int], None]  # (what, bytes so far, total)
+
+
+@dataclass
+class BaseModels:
+    """The base models a warm worker used last, parsed, by digest (least recently used out).
+
+    A lease on the version the node trained or evaluated last — the eval lease queued behind
+    its train lease, every spot check — starts from memory: no disk read, no parse. Keyed by
+    the digest the lease names, so a lease naming another version never sees these arrays.
+    """
+
+    keep: int = 2
+    _arrays: OrderedDict[str, dict[str, np.ndarray]] = field(default_factory=OrderedDict)
+    hits: int = 0
+
+    def get(self, digest: str, load: Callable[[], dict[str, np.ndarray]]
+            ) -> dict[str, np.ndarray]:
+        if digest in self._arrays:
+            self._arrays.move_to_end(digest)
+            self.hits += 1
+            return self._arrays[digest]
+        arrays = load()
+        for a in arrays.values():
+            a.flags.writeable = False  # shared by every lease on this version
+        self._arrays[digest] = arrays
+        while len(self._arrays) > self.keep:
+            self._arrays.popitem(last=False)
+        return arrays
 
 
 @dataclass(frozen=True)
@@ -50,6 +86,8 @@ class WorkerSettings:
     feedback: ErrorFeedback | None = None
     # where a train update's payload goes by digest (the coordinator); None: in the reply
     uploads: BlobSink | None = None
+    # the parsed base models a warm worker keeps between leases; None: parse every time
+    models: BaseModels | None = None
 
     def fetcher(self, mirrors: list[str]) -> BlobFetcher:
         if self.cache is None:
@@ -71,7 +109,9 @@ def do_work(content: RecordDict, settings: WorkerSettings,
             progress: Callable[[str, int, int, int], Progress] | None = None,
             transfer: Transfer | None = None) -> RecordDict:
     """Run the lease in ``content`` and return the signed reply content; ``transfer``
-    hears how fetching each blob goes."""
+    hears how fetching each blob goes. Logs one ``lease {...}`` JSON line of unix times
+    (received, work started and ended, replied) for ``bench/throughput.py``."""
+    times = {"received": time.time()}
     work = parse_work(content)
     lease, arch = work.lease, work.arch
     check_work(lease, arch, settings.limits)  # before anything is fetched or allocated
@@ -79,17 +119,58 @@ def do_work(content: RecordDict, settings: WorkerSettings,
 
     def fetch(what: str, digest: str) -> bytes:
         report = None if transfer is None else (lambda done, total: transfer(what, done, total))
-        return blobs.get(digest, report)
+        data = blobs.get(digest, report)
+        if digest in blobs.fetched:
+            log.info("fetched %s %s (%d bytes)", what, digest, len(data))
+        return data
 
-    # The blob matched base_digest and parses only in its canonical layout, so these arrays
-    # are the base model (views of the blob: nothing else allocated yet).
-    model = arrays_from_bytes(fetch("model", lease.base_digest))
-    check_model(model, settings.limits)
+    def load_model() -> dict[str, np.ndarray]:
+        # The blob matched base_digest and parses only in its canonical layout, so these
+        # arrays are the base model (views of the blob: nothing else allocated yet).
+        arrays = arrays_from_bytes(fetch("model", lease.base_digest))
+        check_model(arrays, settings.limits)
+        return arrays
+
+    models = settings.models
+    model = (load_model() if models is None else models.get(lease.base_digest, load_model))
+    if work.prefetch:  # what the lease queued behind this one names: fetched while we work
+        threading.Thread(target=_prefetch, args=(blobs, work.prefetch), daemon=True,
+                         name="prefetch").start()
     tokens = shard_tokens(fetch("shard", lease.data_digest), lease)
-    cfg = _gpt_config(arch)
+    times["work_start"] = time.time()
+    arrays, metrics = _compute(work, model, tokens, settings, progress)
+    times["work_end"] = time.time()
+    if lease.kind == "train" and settings.uploads is not None:
+        # bytes by digest: the payload goes up first, the signed update binds its digest,
+        # and the Flower reply carries the small signed record only
+        payload = arrays_to_bytes(arrays)
+        digest = digest_bytes(payload)  # == digest_arrays(arrays): the canonical layout
+        report = None if transfer is None else (lambda done, total: transfer("update", done,
+                                                                              total))
+        settings.uploads.put(digest, payload, lease.nonce, report)
+        update = Update(lease=lease, node_id=settings.node_id, arrays_digest=digest,
+                        metrics=metrics)
+        reply = reply_content(sign_update(update, settings.key), {})
+    else:
+        update = Update(lease=lease, node_id=settings.node_id,
+                        arrays_digest=digest_arrays(arrays), metrics=metrics)
+        reply = reply_content(sign_update(update, settings.key), arrays)
+    times["replied"] = time.time()
+    log.info("lease %s", json.dumps({"nonce": lease.nonce, "kind": lease.kind, **times}))
+    return reply
+
+
+def _compute(work: Work, model: dict[str, np.ndarray], tokens: np.ndarray,
+             settings: WorkerSettings,
+             progress: Callable[[str, int, int, int], Progress] | None,
+             ) -> tuple[dict[str, np.ndarray], UpdateMetrics]:
+    """Train or evaluate: the reply's arrays (encoded as the run says) and metrics."""
+    lease = work.lease
+    cfg = _gpt_config(work.arch)
     set_threads(settings.threads or None)
     device = pick_device(settings.device)
-    report = progress(lease.kind, lease.round, lease.shard_id, lease.inner_steps) if progress else None
+    report = (progress(lease.kind, lease.round, lease.shard_id, lease.inner_steps)
+              if progress else None)
     t0 = time.perf_counter()
     if lease.kind == "train":
         res = train_inner(model, cfg, tokens, steps=lease.inner_steps,
@@ -108,17 +189,13 @@ def do_work(content: RecordDict, settings: WorkerSettings,
                                 loss_after=ev.mean_loss, wall_s=time.perf_counter() - t0)
     if report is not None:
         report(metrics.steps, metrics.steps, metrics.tokens, done=True)
-    if lease.kind == "train" and settings.uploads is not None:
-        # bytes by digest: the payload goes up first, the signed update binds its digest,
-        # and the Flower reply carries the small signed record only
-        payload = arrays_to_bytes(arrays)
-        digest = digest_bytes(payload)  # == digest_arrays(arrays): the canonical layout
-        report = None if transfer is None else (lambda done, total: transfer("update", done,
-                                                                              total))
-        settings.uploads.put(digest, payload, lease.nonce, report)
-        update = Update(lease=lease, node_id=settings.node_id, arrays_digest=digest,
-                        metrics=metrics)
-        return reply_content(sign_update(update, settings.key), {})
-    update = Update(lease=lease, node_id=settings.node_id,
-                    arrays_digest=digest_arrays(arrays), metrics=metrics)
-    return reply_content(sign_update(update, settings.key), arrays)
+    return arrays, metrics
+
+
+def _prefetch(blobs: BlobFetcher, digests: tuple[str, ...]) -> None:
+    """Put ``digests`` into the cache; a failure here is retried when a lease needs it."""
+    for digest in digests:
+        try:
+            blobs.get(digest)
+        except (AtomError, OSError):
+            continue

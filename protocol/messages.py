@@ -218,20 +218,24 @@ class Work:
     arch: dict[str, Any]
     mirrors: list[str]
     compression: Compression = Compression()
+    # blobs the lease queued behind this one names: the node fetches them while it works
+    prefetch: tuple[str, ...] = ()
 
 
 def work_content(lease: Lease, arch: Mapping[str, int | float | bool | str] | None = None,
                  mirrors: Sequence[str] = (),
-                 compression: Compression = Compression()) -> RecordDict:
-    """Pack a lease, the model's architecture, the blob mirrors a node may try first and the
-    update encoding."""
+                 compression: Compression = Compression(),
+                 prefetch: Sequence[str] = ()) -> RecordDict:
+    """Pack a lease, the model's architecture, the blob mirrors a node may try first, the
+    update encoding and the digests of the node's next lease (to fetch while it works)."""
     for url in mirrors:
         require(isinstance(url, str) and url.startswith(("http://", "https://")),
                 "blobs.mirrors", f"not an http(s) URL: {str(url)[:80]!r}")
+    _check_prefetch(prefetch)
     return RecordDict({
         "lease": lease.to_record(),
         "arch": ConfigRecord(dict(arch or {})),
-        "blobs": ConfigRecord({"mirrors": list(mirrors)}),
+        "blobs": ConfigRecord({"mirrors": list(mirrors), "prefetch": list(prefetch)}),
         "compression": ConfigRecord(compression.to_dict()),
     })
 
@@ -245,12 +249,25 @@ def parse_work(content: RecordDict) -> Work:
     arch = dict(arch_rec)
     for key, value in arch.items():
         require(isinstance(value, (int, float, bool, str)), f"arch.{key}", "must be a scalar")
-    check_keys(blobs_rec, {"mirrors"}, "blobs record")
+    check_keys(blobs_rec, {"mirrors", "prefetch"}, "blobs record")
     mirrors = blobs_rec["mirrors"]
     require(isinstance(mirrors, list) and all(isinstance(u, str) and u.startswith(
         ("http://", "https://")) for u in mirrors), "blobs.mirrors",
         "must be a list of http(s) URLs")
-    return Work(lease, arch, list(mirrors), Compression.from_dict(dict(comp_rec)))
+    prefetch = blobs_rec["prefetch"]
+    _check_prefetch(prefetch)
+    return Work(lease, arch, list(mirrors), Compression.from_dict(dict(comp_rec)),
+                tuple(prefetch))
+
+
+MAX_PREFETCH = 8  # a hint, not work: a node fetches at most this many blobs ahead
+
+
+def _check_prefetch(prefetch: object) -> None:
+    require(isinstance(prefetch, (list, tuple)) and len(prefetch) <= MAX_PREFETCH
+            and all(isinstance(d, str) and len(d) == 64
+                    and all(c in "0123456789abcdef" for c in d) for d in prefetch),
+            "blobs.prefetch", f"must be a list of at most {MAX_PREFETCH} SHA-256 hex digests")
 
 
 def shard_tokens(data: bytes, lease: Lease) -> np.ndarray:

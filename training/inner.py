@@ -8,10 +8,12 @@ and seed give a bit-identical pseudo-gradient (given the same torch build and th
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,6 +41,7 @@ class InnerResult:
     model's loss without an extra forward pass and without re-scoring a batch the model has
     already trained on.
     ``tokens`` counts the predicted (trained-on) tokens: ``steps * batch_size * seq_len``.
+    ``opt_state`` is the inner AdamW's state at the end (``keep_opt_state`` only).
     """
 
     pseudo_grad: dict[str, np.ndarray]
@@ -47,6 +50,7 @@ class InnerResult:
     tokens: int
     steps: int
     wall_s: float
+    opt_state: dict[str, Any] | None = None
 
 
 def sample_batch(
@@ -88,6 +92,8 @@ def train_inner(
     seed: int,
     device: torch.device | str | None = None,
     progress: Callable[[int, int, int], None] | None = None,
+    opt_state: dict[str, Any] | None = None,
+    keep_opt_state: bool = False,
 ) -> InnerResult:
     """Train ``steps`` AdamW steps from ``base`` on ``tokens`` and return base - local.
 
@@ -95,6 +101,10 @@ def train_inner(
     ----------
     progress
         Called as ``progress(step, steps, tokens_done)`` after each step (step is 1-based).
+    opt_state, keep_opt_state
+        Start AdamW from an earlier lease's state (DiLoCo's workers keep theirs across
+        rounds) and return the state at the end. Measured with ``bench/diloco_sim.py
+        --keep-inner-state``; nodes start fresh (README: the node runtime).
 
     Raises
     ------
@@ -128,6 +138,10 @@ def train_inner(
         model = arrays_to_model(base, cfg, dev)
         model.train()
         opt = _optimizer(model, lr, weight_decay, dev)
+        if opt_state is not None:
+            opt.load_state_dict(opt_state)
+            for group in opt.param_groups:  # the lease's hyperparameters, not the old ones
+                group["lr"] = lr
         x, y = sample_batch(data, batch_size, seq_len, gen)
         loss_before = _fp32_loss(model, x, y)
         for step in range(1, steps + 1):
@@ -153,6 +167,7 @@ def train_inner(
         tokens=steps * batch_size * seq_len,
         steps=steps,
         wall_s=time.perf_counter() - t0,
+        opt_state=copy.deepcopy(opt.state_dict()) if keep_opt_state else None,
     )
 
 

@@ -46,7 +46,8 @@ def arrays_to_model(
                 raise ValueError(
                     f"array {name!r} has shape {a.shape}, model expects {tuple(p.shape)}"
                 )
-            p.copy_(torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)))
+            # torch.tensor copies: ``a`` may be a read-only view a warm worker shares
+            p.copy_(torch.tensor(a, dtype=torch.float32))
     return model.to(device)
 
 

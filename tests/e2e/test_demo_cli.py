@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -78,6 +79,17 @@ def test_demo_two_nodes_two_rounds(workdir: Path) -> None:
         for i in range(2):
             cache = workdir / "nodes" / str(i) / "blobs"
             assert all(blob(cache, v.digest).is_file() for v in versions), i
+        # one warm worker per node answered every lease of that node, and downloaded each
+        # blob at most once (the eval queued behind a train lease took its base from memory)
+        by_name = {n.name: n.id for n in nodes}
+        for i, name in enumerate(("node-a", "node-b")):
+            log = (workdir / "nodes" / str(i) / "logs" / "worker.log").read_text()
+            pids = re.findall(r"pid (\d+) answered", log)
+            mine = [lease for lease in ledger.leases() if lease.node_id == by_name[name]
+                    and lease.status == "answered"]
+            assert len(pids) == len(mine) >= 3 and len(set(pids)) == 1, (name, pids)
+            fetched = re.findall(r"fetched \w+ ([0-9a-f]{64})", log)
+            assert fetched and len(fetched) == len(set(fetched)), fetched
 
 
 def test_demo_on_a_given_postgresql_ledger(workdir: Path) -> None:

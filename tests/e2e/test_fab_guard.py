@@ -13,9 +13,8 @@ from pathlib import Path
 
 from coordinator.pki import make_pki
 from coordinator.superlink import SuperLink
-from node.fab_guard import guarded_env, install_guard
 from node.identity import Enrollment, NodeHome
-from node.supervisor import supernode_command
+from node.supervisor import supernode_command, worker_command
 from protocol.processes import flower_env, free_port, spawn, stop
 from protocol.signing import public_key_pem
 
@@ -95,7 +94,7 @@ def test_hostile_fab_is_refused_before_it_is_unpacked(workdir: Path, tmp_path: P
     link = SuperLink(workdir, tls, "127.0.0.1", free_port())
     marker, out = tmp_path / "MARKER", tmp_path / "replies.json"
     home = NodeHome(tmp_path / "node-home")
-    node = None
+    node = worker = None
     try:
         link.start()
         key = home.key()
@@ -104,21 +103,23 @@ def test_hostile_fab_is_refused_before_it_is_unpacked(workdir: Path, tmp_path: P
                        institution="Uni", run_id="r", coordinator_address="127.0.0.1:1",
                        fleet_address=link.local_address)
         home.save_enrollment(e, tls.ca_cert.read_bytes(), b"")
-        # exactly what the join supervisor runs: its command, its guarded PATH
-        env = guarded_env(flower_env(home.path / "flwr-home"),
-                          install_guard(home.path / "guard-bin"))
-        cmd = supernode_command(home, e, port=free_port(), threads=1, device="cpu",
-                                sign_key=None)
+        # exactly what the join supervisor runs: the SuperNode and the warm worker beside it
+        env = flower_env(home.path / "flwr-home")
+        port = free_port()
+        cmd = supernode_command(home, e, port=port, threads=1, device="cpu", sign_key=None)
         node = spawn(cmd, env=env, log=tmp_path / "supernode.log")
+        worker = spawn(worker_command(port), env=env, log=tmp_path / "worker.log")
         link.start_run({"out": str(out)}, files={
             "pyproject.toml": _PYPROJECT.encode(),
             "fabtest_server.py": _SERVERAPP.encode(),
             "node/__init__.py": b"",
             "node/client_app.py": _EVIL_CLIENTAPP.format(marker=str(marker)).encode(),
         })
-        assert _wait_for(out, 55, [link.proc, node]), (
-            (tmp_path / "supernode.log").read_text(errors="replace")[-3000:])
+        assert _wait_for(out, 55, [link.proc, node, worker]), (
+            (tmp_path / "supernode.log").read_text(errors="replace")[-3000:]
+            + (tmp_path / "worker.log").read_text(errors="replace")[-3000:])
     finally:
+        stop(worker)
         stop(node)
         link.stop()
     replies = json.loads(out.read_text())

@@ -179,16 +179,20 @@ def test_a_forged_encoding_is_a_typed_rejection_in_the_run(network) -> None:
     assert bad and bad[0].reason == Reason.BAD_ENCODING and "scale" in bad[0].detail
 
 
-def test_the_node_keeps_its_residual_between_processes(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from node.client_app import _load_feedback, _save_feedback
+def test_the_warm_node_keeps_its_residual_between_leases(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The session a warm worker keeps carries one ErrorFeedback across every lease."""
+    from node.client_app import session_for
+    from node.identity import Enrollment, NodeHome
 
-    path = tmp_path / "feedback" / "run.arrays"
-    assert _load_feedback(path).residual == {}  # none yet
-    fb = ErrorFeedback()
-    fb.encode(arrays(), TOPK_EF)
-    _save_feedback(path, fb)
-    back = _load_feedback(path)
-    assert {k: v.tolist() for k, v in back.residual.items()} == {
-        k: v.tolist() for k, v in fb.residual.items()}
-    path.write_bytes(b"garbage")
-    assert _load_feedback(path).residual == {}  # unreadable: start again, never crash
+    home = NodeHome(tmp_path / "home")
+    home.key()
+    home.save_enrollment(Enrollment(node_id=1, flower_node_id="1", name="n", institution="U",
+                                    run_id="r", coordinator_address="127.0.0.1:1",
+                                    fleet_address="127.0.0.1:2"), b"", b"")
+    config = {"home": str(home.path), "threads": 1, "device": "cpu"}
+    session = session_for(config)
+    session.settings.feedback.encode(arrays(), TOPK_EF)
+    assert session.settings.feedback.residual  # what top-k dropped this time
+    again = session_for(dict(config))
+    assert again is session and again.settings.feedback.residual  # carried to the next lease
+    assert session_for({**config, "threads": 2}) is not session  # another config: a new one

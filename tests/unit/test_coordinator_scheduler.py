@@ -227,7 +227,16 @@ def test_eval_split_evenly() -> None:
         assert x.data_digest == digest(x.data_start, x.data_end)
         x.to_record()
     assert s.leases_for(6) == out[6] and s.lease_for(6) == out[6][0]
-    assert s.lease_train(2, [5, 8], 4, BASE).keys() == {8}  # node 5 is busy evaluating
+    # A node that is evaluating takes a train lease queued behind it: that lease's deadline
+    # counts from when the evaluation is due, not from now.
+    train = s.lease_train(2, [5, 8], 4, BASE)
+    assert train.keys() == {5, 8}
+    assert train[5].deadline == out[5][0].deadline + 60.0
+    assert train[8].deadline == out[5][0].deadline  # node 8 holds nothing: it starts now
+    # one evaluation of a version per node; the next version's may queue behind it
+    assert s.lease_eval(2, [5], 4, BASE, ranges=[(1000, 1050)]) == {}
+    later = s.lease_eval(3, [5], 5, BASE, ranges=[(1000, 1050)])
+    assert later[5][0].deadline == train[5].deadline + 60.0
     assert s.answered(out[5][0], accepted=False)  # rejected eval: nothing returns to the pool
 
 

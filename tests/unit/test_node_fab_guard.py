@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import io
-import subprocess
 import zipfile
-from pathlib import Path
 
 import pytest
 from flwr.cli.build import build_fab_from_files
 
 from coordinator.superlink import app_pyproject
-from node.fab_guard import (
-    CLIENTAPP, FabRejected, check_fab, guarded_env, guarded_installer, install_guard,
-)
+from node.fab_guard import CLIENTAPP, FabRejected, check_fab
 from protocol.errors import ProtocolError
 
 
@@ -99,50 +95,3 @@ def test_garbage_and_tricks_are_refused(bundle: bytes) -> None:
 def test_rejection_is_a_protocol_error() -> None:
     with pytest.raises(ProtocolError):
         check_fab(b"junk")
-
-
-def test_guarded_installer_never_installs_a_refused_fab(tmp_path: Path) -> None:
-    calls: list[bytes] = []
-
-    def install(content: bytes, *args: object, **kwargs: object) -> Path:
-        calls.append(content)
-        app = tmp_path / "apps" / "atom.app"
-        app.mkdir(parents=True, exist_ok=True)
-        (app / "pyproject.toml").write_bytes(b"x")
-        return app
-
-    guarded = guarded_installer(install)
-    with pytest.raises(FabRejected):
-        guarded(fab({"pyproject.toml": app_pyproject(), "node/client_app.py": b""}),
-                skip_prompt=True)
-    assert calls == []
-    good = fab({"pyproject.toml": app_pyproject()})
-    assert guarded(good, skip_prompt=True) == tmp_path / "apps" / "atom.app"
-    assert calls == [good]
-
-
-def test_a_stale_app_folder_with_code_is_removed_and_refused(tmp_path: Path) -> None:
-    app = tmp_path / "apps" / "atom.app"
-
-    def install(content: bytes, *args: object, **kwargs: object) -> Path:
-        (app / "node").mkdir(parents=True, exist_ok=True)  # left by an unguarded install
-        (app / "pyproject.toml").write_bytes(b"x")
-        (app / "node" / "client_app.py").write_text("raise SystemExit")
-        return app
-
-    with pytest.raises(FabRejected, match="app folder"):
-        guarded_installer(install)(fab({"pyproject.toml": app_pyproject()}))
-    assert not app.exists()
-
-
-def test_installed_wrapper_runs_flwr_clientapp_and_refuses_other_programs(
-        tmp_path: Path) -> None:
-    bin_dir = install_guard(tmp_path / "guard bin")  # a space, on purpose
-    env = guarded_env({"PATH": "/usr/bin:/bin"}, bin_dir)
-    assert env["PATH"].split(":")[0] == str(bin_dir)
-    ok = subprocess.run(["flwr-clientapp", "--help"], env=env, capture_output=True, timeout=60,
-                        text=True)
-    assert ok.returncode == 0 and "ClientApp" in ok.stdout
-    no = subprocess.run(["flwr-agentapp", "--help"], env=env, capture_output=True, timeout=60,
-                        text=True)
-    assert no.returncode == 2 and "refused" in no.stderr

@@ -21,23 +21,32 @@ ENROLLED = Enrollment(node_id=7, flower_node_id="123", name="gpu-box", instituti
                       fleet_address="127.0.0.1:2")
 
 
+def _script(path: Path, body: str) -> Path:
+    path.write_text(f"#!/bin/sh\n{body}\n")
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return path
+
+
 @pytest.fixture
 def fake_supernode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A `flower-supernode` first on PATH that records each start and exits at once."""
+    """A `flower-supernode` first on PATH that records each start and exits at once, and a
+    warm worker that records each start and stays up."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     starts = tmp_path / "starts"
-    script = bin_dir / "flower-supernode"
-    script.write_text(f"#!/bin/sh\necho \"$@\" >> {starts}\nexit 3\n")
-    script.chmod(script.stat().st_mode | stat.S_IEXEC)
-    real_guarded_env = supervisor.guarded_env
+    _script(bin_dir / "flower-supernode", f"echo \"$@\" >> {starts}\nexit 3")
+    worker = _script(bin_dir / "fake-worker", f"echo \"$@\" >> {tmp_path / 'worker-starts'}\n"
+                                              "exec sleep 60")
+    real_flower_env = supervisor.flower_env
 
-    def env_with_fake_first(env: dict[str, str], guard_bin: Path) -> dict[str, str]:
-        env = real_guarded_env(env, guard_bin)
+    def env_with_fake_first(flwr_home: Path) -> dict[str, str]:
+        env = real_flower_env(flwr_home)
         env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"  # ahead of the venv's real one
         return env
 
-    monkeypatch.setattr(supervisor, "guarded_env", env_with_fake_first)
+    monkeypatch.setattr(supervisor, "flower_env", env_with_fake_first)
+    monkeypatch.setattr(supervisor, "worker_command",
+                        lambda port: [str(worker), "--runtime-api", f"127.0.0.1:{port}"])
     return starts
 
 
@@ -56,13 +65,38 @@ def test_restarts_with_backoff_and_stops_cleanly(tmp_path: Path, fake_supernode:
     starts = fake_supernode.read_text().splitlines()
     assert 2 <= len(starts) <= 4, starts
     assert "--auth-supernode-private-key" in starts[0] and "127.0.0.1:2" in starts[0]
+    assert "--isolation process" in starts[0]  # no flwr-clientapp per message
+    # a worker beside each SuperNode, on that SuperNode's Runtime API port
+    workers = (tmp_path / "worker-starts").read_text().splitlines()
+    assert len(workers) == len(starts)
+    assert all(w.endswith(s.split("--port ")[1].split()[0]) for w, s in zip(workers, starts))
+
+
+def test_a_dead_worker_is_restarted_alone(tmp_path: Path, fake_supernode: Path) -> None:
+    """The SuperNode stays up; the worker dies at once each time and comes back with
+    backoff (1 s, 2 s): the node keeps its place in the network."""
+    _script(tmp_path / "bin" / "flower-supernode", f"echo \"$@\" >> {fake_supernode}\n"
+                                                   "exec sleep 60")
+    _script(tmp_path / "bin" / "fake-worker",
+            f"echo \"$@\" >> {tmp_path / 'worker-starts'}\nexit 9")
+    home = NodeHome(tmp_path / "home")
+    home.path.mkdir()
+    sup = Supervisor(home, ENROLLED, console=Console(file=open(os.devnull, "w")))  # noqa: SIM115
+    t = threading.Thread(target=sup.run)
+    t.start()
+    time.sleep(4.5)  # worker starts at ~0 s, ~1.5 s, ~3.5 s
+    sup.request_stop()
+    t.join(10)
+    assert not t.is_alive()
+    assert len(fake_supernode.read_text().splitlines()) == 1
+    assert 2 <= len((tmp_path / "worker-starts").read_text().splitlines()) <= 4
 
 
 def test_gives_up_when_the_coordinator_refuses_the_key(
         tmp_path: Path, fake_supernode: Path) -> None:
-    script = tmp_path / "bin" / "flower-supernode"
-    script.write_text(f"#!/bin/sh\necho \"$@\" >> {fake_supernode}\n"
-                      "echo 'ERROR: Failed to activate SuperNode.'\nexit 49\n")
+    _script(tmp_path / "bin" / "flower-supernode", f"echo \"$@\" >> {fake_supernode}\n"
+                                                   "echo 'ERROR: Failed to activate SuperNode.'"
+                                                   "\nexit 49")
     home = NodeHome(tmp_path / "home")
     home.path.mkdir()
     sup = Supervisor(home, ENROLLED, console=Console(file=open(os.devnull, "w")))  # noqa: SIM115

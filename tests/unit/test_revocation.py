@@ -206,10 +206,14 @@ def test_revocation_mid_run_rejects_the_pending_update_and_ends_the_nodes_leases
     transport.send = send_then_revoke  # type: ignore[method-assign]
     net.run()
     bad_leases = led.leases(node_id=bad.id)
-    assert len(bad_leases) == 1  # the one out when it was revoked, nothing after
-    [upd] = led.updates(node_id=bad.id)
-    assert (upd.verdict, upd.reason) == ("rejected", Reason.UNKNOWN_NODE)
-    assert "revoked" in upd.detail
+    # the ones out when it was revoked (its train lease and the evaluation queued behind
+    # it, sent together), nothing after
+    assert sorted(lease.kind for lease in bad_leases) == ["eval", "train"]
+    upds = led.updates(node_id=bad.id)
+    assert len(upds) == 2
+    for upd in upds:
+        assert (upd.verdict, upd.reason) == ("rejected", Reason.UNKNOWN_NODE)
+        assert "revoked" in upd.detail
     assert led.credits(node_id=bad.id) == []
     assert [v.version for v in led.versions()] == [0, 1, 2]  # the run went on
     assert all(u.verdict == "accepted" for u in led.updates(node_id=good.id))

@@ -99,3 +99,19 @@ def test_loss_before_is_fp32_even_under_autocast(base, tokens, monkeypatch):
     monkeypatch.undo()
     plain = train_inner(base, CFG, tokens, seed=7, **dict(KW, steps=1))
     assert r.loss_before == plain.loss_before  # same number with or without autocast
+
+
+def test_an_inner_state_carries_over_only_when_asked(base, tokens):
+    fresh = train_inner(base, CFG, tokens, seed=1, **KW)
+    assert fresh.opt_state is None  # the default: every lease starts AdamW afresh
+    first = train_inner(base, CFG, tokens, seed=1, keep_opt_state=True, **KW)
+    steps = {int(s["step"]) for s in first.opt_state["state"].values()}
+    assert steps == {KW["steps"]}
+    again = train_inner(base, CFG, tokens, seed=1, opt_state=first.opt_state,
+                        keep_opt_state=True, **KW)
+    assert {int(s["step"]) for s in again.opt_state["state"].values()} == {2 * KW["steps"]}
+    # the carried moments change the update; the first lease's result was not touched
+    assert any(not np.array_equal(again.pseudo_grad[k], first.pseudo_grad[k])
+               for k in first.pseudo_grad)
+    assert all(np.array_equal(first.pseudo_grad[k], fresh.pseudo_grad[k])
+               for k in first.pseudo_grad)

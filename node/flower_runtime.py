@@ -1,0 +1,115 @@
+"""The SuperNode's Runtime API, as the warm worker uses it: the one module that touches Flower
+internals on the node.
+
+Flower 1.42 starts a fresh ``flwr-clientapp`` process for every message (torch imported, model
+loaded, each time). A SuperNode started with ``--isolation process`` starts no executor of
+its own: whoever polls its Runtime API (``AcquireTask``) runs the tasks. The warm worker does,
+in one long-lived process, through the calls below — the same ones Flower's own
+``flwr-clientapp`` makes (``flwr/supernode/runtime/run_clientapp.py``), minus installing the
+run's FAB: the worker checks it against the node policy and runs the installed ClientApp.
+
+These are internal APIs: ``pyproject.toml`` pins flwr exactly and
+``tests/unit/test_flower_runtime_contract.py`` fails loudly when one of them moves.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import httpx
+from flwr.app import Context, Message
+from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, SubStatus
+from flwr.proto.runtime_pb2 import (  # pylint: disable=E0611
+    AcquireTaskRequest,
+    PushTaskOutputRequest,
+    SendTaskHeartbeatRequest,
+)
+from flwr.common.serde import context_to_proto
+from flwr.supercore.constant import TaskType
+from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+from flwr.supercore.retry import make_simple_http_retry_invoker
+from flwr.supercore.runtime import RuntimeHttpClient
+from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message
+
+__all__ = ["ClientTask", "RuntimeTasks", "TaskInput"]
+
+FLWR_VERSION = "1.42.0"  # the Flower these internals were read from (pinned in pyproject)
+_COMPONENT = "flwr-clientapp"  # the Runtime API checks the caller's component name
+
+
+def _client(address: str, *interceptors: object) -> RuntimeHttpClient:
+    return RuntimeHttpClient.from_server_address(
+        server_address=address, insecure=True, root_certificates=None,
+        interceptors=[RuntimeVersionHttpInterceptor(component_name=_COMPONENT),
+                      *interceptors],
+        retry_invoker=make_simple_http_retry_invoker())
+
+
+@dataclass(frozen=True)
+class TaskInput:
+    message: Message
+    context: Context
+    fab: bytes  # the run's app bundle: checked against the node policy, never unpacked
+
+
+class ClientTask:
+    """One claimed task: pull its input, keep it alive, push the reply, close it."""
+
+    def __init__(self, address: str, token: str) -> None:
+        self._client = _client(address, RuntimeTokenHttpInterceptor(token))
+        self._context: Context | None = None
+        self._stop = threading.Event()
+        self._beat = threading.Thread(target=self._heartbeat, daemon=True,
+                                      name="task-heartbeat")
+
+    def pull(self) -> TaskInput:
+        self._beat.start()
+        message, context, _run, fab = pull_task_input(self._client)
+        self._context = context
+        return TaskInput(message, context, bytes(fab.content))
+
+    def _heartbeat(self) -> None:
+        # Flower's own heartbeat raises SIGINT in the process when the SuperNode drops the
+        # task; in a warm worker that would end every later lease too, so just stop beating.
+        while not self._stop.wait(HEARTBEAT_DEFAULT_INTERVAL / 3):
+            try:
+                if not self._client.SendTaskHeartbeat(SendTaskHeartbeatRequest()).success:
+                    return
+            except httpx.HTTPError:
+                continue
+
+    def abandon(self) -> None:
+        self._stop.set()
+        self._client.close()
+
+    def finish(self, reply: Message, *, failed: str | None = None) -> None:
+        """Push ``reply`` and close the task (``failed``: why, for the SuperNode's log)."""
+        try:
+            if self._context is not None:
+                push_message(self._client, reply, self._context)
+            self._client.PushTaskOutput(PushTaskOutputRequest(
+                context=context_to_proto(self._context) if self._context else None,
+                sub_status=SubStatus.FAILED if failed else SubStatus.COMPLETED,
+                details=failed or ""))
+        finally:
+            self.abandon()
+
+
+class RuntimeTasks:
+    """The SuperNode's queue of ClientApp tasks (``--isolation process``)."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self._client = _client(address)
+
+    def acquire(self) -> ClientTask | None:
+        """Claim the oldest pending ClientApp task, or None when there is none."""
+        res = self._client.AcquireTask(AcquireTaskRequest(
+            supported_task_types=[TaskType.CLIENT_APP]))
+        if res.HasField("task") and res.token:
+            return ClientTask(self.address, res.token)
+        return None
+
+    def close(self) -> None:
+        self._client.close()

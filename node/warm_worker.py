@@ -1,0 +1,112 @@
+"""The warm worker: one long-lived process that runs every lease the node's SuperNode receives.
+
+The join supervisor starts the SuperNode with ``--isolation process`` (so it starts no
+``flwr-clientapp`` processes of its own) and this worker beside it, on the SuperNode's
+Runtime API. The worker claims each task, checks the run's FAB against the node policy
+(``node.fab_guard.check_fab``; it is never unpacked, so nothing in it can be imported), and
+hands the message to the installed ClientApp, ``node.client_app.app``, in this process:
+torch stays imported and ``NodeSession`` keeps the key, the coordinator channel, the blob
+cache and the last base models between leases. A lease that raises gets an error reply and
+the worker carries on; a worker that dies is restarted by the supervisor, and Flower answers
+the lease it held with an error once its task heartbeat lapses (about 60 s), so only that
+lease is lost.
+
+Run as ``python -m node.warm_worker --runtime-api 127.0.0.1:PORT``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+
+import httpx
+from flwr.app import Context, Message
+from flwr.app.error import Error
+from flwr.common.constant import ErrorCode
+
+from .fab_guard import check_fab
+from .flower_runtime import ClientTask, RuntimeTasks
+
+__all__ = ["main", "run_task", "serve"]
+
+log = logging.getLogger("node.warm_worker")
+
+Handler = Callable[[Message, Context], Message]
+_POLL_S = 0.05  # loopback, one small request: idle cost is negligible, latency is not
+_DOWN_S = 0.5  # the SuperNode is (re)starting
+
+
+def _error_reply(message: Message, err: BaseException) -> Message:
+    # Flower's own wording ("<class 'X'>:<'why'>"), so the coordinator reads it the same way
+    reason = f"{type(err)}:<'{err}'>"
+    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
+                   reply_to=message)
+
+
+def run_task(task: ClientTask, handle: Handler) -> bool:
+    """Run one claimed task to its reply; True if the lease was answered without error."""
+    try:
+        inp = task.pull()
+    except Exception as err:  # noqa: BLE001 - Flower answers the lease once its claim lapses
+        log.warning("could not take a task: %s", str(err).splitlines()[:1])
+        task.abandon()
+        return False
+    try:
+        check_fab(inp.fab)  # before anything of the run's is used
+        reply = handle(inp.message, inp.context)
+    except Exception as err:  # noqa: BLE001 - any failure is this lease's alone
+        log.warning("lease failed: %s: %s", type(err).__name__, str(err).splitlines()[:1])
+        task.finish(_error_reply(inp.message, err), failed=str(err)[:300])
+        return False
+    task.finish(reply)
+    log.info("pid %d answered %s", os.getpid(), inp.message.metadata.message_type)
+    return True
+
+
+def serve(tasks: RuntimeTasks, handle: Handler, stop: threading.Event,
+          poll_s: float = _POLL_S) -> int:
+    """Run tasks until ``stop`` is set; returns how many were handled."""
+    done = 0
+    while not stop.is_set():
+        try:
+            task = tasks.acquire()
+        except httpx.HTTPError:
+            stop.wait(_DOWN_S)
+            continue
+        if task is None:
+            stop.wait(poll_s)
+            continue
+        run_task(task, handle)
+        done += 1
+    return done
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m node.warm_worker")
+    parser.add_argument("--runtime-api", required=True, help="the SuperNode's HOST:PORT")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
+    # The installed ClientApp, and through it torch, once for the life of the process.
+    from .client_app import app
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    tasks = RuntimeTasks(args.runtime_api)
+    log.info("warm worker pid %d on %s", os.getpid(), args.runtime_api)
+    try:
+        serve(tasks, lambda msg, ctx: app(message=msg, context=ctx), stop)
+    finally:
+        tasks.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

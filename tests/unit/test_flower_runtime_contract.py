@@ -1,0 +1,72 @@
+"""The Flower internals the warm worker stands on are still where it reads them.
+
+``node.flower_runtime`` uses the SuperNode's Runtime API the way Flower's own
+``flwr-clientapp`` does; none of it is public API. When flwr is upgraded and any of these
+move, this fails loudly (and names what moved) before a node silently stops taking work.
+"""
+
+from __future__ import annotations
+
+import inspect
+import subprocess
+import sys
+import tomllib
+from importlib.metadata import version
+from pathlib import Path
+
+import pytest
+
+from node import flower_runtime
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_flower_is_the_version_the_internals_were_read_from() -> None:
+    assert version("flwr") == flower_runtime.FLWR_VERSION
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert f"flwr=={flower_runtime.FLWR_VERSION}" in deps  # pinned exactly, not a range
+
+
+@pytest.mark.parametrize("method", [
+    "AcquireTask", "PullTaskInput", "PullMessages", "PullObject", "ConfirmMessageReceived",
+    "PushMessages", "PushObject", "PushTaskOutput", "SendTaskHeartbeat",
+])
+def test_the_runtime_client_has_each_call(method: str) -> None:
+    from flwr.supercore.runtime import RuntimeHttpClient
+
+    assert callable(getattr(RuntimeHttpClient, method, None)), method
+
+
+def test_the_clientapp_task_helpers_keep_their_shape() -> None:
+    from flwr.supernode.runtime import run_clientapp
+
+    assert list(inspect.signature(run_clientapp.pull_task_input).parameters) == ["client"]
+    assert list(inspect.signature(run_clientapp.push_message).parameters) == [
+        "client", "message", "context"]
+
+
+def test_the_messages_and_constants_keep_their_fields() -> None:
+    from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, ErrorCode, SubStatus
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest, PushTaskOutputRequest
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.interceptors import (
+        RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor,
+    )
+
+    assert "supported_task_types" in AcquireTaskRequest.DESCRIPTOR.fields_by_name
+    assert {"context", "sub_status", "details"} <= set(
+        PushTaskOutputRequest.DESCRIPTOR.fields_by_name)
+    assert TaskType.CLIENT_APP == "flwr-clientapp"
+    assert (SubStatus.COMPLETED, SubStatus.FAILED) == ("completed", "failed")
+    assert isinstance(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, int)
+    assert 0 < HEARTBEAT_DEFAULT_INTERVAL <= 60
+    assert list(inspect.signature(RuntimeTokenHttpInterceptor).parameters) == ["token"]
+    assert "component_name" in inspect.signature(RuntimeVersionHttpInterceptor).parameters
+
+
+def test_the_supernode_runs_without_an_executor_of_its_own() -> None:
+    supernode = Path(sys.executable).parent / "flower-supernode"
+    out = subprocess.run([str(supernode), "--help"], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0
+    assert "--isolation" in out.stdout and "process" in out.stdout

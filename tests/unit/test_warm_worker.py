@@ -1,0 +1,197 @@
+"""The warm worker: many leases in one process, the FAB policy before anything runs, a lease
+that fails costs that lease only, and a base kept in memory is used only for its own digest."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from flwr.app import Context, Message, RecordDict
+from flwr.cli.build import build_fab_from_files
+from flwr.supercore.task_identity import TaskIdentity
+
+from coordinator.superlink import app_pyproject
+from node.blobs import BlobFetcher
+from node.warm_worker import serve
+from node.worker import BaseModels, WorkerSettings, do_work
+from protocol.blobstore import BlobDir
+from protocol.digest import arrays_to_bytes
+from protocol.messages import Lease, parse_reply, parse_work, work_content
+from protocol.signing import generate_key
+from training.inner import train_inner
+from training.model import GPTConfig
+from training.state import init_arrays
+
+GOOD_FAB = build_fab_from_files({"pyproject.toml": app_pyproject()})[0]
+EVIL_FAB = build_fab_from_files({"pyproject.toml": app_pyproject(),
+                                 "node/client_app.py": b"raise SystemExit"})[0]
+CFG = GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=16)
+
+
+@dataclasses.dataclass
+class FakeInput:
+    message: Message
+    context: Context
+    fab: bytes
+
+
+class FakeTask:
+    def __init__(self, n: int, fab: bytes = GOOD_FAB, pull_fails: bool = False) -> None:
+        self.n, self.fab, self.pull_fails = n, fab, pull_fails
+        self.reply: Message | None = None
+        self.failed: str | None = None
+        self.abandoned = False
+
+    def pull(self) -> FakeInput:
+        if self.pull_fails:
+            raise httpx.ConnectError("the SuperNode went away")
+        # what pulling a real task sets
+        TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = 1
+        msg = Message(RecordDict(), dst_node_id=1, message_type="train.shard")
+        return FakeInput(msg, Context(run_id=1, node_id=1, node_config={}, state=RecordDict(),
+                                      run_config={}), self.fab)
+
+    def finish(self, reply: Message, *, failed: str | None = None) -> None:
+        self.reply, self.failed = reply, failed
+
+    def abandon(self) -> None:
+        self.abandoned = True
+
+
+class FakeTasks:
+    """A SuperNode queue: hands out ``tasks`` (an exception in the list is raised), then
+    stops the worker once it has polled an empty queue."""
+
+    def __init__(self, tasks: list[Any], stop: threading.Event) -> None:
+        self.tasks, self.stop = list(tasks), stop
+
+    def acquire(self) -> FakeTask | None:
+        if not self.tasks:
+            self.stop.set()
+            return None
+        item = self.tasks.pop(0)
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+
+def run(tasks: list[Any], handle: Any) -> int:
+    stop = threading.Event()
+    return serve(FakeTasks(tasks, stop), handle, stop, poll_s=0.0)  # type: ignore[arg-type]
+
+
+def test_one_process_answers_every_lease_and_keeps_its_state() -> None:
+    seen: list[int] = []
+    state = {"calls": 0}  # what a warm worker keeps: module state, torch, the session
+
+    def handle(msg: Message, ctx: Context) -> Message:
+        state["calls"] += 1
+        seen.append(threading.get_native_id())
+        return Message(RecordDict(), reply_to=msg)
+
+    tasks = [FakeTask(i) for i in range(5)]
+    assert run(tasks, handle) == 5
+    assert state["calls"] == 5 and len(set(seen)) == 1
+    assert all(t.reply is not None and not t.reply.has_error() and t.failed is None
+               for t in tasks)
+
+
+def test_a_fab_with_code_is_refused_before_the_clientapp_runs() -> None:
+    calls: list[int] = []
+
+    def handle(msg: Message, ctx: Context) -> Message:
+        calls.append(1)
+        return Message(RecordDict(), reply_to=msg)
+
+    evil, good = FakeTask(0, EVIL_FAB), FakeTask(1)
+    run([evil, good], handle)
+    assert evil.reply is not None and evil.reply.has_error()
+    assert "FAB rejected by node policy" in evil.reply.error.reason
+    assert calls == [1]  # only the good task reached the ClientApp
+    assert good.reply is not None and not good.reply.has_error()
+
+
+def test_a_failing_lease_costs_only_itself() -> None:
+    def handle(msg: Message, ctx: Context) -> Message:
+        if not hasattr(handle, "failed"):
+            handle.failed = True  # type: ignore[attr-defined]
+            raise RuntimeError("CUDA out of memory")
+        return Message(RecordDict(), reply_to=msg)
+
+    first, lost, second = FakeTask(0), FakeTask(1, pull_fails=True), FakeTask(2)
+    down = httpx.ConnectError("SuperNode restarting")
+    assert run([first, down, lost, second], handle) == 3
+    assert first.reply is not None and first.reply.has_error()
+    assert "CUDA out of memory" in first.reply.error.reason and first.failed
+    assert lost.abandoned and lost.reply is None  # Flower answers it when the claim lapses
+    assert second.reply is not None and not second.reply.has_error()
+
+
+# -- the session's memory: the base of the last leases -------------------------------------
+
+def lease_on(blobs: BlobDir, model: dict[str, np.ndarray], tokens: np.ndarray,
+             nonce: str) -> RecordDict:
+    lease = Lease(run_id="r", round=1, shard_id=0, kind="train", base_version=0,
+                  base_digest=blobs.put(arrays_to_bytes(model)), data_start=0,
+                  data_end=len(tokens), data_digest=blobs.put(tokens.tobytes()),
+                  inner_steps=2, batch_size=2, seq_len=8, lr=1e-3, weight_decay=0.0, seed=1,
+                  deadline=time.time() + 60, nonce=nonce)
+    return work_content(lease, dataclasses.asdict(CFG))
+
+
+class CountingFetcher(BlobFetcher):
+    reads: list[str] = []
+
+    def get(self, digest: str, progress: Any = None) -> bytes:
+        CountingFetcher.reads.append(digest)
+        return super().get(digest, progress)
+
+
+@dataclasses.dataclass(frozen=True)
+class CountingSettings(WorkerSettings):
+    def fetcher(self, mirrors: list[str]) -> BlobFetcher:
+        assert self.cache is not None
+        return CountingFetcher(self.cache, [], self.limits.max_work_bytes)
+
+
+def test_the_base_is_read_once_and_never_used_for_another_digest(tmp_path: Path) -> None:
+    blobs = BlobDir(tmp_path / "blobs")
+    tokens = (np.arange(64) % 256).astype("<u2")
+    a, b = init_arrays(CFG, seed=0), init_arrays(CFG, seed=1)
+    settings = CountingSettings(node_id=1, key=generate_key(), device="cpu", cache=blobs,
+                                models=BaseModels())
+    CountingFetcher.reads = []
+    first = parse_reply(do_work(lease_on(blobs, a, tokens, "1" * 32), settings))[0]
+    again = parse_reply(do_work(lease_on(blobs, a, tokens, "2" * 32), settings))[0]
+    other = parse_reply(do_work(lease_on(blobs, b, tokens, "3" * 32), settings))[0]
+    digest_a, digest_b = (parse_work(lease_on(blobs, m, tokens, "4" * 32)).lease.base_digest
+                          for m in (a, b))
+    assert CountingFetcher.reads.count(digest_a) == 1  # the second lease on A: from memory
+    assert CountingFetcher.reads.count(digest_b) == 1
+    assert settings.models is not None and settings.models.hits == 1
+    assert again.metrics.loss_before == first.metrics.loss_before
+    # B's lease trained from B, not from the A in memory: what a fresh process computes
+    want = train_inner(b, CFG, tokens, steps=2, batch_size=2, seq_len=8, lr=1e-3,
+                       weight_decay=0.0, seed=1, device="cpu")
+    assert other.metrics.loss_before == pytest.approx(want.loss_before)
+    assert other.metrics.loss_before != first.metrics.loss_before
+
+
+def test_base_models_keep_the_most_recent_and_read_only() -> None:
+    models = BaseModels(keep=2)
+    loads: list[str] = []
+
+    def load(name: str):  # type: ignore[no-untyped-def]
+        return lambda: loads.append(name) or {"w": np.zeros(3, np.float32)}
+
+    for name in ("a", "b", "a", "c", "b"):
+        arrays = models.get(name, load(name))
+    assert loads == ["a", "b", "c", "b"]  # "a" was a hit; "b" fell out when "c" came
+    with pytest.raises(ValueError):
+        arrays["w"][0] = 1.0  # shared by every lease on the version: nobody writes to it
