@@ -1,8 +1,10 @@
-"""Faults with real Flower processes: a node killed mid-shard, a node signing with a wrong key."""
+"""Faults with real Flower processes: a node killed mid-shard, a node signing with a wrong key,
+a node's warm worker killed mid-lease."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 from pathlib import Path
@@ -78,3 +80,62 @@ def test_wrong_key_is_rejected_and_run_continues(workdir: Path, tmp_path: Path) 
         assert good and ledger.credits(node_id=honest.id)
         v1 = ledger.versions()[1]
         assert v1.n_updates == 1 and v1.val_loss is not None
+
+
+def test_a_crashed_worker_costs_only_its_lease(workdir: Path) -> None:
+    """kill -9 a node's warm worker mid-lease: the supervisor starts a new one beside the same
+    SuperNode, Flower answers the lost lease with an error once its claim lapses, the shard
+    goes to another node, and the run completes."""
+    killed: dict[str, int] = {}
+
+    def kill_worker_mid_train(procs: list[subprocess.Popen[bytes]], ledger: Ledger) -> None:
+        if killed:
+            return
+        node_a = next((n for n in ledger.nodes() if n.name == "node-a"), None)
+        train = [lease for lease in ledger.open_leases()
+                 if lease.kind == "train" and node_a is not None and lease.node_id == node_a.id]
+        progress = workdir / "nodes" / "0" / "progress.json"
+        if not train or not progress.exists() or '"train"' not in progress.read_text():
+            return
+        workers = _worker_pids(workdir / "nodes" / "0")
+        if workers:
+            os.kill(workers[0], signal.SIGKILL)
+            killed.update(pid=workers[0], lease_id=train[0].id, shard=train[0].shard_id,
+                          node_id=train[0].node_id)
+
+    summary, status = run_demo(nodes=2, rounds=2, workdir=workdir, console=QUIET,
+                               overrides={"verify_spot_check_rate": 0.0},
+                               on_tick=kill_worker_mid_train)
+    assert status == "finished:completed", summary
+    assert killed, "node-a's worker was never seen training"
+    log = (workdir / "nodes" / "0" / "logs" / "worker.log").read_text()
+    pids = set(re.findall(r"warm worker pid (\d+)", log))
+    assert str(killed["pid"]) in pids and len(pids) >= 2  # restarted beside its SuperNode
+    with Ledger(summary["ledger"]) as ledger:
+        lost = ledger.lease(killed["lease_id"])
+        assert lost.status in ("failed", "expired")
+        assert not [u for u in ledger.updates() if u.lease_id == lost.id]
+        assert any(e.kind == "reissue" and e.node_id == killed["node_id"]
+                   for e in ledger.events())
+        redone = [lease for lease in ledger.leases(status="answered")
+                  if lease.kind == "train" and lease.shard_id == killed["shard"]]
+        assert redone and all(lease.node_id != killed["node_id"] for lease in redone)
+        assert [v.version for v in ledger.versions()] == [0, 1, 2]
+        # what node-a had been paid for before the crash stands
+        assert all(ledger.lease(u.lease_id).id != lost.id
+                   for u in ledger.updates(node_id=killed["node_id"]))
+
+
+def _worker_pids(home: Path) -> list[int]:
+    """The warm worker of the node whose home is ``home``: the one on the Runtime API port
+    that node's SuperNode was started with."""
+    out = []
+    for pid in processes_mentioning(str(home)):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if "--isolation" in cmd and "--port" in cmd:
+            port = cmd[cmd.index("--port") + 1]
+            out += processes_mentioning(f"--runtime-api 127.0.0.1:{port}")
+    return out
