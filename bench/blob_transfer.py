@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -41,17 +42,13 @@ class _Blobs(BlobService, pb_grpc.CoordinatorServicer):
         self.blobs = blobs
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mb", type=int, default=400)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--json", action="store_true")
-    a = p.parse_args()
-    data = np.random.default_rng(0).integers(0, 256, a.mb * 1_000_000, dtype=np.uint8).tobytes()
+def measure(mb: int = 400, repeats: int = 3) -> dict[str, Any]:
+    """``mb`` MB of random bytes through FetchBlob (TLS, loopback) into a checked cache,
+    ``repeats`` times, against SHA-256 over the same bytes; medians."""
+    data = np.random.default_rng(0).integers(0, 256, mb * 1_000_000, dtype=np.uint8).tobytes()
 
     sha = []
-    for _ in range(a.repeats):
+    for _ in range(repeats):
         t = time.perf_counter()
         digest = hashlib.sha256(data).hexdigest()
         sha.append(time.perf_counter() - t)
@@ -67,7 +64,7 @@ def main() -> None:
         fetch = []
         try:
             creds = grpc.ssl_channel_credentials(root_certificates=tls.ca_cert.read_bytes())
-            for i in range(a.repeats):
+            for i in range(repeats):
                 with grpc.secure_channel(f"127.0.0.1:{port}", creds) as channel:
                     fetcher = BlobFetcher(BlobDir(root / f"node-{i}"),
                                           [CoordinatorBlobs(channel)], 1 << 40)
@@ -77,6 +74,22 @@ def main() -> None:
                     assert len(got) == len(data)
         finally:
             server.stop(None)
+    size = len(data) / 1e6
+    out = {"blob_mb": size, "blob_MBps": size / statistics.median(fetch),
+           "sha256_MBps": size / statistics.median(sha),
+           "fetch_s": [round(x, 3) for x in fetch], "sha256_s": [round(x, 3) for x in sha]}
+    out["blob_over_sha256"] = out["blob_MBps"] / out["sha256_MBps"]
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mb", type=int, default=400)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args()
+    out = measure(a.mb, a.repeats)
 
     # update bytes per scheme for the demo's model (the tiny preset)
     from training.model import PRESETS
@@ -84,14 +97,9 @@ def main() -> None:
     params = init_arrays(PRESETS["tiny"], 0)
     sizes = {s: encoded_bytes(encode(params, Compression(s))) for s in ("none", "int8", "topk")}
 
-    mb = len(data) / 1e6
-    out = {"blob_mb": mb, "blob_MBps": mb / statistics.median(fetch),
-           "sha256_MBps": mb / statistics.median(sha),
-           "fetch_s": [round(x, 3) for x in fetch], "sha256_s": [round(x, 3) for x in sha],
-           "update_bytes_tiny": sizes,
-           "update_reduction": {s: sizes["none"] / n for s, n in sizes.items()}}
-    out["blob_over_sha256"] = out["blob_MBps"] / out["sha256_MBps"]
-    print(f"{mb:.0f} MB blob: FetchBlob over TLS loopback into a checked cache "
+    out.update(update_bytes_tiny=sizes,
+               update_reduction={s: sizes["none"] / n for s, n in sizes.items()})
+    print(f"{out['blob_mb']:.0f} MB blob: FetchBlob over TLS loopback into a checked cache "
           f"{out['blob_MBps']:.0f} MB/s (median of {a.repeats}); SHA-256 alone "
           f"{out['sha256_MBps']:.0f} MB/s; ratio {out['blob_over_sha256']:.2f}", file=sys.stderr)
     print("update bytes (tiny preset): " + ", ".join(

@@ -9,6 +9,8 @@ goes through a Nesterov-momentum SGD outer step; the validation loss is printed.
                                                      # contention: 3 x 1 thread on a 2-core box)
     python bench/diloco_sim.py --compression none,int8,topk   # one run per update encoding,
                                                      # final val loss of each over none's
+    python bench/diloco_sim.py --dp-baseline         # and synchronous data-parallel AdamW on
+                                                     # the same batches (W x B per step)
 
 Each pseudo-gradient goes through ``protocol.compression`` as a node would send it (top-k
 with ``--error-feedback``: each worker carries what it dropped into its next round).
@@ -73,6 +75,12 @@ def parse_args() -> argparse.Namespace:
                    help="comma-separated update encodings to compare: none, int8, topk")
     p.add_argument("--topk-fraction", type=float, default=0.01)
     p.add_argument("--error-feedback", action="store_true", help="topk: carry what was dropped")
+    p.add_argument("--broadcast", default="none", choices=["none", "int8"],
+                   help="how new versions reach the workers: whole (none), or as the previous "
+                        "version + the int8-encoded change, what is lost carried into the next")
+    p.add_argument("--dp-baseline", action="store_true",
+                   help="also train synchronous data-parallel on the same tokens: every step "
+                        "one AdamW step on all W workers' batches of that step together")
     p.add_argument("--keep-inner-state", action="store_true",
                    help="each worker keeps its AdamW state across rounds (as DiLoCo's do); "
                         "runs once without and once with, and prints both (serial only)")
@@ -104,6 +112,8 @@ def simulate(a: argparse.Namespace, cfg, shards, toks, val, codec: Compression, 
     n_params = sum(v.size for v in params.values())
     print(f"{codec.scheme}: model {a.preset} {asdict(cfg)} params={n_params / 1e6:.2f}M")
     feedback = [ErrorFeedback() for _ in range(a.workers)]  # one per worker, across rounds
+    down = ErrorFeedback()  # the coordinator's, for a compressed broadcast
+    broadcast = Compression(a.broadcast)
     opt_states: list = [None] * a.workers
     shapes = {k: (v.shape, "<f4") for k, v in params.items()}
     sent = 0
@@ -138,7 +148,15 @@ def simulate(a: argparse.Namespace, cfg, shards, toks, val, codec: Compression, 
                 r["pg"] = decode(enc, codec, shapes, float("inf"))
             total = sum(r["tokens"] for r in res)
             avg = {k: sum(r["pg"][k] * (r["tokens"] / total) for r in res) for k in params}
-            outer_step(params, avg, buf, a.outer_lr, a.momentum)
+            if broadcast.scheme == "none":
+                outer_step(params, avg, buf, a.outer_lr, a.momentum)
+            else:  # nodes get the version as base + the encoded change (residual kept here)
+                new = {k: v.copy() for k, v in params.items()}
+                outer_step(new, avg, buf, a.outer_lr, a.momentum)
+                enc = down.encode({k: new[k] - params[k] for k in params}, broadcast)
+                delta = decode(enc, broadcast, shapes, float("inf"))
+                for k in params:
+                    params[k] = params[k] + delta[k]
             v, ev_s = val_loss()
             curve.append(v)
             shard_s += [r["wall_s"] for r in res]
@@ -153,6 +171,42 @@ def simulate(a: argparse.Namespace, cfg, shards, toks, val, codec: Compression, 
             pool.close()
             pool.join()
     return curve, shard_s, shard_cpu, sent, n_params
+
+
+def data_parallel(a: argparse.Namespace, cfg, shards, toks, val) -> list[float]:  # type: ignore[no-untyped-def]
+    """What DiLoCo is measured against: one model, one AdamW step per inner step on the
+    batches all W workers draw at that step (the same generators, seeds and shards as
+    ``train_inner``), i.e. the same tokens at the same global batch; the validation loss
+    after each round's H steps."""
+    import torch
+
+    from training.inner import GRAD_CLIP, inner_optimizer, sample_batch
+    from training.state import arrays_to_model, model_to_arrays
+
+    model = arrays_to_model(init_arrays(cfg, a.seed), cfg, "cpu")
+    model.train()
+    opt = inner_optimizer(model, a.lr, a.weight_decay, torch.device("cpu"))
+    curve = [evaluate(init_arrays(cfg, a.seed), cfg, val, seq_len=a.seq_len, batch_size=32,
+                      device="cpu").mean_loss]
+    torch.manual_seed(a.seed)
+    for rnd in range(a.rounds):
+        round_shards = shards[rnd * a.workers:(rnd + 1) * a.workers]
+        data = [torch.from_numpy(np.array(toks[s.start:s.end], dtype=np.int64))
+                for s in round_shards]
+        gens = [torch.Generator().manual_seed(a.seed * 1000 + s.shard_id) for s in round_shards]
+        for _ in range(a.inner_steps):
+            batches = [sample_batch(d, a.batch_size, a.seq_len, g) for d, g in zip(data, gens)]
+            x = torch.cat([b[0] for b in batches])
+            y = torch.cat([b[1] for b in batches])
+            _, loss = model(x, y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        curve.append(evaluate(model_to_arrays(model), cfg, val, seq_len=a.seq_len,
+                              batch_size=32, device="cpu").mean_loss)
+        print(f"data-parallel round {rnd + 1}  val {curve[-1]:.3f}")
+    return curve
 
 
 def main() -> None:
@@ -184,6 +238,7 @@ def main() -> None:
         finals[name], curves[name] = curve[-1], curve
         print(f"{name}: final val {curve[-1]:.4f}, {sent / a.rounds / a.workers / 1e6:.3f} MB "
               "per update")
+    dp = data_parallel(a, cfg, shards, toks, val) if a.dp_baseline else None
     print(f"corpus {info.n_tokens} tokens, {len(shards)} train shards of ~{a.shard_tokens}; "
           f"val scored on {val.size} tokens")
     base = finals.get("none")
@@ -198,6 +253,9 @@ def main() -> None:
         "val_curves": {k: [round(x, 4) for x in c] for k, c in curves.items()},
         "final_val": finals, "loss_ratio_vs_none": ratios, "topk_fraction": a.topk_fraction,
         "error_feedback": a.error_feedback,
+        "dp_val_curve": [round(x, 4) for x in dp] if dp else None,
+        "loss_ratio_vs_dp": ({k: round(v / dp[-1], 4) for k, v in finals.items()}
+                             if dp else None),
         "shard_s_mean": round(float(np.mean(shard_s)), 2), "shard_s_max": round(max(shard_s), 2),
         "shard_cpu_s_mean": round(float(np.mean(shard_cpu)), 2),
     }))

@@ -20,7 +20,6 @@ Run on demand; not part of the test suite.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import statistics

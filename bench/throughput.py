@@ -1,9 +1,9 @@
-"""How much of a node's time goes into training: a real network on loopback, measured.
+"""How much of a node's time goes into training, and what the network costs: measured.
 
-Runs ``atom-coordinator demo``'s network (a coordinator and N node processes: Flower, TLS,
-SuperNode auth, the gRPC data plane, warm workers) and reads the answer off the ledger and
-the nodes' worker logs (each lease logs its unix times: received, work started and ended,
-replied):
+``network``: runs ``atom-coordinator demo``'s network (a coordinator and N node processes:
+Flower, TLS, SuperNode auth, the gRPC data plane, warm workers) and reads the answer off the
+ledger and the nodes' worker logs (each lease logs its unix times: received, work started
+and ended, replied):
 
 - ``utilization``: per node and overall, time inside training/evaluation steps over the wall
   time of the run (first lease issued to last reply accepted);
@@ -13,8 +13,20 @@ replied):
   ``fetch`` (blobs, parse), ``upload`` (payload by digest, sign), ``reply`` (Flower back,
   the coordinator's poll and ``verify``).
 
-    python bench/throughput.py                      # 3 nodes, tiny, 4 rounds
-    python bench/throughput.py --preset small --rounds 2 --json
+- ``comm_reduction``: the bytes a synchronous data-parallel run moves per trained token
+  (one fp32 gradient ring all-reduce per step, sent + received, W = the nodes) over what a
+  node of this run moved per trained token (the model version down + its encoded update
+  up, from the blobs the run stored).
+
+``transfer`` (``bench/blob_transfer.py``, ``bench/flower_transfer.py``): a 400 MB blob
+through FetchBlob against the same bytes in a Flower message, and SHA-256 over them.
+``ingest`` (``bench/ingest.py``): the coordinator's path for K updates against SHA-256,
+its mean against Flower's ``aggregate_arrayrecords``. ``loss`` (``bench/diloco_sim.py``):
+final validation loss with int8 and top-k over uncompressed at equal tokens, and over
+synchronous data-parallel AdamW on the same batches.
+
+    python bench/throughput.py --json               # everything: ~15 min on 2 cores
+    python bench/throughput.py --parts network --preset small --rounds 2
 
 Run on demand; not part of the test suite.
 """
@@ -26,6 +38,7 @@ import json
 import os
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -33,11 +46,16 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the other benches
 
 from rich.console import Console  # noqa: E402
 
+import blob_transfer  # noqa: E402
+import flower_transfer  # noqa: E402
+import ingest  # noqa: E402
 from coordinator.demo import run_demo  # noqa: E402
 from coordinator.ledger import Ledger  # noqa: E402
+from training.model import PRESETS  # noqa: E402
 
 _LEASE_LINE = re.compile(r" lease (\{.*\})$")
 
@@ -88,6 +106,62 @@ def measure(ledger: Ledger, times: dict[str, dict[str, float]]) -> dict[str, Any
     }
 
 
+def comm_reduction(workdir: Path, ledger: Ledger, nodes: int) -> dict[str, Any]:
+    """DP's bytes per trained token over this run's, from the blobs the run stored."""
+    blobs = workdir / "blobs"
+
+    def size(digest: str) -> int:
+        return (blobs / digest[:2] / digest).stat().st_size
+
+    model = statistics.median(size(v.digest) for v in ledger.versions())
+    payloads = [size(u.arrays_digest) for u in ledger.updates()
+                if u.verdict == "accepted" and u.steps > 0]
+    update, tokens = statistics.median(payloads), statistics.median(
+        u.tokens for u in ledger.updates() if u.verdict == "accepted" and u.steps > 0)
+    step_tokens = tokens / _steps(ledger)  # what one worker trains per step
+    fp32 = model  # the model blob is its fp32 arrays (a few bytes of header per array)
+    dp = 2 * 2 * (nodes - 1) / nodes * fp32 / step_tokens  # ring all-reduce, sent + received
+    ours = (model + update) / tokens
+    return {"comm_reduction": round(dp / ours, 1), "model_MB": round(model / 1e6, 3),
+            "update_MB": round(update / 1e6, 3), "tokens_per_lease": int(tokens)}
+
+
+def _steps(ledger: Ledger) -> int:
+    return int(statistics.median(u.steps for u in ledger.updates() if u.steps > 0))
+
+
+def network(a: argparse.Namespace) -> dict[str, Any]:
+    workdir = a.workdir or Path(tempfile.mkdtemp(prefix="atom-throughput-"))
+    overrides: dict[str, Any] = {"model_preset": a.preset}
+    if a.inner_steps:
+        overrides["train_inner_steps"] = a.inner_steps
+    quiet = Console(file=open(os.devnull, "w"))  # noqa: SIM115
+    summary, status = run_demo(nodes=a.nodes, rounds=a.rounds, workdir=workdir,
+                               console=quiet, overrides=overrides)
+    if status != "finished:completed":
+        raise SystemExit(f"error: the run ended {status}: {summary.get('error')}")
+    with Ledger(summary["ledger"], create=False) as ledger:
+        out = measure(ledger, node_times(workdir, a.nodes))
+        out.update(comm_reduction(workdir, ledger, a.nodes))
+    out.update(preset=a.preset, nodes=a.nodes, rounds=a.rounds, val_loss=summary["val_loss"])
+    return out
+
+
+def losses(a: argparse.Namespace) -> dict[str, Any]:
+    cmd = [sys.executable, str(Path(__file__).with_name("diloco_sim.py")), "--rounds",
+           str(a.sim_rounds), "--compression", "none,int8,topk", "--dp-baseline"]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    sim = json.loads(res.stdout.strip().splitlines()[-1])
+    ratios = sim["loss_ratio_vs_none"]
+    return {"loss_ratio_int8": ratios["int8"], "loss_ratio_topk": ratios["topk"],
+            "loss_ratio_vs_dp": sim["loss_ratio_vs_dp"]["none"],
+            "loss_ratio_vs_dp_int8": sim["loss_ratio_vs_dp"]["int8"],
+            "sim_final_val": sim["final_val"], "sim_dp_val_curve": sim["dp_val_curve"]}
+
+
+PARTS = ("network", "transfer", "ingest", "loss")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -96,32 +170,52 @@ def main() -> int:
     p.add_argument("--preset", default="tiny")
     p.add_argument("--inner-steps", type=int, help="override the run's default")
     p.add_argument("--workdir", type=Path)
+    p.add_argument("--parts", default=",".join(PARTS), help=f"any of {', '.join(PARTS)}")
+    p.add_argument("--blob-mb", type=int, default=400)
+    p.add_argument("--ingest-preset", default="small", choices=sorted(PRESETS))
+    p.add_argument("--sim-rounds", type=int, default=4)
     p.add_argument("--json", action="store_true", help="print one JSON object last")
     a = p.parse_args()
+    parts = [x for x in a.parts.split(",") if x]
+    if bad := sorted(set(parts) - set(PARTS)):
+        p.error(f"unknown part {bad[0]!r}")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-    workdir = a.workdir or Path(tempfile.mkdtemp(prefix="atom-throughput-"))
-    overrides: dict[str, Any] = {"model_preset": a.preset}
-    if a.inner_steps:
-        overrides["train_inner_steps"] = a.inner_steps
     t0 = time.monotonic()
-    quiet = Console(file=open(os.devnull, "w"))  # noqa: SIM115
-    summary, status = run_demo(nodes=a.nodes, rounds=a.rounds, workdir=workdir,
-                               console=quiet, overrides=overrides)
-    if status != "finished:completed":
-        print(f"error: the run ended {status}: {summary.get('error')}", file=sys.stderr)
-        return 1
-    with Ledger(summary["ledger"], create=False) as ledger:
-        out = measure(ledger, node_times(workdir, a.nodes))
-    out.update(preset=a.preset, nodes=a.nodes, rounds=a.rounds,
-               val_loss=summary["val_loss"], seconds=round(time.monotonic() - t0, 1))
-    if not a.json:
-        print(f"utilization {out['utilization']:.2f} (per node "
-              + ", ".join(f"{k} {v:.2f}" for k, v in out["utilization_per_node"].items())
-              + f"); lease overhead {out['lease_overhead_s']:.2f} s median "
-              + str(out["lease_overhead_parts_s"]), file=sys.stderr)
+    out: dict[str, Any] = {}
+    if "network" in parts:
+        out.update(network(a))
+        _say(a, f"utilization {out['utilization']:.2f} (per node "
+             + ", ".join(f"{k} {v:.2f}" for k, v in out["utilization_per_node"].items())
+             + f"); lease overhead {out['lease_overhead_s']:.2f} s median "
+             + str(out["lease_overhead_parts_s"]) + f"; comm reduction "
+             f"{out['comm_reduction']:.0f}x")
+    if "transfer" in parts:
+        blob = blob_transfer.measure(a.blob_mb)
+        out.update({k: round(blob[k], 1) for k in ("blob_MBps", "sha256_MBps")})
+        out.update(flower_transfer.measure(a.blob_mb))
+        out["blob_over_flwr"] = round(out["blob_MBps"] / out["flwr_MBps"], 1)
+        _say(a, f"{a.blob_mb} MB: FetchBlob {out['blob_MBps']} MB/s, Flower "
+             f"{out['flwr_MBps']} MB/s ({out['blob_over_flwr']}x), SHA-256 "
+             f"{out['sha256_MBps']} MB/s")
+    if "ingest" in parts:
+        ing = ingest.measure(a.ingest_preset)
+        out.update(ingest_over_sha256=ing["ingest_over_sha256"],
+                   aggregate_over_flower=ing["aggregate_over_flower"], ingest=ing)
+        _say(a, f"ingest {ing['ingest_over_sha256']}x SHA-256, aggregation "
+             f"{ing['aggregate_over_flower']}x Flower's speed ({a.ingest_preset})")
+    if "loss" in parts:
+        out.update(losses(a))
+        _say(a, f"final loss int8/none {out['loss_ratio_int8']}, topk/none "
+             f"{out['loss_ratio_topk']}, DiLoCo/data-parallel {out['loss_ratio_vs_dp']}")
+    out["seconds"] = round(time.monotonic() - t0, 1)
     print(json.dumps(out))
     return 0
+
+
+def _say(a: argparse.Namespace, text: str) -> None:
+    if not a.json:
+        print(text, file=sys.stderr)
 
 
 if __name__ == "__main__":

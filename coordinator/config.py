@@ -236,6 +236,12 @@ def _scheme(v: Any) -> str:
     return str(v)
 
 
+def _broadcast(v: Any) -> str:
+    if v not in ("none", "int8"):
+        raise _Bad("must be none or int8")
+    return str(v)
+
+
 _topk_fraction = _float("must be in (0, 1]", lambda x: 0 < x <= 1)
 
 
@@ -251,6 +257,10 @@ class CompressionParams:
     error_feedback: bool = _opt(False, _bool, "topk: nodes carry what top-k dropped into their "
                                 "next update (needs [verify] spot_check_rate = 0: an update "
                                 "that depends on a node's history cannot be spot-checked)")
+    broadcast: str = _opt("int8", _broadcast, "how a new model version reaches nodes holding "
+                          "the previous one: int8 (the version is made as previous + the "
+                          "int8-encoded change, and travels as that change: 3.9x less) or "
+                          "none (always whole)")
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,11 @@
 
 Versions are content-addressed checkpoints (``training.checkpoint``); the ledger records each
 one. The outer Nesterov momentum lives beside them so a restarted coordinator resumes exactly.
+
+With ``[compression] broadcast = "int8"`` a new version is the previous one plus the int8
+encoding of the outer step's change (``protocol.compression.apply_delta``), so a node that
+holds the previous version rebuilds this one bit for bit from a quarter of the bytes
+(``ModelStore.delta``); what the rounding drops is at most half a block's scale per value.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from protocol.compression import apply_delta, encode_delta
 from protocol.errors import CheckpointError
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.model import GPT, PRESETS, GPTConfig
@@ -22,7 +28,7 @@ from .config import RunConfig
 from .ledger import Ledger
 from .outer import NesterovOuter
 
-__all__ = ["ModelStore", "model_config", "model_params"]
+__all__ = ["Delta", "ModelStore", "model_config", "model_params"]
 
 Arrays = dict[str, np.ndarray]
 
@@ -47,6 +53,16 @@ def model_params(cfg: RunConfig) -> int:
     return sum(p.numel() for p in GPT(model_config(cfg)).parameters())
 
 
+@dataclass(frozen=True)
+class Delta:
+    """The current version as a change to the previous one: ``base`` (its digest) plus
+    ``encoding`` (int8, ``block`` values per scale)."""
+
+    base: str
+    encoding: Arrays
+    block: int
+
+
 @dataclass
 class ModelStore:
     dir: Path
@@ -55,6 +71,9 @@ class ModelStore:
     version: int = 0
     digest: str = ""
     arrays: Arrays = field(default_factory=dict)
+    broadcast: str = "none"  # [compression] broadcast
+    block: int = 256
+    delta: Delta | None = None  # how the current version travels to holders of the last
 
     @property
     def _outer_path(self) -> Path:
@@ -64,7 +83,8 @@ class ModelStore:
     def open(cls, dir: Path, cfg: RunConfig, ledger: Ledger, seed: int = 0) -> ModelStore:
         """Resume from the ledger's latest version, or create and record version 0."""
         store = cls(dir, model_config(cfg),
-                    NesterovOuter(cfg.outer.lr, cfg.outer.momentum, cfg.outer.nesterov))
+                    NesterovOuter(cfg.outer.lr, cfg.outer.momentum, cfg.outer.nesterov),
+                    broadcast=cfg.compression.broadcast, block=cfg.compression.block)
         latest = ledger.latest_version()
         if latest is None:
             store.arrays = init_arrays(store.gpt, seed)
@@ -93,11 +113,15 @@ class ModelStore:
                 tokens: int) -> int:
         """Apply the aggregated pseudo-gradient with the outer optimizer; record the version."""
         new = self.outer.step(self.arrays, delta)
+        change = None
+        if self.broadcast == "int8":
+            change = Delta(self.digest, encode_delta(self.arrays, new, self.block), self.block)
+            new = apply_delta(self.arrays, change.encoding, self.block)
         version = self.version + 1
         path, digest = save_checkpoint(self.dir, new, {"version": version, "model": self.gpt,
                                                        "round": round})
         save_file(self.outer.state_dict(), str(self._outer_path))
         ledger.add_model_version(version, digest, str(path), round, n_updates=n_updates,
                                  tokens=tokens)
-        self.arrays, self.version, self.digest = new, version, digest
+        self.arrays, self.version, self.digest, self.delta = new, version, digest, change
         return version

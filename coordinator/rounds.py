@@ -107,6 +107,8 @@ class RunLoop:
     _evals: list[_EvalBatch] = field(default_factory=list)  # evaluations still open
     _evaluated: set[int] = field(default_factory=set)  # versions whose evaluation was sent
     _rows: dict[int, Node] = field(default_factory=dict)  # by ledger id
+    # version digest -> (previous version's digest, the change's blob): Work.delta
+    _deltas: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.tokens = self.corpus.tokens()
@@ -344,7 +346,8 @@ class RunLoop:
                 prefetch = [d for d in (nxt.base_digest, nxt.data_digest)
                             if d not in (lease.base_digest, lease.data_digest)] if nxt else []
                 content = work_content(lease, self.arch, self.cfg.network.blob_mirrors,
-                                       self.codec, prefetch=list(dict.fromkeys(prefetch)))
+                                       self.codec, prefetch=list(dict.fromkeys(prefetch)),
+                                       delta=self._deltas.get(lease.base_digest))
                 # The TTL bounds the reply too: keep it well past the deadline so a slow but
                 # honest answer is judged (as late) instead of vanishing inside Flower.
                 mid = self.transport.send(int(node.flower_node_id), lease.kind, content,
@@ -393,10 +396,15 @@ class RunLoop:
             self._close_eval(batch)
 
     def _publish(self, lease: Lease) -> None:
-        """Put what ``lease`` names into the blob store (once: blobs are named by content)."""
+        """Put what ``lease`` names into the blob store (once: blobs are named by content),
+        and the current version as a change to the previous one, where the run makes it."""
         assert self.blobs is not None
-        if lease.base_digest == self.store.digest and not self.blobs.has(self.store.digest):
-            self.blobs.put(arrays_to_bytes(self.store.arrays), self.store.digest)
+        store = self.store
+        if lease.base_digest == store.digest and not self.blobs.has(store.digest):
+            self.blobs.put(arrays_to_bytes(store.arrays), store.digest)
+            if store.delta is not None:
+                self._deltas[store.digest] = (
+                    store.delta.base, self.blobs.put(arrays_to_bytes(store.delta.encoding)))
         if not self.blobs.has(lease.data_digest):
             data = np.asarray(self.tokens[lease.data_start:lease.data_end]).astype("<u2")
             self.blobs.put(data.tobytes(), lease.data_digest)

@@ -22,9 +22,9 @@ import numpy as np
 from flwr.app import RecordDict
 
 from protocol.blobstore import BlobDir
-from protocol.compression import ErrorFeedback
+from protocol.compression import ErrorFeedback, apply_delta
 from protocol.digest import arrays_from_bytes, arrays_to_bytes, digest_arrays, digest_bytes
-from protocol.errors import AtomError, ConfigError, ProtocolError
+from protocol.errors import AtomError, BlobError, ConfigError, ProtocolError
 from protocol.messages import (
     EVAL_WINDOWS, Update, UpdateMetrics, Work, parse_work, reply_content, shard_tokens,
 )
@@ -57,6 +57,9 @@ class BaseModels:
     keep: int = 2
     _arrays: OrderedDict[str, dict[str, np.ndarray]] = field(default_factory=OrderedDict)
     hits: int = 0
+
+    def peek(self, digest: str) -> dict[str, np.ndarray] | None:
+        return self._arrays.get(digest)
 
     def get(self, digest: str, load: Callable[[], dict[str, np.ndarray]]
             ) -> dict[str, np.ndarray]:
@@ -124,14 +127,18 @@ def do_work(content: RecordDict, settings: WorkerSettings,
             log.info("fetched %s %s (%d bytes)", what, digest, len(data))
         return data
 
+    models = settings.models
+
     def load_model() -> dict[str, np.ndarray]:
+        held = models.peek(work.delta[0]) if models and work.delta else None
+        if held is not None and (rebuilt := _rebuild(work, held, fetch)) is not None:
+            return rebuilt
         # The blob matched base_digest and parses only in its canonical layout, so these
         # arrays are the base model (views of the blob: nothing else allocated yet).
         arrays = arrays_from_bytes(fetch("model", lease.base_digest))
         check_model(arrays, settings.limits)
         return arrays
 
-    models = settings.models
     model = (load_model() if models is None else models.get(lease.base_digest, load_model))
     if work.prefetch:  # what the lease queued behind this one names: fetched while we work
         threading.Thread(target=_prefetch, args=(blobs, work.prefetch), daemon=True,
@@ -190,6 +197,23 @@ def _compute(work: Work, model: dict[str, np.ndarray], tokens: np.ndarray,
     if report is not None:
         report(metrics.steps, metrics.steps, metrics.tokens, done=True)
     return arrays, metrics
+
+
+def _rebuild(work: Work, held: dict[str, np.ndarray], fetch: Callable[[str, str], bytes]
+             ) -> dict[str, np.ndarray] | None:
+    """The lease's base rebuilt from the version this worker holds and the change blob the
+    work names; None (fetch it whole) if that fails or the result is not the base."""
+    try:
+        change = arrays_from_bytes(fetch("model delta", work.delta[1]))  # type: ignore[index]
+        arrays = apply_delta(held, change, work.compression.block)
+    except (BlobError, ProtocolError) as err:
+        log.warning("could not rebuild the base from its change (%s); fetching it whole", err)
+        return None
+    if digest_arrays(arrays) != work.lease.base_digest:
+        log.warning("the base rebuilt from its change does not match its digest; fetching "
+                    "it whole")
+        return None
+    return arrays
 
 
 def _prefetch(blobs: BlobFetcher, digests: tuple[str, ...]) -> None:

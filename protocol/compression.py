@@ -33,7 +33,10 @@ import numpy as np
 
 from protocol.errors import ProtocolError
 
-__all__ = ["SCHEMES", "Compression", "ErrorFeedback", "decode", "encode", "encoded_bytes"]
+__all__ = [
+    "SCHEMES", "Compression", "ErrorFeedback", "apply_delta", "decode", "encode", "encode_delta",
+    "encoded_bytes",
+]
 
 SCHEMES = ("none", "int8", "topk")
 Shapes = Mapping[str, tuple[tuple[int, ...], str]]
@@ -173,6 +176,24 @@ def _dequantize(q: np.ndarray, scale: np.ndarray, block: int) -> np.ndarray:
     if full < n:
         np.multiply(q[full:], scale[rows], out=out[full:])
     return out
+
+
+def encode_delta(old: Mapping[str, np.ndarray], new: Mapping[str, np.ndarray],
+                 block: int) -> dict[str, np.ndarray]:
+    """The int8 encoding of ``new - old``: how a new model version travels to nodes that
+    hold the previous one (a quarter of the bytes)."""
+    return encode({k: np.subtract(new[k], old[k], dtype=np.float32) for k in old},
+                  Compression("int8", block=block))
+
+
+def apply_delta(old: Mapping[str, np.ndarray], enc: Mapping[str, np.ndarray],
+                block: int) -> dict[str, np.ndarray]:
+    """``old`` + the change ``enc`` encodes, in float32: bit for bit the version the
+    coordinator made from it (both sides run these same float32 operations); the caller
+    checks the result against the version's digest. ``ProtocolError`` on a bad encoding."""
+    shapes = {k: (tuple(a.shape), "<f4") for k, a in old.items()}
+    change = decode(enc, Compression("int8", block=block), shapes, math.inf)
+    return {k: np.add(old[k], change[k], dtype=np.float32) for k in old}
 
 
 def encoded_bytes(enc: Mapping[str, np.ndarray]) -> int:

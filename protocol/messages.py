@@ -220,22 +220,31 @@ class Work:
     compression: Compression = Compression()
     # blobs the lease queued behind this one names: the node fetches them while it works
     prefetch: tuple[str, ...] = ()
+    # (digest of the previous version, digest of the change blob): a node holding that
+    # version rebuilds the base from it (``protocol.compression.apply_delta``, int8 with
+    # ``compression.block``) and checks the result against ``lease.base_digest``
+    delta: tuple[str, str] | None = None
 
 
 def work_content(lease: Lease, arch: Mapping[str, int | float | bool | str] | None = None,
                  mirrors: Sequence[str] = (),
                  compression: Compression = Compression(),
-                 prefetch: Sequence[str] = ()) -> RecordDict:
+                 prefetch: Sequence[str] = (),
+                 delta: tuple[str, str] | None = None) -> RecordDict:
     """Pack a lease, the model's architecture, the blob mirrors a node may try first, the
-    update encoding and the digests of the node's next lease (to fetch while it works)."""
+    update encoding, the digests of the node's next lease (to fetch while it works) and the
+    base as a change to the previous version (``Work.delta``)."""
     for url in mirrors:
         require(isinstance(url, str) and url.startswith(("http://", "https://")),
                 "blobs.mirrors", f"not an http(s) URL: {str(url)[:80]!r}")
     _check_prefetch(prefetch)
+    base, change = delta or ("", "")
+    _check_delta(base, change)
     return RecordDict({
         "lease": lease.to_record(),
         "arch": ConfigRecord(dict(arch or {})),
-        "blobs": ConfigRecord({"mirrors": list(mirrors), "prefetch": list(prefetch)}),
+        "blobs": ConfigRecord({"mirrors": list(mirrors), "prefetch": list(prefetch),
+                               "delta_base": base, "delta": change}),
         "compression": ConfigRecord(compression.to_dict()),
     })
 
@@ -249,24 +258,34 @@ def parse_work(content: RecordDict) -> Work:
     arch = dict(arch_rec)
     for key, value in arch.items():
         require(isinstance(value, (int, float, bool, str)), f"arch.{key}", "must be a scalar")
-    check_keys(blobs_rec, {"mirrors", "prefetch"}, "blobs record")
+    check_keys(blobs_rec, {"mirrors", "prefetch", "delta_base", "delta"}, "blobs record")
     mirrors = blobs_rec["mirrors"]
     require(isinstance(mirrors, list) and all(isinstance(u, str) and u.startswith(
         ("http://", "https://")) for u in mirrors), "blobs.mirrors",
         "must be a list of http(s) URLs")
     prefetch = blobs_rec["prefetch"]
     _check_prefetch(prefetch)
+    base, change = blobs_rec["delta_base"], blobs_rec["delta"]
+    _check_delta(base, change)
     return Work(lease, arch, list(mirrors), Compression.from_dict(dict(comp_rec)),
-                tuple(prefetch))
+                tuple(prefetch), (str(base), str(change)) if base else None)
 
 
 MAX_PREFETCH = 8  # a hint, not work: a node fetches at most this many blobs ahead
 
 
+def _is_digest(d: object) -> bool:
+    return isinstance(d, str) and len(d) == 64 and all(c in "0123456789abcdef" for c in d)
+
+
+def _check_delta(base: object, change: object) -> None:
+    require((base == "" and change == "") or (_is_digest(base) and _is_digest(change)),
+            "blobs.delta", "must be two SHA-256 hex digests, or both empty")
+
+
 def _check_prefetch(prefetch: object) -> None:
     require(isinstance(prefetch, (list, tuple)) and len(prefetch) <= MAX_PREFETCH
-            and all(isinstance(d, str) and len(d) == 64
-                    and all(c in "0123456789abcdef" for c in d) for d in prefetch),
+            and all(_is_digest(d) for d in prefetch),
             "blobs.prefetch", f"must be a list of at most {MAX_PREFETCH} SHA-256 hex digests")
 
 

@@ -64,9 +64,9 @@ def test_demo_two_nodes_two_rounds(workdir: Path) -> None:
         for s in ledger.node_summaries():
             assert summary_by_id[s.node_id]["credits"] == round(s.credits, 6)
             assert summary_by_id[s.node_id]["tokens"] == s.tokens
-        # bytes travelled by digest: every version, shard and update payload is a blob of the
-        # coordinator, and each node cached every version it evaluated (fetched once, not per
-        # lease)
+        # bytes travelled by digest: every version, its change from the previous one (int8
+        # broadcast), each shard and update payload is a blob of the coordinator; each node
+        # fetched version 0 whole and every later version as its change
         def blob(root: Path, digest: str) -> Path:
             return root / digest[:2] / digest
 
@@ -74,11 +74,15 @@ def test_demo_two_nodes_two_rounds(workdir: Path) -> None:
         ranges = {(lease.data_start, lease.data_end) for lease in ledger.leases()}
         payloads = {u.arrays_digest for u in train}  # uploaded (a spot check's pair: once)
         assert all(blob(workdir / "blobs", d).is_file() for d in payloads)
+        changes = len(versions) - 1
         assert len(list((workdir / "blobs").glob("??/*"))) == (
-            len(versions) + len(ranges) + len(payloads))
+            len(versions) + changes + len(ranges) + len(payloads))
         for i in range(2):
             cache = workdir / "nodes" / str(i) / "blobs"
-            assert all(blob(cache, v.digest).is_file() for v in versions), i
+            assert blob(cache, versions[0].digest).is_file(), i
+            log = (workdir / "nodes" / str(i) / "logs" / "worker.log").read_text()
+            assert re.findall(r"fetched model ([0-9a-f]{64})", log) == [versions[0].digest]
+            assert len(re.findall(r"fetched model delta ", log)) == changes, log[-2000:]
         # one warm worker per node answered every lease of that node, and downloaded each
         # blob at most once (the eval queued behind a train lease took its base from memory)
         by_name = {n.name: n.id for n in nodes}

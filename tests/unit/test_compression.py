@@ -13,7 +13,9 @@ from test_run_loop import (  # noqa: F401  (fixtures)
     assert_credit_only_for_accepted, corpus, network, nets, one_torch_thread,
 )
 
-from protocol.compression import Compression, ErrorFeedback, decode, encode, encoded_bytes
+from protocol.compression import (
+    Compression, ErrorFeedback, apply_delta, decode, encode, encode_delta, encoded_bytes,
+)
 from protocol.errors import ProtocolError, Reason
 
 INT8 = Compression("int8", block=4)
@@ -196,3 +198,24 @@ def test_the_warm_node_keeps_its_residual_between_leases(tmp_path) -> None:  # t
     again = session_for(dict(config))
     assert again is session and again.settings.feedback.residual  # carried to the next lease
     assert session_for({**config, "threads": 2}) is not session  # another config: a new one
+
+
+def test_a_version_travels_as_its_int8_change() -> None:
+    """old + decode(encode(new - old)): within half a block's scale of ``new``, the same
+    bits every time (the coordinator and every node compute it alike), a bad encoding a
+    typed error."""
+    rng = np.random.default_rng(5)
+    old = {"w": rng.standard_normal((3, 300)).astype(np.float32)}
+    new = {"w": old["w"] + (rng.standard_normal((3, 300)) * 1e-2).astype(np.float32)}
+    change = encode_delta(old, new, 256)
+    assert change["w/q"].dtype == np.int8  # a quarter of the bytes of the version
+    made = apply_delta(old, change, 256)
+    again = apply_delta({"w": old["w"].copy()}, {k: v.copy() for k, v in change.items()}, 256)
+    assert made["w"].dtype == np.float32 and np.array_equal(made["w"], again["w"])
+    step = (new["w"] - old["w"]).reshape(-1)
+    scales = np.abs(np.pad(step, (0, -step.size % 256)).reshape(-1, 256)).max(1) / 127
+    per_value = np.repeat(scales, 256)[:step.size].reshape(3, 300)
+    assert (np.abs(made["w"] - new["w"]) <= per_value / 2 + 1e-7).all()
+    bad = dict(change, **{"w/scale": np.full_like(change["w/scale"], np.nan)})
+    with pytest.raises(ProtocolError):
+        apply_delta(old, bad, 256)

@@ -180,7 +180,8 @@ def test_work_mirrors_must_be_http_urls(mirrors: list[str]) -> None:
     with pytest.raises(ProtocolError, match="mirrors"):
         work_content(make_lease(), {}, mirrors)
     good = work_content(make_lease(), {})
-    good["blobs"] = ConfigRecord({"mirrors": mirrors, "prefetch": []})
+    good["blobs"] = ConfigRecord({"mirrors": mirrors, "prefetch": [], "delta_base": "",
+                                  "delta": ""})
     with pytest.raises(ProtocolError, match="mirrors"):
         parse_work(good)
 
@@ -191,7 +192,8 @@ def test_work_prefetch_must_be_a_few_digests(prefetch: list) -> None:  # type: i
         work_content(make_lease(), {}, prefetch=prefetch)
     good = work_content(make_lease(), {}, prefetch=["a" * 64, "b" * 64])
     assert parse_work(good).prefetch == ("a" * 64, "b" * 64)
-    good["blobs"] = ConfigRecord({"mirrors": [], "prefetch": prefetch})
+    good["blobs"] = ConfigRecord({"mirrors": [], "prefetch": prefetch, "delta_base": "",
+                                  "delta": ""})
     with pytest.raises(ProtocolError, match="prefetch"):
         parse_work(good)
 

@@ -22,6 +22,7 @@ from coordinator.ledger import Ledger
 from coordinator.model_store import ModelStore
 from coordinator.outer import NesterovOuter
 from coordinator.rounds import RunLoop
+from protocol.compression import apply_delta, encode_delta
 from protocol.blobstore import BlobDir
 from protocol.errors import CheckpointError, Reason
 from training.checkpoint import load_checkpoint
@@ -185,6 +186,12 @@ def val_slice(corpus: CorpusInfo) -> tuple[int, int]:
     return lo, min(hi, lo + EVAL_TOKENS)
 
 
+def broadcast(old: dict, new: dict, cfg: RunConfig) -> dict:
+    """The version the run makes of the exact step ``new`` ([compression] broadcast int8)."""
+    block = cfg.compression.block
+    return apply_delta(old, encode_delta(old, new, block), block)
+
+
 def first_outer_step(base: dict, delta: dict, cfg: RunConfig) -> dict:
     outer = NesterovOuter(cfg.outer.lr, cfg.outer.momentum, cfg.outer.nesterov)
     return outer.step(base, delta)
@@ -235,14 +242,21 @@ def test_honest_nodes_make_versions_that_learn(network, corpus: CorpusInfo) -> N
                     if lease.kind == "eval" and lease.round == rnd}) == 2
         assert versions[rnd].val_tokens == (hi - lo) - len(spans)
 
-    # Version 1 is exactly one outer step on the token-weighted mean of the two updates.
+    # Version 1 is one outer step on the token-weighted mean of the two updates, broadcast
+    # as version 0 + its int8-encoded change: bit for bit what a node rebuilds, and within
+    # the int8 rounding (half a block's scale) of the exact step.
     v0, _ = load_checkpoint(versions[0].path)
     v1, _ = load_checkpoint(versions[1].path)
     r1 = [a for n in net.nodes for lease, a in n.answered if lease.kind == "train"
           and lease.round == 1]
     mean = {k: (r1[0][k] + r1[1][k]) / 2 for k in v0}
     want = first_outer_step(v0, mean, net.cfg)
-    assert all(np.allclose(v1[k], want[k], atol=1e-6) for k in v0)
+    rebuilt = broadcast(v0, want, net.cfg)
+    assert all(np.array_equal(v1[k], rebuilt[k]) for k in v0)
+    for k in v0:
+        step = (want[k] - v0[k]).reshape(-1)
+        bound = np.abs(step).max() / 127 / 2 + 1e-6
+        assert np.abs(v1[k] - want[k]).max() <= bound
 
     kinds = [e.kind for e in led.events()]
     assert kinds.count("version") == 3 and kinds[-1] == "run"
@@ -300,8 +314,8 @@ def test_bad_update_is_rejected_and_the_run_goes_on(network, case: str) -> None:
     [honest] = [a for lease, a in good.answered
                 if lease.kind == "train" and lease.round == bad_round]
     if bad_round == 1:  # momentum is empty before the first step: the step is known exactly
-        want = first_outer_step(base, honest, net.cfg)
-        assert all(np.allclose(made[k], want[k], atol=1e-6) for k in base)
+        want = broadcast(base, first_outer_step(base, honest, net.cfg), net.cfg)
+        assert all(np.array_equal(made[k], want[k]) for k in base)
     [good_update] = [u for lease, u in pairs if lease.node_id == good.id
                      and lease.kind == "train" and lease.round == bad_round]
     assert good_update.verdict == "accepted"
@@ -448,10 +462,10 @@ def test_resume_continues_from_the_last_version_with_outer_momentum(
     mean = {k: (r3[0][k] + r3[1][k]) / 2 for k in v2}
     outer = NesterovOuter(first.cfg.outer.lr, first.cfg.outer.momentum, first.cfg.outer.nesterov)
     outer.load_state_dict(momentum)
-    want = outer.step(v2, mean)
+    want = broadcast(v2, outer.step(v2, mean), first.cfg)
     v3, _ = load_checkpoint(versions[3].path)
-    assert all(np.allclose(v3[k], want[k], atol=1e-6) for k in v2)
-    fresh = first_outer_step(v2, mean, first.cfg)
+    assert all(np.array_equal(v3[k], want[k]) for k in v2)
+    fresh = broadcast(v2, first_outer_step(v2, mean, first.cfg), first.cfg)
     assert not all(np.allclose(v3[k], fresh[k], atol=1e-6) for k in v2)
 
     # Running again with nothing left to do changes nothing.

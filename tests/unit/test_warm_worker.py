@@ -21,7 +21,8 @@ from node.blobs import BlobFetcher
 from node.warm_worker import serve
 from node.worker import BaseModels, WorkerSettings, do_work
 from protocol.blobstore import BlobDir
-from protocol.digest import arrays_to_bytes
+from protocol.compression import apply_delta, encode_delta
+from protocol.digest import arrays_to_bytes, digest_arrays
 from protocol.messages import Lease, parse_reply, parse_work, work_content
 from protocol.signing import generate_key
 from training.inner import train_inner
@@ -195,3 +196,41 @@ def test_base_models_keep_the_most_recent_and_read_only() -> None:
     assert loads == ["a", "b", "c", "b"]  # "a" was a hit; "b" fell out when "c" came
     with pytest.raises(ValueError):
         arrays["w"][0] = 1.0  # shared by every lease on the version: nobody writes to it
+
+
+def test_a_new_version_is_rebuilt_from_the_one_held_and_its_change(tmp_path: Path) -> None:
+    blobs = BlobDir(tmp_path / "blobs")
+    tokens = (np.arange(64) % 256).astype("<u2")
+    a = init_arrays(CFG, seed=0)
+    step = {k: (v * 0.01).astype(np.float32) for k, v in init_arrays(CFG, seed=1).items()}
+    change = encode_delta(a, {k: a[k] + step[k] for k in a}, 256)
+    b = apply_delta(a, change, 256)  # the version the coordinator makes
+    settings = CountingSettings(node_id=1, key=generate_key(), device="cpu", cache=blobs,
+                                models=BaseModels())
+    parse_reply(do_work(lease_on(blobs, a, tokens, "1" * 32), settings))  # holds A now
+    change_digest = blobs.put(arrays_to_bytes(change))
+
+    def on_b(nonce: str, delta_blob: str) -> RecordDict:
+        work = parse_work(lease_on(blobs, b, tokens, nonce))
+        return work_content(work.lease, dataclasses.asdict(CFG),
+                            delta=(digest_arrays(a), delta_blob))
+
+    content = on_b("2" * 32, change_digest)
+    b_digest = parse_work(content).lease.base_digest
+    blobs.path(b_digest).unlink()  # only the change is there to fetch
+    CountingFetcher.reads = []
+    got = parse_reply(do_work(content, settings))[0]
+    assert CountingFetcher.reads[0] == change_digest and b_digest not in CountingFetcher.reads
+    want = train_inner(b, CFG, tokens, steps=2, batch_size=2, seq_len=8, lr=1e-3,
+                       weight_decay=0.0, seed=1, device="cpu")
+    assert got.metrics.loss_before == pytest.approx(want.loss_before)
+
+    # a change that does not rebuild the lease's base is not used: the base comes whole
+    settings = CountingSettings(node_id=1, key=generate_key(), device="cpu", cache=blobs,
+                                models=BaseModels())
+    parse_reply(do_work(lease_on(blobs, a, tokens, "3" * 32), settings))
+    wrong = blobs.put(arrays_to_bytes(encode_delta(a, {k: a[k] - step[k] for k in a}, 256)))
+    CountingFetcher.reads = []
+    got = parse_reply(do_work(on_b("4" * 32, wrong), settings))[0]
+    assert CountingFetcher.reads[:2] == [wrong, b_digest]
+    assert got.metrics.loss_before == pytest.approx(want.loss_before)
