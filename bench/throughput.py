@@ -106,28 +106,33 @@ def measure(ledger: Ledger, times: dict[str, dict[str, float]]) -> dict[str, Any
     }
 
 
+_FETCHED = re.compile(r" fetched (model delta|model|shard) [0-9a-f]{64} \((\d+) bytes\)")
+
+
 def comm_reduction(workdir: Path, ledger: Ledger, nodes: int) -> dict[str, Any]:
-    """DP's bytes per trained token over this run's, from the blobs the run stored."""
+    """DP's bytes per trained token over this run's: what the nodes' worker logs say they
+    downloaded of models (whole or as changes) plus the update payloads they uploaded, per
+    token they trained (shards are left out on both sides: data-parallel workers read
+    their data too)."""
     blobs = workdir / "blobs"
-
-    def size(digest: str) -> int:
-        return (blobs / digest[:2] / digest).stat().st_size
-
-    model = statistics.median(size(v.digest) for v in ledger.versions())
-    payloads = [size(u.arrays_digest) for u in ledger.updates()
-                if u.verdict == "accepted" and u.steps > 0]
-    update, tokens = statistics.median(payloads), statistics.median(
-        u.tokens for u in ledger.updates() if u.verdict == "accepted" and u.steps > 0)
-    step_tokens = tokens / _steps(ledger)  # what one worker trains per step
-    fp32 = model  # the model blob is its fp32 arrays (a few bytes of header per array)
+    down = {"model": 0, "model delta": 0, "shard": 0}
+    for i in range(nodes):
+        log = workdir / "nodes" / str(i) / "logs" / "worker.log"
+        for what, size in _FETCHED.findall(log.read_text(errors="replace")):
+            down[what] += int(size)
+    train = [u for u in ledger.updates() if u.steps > 0 and u.verdict == "accepted"]
+    up = sum((blobs / u.arrays_digest[:2] / u.arrays_digest).stat().st_size for u in train)
+    tokens = sum(u.tokens for u in train)
+    v0 = ledger.versions()[0].digest
+    fp32 = (blobs / v0[:2] / v0).stat().st_size  # the fp32 arrays (+ a few header bytes)
+    step_tokens = statistics.median(u.tokens / u.steps for u in train)  # per worker-step
     dp = 2 * 2 * (nodes - 1) / nodes * fp32 / step_tokens  # ring all-reduce, sent + received
-    ours = (model + update) / tokens
-    return {"comm_reduction": round(dp / ours, 1), "model_MB": round(model / 1e6, 3),
-            "update_MB": round(update / 1e6, 3), "tokens_per_lease": int(tokens)}
-
-
-def _steps(ledger: Ledger) -> int:
-    return int(statistics.median(u.steps for u in ledger.updates() if u.steps > 0))
+    ours = (down["model"] + down["model delta"] + up) / tokens
+    return {"comm_reduction": round(dp / ours, 1), "model_MB": round(fp32 / 1e6, 3),
+            "down_model_MB": round(down["model"] / 1e6, 2),
+            "down_delta_MB": round(down["model delta"] / 1e6, 2),
+            "down_shard_MB": round(down["shard"] / 1e6, 2), "up_MB": round(up / 1e6, 2),
+            "tokens_trained": tokens}
 
 
 def network(a: argparse.Namespace) -> dict[str, Any]:

@@ -1,13 +1,15 @@
 """The run loop: lease shards to online nodes, judge what comes back, make model versions.
 
-One round = a train phase (each eligible node trains one distinct shard from the current
-version, except spot checkers, which train another node's shard again; each reply is
-screened by ``verifier.verify`` as it arrives, and once all are in, ``round_judge`` judges
-them together; accepted pseudo-gradients are aggregated and applied with the outer
-optimizer) and an eval phase (the validation slice is split over the nodes, some pieces
-also leased to a second node for a quorum; ``eval_judge`` recomputes a sample of every reply's
-windows; the version's validation loss sums the accepted replies, and any part no accepted
-reply covers is evaluated here, so every version gets a validation loss that was checked).
+One round leases, on the current version v, each eligible node one distinct train shard
+(spot checkers train another node's shard again) and, queued behind it on the same nodes,
+v's evaluation if it has none yet (the validation slice split over the nodes, some pieces
+also leased to a second node for a quorum). Every reply is screened by ``verifier.verify``
+as it arrives. Once all train replies are in, ``round_judge`` judges them together and the
+accepted pseudo-gradients are aggregated and applied with the outer optimizer into v + 1.
+The evaluation is judged when its last reply is in — usually while the nodes already train
+v + 1 (``eval_judge`` recomputes a sample of every reply's windows; v's validation loss sums
+the accepted replies, and any part no accepted reply covers is evaluated here, so every
+version gets a validation loss that was checked).
 """
 
 from __future__ import annotations

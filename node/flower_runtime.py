@@ -27,8 +27,11 @@ from flwr.proto.runtime_pb2 import (  # pylint: disable=E0611
 )
 from flwr.common.serde import context_to_proto
 from flwr.supercore.constant import TaskType
-from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
-from flwr.supercore.retry import make_simple_http_retry_invoker
+from flwr.supercore.interceptors import (
+    RuntimeTokenHttpInterceptor,
+    RuntimeVersionHttpInterceptor,
+    SuperExecAuthHttpInterceptor,
+)
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message
 
@@ -39,11 +42,13 @@ _COMPONENT = "flwr-clientapp"  # the Runtime API checks the caller's component n
 
 
 def _client(address: str, *interceptors: object) -> RuntimeHttpClient:
+    # No Flower retry invoker: on an HTTP 401 it sends SIGINT to its own process (right for
+    # a one-task flwr-clientapp, fatal for a worker that outlives its tasks). A failed call
+    # raises here and costs one lease at most; the worker loop retries the queue itself.
     return RuntimeHttpClient.from_server_address(
         server_address=address, insecure=True, root_certificates=None,
         interceptors=[RuntimeVersionHttpInterceptor(component_name=_COMPONENT),
-                      *interceptors],
-        retry_invoker=make_simple_http_retry_invoker())
+                      *interceptors])
 
 
 @dataclass(frozen=True)
@@ -96,12 +101,18 @@ class ClientTask:
             self.abandon()
 
 
-class RuntimeTasks:
-    """The SuperNode's queue of ClientApp tasks (``--isolation process``)."""
+_ACQUIRE = "/flwr.proto.Runtime/AcquireTask"
 
-    def __init__(self, address: str) -> None:
+
+class RuntimeTasks:
+    """The SuperNode's queue of ClientApp tasks (``--isolation process``). ``secret`` is
+    the one the SuperNode was given (``--superexec-auth-secret-file``): without it no other
+    process on the machine can claim this node's tasks."""
+
+    def __init__(self, address: str, secret: bytes) -> None:
         self.address = address
-        self._client = _client(address)
+        self._client = _client(address, SuperExecAuthHttpInterceptor(
+            master_secret=secret, protected_methods={_ACQUIRE}))
 
     def acquire(self) -> ClientTask | None:
         """Claim the oldest pending ClientApp task, or None when there is none."""

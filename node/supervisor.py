@@ -10,6 +10,8 @@ terminal shows one live line: what the node is doing (from ``progress.json``) an
 
 from __future__ import annotations
 
+import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -28,7 +30,7 @@ from protocol.processes import flower_env, free_port, spawn, stop
 from .identity import Enrollment, NodeHome
 from .progress import read_progress
 
-__all__ = ["Supervisor", "supernode_command", "worker_command"]
+__all__ = ["Supervisor", "new_runtime_secret", "supernode_command", "worker_command"]
 
 _BACKOFF_MAX_S = 60.0
 _HEALTHY_AFTER_S = 30.0  # a run this long resets the backoff
@@ -49,7 +51,7 @@ def _key_refused(log: Path, since: int) -> bool:
 
 
 def supernode_command(home: NodeHome, e: Enrollment, *, port: int, threads: int, device: str,
-                      sign_key: Path | None) -> list[str]:
+                      sign_key: Path | None, secret_file: Path) -> list[str]:
     node_config = f'home="{home.path}" threads={threads} device="{device}"'
     if sign_key is not None:
         node_config += f' sign-key="{sign_key}"'
@@ -57,13 +59,24 @@ def supernode_command(home: NodeHome, e: Enrollment, *, port: int, threads: int,
             "--root-certificates", str(home.ca_path),
             "--auth-supernode-private-key", str(home.key_path),
             "--port", str(port), "--node-config", node_config,
-            # no flwr-clientapp per message: the warm worker takes the tasks
-            "--isolation", "process"]
+            # no flwr-clientapp per message: the warm worker takes the tasks, and only it
+            "--isolation", "process", "--superexec-auth-secret-file", str(secret_file)]
 
 
-def worker_command(port: int) -> list[str]:
+def worker_command(port: int, secret_file: Path) -> list[str]:
     """The warm worker on the Runtime API of the SuperNode started with ``port``."""
-    return [sys.executable, "-m", "node.warm_worker", "--runtime-api", f"127.0.0.1:{port}"]
+    return [sys.executable, "-m", "node.warm_worker", "--runtime-api", f"127.0.0.1:{port}",
+            "--secret-file", str(secret_file)]
+
+
+def new_runtime_secret(home: NodeHome) -> Path:
+    """A fresh secret for the SuperNode and its worker (mode 0600), written per start."""
+    path = home.path / "runtime.secret"
+    fd = os.open(path.with_suffix(".tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(secrets.token_bytes(32))
+    path.with_suffix(".tmp").replace(path)
+    return path
 
 
 def _status_line(e: Enrollment, home: NodeHome, restarts: int) -> Text:
@@ -108,14 +121,14 @@ class Supervisor:
                     auto_refresh=self.console.is_terminal)
         with live:
             while not self._stop.is_set():
-                port = free_port()
+                port, secret = free_port(), new_runtime_secret(self.home)
                 cmd = supernode_command(self.home, self.enrollment, port=port,
                                         threads=self.threads, device=self.device,
-                                        sign_key=self.sign_key)
+                                        sign_key=self.sign_key, secret_file=secret)
                 started = time.monotonic()
                 log_start = log.stat().st_size if log.exists() else 0
                 proc = spawn(cmd, env=env, log=log)
-                worker = _Worker(worker_command(port), env, worker_log, self.console)
+                worker = _Worker(worker_command(port, secret), env, worker_log, self.console)
                 try:
                     while proc.poll() is None and not self._stop.wait(0.5):
                         worker.keep_alive()

@@ -11,7 +11,8 @@ the worker carries on; a worker that dies is restarted by the supervisor, and Fl
 the lease it held with an error once its task heartbeat lapses (about 60 s), so only that
 lease is lost.
 
-Run as ``python -m node.warm_worker --runtime-api 127.0.0.1:PORT``.
+Run as ``python -m node.warm_worker --runtime-api 127.0.0.1:PORT --secret-file FILE`` (the
+secret the SuperNode was started with: only this worker may claim the node's tasks).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 from flwr.app import Context, Message
@@ -56,16 +58,22 @@ def run_task(task: ClientTask, handle: Handler) -> bool:
         log.warning("could not take a task: %s", str(err).splitlines()[:1])
         task.abandon()
         return False
+    failed: str | None = None
     try:
         check_fab(inp.fab)  # before anything of the run's is used
         reply = handle(inp.message, inp.context)
     except Exception as err:  # noqa: BLE001 - any failure is this lease's alone
         log.warning("lease failed: %s: %s", type(err).__name__, str(err).splitlines()[:1])
-        task.finish(_error_reply(inp.message, err), failed=str(err)[:300])
+        reply, failed = _error_reply(inp.message, err), str(err)[:300]
+    try:
+        task.finish(reply, failed=failed)
+    except Exception as err:  # noqa: BLE001 - Flower answers the lease once its claim lapses
+        log.warning("could not hand the reply back: %s", str(err).splitlines()[:1])
+        task.abandon()
         return False
-    task.finish(reply)
-    log.info("pid %d answered %s", os.getpid(), inp.message.metadata.message_type)
-    return True
+    if failed is None:
+        log.info("pid %d answered %s", os.getpid(), inp.message.metadata.message_type)
+    return failed is None
 
 
 def serve(tasks: RuntimeTasks, handle: Handler, stop: threading.Event,
@@ -89,6 +97,8 @@ def serve(tasks: RuntimeTasks, handle: Handler, stop: threading.Event,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m node.warm_worker")
     parser.add_argument("--runtime-api", required=True, help="the SuperNode's HOST:PORT")
+    parser.add_argument("--secret-file", required=True, type=Path,
+                        help="the SuperNode's --superexec-auth-secret-file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -99,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    tasks = RuntimeTasks(args.runtime_api)
+    tasks = RuntimeTasks(args.runtime_api, args.secret_file.read_bytes())
     log.info("warm worker pid %d on %s", os.getpid(), args.runtime_api)
     try:
         serve(tasks, lambda msg, ctx: app(message=msg, context=ctx), stop)

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import json
 import time
+
+import httpx
+import pytest
 from pathlib import Path
 
 from coordinator.pki import make_pki
 from coordinator.superlink import SuperLink
+from node.flower_runtime import RuntimeTasks
 from node.identity import Enrollment, NodeHome
-from node.supervisor import supernode_command, worker_command
+from node.supervisor import new_runtime_secret, supernode_command, worker_command
 from protocol.processes import flower_env, free_port, spawn, stop
 from protocol.signing import public_key_pem
 
@@ -106,9 +110,11 @@ def test_hostile_fab_is_refused_before_it_is_unpacked(workdir: Path, tmp_path: P
         # exactly what the join supervisor runs: the SuperNode and the warm worker beside it
         env = flower_env(home.path / "flwr-home")
         port = free_port()
-        cmd = supernode_command(home, e, port=port, threads=1, device="cpu", sign_key=None)
+        secret = new_runtime_secret(home)
+        cmd = supernode_command(home, e, port=port, threads=1, device="cpu", sign_key=None,
+                                secret_file=secret)
         node = spawn(cmd, env=env, log=tmp_path / "supernode.log")
-        worker = spawn(worker_command(port), env=env, log=tmp_path / "worker.log")
+        worker = spawn(worker_command(port, secret), env=env, log=tmp_path / "worker.log")
         link.start_run({"out": str(out)}, files={
             "pyproject.toml": _PYPROJECT.encode(),
             "fabtest_server.py": _SERVERAPP.encode(),
@@ -118,6 +124,11 @@ def test_hostile_fab_is_refused_before_it_is_unpacked(workdir: Path, tmp_path: P
         assert _wait_for(out, 55, [link.proc, node, worker]), (
             (tmp_path / "supernode.log").read_text(errors="replace")[-3000:]
             + (tmp_path / "worker.log").read_text(errors="replace")[-3000:])
+        # no other process on the machine can claim the node's tasks without its secret
+        intruder = RuntimeTasks(f"127.0.0.1:{port}", b"not the secret")
+        with pytest.raises(httpx.HTTPStatusError):
+            intruder.acquire()
+        intruder.close()
     finally:
         stop(worker)
         stop(node)

@@ -17,7 +17,7 @@ from coordinator.fleet_proxy import MAX_BODY, FleetProxy
 from coordinator.pki import make_pki
 from coordinator.superlink import SuperLink
 from node.identity import Enrollment, NodeHome
-from node.supervisor import supernode_command
+from node.supervisor import new_runtime_secret, supernode_command
 from protocol.errors import NetworkError
 from protocol.processes import flower_env, free_port, spawn, stop
 from protocol.signing import generate_key, public_key_pem
@@ -71,7 +71,7 @@ def test_control_api_only_on_loopback_and_nodes_still_connect(workdir: Path,
                        fleet_address=f"127.0.0.1:{public}")
         home.save_enrollment(e, tls.ca_cert.read_bytes(), b"")
         node = spawn(supernode_command(home, e, port=free_port(), threads=1, device="cpu",
-                                       sign_key=None),
+                                       sign_key=None, secret_file=new_runtime_secret(home)),
                      env=flower_env(home.path / "flwr-home"), log=tmp_path / "supernode.log")
         end = time.monotonic() + 40
         while link.node_statuses().get(fid) != "online" and time.monotonic() < end:

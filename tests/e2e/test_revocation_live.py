@@ -15,7 +15,7 @@ from coordinator.rundir import RunDir, init_run
 from coordinator.superlink import SuperLink
 from node.credits import credits_report
 from node.identity import Enrollment, NodeHome
-from node.supervisor import supernode_command
+from node.supervisor import new_runtime_secret, supernode_command
 from protocol.errors import NetworkError
 from protocol.processes import flower_env, free_port, spawn, stop
 from protocol.signing import fingerprint, generate_key, public_key_pem
@@ -39,7 +39,7 @@ def _enroll(coord: Coordinator, home: NodeHome, name: str) -> tuple[int, Enrollm
 
 def _supernode(home: NodeHome, e: Enrollment, log: Path) -> subprocess.Popen[bytes]:
     return spawn(supernode_command(home, e, port=free_port(), threads=1, device="cpu",
-                                   sign_key=None),
+                                   sign_key=None, secret_file=new_runtime_secret(home)),
                  env=flower_env(home.path / "flwr-home"), log=log)
 
 

@@ -50,7 +50,7 @@ def test_the_messages_and_constants_keep_their_fields() -> None:
     from flwr.proto.runtime_pb2 import AcquireTaskRequest, PushTaskOutputRequest
     from flwr.supercore.constant import TaskType
     from flwr.supercore.interceptors import (
-        RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor,
+        RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor, SuperExecAuthHttpInterceptor,
     )
 
     assert "supported_task_types" in AcquireTaskRequest.DESCRIPTOR.fields_by_name
@@ -62,6 +62,8 @@ def test_the_messages_and_constants_keep_their_fields() -> None:
     assert 0 < HEARTBEAT_DEFAULT_INTERVAL <= 60
     assert list(inspect.signature(RuntimeTokenHttpInterceptor).parameters) == ["token"]
     assert "component_name" in inspect.signature(RuntimeVersionHttpInterceptor).parameters
+    assert {"master_secret", "protected_methods"} <= set(
+        inspect.signature(SuperExecAuthHttpInterceptor).parameters)
 
 
 def test_the_supernode_runs_without_an_executor_of_its_own() -> None:
@@ -70,3 +72,4 @@ def test_the_supernode_runs_without_an_executor_of_its_own() -> None:
                          timeout=60)
     assert out.returncode == 0
     assert "--isolation" in out.stdout and "process" in out.stdout
+    assert "--superexec-auth-secret-file" in out.stdout

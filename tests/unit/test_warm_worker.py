@@ -43,8 +43,9 @@ class FakeInput:
 
 
 class FakeTask:
-    def __init__(self, n: int, fab: bytes = GOOD_FAB, pull_fails: bool = False) -> None:
-        self.n, self.fab, self.pull_fails = n, fab, pull_fails
+    def __init__(self, n: int, fab: bytes = GOOD_FAB, pull_fails: bool = False,
+                 finish_fails: bool = False) -> None:
+        self.n, self.fab, self.pull_fails, self.finish_fails = n, fab, pull_fails, finish_fails
         self.reply: Message | None = None
         self.failed: str | None = None
         self.abandoned = False
@@ -59,6 +60,8 @@ class FakeTask:
                                       run_config={}), self.fab)
 
     def finish(self, reply: Message, *, failed: str | None = None) -> None:
+        if self.finish_fails:
+            raise httpx.ReadTimeout("the SuperNode did not answer")
         self.reply, self.failed = reply, failed
 
     def abandon(self) -> None:
@@ -126,8 +129,10 @@ def test_a_failing_lease_costs_only_itself() -> None:
         return Message(RecordDict(), reply_to=msg)
 
     first, lost, second = FakeTask(0), FakeTask(1, pull_fails=True), FakeTask(2)
+    unsent = FakeTask(3, finish_fails=True)
     down = httpx.ConnectError("SuperNode restarting")
-    assert run([first, down, lost, second], handle) == 3
+    assert run([first, down, lost, unsent, second], handle) == 4
+    assert unsent.abandoned and unsent.reply is None
     assert first.reply is not None and first.reply.has_error()
     assert "CUDA out of memory" in first.reply.error.reason and first.failed
     assert lost.abandoned and lost.reply is None  # Flower answers it when the claim lapses
