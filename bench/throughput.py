@@ -116,10 +116,13 @@ def comm_reduction(workdir: Path, ledger: Ledger, nodes: int) -> dict[str, Any]:
     their data too)."""
     blobs = workdir / "blobs"
     down = {"model": 0, "model delta": 0, "shard": 0}
+    deltas = []
     for i in range(nodes):
         log = workdir / "nodes" / str(i) / "logs" / "worker.log"
         for what, size in _FETCHED.findall(log.read_text(errors="replace")):
             down[what] += int(size)
+            if what == "model delta":
+                deltas.append(int(size))
     train = [u for u in ledger.updates() if u.steps > 0 and u.verdict == "accepted"]
     up = sum((blobs / u.arrays_digest[:2] / u.arrays_digest).stat().st_size for u in train)
     tokens = sum(u.tokens for u in train)
@@ -128,7 +131,11 @@ def comm_reduction(workdir: Path, ledger: Ledger, nodes: int) -> dict[str, Any]:
     step_tokens = statistics.median(u.tokens / u.steps for u in train)  # per worker-step
     dp = 2 * 2 * (nodes - 1) / nodes * fp32 / step_tokens  # ring all-reduce, sent + received
     ours = (down["model"] + down["model delta"] + up) / tokens
-    return {"comm_reduction": round(dp / ours, 1), "model_MB": round(fp32 / 1e6, 3),
+    # once every node holds a version, a lease costs one change down and one update up
+    per_lease = (statistics.median(deltas) if deltas else fp32) + up / len(train)
+    steady = per_lease / (tokens / len(train))
+    return {"comm_reduction": round(dp / ours, 1),
+            "comm_reduction_steady": round(dp / steady, 1), "model_MB": round(fp32 / 1e6, 3),
             "down_model_MB": round(down["model"] / 1e6, 2),
             "down_delta_MB": round(down["model delta"] / 1e6, 2),
             "down_shard_MB": round(down["shard"] / 1e6, 2), "up_MB": round(up / 1e6, 2),

@@ -17,12 +17,13 @@ Sources, tried in order::
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import grpc
 
@@ -156,8 +157,9 @@ class CoordinatorBlobs:
                 max_bytes: int, progress: Progress | None) -> bool:
         """Append one stream's chunks; True once the whole blob is in."""
         size = -1
-        for chunk in stub.FetchBlob(pb.FetchBlobRequest(digest=digest, offset=offset),
-                                    timeout=self.timeout_s):
+        stream = stub.FetchBlob(pb.FetchBlobRequest(digest=digest, offset=offset),
+                                timeout=self.timeout_s)
+        for chunk in _read_ahead(stream):
             if size < 0:
                 size = chunk.size
                 if size > max_bytes:
@@ -170,6 +172,39 @@ class CoordinatorBlobs:
             if progress is not None:
                 progress(offset, size)
         return size >= 0 and offset == size
+
+
+_AHEAD = 4  # chunks received ahead of the one being hashed and written (8 MiB)
+
+
+def _read_ahead(stream: Any) -> Iterator[Any]:
+    """``stream``'s items, received by a thread while the caller hashes and writes the one
+    before (gRPC, hashlib and file writes all release the GIL: on two cores the transfer
+    and the check overlap). An error of the stream is raised here, in order; a caller that
+    stops early cancels the stream."""
+    box: queue.Queue[Any] = queue.Queue(_AHEAD)
+    end = object()
+
+    def pump() -> None:
+        try:
+            for item in stream:
+                box.put(item)
+        except Exception as err:  # noqa: BLE001 - handed to the reader, in order
+            box.put(err)
+        box.put(end)
+
+    threading.Thread(target=pump, daemon=True, name="blob-stream").start()
+    try:
+        while (item := box.get()) is not end:
+            if isinstance(item, Exception):
+                raise item
+            yield item
+    finally:
+        if item is not end:  # the reader gave up: stop the stream, let the pump finish
+            if callable(cancel := getattr(stream, "cancel", None)):
+                cancel()
+            while box.get() is not end:
+                pass
 
 
 # Striped by digest: two fetches of one blob (a prefetch and the lease that needs it)
