@@ -51,6 +51,24 @@ def test_accumulates_in_float64() -> None:
     assert out["w"][0] == np.float32((1.0 + 1000 * np.float64(np.float32(1e-8))) / 1001)
 
 
+def test_blocks_give_the_bits_of_the_plain_float64_sum() -> None:
+    """Arrays longer than a block, a length that is no multiple of it, uneven weights."""
+    rng = np.random.default_rng(11)
+    mean = MeanAggregator()
+    mean.block = 1000
+    ups = [{"w": rng.standard_normal((7, 450)).astype(np.float32),
+            "b": rng.standard_normal(3).astype(np.float32)} for _ in range(5)]
+    weights = [3.0, 1.0, 0.5, 2.5, 7.0]
+    got = mean.aggregate(ups, weights)
+    total = sum(weights)
+    for name in ("w", "b"):
+        want = np.zeros(ups[0][name].shape)
+        for wi, u in zip(weights, ups):
+            want += (wi / total) * u[name].astype(np.float64)
+        assert got[name].shape == ups[0][name].shape
+        np.testing.assert_array_equal(got[name], want.astype(np.float32))
+
+
 @pytest.mark.parametrize("updates, weights, match", [
     ([], [], "nothing to aggregate"),
     ([{"w": np.zeros(2)}], [1, 2], "1 updates but 2 weights"),
