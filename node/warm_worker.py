@@ -50,12 +50,16 @@ def _error_reply(message: Message, err: BaseException) -> Message:
                    reply_to=message)
 
 
+def _first_line(err: BaseException) -> str:
+    return (str(err).splitlines() or [type(err).__name__])[0][:300]
+
+
 def run_task(task: ClientTask, handle: Handler) -> bool:
     """Run one claimed task to its reply; True if the lease was answered without error."""
     try:
         inp = task.pull()
     except Exception as err:  # noqa: BLE001 - Flower answers the lease once its claim lapses
-        log.warning("could not take a task: %s", str(err).splitlines()[:1])
+        log.warning("could not take a task: %s", _first_line(err))
         task.abandon()
         return False
     failed: str | None = None
@@ -63,12 +67,12 @@ def run_task(task: ClientTask, handle: Handler) -> bool:
         check_fab(inp.fab)  # before anything of the run's is used
         reply = handle(inp.message, inp.context)
     except Exception as err:  # noqa: BLE001 - any failure is this lease's alone
-        log.warning("lease failed: %s: %s", type(err).__name__, str(err).splitlines()[:1])
+        log.warning("lease failed: %s: %s", type(err).__name__, _first_line(err))
         reply, failed = _error_reply(inp.message, err), str(err)[:300]
     try:
         task.finish(reply, failed=failed)
     except Exception as err:  # noqa: BLE001 - Flower answers the lease once its claim lapses
-        log.warning("could not hand the reply back: %s", str(err).splitlines()[:1])
+        log.warning("could not hand the reply back: %s", _first_line(err))
         task.abandon()
         return False
     if failed is None:
