@@ -31,6 +31,7 @@ from training.corpus import CorpusInfo
 from training.shards import data_digest, make_shards
 
 from .aggregators import get_aggregator
+from .batches import Batch, EvalBatch, Sent, TrainBatch
 from .config import RunConfig
 from .credits import ReceiptIssuer
 from .eval_judge import EvalJudge, plan_quorum, validation_loss
@@ -52,42 +53,6 @@ _BENCH_S = 90.0  # a node that missed a deadline sits out this long (Flower need
 
 
 @dataclass
-class _Batch:
-    """Leases sent for one verdict: a round's training, or the evaluation of one version.
-
-    ``version`` is the model version its leases are built on (what replies are checked
-    against, even after the run has moved on to the next version).
-    """
-
-    kind: str
-    version: int
-    open: int = 0  # leases not yet answered, failed or expired
-    cands: list[Candidate] = field(default_factory=list)  # replies that passed ``verify``
-    screened_out: list[Lease] = field(default_factory=list)  # replies that did not
-
-
-@dataclass
-class _TrainBatch(_Batch):
-    pairs: list[tuple[Lease, Lease]] = field(default_factory=list)  # (worker's, spot check)
-    trust: dict[int, float] = field(default_factory=dict)  # by node, when it was leased
-
-
-@dataclass
-class _EvalBatch(_Batch):
-    base: dict[str, np.ndarray] = field(default_factory=dict)
-    span: tuple[int, int] = (0, 0)
-    copies: list[tuple[Lease, Lease]] = field(default_factory=list)  # (original, quorum copy)
-
-
-@dataclass(frozen=True)
-class _Sent:
-    lease: Lease
-    node: Node
-    row_id: int
-    batch: _Batch
-
-
-@dataclass
 class RunLoop:
     cfg: RunConfig
     ledger: Ledger
@@ -104,9 +69,9 @@ class RunLoop:
     _nodes: dict[int, Node] = field(default_factory=dict)  # by Flower id
     _benched: dict[int, float] = field(default_factory=dict)  # ledger id -> until
     _seen: set[int] = field(default_factory=set)
-    _pending: dict[str, _Sent] = field(default_factory=dict)  # by Flower message id
-    _batch_of: dict[str, _Batch] = field(default_factory=dict)  # lease nonce -> its batch
-    _evals: list[_EvalBatch] = field(default_factory=list)  # evaluations still open
+    _pending: dict[str, Sent] = field(default_factory=dict)  # by Flower message id
+    _batch_of: dict[str, Batch] = field(default_factory=dict)  # lease nonce -> its batch
+    _evals: list[EvalBatch] = field(default_factory=list)  # evaluations still open
     _evaluated: set[int] = field(default_factory=set)  # versions whose evaluation was sent
     _rows: dict[int, Node] = field(default_factory=dict)  # by ledger id
     # version digest -> (previous version's digest, the change's blob): Work.delta
@@ -209,7 +174,7 @@ class RunLoop:
         if batch is not None:
             self._close_train(rnd, batch)
 
-    def _train_leases(self, rnd: int, work: dict[int, list[Lease]]) -> _TrainBatch | None:
+    def _train_leases(self, rnd: int, work: dict[int, list[Lease]]) -> TrainBatch | None:
         end = self.clock() + self.cfg.run.wait_for_nodes_s
         trust = {s.node_id: s.trust for s in self.ledger.node_summaries()}
         probation = self.ledger.lost_spot_check_within(PROBATION_UPDATES)
@@ -231,7 +196,7 @@ class RunLoop:
         # spot checks: the checker trains its worker's shard instead of one of its own
         copies = {c: self.scheduler.lease_duplicate(rnd, c, leases[w])
                   for w, c in checks.items() if w in leases}
-        batch = _TrainBatch("train", self.store.version, trust=trust,
+        batch = TrainBatch("train", self.store.version, trust=trust,
                             pairs=[(leases[w], copies[c]) for w, c in checks.items()
                                    if c in copies])
         for n, lease in {**leases, **copies}.items():
@@ -239,7 +204,7 @@ class RunLoop:
             self._batch_of[lease.nonce] = batch
         return batch
 
-    def _close_train(self, rnd: int, batch: _TrainBatch) -> None:
+    def _close_train(self, rnd: int, batch: TrainBatch) -> None:
         """Judge the round's training together and make the next version from what stands."""
         kept = self._judge_round(rnd, batch.cands, batch.screened_out, batch.pairs)
         if not kept:
@@ -288,7 +253,7 @@ class RunLoop:
                                            self.store.digest, [(lo, hi)])
         quorum = plan_quorum(leases, {i: n.institution_id for i, n in nodes.items()},
                              self.cfg.verify.eval_quorum_rate, self.rng)
-        batch = _EvalBatch("eval", self.store.version, base=self.store.arrays, span=(lo, hi))
+        batch = EvalBatch("eval", self.store.version, base=self.store.arrays, span=(lo, hi))
         for of, node in quorum:
             copy = self.scheduler.lease_eval_copy(rnd, node, of)
             leases[node].append(copy)
@@ -301,7 +266,7 @@ class RunLoop:
         if not leases:  # no node free to evaluate: the coordinator does it all
             self._close_eval(batch)
 
-    def _close_eval(self, batch: _EvalBatch) -> None:
+    def _close_eval(self, batch: EvalBatch) -> None:
         """Judge a version's evaluation once every lease of it is answered, and publish the
         version's validation loss from what was accepted (and the coordinator's own
         evaluation of whatever no accepted reply covers)."""
@@ -356,7 +321,7 @@ class RunLoop:
                                           ttl=lease.deadline - self.clock() + _TTL_SLACK_S)
                 batch = self._batch_of.pop(lease.nonce)
                 batch.open += 1
-                self._pending[mid] = _Sent(lease, node, row.id, batch)
+                self._pending[mid] = Sent(lease, node, row.id, batch)
 
     def _collect(self, done: Callable[[], bool]) -> None:
         """Take replies (of any batch) as they come and expire the silent, until ``done``.
@@ -392,9 +357,9 @@ class RunLoop:
             if not done():
                 self.sleep(_POLL_S)
 
-    def _settled(self, batch: _Batch) -> None:
+    def _settled(self, batch: Batch) -> None:
         batch.open -= 1
-        if batch.open == 0 and isinstance(batch, _EvalBatch):
+        if batch.open == 0 and isinstance(batch, EvalBatch):
             self._close_eval(batch)
 
     def _publish(self, lease: Lease) -> None:
@@ -411,7 +376,7 @@ class RunLoop:
             data = np.asarray(self.tokens[lease.data_start:lease.data_end]).astype("<u2")
             self.blobs.put(data.tobytes(), lease.data_digest)
 
-    def _screen(self, sent: _Sent, content: RecordDict) -> Candidate | None:
+    def _screen(self, sent: Sent, content: RecordDict) -> Candidate | None:
         """``verify`` one reply: a Candidate for its phase's verdict, or None once a
         rejection has been recorded."""
         now, t0 = self.clock(), time.perf_counter()
@@ -432,7 +397,7 @@ class RunLoop:
                                         f" — {judged.verdict.detail}", node_id=sent.node.id)
         return None
 
-    def _failed(self, sent: _Sent, error: str) -> None:
+    def _failed(self, sent: Sent, error: str) -> None:
         self.scheduler.release(sent.lease, reason=error)
         self.ledger.close_lease(sent.row_id, "failed", self.clock())
         self.ledger.add_event("reissue", f"{sent.node.name} failed {sent.lease.kind} shard "
