@@ -102,6 +102,17 @@ class VerifyCost:
 
 
 @dataclass
+class _Scores:
+    """One round's usefulness yardsticks: the held-out batch and the base's loss on it, and
+    per shard a sample of it and the base's loss on that."""
+
+    rnd: int
+    held: np.ndarray | None
+    base_held: float
+    shards: dict[int, tuple[np.ndarray | None, float]] = field(default_factory=dict)
+
+
+@dataclass
 class RoundJudge:
     cfg: RunConfig
     ledger: Ledger
@@ -111,6 +122,20 @@ class RoundJudge:
     rng: random.Random
     issuer: ReceiptIssuer | None = None
     cost: VerifyCost = field(default_factory=VerifyCost)
+    _scores: _Scores | None = None
+    _base_losses: dict[tuple[int, int, int, int, int], float] = field(default_factory=dict)
+
+    def prepare(self, rnd: int, base: Arrays, c: Candidate) -> None:
+        """Do a candidate's own expensive checks as it arrives — the base check's forward
+        pass and its usefulness scores — so the round's verdict waits only for the last
+        reply's (the others' are done while nodes still train or evaluate)."""
+        t0 = time.perf_counter()
+        v = self.cfg.verify
+        if v.base_loss_tolerance > 0:
+            self._base_loss(base, c.lease)
+        if v.usefulness_tokens > 0:
+            self._score(rnd, base, c)
+        self.cost.round_s += time.perf_counter() - t0
 
     def judge(self, rnd: int, base: Arrays, cands: Sequence[Candidate],
               pairs: Sequence[tuple[int, int]]) -> None:
@@ -130,7 +155,9 @@ class RoundJudge:
         for a, b in pairs:
             self._spot_check(rnd, base, cands[a], cands[b])
         if v.usefulness_tokens > 0:
-            self._usefulness(base, cands)
+            self._usefulness(rnd, base, cands)
+        self._scores = None
+        self._base_losses.clear()
         took = time.perf_counter() - t0
         self.cost.round_s += took
         log.info("round %d: %d train results judged in %.2f s", rnd, len(cands), took)
@@ -151,19 +178,22 @@ class RoundJudge:
         row = self.ledger.accepted_with_digest(digest)
         return None if row is None else f"update {row.id} of node {row.node_id}, accepted before"
 
+    def _base_loss(self, base: Arrays, x: Lease) -> float:
+        """The base's loss on the lease's first batch; one forward pass per shard of a round
+        (a spot check's two results share it)."""
+        key = (x.data_start, x.data_end, x.seed, x.batch_size, x.seq_len)
+        if key not in self._base_losses:
+            self._base_losses[key] = first_batch_loss(
+                base, self.gpt, np.asarray(self.tokens[x.data_start:x.data_end]),
+                batch_size=x.batch_size, seq_len=x.seq_len, seed=x.seed)
+        return self._base_losses[key]
+
     def _base_check(self, base: Arrays, cands: Sequence[Candidate]) -> None:
         live = [i for i, c in enumerate(cands) if c.standing]
-
-        @functools.cache  # one forward pass per shard: a spot check's two results share it
-        def measured(start: int, end: int, seed: int, batch_size: int, seq_len: int) -> float:
-            return first_batch_loss(base, self.gpt, np.asarray(self.tokens[start:end]),
-                                    batch_size=batch_size, seq_len=seq_len, seed=seed)
-
-        leases = [cands[i].lease for i in live]
         self._apply(cands, live, Reason.BASE_MISMATCH, rules.base_mismatch(
             [float(cands[i].judged.update.metrics.loss_before) for i in live],
-            [measured(x.data_start, x.data_end, x.seed, x.batch_size, x.seq_len)
-             for x in leases], self.cfg.verify.base_loss_tolerance))
+            [self._base_loss(base, cands[i].lease) for i in live],
+            self.cfg.verify.base_loss_tolerance))
 
     def _spot_check(self, rnd: int, base: Arrays, a: Candidate, b: Candidate) -> None:
         lease = a.lease
@@ -212,27 +242,38 @@ class RoundJudge:
         shapes = {k: (tuple(a.shape), "<f4") for k, a in res.pseudo_grad.items()}
         return decode(encode(res.pseudo_grad, codec), codec, shapes, math.inf)
 
-    def _usefulness(self, base: Arrays, cands: Sequence[Candidate]) -> None:
-        live = [c for c in cands if c.standing]
-        if not live:
+    def _score(self, rnd: int, base: Arrays, c: Candidate) -> None:
+        """``c.improvement`` (held-out) and ``c.shard_gain`` (own shard), once."""
+        if c.improvement is not None:
             return
         v, seq = self.cfg.verify, self.cfg.train.seq_len
-        held = _windows(self.tokens, *self.val_range, v.usefulness_tokens, seq, self.rng)
-        if held is None:
-            log.warning("validation range too short to score usefulness")
+        if self._scores is None or self._scores.rnd != rnd:
+            held = _windows(self.tokens, *self.val_range, v.usefulness_tokens, seq, self.rng)
+            if held is None:
+                log.warning("validation range too short to score usefulness")
+            self._scores = _Scores(rnd, held, math.nan if held is None
+                                   else self._loss(base, held))
+        scores = self._scores
+        if scores.held is None:
             return
-        base_held = self._loss(base, held)
-        shard_base: dict[int, tuple[np.ndarray, float]] = {}
-        for c in live:
-            key = c.lease.shard_id
-            if key not in shard_base:
-                own = _windows(self.tokens, c.lease.data_start, c.lease.data_end,
-                               v.usefulness_tokens, seq, self.rng)
-                shard_base[key] = (own, math.nan if own is None else self._loss(base, own))
-            own, own_base = shard_base[key]
-            local = _local(base, c.arrays)
-            c.improvement = base_held - self._loss(local, held)
-            c.shard_gain = math.inf if own is None else own_base - self._loss(local, own)
+        key = c.lease.shard_id
+        if key not in scores.shards:
+            own = _windows(self.tokens, c.lease.data_start, c.lease.data_end,
+                           v.usefulness_tokens, seq, self.rng)
+            scores.shards[key] = (own, math.nan if own is None else self._loss(base, own))
+        own, own_base = scores.shards[key]
+        local = _local(base, c.arrays)
+        c.improvement = scores.base_held - self._loss(local, scores.held)
+        c.shard_gain = math.inf if own is None else own_base - self._loss(local, own)
+
+    def _usefulness(self, rnd: int, base: Arrays, cands: Sequence[Candidate]) -> None:
+        for c in cands:
+            if c.standing:
+                self._score(rnd, base, c)
+        live = [c for c in cands if c.standing and c.improvement is not None]
+        if not live:
+            return
+        v = self.cfg.verify
         found = rules.not_useful([c.improvement for c in live], [c.shard_gain for c in live],
                                  tolerance=v.usefulness_tolerance,
                                  min_improvement=v.min_improvement,
@@ -258,7 +299,9 @@ class RoundJudge:
             verdict = Verdict(False, c.reason, c.detail, norm)
             self.ledger.add_event("reject", f"{c.node.name}: {c.reason} — {c.detail}",
                                   node_id=c.node.id)
-        improvement = c.improvement if c.improvement is not None and math.isfinite(
+        # scored on arrival; recorded for what reached the usefulness rule, as before
+        scored = c.standing or c.reason == Reason.NOT_USEFUL
+        improvement = c.improvement if scored and c.improvement is not None and math.isfinite(
             c.improvement) else None
         record_judged(Judged(verdict, c.judged.update, c.arrays), lease=c.lease,
                       lease_row_id=c.lease_row_id, node_id=c.node.id, cfg=self.cfg,

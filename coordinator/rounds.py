@@ -390,7 +390,10 @@ class RunLoop:
             self.judge.cost.updates += 1
         self.scheduler.received(sent.lease)
         if judged.verdict.accepted:
-            return Candidate(judged, sent.lease, sent.row_id, sent.node, now)
+            cand = Candidate(judged, sent.lease, sent.row_id, sent.node, now)
+            if sent.lease.kind == "train":  # its own checks now, not at the round's end
+                self.judge.prepare(sent.lease.round, self.store.arrays, cand)
+            return cand
         record_judged(judged, lease=sent.lease, lease_row_id=sent.row_id, node_id=sent.node.id,
                       cfg=self.cfg, ledger=self.ledger, now=now, issuer=self.issuer)
         self.ledger.add_event("reject", f"{sent.node.name}: {judged.verdict.reason}"
