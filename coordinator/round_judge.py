@@ -1,9 +1,11 @@
 """The round-level verdict: what of a round's screened train replies is accepted.
 
-Replies that pass ``verifier.verify`` as they arrive are held as ``Candidate``s; when the
-round's replies are in, ``RoundJudge.judge`` runs the rules of ``coordinator.round_checks``
-over them, cheapest first (duplicates, adaptive norm bound, base check, spot checks,
-usefulness), then records every verdict in the ledger and pays credit for the accepted ones.
+Replies that pass ``verifier.verify`` as they arrive are held as ``Candidate``s, and
+``RoundJudge.prepare`` does each one's own expensive work at once (the base check's forward
+pass, the usefulness scores); when the round's replies are in, ``RoundJudge.judge`` runs the
+rules of ``coordinator.round_checks`` over them, cheapest first (duplicates, adaptive norm
+bound, base check, spot checks, usefulness), then records every verdict in the ledger and
+pays credit for the accepted ones.
 
 Usefulness is scored on the *node's local model*, ``base - update`` (not on the outer step
 ``base - outer_lr * update``): it asks "did this work help" of the work itself, independent
