@@ -47,6 +47,9 @@ __all__ = ["RunLoop"]
 
 log = logging.getLogger(__name__)
 
+# per node (ledger id), the leases to send it in order, each with the batch it answers to
+Outbox = dict[int, list[tuple[Lease, Batch]]]
+
 _POLL_S = 0.2
 _TTL_SLACK_S = 600.0
 _BENCH_S = 90.0  # a node that missed a deadline sits out this long (Flower needs ~70 s to drop it)
@@ -70,7 +73,6 @@ class RunLoop:
     _benched: dict[int, float] = field(default_factory=dict)  # ledger id -> until
     _seen: set[int] = field(default_factory=set)
     _pending: dict[str, Sent] = field(default_factory=dict)  # by Flower message id
-    _batch_of: dict[str, Batch] = field(default_factory=dict)  # lease nonce -> its batch
     _evals: list[EvalBatch] = field(default_factory=list)  # evaluations still open
     _evaluated: set[int] = field(default_factory=set)  # versions whose evaluation was sent
     _rows: dict[int, Node] = field(default_factory=dict)  # by ledger id
@@ -163,7 +165,7 @@ class RunLoop:
         only. The evaluation is judged when its last reply is in — usually while the nodes
         already train the next version — so it is never a barrier."""
         version = self.store.version
-        work: dict[int, list[Lease]] = {}
+        work: Outbox = {}
         batch = self._train_leases(rnd, work) if train else None
         if version not in self._evaluated:
             self._evaluated.add(version)
@@ -174,7 +176,7 @@ class RunLoop:
         if batch is not None:
             self._close_train(rnd, batch)
 
-    def _train_leases(self, rnd: int, work: dict[int, list[Lease]]) -> TrainBatch | None:
+    def _train_leases(self, rnd: int, work: Outbox) -> TrainBatch | None:
         end = self.clock() + self.cfg.run.wait_for_nodes_s
         trust = {s.node_id: s.trust for s in self.ledger.node_summaries()}
         probation = self.ledger.lost_spot_check_within(PROBATION_UPDATES)
@@ -200,8 +202,7 @@ class RunLoop:
                             pairs=[(leases[w], copies[c]) for w, c in checks.items()
                                    if c in copies])
         for n, lease in {**leases, **copies}.items():
-            work.setdefault(n, []).append(lease)
-            self._batch_of[lease.nonce] = batch
+            work.setdefault(n, []).append((lease, batch))
         return batch
 
     def _close_train(self, rnd: int, batch: TrainBatch) -> None:
@@ -243,7 +244,7 @@ class RunLoop:
                 kept.append(c)
         return kept
 
-    def _eval_leases(self, rnd: int, work: dict[int, list[Lease]]) -> None:
+    def _eval_leases(self, rnd: int, work: Outbox) -> None:
         """Split the validation slice of the current version over the nodes (some pieces to
         a second node for a quorum), each queued behind the node's train lease."""
         lo, hi = self.corpus.val_range
@@ -259,9 +260,7 @@ class RunLoop:
             leases[node].append(copy)
             batch.copies.append((of, copy))
         for n, ls in leases.items():
-            work.setdefault(n, []).extend(ls)
-            for lease in ls:
-                self._batch_of[lease.nonce] = batch
+            work.setdefault(n, []).extend((lease, batch) for lease in ls)
         self._evals.append(batch)
         if not leases:  # no node free to evaluate: the coordinator does it all
             self._close_eval(batch)
@@ -296,13 +295,14 @@ class RunLoop:
 
     # -- sending and judging ------------------------------------------------------------
 
-    def _send(self, work: dict[int, list[Lease]]) -> None:
+    def _send(self, work: Outbox) -> None:
         """Send every node its leases in order (a train lease, then the evaluation queued
         behind it): each message names what the one after it needs, to fetch while it
         works."""
-        for node_id, leases in sorted(work.items()):
+        for node_id, sends in sorted(work.items()):
             node = self._rows[node_id]
-            for i, lease in enumerate(leases):
+            leases = [lease for lease, _ in sends]
+            for i, (lease, batch) in enumerate(sends):
                 row = self.ledger.record_lease(
                     run_id=lease.run_id, round=lease.round, shard_id=lease.shard_id,
                     kind=lease.kind, node_id=node.id, base_version=lease.base_version,
@@ -319,7 +319,6 @@ class RunLoop:
                 # honest answer is judged (as late) instead of vanishing inside Flower.
                 mid = self.transport.send(int(node.flower_node_id), lease.kind, content,
                                           ttl=lease.deadline - self.clock() + _TTL_SLACK_S)
-                batch = self._batch_of.pop(lease.nonce)
                 batch.open += 1
                 self._pending[mid] = Sent(lease, node, row.id, batch)
 
