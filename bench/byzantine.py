@@ -1,12 +1,12 @@
 """Byzantine benchmark: honest nodes and attackers against the real coordinator code.
 
-Every run drives the real ``coordinator.rounds.RunLoop`` (verifier, judging, round checks,
+Every run drives the real ``coordinator.run.loop.RunLoop`` (verifier, judging, round checks,
 spot checks, aggregator, outer step, ledger, credits) over the in-process fake network of
 ``tests/unit/fake_network.py``: 8 nodes, of which 2 (25%) attack, one run per attack kind,
 each with the default ``[verify]``/``[aggregation]`` policy ("defended") and again with the
 round-level layers off and ``method = "mean"`` ("undefended": ``norm_factor = 0``,
 ``reject_duplicates = false``, ``usefulness_tokens = 0``, ``spot_check_rate = 0``). The
-per-reply checks of ``coordinator.verifier`` (signature, lease binding, digest, shapes,
+per-reply checks of ``coordinator.verify.reply`` (signature, lease binding, digest, shapes,
 finite values, the static norm cap, metrics) cannot be turned off: wrong_key, nan and
 replay are rejected in both. Undefended also turns off the base check
 (``base_loss_tolerance = 0``) and the eval checks (``eval_check_windows = 0``,
@@ -71,8 +71,8 @@ from fake_network import FakeClock, FakeTransport, enroll  # noqa: E402
 
 from coordinator.config import parse_config  # noqa: E402
 from coordinator.ledger import Ledger  # noqa: E402
-from coordinator.model_store import ModelStore  # noqa: E402
-from coordinator.rounds import RunLoop  # noqa: E402
+from coordinator.run.model_store import ModelStore  # noqa: E402
+from coordinator.run.loop import RunLoop  # noqa: E402
 from protocol.blobstore import BlobDir  # noqa: E402
 from training.corpus import build_stdlib_corpus  # noqa: E402
 from training.evaluate import evaluate  # noqa: E402
@@ -235,8 +235,8 @@ def cost_probe(corpus) -> dict[str, float]:
     (base on both batches and the local model), a spot-check comparison, and a recomputation
     (only on a mismatch)."""
     from coordinator.config import RunConfig
-    from coordinator.model_store import model_config
-    from coordinator.round_checks import l2_norm, rel_l2
+    from coordinator.run.model_store import model_config
+    from coordinator.verify.rules import l2_norm, rel_l2
     from protocol.digest import digest_arrays
     from training.state import init_arrays
 

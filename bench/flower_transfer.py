@@ -27,8 +27,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from coordinator.pki import make_pki  # noqa: E402
-from coordinator.superlink import SuperLink  # noqa: E402
+from coordinator.services.pki import make_pki  # noqa: E402
+from coordinator.services.superlink import SuperLink  # noqa: E402
 from protocol.processes import flower_env, free_port, spawn, stop  # noqa: E402
 from protocol.signing import generate_key, public_key_pem, save_private_key  # noqa: E402
 

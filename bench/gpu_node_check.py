@@ -24,8 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from coordinator.config import TrainParams  # noqa: E402
-from coordinator.scheduler import Scheduler  # noqa: E402
-from coordinator.verifier import Expected, verify  # noqa: E402
+from coordinator.run.scheduler import Scheduler  # noqa: E402
+from coordinator.verify.reply import Expected, verify  # noqa: E402
 from node.worker import WorkerSettings, do_work  # noqa: E402
 from protocol.digest import digest_arrays  # noqa: E402
 from protocol.messages import parse_reply, work_content  # noqa: E402

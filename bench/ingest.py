@@ -37,7 +37,7 @@ from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict  # noqa: E402
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords  # noqa: E402
 
 from coordinator.aggregators import get_aggregator  # noqa: E402
-from coordinator.verifier import Expected, verify  # noqa: E402
+from coordinator.verify.reply import Expected, verify  # noqa: E402
 from protocol.blobstore import BlobDir  # noqa: E402
 from protocol.compression import Compression, encode  # noqa: E402
 from protocol.digest import arrays_from_bytes, arrays_to_bytes, digest_bytes  # noqa: E402

@@ -1,4 +1,7 @@
-"""The ATOM coordinator: run config, scheduling, verification, aggregation, ledger, services."""
+"""The ATOM coordinator, one folder per concept: ``run`` (the loop that leases work and makes
+versions), ``verify`` (from a node's reply to its verdict), ``accounting`` (credits, receipts,
+statements), ``ledger``, ``aggregators``, ``services`` (what it serves: gRPC, status, SuperLink,
+PKI); ``cli``, ``config``, ``demo`` and ``rundir`` at the top."""
 
 import os
 

@@ -16,8 +16,8 @@ from protocol.cli_app import CliApp
 from protocol.cli_errors import one_line_errors
 from protocol.errors import AtomError
 
-from .ledger.engine import shown_url
-from .rundir import RunDir, create_invite, init_run
+from coordinator.ledger.engine import shown_url
+from coordinator.rundir import RunDir, create_invite, init_run
 
 # `start` and `demo` import the training stack (torch) inside the command, so that
 # `init` and `invite` answer in well under a second.
@@ -82,7 +82,7 @@ def revoke_invite(
     institution: Annotated[str, typer.Option(help="institution whose unused invites to revoke")],
 ) -> None:
     """Revoke every unused invite of INSTITUTION (nodes already enrolled keep working)."""
-    from .revocation import revoke_invites
+    from coordinator.services.revocation import revoke_invites
 
     n = revoke_invites(RunDir(dir.resolve()), institution)
     err.print(f"revoked {n} unused invite(s) of {institution}")
@@ -95,7 +95,7 @@ def revoke_node(
     node_id: Annotated[int, typer.Argument(help="ledger node id (see the TUI or the summary)")],
 ) -> None:
     """Revoke NODE_ID: it gets no more work, its updates are rejected, its key is dropped."""
-    from .revocation import revoke_node as revoke
+    from coordinator.services.revocation import revoke_node as revoke
 
     r = revoke(RunDir(dir.resolve()), node_id)
     when = ("now" if r.unregistered
@@ -111,8 +111,8 @@ def _interrupt(*_: object) -> None:
 @one_line_errors
 def start(dir: DirArg) -> None:
     """Serve the run: SuperLink (TLS, node auth), enrollment service, and the training loop."""
-    from .launcher import Coordinator
-    from .report import render_summary, run_summary
+    from coordinator.services.launcher import Coordinator
+    from coordinator.accounting.report import render_summary, run_summary
 
     rd = RunDir(dir.resolve())
     signal.signal(signal.SIGTERM, _interrupt)  # stop like Ctrl-C: children are reaped
@@ -142,8 +142,8 @@ def demo(
              "SQLite in the run directory]", metavar="URL")] = None,
 ) -> None:
     """Run a whole network on this machine: coordinator + NODES local nodes, on CPU."""
-    from .demo import demo_ok, run_demo
-    from .report import render_summary
+    from coordinator.demo import demo_ok, run_demo
+    from coordinator.accounting.report import render_summary
 
     summary, _ = run_demo(nodes=nodes, rounds=rounds, workdir=workdir, console=err,
                           overrides=None if ledger is None else {"ledger_url": ledger})
@@ -164,7 +164,7 @@ def export(
         help="write to FILE (default: standard output)", metavar="FILE")] = None,
 ) -> None:
     """Write the leaderboard (per institution and per node) for publishing."""
-    from .leaderboard import export_text
+    from coordinator.accounting.leaderboard import export_text
 
     text = export_text(RunDir(dir.resolve()), fmt)
     if out is None:

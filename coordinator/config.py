@@ -181,7 +181,7 @@ _norm_factor = _float("must be 0 (off) or a number > 1", lambda x: x == 0 or x >
 
 @dataclass(frozen=True)
 class VerifyParams:
-    # README "How a round works" step 3; the round-level rules live in round_checks.py.
+    # README "How a round works" step 3; the round-level rules live in verify/rules.py.
     max_update_norm: float = _opt(1000.0, _positive, "reject pseudo-gradients with a larger L2 "
                                   "norm (an absolute cap, checked on every update)")
     norm_factor: float = _opt(3.0, _norm_factor, "reject an update whose L2 norm is more than "
@@ -217,7 +217,7 @@ class VerifyParams:
                                             "0 = parameters only")
     trust_weighting: bool = _opt(False, _bool, "scale each update's aggregation weight by its "
                                  "node's trust score")
-    # Eval replies commit to a loss per window (coordinator.eval_judge; README "Evaluation").
+    # Eval replies commit to a loss per window (coordinator.verify.eval_judge; README "Evaluation").
     eval_check_windows: int = _opt(2, _non_negative_int, "windows of every eval reply the "
                                    "coordinator recomputes, drawn at random; 0 = off")
     eval_check_fraction: float = _opt(0.0, _fraction, "recompute at least this fraction of "

@@ -24,9 +24,9 @@ from protocol.errors import ConfigError
 from protocol.invite import InviteToken, hash_secret, new_secret
 from protocol.signing import generate_key, load_private_key, public_key_pem, save_private_key
 
-from .config import RunConfig, default_config_text, load_config
-from .ledger import Ledger
-from .pki import TlsFiles, ca_sha256, make_pki, tls_files
+from coordinator.config import RunConfig, default_config_text, load_config
+from coordinator.ledger import Ledger
+from coordinator.services.pki import TlsFiles, ca_sha256, make_pki, tls_files
 
 __all__ = ["RunDir", "init_run", "create_invite"]
 

@@ -7,7 +7,7 @@ of its dependencies (``torch/__init__.py`` would do). An ATOM node never does th
 worker (``node.warm_worker``) takes the tasks itself, checks each run's FAB with
 :func:`check_fab` before anything else, never unpacks it, and runs the installed ClientApp.
 ATOM's coordinator sends a FAB holding only ``pyproject.toml`` that names
-``node.client_app:app`` (see ``coordinator.superlink.app_pyproject``); anything else is
+``node.client_app:app`` (see ``coordinator.services.superlink.app_pyproject``); anything else is
 refused, and the coordinator gets an error reply (``FAB rejected by node policy: ...``).
 """
 

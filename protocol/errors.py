@@ -114,13 +114,13 @@ class Reason:
     METRICS_INCONSISTENT = "metrics_inconsistent"
     UNKNOWN_NODE = "unknown_node"
     BAD_ENCODING = "bad_encoding"  # a compressed update whose structure is not as declared
-    # round-level checks (coordinator.round_checks), judged once a round's replies are in
+    # round-level checks (coordinator.verify.rules), judged once a round's replies are in
     DUPLICATE = "duplicate"
     NOT_USEFUL = "not_useful"
     SPOT_CHECK_MISMATCH = "spot_check_mismatch"
     BASE_MISMATCH = "base_mismatch"
     # eval: a window the coordinator recomputed (or a quorum partner's, then recomputed)
-    # disagrees with what the reply committed to (coordinator.eval_judge)
+    # disagrees with what the reply committed to (coordinator.verify.eval_judge)
     EVAL_MISMATCH = "eval_mismatch"
     # the rejections that prove a node sent results it did not compute: they cost credit
     # (``[credits] mismatch_penalty``), weigh most against trust and start probation

@@ -26,7 +26,7 @@ them, empty: the payload was uploaded first (``PutBlob``) as the blob ``arrays_d
 are exactly ``{"window_loss": float64 (n,)}``: the loss summed over each of the
 ``eval_window_count(lease)`` windows ``training.evaluate`` cuts the range into, so the
 signed ``arrays_digest`` commits the node to every window, and the coordinator recomputes
-a sample of them (``coordinator.eval_judge``).
+a sample of them (``coordinator.verify.eval_judge``).
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ class UpdateMetrics:
     """What a node reports about its work (eval: steps=0, loss_before=loss_after).
 
     For train work ``loss_before`` is the base's fp32 loss on the first batch the lease's
-    seed draws; the coordinator recomputes it (``round_checks.base_mismatch``).
+    seed draws; the coordinator recomputes it (``coordinator.verify.rules.base_mismatch``).
     """
 
     tokens: int

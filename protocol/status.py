@@ -13,7 +13,7 @@ only its own ``node`` view. The coordinator honours a request within ±5 minutes
 
 The reply (``StatusReply.json``) is ``{"format": "atom-status-v1", "view", "at", "run",
 "data"}``: ``at`` the coordinator's clock, ``run`` the ``RunInfo`` and ``data`` the view itself,
-both as ``dataclasses.asdict`` writes them (see ``coordinator.views``).
+both as ``dataclasses.asdict`` writes them (see ``coordinator.services.views``).
 """
 
 from __future__ import annotations

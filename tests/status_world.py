@@ -19,11 +19,11 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import create_engine, text
 
-from coordinator.enrollment import Enroller
+from coordinator.services.enrollment import Enroller
 from coordinator.ledger import Ledger
 from coordinator.rundir import RunDir, init_run
-from coordinator.service import CoordinatorService, serve
-from coordinator.status import StatusDesk
+from coordinator.services.grpc_service import CoordinatorService, serve
+from coordinator.services.status import StatusDesk
 from protocol.processes import free_port
 from protocol.signing import (
     fingerprint, generate_key, load_private_key, public_key_pem, save_private_key,

@@ -186,7 +186,7 @@ def first_batch_loss(
     on the first batch ``seed`` draws from ``tokens``, in fp32, without training.
 
     One forward pass of one batch: the coordinator uses it to check that a node's work
-    started from the lease's base model (``coordinator.round_checks.base_mismatch``).
+    started from the lease's base model (``coordinator.verify.rules.base_mismatch``).
     """
     if len(tokens) < seq_len + 1:
         raise ValueError(

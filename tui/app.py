@@ -17,12 +17,12 @@ from textual.reactive import reactive
 from textual.screen import Screen
 from textual.worker import WorkerState, get_current_worker
 
-from coordinator.views import EventRow
+from protocol.view_types import EventRow
 from protocol.errors import AtomError
 
 from .messages import NodeChosen, SnapshotReady, SourceFailed
 from .screens import EventsScreen, NetworkScreen, NodeDetailScreen, ProgressScreen
-from .source import Snapshot, Source
+from .snapshot import Snapshot, Source
 
 __all__ = ["AtomApp", "ContributorApp", "NetworkApp", "make_app"]
 

@@ -31,7 +31,7 @@ from protocol.errors import ConfigError
 
 if TYPE_CHECKING:
     from .coordinator_source import CoordinatorSource
-    from .source import Source
+    from .snapshot import Source
 
 __all__ = ["app", "main", "resolve_source"]
 

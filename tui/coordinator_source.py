@@ -18,7 +18,7 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from coordinator.views import EventsView, NetworkView, NodeDetail, ProgressView, RunInfo
+from protocol.view_types import EventsView, NetworkView, NodeDetail, ProgressView, RunInfo
 from protocol import coordinator_pb2 as pb
 from protocol import coordinator_pb2_grpc as pb_grpc
 from protocol.errors import (
@@ -27,7 +27,7 @@ from protocol.errors import (
 from protocol.signing import load_private_key
 from protocol.status import STATUS_FORMAT, TEAM, StatusQuery, sign_status_query
 
-from .source import Snapshot
+from .snapshot import Snapshot
 
 __all__ = ["CoordinatorSource", "read_ca"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from textual.message import Message
 
-from .source import Snapshot
+from .snapshot import Snapshot
 
 __all__ = ["NodeChosen", "SnapshotReady", "SourceFailed"]
 

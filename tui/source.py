@@ -1,45 +1,16 @@
-"""Where the TUI's numbers come from: a read-only ledger, queried through coordinator.views."""
+"""Where the TUI's numbers come from: a read-only ledger, queried through coordinator.services.views."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
-
 from coordinator.ledger import Ledger
 from coordinator.ledger.reads import LedgerReads
-from coordinator.views import (
-    EventsView, NetworkView, NodeDetail, ProgressView, RunInfo, events_view, network_view,
-    node_detail, progress_view, run_info,
+from coordinator.services.views import (
+    events_view, network_view, node_detail, progress_view, run_info,
 )
 
-__all__ = ["LedgerSource", "Snapshot", "Source"]
+from .snapshot import Snapshot, Source
 
-
-@dataclass(frozen=True)
-class Snapshot:
-    """Everything one poll read. In the contributor view only ``run`` and ``detail`` are
-    filled: other nodes, the network, progress and events are never queried."""
-
-    at: float
-    run: RunInfo
-    network: NetworkView | None = None
-    progress: ProgressView | None = None
-    events: EventsView | None = None
-    detail: NodeDetail | None = None
-
-
-class Source(Protocol):
-    """What the app reads from: a ledger (``LedgerSource``) or a running coordinator's status
-    service (``tui.coordinator_source.CoordinatorSource``)."""
-
-    name: str
-
-    def fetch(self, now: float, *, network: bool = True, since_event: int = 0,
-              detail_node: int | None = None) -> Snapshot: ...
-
-    def check_node(self, node_id: int) -> None: ...
-
-    def close(self) -> None: ...
+__all__ = ["LedgerSource", "Snapshot", "Source"]  # Snapshot, Source: from .snapshot
 
 
 class LedgerSource:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from .ledger import Ledger
-from .models import (
+from coordinator.ledger.ledger import Ledger
+from coordinator.ledger.models import (
     CreditEntry, CreditReceipt, Event, Institution, Invite, Lease, ModelVersion, Node, Update,
     VersionEval,
 )
-from .summaries import NodeSummary
+from coordinator.ledger.summaries import NodeSummary
 
 __all__ = [
     "CreditEntry",

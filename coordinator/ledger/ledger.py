@@ -21,12 +21,12 @@ from sqlmodel import Session, SQLModel, col, select
 
 from protocol.errors import EnrollmentError, LedgerError, Reason
 
-from .models import (
+from coordinator.ledger.models import (
     LEASE_KINDS, LEASE_STATUSES, VERDICTS, CreditEntry, CreditReceipt, Event, Institution,
     Invite, Lease, ModelVersion, Node, Update, VersionEval,
 )
-from .reads import LedgerReads, flower_id
-from .summaries import NodeSummary
+from coordinator.ledger.reads import LedgerReads, flower_id
+from coordinator.ledger.summaries import NodeSummary
 
 __all__ = ["Ledger", "NodeSummary"]
 

@@ -92,7 +92,7 @@ class ModelVersion(SQLModel, table=True):
     tokens: int = Field(sa_type=BigInteger)
     val_loss: Optional[float] = None
     val_tokens: Optional[int] = Field(default=None, sa_type=BigInteger)
-    # how val_loss was made (coordinator.eval_judge): eval windows the coordinator recomputed
+    # how val_loss was made (coordinator.verify.eval_judge): eval windows the coordinator recomputed
     # to check the replies, and tokens it evaluated itself where no accepted reply covered;
     # the accepted replies it sums are the version's ``version_evals`` rows
     val_windows_recomputed: Optional[int] = None
@@ -157,7 +157,7 @@ class Update(SQLModel, table=True):
     loss_after: Optional[float] = None
     wall_s: Optional[float] = None
     norm: Optional[float] = None
-    # held-out loss of the base minus that of base - update, in nats (coordinator.round_judge);
+    # held-out loss of the base minus that of base - update, in nats (coordinator.verify.round_judge);
     # NULL where it was not measured (eval work, rejected before scoring, scoring off)
     improvement: Optional[float] = None
     received_at: float

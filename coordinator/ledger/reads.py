@@ -20,12 +20,12 @@ from sqlmodel import Session, SQLModel, col, select
 
 from protocol.errors import LedgerError, Reason
 
-from .engine import first_line, open_engine, shown_url
-from .models import (
+from coordinator.ledger.engine import first_line, open_engine, shown_url
+from coordinator.ledger.models import (
     ADDED_COLUMNS, TABLES, CreditEntry, CreditReceipt, Event, Institution, Invite, Lease,
     ModelVersion, Node, Update, VersionEval,
 )
-from .summaries import NodeSummary, node_summaries_query
+from coordinator.ledger.summaries import NodeSummary, node_summaries_query
 
 __all__ = ["LedgerReads", "flower_id"]
 

@@ -10,8 +10,8 @@ from sqlmodel import col
 
 from protocol.errors import Reason
 
-from ..trust import NEW_NODE_TRUST, trust_score
-from .models import CreditEntry, Institution, Lease, Node, Update
+from coordinator.verify.trust import NEW_NODE_TRUST, trust_score
+from coordinator.ledger.models import CreditEntry, Institution, Lease, Node, Update
 
 __all__ = ["NodeSummary", "node_summaries_query"]
 
@@ -22,7 +22,7 @@ class NodeSummary:
 
     ``tokens`` counts accepted train tokens, ``eval_tokens`` accepted eval tokens;
     ``credits`` is the sum of the node's credit entries. ``trust`` is
-    ``coordinator.trust.trust_score`` of its train updates (derived from its record, so not
+    ``coordinator.verify.trust.trust_score`` of its train updates (derived from its record, so not
     part of equality).
     """
 
@@ -75,7 +75,7 @@ def node_summaries_query(node_id: int | None = None) -> Select[Any]:
             accepted_tokens("train").label("tokens"),
             accepted_tokens("eval").label("eval_tokens"),
             count(and_(train, accepted)).label("train_accepted"),
-            # a lost eval check counts like a lost spot check (coordinator.trust)
+            # a lost eval check counts like a lost spot check (coordinator.verify.trust)
             count(or_(and_(train, col(Update.verdict) != "accepted"), lost))
             .label("train_rejected"),
             count(lost).label("mismatches"),

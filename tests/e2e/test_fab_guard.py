@@ -14,8 +14,8 @@ import httpx
 import pytest
 from pathlib import Path
 
-from coordinator.pki import make_pki
-from coordinator.superlink import SuperLink
+from coordinator.services.pki import make_pki
+from coordinator.services.superlink import SuperLink
 from node.flower_runtime import RuntimeTasks
 from node.identity import Enrollment, NodeHome
 from node.supervisor import new_runtime_secret, supernode_command, worker_command

@@ -13,9 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from coordinator.fleet_proxy import MAX_BODY, FleetProxy
-from coordinator.pki import make_pki
-from coordinator.superlink import SuperLink
+from coordinator.services.fleet_proxy import MAX_BODY, FleetProxy
+from coordinator.services.pki import make_pki
+from coordinator.services.superlink import SuperLink
 from node.identity import Enrollment, NodeHome
 from node.supervisor import new_runtime_secret, supernode_command
 from protocol.errors import NetworkError

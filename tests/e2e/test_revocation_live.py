@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.launcher import Coordinator
-from coordinator.revocation import revoke_node, running_superlink
+from coordinator.services.launcher import Coordinator
+from coordinator.services.revocation import revoke_node, running_superlink
 from coordinator.rundir import RunDir, init_run
-from coordinator.superlink import SuperLink
+from coordinator.services.superlink import SuperLink
 from node.credits import credits_report
 from node.identity import Enrollment, NodeHome
 from node.supervisor import new_runtime_secret, supernode_command

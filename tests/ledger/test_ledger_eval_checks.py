@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from coordinator.ledger import Ledger
-from coordinator.trust import trust_score
+from coordinator.verify.trust import trust_score
 from protocol.errors import LedgerError, Reason
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))  # the fake network

@@ -10,10 +10,10 @@ from sqlalchemy import create_engine
 from sqlmodel import SQLModel
 
 from coordinator.config import CreditsParams
-from coordinator.credits import ReceiptIssuer, pay_credit
+from coordinator.accounting.credits import ReceiptIssuer, pay_credit
 from coordinator.ledger import CreditReceipt, Ledger
 from coordinator.ledger.models import TABLES
-from coordinator.statements import signed_receipt
+from coordinator.accounting.statements import signed_receipt
 from protocol.errors import LedgerError
 from protocol.messages import Lease, Update, UpdateMetrics
 from protocol.receipts import receipt_bytes, verify_receipt

@@ -7,7 +7,7 @@ import pytest
 from sqlalchemy import inspect
 
 from coordinator.ledger import Ledger
-from coordinator.trust import trust_score
+from coordinator.verify.trust import trust_score
 
 
 def test_improvement_is_stored_and_non_finite_becomes_null(ledger: Ledger, inst, make) -> None:

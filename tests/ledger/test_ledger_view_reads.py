@@ -1,4 +1,4 @@
-"""The ledger reads behind coordinator.views, and the views themselves, on both backends."""
+"""The ledger reads behind coordinator.services.views, and the views themselves, on both backends."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 import pytest
 
 from coordinator.ledger import Ledger
-from coordinator.views import network_view, node_detail, progress_view
+from coordinator.services.views import network_view, node_detail, progress_view
 
 
 def test_reads_for_views(ledger: Ledger, make) -> None:

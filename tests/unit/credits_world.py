@@ -21,12 +21,12 @@ import numpy as np
 from typer.testing import CliRunner
 
 from coordinator.config import RunConfig
-from coordinator.credits import ReceiptIssuer
-from coordinator.enrollment import Enroller
-from coordinator.judging import judge_reply
+from coordinator.accounting.credits import ReceiptIssuer
+from coordinator.services.enrollment import Enroller
+from coordinator.verify.record import judge_reply
 from coordinator.ledger import Ledger
 from coordinator.rundir import RunDir, create_invite, init_run
-from coordinator.service import CoordinatorService, serve
+from coordinator.services.grpc_service import CoordinatorService, serve
 from node.cli import app as node_app
 from node.enroll import enroll
 from node.identity import NodeHome

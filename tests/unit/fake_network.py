@@ -15,7 +15,7 @@ ways a node can go wrong that the coordinator must survive::
     error      answer with an error (as Flower does when the ClientApp raises)
 
 and the well-formed, correctly signed attacks that only the round-level checks
-(``coordinator.round_checks``) can catch::
+(``coordinator.verify.rules``) can catch::
 
     sign_flip   the honest update times -10                        -> norm_bound / not_useful
     noise       honest + Gaussian noise of NOISE_SCALE x its RMS     -> norm_bound / not_useful
@@ -61,7 +61,7 @@ import training.evaluate
 import training.inner
 
 from coordinator.ledger import Ledger, Node
-from coordinator.transport import Reply
+from coordinator.run.transport import Reply
 from node.worker import WorkerSettings, do_work
 from protocol.blobstore import BlobDir
 from protocol.compression import Compression, ErrorFeedback, decode, encode
@@ -354,7 +354,7 @@ class Sent:
 
 @dataclass
 class FakeTransport:
-    """``coordinator.transport.Transport`` over ``FakeNode``s, in-process."""
+    """``coordinator.run.transport.Transport`` over ``FakeNode``s, in-process."""
 
     nodes: list[FakeNode]
     clock: FakeClock

@@ -21,7 +21,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coordinator.service import BlobService
+from coordinator.services.grpc_service import BlobService
 from node.blobs import BlobFetcher, CoordinatorBlobs, HttpMirror
 from protocol import coordinator_pb2 as pb
 from protocol import coordinator_pb2_grpc as pb_grpc

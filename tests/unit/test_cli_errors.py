@@ -21,7 +21,7 @@ import pytest
 
 from coordinator.config import RunConfig
 from coordinator.ledger import Ledger
-from coordinator.model_store import ModelStore
+from coordinator.run.model_store import ModelStore
 from coordinator.rundir import RunDir, init_run
 from node.identity import NodeHome
 from protocol.errors import CheckpointError, ConfigError

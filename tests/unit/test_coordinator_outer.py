@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from coordinator.outer import NesterovOuter
+from coordinator.run.outer import NesterovOuter
 
 
 def arr(*x: float) -> np.ndarray:

@@ -6,7 +6,7 @@ import itertools
 import pytest
 
 from coordinator.config import TrainParams
-from coordinator.scheduler import Scheduler, shard_seed
+from coordinator.run.scheduler import Scheduler, shard_seed
 
 BASE = "b" * 64
 

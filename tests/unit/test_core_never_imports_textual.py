@@ -29,5 +29,5 @@ def test_core_packages_never_import_textual() -> None:
     out = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, check=True,
                          capture_output=True, text=True, timeout=180)
     found = json.loads(out.stdout.strip().splitlines()[-1])
-    assert "coordinator.views" in found["core"] and "node.cli" in found["core"]
+    assert "coordinator.services.views" in found["core"] and "node.cli" in found["core"]
     assert found["textual"] == []

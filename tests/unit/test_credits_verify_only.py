@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from credits_world import World, credits, make_world, ok_json, one_line_failure
 
-from coordinator.credits import ReceiptIssuer
+from coordinator.accounting.credits import ReceiptIssuer
 from protocol.receipts import Statement, seal_statement, sign_receipt
 from protocol.signing import generate_key, public_key_pem
 

@@ -1,6 +1,6 @@
-"""Evaluation answers are checked, not believed (``coordinator.eval_judge``).
+"""Evaluation answers are checked, not believed (``coordinator.verify.eval_judge``).
 
-Per reply (``verifier.verify``): the windows must be one float64 loss sum per window of the
+Per reply (``verify.reply.verify``): the windows must be one float64 loss sum per window of the
 range, and sum to the claimed total. Per phase: the coordinator recomputes sampled windows,
 and quorum pairs are compared. Uses the fake network and fixtures of ``test_run_loop``.
 """
@@ -19,8 +19,8 @@ from test_run_loop import (  # noqa: F401  (fixtures)
 
 from fake_network import EVAL_LIES, enroll
 
-from coordinator.eval_judge import agrees, plan_quorum
-from coordinator.verifier import Expected, verify
+from coordinator.verify.eval_judge import agrees, plan_quorum
+from coordinator.verify.reply import Expected, verify
 from node.worker import WorkerSettings, do_work
 from protocol.blobstore import BlobDir
 from protocol.digest import arrays_to_bytes, digest_arrays

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from coordinator.fleet_proxy import route
+from coordinator.services.fleet_proxy import route
 
 
 @pytest.mark.parametrize("method, path", [

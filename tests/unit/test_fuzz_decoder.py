@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
 from coordinator.config import RunConfig, parse_config
-from coordinator.judging import judge_reply
+from coordinator.verify.record import judge_reply
 from coordinator.ledger import Ledger
 from protocol.digest import digest_arrays
 from protocol.errors import ProtocolError

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from coordinator.launcher import Coordinator
+from coordinator.services.launcher import Coordinator
 from coordinator.rundir import init_run
 from protocol.processes import free_port
 

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from coordinator.cli import app as coordinator_app
 from coordinator.ledger import Ledger, NodeSummary
-from coordinator.leaderboard import CSV_COLUMNS, leaderboard
+from coordinator.accounting.leaderboard import CSV_COLUMNS, leaderboard
 from coordinator.rundir import RunDir, init_run
 
 # (institution, node, [(kind, tokens, verdict, credit)])

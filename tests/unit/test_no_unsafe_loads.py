@@ -83,5 +83,5 @@ def test_no_unsafe_deserialisation(path: Path) -> None:
 
 def test_the_scan_covers_the_source_tree() -> None:
     names = {p.relative_to(ROOT).as_posix() for p in _sources()}
-    assert {"node/worker.py", "coordinator/judging.py", "protocol/messages.py",
+    assert {"node/worker.py", "coordinator/verify/record.py", "protocol/messages.py",
             "training/checkpoint.py"} <= names

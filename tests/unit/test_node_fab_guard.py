@@ -8,7 +8,7 @@ import zipfile
 import pytest
 from flwr.cli.build import build_fab_from_files
 
-from coordinator.superlink import app_pyproject
+from coordinator.services.superlink import app_pyproject
 from node.fab_guard import CLIENTAPP, FabRejected, check_fab
 from protocol.errors import ProtocolError
 

@@ -12,7 +12,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from coordinator.verifier import Expected, verify as verify_reply
+from coordinator.verify.reply import Expected, verify as verify_reply
 from protocol.digest import digest_arrays
 from protocol.errors import ConfigError, ProtocolError, Reason
 from protocol.messages import Lease, Update, UpdateMetrics

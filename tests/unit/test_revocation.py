@@ -16,15 +16,15 @@ from test_run_loop import (  # noqa: F401  (fixtures)
 )
 from typer.testing import CliRunner
 
-from coordinator import revocation
+from coordinator.services import revocation
 from coordinator.cli import app
 from coordinator.ledger import Ledger
-from coordinator.revocation import (
+from coordinator.services.revocation import (
     clear_superlink_state, revoke_invites, revoke_node, running_superlink, unregister_revoked,
     write_superlink_state,
 )
 from coordinator.rundir import RunDir, create_invite, init_run
-from coordinator.verifier import Expected, verify
+from coordinator.verify.reply import Expected, verify
 from protocol.digest import digest_arrays
 from protocol.errors import ConfigError, EnrollmentError, Reason
 from protocol.invite import InviteToken, hash_secret

@@ -1,4 +1,4 @@
-"""The round-level rules (coordinator.round_checks) on hand-made updates and numbers."""
+"""The round-level rules (coordinator.verify.rules) on hand-made updates and numbers."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from coordinator.round_checks import (
+from coordinator.verify.rules import (
     base_mismatch, duplicates, l2_norm, norm_outliers, not_useful, rel_l2, spot_check,
 )
 

@@ -1,4 +1,4 @@
-"""The real run loop (``coordinator.rounds.RunLoop``) against an in-process fake network.
+"""The real run loop (``coordinator.run.loop.RunLoop``) against an in-process fake network.
 
 A 1-layer, 32-wide model and 3 inner steps make a shard take milliseconds; the fake clock
 moves only when the loop sleeps, so deadlines expire without real waiting.
@@ -17,11 +17,11 @@ import torch
 from fake_network import FakeClock, FakeNode, FakeTransport, enroll
 
 from coordinator.config import RunConfig, parse_config
-from coordinator.credits import ReceiptIssuer
+from coordinator.accounting.credits import ReceiptIssuer
 from coordinator.ledger import Ledger
-from coordinator.model_store import ModelStore
-from coordinator.outer import NesterovOuter
-from coordinator.rounds import RunLoop
+from coordinator.run.model_store import ModelStore
+from coordinator.run.outer import NesterovOuter
+from coordinator.run.loop import RunLoop
 from protocol.compression import apply_delta, encode_delta
 from protocol.blobstore import BlobDir
 from protocol.errors import CheckpointError, Reason

@@ -1,5 +1,5 @@
 """The real run loop against well-formed, correctly signed attacks, which only the
-round-level checks catch (``coordinator.round_judge``), and its spot checks and trust.
+round-level checks catch (``coordinator.verify.round_judge``), and its spot checks and trust.
 
 Uses the fake network and fixtures of ``test_run_loop``: a 1-layer, 32-wide model and 3 inner
 steps, on a fake clock.
@@ -16,7 +16,7 @@ from test_run_loop import (  # noqa: F401  (fixtures)
 
 from fake_network import enroll
 
-from coordinator.trust import trust_score
+from coordinator.verify.trust import trust_score
 from protocol.errors import Reason
 from training.checkpoint import load_checkpoint
 

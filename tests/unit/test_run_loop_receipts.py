@@ -8,8 +8,8 @@ from test_run_loop import (  # noqa: F401  (fixtures)
     corpus, network, nets, one_torch_thread,
 )
 
-from coordinator.credits import ReceiptIssuer
-from coordinator.statements import signed_receipt
+from coordinator.accounting.credits import ReceiptIssuer
+from coordinator.accounting.statements import signed_receipt
 from node.credits import CreditReport
 from protocol.receipts import verify_receipt
 from protocol.signing import generate_key, public_key_pem

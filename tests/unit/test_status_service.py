@@ -15,8 +15,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from coordinator.ledger import Ledger
-from coordinator.pki import make_pki
-from coordinator.views import (
+from coordinator.services.pki import make_pki
+from coordinator.services.views import (
     EventsView, NetworkView, NodeDetail, ProgressView, RunInfo, events_view, network_view,
     node_detail, progress_view, run_info,
 )

@@ -1,4 +1,4 @@
-"""Trust scores and spot-check planning (coordinator.trust)."""
+"""Trust scores and spot-check planning (coordinator.verify.trust)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from coordinator.trust import (
+from coordinator.verify.trust import (
     MISMATCH_WEIGHT, NEW_NODE_TRUST, PROBATION_UPDATES, plan_spot_checks, spot_check_rate,
     trust_score,
 )

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from coordinator.verifier import Expected, Verdict, verify
+from coordinator.verify.reply import Expected, Verdict, verify
 from protocol.digest import digest_arrays
 from protocol.errors import Reason
 from protocol.messages import EVAL_WINDOWS, Lease, Update, UpdateMetrics

@@ -1,4 +1,4 @@
-"""coordinator.views on the fixture ledger: the numbers people see, computed once."""
+"""coordinator.services.views on the fixture ledger: the numbers people see, computed once."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import event
 
 from coordinator.ledger import Ledger
-from coordinator.views import (
+from coordinator.services.views import (
     ONLINE_WINDOW_S, THROUGHPUT_WINDOW_S, events_view, network_view, node_detail, node_status,
     progress_view, run_info,
 )
@@ -139,7 +139,7 @@ def test_one_node_summary_is_the_same_row(ledger: Ledger) -> None:
 
 
 def test_a_penalty_lowers_the_totals_people_see(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from coordinator.leaderboard import leaderboard
+    from coordinator.accounting.leaderboard import leaderboard
     with Ledger(f"sqlite:///{tmp_path / 'l.db'}") as led:
         inst = led.add_institution("U")
         cheat = led.add_node(1, "cheat", inst.id, "pem", "fp1")

@@ -16,7 +16,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.cli.build import build_fab_from_files
 from flwr.supercore.task_identity import TaskIdentity
 
-from coordinator.superlink import app_pyproject
+from coordinator.services.superlink import app_pyproject
 from node.blobs import BlobFetcher
 from node.warm_worker import serve
 from node.worker import BaseModels, WorkerSettings, do_work

@@ -8,7 +8,7 @@ from textual.app import ComposeResult
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer
 
-from ..source import Snapshot
+from ..snapshot import Snapshot
 from ..widgets import NotedTable, RowNote, RunHeader
 
 if TYPE_CHECKING:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from textual.app import ComposeResult
 
-from ..source import Snapshot
+from ..snapshot import Snapshot
 from ..widgets import EventTable, RowNote
 from .base import AtomScreen
 

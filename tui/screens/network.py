@@ -5,7 +5,7 @@ from __future__ import annotations
 from textual.app import ComposeResult
 from textual.binding import Binding
 
-from ..source import Snapshot
+from ..snapshot import Snapshot
 from ..widgets import NodeTable
 from .base import AtomScreen
 

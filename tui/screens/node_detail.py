@@ -10,10 +10,10 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.widgets import TabbedContent, TabPane
 
-from coordinator.views import NodeDetail
+from protocol.view_types import NodeDetail
 
 from .. import format as fmt
-from ..source import Snapshot
+from ..snapshot import Snapshot
 from ..widgets import Chart, ChartData, CreditsTable, NodeSummaryPanel, RowNote, UpdatesTable
 from .base import AtomScreen
 

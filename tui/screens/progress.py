@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from textual.app import ComposeResult
 
-from coordinator.views import ProgressView
+from protocol.view_types import ProgressView
 
 from .. import format as fmt
-from ..source import Snapshot
+from ..snapshot import Snapshot
 from ..widgets import Chart, ChartData
 from .base import AtomScreen
 

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from rich.text import Text
 
-from coordinator.views import EventRow
+from protocol.view_types import EventRow
 
 from .. import format as fmt
 from .row_note import NotedTable

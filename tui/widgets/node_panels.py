@@ -8,7 +8,7 @@ from typing import Any
 from rich.text import Text
 from textual.widgets import Static
 
-from coordinator.views import CreditRow, NodeDetail, UpdateRow
+from protocol.view_types import CreditRow, NodeDetail, UpdateRow
 
 from .. import format as fmt
 from .node_table import STATUS_STYLE

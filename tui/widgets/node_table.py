@@ -11,7 +11,7 @@ from rich.text import Text
 from textual.binding import Binding
 from textual.widgets import DataTable
 
-from coordinator.views import NodeRow
+from protocol.view_types import NodeRow
 
 from .. import format as fmt
 from ..messages import NodeChosen

@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.text import Text
 from textual.widgets import Static
 
-from coordinator.views import NetworkHeader, RunInfo
+from protocol.view_types import NetworkHeader, RunInfo
 
 from .. import format as fmt
 

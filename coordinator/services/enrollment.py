@@ -16,7 +16,7 @@ from protocol.errors import EnrollmentError
 from protocol.invite import hash_secret
 from protocol.signing import fingerprint, load_public_key
 
-from .ledger import Ledger
+from coordinator.ledger import Ledger
 
 __all__ = ["Enrolled", "Enroller"]
 

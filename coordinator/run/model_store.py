@@ -24,9 +24,9 @@ from training.checkpoint import load_checkpoint, save_checkpoint
 from training.model import GPT, PRESETS, GPTConfig
 from training.state import init_arrays
 
-from .config import RunConfig
-from .ledger import Ledger
-from .outer import NesterovOuter
+from coordinator.config import RunConfig
+from coordinator.ledger import Ledger
+from coordinator.run.outer import NesterovOuter
 
 __all__ = ["Delta", "ModelStore", "model_config", "model_params"]
 

@@ -28,8 +28,8 @@ from protocol.receipts import (
 )
 from protocol.signing import fingerprint, load_private_key, public_key_pem
 
-from .config import CreditsParams
-from .ledger import CreditEntry, Ledger
+from coordinator.config import CreditsParams
+from coordinator.ledger import CreditEntry, Ledger
 
 __all__ = ["ReceiptIssuer", "charge_penalty", "credit_for", "pay_credit"]
 

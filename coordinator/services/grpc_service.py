@@ -23,10 +23,10 @@ from protocol.errors import (
 )
 from protocol.status import StatusQuery
 
-from .credits import ReceiptIssuer
-from .enrollment import Enroller
-from .statements import StatementDesk
-from .status import AccessDenied, NoSuchNode, StatusDesk
+from coordinator.accounting.credits import ReceiptIssuer
+from coordinator.services.enrollment import Enroller
+from coordinator.accounting.statements import StatementDesk
+from coordinator.services.status import AccessDenied, NoSuchNode, StatusDesk
 
 __all__ = ["BlobService", "CoordinatorService", "serve", "upload_limit"]
 

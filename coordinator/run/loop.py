@@ -30,18 +30,18 @@ from protocol.messages import Lease, work_content
 from training.corpus import CorpusInfo
 from training.shards import data_digest, make_shards
 
-from .aggregators import get_aggregator
-from .batches import Batch, EvalBatch, Sent, TrainBatch
-from .config import RunConfig
-from .credits import ReceiptIssuer
-from .eval_judge import EvalJudge, plan_quorum, validation_loss
-from .judging import record_judged, screen_reply
-from .ledger import Ledger, Node
-from .model_store import ModelStore
-from .round_judge import Candidate, RoundJudge
-from .scheduler import Scheduler
-from .transport import Transport
-from .trust import NEW_NODE_TRUST, PROBATION_UPDATES, plan_spot_checks
+from coordinator.aggregators import get_aggregator
+from coordinator.run.batches import Batch, EvalBatch, Sent, TrainBatch
+from coordinator.config import RunConfig
+from coordinator.accounting.credits import ReceiptIssuer
+from coordinator.verify.eval_judge import EvalJudge, plan_quorum, validation_loss
+from coordinator.verify.record import record_judged, screen_reply
+from coordinator.ledger import Ledger, Node
+from coordinator.run.model_store import ModelStore
+from coordinator.verify.round_judge import Candidate, RoundJudge
+from coordinator.run.scheduler import Scheduler
+from coordinator.run.transport import Transport
+from coordinator.verify.trust import NEW_NODE_TRUST, PROBATION_UPDATES, plan_spot_checks
 
 __all__ = ["RunLoop"]
 

@@ -4,7 +4,7 @@ A request is signed (``protocol.status.status_request_bytes``) either by the run
 key — the coordinator team, every view — or by an enrolled node's key, which reads its own
 ``node`` view only: a contributor sees no other node's name, numbers or events. Requests are
 honoured within ``WINDOW_S`` of the coordinator's clock. Views are computed at the
-coordinator's clock, read-only, through ``coordinator.views``.
+coordinator's clock, read-only, through ``coordinator.services.views``.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from protocol.errors import LedgerError, ProtocolError, Reason, VerificationErro
 from protocol.signing import verify
 from protocol.status import STATUS_FORMAT, TEAM, VIEWS, StatusQuery, status_request_bytes
 
-from .ledger.reads import LedgerReads
-from .statements import CLOCK_SKEW, WINDOW_S
-from .views import events_view, network_view, node_detail, progress_view, run_info
+from coordinator.ledger.reads import LedgerReads
+from coordinator.accounting.statements import CLOCK_SKEW, WINDOW_S
+from coordinator.services.views import events_view, network_view, node_detail, progress_view, run_info
 
 __all__ = ["AccessDenied", "NoSuchNode", "StatusDesk"]
 

@@ -4,8 +4,8 @@
 Whatever a node sends, the outcome is a row in the ledger: hostile or broken input becomes a
 rejection with its reason, never an exception that stops the run. The run loop screens every
 reply with ``screen_reply`` as it arrives and records it with ``record_judged`` — at once if
-it failed, else once its phase's checks have had their say (``coordinator.round_judge`` for
-train work, ``coordinator.eval_judge`` for eval work). ``judge_reply`` does both at once,
+it failed, else once its phase's checks have had their say (``coordinator.verify.round_judge`` for
+train work, ``coordinator.verify.eval_judge`` for eval work). ``judge_reply`` does both at once,
 without the phase checks (tests and fuzzing of the per-reply path).
 """
 
@@ -23,11 +23,11 @@ from protocol.digest import arrays_from_bytes
 from protocol.errors import BlobError, ProtocolError, Reason
 from protocol.messages import Lease, Update, parse_reply
 
-from .config import RunConfig
-from .credits import ReceiptIssuer, charge_penalty, pay_credit
-from .ledger import Ledger
-from .ledger import Update as UpdateRow
-from .verifier import Expected, Verdict, verify
+from coordinator.config import RunConfig
+from coordinator.accounting.credits import ReceiptIssuer, charge_penalty, pay_credit
+from coordinator.ledger import Ledger
+from coordinator.ledger import Update as UpdateRow
+from coordinator.verify.reply import Expected, Verdict, verify
 
 __all__ = ["Judged", "judge_reply", "record_judged", "screen_reply"]
 

@@ -13,9 +13,9 @@ import math
 
 from protocol.errors import LedgerError
 
-from .ledger import Lease, NodeSummary
-from .ledger.reads import LedgerReads
-from .view_types import (
+from coordinator.ledger import Lease, NodeSummary
+from coordinator.ledger.reads import LedgerReads
+from protocol.view_types import (
     CreditRow, EventRow, EventsView, HistoryPoint, LossPoint, NetworkHeader, NetworkView,
     NodeDetail, NodeRow, ProgressView, RunInfo, ThroughputPoint, UpdateRow,
 )

@@ -18,9 +18,9 @@ from pathlib import Path
 
 from protocol.errors import ConfigError, LedgerError, NetworkError
 
-from .ledger import Ledger
-from .rundir import RunDir
-from .superlink import SuperLink
+from coordinator.ledger import Ledger
+from coordinator.rundir import RunDir
+from coordinator.services.superlink import SuperLink
 
 __all__ = [
     "Revoked",

@@ -22,9 +22,9 @@ from protocol.receipts import (
 )
 from protocol.signing import verify
 
-from .credits import ReceiptIssuer
-from .ledger import CreditReceipt
-from .ledger.reads import LedgerReads
+from coordinator.accounting.credits import ReceiptIssuer
+from coordinator.ledger import CreditReceipt
+from coordinator.ledger.reads import LedgerReads
 
 __all__ = ["StatementDesk", "WINDOW_S", "signed_receipt"]
 

@@ -30,7 +30,7 @@ from flwr.supercore.interceptors.http.runtime_version import RuntimeVersionHttpI
 from protocol.errors import NetworkError
 from protocol.processes import flower_env, spawn, stop, wait_port
 
-from .pki import TlsFiles
+from coordinator.services.pki import TlsFiles
 
 __all__ = ["SuperLink", "app_pyproject"]
 
@@ -57,7 +57,7 @@ dependencies = []
 publisher = "atom"
 
 [tool.flwr.app.components]
-serverapp = "coordinator.server_app:app"
+serverapp = "coordinator.run.server_app:app"
 clientapp = "node.client_app:app"
 
 [tool.flwr.app.config]

@@ -3,7 +3,7 @@
 Replies that pass ``verifier.verify`` as they arrive are held as ``Candidate``s, and
 ``RoundJudge.prepare`` does each one's own expensive work at once (the base check's forward
 pass, the usefulness scores); when the round's replies are in, ``RoundJudge.judge`` runs the
-rules of ``coordinator.round_checks`` over them, cheapest first (duplicates, adaptive norm
+rules of ``coordinator.verify.rules`` over them, cheapest first (duplicates, adaptive norm
 bound, base check, spot checks, usefulness), then records every verdict in the ledger and
 pays credit for the accepted ones.
 
@@ -33,12 +33,12 @@ from training.evaluate import evaluate
 from training.inner import first_batch_loss, train_inner
 from training.model import GPTConfig
 
-from . import round_checks as rules
-from .config import RunConfig
-from .credits import ReceiptIssuer
-from .judging import Judged, record_judged
-from .ledger import Ledger, Node
-from .verifier import Verdict
+from coordinator.verify import rules
+from coordinator.config import RunConfig
+from coordinator.accounting.credits import ReceiptIssuer
+from coordinator.verify.record import Judged, record_judged
+from coordinator.ledger import Ledger, Node
+from coordinator.verify.reply import Verdict
 
 __all__ = ["Candidate", "RoundJudge", "VerifyCost"]
 

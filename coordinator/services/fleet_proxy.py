@@ -12,7 +12,7 @@ to the SuperLink; ``/v1/control/*`` and ``/v1/runtime/*`` get 403, anything else
 stream through in both directions (Flower moves 5 MiB objects per request), and a request body
 above ``max_body`` bytes is cut off with 413.
 
-Runs as its own process (``python -m coordinator.fleet_proxy ...``, started by
+Runs as its own process (``python -m coordinator.services.fleet_proxy ...``, started by
 :class:`FleetProxy`), so node traffic never competes with the run loop for the GIL.
 """
 
@@ -182,7 +182,7 @@ class FleetProxy:
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 30.0) -> None:
-        cmd = [sys.executable, "-m", "coordinator.fleet_proxy",
+        cmd = [sys.executable, "-m", "coordinator.services.fleet_proxy",
                "--listen", f"{self.host}:{self.port}",
                "--upstream", f"127.0.0.1:{self.upstream_port}",
                "--certfile", str(self.certfile), "--keyfile", str(self.keyfile),
@@ -209,7 +209,7 @@ def _split(addr: str) -> tuple[str, int]:
 def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
-    p = argparse.ArgumentParser(description="ATOM Fleet proxy (see coordinator/fleet_proxy.py)")
+    p = argparse.ArgumentParser(description="ATOM Fleet proxy (see coordinator/services/fleet_proxy.py)")
     p.add_argument("--listen", required=True, help="HOST:PORT to serve TLS on")
     p.add_argument("--upstream", required=True, help="the SuperLink's loopback HOST:PORT")
     p.add_argument("--certfile", required=True)

@@ -26,8 +26,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .ledger import Ledger, NodeSummary
-from .rundir import RunDir
+from coordinator.ledger import Ledger, NodeSummary
+from coordinator.rundir import RunDir
 
 __all__ = ["CSV_COLUMNS", "FORMATS", "Leaderboard", "Standing", "export_text", "leaderboard"]
 

@@ -1,7 +1,7 @@
 """Round-level verification rules: judged over all of a round's candidate updates at once.
 
 ``verifier.verify`` checks each reply on its own as it arrives; what passes is a *candidate*.
-Once the round's replies are in, ``coordinator.round_judge`` runs these rules over the
+Once the round's replies are in, ``coordinator.verify.round_judge`` runs these rules over the
 candidates, cheapest first; each returns ``{candidate index: detail}`` of the ones it rejects,
 for the ``protocol.errors.Reason`` below. They are pure functions of numbers and arrays, so
 each is unit-tested on hand-made updates::

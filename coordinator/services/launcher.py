@@ -16,16 +16,16 @@ from protocol.errors import NetworkError
 from protocol.processes import free_port
 from training.corpus import CorpusInfo, build_folder_corpus, build_stdlib_corpus
 
-from .config import RunConfig
-from .credits import ReceiptIssuer
-from .enrollment import Enroller
-from .fleet_proxy import FleetProxy
-from .ledger import Ledger
-from .model_store import model_config, model_params
-from .revocation import clear_superlink_state, unregister_revoked, write_superlink_state
-from .rundir import RunDir
-from .service import CoordinatorService, serve, upload_limit
-from .superlink import SuperLink
+from coordinator.config import RunConfig
+from coordinator.accounting.credits import ReceiptIssuer
+from coordinator.services.enrollment import Enroller
+from coordinator.services.fleet_proxy import FleetProxy
+from coordinator.ledger import Ledger
+from coordinator.run.model_store import model_config, model_params
+from coordinator.services.revocation import clear_superlink_state, unregister_revoked, write_superlink_state
+from coordinator.rundir import RunDir
+from coordinator.services.grpc_service import CoordinatorService, serve, upload_limit
+from coordinator.services.superlink import SuperLink
 
 __all__ = ["Coordinator", "prepare_corpus"]
 

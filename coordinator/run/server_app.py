@@ -1,4 +1,4 @@
-"""The Flower ServerApp: wiring only. The run loop lives in ``coordinator.rounds``."""
+"""The Flower ServerApp: wiring only. The run loop lives in ``coordinator.run.loop``."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from flwr.serverapp import Grid, ServerApp
 from protocol.blobstore import BlobDir
 from training.corpus import load_corpus
 
-from .credits import ReceiptIssuer
-from .model_store import ModelStore
-from .rounds import RunLoop
-from .rundir import RunDir
-from .transport import FlowerTransport
+from coordinator.accounting.credits import ReceiptIssuer
+from coordinator.run.model_store import ModelStore
+from coordinator.run.loop import RunLoop
+from coordinator.rundir import RunDir
+from coordinator.run.transport import FlowerTransport
 
 __all__ = ["app"]
 

@@ -14,8 +14,8 @@ import numpy as np
 
 from protocol.messages import Lease
 
-from .ledger import Node
-from .round_judge import Candidate
+from coordinator.ledger import Node
+from coordinator.verify.round_judge import Candidate
 
 __all__ = ["Batch", "EvalBatch", "Sent", "TrainBatch"]
 

@@ -9,7 +9,7 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from .ledger import Ledger
+from coordinator.ledger import Ledger
 
 __all__ = ["run_summary", "render_summary"]
 

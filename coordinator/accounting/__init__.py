@@ -1,0 +1,1 @@
+"""What contributions are worth: credits and receipts, signed statements, the leaderboard and the run report."""

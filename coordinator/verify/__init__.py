@@ -1,0 +1,1 @@
+"""Verification, from one reply to the round's verdict: per-reply checks (reply), round rules (rules), the round and eval judges, trust, and the one path that records verdicts and pays credit (record)."""
