@@ -27,6 +27,7 @@ from protocol.errors import (
 from protocol.receipts import (
     PENALTY, Receipt, Statement, statement_request_bytes, verify_receipt,
 )
+from protocol.messages import Kind
 from protocol.signing import fingerprint, load_private_key, load_public_key, sign
 
 from .identity import NodeHome
@@ -149,8 +150,8 @@ def _total(receipts: Iterable[Receipt]) -> CreditTotal:
     rs = list(receipts)
     penalties = sum(r.kind == PENALTY for r in rs)
     return CreditTotal(
-        updates=len(rs) - penalties, tokens_trained=sum(r.tokens for r in rs if r.kind == "train"),
-        tokens_evaluated=sum(r.tokens for r in rs if r.kind == "eval"), penalties=penalties,
+        updates=len(rs) - penalties, tokens_trained=sum(r.tokens for r in rs if r.kind == Kind.TRAIN),
+        tokens_evaluated=sum(r.tokens for r in rs if r.kind == Kind.EVAL), penalties=penalties,
         credits=round(math.fsum(float(r.amount) for r in rs), 6))
 
 

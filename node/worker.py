@@ -26,7 +26,7 @@ from protocol.compression import ErrorFeedback, apply_delta
 from protocol.digest import arrays_from_bytes, arrays_to_bytes, digest_arrays, digest_bytes
 from protocol.errors import AtomError, BlobError, ConfigError, ProtocolError
 from protocol.messages import (
-    EVAL_WINDOWS, Update, UpdateMetrics, Work, parse_work, reply_content, shard_tokens,
+    EVAL_WINDOWS, Kind, Update, UpdateMetrics, Work, parse_work, reply_content, shard_tokens,
 )
 from protocol.signing import sign_update
 from training.device import pick_device, set_threads
@@ -147,7 +147,7 @@ def do_work(content: RecordDict, settings: WorkerSettings,
     times["work_start"] = time.time()
     arrays, metrics = _compute(work, model, tokens, settings, progress)
     times["work_end"] = time.time()
-    if lease.kind == "train" and settings.uploads is not None:
+    if lease.kind == Kind.TRAIN and settings.uploads is not None:
         # bytes by digest: the payload goes up first, the signed update binds its digest,
         # and the Flower reply carries the small signed record only
         payload = arrays_to_bytes(arrays)
@@ -179,7 +179,7 @@ def _compute(work: Work, model: dict[str, np.ndarray], tokens: np.ndarray,
     report = (progress(lease.kind, lease.round, lease.shard_id, lease.inner_steps)
               if progress else None)
     t0 = time.perf_counter()
-    if lease.kind == "train":
+    if lease.kind == Kind.TRAIN:
         res = train_inner(model, cfg, tokens, steps=lease.inner_steps,
                           batch_size=lease.batch_size, seq_len=lease.seq_len, lr=lease.lr,
                           weight_decay=lease.weight_decay, seed=lease.seed, device=device,

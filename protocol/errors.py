@@ -20,6 +20,9 @@ are stored in the ledger and shown in the TUI, so they never change spelling.
 
 from __future__ import annotations
 
+from enum import StrEnum
+from typing import ClassVar
+
 __all__ = [
     "AtomError",
     "BlobError",
@@ -98,8 +101,8 @@ class BlobError(AtomError):
     exit_code = 9
 
 
-class Reason:
-    """Rejection reason codes (plain ``str`` constants)."""
+class Reason(StrEnum):
+    """Rejection reason codes (each member is its ``str`` value, as stored and sent)."""
 
     UNKNOWN_LEASE = "unknown_lease"
     BAD_SIGNATURE = "bad_signature"
@@ -122,15 +125,13 @@ class Reason:
     # eval: a window the coordinator recomputed (or a quorum partner's, then recomputed)
     # disagrees with what the reply committed to (coordinator.verify.eval_judge)
     EVAL_MISMATCH = "eval_mismatch"
-    # the rejections that prove a node sent results it did not compute: they cost credit
-    # (``[credits] mismatch_penalty``), weigh most against trust and start probation
-    MISMATCHES: frozenset[str] = frozenset({SPOT_CHECK_MISMATCH, EVAL_MISMATCH})
 
-    ALL: frozenset[str] = frozenset(
-        {
-            UNKNOWN_LEASE, BAD_SIGNATURE, LEASE_MISMATCH, STALE_BASE, DIGEST_MISMATCH,
-            SHAPE_MISMATCH, NON_FINITE, NORM_BOUND, LATE, MALFORMED,
-            METRICS_INCONSISTENT, UNKNOWN_NODE, BAD_ENCODING, DUPLICATE, NOT_USEFUL, SPOT_CHECK_MISMATCH,
-            BASE_MISMATCH, EVAL_MISMATCH,
-        }
-    )
+    MISMATCHES: ClassVar[frozenset[str]]
+    ALL: ClassVar[frozenset[str]]
+
+
+# the rejections that prove a node sent results it did not compute: they cost credit
+# (``[credits] mismatch_penalty``), weigh most against trust and start probation. Plain
+# strings: they go into SQL ``IN`` lists as they are.
+Reason.MISMATCHES = frozenset({Reason.SPOT_CHECK_MISMATCH.value, Reason.EVAL_MISMATCH.value})
+Reason.ALL = frozenset(r.value for r in Reason)

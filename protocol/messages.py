@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 import numpy as np
@@ -46,6 +47,7 @@ from protocol.compression import Compression
 __all__ = [
     "EVAL_WINDOWS",
     "KINDS",
+    "Kind",
     "Lease",
     "Update",
     "UpdateMetrics",
@@ -58,7 +60,16 @@ __all__ = [
     "work_content",
 ]
 
-KINDS = ("train", "eval")
+
+
+class Kind(StrEnum):
+    """What a lease asks for (each member is its ``str`` value, as signed and stored)."""
+
+    TRAIN = "train"
+    EVAL = "eval"
+
+
+KINDS = tuple(k.value for k in Kind)
 EVAL_WINDOWS = "window_loss"  # the one array of an eval reply
 
 

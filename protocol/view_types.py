@@ -20,7 +20,7 @@ from protocol.errors import ProtocolError
 __all__ = [
     "CreditRow", "EventRow", "EventsView", "HistoryPoint", "LossPoint", "NetworkHeader",
     "NetworkView", "NodeDetail", "NodeRow", "ProgressView", "RunInfo", "ThroughputPoint",
-    "UpdateRow",
+    "UpdateLine",
 ]
 
 T = TypeVar("T", bound="_FromDict")
@@ -153,7 +153,7 @@ class HistoryPoint(_FromDict):
 
 
 @dataclass(frozen=True)
-class UpdateRow(_FromDict):
+class UpdateLine(_FromDict):
     update_id: int
     at: float
     round: int
@@ -181,7 +181,7 @@ class CreditRow(_FromDict):
 class NodeDetail(_FromDict):
     row: NodeRow
     history: tuple[HistoryPoint, ...]
-    updates: tuple[UpdateRow, ...]
+    updates: tuple[UpdateLine, ...]
     credits: tuple[CreditRow, ...]
     credits_by_kind: dict[str, float] = field(default_factory=dict)
 

@@ -22,7 +22,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from protocol.errors import Reason
-from protocol.messages import Lease, Update
+from protocol.messages import Kind, Lease, Update
 from protocol.receipts import (
     PENALTY, RECEIPT_PREFIX, Receipt, SignedReceipt, receipt_bytes, sign_receipt,
 )
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 def credit_for(kind: str, tokens: int, policy: CreditsParams) -> tuple[float, dict[str, Any]]:
     """Amount and its components for ``tokens`` of accepted ``kind`` work."""
-    rate = policy.train_per_1k_tokens if kind == "train" else policy.eval_per_1k_tokens
+    rate = policy.train_per_1k_tokens if kind == Kind.TRAIN else policy.eval_per_1k_tokens
     amount = round(tokens / 1000.0 * rate, 6)
     return amount, {"kind": kind, "tokens": int(tokens), "rate_per_1k": rate}
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from coordinator.ledger.ledger import Ledger
 from coordinator.ledger.models import (
-    CreditEntry, CreditReceipt, Event, Institution, Invite, Lease, ModelVersion, Node, Update,
+    CreditEntry, CreditReceipt, Event, Institution, Invite, LeaseRow, ModelVersion, Node, UpdateRow,
     VersionEval,
 )
 from coordinator.ledger.summaries import NodeSummary
@@ -15,11 +15,11 @@ __all__ = [
     "Event",
     "Institution",
     "Invite",
-    "Lease",
+    "LeaseRow",
     "Ledger",
     "ModelVersion",
     "Node",
     "NodeSummary",
-    "Update",
+    "UpdateRow",
     "VersionEval",
 ]

@@ -23,7 +23,7 @@ from protocol.errors import EnrollmentError, LedgerError, Reason
 
 from coordinator.ledger.models import (
     LEASE_KINDS, LEASE_STATUSES, VERDICTS, CreditEntry, CreditReceipt, Event, Institution,
-    Invite, Lease, ModelVersion, Node, Update, VersionEval,
+    Invite, LeaseRow, ModelVersion, Node, UpdateRow, VersionEval,
 )
 from coordinator.ledger.reads import LedgerReads, flower_id
 from coordinator.ledger.summaries import NodeSummary
@@ -191,10 +191,10 @@ class Ledger(LedgerReads):
 
     def record_lease(self, *, run_id: str, round: int, shard_id: int, kind: str, node_id: int,
                      base_version: int, nonce: str, data_start: int, data_end: int,
-                     deadline: float, issued_at: float | None = None) -> Lease:
+                     deadline: float, issued_at: float | None = None) -> LeaseRow:
         if kind not in LEASE_KINDS:
             raise LedgerError(f"lease kind must be one of {LEASE_KINDS}, not {kind!r}")
-        lease = Lease(run_id=run_id, round=round, shard_id=shard_id, kind=kind, node_id=node_id,
+        lease = LeaseRow(run_id=run_id, round=round, shard_id=shard_id, kind=kind, node_id=node_id,
                       base_version=base_version, nonce=nonce, data_start=data_start,
                       data_end=data_end, issued_at=_now(issued_at), deadline=deadline)
         return self._add(lease, "record a lease")
@@ -204,11 +204,11 @@ class Ledger(LedgerReads):
         if status not in LEASE_STATUSES[1:]:
             raise LedgerError(f"a lease closes as one of {LEASE_STATUSES[1:]}, not {status!r}")
         with self._write("close a lease") as session:
-            stmt = (update(Lease).where(col(Lease.id) == lease_id, col(Lease.status) == "issued")
+            stmt = (update(LeaseRow).where(col(LeaseRow.id) == lease_id, col(LeaseRow.status) == "issued")
                     .values(status=status, closed_at=now))
             if session.exec(stmt).rowcount == 1:
                 return True
-            self._must(session, Lease, lease_id)
+            self._must(session, LeaseRow, lease_id)
             return False
 
     def record_update(self, *, lease_id: int, node_id: int, arrays_digest: str, verdict: str,
@@ -216,7 +216,7 @@ class Ledger(LedgerReads):
                       loss_after: float | None, wall_s: float | None, reason: str | None = None,
                       detail: str = "", norm: float | None = None,
                       improvement: float | None = None,
-                      received_at: float | None = None) -> Update:
+                      received_at: float | None = None) -> UpdateRow:
         """Record a node's answer and close its lease as 'answered' in one transaction.
 
         A lease that was already closed (e.g. expired before a late answer) keeps its status.
@@ -224,16 +224,16 @@ class Ledger(LedgerReads):
         if verdict not in VERDICTS:
             raise LedgerError(f"verdict must be one of {VERDICTS}, not {verdict!r}")
         at = _now(received_at)
-        row = Update(lease_id=lease_id, node_id=node_id, arrays_digest=arrays_digest,
+        row = UpdateRow(lease_id=lease_id, node_id=node_id, arrays_digest=arrays_digest,
                      verdict=verdict, reason=reason, detail=detail, tokens=tokens, steps=steps,
                      loss_before=_finite(loss_before), loss_after=_finite(loss_after),
                      wall_s=_finite(wall_s), norm=_finite(norm),
                      improvement=_finite(improvement), received_at=at)
         with self._write("record an update") as session:
-            self._must(session, Lease, lease_id)
+            self._must(session, LeaseRow, lease_id)
             session.add(row)
-            session.exec(update(Lease)
-                         .where(col(Lease.id) == lease_id, col(Lease.status) == "issued")
+            session.exec(update(LeaseRow)
+                         .where(col(LeaseRow.id) == lease_id, col(LeaseRow.status) == "issued")
                          .values(status="answered", closed_at=at))
         return row
 
@@ -275,7 +275,7 @@ class Ledger(LedgerReads):
         entry = CreditEntry(node_id=node_id, update_id=update_id, amount=float(amount),
                             components=text, created_at=_now(now))
         with self._write("add a penalty" if penalty else "add credit") as session:
-            upd = self._must(session, Update, update_id)
+            upd = self._must(session, UpdateRow, update_id)
             if penalty and (upd.verdict != "rejected" or upd.reason not in Reason.MISMATCHES):
                 raise LedgerError(f"update {update_id} did not lose a spot or eval check: "
                                   "it owes no penalty")
@@ -315,7 +315,7 @@ class Ledger(LedgerReads):
         with self._write("set a validation loss") as session:
             row = self._must(session, ModelVersion, version)
             for uid in update_ids:
-                upd = self._must(session, Update, uid)
+                upd = self._must(session, UpdateRow, uid)
                 if upd.verdict != "accepted":
                     raise LedgerError(f"update {uid} was rejected: a validation loss cannot "
                                       "be computed from it")

@@ -22,11 +22,11 @@ __all__ = [
     "Invite",
     "LEASE_KINDS",
     "LEASE_STATUSES",
-    "Lease",
+    "LeaseRow",
     "ModelVersion",
     "Node",
     "TABLES",
-    "Update",
+    "UpdateRow",
     "VERDICTS",
     "VersionEval",
 ]
@@ -109,7 +109,7 @@ class VersionEval(SQLModel, table=True):
     update_id: int = Field(foreign_key="updates.id", unique=True)
 
 
-class Lease(SQLModel, table=True):
+class LeaseRow(SQLModel, table=True):
     __tablename__ = "leases"
     __table_args__ = (
         _one_of("leases", "kind", LEASE_KINDS),
@@ -134,7 +134,7 @@ class Lease(SQLModel, table=True):
     closed_at: Optional[float] = None
 
 
-class Update(SQLModel, table=True):
+class UpdateRow(SQLModel, table=True):
     """A node's answer to one lease, accepted or not.
 
     The metric floats are nullable because a rejected update may carry NaN/inf,
@@ -218,6 +218,6 @@ ADDED_COLUMNS = [("updates", "improvement", "FLOAT"),
 # Created explicitly so other SQLModel tables sharing the global metadata are left alone.
 TABLES = [
     m.__table__  # type: ignore[attr-defined]
-    for m in (Institution, Invite, Node, ModelVersion, Lease, Update, CreditEntry,
+    for m in (Institution, Invite, Node, ModelVersion, LeaseRow, UpdateRow, CreditEntry,
               CreditReceipt, Event, VersionEval)
 ]

@@ -22,8 +22,8 @@ from protocol.errors import LedgerError, Reason
 
 from coordinator.ledger.engine import first_line, open_engine, shown_url
 from coordinator.ledger.models import (
-    ADDED_COLUMNS, TABLES, CreditEntry, CreditReceipt, Event, Institution, Invite, Lease,
-    ModelVersion, Node, Update, VersionEval,
+    ADDED_COLUMNS, TABLES, CreditEntry, CreditReceipt, Event, Institution, Invite, LeaseRow,
+    ModelVersion, Node, UpdateRow, VersionEval,
 )
 from coordinator.ledger.summaries import NodeSummary, node_summaries_query
 
@@ -150,38 +150,38 @@ class LedgerReads:
             stmt = stmt.where(Invite.institution_id == institution_id)
         return self._all(stmt)
 
-    def lease(self, lease_id: int) -> Lease | None:
-        return self._get(Lease, lease_id)
+    def lease(self, lease_id: int) -> LeaseRow | None:
+        return self._get(LeaseRow, lease_id)
 
-    def lease_by_nonce(self, nonce: str) -> Lease | None:
-        rows = self._all(select(Lease).where(Lease.nonce == nonce))
+    def lease_by_nonce(self, nonce: str) -> LeaseRow | None:
+        rows = self._all(select(LeaseRow).where(LeaseRow.nonce == nonce))
         return rows[0] if rows else None
 
-    def leases(self, node_id: int | None = None, status: str | None = None) -> list[Lease]:
-        stmt = select(Lease).order_by(col(Lease.id))
+    def leases(self, node_id: int | None = None, status: str | None = None) -> list[LeaseRow]:
+        stmt = select(LeaseRow).order_by(col(LeaseRow.id))
         if node_id is not None:
-            stmt = stmt.where(Lease.node_id == node_id)
+            stmt = stmt.where(LeaseRow.node_id == node_id)
         if status is not None:
-            stmt = stmt.where(Lease.status == status)
+            stmt = stmt.where(LeaseRow.status == status)
         return self._all(stmt)
 
-    def open_leases(self) -> list[Lease]:
+    def open_leases(self) -> list[LeaseRow]:
         return self.leases(status="issued")
 
-    def latest_lease(self) -> Lease | None:
+    def latest_lease(self) -> LeaseRow | None:
         """The lease issued last: its run id and round are the run's current ones."""
-        rows = self._all(select(Lease).order_by(col(Lease.id).desc()).limit(1))
+        rows = self._all(select(LeaseRow).order_by(col(LeaseRow.id).desc()).limit(1))
         return rows[0] if rows else None
 
-    def updates(self, node_id: int | None = None) -> list[Update]:
-        stmt = select(Update).order_by(col(Update.id))
-        return self._all(stmt if node_id is None else stmt.where(Update.node_id == node_id))
+    def updates(self, node_id: int | None = None) -> list[UpdateRow]:
+        stmt = select(UpdateRow).order_by(col(UpdateRow.id))
+        return self._all(stmt if node_id is None else stmt.where(UpdateRow.node_id == node_id))
 
-    def accepted_with_digest(self, arrays_digest: str) -> Update | None:
+    def accepted_with_digest(self, arrays_digest: str) -> UpdateRow | None:
         """The first accepted update whose arrays hash to ``arrays_digest`` (replay check)."""
-        rows = self._all(select(Update).where(col(Update.arrays_digest) == arrays_digest,
-                                              col(Update.verdict) == "accepted")
-                         .order_by(col(Update.id)).limit(1))
+        rows = self._all(select(UpdateRow).where(col(UpdateRow.arrays_digest) == arrays_digest,
+                                              col(UpdateRow.verdict) == "accepted")
+                         .order_by(col(UpdateRow.id)).limit(1))
         return rows[0] if rows else None
 
     def lost_spot_check_within(self, last: int) -> set[int]:
@@ -189,36 +189,36 @@ class LedgerReads:
         whose windows the coordinator's recomputation contradicted) among their ``last``
         updates that count: train updates that were accepted and every lost check (other
         rejections cost nothing to make, so they do not count towards serving probation)."""
-        lost = col(Update.reason).in_(sorted(Reason.MISMATCHES))
-        counted = ((col(Lease.kind) == "train") & (col(Update.verdict) == "accepted")) | lost
-        recent = (select(col(Update.node_id).label("node_id"),
-                         col(Update.reason).label("reason"),
-                         func.row_number().over(partition_by=col(Update.node_id),
-                                                order_by=col(Update.id).desc()).label("n"))
-                  .join(Lease, col(Lease.id) == col(Update.lease_id))
+        lost = col(UpdateRow.reason).in_(sorted(Reason.MISMATCHES))
+        counted = ((col(LeaseRow.kind) == "train") & (col(UpdateRow.verdict) == "accepted")) | lost
+        recent = (select(col(UpdateRow.node_id).label("node_id"),
+                         col(UpdateRow.reason).label("reason"),
+                         func.row_number().over(partition_by=col(UpdateRow.node_id),
+                                                order_by=col(UpdateRow.id).desc()).label("n"))
+                  .join(LeaseRow, col(LeaseRow.id) == col(UpdateRow.lease_id))
                   .where(counted).subquery())
         stmt = (select(recent.c.node_id).distinct()
                 .where(recent.c.n <= last, recent.c.reason.in_(sorted(Reason.MISMATCHES))))
         return set(self._all(stmt))
 
-    def updates_with_leases(self, node_id: int | None = None) -> list[tuple[Update, Lease]]:
+    def updates_with_leases(self, node_id: int | None = None) -> list[tuple[UpdateRow, LeaseRow]]:
         """Each update with the lease it answers (kind, round, shard), in one query."""
-        stmt = (select(Update, Lease).join(Lease, col(Lease.id) == col(Update.lease_id))
-                .order_by(col(Update.id)))
+        stmt = (select(UpdateRow, LeaseRow).join(LeaseRow, col(LeaseRow.id) == col(UpdateRow.lease_id))
+                .order_by(col(UpdateRow.id)))
         if node_id is not None:
-            stmt = stmt.where(Update.node_id == node_id)
+            stmt = stmt.where(UpdateRow.node_id == node_id)
         return [(u, lease) for u, lease in self._all(stmt)]
 
     def accepted_work(self, kind: str = "train",
                       since: float | None = None) -> list[tuple[float, int, float | None]]:
         """``(received_at, tokens, wall_s)`` of accepted updates on ``kind`` leases received
         after ``since``, oldest first: the network's throughput without loading whole rows."""
-        stmt = (select(col(Update.received_at), col(Update.tokens), col(Update.wall_s))
-                .join(Lease, col(Lease.id) == col(Update.lease_id))
-                .where(col(Update.verdict) == "accepted", col(Lease.kind) == kind)
-                .order_by(col(Update.received_at)))
+        stmt = (select(col(UpdateRow.received_at), col(UpdateRow.tokens), col(UpdateRow.wall_s))
+                .join(LeaseRow, col(LeaseRow.id) == col(UpdateRow.lease_id))
+                .where(col(UpdateRow.verdict) == "accepted", col(LeaseRow.kind) == kind)
+                .order_by(col(UpdateRow.received_at)))
         if since is not None:
-            stmt = stmt.where(col(Update.received_at) > since)
+            stmt = stmt.where(col(UpdateRow.received_at) > since)
         return [(float(at), int(tokens), None if wall is None else float(wall))
                 for at, tokens, wall in self._all(stmt)]
 
@@ -234,11 +234,11 @@ class LedgerReads:
     def versions(self) -> list[ModelVersion]:
         return self._all(select(ModelVersion).order_by(col(ModelVersion.version)))
 
-    def version_evals(self, version: int) -> list[Update]:
+    def version_evals(self, version: int) -> list[UpdateRow]:
         """The accepted eval updates ``version``'s validation loss was computed from."""
-        return self._all(select(Update)
-                         .join(VersionEval, col(VersionEval.update_id) == col(Update.id))
-                         .where(col(VersionEval.version) == version).order_by(col(Update.id)))
+        return self._all(select(UpdateRow)
+                         .join(VersionEval, col(VersionEval.update_id) == col(UpdateRow.id))
+                         .where(col(VersionEval.version) == version).order_by(col(UpdateRow.id)))
 
     def latest_version(self) -> ModelVersion | None:
         rows = self._all(select(ModelVersion).order_by(col(ModelVersion.version).desc()).limit(1))

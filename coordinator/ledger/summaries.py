@@ -11,7 +11,7 @@ from sqlmodel import col
 from protocol.errors import Reason
 
 from coordinator.verify.trust import NEW_NODE_TRUST, trust_score
-from coordinator.ledger.models import CreditEntry, Institution, Lease, Node, Update
+from coordinator.ledger.models import CreditEntry, Institution, LeaseRow, Node, UpdateRow
 
 __all__ = ["NodeSummary", "node_summaries_query"]
 
@@ -56,32 +56,32 @@ def node_summaries_query(node_id: int | None = None) -> Select[Any]:
     """One row per node (only ``node_id`` when given: its subqueries are filtered too).
     Updates and credits are grouped in separate subqueries so that joining both onto a
     node cannot multiply either sum."""
-    accepted = col(Update.verdict) == "accepted"
-    train = col(Lease.kind) == "train"
-    lost = col(Update.reason).in_(sorted(Reason.MISMATCHES))
+    accepted = col(UpdateRow.verdict) == "accepted"
+    train = col(LeaseRow.kind) == "train"
+    lost = col(UpdateRow.reason).in_(sorted(Reason.MISMATCHES))
 
     def accepted_tokens(kind: str) -> Any:
-        wanted = and_(accepted, col(Lease.kind) == kind)
-        return func.sum(case((wanted, col(Update.tokens)), else_=0))
+        wanted = and_(accepted, col(LeaseRow.kind) == kind)
+        return func.sum(case((wanted, col(UpdateRow.tokens)), else_=0))
 
     def count(condition: Any) -> Any:
         return func.sum(case((condition, 1), else_=0))
 
     by_update = (
         select(
-            col(Update.node_id).label("node_id"),
+            col(UpdateRow.node_id).label("node_id"),
             func.sum(case((accepted, 1), else_=0)).label("accepted"),
             func.sum(case((accepted, 0), else_=1)).label("rejected"),
             accepted_tokens("train").label("tokens"),
             accepted_tokens("eval").label("eval_tokens"),
             count(and_(train, accepted)).label("train_accepted"),
             # a lost eval check counts like a lost spot check (coordinator.verify.trust)
-            count(or_(and_(train, col(Update.verdict) != "accepted"), lost))
+            count(or_(and_(train, col(UpdateRow.verdict) != "accepted"), lost))
             .label("train_rejected"),
             count(lost).label("mismatches"),
         )
-        .join(Lease, col(Lease.id) == col(Update.lease_id))
-        .group_by(col(Update.node_id))
+        .join(LeaseRow, col(LeaseRow.id) == col(UpdateRow.lease_id))
+        .group_by(col(UpdateRow.node_id))
     )
     by_credit = (
         select(col(CreditEntry.node_id).label("node_id"),
@@ -89,7 +89,7 @@ def node_summaries_query(node_id: int | None = None) -> Select[Any]:
         .group_by(col(CreditEntry.node_id))
     )
     if node_id is not None:
-        by_update = by_update.where(col(Update.node_id) == node_id)
+        by_update = by_update.where(col(UpdateRow.node_id) == node_id)
         by_credit = by_credit.where(col(CreditEntry.node_id) == node_id)
     per_update, per_credit = by_update.subquery(), by_credit.subquery()
     query = (

@@ -26,7 +26,7 @@ from flwr.app import RecordDict
 
 from protocol.blobstore import BlobDir
 from protocol.digest import arrays_to_bytes
-from protocol.messages import Lease, work_content
+from protocol.messages import Kind, Lease, work_content
 from training.corpus import CorpusInfo
 from training.shards import data_digest, make_shards
 
@@ -91,7 +91,7 @@ class RunLoop:
         accepted = {u.lease_id for u in self.ledger.updates() if u.verdict == "accepted"}
         # a spot-checked shard may have two accepted results in its round: it counts once
         done = {(lease.round, lease.shard_id): lease.shard_id for lease in self.ledger.leases()
-                if lease.kind == "train" and lease.id in accepted}
+                if lease.kind == Kind.TRAIN and lease.id in accepted}
         self.scheduler.restore(list(done.values()))
         self.aggregator = get_aggregator(self.cfg.aggregation.method,
                                          dataclasses.asdict(self.cfg.aggregation))
@@ -384,13 +384,13 @@ class RunLoop:
             public_key_pem=sent.node.public_key_pem.encode(), version=sent.batch.version,
             shapes=self.store.shapes(), cfg=self.cfg, ledger=self.ledger, now=now,
             blobs=self.blobs)
-        if sent.lease.kind == "train":
+        if sent.lease.kind == Kind.TRAIN:
             self.judge.cost.screen_s += time.perf_counter() - t0
             self.judge.cost.updates += 1
         self.scheduler.received(sent.lease)
         if judged.verdict.accepted:
             cand = Candidate(judged, sent.lease, sent.row_id, sent.node, now)
-            if sent.lease.kind == "train":  # its own checks now, not at the round's end
+            if sent.lease.kind == Kind.TRAIN:  # its own checks now, not at the round's end
                 self.judge.prepare(sent.lease.round, self.store.arrays, cand)
             return cand
         record_judged(judged, lease=sent.lease, lease_row_id=sent.row_id, node_id=sent.node.id,

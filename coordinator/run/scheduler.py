@@ -21,7 +21,7 @@ from typing import Protocol
 
 import numpy as np
 
-from protocol.messages import Lease
+from protocol.messages import Kind, Lease
 
 __all__ = ["Scheduler", "TrainLike", "shard_seed"]
 
@@ -113,9 +113,9 @@ class Scheduler:
         base and seed) to another node. The copy's outcome neither consumes nor returns
         the shard."""
         orig = self._open.get(of.nonce)
-        if orig is None or orig.lease != of or of.kind != "train":
+        if orig is None or orig.lease != of or of.kind != Kind.TRAIN:
             raise ValueError("can only duplicate an open train lease")
-        if node_id == orig.node_id or any(x.kind == "train" for x in self.leases_for(node_id)):
+        if node_id == orig.node_id or any(x.kind == Kind.TRAIN for x in self.leases_for(node_id)):
             raise ValueError(f"node {node_id} cannot take a duplicate of this lease")
         lease = replace(of, round=round, nonce=self._nonce(),
                         deadline=self._start(node_id) + self._train.deadline_s)
@@ -126,10 +126,10 @@ class Scheduler:
         """Quorum hook: lease the range of the open eval lease ``of`` to another node too,
         which may hold eval leases of its own (it answers them all in one batch)."""
         orig = self._open.get(of.nonce)
-        if orig is None or orig.lease != of or of.kind != "eval":
+        if orig is None or orig.lease != of or of.kind != Kind.EVAL:
             raise ValueError("can only copy an open eval lease")
         held = self.leases_for(node_id)
-        if node_id == orig.node_id or any(x.kind == "eval" and x.data_start == of.data_start
+        if node_id == orig.node_id or any(x.kind == Kind.EVAL and x.data_start == of.data_start
                                           for x in held):
             raise ValueError(f"node {node_id} cannot take a copy of this eval lease")
         lease = replace(of, round=round, nonce=self._nonce(),
@@ -255,7 +255,7 @@ class Scheduler:
         ``avoid``); a new epoch when the pool is empty. None when no pooled shard fits."""
         if not self._pool:
             self._new_epoch()
-        out = {e.lease.shard_id for e in self._open.values() if e.lease.kind == "train"}
+        out = {e.lease.shard_id for e in self._open.values() if e.lease.kind == Kind.TRAIN}
         for i, (shard_id, epoch) in enumerate(self._pool):
             if shard_id not in out and (avoid is None
                                         or self._returned_by.get(shard_id) != avoid):
@@ -276,7 +276,7 @@ class Scheduler:
         return entry
 
     def _requeue(self, entries: Sequence[_Open]) -> None:
-        back = [e for e in entries if e.lease.kind == "train" and not e.duplicate]
+        back = [e for e in entries if e.lease.kind == Kind.TRAIN and not e.duplicate]
         for e in back:
             self._returned_by[e.lease.shard_id] = e.node_id
         self._pool.extendleft(reversed([(e.lease.shard_id, e.epoch) for e in back]))
@@ -285,7 +285,7 @@ class Scheduler:
               start: int, end: int, seed: int, *, begin: float | None = None) -> Lease:
         if (start, end) not in self._digests:
             self._digests[(start, end)] = self._data_digest(start, end)
-        t, train = self._train, kind == "train"
+        t, train = self._train, kind == Kind.TRAIN
         return Lease(run_id=self._run_id, round=round, shard_id=shard_id, kind=kind,
                      base_version=base_version, base_digest=base_digest,
                      data_start=start, data_end=end, data_digest=self._digests[(start, end)],

@@ -21,11 +21,12 @@ from protocol.errors import (
     AtomError, BlobError, EnrollmentError, LedgerError, NetworkError, ProtocolError,
     VerificationError,
 )
+from protocol.messages import Kind
 from protocol.status import StatusQuery
 
 from coordinator.accounting.credits import ReceiptIssuer
-from coordinator.services.enrollment import Enroller
 from coordinator.accounting.statements import StatementDesk
+from coordinator.services.enrollment import Enroller
 from coordinator.services.status import AccessDenied, NoSuchNode, StatusDesk
 
 __all__ = ["BlobService", "CoordinatorService", "serve", "upload_limit"]
@@ -143,7 +144,7 @@ class CoordinatorService(BlobService, pb_grpc.CoordinatorServicer):
 
     def _train_lease_open(self, nonce: str) -> bool:
         lease = self.enroller.ledger.lease_by_nonce(nonce)
-        return lease is not None and lease.kind == "train" and lease.status == "issued"
+        return lease is not None and lease.kind == Kind.TRAIN and lease.status == "issued"
 
     def Enroll(self, request: pb.EnrollRequest, context: grpc.ServicerContext) -> pb.EnrollReply:
         try:

@@ -11,19 +11,19 @@ from __future__ import annotations
 
 import math
 
-from protocol.errors import LedgerError
-
-from coordinator.ledger import Lease, NodeSummary
+from coordinator.ledger import LeaseRow, NodeSummary
 from coordinator.ledger.reads import LedgerReads
+from protocol.errors import LedgerError
+from protocol.messages import Kind
 from protocol.view_types import (
     CreditRow, EventRow, EventsView, HistoryPoint, LossPoint, NetworkHeader, NetworkView,
-    NodeDetail, NodeRow, ProgressView, RunInfo, ThroughputPoint, UpdateRow,
+    NodeDetail, NodeRow, ProgressView, RunInfo, ThroughputPoint, UpdateLine,
 )
 
 __all__ = [
     "EventRow", "EventsView", "HistoryPoint", "LossPoint", "NetworkHeader", "NetworkView",
     "NodeDetail", "NodeRow", "ONLINE_STATUSES", "ONLINE_WINDOW_S", "ProgressView", "RunInfo",
-    "THROUGHPUT_WINDOW_S", "ThroughputPoint", "UpdateRow", "CreditRow", "events_view",
+    "THROUGHPUT_WINDOW_S", "ThroughputPoint", "UpdateLine", "CreditRow", "events_view",
     "network_view", "node_detail", "node_status", "progress_view", "run_info",
 ]
 
@@ -35,7 +35,7 @@ THROUGHPUT_WINDOW_S = 120.0
 ONLINE_STATUSES = ("working", "idle")
 
 
-def node_status(last_seen: float | None, open_lease: Lease | None, now: float,
+def node_status(last_seen: float | None, open_lease: LeaseRow | None, now: float,
                 revoked: bool = False) -> str:
     """The one definition of a node's status (see ONLINE_WINDOW_S)."""
     if revoked:
@@ -57,7 +57,7 @@ def run_info(ledger: LedgerReads, run_id: str | None = None) -> RunInfo:
                    val_loss=latest.val_loss if latest else None)
 
 
-def _row(s: NodeSummary, lease: Lease | None, now: float) -> NodeRow:
+def _row(s: NodeSummary, lease: LeaseRow | None, now: float) -> NodeRow:
     status = node_status(s.last_seen, lease, now, s.revoked)
     answered = s.accepted + s.rejected
     return NodeRow(
@@ -68,8 +68,8 @@ def _row(s: NodeSummary, lease: Lease | None, now: float) -> NodeRow:
         last_seen=s.last_seen)
 
 
-def _open_leases(ledger: LedgerReads) -> dict[int, Lease]:
-    newest: dict[int, Lease] = {}
+def _open_leases(ledger: LedgerReads) -> dict[int, LeaseRow]:
+    newest: dict[int, LeaseRow] = {}
     for lease in ledger.open_leases():  # ordered by id: the newest wins
         newest[lease.node_id] = lease
     return newest
@@ -149,10 +149,10 @@ def node_detail(ledger: LedgerReads, node_id: int, now: float) -> NodeDetail:
     for u, lease in sorted(pairs, key=lambda p: (p[0].received_at, p[0].id)):
         if u.verdict != "accepted" and (u.id or 0) not in credit_of:  # a penalty counts
             continue
-        tokens += u.tokens if lease.kind == "train" and u.verdict == "accepted" else 0
+        tokens += u.tokens if lease.kind == Kind.TRAIN and u.verdict == "accepted" else 0
         credits += credit_of.get(u.id or 0, 0.0)
         history.append(HistoryPoint(at=u.received_at, tokens=tokens, credits=credits))
-    updates = tuple(UpdateRow(
+    updates = tuple(UpdateLine(
         update_id=u.id or 0, at=u.received_at, round=lease.round, kind=lease.kind,
         shard_id=lease.shard_id, verdict=u.verdict, reason=u.reason, detail=u.detail,
         tokens=u.tokens, loss_before=u.loss_before, loss_after=u.loss_after,

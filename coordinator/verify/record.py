@@ -21,12 +21,12 @@ from flwr.app import RecordDict
 from protocol.blobstore import BlobDir
 from protocol.digest import arrays_from_bytes
 from protocol.errors import BlobError, ProtocolError, Reason
-from protocol.messages import Lease, Update, parse_reply
+from protocol.messages import Kind, Lease, Update, parse_reply
 
 from coordinator.config import RunConfig
 from coordinator.accounting.credits import ReceiptIssuer, charge_penalty, pay_credit
 from coordinator.ledger import Ledger
-from coordinator.ledger import Update as UpdateRow
+from coordinator.ledger import UpdateRow
 from coordinator.verify.reply import Expected, Verdict, verify
 
 __all__ = ["Judged", "judge_reply", "record_judged", "screen_reply"]
@@ -61,7 +61,7 @@ def screen_reply(content: RecordDict, *, lease: Lease, node_id: int, public_key_
         update, arrays = parse_reply(content)
     except ProtocolError as err:
         return Judged(Verdict(False, Reason.MALFORMED, str(err)), None, {})
-    train = lease.kind == "train"
+    train = lease.kind == Kind.TRAIN
     from_store = train and not arrays and blobs is not None
     if from_store:
         try:

@@ -34,7 +34,7 @@ import numpy as np
 from protocol.compression import Compression, decode
 from protocol.digest import digest_arrays
 from protocol.errors import ProtocolError, Reason
-from protocol.messages import EVAL_WINDOWS, Lease, Update, eval_window_count
+from protocol.messages import EVAL_WINDOWS, Kind, Lease, Update, eval_window_count
 from protocol.signing import verify_update
 
 __all__ = ["Expected", "Verdict", "verify"]
@@ -92,7 +92,7 @@ def verify(update: Update, arrays: Mapping[str, np.ndarray], exp: Expected) -> V
         return Verdict(False, Reason.MALFORMED, f"malformed reply: {type(exc).__name__}: {exc}"
                        .splitlines()[0], None)
     return Verdict(True, None, f"accepted (norm {norm:.4g})", norm,
-                   decoded if exp.lease.kind == "train" else None)
+                   decoded if exp.lease.kind == Kind.TRAIN else None)
 
 
 def _verify(update: Update, arrays: Mapping[str, np.ndarray], exp: Expected
@@ -121,7 +121,7 @@ def _verify(update: Update, arrays: Mapping[str, np.ndarray], exp: Expected
     _check(isinstance(arrays, Mapping), Reason.MALFORMED, "arrays are not a mapping")
     _check(exp.from_store or digest_arrays(arrays) == update.arrays_digest,
            Reason.DIGEST_MISMATCH, "arrays do not match the signed arrays_digest")
-    if lease.kind == "eval":
+    if lease.kind == Kind.EVAL:
         _check_windows(arrays, lease)
     else:
         arrays = _decode(arrays, exp)
@@ -138,11 +138,11 @@ def _verify(update: Update, arrays: Mapping[str, np.ndarray], exp: Expected
                    f"array {name!r} has NaN or inf")
             s = _squares(a.astype(np.float64))
         sq += s
-    norm = math.sqrt(sq) if lease.kind == "train" else 0.0  # eval windows are no update
+    norm = math.sqrt(sq) if lease.kind == Kind.TRAIN else 0.0  # eval windows are no update
     _check(norm <= exp.max_norm, Reason.NORM_BOUND,
            f"update norm {norm:.4g} exceeds the bound {exp.max_norm:.4g}")
     _check_metrics(update, lease)
-    if lease.kind == "eval":
+    if lease.kind == Kind.EVAL:
         _check_window_total(arrays[EVAL_WINDOWS], update)
     return norm, dict(arrays)
 
@@ -219,7 +219,7 @@ def _check_metrics(update: Update, lease: Lease) -> None:
     for name in ("loss_before", "loss_after", "wall_s"):
         value = float(getattr(m, name))
         _check(math.isfinite(value) and value >= 0, bad, f"{name} is {value}, must be finite, >= 0")
-    if lease.kind == "train":
+    if lease.kind == Kind.TRAIN:
         want = lease.inner_steps * lease.batch_size * lease.seq_len
         _check(m.steps == lease.inner_steps, bad,
                f"reported {m.steps} steps, lease asked for {lease.inner_steps}")

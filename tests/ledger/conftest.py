@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from sqlalchemy.engine import make_url
 
-from coordinator.ledger import Institution, Lease, Ledger, Node, Update
+from coordinator.ledger import Institution, LeaseRow, Ledger, Node, UpdateRow
 from tests.pg_schema import fresh_schema
 
 PG_ENV = "ATOM_TEST_PG_URL"
@@ -84,7 +84,7 @@ class Make:
         )
 
     def lease(self, node_id: int, *, kind: str = "train", nonce: str | None = None,
-              issued_at: float = 100.0, deadline: float = 200.0) -> Lease:
+              issued_at: float = 100.0, deadline: float = 200.0) -> LeaseRow:
         n = self._next()
         return self.ledger.record_lease(
             run_id="run-1", round=1, shard_id=n, kind=kind, node_id=node_id, base_version=0,
@@ -92,8 +92,8 @@ class Make:
             deadline=deadline, issued_at=issued_at,
         )
 
-    def answer(self, lease: Lease, *, verdict: str = "accepted", tokens: int = 1024,
-               reason: str | None = None, at: float = 150.0, **metrics: float) -> Update:
+    def answer(self, lease: LeaseRow, *, verdict: str = "accepted", tokens: int = 1024,
+               reason: str | None = None, at: float = 150.0, **metrics: float) -> UpdateRow:
         values: dict = {"steps": 4, "loss_before": 5.0, "loss_after": 4.5, "wall_s": 1.5}
         values.update(metrics)
         return self.ledger.record_update(

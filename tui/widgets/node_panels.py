@@ -8,7 +8,7 @@ from typing import Any
 from rich.text import Text
 from textual.widgets import Static
 
-from protocol.view_types import CreditRow, NodeDetail, UpdateRow
+from protocol.view_types import CreditRow, NodeDetail, UpdateLine
 
 from .. import format as fmt
 from .node_table import STATUS_STYLE
@@ -92,7 +92,7 @@ class UpdatesTable(LedgerRowsTable):
     COLUMNS = (("time", False), ("rnd", True), ("kind", False), ("shard", True),
                ("tokens", True), ("loss", False), ("verdict", False), ("why", False))
 
-    def show(self, updates: Sequence[UpdateRow]) -> None:
+    def show(self, updates: Sequence[UpdateLine]) -> None:
         for u in updates:
             loss = (f"{fmt.loss(u.loss_before)}→{fmt.loss(u.loss_after)}" if u.kind == "train"
                     else fmt.loss(u.loss_before))
