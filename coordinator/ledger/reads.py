@@ -121,7 +121,8 @@ class LedgerReads:
     def _must(session: Session, model: type[_Row], key: Any) -> _Row:
         row = session.get(model, key)
         if row is None:
-            what = re.sub(r"(?<!^)(?=[A-Z])", " ", model.__name__).lower()
+            name = model.__name__.removesuffix("Row")  # LeaseRow: "no lease 7"
+            what = re.sub(r"(?<!^)(?=[A-Z])", " ", name).lower()
             raise LedgerError(f"no {what} {key} in the ledger")
         return row
 
