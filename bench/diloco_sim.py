@@ -32,10 +32,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from coordinator.config import RunConfig  # noqa: E402
 from protocol.compression import (  # noqa: E402
     Compression, ErrorFeedback, decode, encoded_bytes,
 )
-from training import defaults  # noqa: E402
 from training.corpus import build_stdlib_corpus  # noqa: E402
 from training.device import set_threads  # noqa: E402
 from training.evaluate import evaluate  # noqa: E402
@@ -46,24 +46,24 @@ from training.state import init_arrays  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
-    d = defaults.DEMO
+    d = RunConfig()  # the one source of defaults: what the demo runs
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default=d.preset, choices=sorted(PRESETS))
+    p.add_argument("--preset", default=d.model.preset, choices=sorted(PRESETS))
     p.add_argument("--n-layer", type=int, help="override the preset")
     p.add_argument("--n-embd", type=int, help="override the preset")
     p.add_argument("--n-head", type=int, help="override the preset")
     p.add_argument("--workers", type=int, default=3)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--inner-steps", type=int, default=d.inner_steps)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--seq-len", type=int, default=d.seq_len)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--outer-lr", type=float, default=d.outer_lr)
-    p.add_argument("--momentum", type=float, default=d.outer_momentum)
+    p.add_argument("--inner-steps", type=int, default=d.train.inner_steps)
+    p.add_argument("--batch-size", type=int, default=d.train.batch_size)
+    p.add_argument("--seq-len", type=int, default=d.train.seq_len)
+    p.add_argument("--lr", type=float, default=d.train.lr)
+    p.add_argument("--weight-decay", type=float, default=d.train.weight_decay)
+    p.add_argument("--outer-lr", type=float, default=d.outer.lr)
+    p.add_argument("--momentum", type=float, default=d.outer.momentum)
     p.add_argument("--shard-tokens", type=int, default=d.shard_tokens)
-    p.add_argument("--val-tokens", type=int, default=d.eval_tokens, help="validation tokens scored")
-    p.add_argument("--max-bytes", type=int, default=d.corpus_max_bytes)
+    p.add_argument("--val-tokens", type=int, default=d.data.eval_tokens, help="validation tokens scored")
+    p.add_argument("--max-bytes", type=int, default=d.data.max_bytes)
     p.add_argument("--corpus-dir", default="/tmp/atom-bench-corpus")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     p.add_argument("--parallel", action="store_true", help="run the workers as concurrent processes")
@@ -214,7 +214,7 @@ def main() -> None:
     set_threads(a.threads)
     over = {k: v for k, v in (("n_layer", a.n_layer), ("n_embd", a.n_embd), ("n_head", a.n_head)) if v}
     cfg = replace(PRESETS[a.preset], **over)
-    info = build_stdlib_corpus(a.corpus_dir, max_bytes=a.max_bytes, val_every=defaults.DEMO.val_every)
+    info = build_stdlib_corpus(a.corpus_dir, max_bytes=a.max_bytes, val_every=RunConfig().data.val_every)
     toks = info.tokens()
     shards = make_shards(*info.train_range, a.shard_tokens)
     need = a.rounds * a.workers

@@ -34,7 +34,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any
 
 import numpy as np
@@ -43,6 +42,7 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from protocol._fields import HEX64, NONCE, check_keys, finite, normalise, read_typed, require
 from protocol._records import array_record, decode_arrays, take_records
 from protocol.compression import Compression
+from protocol.kinds import KINDS, Kind, Verdict
 
 __all__ = [
     "EVAL_WINDOWS",
@@ -51,6 +51,7 @@ __all__ = [
     "Lease",
     "Update",
     "UpdateMetrics",
+    "Verdict",
     "Work",
     "eval_window_count",
     "parse_reply",
@@ -61,15 +62,6 @@ __all__ = [
 ]
 
 
-
-class Kind(StrEnum):
-    """What a lease asks for (each member is its ``str`` value, as signed and stored)."""
-
-    TRAIN = "train"
-    EVAL = "eval"
-
-
-KINDS = tuple(k.value for k in Kind)
 EVAL_WINDOWS = "window_loss"  # the one array of an eval reply
 
 

@@ -13,7 +13,6 @@ such as the coordinator reading a corpus or a checkpoint, never pay for ``import
     evaluate    evaluate, EvalResult                          (torch)
     checkpoint  save_checkpoint, load_checkpoint              (numpy, safetensors)
     device      pick_device, autocast, set_threads            (torch)
-    defaults    DEMO: the measured defaults for the CPU demo  (no imports)
 """
 
 from __future__ import annotations

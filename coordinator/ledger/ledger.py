@@ -20,6 +20,7 @@ from sqlalchemy.engine import URL
 from sqlmodel import Session, SQLModel, col, select
 
 from protocol.errors import EnrollmentError, LedgerError, Reason
+from protocol.kinds import Verdict
 
 from coordinator.ledger.models import (
     LEASE_KINDS, LEASE_STATUSES, VERDICTS, CreditEntry, CreditReceipt, Event, Institution,
@@ -276,10 +277,10 @@ class Ledger(LedgerReads):
                             components=text, created_at=_now(now))
         with self._write("add a penalty" if penalty else "add credit") as session:
             upd = self._must(session, UpdateRow, update_id)
-            if penalty and (upd.verdict != "rejected" or upd.reason not in Reason.MISMATCHES):
+            if penalty and (upd.verdict != Verdict.REJECTED or upd.reason not in Reason.MISMATCHES):
                 raise LedgerError(f"update {update_id} did not lose a spot or eval check: "
                                   "it owes no penalty")
-            if not penalty and upd.verdict != "accepted":
+            if not penalty and upd.verdict != Verdict.ACCEPTED:
                 raise LedgerError(f"update {update_id} was rejected: it earns no credit")
             if upd.node_id != node_id:
                 raise LedgerError(
@@ -316,7 +317,7 @@ class Ledger(LedgerReads):
             row = self._must(session, ModelVersion, version)
             for uid in update_ids:
                 upd = self._must(session, UpdateRow, uid)
-                if upd.verdict != "accepted":
+                if upd.verdict != Verdict.ACCEPTED:
                     raise LedgerError(f"update {uid} was rejected: a validation loss cannot "
                                       "be computed from it")
                 session.add(VersionEval(version=version, update_id=uid))

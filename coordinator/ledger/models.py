@@ -13,6 +13,8 @@ from typing import Any, Optional
 from sqlalchemy import BigInteger, CheckConstraint, Column, Index, Text
 from sqlmodel import Field, SQLModel
 
+from protocol.kinds import Verdict
+
 __all__ = [
     "ADDED_COLUMNS",
     "CreditEntry",
@@ -33,7 +35,7 @@ __all__ = [
 
 LEASE_KINDS = ("train", "eval")
 LEASE_STATUSES = ("issued", "answered", "expired", "failed")
-VERDICTS = ("accepted", "rejected")
+VERDICTS = tuple(v.value for v in Verdict)
 
 
 def _one_of(table: str, column: str, values: tuple[str, ...]) -> CheckConstraint:

@@ -19,6 +19,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlmodel import Session, SQLModel, col, select
 
 from protocol.errors import LedgerError, Reason
+from protocol.kinds import Kind, Verdict
 
 from coordinator.ledger.engine import first_line, open_engine, shown_url
 from coordinator.ledger.models import (
@@ -181,7 +182,7 @@ class LedgerReads:
     def accepted_with_digest(self, arrays_digest: str) -> UpdateRow | None:
         """The first accepted update whose arrays hash to ``arrays_digest`` (replay check)."""
         rows = self._all(select(UpdateRow).where(col(UpdateRow.arrays_digest) == arrays_digest,
-                                              col(UpdateRow.verdict) == "accepted")
+                                              col(UpdateRow.verdict) == Verdict.ACCEPTED.value)
                          .order_by(col(UpdateRow.id)).limit(1))
         return rows[0] if rows else None
 
@@ -191,7 +192,8 @@ class LedgerReads:
         updates that count: train updates that were accepted and every lost check (other
         rejections cost nothing to make, so they do not count towards serving probation)."""
         lost = col(UpdateRow.reason).in_(sorted(Reason.MISMATCHES))
-        counted = ((col(LeaseRow.kind) == "train") & (col(UpdateRow.verdict) == "accepted")) | lost
+        counted = ((col(LeaseRow.kind) == Kind.TRAIN.value)
+                   & (col(UpdateRow.verdict) == Verdict.ACCEPTED.value)) | lost
         recent = (select(col(UpdateRow.node_id).label("node_id"),
                          col(UpdateRow.reason).label("reason"),
                          func.row_number().over(partition_by=col(UpdateRow.node_id),
@@ -216,7 +218,8 @@ class LedgerReads:
         after ``since``, oldest first: the network's throughput without loading whole rows."""
         stmt = (select(col(UpdateRow.received_at), col(UpdateRow.tokens), col(UpdateRow.wall_s))
                 .join(LeaseRow, col(LeaseRow.id) == col(UpdateRow.lease_id))
-                .where(col(UpdateRow.verdict) == "accepted", col(LeaseRow.kind) == kind)
+                .where(col(UpdateRow.verdict) == Verdict.ACCEPTED.value,
+                       col(LeaseRow.kind) == Kind(kind).value)
                 .order_by(col(UpdateRow.received_at)))
         if since is not None:
             stmt = stmt.where(col(UpdateRow.received_at) > since)

@@ -9,6 +9,7 @@ from sqlalchemy import Select, and_, case, func, or_, select
 from sqlmodel import col
 
 from protocol.errors import Reason
+from protocol.kinds import Kind, Verdict
 
 from coordinator.verify.trust import NEW_NODE_TRUST, trust_score
 from coordinator.ledger.models import CreditEntry, Institution, LeaseRow, Node, UpdateRow
@@ -56,8 +57,8 @@ def node_summaries_query(node_id: int | None = None) -> Select[Any]:
     """One row per node (only ``node_id`` when given: its subqueries are filtered too).
     Updates and credits are grouped in separate subqueries so that joining both onto a
     node cannot multiply either sum."""
-    accepted = col(UpdateRow.verdict) == "accepted"
-    train = col(LeaseRow.kind) == "train"
+    accepted = col(UpdateRow.verdict) == Verdict.ACCEPTED.value
+    train = col(LeaseRow.kind) == Kind.TRAIN.value
     lost = col(UpdateRow.reason).in_(sorted(Reason.MISMATCHES))
 
     def accepted_tokens(kind: str) -> Any:
@@ -76,7 +77,7 @@ def node_summaries_query(node_id: int | None = None) -> Select[Any]:
             accepted_tokens("eval").label("eval_tokens"),
             count(and_(train, accepted)).label("train_accepted"),
             # a lost eval check counts like a lost spot check (coordinator.verify.trust)
-            count(or_(and_(train, col(UpdateRow.verdict) != "accepted"), lost))
+            count(or_(and_(train, col(UpdateRow.verdict) != Verdict.ACCEPTED.value), lost))
             .label("train_rejected"),
             count(lost).label("mismatches"),
         )

@@ -26,7 +26,7 @@ from flwr.app import RecordDict
 
 from protocol.blobstore import BlobDir
 from protocol.digest import arrays_to_bytes
-from protocol.messages import Kind, Lease, work_content
+from protocol.messages import Kind, Lease, Verdict, work_content
 from training.corpus import CorpusInfo
 from training.shards import data_digest, make_shards
 
@@ -88,7 +88,7 @@ class RunLoop:
         self.scheduler = Scheduler(run_id=self.cfg.run.id, shards=shards, train=self.cfg.train,
                                    data_digest=lambda a, b: data_digest(self.tokens[a:b]),
                                    clock=self.clock)
-        accepted = {u.lease_id for u in self.ledger.updates() if u.verdict == "accepted"}
+        accepted = {u.lease_id for u in self.ledger.updates() if u.verdict == Verdict.ACCEPTED}
         # a spot-checked shard may have two accepted results in its round: it counts once
         done = {(lease.round, lease.shard_id): lease.shard_id for lease in self.ledger.leases()
                 if lease.kind == Kind.TRAIN and lease.id in accepted}
@@ -394,9 +394,8 @@ class RunLoop:
                 self.judge.prepare(sent.lease.round, self.store.arrays, cand)
             return cand
         record_judged(judged, lease=sent.lease, lease_row_id=sent.row_id, node_id=sent.node.id,
-                      cfg=self.cfg, ledger=self.ledger, now=now, issuer=self.issuer)
-        self.ledger.add_event("reject", f"{sent.node.name}: {judged.verdict.reason}"
-                                        f" — {judged.verdict.detail}", node_id=sent.node.id)
+                      node_name=sent.node.name, cfg=self.cfg, ledger=self.ledger, now=now,
+                      issuer=self.issuer)
         return None
 
     def _failed(self, sent: Sent, error: str) -> None:

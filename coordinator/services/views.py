@@ -14,7 +14,7 @@ import math
 from coordinator.ledger import LeaseRow, NodeSummary
 from coordinator.ledger.reads import LedgerReads
 from protocol.errors import LedgerError
-from protocol.messages import Kind
+from protocol.messages import Kind, Verdict
 from protocol.view_types import (
     CreditRow, EventRow, EventsView, HistoryPoint, LossPoint, NetworkHeader, NetworkView,
     NodeDetail, NodeRow, ProgressView, RunInfo, ThroughputPoint, UpdateLine,
@@ -147,9 +147,9 @@ def node_detail(ledger: LedgerReads, node_id: int, now: float) -> NodeDetail:
     credit_of = {c.update_id: c.amount for c in entries}
     history, tokens, credits = [], 0, 0.0
     for u, lease in sorted(pairs, key=lambda p: (p[0].received_at, p[0].id)):
-        if u.verdict != "accepted" and (u.id or 0) not in credit_of:  # a penalty counts
+        if u.verdict != Verdict.ACCEPTED and (u.id or 0) not in credit_of:  # a penalty counts
             continue
-        tokens += u.tokens if lease.kind == Kind.TRAIN and u.verdict == "accepted" else 0
+        tokens += u.tokens if lease.kind == Kind.TRAIN and u.verdict == Verdict.ACCEPTED else 0
         credits += credit_of.get(u.id or 0, 0.0)
         history.append(HistoryPoint(at=u.received_at, tokens=tokens, credits=credits))
     updates = tuple(UpdateLine(

@@ -12,7 +12,7 @@ replies of one eval phase:
 2. **compares quorum pairs** (an eval range also leased to a node of another institution,
    ``eval_quorum_rate``): windows on which the two replies disagree are recomputed, and the
    side that is off from the recomputation is rejected;
-3. records every verdict through ``judging.record_judged``, the one recording path (credit
+3. records every verdict through ``verify.record.record_judged``, the one recording path (credit
    for the accepted, the ``mismatch_penalty`` for the lost, trust and probation follow from
    the reason).
 
@@ -46,7 +46,7 @@ from coordinator.accounting.credits import ReceiptIssuer
 from coordinator.verify.record import Judged, record_judged
 from coordinator.ledger import Ledger
 from coordinator.verify.round_judge import Candidate
-from coordinator.verify.reply import Verdict
+from coordinator.verify.reply import Ruling
 
 __all__ = ["EvalJudge", "ValLoss", "agrees", "plan_quorum", "validation_loss"]
 
@@ -238,15 +238,14 @@ class EvalJudge:
 
     def _record(self, c: Candidate) -> int:
         if c.standing:
-            verdict = Verdict(True, None, f"accepted ({'; '.join(c.notes) or 'not checked'})",
+            verdict = Ruling(True, None, f"accepted ({'; '.join(c.notes) or 'not checked'})",
                               None)
         else:
-            verdict = Verdict(False, c.reason, c.detail, None)
-            self.ledger.add_event("reject", f"{c.node.name}: {c.reason} — {c.detail}",
-                                  node_id=c.node.id)
+            verdict = Ruling(False, c.reason, c.detail, None)
         row = record_judged(Judged(verdict, c.judged.update, c.arrays), lease=c.lease,
-                            lease_row_id=c.lease_row_id, node_id=c.node.id, cfg=self.cfg,
-                            ledger=self.ledger, now=c.received_at, issuer=self.issuer)
+                            lease_row_id=c.lease_row_id, node_id=c.node.id,
+                            node_name=c.node.name, cfg=self.cfg, ledger=self.ledger,
+                            now=c.received_at, issuer=self.issuer)
         assert row.id is not None
         return row.id
 

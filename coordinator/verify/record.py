@@ -21,13 +21,13 @@ from flwr.app import RecordDict
 from protocol.blobstore import BlobDir
 from protocol.digest import arrays_from_bytes
 from protocol.errors import BlobError, ProtocolError, Reason
-from protocol.messages import Kind, Lease, Update, parse_reply
+from protocol.messages import Kind, Lease, Update, Verdict, parse_reply
 
 from coordinator.config import RunConfig
 from coordinator.accounting.credits import ReceiptIssuer, charge_penalty, pay_credit
 from coordinator.ledger import Ledger
 from coordinator.ledger import UpdateRow
-from coordinator.verify.reply import Expected, Verdict, verify
+from coordinator.verify.reply import Expected, Ruling, verify
 
 __all__ = ["Judged", "judge_reply", "record_judged", "screen_reply"]
 
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Judged:
-    verdict: Verdict
+    verdict: Ruling
     update: Update | None
     arrays: dict[str, np.ndarray]
 
@@ -60,14 +60,14 @@ def screen_reply(content: RecordDict, *, lease: Lease, node_id: int, public_key_
     try:
         update, arrays = parse_reply(content)
     except ProtocolError as err:
-        return Judged(Verdict(False, Reason.MALFORMED, str(err)), None, {})
+        return Judged(Ruling(False, Reason.MALFORMED, str(err)), None, {})
     train = lease.kind == Kind.TRAIN
     from_store = train and not arrays and blobs is not None
     if from_store:
         try:
             arrays = arrays_from_bytes(blobs.get(update.arrays_digest))
         except (BlobError, ProtocolError) as err:
-            return Judged(Verdict(False, Reason.MALFORMED, f"update payload: {err}"), update, {})
+            return Judged(Ruling(False, Reason.MALFORMED, f"update payload: {err}"), update, {})
     verdict = verify(update, arrays, Expected(
         lease=lease, node_id=node_id, public_key_pem=public_key_pem, current_version=version,
         shapes=shapes if train else {}, max_norm=cfg.verify.max_update_norm, now=now,
@@ -77,20 +77,27 @@ def screen_reply(content: RecordDict, *, lease: Lease, node_id: int, public_key_
 
 
 def record_judged(judged: Judged, *, lease: Lease, lease_row_id: int, node_id: int,
-                  cfg: RunConfig, ledger: Ledger, now: float,
+                  node_name: str, cfg: RunConfig, ledger: Ledger, now: float,
                   issuer: ReceiptIssuer | None = None,
                   improvement: float | None = None) -> UpdateRow:
-    """Record the verdict on one reply (received at ``now``) and pay accepted work."""
+    """Record the verdict on one reply (received at ``now``): the update row, a "reject"
+    event for a rejection, the credit and receipt for accepted work, the penalty for a lost
+    check. The one place any of these is written, whichever stage decided the verdict."""
     verdict, update = judged.verdict, judged.update
+    if not verdict.accepted:
+        ledger.add_event("reject", f"{node_name}: {verdict.reason} — {verdict.detail}",
+                         node_id=node_id)
     if update is None:
         return ledger.record_update(lease_id=lease_row_id, node_id=node_id, arrays_digest="",
-                                    verdict="rejected", tokens=0, steps=0, loss_before=None,
-                                    loss_after=None, wall_s=None, reason=verdict.reason,
+                                    verdict=Verdict.REJECTED.value, tokens=0, steps=0,
+                                    loss_before=None, loss_after=None, wall_s=None,
+                                    reason=verdict.reason,
                                     detail=verdict.detail, received_at=now)
     m = update.metrics
     row = ledger.record_update(
         lease_id=lease_row_id, node_id=node_id, arrays_digest=update.arrays_digest,
-        verdict="accepted" if verdict.accepted else "rejected", tokens=m.tokens, steps=m.steps,
+        verdict=(Verdict.ACCEPTED if verdict.accepted else Verdict.REJECTED).value,
+        tokens=m.tokens, steps=m.steps,
         loss_before=_num(m.loss_before), loss_after=_num(m.loss_after), wall_s=_num(m.wall_s),
         reason=verdict.reason, detail=verdict.detail, norm=verdict.norm,
         improvement=improvement, received_at=now)
@@ -112,6 +119,8 @@ def judge_reply(content: RecordDict, *, lease: Lease, lease_row_id: int, node_id
     judged = screen_reply(content, lease=lease, node_id=node_id, public_key_pem=public_key_pem,
                           version=version, shapes=shapes, cfg=cfg, ledger=ledger, now=now,
                           blobs=blobs)
-    record_judged(judged, lease=lease, lease_row_id=lease_row_id, node_id=node_id, cfg=cfg,
+    node = ledger.node(node_id)
+    record_judged(judged, lease=lease, lease_row_id=lease_row_id, node_id=node_id,
+                  node_name=node.name if node is not None else f"node {node_id}", cfg=cfg,
                   ledger=ledger, now=now, issuer=issuer)
     return judged

@@ -37,7 +37,7 @@ from protocol.errors import ProtocolError, Reason
 from protocol.messages import EVAL_WINDOWS, Kind, Lease, Update, eval_window_count
 from protocol.signing import verify_update
 
-__all__ = ["Expected", "Verdict", "verify"]
+__all__ = ["Expected", "Ruling", "verify"]
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ class Expected:
 
 
 @dataclass(frozen=True)
-class Verdict:
+class Ruling:
     """Outcome of ``verify``; ``norm`` is set once the norm has been computed."""
 
     accepted: bool
@@ -82,16 +82,16 @@ def _check(ok: bool, reason: str, detail: str) -> None:
         raise _Reject(reason, detail)
 
 
-def verify(update: Update, arrays: Mapping[str, np.ndarray], exp: Expected) -> Verdict:
+def verify(update: Update, arrays: Mapping[str, np.ndarray], exp: Expected) -> Ruling:
     """Accept or reject ``update`` with ``arrays`` against what ``exp`` says; never raises."""
     try:
         norm, decoded = _verify(update, arrays, exp)
     except _Reject as r:
-        return Verdict(False, r.reason, r.detail, None)
+        return Ruling(False, r.reason, r.detail, None)
     except Exception as exc:  # hostile input must never crash the coordinator
-        return Verdict(False, Reason.MALFORMED, f"malformed reply: {type(exc).__name__}: {exc}"
+        return Ruling(False, Reason.MALFORMED, f"malformed reply: {type(exc).__name__}: {exc}"
                        .splitlines()[0], None)
-    return Verdict(True, None, f"accepted (norm {norm:.4g})", norm,
+    return Ruling(True, None, f"accepted (norm {norm:.4g})", norm,
                    decoded if exp.lease.kind == Kind.TRAIN else None)
 
 

@@ -38,7 +38,7 @@ from coordinator.config import RunConfig
 from coordinator.accounting.credits import ReceiptIssuer
 from coordinator.verify.record import Judged, record_judged
 from coordinator.ledger import Ledger, Node
-from coordinator.verify.reply import Verdict
+from coordinator.verify.reply import Ruling
 
 __all__ = ["Candidate", "RoundJudge", "VerifyCost"]
 
@@ -296,18 +296,16 @@ class RoundJudge:
             parts = [f"norm {c.norm:.4g}"]
             if c.improvement is not None and c.shard_gain is not None:
                 parts.append(f"held-out {c.improvement:+.3g}, own shard {c.shard_gain:+.3g} nats")
-            verdict = Verdict(True, None, f"accepted ({'; '.join(parts + c.notes)})", norm)
+            verdict = Ruling(True, None, f"accepted ({'; '.join(parts + c.notes)})", norm)
         else:
-            verdict = Verdict(False, c.reason, c.detail, norm)
-            self.ledger.add_event("reject", f"{c.node.name}: {c.reason} — {c.detail}",
-                                  node_id=c.node.id)
+            verdict = Ruling(False, c.reason, c.detail, norm)
         # scored on arrival; recorded for what reached the usefulness rule, as before
         scored = c.standing or c.reason == Reason.NOT_USEFUL
         improvement = c.improvement if scored and c.improvement is not None and math.isfinite(
             c.improvement) else None
         record_judged(Judged(verdict, c.judged.update, c.arrays), lease=c.lease,
-                      lease_row_id=c.lease_row_id, node_id=c.node.id, cfg=self.cfg,
-                      ledger=self.ledger, now=c.received_at, issuer=self.issuer,
+                      lease_row_id=c.lease_row_id, node_id=c.node.id, node_name=c.node.name,
+                      cfg=self.cfg, ledger=self.ledger, now=c.received_at, issuer=self.issuer,
                       improvement=improvement)
 
 

@@ -37,20 +37,6 @@ def test_default_values_match_the_documented_ones() -> None:
     assert c.shard_tokens == c.train.inner_steps * c.train.batch_size * c.train.seq_len
 
 
-def test_training_defaults_are_the_measured_demo_defaults() -> None:
-    """run.toml's defaults run the demo: keep them equal to what bench/diloco_sim.py chose."""
-    from training.defaults import DEMO
-
-    c = RunConfig()
-    assert (c.model.preset, c.train.inner_steps, c.train.batch_size, c.train.seq_len,
-            c.train.lr, c.train.weight_decay) == (DEMO.preset, DEMO.inner_steps,
-                                                  DEMO.batch_size, DEMO.seq_len, DEMO.lr,
-                                                  DEMO.weight_decay)
-    assert (c.outer.lr, c.outer.momentum) == (DEMO.outer_lr, DEMO.outer_momentum)
-    assert (c.data.eval_tokens, c.data.max_bytes, c.data.val_every) == (
-        DEMO.eval_tokens, DEMO.corpus_max_bytes, DEMO.val_every)
-
-
 def test_overrides_round_trip(tmp_path: Path) -> None:
     (tmp_path / "corpus").mkdir()
     text = default_config_text(run_id="uni-run", train_inner_steps=10, outer_nesterov=False,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from coordinator.verify.reply import Expected, Verdict, verify
+from coordinator.verify.reply import Expected, Ruling, verify
 from protocol.digest import digest_arrays
 from protocol.errors import Reason
 from protocol.messages import EVAL_WINDOWS, Lease, Update, UpdateMetrics
@@ -52,7 +52,7 @@ def reply(arrays: dict[str, np.ndarray] | None = None, *, key: ec.EllipticCurveP
     return sign_update(update, key), arrays
 
 
-def check(verdict: Verdict, reason: str) -> None:
+def check(verdict: Ruling, reason: str) -> None:
     assert (verdict.accepted, verdict.reason) == (False, reason), verdict
     assert verdict.detail and "\n" not in verdict.detail
 
