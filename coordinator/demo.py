@@ -31,7 +31,7 @@ _ENROLL_TIMEOUT_S = 90.0
 DEMO_THREADS = 1  # N nodes + the coordinator share the machine: one torch thread each
 
 
-def _node_cmd(rd: RunDir, token: str, name: str, home: Path, threads: int,
+def node_command(rd: RunDir, token: str, name: str, home: Path, threads: int,
               extra: list[str]) -> list[str]:
     addr = rd.coordinator_address(rd.config())
     return [sys.executable, "-m", "node", "join", addr, "--token", token, "--name", name,
@@ -86,7 +86,7 @@ def run_demo(*, nodes: int = 3, rounds: int = 3, workdir: Path | None = None,
                 inst = f"University {chr(ord('A') + i)}"
                 token = create_invite(rd, inst)
                 log = rd.logs / f"node-{i}.log"
-                cmd = _node_cmd(rd, token, f"node-{chr(ord('a') + i)}", wd / "nodes" / str(i),
+                cmd = node_command(rd, token, f"node-{chr(ord('a') + i)}", wd / "nodes" / str(i),
                                 DEMO_THREADS, (node_args or {}).get(i, []))
                 procs.append(spawn(cmd, env=flower_env(wd / "nodes" / f"flwr-{i}"), log=log))
                 logs.append(log)

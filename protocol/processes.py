@@ -12,11 +12,13 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-__all__ = ["flower_env", "free_port", "spawn", "stop", "wait_port"]
+__all__ = ["alive", "flower_env", "free_port", "process_token", "spawn", "stop", "wait_port",
+           "watch_owner"]
 
 
 def flower_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -141,3 +143,52 @@ def wait_port(host: str, port: int, timeout: float, proc: subprocess.Popen[bytes
         except OSError:
             time.sleep(0.1)
     return False
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux); None if it is gone or a
+    zombie (dead, not yet reaped by its parent)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return None
+    if len(fields) < 20 or fields[0] in (b"Z", b"X"):
+        return None
+    return fields[19].decode()
+
+
+def process_token(pid: int | None = None) -> str:
+    """Names one process for its lifetime: ``pid:start-time`` (a reused pid is another)."""
+    pid = os.getpid() if pid is None else pid
+    return f"{pid}:{_start_time(pid) or ''}"
+
+
+def alive(token: str) -> bool:
+    """Is the process ``process_token`` named still running?"""
+    pid, _, started = token.partition(":")
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, someone else's
+    except ValueError:
+        return False
+    return not started or _start_time(int(pid)) == started
+
+
+def watch_owner(token: str, on_gone: Callable[[], None], every_s: float = 1.0) -> threading.Thread:
+    """Call ``on_gone`` once the process ``token`` names has died. For what its owner starts
+    at one remove, where PR_SET_PDEATHSIG cannot reach: flower-superlink starts the SuperExec
+    that starts ``flwr-serverapp``, and a coordinator killed with ``kill -9`` must leave no
+    serverapp behind."""
+    def watch() -> None:
+        while alive(token):
+            time.sleep(every_s)
+        on_gone()
+
+    thread = threading.Thread(target=watch, name="owner-watch", daemon=True)
+    thread.start()
+    return thread
+

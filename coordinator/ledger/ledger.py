@@ -73,8 +73,31 @@ class Ledger(LedgerReads):
             raise LedgerError(f"ledger {self.url} is read-only: cannot {what}")
 
     @contextmanager
+    def atomic(self, what: str) -> Iterator[None]:
+        """Every write this thread makes inside commits together, or none does (a crash or
+        an exception before the end leaves the ledger as it was). Nested: one transaction.
+
+        What a crash must never split goes in one: an update row and its credit and
+        receipt; a round's verdicts, credits and the version made from them."""
+        if getattr(self._tx, "session", None) is not None:
+            yield
+            return
+        self._check_writable(what)
+        with self._session() as session, session.begin():
+            self._tx.session = session
+            try:
+                yield
+            finally:
+                self._tx.session = None
+
+    @contextmanager
     def _write(self, what: str) -> Iterator[Session]:
         self._check_writable(what)
+        active = getattr(self._tx, "session", None)
+        if active is not None:  # part of an ``atomic`` block: it commits
+            yield active
+            active.flush()  # ids assigned and constraints checked now, as a commit would
+            return
         with self._session() as session, session.begin():
             yield session
 

@@ -9,6 +9,7 @@ after the session has closed.
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -59,6 +60,7 @@ class LedgerReads:
     def __init__(self, url: str | URL, *, create: bool = True, _read_only: bool = False) -> None:
         self.url = shown_url(url)
         self.is_read_only = _read_only
+        self._tx = threading.local()  # this thread's open ``Ledger.atomic`` session, if any
         self._engine = open_engine(url, read_only=_read_only)
         try:
             if create and not _read_only:
@@ -102,6 +104,10 @@ class LedgerReads:
 
     @contextmanager
     def _session(self) -> Iterator[Session]:
+        active = getattr(self._tx, "session", None)
+        if active is not None:  # inside Ledger.atomic: read what it has written so far
+            yield active
+            return
         try:
             with Session(self._engine, expire_on_commit=False) as session:
                 yield session

@@ -27,6 +27,7 @@ from flwr.app import RecordDict
 from protocol.blobstore import BlobDir
 from protocol.digest import arrays_to_bytes
 from protocol.messages import Kind, Lease, Verdict, work_content
+from training.checkpoint import load_checkpoint
 from training.corpus import CorpusInfo
 from training.shards import data_digest, make_shards
 
@@ -106,7 +107,7 @@ class RunLoop:
     # -- the loop -----------------------------------------------------------------------
 
     def run(self) -> None:
-        first = self._last_round() + 1
+        first = self._resume()
         latest = self.ledger.latest_version()
         unevaluated = latest is not None and latest.val_loss is None
         if first > self.cfg.run.rounds and not unevaluated:
@@ -119,8 +120,37 @@ class RunLoop:
         self.ledger.add_event("run", f"run {self.cfg.run.id} finished at version "
                                      f"{self.store.version}")
 
-    def _last_round(self) -> int:
-        return max((lease.round for lease in self.ledger.leases()), default=0)
+    def _resume(self) -> int:
+        """Where a (re)started run begins: the first round not finished. After a crash the
+        leases still open are closed (their replies would reach no one) and the round they
+        belong to is done again: its close commits atomically, so nothing of it was
+        accepted. Versions made before the crash but never scored are scored here."""
+        leases = self.ledger.leases()
+        last = max((x.round for x in leases if x.kind == Kind.TRAIN), default=0)
+        open_ = [x for x in leases if x.status == "issued"]
+        redo = any(x.kind == Kind.TRAIN and x.round == last for x in open_)
+        now = self.clock()
+        for x in open_:
+            self.ledger.close_lease(x.id, "expired", now)
+        if open_:
+            self.ledger.add_event("run", f"resumed: {len(open_)} leases in flight when the "
+                                         "coordinator stopped are closed"
+                                  + (f"; round {last} is done again" if redo else ""))
+        for v in self.ledger.versions()[:-1]:  # the latest is evaluated by the nodes
+            if v.val_loss is None:
+                self._evaluate_here(v.version, v.path)
+        return last if redo else last + 1
+
+    def _evaluate_here(self, version: int, path: str) -> None:
+        """Score an older version the coordinator itself (its evaluation was in flight when
+        the coordinator stopped, and the nodes have moved on)."""
+        base, _ = load_checkpoint(path)
+        lo, hi = self.corpus.val_range
+        hi = min(hi, lo + self.cfg.data.eval_tokens)
+        loss_sum, tokens = self.eval_judge.evaluate_range(base, lo, hi)
+        self.ledger.set_val_loss(version, loss_sum / tokens if tokens else None, tokens,
+                                 windows_recomputed=0, local_tokens=tokens)
+        self._evaluated.add(version)
 
     def _wait_for_nodes(self) -> None:
         end = self.clock() + self.cfg.run.wait_for_nodes_s
@@ -206,7 +236,13 @@ class RunLoop:
         return batch
 
     def _close_train(self, rnd: int, batch: TrainBatch) -> None:
-        """Judge the round's training together and make the next version from what stands."""
+        """Judge the round's training together and make the next version from what stands:
+        the verdicts, credits, receipts and the version commit together (a coordinator
+        killed before the end has accepted nothing of the round, and redoes it)."""
+        with self.ledger.atomic("close a round"):
+            self._close_train_now(rnd, batch)
+
+    def _close_train_now(self, rnd: int, batch: TrainBatch) -> None:
         kept = self._judge_round(rnd, batch.cands, batch.screened_out, batch.pairs)
         if not kept:
             self.ledger.add_event("round", f"round {rnd}: no accepted update; "
@@ -276,18 +312,21 @@ class RunLoop:
         cands.sort(key=lambda c: c.lease.nonce in copy_nonces)
         at = {c.lease.nonce: i for i, c in enumerate(cands)}
         base = batch.base
-        ids = self.eval_judge.judge(base, cands, [(at[o.nonce], at[c.nonce]) for o, c in copies
-                                                  if o.nonce in at and c.nonce in at])
+        # the verdicts, credits and the loss they make commit together
+        with self.ledger.atomic("close an evaluation"):
+            ids = self.eval_judge.judge(base, cands, [(at[o.nonce], at[c.nonce])
+                                                      for o, c in copies
+                                                      if o.nonce in at and c.nonce in at])
+            val = validation_loss(cands, ids, batch.span,
+                                  lambda a, b: self.eval_judge.evaluate_range(base, a, b))
+            self.ledger.set_val_loss(batch.version, val.loss, val.tokens,
+                                     update_ids=val.update_ids,
+                                     windows_recomputed=self.eval_judge.recomputed,
+                                     local_tokens=val.local_tokens)
         for lease in batch.screened_out:
             self.scheduler.answered(lease, False)
         for c in cands:
             self.scheduler.answered(c.lease, c.standing)
-        val = validation_loss(cands, ids, batch.span,
-                              lambda a, b: self.eval_judge.evaluate_range(base, a, b))
-        self.ledger.set_val_loss(batch.version, val.loss, val.tokens,
-                                 update_ids=val.update_ids,
-                                 windows_recomputed=self.eval_judge.recomputed,
-                                 local_tokens=val.local_tokens)
         log.info("version %d: val loss %s over %d tokens (%d from %d accepted replies, %d "
                  "evaluated here; %d windows recomputed)", batch.version, val.loss,
                  val.tokens, val.tokens - val.local_tokens, len(val.update_ids),

@@ -75,9 +75,11 @@ class ModelStore:
     block: int = 256
     delta: Delta | None = None  # how the current version travels to holders of the last
 
-    @property
-    def _outer_path(self) -> Path:
-        return self.dir / "outer-state.safetensors"
+    def outer_path(self, version: int) -> Path:
+        """The outer optimizer's state right after ``version`` was made. One file per version
+        (the last two kept): a coordinator killed after writing v + 1's state but before the
+        ledger recorded v + 1 resumes from v with v's state, not with a step applied twice."""
+        return self.dir / f"outer-state-{version}.safetensors"
 
     @classmethod
     def open(cls, dir: Path, cfg: RunConfig, ledger: Ledger, seed: int = 0) -> ModelStore:
@@ -98,12 +100,16 @@ class ModelStore:
             raise CheckpointError(f"checkpoint {latest.path} is not version {latest.version} "
                                   "recorded in the ledger")
         store.version, store.digest = latest.version, latest.digest
-        if store._outer_path.exists():
+        path = store.outer_path(latest.version)
+        if path.exists():
             try:
-                store.outer.load_state_dict(load_file(str(store._outer_path)))
+                store.outer.load_state_dict(load_file(str(path)))
             except Exception as err:  # noqa: BLE001 - a corrupt file of ours, one line
-                raise CheckpointError(f"outer optimizer state {store._outer_path} is corrupt: "
+                raise CheckpointError(f"outer optimizer state {path} is corrupt: "
                                       f"{str(err).splitlines()[0]}") from None
+        elif latest.version > 0 and cfg.outer.momentum > 0:
+            raise CheckpointError(f"outer optimizer state {path} is missing: version "
+                                  f"{latest.version} cannot resume with its momentum")
         return store
 
     def shapes(self) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -120,7 +126,8 @@ class ModelStore:
         version = self.version + 1
         path, digest = save_checkpoint(self.dir, new, {"version": version, "model": self.gpt,
                                                        "round": round})
-        save_file(self.outer.state_dict(), str(self._outer_path))
+        save_file(self.outer.state_dict(), str(self.outer_path(version)))
+        self.outer_path(version - 2).unlink(missing_ok=True)
         ledger.add_model_version(version, digest, str(path), round, n_updates=n_updates,
                                  tokens=tokens)
         self.arrays, self.version, self.digest, self.delta = new, version, digest, change

@@ -129,8 +129,11 @@ class Scheduler:
         if orig is None or orig.lease != of or of.kind != Kind.EVAL:
             raise ValueError("can only copy an open eval lease")
         held = self.leases_for(node_id)
-        if node_id == orig.node_id or any(x.kind == Kind.EVAL and x.data_start == of.data_start
-                                          for x in held):
+        # the same range of the same version (the previous version's evaluation of that
+        # range may still be queued on the node: another piece of work)
+        if node_id == orig.node_id or any(
+                x.kind == Kind.EVAL and x.data_start == of.data_start
+                and x.base_version == of.base_version for x in held):
             raise ValueError(f"node {node_id} cannot take a copy of this eval lease")
         lease = replace(of, round=round, nonce=self._nonce(),
                         deadline=self._start(node_id) + self._train.deadline_s)

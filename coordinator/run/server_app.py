@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from protocol.blobstore import BlobDir
+from protocol.processes import watch_owner
 from training.corpus import load_corpus
 
 from coordinator.accounting.credits import ReceiptIssuer
@@ -31,10 +33,19 @@ def _log_to(path: Path) -> None:
     root.setLevel(logging.INFO)
 
 
+def _orphaned() -> None:
+    # The coordinator died (kill -9, OOM): a serverapp left running would hold the ledger
+    # and lease work no one collects. Dying now is what a crash is; the next start resumes.
+    logging.getLogger("coordinator").error("the coordinator process is gone: exiting")
+    os._exit(70)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     rd = RunDir(Path(str(context.run_config["workdir"])))
     _log_to(rd.logs / "serverapp.log")
+    if owner := str(context.run_config.get("coordinator", "")):
+        watch_owner(owner, _orphaned)
     cfg = rd.config()
     with rd.ledger(cfg) as ledger:
         try:

@@ -13,7 +13,7 @@ import grpc
 
 from protocol.blobstore import BlobDir
 from protocol.errors import NetworkError
-from protocol.processes import free_port
+from protocol.processes import free_port, process_token
 from training.corpus import CorpusInfo, build_folder_corpus, build_stdlib_corpus
 
 from coordinator.config import RunConfig
@@ -72,6 +72,10 @@ class Coordinator:
         self.superlink = SuperLink(rd.path, rd.tls, "127.0.0.1", private_port)
         self.superlink.start()
         unregister_revoked(self.ledger, self.superlink)  # revoked while we were down
+        for stale in self.superlink.unfinished_runs():  # a crashed coordinator's run
+            self.superlink.stop_run(stale)
+            self.ledger.add_event("run", f"Flower run {stale} of a coordinator that stopped "
+                                         "without finishing it is stopped")
         self.proxy = FleetProxy(rd.path, rd.tls.server_cert, rd.tls.server_key, rd.tls.ca_cert,
                                 cfg.network.host, cfg.network.fleet_port, private_port)
         self.proxy.start()
@@ -87,7 +91,9 @@ class Coordinator:
 
     def start_run(self) -> int:
         assert self.superlink is not None
-        return self.superlink.start_run({"workdir": str(self.rd.path)})
+        # the ServerApp runs two processes below the SuperLink and leaves when we are gone
+        return self.superlink.start_run({"workdir": str(self.rd.path),
+                                         "coordinator": process_token()})
 
     def wait(self, run_id: int, *, timeout: float = float("inf"),
              tick: Callable[[], None] | None = None) -> str:

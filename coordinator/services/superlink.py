@@ -62,6 +62,7 @@ clientapp = "node.client_app:app"
 
 [tool.flwr.app.config]
 workdir = ""
+coordinator = ""
 """.encode()
 
 
@@ -147,3 +148,10 @@ class SuperLink:
 
     def stop_run(self, run_id: int) -> None:
         self._call("StopRun", StopRunRequest(run_id=run_id))
+
+    def unfinished_runs(self) -> list[int]:
+        """Runs the SuperLink's database holds as not finished: after a coordinator crash,
+        the run its dead ServerApp served (its queued messages would still reach nodes)."""
+        res = self._call("ListRuns", ListRunsRequest())
+        return sorted(int(rid) for rid, run in res.run_dict.items()
+                      if run.status.status != "finished")

@@ -83,6 +83,16 @@ def record_judged(judged: Judged, *, lease: Lease, lease_row_id: int, node_id: i
     """Record the verdict on one reply (received at ``now``): the update row, a "reject"
     event for a rejection, the credit and receipt for accepted work, the penalty for a lost
     check. The one place any of these is written, whichever stage decided the verdict."""
+    # one transaction: no crash leaves a verdict without its credit, receipt or event
+    with ledger.atomic("record a verdict"):
+        return _record(judged, lease=lease, lease_row_id=lease_row_id, node_id=node_id,
+                       node_name=node_name, cfg=cfg, ledger=ledger, now=now, issuer=issuer,
+                       improvement=improvement)
+
+
+def _record(judged: Judged, *, lease: Lease, lease_row_id: int, node_id: int, node_name: str,
+            cfg: RunConfig, ledger: Ledger, now: float, issuer: ReceiptIssuer | None,
+            improvement: float | None) -> UpdateRow:
     verdict, update = judged.verdict, judged.update
     if not verdict.accepted:
         ledger.add_event("reject", f"{node_name}: {verdict.reason} — {verdict.detail}",

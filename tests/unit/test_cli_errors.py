@@ -277,7 +277,9 @@ def test_any_flipped_byte_is_caught(store: Store) -> None:
 
 
 def test_corrupt_outer_state_is_one_checkpoint_error(store: Store) -> None:
-    (store.rd.checkpoints / "outer-state.safetensors").write_bytes(b"\x10\x00\x00\x00garbage")
+    version = store.ledger.latest_version().version
+    (store.rd.checkpoints / f"outer-state-{version}.safetensors").write_bytes(
+        b"\x10\x00\x00\x00garbage")
     with pytest.raises(CheckpointError, match="outer optimizer state") as info:
         ModelStore.open(store.rd.checkpoints, store.cfg, store.ledger)
     assert "\n" not in str(info.value)

@@ -161,6 +161,19 @@ def test_eval_copy_goes_to_another_node_holding_eval_leases() -> None:
     assert s.answered(copy, accepted=False)  # a copy's outcome returns nothing to the pool
 
 
+def test_eval_copy_of_a_range_the_node_holds_for_the_previous_version() -> None:
+    # version 0's evaluation is still queued on node 2 when version 1's is planned: the same
+    # range of another version is other work, and its copy may go there (found end to end)
+    s = make()
+    old = s.lease_eval(0, [2], 0, BASE, [(0, 64)])[2]
+    new = s.lease_eval(1, [1], 1, "b" * 64, [(0, 64)])[1]
+    assert old[0].data_start == new[0].data_start
+    copy = s.lease_eval_copy(1, 2, new[0])
+    assert copy.base_version == 1 and s.node_of(copy) == 2
+    with pytest.raises(ValueError):
+        s.lease_eval_copy(1, 2, new[0])  # the same range of the same version: once
+
+
 def test_epochs_reshuffle_with_seed_plus_epoch() -> None:
     s = make(n_shards=5, seed=4)
     order = []
