@@ -45,7 +45,7 @@ def main(grid: Grid, context: Context) -> None:
     rd = RunDir(Path(str(context.run_config["workdir"])))
     _log_to(rd.logs / "serverapp.log")
     if owner := str(context.run_config.get("coordinator", "")):
-        watch_owner(owner, _orphaned)
+        watch_owner(owner, _orphaned, every_s=0.5)
     cfg = rd.config()
     with rd.ledger(cfg) as ledger:
         try:
