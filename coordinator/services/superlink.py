@@ -8,9 +8,11 @@ coordinator talks to it on loopback only.
 from __future__ import annotations
 
 import hashlib
+import logging
 import subprocess
-from collections.abc import Mapping
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from flwr.cli.build import build_fab_from_files
@@ -35,6 +37,11 @@ from coordinator.services.pki import TlsFiles
 __all__ = ["SuperLink", "app_pyproject"]
 
 APP_NAME = "atom-network"
+# a read that fails is tried again after each of these (~31 s in all): one HTTP 500 from the
+# SuperLink ended a run once (issue 10); a SuperLink down for longer ends it
+RETRY_DELAYS_S = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
+
+log = logging.getLogger(__name__)
 
 
 def app_pyproject(version: str = "1.0.0") -> bytes:
@@ -75,6 +82,7 @@ class SuperLink:
     host: str
     port: int
     proc: subprocess.Popen[bytes] | None = None
+    sleep: Callable[[float], None] = field(default=time.sleep, repr=False)
 
     @property
     def local_address(self) -> str:
@@ -110,14 +118,27 @@ class SuperLink:
             root_certificates=self.tls.ca_cert.read_bytes(),
             interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-cli")])
 
-    def _call(self, name: str, request):  # type: ignore[no-untyped-def]
-        client = self._client()
-        try:
-            return getattr(client, name)(request)
-        except Exception as err:  # flwr raises httpx/protobuf errors of many kinds
-            raise NetworkError(f"SuperLink {name} failed: {str(err).splitlines()[0]}") from err
-        finally:
-            client.close()
+    def _call(self, name: str, request, *, retry: bool = False):  # type: ignore[no-untyped-def]
+        """One Control API call. ``retry`` (reads only: they are safe to repeat) rides out a
+        hiccup: an HTTP 500 or a refused connection is tried again with backoff for about
+        half a minute before it counts as the SuperLink failing."""
+        delays = list(RETRY_DELAYS_S) if retry else []
+        while True:
+            client = self._client()
+            try:
+                return getattr(client, name)(request)
+            except Exception as err:  # flwr raises httpx/protobuf errors of many kinds
+                line = str(err).splitlines()[0] if str(err) else type(err).__name__
+                if not delays:
+                    tries = len(RETRY_DELAYS_S) + 1 if retry else 1
+                    raise NetworkError(f"SuperLink {name} failed"
+                                       + (f" {tries} times" if tries > 1 else "")
+                                       + f": {line}") from err
+                log.warning("SuperLink %s failed (%s); trying again in %.1f s", name, line,
+                            delays[0])
+                self.sleep(delays.pop(0))
+            finally:
+                client.close()
 
     def register_node(self, public_key_pem: bytes, name: str) -> int:
         return int(self._call("RegisterNode", RegisterNodeRequest(
@@ -142,7 +163,7 @@ class SuperLink:
 
     def run_status(self, run_id: int) -> str:
         """``status:sub_status`` (e.g. ``finished:completed``) of a run."""
-        res = self._call("ListRuns", ListRunsRequest(run_id=run_id))
+        res = self._call("ListRuns", ListRunsRequest(run_id=run_id), retry=True)
         run = res.run_dict[run_id]
         return f"{run.status.status}:{run.status.sub_status}"
 
@@ -152,6 +173,6 @@ class SuperLink:
     def unfinished_runs(self) -> list[int]:
         """Runs the SuperLink's database holds as not finished: after a coordinator crash,
         the run its dead ServerApp served (its queued messages would still reach nodes)."""
-        res = self._call("ListRuns", ListRunsRequest())
+        res = self._call("ListRuns", ListRunsRequest(), retry=True)
         return sorted(int(rid) for rid, run in res.run_dict.items()
                       if run.status.status != "finished")
