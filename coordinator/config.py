@@ -167,8 +167,19 @@ class TrainParams:
     seq_len: int = _opt(128, _positive_int, "tokens per sequence (<= the model's block_size)")
     lr: float = _opt(1.5e-3, _positive, "inner AdamW learning rate")
     weight_decay: float = _opt(0.1, _non_negative, "inner AdamW weight decay")
-    deadline_s: float = _opt(300.0, _positive, "seconds a node has to return a shard")
+    deadline_s: float = _opt(300.0, _positive, "seconds a node has to return a shard (a "
+                             "node's first lease, or every lease when target_lease_s = 0)")
     threads: int = _opt(1, _positive_int, "torch threads per local node process")
+    # work sized to each node (coordinator/run/sizing.py)
+    target_lease_s: float = _opt(0.0, _non_negative, "seconds a train lease should take on "
+                                 "its node: inner steps from the node's measured tokens/s "
+                                 "(its first lease is inner_steps); 0 = every lease inner_steps")
+    min_inner_steps: int = _opt(20, _positive_int, "sized leases: fewest inner steps")
+    max_inner_steps: int = _opt(2000, _positive_int, "sized leases: most inner steps")
+    deadline_factor: float = _opt(3.0, _positive, "sized leases: deadline = factor x the "
+                                  "expected training time + deadline_slack_s")
+    deadline_slack_s: float = _opt(60.0, _non_negative, "sized leases: seconds for fetch, "
+                                   "upload and delivery on top of the training time")
 
 
 @dataclass(frozen=True)
@@ -394,6 +405,10 @@ def _build(doc: dict[str, Any], base_dir: Path, fname: str) -> RunConfig:
         raise ConfigError(f"{fname}: [compression].error_feedback needs [verify]."
                           "spot_check_rate = 0: an update that carries a node's earlier "
                           "residuals cannot be reproduced by a spot check")
+    t = cfg.train
+    if t.min_inner_steps > t.max_inner_steps:
+        raise ConfigError(f"{fname}: [train].min_inner_steps must be <= max_inner_steps, "
+                          f"got {t.min_inner_steps} and {t.max_inner_steps}")
     if n.fleet_port == n.coordinator_port:
         raise ConfigError(f"{fname}: [network].coordinator_port must differ from "
                           f"[network].fleet_port, got {n.coordinator_port}")

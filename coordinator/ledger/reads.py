@@ -218,6 +218,17 @@ class LedgerReads:
             stmt = stmt.where(UpdateRow.node_id == node_id)
         return [(u, lease) for u, lease in self._all(stmt)]
 
+    def recent_train_work(self, node_id: int, limit: int) -> list[tuple[int, float | None]]:
+        """``(tokens, wall_s)`` of the node's last ``limit`` accepted train updates, newest
+        first: what its measured speed is made of (``coordinator.run.sizing``)."""
+        stmt = (select(col(UpdateRow.tokens), col(UpdateRow.wall_s))
+                .join(LeaseRow, col(LeaseRow.id) == col(UpdateRow.lease_id))
+                .where(col(UpdateRow.node_id) == node_id,
+                       col(UpdateRow.verdict) == Verdict.ACCEPTED.value,
+                       col(LeaseRow.kind) == Kind.TRAIN.value)
+                .order_by(col(UpdateRow.id).desc()).limit(limit))
+        return [(int(t), None if w is None else float(w)) for t, w in self._all(stmt)]
+
     def accepted_work(self, kind: str = "train",
                       since: float | None = None) -> list[tuple[float, int, float | None]]:
         """``(received_at, tokens, wall_s)`` of accepted updates on ``kind`` leases received

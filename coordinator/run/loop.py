@@ -18,7 +18,7 @@ import dataclasses
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,6 +41,7 @@ from coordinator.ledger import Ledger, Node
 from coordinator.run.model_store import ModelStore
 from coordinator.verify.round_judge import Candidate, RoundJudge
 from coordinator.run.scheduler import Scheduler
+from coordinator.run.sizing import HISTORY, tokens_per_s
 from coordinator.run.transport import Transport
 from coordinator.verify.trust import NEW_NODE_TRUST, PROBATION_UPDATES, plan_spot_checks
 
@@ -206,6 +207,12 @@ class RunLoop:
         if batch is not None:
             self._close_train(rnd, batch)
 
+    def _speeds(self, node_ids: Iterable[int]) -> dict[int, float | None]:
+        """Tokens/s of each node from its recent accepted work ([train] target_lease_s)."""
+        if self.cfg.train.target_lease_s <= 0:
+            return {}
+        return {n: tokens_per_s(self.ledger.recent_train_work(n, HISTORY)) for n in node_ids}
+
     def _train_leases(self, rnd: int, work: Outbox) -> TrainBatch | None:
         end = self.clock() + self.cfg.run.wait_for_nodes_s
         trust = {s.node_id: s.trust for s in self.ledger.node_summaries()}
@@ -216,8 +223,9 @@ class RunLoop:
                                       self.rng, {i: n.institution_id for i, n in by_id.items()},
                                       probation)
             workers = sorted(set(by_id) - set(checks.values()))
+            speeds = self._speeds(by_id)
             leases = self.scheduler.lease_train(rnd, workers, self.store.version,
-                                                self.store.digest)
+                                                self.store.digest, speeds)
             if leases or self.clock() >= end:
                 break
             # A benched node is back after _BENCH_S: wait for it rather than burn the round.
@@ -226,7 +234,7 @@ class RunLoop:
             self.ledger.add_event("round", f"round {rnd}: no eligible node, skipped")
             return None
         # spot checks: the checker trains its worker's shard instead of one of its own
-        copies = {c: self.scheduler.lease_duplicate(rnd, c, leases[w])
+        copies = {c: self.scheduler.lease_duplicate(rnd, c, leases[w], speeds.get(c))
                   for w, c in checks.items() if w in leases}
         batch = TrainBatch("train", self.store.version, trust=trust,
                             pairs=[(leases[w], copies[c]) for w, c in checks.items()

@@ -15,7 +15,7 @@ import hashlib
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -23,18 +23,16 @@ import numpy as np
 
 from protocol.messages import Kind, Lease
 
+from coordinator.run.sizing import Size, SizingLike, deadline_for, size_lease
+
 __all__ = ["Scheduler", "TrainLike", "shard_seed"]
 
 
-class TrainLike(Protocol):
+class TrainLike(SizingLike, Protocol):
     """What the scheduler reads from ``config.TrainParams``."""
 
-    inner_steps: int
-    batch_size: int
-    seq_len: int
     lr: float
     weight_decay: float
-    deadline_s: float
 
 
 def shard_seed(run_id: str, shard_id: int, epoch: int) -> int:
@@ -85,9 +83,12 @@ class Scheduler:
     # -- leasing ------------------------------------------------------------------------
 
     def lease_train(self, round: int, node_ids: Sequence[int], base_version: int,
-                    base_digest: str) -> dict[int, Lease]:
+                    base_digest: str, speeds: Mapping[int, float | None] | None = None
+                    ) -> dict[int, Lease]:
         """One train lease for each node (taken in id order) that holds no train lease, as long as
-        shards not already out remain; nodes left without one are absent from the result."""
+        shards not already out remain; nodes left without one are absent from the result.
+        ``speeds`` (tokens/s by node) size each lease to the node (``coordinator.run.sizing``)."""
+        speeds = speeds or {}
         out: dict[int, Lease] = {}
         free = self._free(node_ids, "train")
         # First pass: no node gets back a shard it returned. Second: what is left goes to
@@ -103,12 +104,14 @@ class Scheduler:
                 start, end = self._ranges[shard_id]
                 lease = self._make(round, shard_id, "train", base_version, base_digest, start,
                                    end, shard_seed(self._run_id, shard_id, epoch),
-                                   begin=self._start(node))
+                                   begin=self._start(node),
+                                   size=size_lease(self._train, speeds.get(node)))
                 self._open[lease.nonce] = _Open(node, lease, epoch, duplicate=False)
                 out[node] = lease
         return out
 
-    def lease_duplicate(self, round: int, node_id: int, of: Lease) -> Lease:
+    def lease_duplicate(self, round: int, node_id: int, of: Lease,
+                        speed: float | None = None) -> Lease:
         """Spot-check hook: lease the same train work as the open lease ``of`` (same shard,
         base and seed) to another node. The copy's outcome neither consumes nor returns
         the shard."""
@@ -117,8 +120,8 @@ class Scheduler:
             raise ValueError("can only duplicate an open train lease")
         if node_id == orig.node_id or any(x.kind == Kind.TRAIN for x in self.leases_for(node_id)):
             raise ValueError(f"node {node_id} cannot take a duplicate of this lease")
-        lease = replace(of, round=round, nonce=self._nonce(),
-                        deadline=self._start(node_id) + self._train.deadline_s)
+        lease = replace(of, round=round, nonce=self._nonce(), deadline=self._start(node_id)
+                        + deadline_for(self._train, of.inner_steps, speed))
         self._open[lease.nonce] = _Open(node_id, lease, orig.epoch, duplicate=True)
         return lease
 
@@ -285,15 +288,17 @@ class Scheduler:
         self._pool.extendleft(reversed([(e.lease.shard_id, e.epoch) for e in back]))
 
     def _make(self, round: int, shard_id: int, kind: str, base_version: int, base_digest: str,
-              start: int, end: int, seed: int, *, begin: float | None = None) -> Lease:
+              start: int, end: int, seed: int, *, begin: float | None = None,
+              size: Size | None = None) -> Lease:
         if (start, end) not in self._digests:
             self._digests[(start, end)] = self._data_digest(start, end)
         t, train = self._train, kind == Kind.TRAIN
+        size = size or Size(t.inner_steps, t.deadline_s)
         return Lease(run_id=self._run_id, round=round, shard_id=shard_id, kind=kind,
                      base_version=base_version, base_digest=base_digest,
                      data_start=start, data_end=end, data_digest=self._digests[(start, end)],
-                     inner_steps=t.inner_steps if train else 0, batch_size=t.batch_size,
+                     inner_steps=size.inner_steps if train else 0, batch_size=t.batch_size,
                      seq_len=t.seq_len, lr=float(t.lr) if train else 0.0,
                      weight_decay=float(t.weight_decay) if train else 0.0, seed=seed,
-                     deadline=(self._clock() if begin is None else begin) + t.deadline_s,
+                     deadline=(self._clock() if begin is None else begin) + size.deadline_s,
                      nonce=self._nonce())

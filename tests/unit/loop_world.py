@@ -26,7 +26,7 @@ NO_DUPLICATES = "spot_check_rate = 0\neval_quorum_rate = 0"
 
 
 def run_toml(rounds: int, wait_s: float = 0, verify: str = NO_DUPLICATES,
-             extra: str = "", run_id: str = "loop-test") -> str:
+             extra: str = "", run_id: str = "loop-test", train: str = "") -> str:
     """The test run; spot checks and eval quorum off unless ``verify`` (the [verify]
     section's body) says otherwise, so these tests see one lease per node and round (and
     eval range); ``extra`` sections follow."""
@@ -53,6 +53,7 @@ batch_size = 2
 seq_len = 32
 lr = 1e-2
 deadline_s = 10
+{train}
 
 [outer]  # DiLoCo's outer step, so the momentum paths are exercised whatever the defaults
 lr = 0.7
@@ -82,11 +83,11 @@ def make_net(tmp_path: Path, corpus: CorpusInfo, specs: list, *, rounds: int = 2
              wait_s: float = 0, nodes: list[FakeNode] | None = None,
              ledger_url: str | None = None,
              verify: str = NO_DUPLICATES, extra: str = "", run_id: str = "loop-test",
-             seed: int = 0, issuer: ReceiptIssuer | None = None) -> Net:
+             seed: int = 0, issuer: ReceiptIssuer | None = None, train: str = "") -> Net:
     """A loop over ``specs`` nodes, or over already enrolled ``nodes`` on the same ledger;
     ``verify`` is the body of the [verify] section, ``extra`` more sections, ``seed`` seeds
     the loop's choices, ``issuer`` signs receipts; ``ledger_url`` picks another database."""
-    cfg = parse_config(run_toml(rounds, wait_s, verify, extra, run_id), tmp_path)
+    cfg = parse_config(run_toml(rounds, wait_s, verify, extra, run_id, train), tmp_path)
     ledger = Ledger(ledger_url or f"sqlite:///{tmp_path / 'ledger.db'}")
     nodes = nodes if nodes is not None else enroll(ledger, specs)
     clock = FakeClock()

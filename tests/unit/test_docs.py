@@ -18,10 +18,19 @@ def _anchors(text: str) -> set[str]:
             for h in re.findall(r"^#+ (.+)$", text, re.M)}
 
 
-def test_configuration_page_is_the_default_run_toml() -> None:
+MARK = "<!-- default-config -->\n```toml\n"
+
+
+def configuration_page() -> str:
+    """docs/configuration.md with its TOML block made from ``default_config_text``."""
     page = (ROOT / "docs" / "configuration.md").read_text()
-    block = page.split("<!-- default-config -->\n```toml\n", 1)[1].split("```", 1)[0]
-    assert block == default_config_text().rstrip() + "\n"
+    head, rest = page.split(MARK, 1)
+    return head + MARK + default_config_text().rstrip() + "\n" + "```" + rest.split("```", 1)[1]
+
+
+def test_configuration_page_is_the_default_run_toml() -> None:
+    assert (ROOT / "docs" / "configuration.md").read_text() == configuration_page(), (
+        "docs/configuration.md is stale: python tests/unit/test_docs.py rewrites it")
 
 
 def test_relative_links_resolve() -> None:
@@ -38,3 +47,8 @@ def test_relative_links_resolve() -> None:
             elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest.read_text()):
                 broken.append(f"{page.name}: {target} (no such heading)")
     assert not broken, broken
+
+
+if __name__ == "__main__":  # rewrite the configuration page from the defaults
+    (ROOT / "docs" / "configuration.md").write_text(configuration_page())
+

@@ -1,0 +1,97 @@
+"""Work sized to each node: inner steps and deadline from its measured tokens/s
+(``coordinator.run.sizing``), in the scheduler and through the real run loop."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from coordinator.run.scheduler import Scheduler
+from coordinator.run.sizing import Size, deadline_for, size_lease, tokens_per_s
+
+
+@dataclass(frozen=True)
+class T:
+    inner_steps: int = 100
+    batch_size: int = 4
+    seq_len: int = 50  # 200 tokens per step
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    deadline_s: float = 300.0
+    target_lease_s: float = 60.0
+    min_inner_steps: int = 10
+    max_inner_steps: int = 1000
+    deadline_factor: float = 3.0
+    deadline_slack_s: float = 30.0
+
+
+def test_speed_is_tokens_over_seconds_of_the_last_five() -> None:
+    assert tokens_per_s([]) is None
+    assert tokens_per_s([(1000, None), (500, 0.0)]) is None  # nothing usable
+    # newest first: (2000 + 1000) / (2 + 4) = 500; the sixth is past the history
+    assert tokens_per_s([(2000, 2.0), (1000, 4.0), (0, 1.0), (10, None), (7, 0.0),
+                         (10**9, 1.0)]) == 500.0
+
+
+def test_size_by_hand() -> None:
+    t = T()
+    # 60 s x 500 tok/s / 200 tok per step = 150 steps; 3 x 150 x 200 / 500 + 30 = 210 s
+    assert size_lease(t, 500.0) == Size(150, 210.0)
+    assert size_lease(t, 10.0) == Size(10, 3 * 10 * 200 / 10 + 30)  # clamped up
+    assert size_lease(t, 1e6) == Size(1000, 3 * 1000 * 200 / 1e6 + 30)  # clamped down
+    assert size_lease(t, None) == Size(100, 300.0)  # calibration: the configured lease
+    off = T(target_lease_s=0.0)
+    assert size_lease(off, 500.0) == Size(100, 300.0)
+    # a spot check's copy keeps the original's steps: its deadline follows the checker
+    assert deadline_for(t, 150, 1000.0) == 3 * 150 * 200 / 1000 + 30
+    assert deadline_for(t, 400, None) == 300.0 * 4  # unknown speed: deadline_s per 100 steps
+    assert deadline_for(off, 400, 1000.0) == 300.0
+
+
+def test_scheduler_sizes_each_node_and_a_copy_to_its_checker() -> None:
+    now = 1000.0
+    s = Scheduler(run_id="r", shards=[(i, i * 100, i * 100 + 100) for i in range(4)],
+                  data_digest=lambda a, b: "d" * 64, train=T(), clock=lambda: now)
+    leases = s.lease_train(1, [1, 2, 3], 0, "b" * 64, {1: 500.0, 2: 100.0})
+    assert [leases[n].inner_steps for n in (1, 2, 3)] == [150, 30, 100]
+    assert leases[1].deadline == now + 210.0
+    assert leases[2].deadline == now + 3 * 30 * 200 / 100 + 30
+    assert leases[3].deadline == now + 300.0
+    copy = s.lease_duplicate(1, 4, leases[1], speed=1000.0)
+    assert copy.inner_steps == 150 and copy.deadline == now + 3 * 150 * 200 / 1000 + 30
+
+
+def test_the_run_loop_sizes_leases_from_measured_speed(tmp_path: Path) -> None:
+    from loop_world import build_test_corpus, make_net
+
+    net = make_net(tmp_path, build_test_corpus(tmp_path / "corpus"), ["honest", "honest"],
+                   rounds=3, train="target_lease_s = 30\nmin_inner_steps = 2\n"
+                                   "max_inner_steps = 7")
+    net.run()
+    by_round: dict[int, set[int]] = {}
+    for lease in net.ledger.leases():
+        if lease.kind == "train":
+            by_round.setdefault(lease.round, set()).add(lease.id)
+    steps = {r: {u.steps for u in net.ledger.updates() if u.lease_id in ids}
+             for r, ids in by_round.items()}
+    # round 1 calibrates (inner_steps = 3); the in-process nodes are fast: 30 s of their
+    # work is far more than max_inner_steps, so every later lease is clamped to 7
+    assert steps == {1: {3}, 2: {7}, 3: {7}}
+    ups = net.ledger.updates()
+    assert all(u.verdict == "accepted" for u in ups)
+    credits = {c.update_id: c.amount for c in net.ledger.credits()}
+    train = [u for u in ups if u.steps]
+    assert all(u.tokens == u.steps * 2 * 32 for u in train)  # batch_size x seq_len per step
+    # credit follows verified tokens: one rate per token whatever the lease's size
+    assert len({round(credits[u.id] / u.tokens, 12) for u in train}) == 1
+    net.ledger.close()
+
+
+def test_min_above_max_is_a_config_error(tmp_path: Path) -> None:
+    from coordinator.config import parse_config
+    from protocol.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="min_inner_steps must be <= max_inner_steps"):
+        parse_config("[train]\nmin_inner_steps = 50\nmax_inner_steps = 10\n", tmp_path)
