@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -103,6 +104,9 @@ def revoke_node(
     err.print(f"revoked node {r.node_id} ({r.name}); its SuperNode key is unregistered {when}")
 
 
+_SUPERLINK_RESTARTS = 3  # a SuperLink that keeps dying ends the run
+
+
 def _interrupt(*_: object) -> None:
     raise KeyboardInterrupt
 
@@ -111,21 +115,31 @@ def _interrupt(*_: object) -> None:
 @one_line_errors
 def start(dir: DirArg) -> None:
     """Serve the run: SuperLink (TLS, node auth), enrollment service, and the training loop."""
-    from coordinator.services.launcher import Coordinator
     from coordinator.accounting.report import render_summary, run_summary
+    from coordinator.services.launcher import Coordinator, SuperLinkDied
 
     rd = RunDir(dir.resolve())
     signal.signal(signal.SIGTERM, _interrupt)  # stop like Ctrl-C: children are reaped
-    with Coordinator(rd) as coord:
-        run_id = coord.start_run()
-        cfg = coord.cfg
-        say_command(f"run {cfg.run.id} (Flower run {run_id}) — nodes join with "
-                    f"`atom-node join {rd.coordinator_address(cfg)} --token <invite>`")
-        status = coord.wait(run_id)
-        summary = run_summary(coord.ledger, cfg.ledger_url(rd.path))
-        render_summary(summary, err)
-        if (failure := coord.failure(status)) is not None:
-            raise AtomError(failure)
+    for attempt in range(_SUPERLINK_RESTARTS + 1):
+        try:
+            with Coordinator(rd) as coord:
+                run_id = coord.start_run()
+                cfg = coord.cfg
+                say_command(f"run {cfg.run.id} (Flower run {run_id}) — nodes join with "
+                            f"`atom-node join {rd.coordinator_address(cfg)} --token <invite>`")
+                status = coord.wait(run_id)
+                summary = run_summary(coord.ledger, cfg.ledger_url(rd.path))
+                render_summary(summary, err)
+                if (failure := coord.failure(status)) is not None:
+                    raise AtomError(failure)
+                return
+        except SuperLinkDied as died:
+            if attempt == _SUPERLINK_RESTARTS:
+                raise
+            # everything restarts; the run resumes from the ledger (as after a crash)
+            err.print(f"warning: {died}; restarting the coordinator's services "
+                      f"({attempt + 1}/{_SUPERLINK_RESTARTS})")
+            time.sleep(2.0)  # the old ServerApp sees its SuperLink gone and leaves
 
 
 @app.command()

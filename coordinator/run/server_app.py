@@ -34,9 +34,10 @@ def _log_to(path: Path) -> None:
 
 
 def _orphaned() -> None:
-    # The coordinator died (kill -9, OOM): a serverapp left running would hold the ledger
-    # and lease work no one collects. Dying now is what a crash is; the next start resumes.
-    logging.getLogger("coordinator").error("the coordinator process is gone: exiting")
+    # The coordinator or its SuperLink died (kill -9, OOM): a serverapp left running would
+    # hold the ledger and lease work no one collects. Dying now is what a crash is; the next
+    # start resumes.
+    logging.getLogger("coordinator").error("the coordinator or its SuperLink is gone: exiting")
     os._exit(70)
 
 
@@ -44,8 +45,8 @@ def _orphaned() -> None:
 def main(grid: Grid, context: Context) -> None:
     rd = RunDir(Path(str(context.run_config["workdir"])))
     _log_to(rd.logs / "serverapp.log")
-    if owner := str(context.run_config.get("coordinator", "")):
-        watch_owner(owner, _orphaned, every_s=0.5)
+    for owner in filter(None, str(context.run_config.get("owners", "")).split(",")):
+        watch_owner(owner, _orphaned, every_s=0.5)  # the coordinator, its SuperLink
     cfg = rd.config()
     with rd.ledger(cfg) as ledger:
         try:

@@ -39,6 +39,10 @@ def prepare_corpus(rd: RunDir, cfg: RunConfig) -> CorpusInfo:
 
 
 @dataclass
+class SuperLinkDied(NetworkError):
+    """The SuperLink process exited under a running coordinator (``start`` restarts it)."""
+
+
 class Coordinator:
     rd: RunDir
     cfg: RunConfig = field(init=False)
@@ -91,9 +95,12 @@ class Coordinator:
 
     def start_run(self) -> int:
         assert self.superlink is not None
-        # the ServerApp runs two processes below the SuperLink and leaves when we are gone
-        return self.superlink.start_run({"workdir": str(self.rd.path),
-                                         "coordinator": process_token()})
+        # the ServerApp runs two processes below the SuperLink and leaves when we or the
+        # SuperLink are gone (a restart must not find the old one still writing)
+        assert self.superlink.proc is not None
+        return self.superlink.start_run({
+            "workdir": str(self.rd.path),
+            "owners": f"{process_token()},{process_token(self.superlink.proc.pid)}"})
 
     def wait(self, run_id: int, *, timeout: float = float("inf"),
              tick: Callable[[], None] | None = None) -> str:
@@ -105,8 +112,8 @@ class Coordinator:
             if status.startswith("finished") or time.monotonic() > end:
                 return status
             if self.superlink.proc is not None and self.superlink.proc.poll() is not None:
-                raise NetworkError("the SuperLink exited during the run "
-                                   f"(see {self.rd.logs / 'superlink.log'})")
+                raise SuperLinkDied("the SuperLink exited during the run "
+                                    f"(see {self.rd.logs / 'superlink.log'})")
             if self.proxy is not None and self.proxy.proc is not None \
                     and self.proxy.proc.poll() is not None:
                 raise NetworkError("the Fleet proxy exited during the run "

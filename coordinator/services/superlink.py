@@ -69,7 +69,7 @@ clientapp = "node.client_app:app"
 
 [tool.flwr.app.config]
 workdir = ""
-coordinator = ""
+owners = ""
 """.encode()
 
 

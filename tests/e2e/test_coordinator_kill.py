@@ -1,5 +1,6 @@
 """``kill -9`` of a real coordinator mid-run: nothing of it lives on, and a plain restart
-finishes the run with the same nodes (nobody touches them) and loses nothing accepted."""
+finishes the run with the same nodes (nobody touches them) and loses nothing accepted. And
+``kill -9`` of its SuperLink alone: the coordinator restarts it and finishes by itself."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 from coordinator.demo import node_command
 from coordinator.ledger import Ledger
@@ -32,7 +35,15 @@ def _start(wd: Path, log: str) -> subprocess.Popen[bytes]:
     return spawn(cmd, env=flower_env(wd / "coordinator-flwr"), log=wd / log)
 
 
-def test_coordinator_killed_mid_round_restarts_and_loses_nothing(workdir: Path) -> None:
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+@pytest.mark.parametrize("victim", ["coordinator", "superlink"])
+def test_killed_mid_round_the_run_resumes_and_loses_nothing(workdir: Path, victim: str) -> None:
     rd = init_run(workdir, force=True, run_rounds=ROUNDS, run_min_nodes=2,
                   run_wait_for_nodes_s=120.0, network_fleet_port=free_port(),
                   network_coordinator_port=free_port(), train_inner_steps=40,
@@ -54,6 +65,17 @@ def test_coordinator_killed_mid_round_restarts_and_loses_nothing(workdir: Path) 
             "round 2 under way")
         family = _descendants(coord.pid)
         assert family, "the coordinator runs its SuperLink and ServerApp as children"
+        if victim == "superlink":
+            [link] = [p for p in family if "flower-superlink" in _cmdline(p)]
+            os.kill(link, signal.SIGKILL)
+            # the coordinator restarts its services by itself and finishes the run
+            assert coord.wait(timeout=600) == 0, \
+                (workdir / "coordinator-1.log").read_text()[-2000:]
+            assert "restarting the coordinator's services" in \
+                (workdir / "coordinator-1.log").read_text()
+            _check(ledger)
+            ledger.close()
+            return
         os.kill(coord.pid, signal.SIGKILL)
         coord.wait()
 
@@ -75,22 +97,26 @@ def test_coordinator_killed_mid_round_restarts_and_loses_nothing(workdir: Path) 
         coord = _start(workdir, "coordinator-2.log")
         assert coord.wait(timeout=600) == 0, (workdir / "coordinator-2.log").read_text()[-2000:]
 
-        versions = ledger.versions()
-        assert [v.version for v in versions] == list(range(ROUNDS + 1))
-        assert all(v.val_loss is not None for v in versions)
-        assert not ledger.open_leases()
-        train_rounds = sorted({x.round for x in ledger.leases() if x.kind == "train"})
-        assert train_rounds == list(range(1, ROUNDS + 1))
-        credits = {}
-        for c in ledger.credits():
-            credits.setdefault(c.update_id, []).append(c.amount)
-        for u in ledger.updates():
-            if u.verdict == "accepted":
-                assert len(credits.get(u.id, [])) == 1, u
-        assert len(ledger.receipts()) == len(ledger.credits())
-        assert any("resumed" in e.message for e in ledger.events())
+        _check(ledger)
         ledger.close()
     finally:
         stop(coord)
         for p in nodes:
             stop(p)
+
+
+def _check(ledger: Ledger) -> None:
+    versions = ledger.versions()
+    assert [v.version for v in versions] == list(range(ROUNDS + 1))
+    assert all(v.val_loss is not None for v in versions)
+    assert not ledger.open_leases()
+    train_rounds = sorted({x.round for x in ledger.leases() if x.kind == "train"})
+    assert train_rounds == list(range(1, ROUNDS + 1))
+    credits = {}
+    for c in ledger.credits():
+        credits.setdefault(c.update_id, []).append(c.amount)
+    for u in ledger.updates():
+        if u.verdict == "accepted":
+            assert len(credits.get(u.id, [])) == 1, u
+    assert len(ledger.receipts()) == len(ledger.credits())
+    assert any("resumed" in e.message for e in ledger.events())
