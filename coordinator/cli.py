@@ -116,7 +116,8 @@ def _interrupt(*_: object) -> None:
 def start(dir: DirArg) -> None:
     """Serve the run: SuperLink (TLS, node auth), enrollment service, and the training loop."""
     from coordinator.accounting.report import render_summary, run_summary
-    from coordinator.services.launcher import Coordinator, SuperLinkDied
+    from coordinator.services.launcher import Coordinator
+    from coordinator.services.superlink import SuperLinkDied
 
     rd = RunDir(dir.resolve())
     signal.signal(signal.SIGTERM, _interrupt)  # stop like Ctrl-C: children are reaped

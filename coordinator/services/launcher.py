@@ -39,10 +39,6 @@ def prepare_corpus(rd: RunDir, cfg: RunConfig) -> CorpusInfo:
 
 
 @dataclass
-class SuperLinkDied(NetworkError):
-    """The SuperLink process exited under a running coordinator (``start`` restarts it)."""
-
-
 class Coordinator:
     rd: RunDir
     cfg: RunConfig = field(init=False)
@@ -108,12 +104,9 @@ class Coordinator:
         assert self.superlink is not None
         end = time.monotonic() + timeout
         while True:
-            status = self.superlink.run_status(run_id)
+            status = self.superlink.run_status(run_id)  # SuperLinkDied if it exited
             if status.startswith("finished") or time.monotonic() > end:
                 return status
-            if self.superlink.proc is not None and self.superlink.proc.poll() is not None:
-                raise SuperLinkDied("the SuperLink exited during the run "
-                                    f"(see {self.rd.logs / 'superlink.log'})")
             if self.proxy is not None and self.proxy.proc is not None \
                     and self.proxy.proc.poll() is not None:
                 raise NetworkError("the Fleet proxy exited during the run "

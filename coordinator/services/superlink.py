@@ -44,6 +44,10 @@ RETRY_DELAYS_S = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 log = logging.getLogger(__name__)
 
 
+class SuperLinkDied(NetworkError):
+    """The SuperLink process we started has exited (``atom-coordinator start`` restarts it)."""
+
+
 def app_pyproject(version: str = "1.0.0") -> bytes:
     """The whole FAB: a pyproject naming components of the *installed* package.
 
@@ -124,6 +128,9 @@ class SuperLink:
         half a minute before it counts as the SuperLink failing."""
         delays = list(RETRY_DELAYS_S) if retry else []
         while True:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise SuperLinkDied(f"the SuperLink exited (code {self.proc.returncode}; see "
+                                    f"{self.workdir / 'logs' / 'superlink.log'})")
             client = self._client()
             try:
                 return getattr(client, name)(request)

@@ -44,9 +44,12 @@ def _cmdline(pid: int) -> str:
 
 @pytest.mark.parametrize("victim", ["coordinator", "superlink"])
 def test_killed_mid_round_the_run_resumes_and_loses_nothing(workdir: Path, victim: str) -> None:
+    fleet = free_port()
+    while (port := free_port()) == fleet:
+        pass
     rd = init_run(workdir, force=True, run_rounds=ROUNDS, run_min_nodes=2,
-                  run_wait_for_nodes_s=120.0, network_fleet_port=free_port(),
-                  network_coordinator_port=free_port(), train_inner_steps=40,
+                  run_wait_for_nodes_s=120.0, network_fleet_port=fleet,
+                  network_coordinator_port=port, train_inner_steps=40,
                   train_deadline_s=60.0, data_eval_tokens=4096, verify_spot_check_rate=0.0)
     coord = _start(workdir, "coordinator-1.log")
     nodes: list[subprocess.Popen[bytes]] = []

@@ -59,3 +59,15 @@ def test_a_write_is_not_repeated() -> None:
     with pytest.raises(NetworkError, match="^SuperLink ListRuns failed: Server error"):
         link._call("ListRuns", "req")
     assert slept == [] and _Flaky.calls == 1
+
+
+def test_a_dead_superlink_is_not_waited_for() -> None:
+    import subprocess
+
+    slept: list[float] = []
+    link = _link(fail=100, slept=slept)
+    link.proc = subprocess.Popen(["true"])
+    link.proc.wait()
+    with pytest.raises(sl.SuperLinkDied, match="the SuperLink exited"):
+        link._call("ListRuns", "req", retry=True)
+    assert slept == [] and _Flaky.calls == 0  # `start` restarts it at once
