@@ -18,7 +18,7 @@ import dataclasses
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,6 +26,7 @@ from flwr.app import RecordDict
 
 from protocol.blobstore import BlobDir
 from protocol.digest import arrays_to_bytes
+from protocol.errors import LedgerError
 from protocol.messages import Kind, Lease, Verdict, work_content
 from training.checkpoint import load_checkpoint
 from training.corpus import CorpusInfo
@@ -45,7 +46,7 @@ from coordinator.run.sizing import HISTORY, tokens_per_s
 from coordinator.run.transport import Transport
 from coordinator.verify.trust import NEW_NODE_TRUST, PROBATION_UPDATES, plan_spot_checks
 
-__all__ = ["RunLoop"]
+__all__ = ["LEDGER_RETRY_DELAYS_S", "RunLoop", "run_resuming"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,9 @@ log = logging.getLogger(__name__)
 Outbox = dict[int, list[tuple[Lease, Batch]]]
 
 _POLL_S = 0.2
+# a ledger that fails (the database restarted, a commit lost) is waited for this long in
+# all, then the loop resumes from what it committed (~2 min)
+LEDGER_RETRY_DELAYS_S = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0)
 _TTL_SLACK_S = 600.0
 _BENCH_S = 90.0  # a node that missed a deadline sits out this long (Flower needs ~70 s to drop it)
 
@@ -452,4 +456,24 @@ class RunLoop:
                               f"{sent.lease.shard_id} ({error.splitlines()[0][:160]}); "
                               "it goes back to the pool", node_id=sent.node.id)
         self._bench(sent.node, "failed a lease")
+
+
+def run_resuming(make: Callable[[], RunLoop], *,
+                 delays: Sequence[float] = LEDGER_RETRY_DELAYS_S,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+    """Run the loop ``make`` builds; when the ledger fails under it (``LedgerError``: the
+    database went away or refused a commit), wait and build it again from what the ledger
+    holds — the open transaction rolled back, so this is a resume after a crash (leases in
+    flight closed, the round redone). A ledger still failing after ``delays`` ends the run;
+    any other error ends it at once."""
+    for delay in [*delays, None]:
+        try:
+            make().run()
+            return
+        except LedgerError as err:
+            if delay is None:
+                raise
+            log.warning("the ledger failed (%s); resuming from it in %.0f s",
+                        str(err).splitlines()[0], delay)
+            sleep(delay)
 

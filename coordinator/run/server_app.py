@@ -15,7 +15,7 @@ from training.corpus import load_corpus
 
 from coordinator.accounting.credits import ReceiptIssuer
 from coordinator.run.model_store import ModelStore
-from coordinator.run.loop import RunLoop
+from coordinator.run.loop import RunLoop, run_resuming
 from coordinator.rundir import RunDir
 from coordinator.run.transport import FlowerTransport
 
@@ -50,10 +50,15 @@ def main(grid: Grid, context: Context) -> None:
     cfg = rd.config()
     with rd.ledger(cfg) as ledger:
         try:
-            store = ModelStore.open(rd.checkpoints, cfg, ledger)
             issuer = ReceiptIssuer.load(rd.key_path)  # once: every receipt of this run
-            RunLoop(cfg, ledger, FlowerTransport(grid), store, load_corpus(rd.corpus),
-                    issuer=issuer, blobs=BlobDir(rd.blobs)).run()
+            corpus = load_corpus(rd.corpus)
+
+            def make() -> RunLoop:  # from what the ledger holds (again after an outage)
+                return RunLoop(cfg, ledger, FlowerTransport(grid),
+                               ModelStore.open(rd.checkpoints, cfg, ledger), corpus,
+                               issuer=issuer, blobs=BlobDir(rd.blobs))
+
+            run_resuming(make)
         except Exception as err:
             logging.getLogger("coordinator").exception("run failed")
             ledger.add_event("error", f"run failed: {str(err).splitlines()[0][:300]}")

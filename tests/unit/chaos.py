@@ -47,9 +47,11 @@ class Crash(BaseException):
 
 
 @contextlib.contextmanager
-def crash_at_write(ledger: Ledger, n: int | None) -> Iterator[list[int]]:
-    """Raise ``Crash`` as ``ledger`` starts its ``n``-th write (None: never); yields a
-    one-element list holding the count of writes so far."""
+def crash_at_write(ledger: Ledger, n: int | None, error: type[BaseException] = Crash
+                   ) -> Iterator[list[int]]:
+    """Raise ``error`` as ``ledger`` starts its ``n``-th write (None: never); yields a
+    one-element list holding the count of writes so far. ``error=LedgerError`` is the
+    database failing under a live coordinator instead of the coordinator dying."""
     count = [0]
     original = ledger._write
 
@@ -57,7 +59,7 @@ def crash_at_write(ledger: Ledger, n: int | None) -> Iterator[list[int]]:
     def write(what: str):  # type: ignore[no-untyped-def]
         count[0] += 1
         if count[0] == n:
-            raise Crash(f"killed at write {n} ({what})")
+            raise error(f"write {n} ({what}) failed")
         with original(what) as session:
             yield session
 

@@ -11,10 +11,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from chaos import count_writes, crash_points, trial
+from chaos import SPECS, VERIFY, count_writes, crash_at_write, crash_points, trial, violations
 
+from fake_network import FakeTransport
+from loop_world import build_test_corpus, make_net
+
+from coordinator.accounting.credits import ReceiptIssuer
+from coordinator.run.loop import RunLoop, run_resuming
+from coordinator.run.model_store import ModelStore
+from protocol.blobstore import BlobDir
+from protocol.errors import LedgerError
+from protocol.signing import generate_key
 from training.corpus import CorpusInfo
-from loop_world import build_test_corpus
 
 ROUNDS = 2
 TRIALS = int(os.environ.get("ATOM_CHAOS_TRIALS", "6"))
@@ -41,3 +49,45 @@ def test_killed_anywhere_and_restarted_loses_nothing(tmp_path: Path, corpus: Cor
                                                      writes: int, i: int) -> None:
     n = crash_points(writes, TRIALS, seed=2026)[i]
     assert trial(tmp_path, corpus, ROUNDS, n) == [], f"killed at write {n} of {writes}"
+
+
+@pytest.mark.parametrize("at", [0.3, 0.7])
+def test_a_ledger_outage_under_a_live_coordinator_is_ridden_out(
+        tmp_path: Path, corpus: CorpusInfo, writes: int, at: float) -> None:
+    # the database fails one write (a PostgreSQL restart, say): the open transaction rolls
+    # back, and run_resuming rebuilds the loop from the ledger after a pause, as a restart
+    key = generate_key()
+    net = make_net(tmp_path, corpus, SPECS, rounds=ROUNDS, verify=VERIFY, seed=3,
+                   issuer=ReceiptIssuer(key))
+    loops: list[RunLoop] = []
+
+    def make() -> RunLoop:
+        loop = RunLoop(net.cfg, net.ledger, FakeTransport(net.nodes, net.clock,
+                                                          BlobDir(tmp_path / "blobs")),
+                       ModelStore.open(tmp_path / "checkpoints", net.cfg, net.ledger), corpus,
+                       clock=net.clock, sleep=net.clock.sleep, issuer=ReceiptIssuer(key),
+                       blobs=BlobDir(tmp_path / "blobs"))
+        loops.append(loop)
+        return loop
+
+    paused: list[float] = []
+    with crash_at_write(net.ledger, int(writes * at), LedgerError):
+        run_resuming(make, delays=(5.0, 10.0), sleep=paused.append)
+    assert paused == [5.0] and len(loops) == 2
+    assert violations(net.ledger, loops[-1].store, ROUNDS, key) == []
+    net.ledger.close()
+
+
+def test_a_ledger_that_stays_down_ends_the_run(tmp_path: Path, corpus: CorpusInfo) -> None:
+    net = make_net(tmp_path, corpus, SPECS, rounds=ROUNDS)
+    calls: list[int] = []
+
+    def make() -> RunLoop:
+        calls.append(1)
+        raise LedgerError("ledger sqlite:///x failed: database is locked")
+
+    with pytest.raises(LedgerError, match="database is locked"):
+        run_resuming(make, delays=(1.0, 2.0), sleep=lambda s: None)
+    assert len(calls) == 3
+    net.ledger.close()
+
