@@ -75,7 +75,8 @@ from training.evaluate import eval_windows
 from training.inner import first_batch_loss
 from training.model import GPTConfig
 
-__all__ = ["BEHAVIOURS", "EVAL_LIES", "FakeClock", "FakeNode", "FakeTransport", "Sent", "enroll"]
+__all__ = ["BEHAVIOURS", "EVAL_LIES", "FakeClock", "FakeNode", "FakeTransport", "Sent", "enroll",
+           "work_seconds"]
 
 BEHAVIOURS = ("honest", "bf16", "wrong_key", "tamper", "nan", "replay", "late", "silent", "error",
               "sign_flip", "noise", "free_rider", "copy", "reuse", "stale", "stale_forged",
@@ -141,6 +142,12 @@ class FakeNode:
     blobs: BlobDir | None = None  # set by FakeTransport: the coordinator's store
     feedback: ErrorFeedback = field(default_factory=ErrorFeedback)  # topk: kept across leases
     upload: bool = True  # honest train payloads go up by digest (False: inline, as attacks do)
+    # simulated speed (fleet benchmarks): tokens per fake second; its work then takes fake
+    # time, one message after another, and its replies report that time as wall_s.
+    # None: instant, reporting the real (tiny) wall time
+    speed: float | None = None
+    free_at: float = 0.0  # fake time when the work already sent to it is done
+    busy_s: float = 0.0  # fake seconds of work done so far
     _last_train: RecordDict | None = None
     _last_base: dict[str, np.ndarray] | None = None  # "stale": the base of its last train lease
 
@@ -281,6 +288,10 @@ class FakeNode:
         except Exception as err:  # as Flower does: a raising ClientApp answers with an error
             return None, f"{type(err).__name__}: {err}", False
         update, arrays = self._parsed(reply)
+        if self.speed is not None:  # report the simulated time, signed as a node would
+            reply = self._signed(update, arrays, metrics=dataclasses.replace(
+                update.metrics, wall_s=work_seconds(update.lease, self.speed)))
+            update, arrays = self._parsed(reply)
         if how in EVAL_LIES and kind == "eval":
             return self._eval_lie(how, update, arrays), None, True
         # train: the pseudo-gradient the coordinator will decode (eval: the windows)
@@ -317,6 +328,16 @@ class FakeNode:
                 k: a + rng.normal(0.0, NOISE_SCALE * rms, a.shape).astype(np.float32)
                 for k, a in plain.items()}, codec)), None, True
         return reply, None, misbehaved
+
+
+EVAL_COST = 1 / 3  # a token evaluated costs a third of one trained (forward only)
+
+
+def work_seconds(lease: Lease, speed: float) -> float:
+    """Fake seconds a node of ``speed`` trained tokens/s spends on ``lease``."""
+    if lease.kind == "train":
+        return lease.inner_steps * lease.batch_size * lease.seq_len / speed
+    return (lease.data_end - lease.data_start) * EVAL_COST / speed
 
 
 def enroll(ledger: Ledger, specs: Iterable[str | tuple[str, Iterable[str]]],
@@ -361,6 +382,7 @@ class FakeTransport:
     blobs: BlobDir | None = None  # the coordinator's blob store (the loop's ``blobs``)
     sent: list[Sent] = field(default_factory=list)
     _pending: dict[str, tuple[Sent, RecordDict]] = field(default_factory=dict)
+    _due: dict[str, float] = field(default_factory=dict)  # msg id -> fake time its reply is ready
     _ids: Any = field(default_factory=lambda: itertools.count(1))
 
     def _by_fid(self, fid: int) -> FakeNode:
@@ -375,6 +397,11 @@ class FakeTransport:
         lease = parse_work(content).lease
         assert lease.kind == kind
         sent = Sent(f"msg-{next(self._ids)}", node, kind, lease, ttl)
+        if node.speed is not None:  # queued behind what the node already holds
+            work = work_seconds(lease, node.speed)
+            node.free_at = max(self.clock(), node.free_at) + work
+            node.busy_s += work
+            self._due[sent.msg_id] = node.free_at
         self.sent.append(sent)
         self._pending[sent.msg_id] = (sent, content)
         return sent.msg_id
@@ -391,6 +418,8 @@ class FakeTransport:
             if how == "late" and self.clock() <= sent.lease.deadline:
                 continue
             if not sent.node.ready(sent.kind, sent.lease):
+                continue
+            if self.clock() < self._due.get(mid, -math.inf):  # still working on it
                 continue
             del self._pending[mid]
             reply, error = sent.node.answer(sent.kind, content)

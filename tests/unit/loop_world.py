@@ -29,7 +29,11 @@ def run_toml(rounds: int, wait_s: float = 0, verify: str = NO_DUPLICATES,
              extra: str = "", run_id: str = "loop-test", train: str = "") -> str:
     """The test run; spot checks and eval quorum off unless ``verify`` (the [verify]
     section's body) says otherwise, so these tests see one lease per node and round (and
-    eval range); ``extra`` sections follow."""
+    eval range); ``train`` lines set or override [train] keys; ``extra`` sections follow."""
+    keys = {line.split("=")[0].strip(): line for line in train.splitlines() if "=" in line}
+    base = {"inner_steps": "inner_steps = 3", "batch_size": "batch_size = 2",
+            "seq_len": "seq_len = 32", "lr": "lr = 1e-2", "deadline_s": "deadline_s = 10"}
+    train = "\n".join({**base, **keys}.values())
     return f"""
 [run]
 id = "{run_id}"
@@ -48,11 +52,6 @@ block_size = 32
 eval_tokens = {EVAL_TOKENS}
 
 [train]
-inner_steps = 3
-batch_size = 2
-seq_len = 32
-lr = 1e-2
-deadline_s = 10
 {train}
 
 [outer]  # DiLoCo's outer step, so the momentum paths are exercised whatever the defaults

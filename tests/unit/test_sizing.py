@@ -95,3 +95,23 @@ def test_min_above_max_is_a_config_error(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="min_inner_steps must be <= max_inner_steps"):
         parse_config("[train]\nmin_inner_steps = 50\nmax_inner_steps = 10\n", tmp_path)
+
+
+def test_sizing_keeps_a_mixed_fleet_busy(tmp_path: Path) -> None:
+    # what sizing is for, in simulated time (bench/fleet.py): in lock-step rounds a 4x node
+    # with the same lease as a 1x node idles three quarters of the time; sized, it does not
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    from fleet import run  # noqa: E402
+
+    from loop_world import build_test_corpus
+
+    corpus = build_test_corpus(tmp_path / "corpus")
+    got = {}
+    for mode in ("fixed", "sized"):
+        (tmp_path / mode).mkdir()
+        got[mode] = run(mode, [1.0, 4.0], 3, 12, tmp_path / mode, corpus)
+    assert got["fixed"]["utilization_min"] < 0.3
+    assert got["sized"]["utilization_min"] > 0.6
+    assert got["sized"]["tokens_per_s"] > 1.8 * got["fixed"]["tokens_per_s"]
