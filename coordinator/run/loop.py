@@ -299,7 +299,7 @@ class RunLoop:
         hi = min(hi, lo + self.cfg.data.eval_tokens)
         nodes = {n.id: n for n in self._eligible()}
         leases = self.scheduler.lease_eval(rnd, sorted(nodes), self.store.version,
-                                           self.store.digest, [(lo, hi)])
+                                           self.store.digest, [(lo, hi)], self._speeds(nodes))
         quorum = plan_quorum(leases, {i: n.institution_id for i, n in nodes.items()},
                              self.cfg.verify.eval_quorum_rate, self.rng)
         batch = EvalBatch("eval", self.store.version, base=self.store.arrays, span=(lo, hi))

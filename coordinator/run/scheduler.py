@@ -35,6 +35,22 @@ class TrainLike(SizingLike, Protocol):
     weight_decay: float
 
 
+def _cuts(n: int, speeds: Sequence[float | None]) -> list[int]:
+    """Boundaries splitting ``n`` items over len(speeds) takers in proportion to their speeds
+    (all equal when none is known; an unknown one counts as the median of the known)."""
+    known = sorted(s for s in speeds if s is not None and s > 0)
+    k = len(speeds)
+    if not known or not k:  # even, counts differing by at most one
+        return [i * n // k for i in range(k + 1)] if k else [0]
+    fill = known[len(known) // 2]
+    w = [s if s is not None and s > 0 else fill for s in speeds]
+    total, acc, out = sum(w), 0.0, [0]
+    for x in w:
+        acc += x
+        out.append(round(n * acc / total))
+    return out
+
+
 def shard_seed(run_id: str, shard_id: int, epoch: int) -> int:
     """The batch-sampling seed of a train shard: the same for every issue of the shard within
     an epoch, so a reissue or a spot check reproduces the same work. Fits in int63."""
@@ -144,18 +160,22 @@ class Scheduler:
         return lease
 
     def lease_eval(self, round: int, node_ids: Sequence[int], base_version: int,
-                   base_digest: str, ranges: Sequence[tuple[int, int]]) -> dict[int, list[Lease]]:
+                   base_digest: str, ranges: Sequence[tuple[int, int]],
+                   speeds: Mapping[int, float | None] | None = None) -> dict[int, list[Lease]]:
         """Split the eval ``ranges`` over the nodes (id order) that hold no eval lease on this
         version: each node gets a contiguous run of ``seq_len`` blocks (counts differ by at
-        most one), as one lease per range it touches, its deadline counted from when what the
-        node already holds is due. Eval shard ids number the pieces of this call from 0."""
+        most one; with ``speeds``, in proportion to each node's tokens/s, a node of unknown
+        speed counted at the median), as one lease per range it touches, its deadline
+        counted from when what the node already holds is due. Eval shard ids number the
+        pieces of this call from 0."""
         blocks = [(s, min(s + self._train.seq_len, end))
                   for start, end in ranges for s in range(start, end, self._train.seq_len)]
         nodes = self._free(node_ids, "eval", base_version)[:len(blocks)]
+        cuts = _cuts(len(blocks), [(speeds or {}).get(n) for n in nodes])
         out: dict[int, list[Lease]] = {}
         piece = 0
         for i, node in enumerate(nodes):
-            mine = blocks[i * len(blocks) // len(nodes):(i + 1) * len(blocks) // len(nodes)]
+            mine = blocks[cuts[i]:cuts[i + 1]]
             spans: list[list[int]] = []
             for s, e in mine:
                 if spans and spans[-1][1] == s:

@@ -292,3 +292,14 @@ def test_received_lease_waits_for_its_verdict_past_the_deadline() -> None:
     again = s.lease_train(1, [3, 4], 0, BASE)
     # ... and the rejected and the expired shard are both leased again first
     assert {lease.shard_id for lease in again.values()} == {held.shard_id, gone.shard_id}
+
+
+def test_eval_split_in_proportion_to_speed() -> None:
+    s = make()
+    # 12 blocks of seq_len over a 1x, a 2x and a node of unknown speed (counted at the
+    # median of the known: 2x): 12 x 1/5, 2/5, 2/5 -> 2.4, 4.8, 4.8 blocks -> cuts 2, 7, 12
+    seq = s._train.seq_len
+    ev = s.lease_eval(0, [1, 2, 3], 0, BASE, [(0, 12 * seq)], {1: 100.0, 2: 200.0})
+    sizes = {n: sum(x.data_end - x.data_start for x in ls) // seq for n, ls in ev.items()}
+    assert sizes == {1: 2, 2: 5, 3: 5}
+
