@@ -19,6 +19,7 @@ ratios sized/fixed. The asynchronous loop (issue 10, not built yet) is the next 
 
     python bench/fleet.py                 # speeds 1,2,4, 6 rounds
     python bench/fleet.py --speeds 1,1,4 --rounds 8 --json
+    python bench/fleet.py --speeds 1,2,4,2 --leave 20,45   # the 4th node is off for 25 s
 
 Run on demand; not part of the test suite.
 """
@@ -47,7 +48,7 @@ STEP_TOKENS = 2 * 32  # the test run's batch_size x seq_len
 
 
 def run(mode: str, speeds: list[float], rounds: int, inner_steps: int, tmp: Path,
-        corpus: Any) -> dict[str, Any]:
+        corpus: Any, leave: tuple[float, float] | None = None) -> dict[str, Any]:
     lease_s = inner_steps * STEP_TOKENS / BASE_SPEED  # what the 1x node's fixed lease takes
     train = f"inner_steps = {inner_steps}\ndeadline_s = {20 * lease_s:g}\n"
     if mode == "sized":
@@ -61,6 +62,8 @@ def run(mode: str, speeds: list[float], rounds: int, inner_steps: int, tmp: Path
     start = net.clock()
     for node in net.nodes:
         node.free_at = start
+    if leave is not None:  # the last node's machine is off for a while, losing its lease
+        net.nodes[-1].away = (start + leave[0], start + leave[1])
     net.run()
     wall = net.clock() - start
     out = _summary(net.ledger, wall, net.nodes)
@@ -85,18 +88,22 @@ def main() -> int:
     p.add_argument("--speeds", default="1,2,4", help="node speeds, multiples of the slowest")
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--inner-steps", type=int, default=12, help="fixed lease (the 1x node's)")
+    p.add_argument("--leave", metavar="FROM,UNTIL",
+                   help="the last node is off from FROM to UNTIL simulated seconds")
     p.add_argument("--json", action="store_true", help="print one JSON object last")
     a = p.parse_args()
+    leave = tuple(float(x) for x in a.leave.split(",")) if a.leave else None
     speeds = [float(x) for x in a.speeds.split(",")]
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    out: dict[str, Any] = {"speeds": speeds, "rounds": a.rounds}
+    out: dict[str, Any] = {"speeds": speeds, "rounds": a.rounds, "leave": leave}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         corpus = build_test_corpus(root / "corpus")
         for mode in ("fixed", "sized"):
             (root / mode).mkdir()
-            out[mode] = run(mode, speeds, a.rounds, a.inner_steps, root / mode, corpus)
+            out[mode] = run(mode, speeds, a.rounds, a.inner_steps, root / mode, corpus,
+                            leave)  # type: ignore[arg-type]
             m = out[mode]
             print(f"{mode:5}: wall {m['wall_s']} s, utilization {m['utilization']}, "
                   f"{m['tokens_per_s']} tokens/s, val loss {m['val_loss']:.4f}", file=sys.stderr)

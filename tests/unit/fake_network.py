@@ -147,6 +147,7 @@ class FakeNode:
     # None: instant, reporting the real (tiny) wall time
     speed: float | None = None
     free_at: float = 0.0  # fake time when the work already sent to it is done
+    away: tuple[float, float] | None = None  # fake [from, until): the machine is off
     busy_s: float = 0.0  # fake seconds of work done so far
     _last_train: RecordDict | None = None
     _last_base: dict[str, np.ndarray] | None = None  # "stale": the base of its last train lease
@@ -382,14 +383,19 @@ class FakeTransport:
     blobs: BlobDir | None = None  # the coordinator's blob store (the loop's ``blobs``)
     sent: list[Sent] = field(default_factory=list)
     _pending: dict[str, tuple[Sent, RecordDict]] = field(default_factory=dict)
-    _due: dict[str, float] = field(default_factory=dict)  # msg id -> fake time its reply is ready
+    # msg id -> (fake start, fake time its reply is ready, work seconds)
+    _due: dict[str, tuple[float, float, float]] = field(default_factory=dict)
     _ids: Any = field(default_factory=lambda: itertools.count(1))
 
     def _by_fid(self, fid: int) -> FakeNode:
         return next(n for n in self.nodes if n.flower_id == fid)
 
+    def _up(self, node: FakeNode) -> bool:
+        away = node.away
+        return node.online and not (away and away[0] <= self.clock() < away[1])
+
     def online(self) -> list[int]:
-        return sorted(n.flower_id for n in self.nodes if n.online)
+        return sorted(n.flower_id for n in self.nodes if self._up(n))
 
     def send(self, dst: int, kind: str, content: RecordDict, ttl: float) -> str:
         node = self._by_fid(dst)
@@ -399,9 +405,9 @@ class FakeTransport:
         sent = Sent(f"msg-{next(self._ids)}", node, kind, lease, ttl)
         if node.speed is not None:  # queued behind what the node already holds
             work = work_seconds(lease, node.speed)
-            node.free_at = max(self.clock(), node.free_at) + work
-            node.busy_s += work
-            self._due[sent.msg_id] = node.free_at
+            begin = max(self.clock(), node.free_at)
+            node.free_at = begin + work
+            self._due[sent.msg_id] = (begin, node.free_at, work)
         self.sent.append(sent)
         self._pending[sent.msg_id] = (sent, content)
         return sent.msg_id
@@ -413,14 +419,22 @@ class FakeTransport:
                 continue
             sent, content = self._pending[mid]
             how = sent.node.behaviour if sent.kind in sent.node.on else "honest"
-            if how == "silent" or not sent.node.online:
+            if how == "silent" or not self._up(sent.node):
                 continue
             if how == "late" and self.clock() <= sent.lease.deadline:
                 continue
             if not sent.node.ready(sent.kind, sent.lease):
                 continue
-            if self.clock() < self._due.get(mid, -math.inf):  # still working on it
-                continue
+            if mid in self._due:
+                begin, due, work = self._due[mid]
+                away = sent.node.away
+                if away and begin < away[1] and due > away[0]:  # it left mid-work: lost
+                    del self._pending[mid]
+                    sent.node.free_at = max(sent.node.free_at, away[1])
+                    continue
+                if self.clock() < due:  # still working on it
+                    continue
+                sent.node.busy_s += work
             del self._pending[mid]
             reply, error = sent.node.answer(sent.kind, content)
             out.append(Reply(mid, sent.node.flower_id, reply, error))
