@@ -28,8 +28,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from coordinator.services.pki import make_pki  # noqa: E402
 from coordinator.services.grpc_service import BlobService, serve  # noqa: E402
+from coordinator.services.pki import make_pki  # noqa: E402
 from node.blobs import BlobFetcher, CoordinatorBlobs  # noqa: E402
 from protocol import coordinator_pb2_grpc as pb_grpc  # noqa: E402
 from protocol.blobstore import BlobDir  # noqa: E402

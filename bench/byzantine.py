@@ -71,8 +71,8 @@ from fake_network import FakeClock, FakeTransport, enroll  # noqa: E402
 
 from coordinator.config import parse_config  # noqa: E402
 from coordinator.ledger import Ledger  # noqa: E402
-from coordinator.run.model_store import ModelStore  # noqa: E402
 from coordinator.run.loop import RunLoop  # noqa: E402
+from coordinator.run.model_store import ModelStore  # noqa: E402
 from protocol.blobstore import BlobDir  # noqa: E402
 from training.corpus import build_stdlib_corpus  # noqa: E402
 from training.evaluate import evaluate  # noqa: E402

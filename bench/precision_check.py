@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import training.inner as inner  # noqa: E402
 from coordinator.config import RunConfig  # noqa: E402
 from coordinator.run.model_store import model_config  # noqa: E402
-from coordinator.verify.rules import rel_l2  # noqa: E402
 from coordinator.verify.round_judge import _local, _windows  # noqa: E402
+from coordinator.verify.rules import rel_l2  # noqa: E402
 from training.corpus import build_stdlib_corpus  # noqa: E402
 from training.evaluate import evaluate  # noqa: E402
 from training.state import init_arrays  # noqa: E402

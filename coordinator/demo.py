@@ -20,10 +20,10 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from protocol.errors import AtomError, NetworkError
 from protocol.processes import flower_env, free_port, spawn, stop
 
-from coordinator.services.launcher import Coordinator
-from coordinator.ledger import Ledger
 from coordinator.accounting.report import run_summary
+from coordinator.ledger import Ledger
 from coordinator.rundir import RunDir, create_invite, init_run
+from coordinator.services.launcher import Coordinator
 
 __all__ = ["run_demo"]
 

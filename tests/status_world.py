@@ -19,9 +19,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import create_engine, text
 
-from coordinator.services.enrollment import Enroller
 from coordinator.ledger import Ledger
 from coordinator.rundir import RunDir, init_run
+from coordinator.services.enrollment import Enroller
 from coordinator.services.grpc_service import CoordinatorService, serve
 from coordinator.services.status import StatusDesk
 from protocol.processes import free_port

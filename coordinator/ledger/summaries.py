@@ -11,8 +11,8 @@ from sqlmodel import col
 from protocol.errors import Reason
 from protocol.kinds import Kind, Verdict
 
-from coordinator.verify.trust import NEW_NODE_TRUST, trust_score
 from coordinator.ledger.models import CreditEntry, Institution, LeaseRow, Node, UpdateRow
+from coordinator.verify.trust import NEW_NODE_TRUST, trust_score
 
 __all__ = ["NodeSummary", "node_summaries_query"]
 

@@ -3,9 +3,10 @@
 One round leases, on the current version v, each eligible node one distinct train shard
 (spot checkers train another node's shard again) and, queued behind it on the same nodes,
 v's evaluation if it has none yet (the validation slice split over the nodes, some pieces
-also leased to a second node for a quorum). Every reply is screened by ``verifier.verify``
-as it arrives. Once all train replies are in, ``round_judge`` judges them together and the
-accepted pseudo-gradients are aggregated and applied with the outer optimizer into v + 1.
+also leased to a second node for a quorum). Every reply is screened by
+``verify.reply.verify`` as it arrives. Once all train replies are in, ``verify.round_judge``
+judges them together and the accepted pseudo-gradients are aggregated and applied with the
+outer optimizer into v + 1.
 The evaluation is judged when its last reply is in — usually while the nodes already train
 v + 1 (``eval_judge`` recomputes a sample of every reply's windows; v's validation loss sums
 the accepted replies, and any part no accepted reply covers is evaluated here, so every
@@ -32,18 +33,18 @@ from training.checkpoint import load_checkpoint
 from training.corpus import CorpusInfo
 from training.shards import data_digest, make_shards
 
-from coordinator.aggregators import get_aggregator
-from coordinator.run.batches import Batch, EvalBatch, Sent, TrainBatch
-from coordinator.config import RunConfig
 from coordinator.accounting.credits import ReceiptIssuer
-from coordinator.verify.eval_judge import EvalJudge, plan_quorum, validation_loss
-from coordinator.verify.record import record_judged, screen_reply
+from coordinator.aggregators import get_aggregator
+from coordinator.config import RunConfig
 from coordinator.ledger import Ledger, Node
+from coordinator.run.batches import Batch, EvalBatch, Sent, TrainBatch
 from coordinator.run.model_store import ModelStore
-from coordinator.verify.round_judge import Candidate, RoundJudge
 from coordinator.run.scheduler import Scheduler
 from coordinator.run.sizing import HISTORY, tokens_per_s
 from coordinator.run.transport import Transport
+from coordinator.verify.eval_judge import EvalJudge, plan_quorum, validation_loss
+from coordinator.verify.record import record_judged, screen_reply
+from coordinator.verify.round_judge import Candidate, RoundJudge
 from coordinator.verify.trust import NEW_NODE_TRUST, PROBATION_UPDATES, plan_spot_checks
 
 __all__ = ["LEDGER_RETRY_DELAYS_S", "RunLoop", "run_resuming"]

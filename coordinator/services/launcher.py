@@ -16,15 +16,15 @@ from protocol.errors import NetworkError
 from protocol.processes import free_port, process_token
 from training.corpus import CorpusInfo, build_folder_corpus, build_stdlib_corpus
 
-from coordinator.config import RunConfig
 from coordinator.accounting.credits import ReceiptIssuer
-from coordinator.services.enrollment import Enroller
-from coordinator.services.fleet_proxy import FleetProxy
+from coordinator.config import RunConfig
 from coordinator.ledger import Ledger
 from coordinator.run.model_store import model_config, model_params
-from coordinator.services.revocation import clear_superlink_state, unregister_revoked, write_superlink_state
 from coordinator.rundir import RunDir
+from coordinator.services.enrollment import Enroller
+from coordinator.services.fleet_proxy import FleetProxy
 from coordinator.services.grpc_service import CoordinatorService, serve, upload_limit
+from coordinator.services.revocation import clear_superlink_state, unregister_revoked, write_superlink_state
 from coordinator.services.superlink import SuperLink
 
 __all__ = ["Coordinator", "prepare_corpus"]

@@ -21,8 +21,8 @@ from protocol.errors import LedgerError, ProtocolError, Reason, VerificationErro
 from protocol.signing import verify
 from protocol.status import STATUS_FORMAT, TEAM, VIEWS, StatusQuery, status_request_bytes
 
-from coordinator.ledger.reads import LedgerReads
 from coordinator.accounting.statements import CLOCK_SKEW, WINDOW_S
+from coordinator.ledger.reads import LedgerReads
 from coordinator.services.views import events_view, network_view, node_detail, progress_view, run_info
 
 __all__ = ["AccessDenied", "NoSuchNode", "StatusDesk"]

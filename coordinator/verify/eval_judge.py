@@ -41,12 +41,12 @@ from protocol.messages import EVAL_WINDOWS, Lease
 from training.evaluate import eval_windows, evaluate, window_losses
 from training.model import GPTConfig
 
-from coordinator.config import RunConfig
 from coordinator.accounting.credits import ReceiptIssuer
-from coordinator.verify.record import Judged, record_judged
+from coordinator.config import RunConfig
 from coordinator.ledger import Ledger
-from coordinator.verify.round_judge import Candidate
+from coordinator.verify.record import Judged, record_judged
 from coordinator.verify.reply import Ruling
+from coordinator.verify.round_judge import Candidate
 
 __all__ = ["EvalJudge", "ValLoss", "agrees", "plan_quorum", "validation_loss"]
 

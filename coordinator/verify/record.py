@@ -23,8 +23,8 @@ from protocol.digest import arrays_from_bytes
 from protocol.errors import BlobError, ProtocolError, Reason
 from protocol.messages import Kind, Lease, Update, Verdict, parse_reply
 
-from coordinator.config import RunConfig
 from coordinator.accounting.credits import ReceiptIssuer, charge_penalty, pay_credit
+from coordinator.config import RunConfig
 from coordinator.ledger import Ledger
 from coordinator.ledger import UpdateRow
 from coordinator.verify.reply import Expected, Ruling, verify

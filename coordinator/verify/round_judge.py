@@ -33,11 +33,11 @@ from training.evaluate import evaluate
 from training.inner import first_batch_loss, train_inner
 from training.model import GPTConfig
 
-from coordinator.verify import rules
-from coordinator.config import RunConfig
 from coordinator.accounting.credits import ReceiptIssuer
-from coordinator.verify.record import Judged, record_judged
+from coordinator.config import RunConfig
 from coordinator.ledger import Ledger, Node
+from coordinator.verify import rules
+from coordinator.verify.record import Judged, record_judged
 from coordinator.verify.reply import Ruling
 
 __all__ = ["Candidate", "RoundJudge", "VerifyCost"]

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from coordinator.rundir import RunDir, init_run
 from coordinator.services.launcher import Coordinator
 from coordinator.services.revocation import revoke_node, running_superlink
-from coordinator.rundir import RunDir, init_run
 from coordinator.services.superlink import SuperLink
 from node.credits import credits_report
 from node.identity import Enrollment, NodeHome

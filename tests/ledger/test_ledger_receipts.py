@@ -9,11 +9,11 @@ import pytest
 from sqlalchemy import create_engine
 from sqlmodel import SQLModel
 
-from coordinator.config import CreditsParams
 from coordinator.accounting.credits import ReceiptIssuer, pay_credit
+from coordinator.accounting.statements import signed_receipt
+from coordinator.config import CreditsParams
 from coordinator.ledger import CreditReceipt, Ledger
 from coordinator.ledger.models import TABLES
-from coordinator.accounting.statements import signed_receipt
 from protocol.errors import LedgerError
 from protocol.messages import Lease, Update, UpdateMetrics
 from protocol.receipts import receipt_bytes, verify_receipt

@@ -20,13 +20,13 @@ from pathlib import Path
 import numpy as np
 from typer.testing import CliRunner
 
-from coordinator.config import RunConfig
 from coordinator.accounting.credits import ReceiptIssuer
-from coordinator.services.enrollment import Enroller
-from coordinator.verify.record import judge_reply
+from coordinator.config import RunConfig
 from coordinator.ledger import Ledger
 from coordinator.rundir import RunDir, create_invite, init_run
+from coordinator.services.enrollment import Enroller
 from coordinator.services.grpc_service import CoordinatorService, serve
+from coordinator.verify.record import judge_reply
 from node.cli import app as node_app
 from node.enroll import enroll
 from node.identity import NodeHome

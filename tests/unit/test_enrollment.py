@@ -18,11 +18,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-from coordinator.services.enrollment import Enrolled, Enroller
 from coordinator.ledger import Ledger
-from coordinator.services.pki import ca_sha256, make_pki
 from coordinator.rundir import RunDir, create_invite, init_run
+from coordinator.services.enrollment import Enrolled, Enroller
 from coordinator.services.grpc_service import CoordinatorService, serve
+from coordinator.services.pki import ca_sha256, make_pki
 from node.enroll import enroll
 from node.identity import Enrollment, NodeHome
 from protocol import coordinator_pb2 as pb

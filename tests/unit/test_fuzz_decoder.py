@@ -29,8 +29,8 @@ from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
 from coordinator.config import RunConfig, parse_config
-from coordinator.verify.record import judge_reply
 from coordinator.ledger import Ledger
+from coordinator.verify.record import judge_reply
 from protocol.digest import digest_arrays
 from protocol.errors import ProtocolError
 from protocol.messages import Lease, Update, UpdateMetrics, parse_reply, reply_content

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from coordinator.services.launcher import Coordinator
 from coordinator.rundir import init_run
+from coordinator.services.launcher import Coordinator
 from protocol.processes import free_port
 
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from coordinator.accounting.leaderboard import CSV_COLUMNS, leaderboard
 from coordinator.cli import app as coordinator_app
 from coordinator.ledger import Ledger, NodeSummary
-from coordinator.accounting.leaderboard import CSV_COLUMNS, leaderboard
 from coordinator.rundir import RunDir, init_run
 
 # (institution, node, [(kind, tokens, verdict, credit)])

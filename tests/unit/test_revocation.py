@@ -16,9 +16,9 @@ from test_run_loop import (  # noqa: F401  (fixtures)
 )
 from typer.testing import CliRunner
 
-from coordinator.services import revocation
 from coordinator.cli import app
 from coordinator.ledger import Ledger
+from coordinator.services import revocation
 from coordinator.services.revocation import (
     clear_superlink_state, revoke_invites, revoke_node, running_superlink, unregister_revoked,
     write_superlink_state,

@@ -15,9 +15,9 @@ import torch
 
 from coordinator.config import RunConfig, parse_config
 from coordinator.ledger import Ledger
+from coordinator.run.loop import RunLoop
 from coordinator.run.model_store import ModelStore
 from coordinator.run.outer import NesterovOuter
-from coordinator.run.loop import RunLoop
 from protocol.compression import apply_delta, encode_delta
 from protocol.errors import CheckpointError, Reason
 from training.checkpoint import load_checkpoint

@@ -12,8 +12,8 @@ import pytest
 from typer.testing import CliRunner
 
 from coordinator import cli
-from coordinator.cli import app
 from coordinator.accounting.credits import ReceiptIssuer
+from coordinator.cli import app
 from coordinator.rundir import RunDir
 from protocol.receipts import RECEIPT_PREFIX, Receipt, receipt_bytes
 from protocol.signing import load_public_key, public_key_pem
