@@ -27,14 +27,18 @@ def utc(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 async def settle(pilot: Pilot[None], rounds: int = 3) -> None:
     """Let every pending read finish and its snapshot reach the widgets. (Not
-    ``workers.wait_for_complete()``: it raises for a read that a newer one cancelled.)"""
+    ``workers.wait_for_complete()``: it raises for a read that a newer one cancelled.)
+    Generous on a loaded machine: a read may take seconds when the whole suite runs beside
+    it, and a table laid out before its rows landed once showed squeezed columns."""
     busy = (WorkerState.PENDING, WorkerState.RUNNING)
     for _ in range(rounds):
-        for _ in range(500):
+        for _ in range(3000):
             if not any(w.state in busy for w in pilot.app.workers):
                 break
             await asyncio.sleep(0.01)
         await pilot.pause()
+    await pilot.wait_for_scheduled_animations()
+    await pilot.pause()
 
 
 AppFactory = Callable[..., AtomApp]
