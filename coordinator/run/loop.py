@@ -19,7 +19,7 @@ import dataclasses
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,7 +27,6 @@ from flwr.app import RecordDict
 
 from protocol.blobstore import BlobDir
 from protocol.digest import arrays_to_bytes
-from protocol.errors import LedgerError
 from protocol.messages import Kind, Lease, Verdict, work_content
 from training.checkpoint import load_checkpoint
 from training.corpus import CorpusInfo
@@ -47,7 +46,7 @@ from coordinator.verify.record import record_judged, screen_reply
 from coordinator.verify.round_judge import Candidate, RoundJudge
 from coordinator.verify.trust import NEW_NODE_TRUST, PROBATION_UPDATES, plan_spot_checks
 
-__all__ = ["LEDGER_RETRY_DELAYS_S", "RunLoop", "run_resuming"]
+__all__ = ["RunLoop"]
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +54,6 @@ log = logging.getLogger(__name__)
 Outbox = dict[int, list[tuple[Lease, Batch]]]
 
 _POLL_S = 0.2
-# a ledger that fails (the database restarted, a commit lost) is waited for this long in
-# all, then the loop resumes from what it committed (~2 min)
-LEDGER_RETRY_DELAYS_S = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0)
 _TTL_SLACK_S = 600.0
 _BENCH_S = 90.0  # a node that missed a deadline sits out this long (Flower needs ~70 s to drop it)
 
@@ -151,9 +147,7 @@ class RunLoop:
         """Score an older version the coordinator itself (its evaluation was in flight when
         the coordinator stopped, and the nodes have moved on)."""
         base, _ = load_checkpoint(path)
-        lo, hi = self.corpus.val_range
-        hi = min(hi, lo + self.cfg.data.eval_tokens)
-        loss_sum, tokens = self.eval_judge.evaluate_range(base, lo, hi)
+        loss_sum, tokens = self.eval_judge.evaluate_range(base, *self._val_span())
         self.ledger.set_val_loss(version, loss_sum / tokens if tokens else None, tokens,
                                  windows_recomputed=0, local_tokens=tokens)
         self._evaluated.add(version)
@@ -253,24 +247,21 @@ class RunLoop:
         the verdicts, credits, receipts and the version commit together (a coordinator
         killed before the end has accepted nothing of the round, and redoes it)."""
         with self.ledger.atomic("close a round"):
-            self._close_train_now(rnd, batch)
-
-    def _close_train_now(self, rnd: int, batch: TrainBatch) -> None:
-        kept = self._judge_round(rnd, batch.cands, batch.screened_out, batch.pairs)
-        if not kept:
-            self.ledger.add_event("round", f"round {rnd}: no accepted update; "
-                                           f"version {self.store.version} stays")
-            return
-        trust = batch.trust
-        weights = [float(c.judged.update.metrics.tokens) * (
-            trust.get(c.node.id, NEW_NODE_TRUST) if self.cfg.verify.trust_weighting else 1.0)
-            for c in kept]
-        delta = self.aggregator.aggregate([c.arrays for c in kept], weights)
-        tokens = sum(c.judged.update.metrics.tokens for c in kept)
-        version = self.store.advance(delta, self.ledger, round=rnd, n_updates=len(kept),
-                                     tokens=tokens)
-        self.ledger.add_event("version", f"round {rnd}: version {version} from "
-                                         f"{len(kept)} updates ({tokens} tokens)")
+            kept = self._judge_round(rnd, batch.cands, batch.screened_out, batch.pairs)
+            if not kept:
+                self.ledger.add_event("round", f"round {rnd}: no accepted update; "
+                                               f"version {self.store.version} stays")
+                return
+            trust, weighted = batch.trust, self.cfg.verify.trust_weighting
+            weights = [float(c.judged.update.metrics.tokens)
+                       * (trust.get(c.node.id, NEW_NODE_TRUST) if weighted else 1.0)
+                       for c in kept]
+            delta = self.aggregator.aggregate([c.arrays for c in kept], weights)
+            tokens = sum(c.judged.update.metrics.tokens for c in kept)
+            version = self.store.advance(delta, self.ledger, round=rnd, n_updates=len(kept),
+                                         tokens=tokens)
+            self.ledger.add_event("version", f"round {rnd}: version {version} from "
+                                             f"{len(kept)} updates ({tokens} tokens)")
 
     def _judge_round(self, rnd: int, cands: list[Candidate], screened_out: list[Lease],
                      pairs: list[tuple[Lease, Lease]]) -> list[Candidate]:
@@ -293,11 +284,15 @@ class RunLoop:
                 kept.append(c)
         return kept
 
+    def _val_span(self) -> tuple[int, int]:
+        """The validation tokens every version is scored on: the first ``eval_tokens``."""
+        lo, hi = self.corpus.val_range
+        return lo, min(hi, lo + self.cfg.data.eval_tokens)
+
     def _eval_leases(self, rnd: int, work: Outbox) -> None:
         """Split the validation slice of the current version over the nodes (some pieces to
         a second node for a quorum), each queued behind the node's train lease."""
-        lo, hi = self.corpus.val_range
-        hi = min(hi, lo + self.cfg.data.eval_tokens)
+        lo, hi = self._val_span()
         nodes = {n.id: n for n in self._eligible()}
         leases = self.scheduler.lease_eval(rnd, sorted(nodes), self.store.version,
                                            self.store.digest, [(lo, hi)], self._speeds(nodes))
@@ -457,24 +452,3 @@ class RunLoop:
                               f"{sent.lease.shard_id} ({error.splitlines()[0][:160]}); "
                               "it goes back to the pool", node_id=sent.node.id)
         self._bench(sent.node, "failed a lease")
-
-
-def run_resuming(make: Callable[[], RunLoop], *,
-                 delays: Sequence[float] = LEDGER_RETRY_DELAYS_S,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
-    """Run the loop ``make`` builds; when the ledger fails under it (``LedgerError``: the
-    database went away or refused a commit), wait and build it again from what the ledger
-    holds — the open transaction rolled back, so this is a resume after a crash (leases in
-    flight closed, the round redone). A ledger still failing after ``delays`` ends the run;
-    any other error ends it at once."""
-    for delay in [*delays, None]:
-        try:
-            make().run()
-            return
-        except LedgerError as err:
-            if delay is None:
-                raise
-            log.warning("the ledger failed (%s); resuming from it in %.0f s",
-                        str(err).splitlines()[0], delay)
-            sleep(delay)
-

@@ -14,7 +14,8 @@ from protocol.processes import watch_owner
 from training.corpus import load_corpus
 
 from coordinator.accounting.credits import ReceiptIssuer
-from coordinator.run.loop import RunLoop, run_resuming
+from coordinator.run.loop import RunLoop
+from coordinator.run.resume import run_resuming
 from coordinator.run.model_store import ModelStore
 from coordinator.run.transport import FlowerTransport
 from coordinator.rundir import RunDir

@@ -83,41 +83,33 @@ def record_judged(judged: Judged, *, lease: Lease, lease_row_id: int, node_id: i
     """Record the verdict on one reply (received at ``now``): the update row, a "reject"
     event for a rejection, the credit and receipt for accepted work, the penalty for a lost
     check. The one place any of these is written, whichever stage decided the verdict."""
+    verdict, update = judged.verdict, judged.update
     # one transaction: no crash leaves a verdict without its credit, receipt or event
     with ledger.atomic("record a verdict"):
-        return _record(judged, lease=lease, lease_row_id=lease_row_id, node_id=node_id,
-                       node_name=node_name, cfg=cfg, ledger=ledger, now=now, issuer=issuer,
-                       improvement=improvement)
-
-
-def _record(judged: Judged, *, lease: Lease, lease_row_id: int, node_id: int, node_name: str,
-            cfg: RunConfig, ledger: Ledger, now: float, issuer: ReceiptIssuer | None,
-            improvement: float | None) -> UpdateRow:
-    verdict, update = judged.verdict, judged.update
-    if not verdict.accepted:
-        ledger.add_event("reject", f"{node_name}: {verdict.reason} — {verdict.detail}",
-                         node_id=node_id)
-    if update is None:
-        return ledger.record_update(lease_id=lease_row_id, node_id=node_id, arrays_digest="",
-                                    verdict=Verdict.REJECTED.value, tokens=0, steps=0,
-                                    loss_before=None, loss_after=None, wall_s=None,
-                                    reason=verdict.reason,
-                                    detail=verdict.detail, received_at=now)
-    m = update.metrics
-    row = ledger.record_update(
-        lease_id=lease_row_id, node_id=node_id, arrays_digest=update.arrays_digest,
-        verdict=(Verdict.ACCEPTED if verdict.accepted else Verdict.REJECTED).value,
-        tokens=m.tokens, steps=m.steps,
-        loss_before=_num(m.loss_before), loss_after=_num(m.loss_after), wall_s=_num(m.wall_s),
-        reason=verdict.reason, detail=verdict.detail, norm=verdict.norm,
-        improvement=improvement, received_at=now)
-    if verdict.accepted:
-        pay_credit(ledger, cfg.credits, issuer, node_id=node_id, lease=lease, update=update,
-                   update_id=row.id, now=now)
-    elif verdict.reason in Reason.MISMATCHES:
-        charge_penalty(ledger, cfg.credits, issuer, node_id=node_id, lease=lease,
-                       update=update, update_id=row.id, now=now, reason=verdict.reason)
-    return row
+        if not verdict.accepted:
+            ledger.add_event("reject", f"{node_name}: {verdict.reason} — {verdict.detail}",
+                             node_id=node_id)
+        if update is None:
+            return ledger.record_update(lease_id=lease_row_id, node_id=node_id, arrays_digest="",
+                                        verdict=Verdict.REJECTED.value, tokens=0, steps=0,
+                                        loss_before=None, loss_after=None, wall_s=None,
+                                        reason=verdict.reason,
+                                        detail=verdict.detail, received_at=now)
+        m = update.metrics
+        row = ledger.record_update(
+            lease_id=lease_row_id, node_id=node_id, arrays_digest=update.arrays_digest,
+            verdict=(Verdict.ACCEPTED if verdict.accepted else Verdict.REJECTED).value,
+            tokens=m.tokens, steps=m.steps,
+            loss_before=_num(m.loss_before), loss_after=_num(m.loss_after), wall_s=_num(m.wall_s),
+            reason=verdict.reason, detail=verdict.detail, norm=verdict.norm,
+            improvement=improvement, received_at=now)
+        if verdict.accepted:
+            pay_credit(ledger, cfg.credits, issuer, node_id=node_id, lease=lease, update=update,
+                       update_id=row.id, now=now)
+        elif verdict.reason in Reason.MISMATCHES:
+            charge_penalty(ledger, cfg.credits, issuer, node_id=node_id, lease=lease,
+                           update=update, update_id=row.id, now=now, reason=verdict.reason)
+        return row
 
 
 def judge_reply(content: RecordDict, *, lease: Lease, lease_row_id: int, node_id: int,

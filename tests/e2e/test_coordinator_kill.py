@@ -16,7 +16,9 @@ import pytest
 from coordinator.demo import node_command
 from coordinator.ledger import Ledger
 from coordinator.rundir import create_invite, init_run
-from protocol.processes import _descendants, flower_env, free_port, spawn, stop
+from protocol.processes import (
+    _descendants, alive, flower_env, free_port, process_token, spawn, stop,
+)
 
 ROUNDS = 3
 
@@ -79,23 +81,14 @@ def test_killed_mid_round_the_run_resumes_and_loses_nothing(workdir: Path, victi
             _check(ledger)
             ledger.close()
             return
+        tokens = [process_token(pid) for pid in family]  # before the kill: pids get reused
         os.kill(coord.pid, signal.SIGKILL)
         coord.wait()
-
-        def alive() -> list[int]:
-            out = []
-            for pid in family:
-                try:
-                    state = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
-                except OSError:
-                    continue
-                if state not in (b"Z", b"X"):
-                    out.append(pid)
-            return out
         # the ServerApp watches for its coordinator (measured: all gone 1.5 s after the kill;
         # 6 s without the watch, when it notices its SuperLink is gone, and minutes when it
         # is busy judging)
-        _until(lambda: not alive(), 4, "the killed coordinator's processes to exit")
+        _until(lambda: not any(map(alive, tokens)), 4,
+               "the killed coordinator's processes to exit")
 
         coord = _start(workdir, "coordinator-2.log")
         assert coord.wait(timeout=600) == 0, (workdir / "coordinator-2.log").read_text()[-2000:]

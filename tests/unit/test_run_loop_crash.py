@@ -17,7 +17,8 @@ from fake_network import FakeTransport
 from loop_world import build_test_corpus, make_net
 
 from coordinator.accounting.credits import ReceiptIssuer
-from coordinator.run.loop import RunLoop, run_resuming
+from coordinator.run.loop import RunLoop
+from coordinator.run.resume import run_resuming
 from coordinator.run.model_store import ModelStore
 from protocol.blobstore import BlobDir
 from protocol.errors import LedgerError
