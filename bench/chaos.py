@@ -9,6 +9,7 @@ receipt per accepted update, the model and its optimizer state those of the late
 
     python bench/chaos.py                 # every write of a 2-round run
     python bench/chaos.py --rounds 3 --trials 40 --json
+    python bench/chaos.py --async --rounds 3 --trials 40    # the asynchronous loop
 
 Run on demand; the test suite runs a few of these points (``ATOM_CHAOS_TRIALS``).
 """
@@ -27,16 +28,18 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "unit")]  # the fake network lives with the tests
 
-from chaos import count_writes, crash_points, trial  # noqa: E402
+from chaos import ASYNC, run_chaos  # noqa: E402
 from loop_world import build_test_corpus  # noqa: E402
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=2, help="rounds (outer steps with --async)")
     p.add_argument("--trials", type=int, default=0, help="crash points (0: every write)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--async", dest="asynchronous", action="store_true",
+                   help="the asynchronous loop (two updates per outer step)")
     p.add_argument("--json", action="store_true", help="print one JSON object last")
     a = p.parse_args()
     torch.set_num_threads(1)
@@ -44,24 +47,13 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         corpus = build_test_corpus(root / "corpus")
-        (root / "count").mkdir()
-        writes = count_writes(root / "count", corpus, a.rounds)
-        points = (list(range(1, writes + 1)) if a.trials <= 0
-                  else crash_points(writes, a.trials, a.seed))
-        failed: dict[int, list[str]] = {}
-        for i, n in enumerate(points):
-            (root / f"t{n}").mkdir()
-            if bad := trial(root / f"t{n}", corpus, a.rounds, n):
-                failed[n] = bad
-            print(f"\r{i + 1}/{len(points)} crash points, {len(failed)} with violations",
-                  end="", file=sys.stderr)
-    print(file=sys.stderr)
-    for n, bad in failed.items():
-        print(f"killed at write {n}: {'; '.join(bad)}", file=sys.stderr)
-    print(json.dumps({"rounds": a.rounds, "writes_per_run": writes, "chaos_trials": len(points),
-                      "chaos_violations": len(failed),
-                      "seconds": round(time.perf_counter() - t0, 1)}))
-    return 1 if failed else 0
+        (root / "chaos").mkdir()
+        out = run_chaos(root / "chaos", corpus, a.rounds, a.trials, a.seed,
+                        ASYNC if a.asynchronous else "")
+    out["asynchronous"] = a.asynchronous
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    print(json.dumps(out))
+    return 1 if out["chaos_violations"] else 0
 
 
 if __name__ == "__main__":

@@ -155,13 +155,19 @@ def demo(
     ledger: Annotated[Optional[str], typer.Option(
         help="run on this (empty) ledger database, e.g. the local PostgreSQL [default: "
              "SQLite in the run directory]", metavar="URL")] = None,
+    asynchronous: Annotated[bool, typer.Option(
+        "--async", help="the asynchronous loop ([async] enabled): no round barrier, ROUNDS "
+                        "outer steps")] = False,
 ) -> None:
     """Run a whole network on this machine: coordinator + NODES local nodes, on CPU."""
     from coordinator.demo import demo_ok, run_demo
     from coordinator.accounting.report import render_summary
 
+    overrides: dict[str, object] = {} if ledger is None else {"ledger_url": ledger}
+    if asynchronous:
+        overrides["async_enabled"] = True
     summary, _ = run_demo(nodes=nodes, rounds=rounds, workdir=workdir, console=err,
-                          overrides=None if ledger is None else {"ledger_url": ledger})
+                          overrides=overrides or None)
     render_summary(summary, err)
     err.print(f"demo took {summary['seconds']:.0f} s")
     if as_json:

@@ -41,7 +41,7 @@ from protocol.errors import ConfigError
 
 __all__ = [
     "RunParams", "ModelParams", "DataParams", "TrainParams", "OuterParams", "AggregationParams",
-    "VerifyParams", "CreditsParams", "NetworkParams", "LedgerParams", "RunConfig",
+    "VerifyParams", "CreditsParams", "NetworkParams", "AsyncParams", "LedgerParams", "RunConfig",
     "load_config", "parse_config", "default_config_text",
 ]
 
@@ -314,6 +314,28 @@ class NetworkParams:
 
 
 @dataclass(frozen=True)
+class AsyncParams:
+    # The asynchronous loop (coordinator/run/async_loop.py; docs/training.md "Asynchronous").
+    enabled: bool = _opt(False, _bool, "train without round barriers: a node gets its next "
+                         "lease as soon as it can take one and an outer step is applied "
+                         "whenever enough verified updates are buffered")
+    buffer: int = _opt(0, _non_negative_int, "updates per outer step (K); 0 = the number of "
+                       "nodes online when the step's buffer opens")
+    max_wait_s: float = _opt(600.0, _positive, "apply an outer step with fewer than K updates "
+                             "once the oldest buffered one has waited this long")
+    max_staleness: int = _opt(4, _non_negative_int, "reject an update built on a version more "
+                              "than this many versions behind the current one (stale_base); "
+                              "the coordinator keeps that many old versions to check against")
+    staleness_power: float = _opt(0.5, _non_negative, "an update tau versions behind weighs "
+                                  "(1 + tau) ** -staleness_power in its outer step")
+    queue: int = _opt(0, _non_negative_int, "train leases queued on a node behind the one it "
+                      "works on: hides the gap between a reply and the next lease, but each "
+                      "queued lease starts on an older version (bench/fleet.py: 1 cost ~6% "
+                      "in loss at equal tokens against 0)")
+    eval_every: int = _opt(1, _positive_int, "evaluate every N-th version (the last always)")
+
+
+@dataclass(frozen=True)
 class LedgerParams:
     url: str = _opt("sqlite:///ledger.db", _ledger_url,
                     "sqlite:///file.db (relative to the run directory) or postgresql://...")
@@ -322,8 +344,11 @@ class LedgerParams:
 _SECTIONS: dict[str, type] = {
     "run": RunParams, "model": ModelParams, "data": DataParams, "train": TrainParams,
     "outer": OuterParams, "aggregation": AggregationParams, "verify": VerifyParams,
-    "compression": CompressionParams, "credits": CreditsParams, "network": NetworkParams, "ledger": LedgerParams,
+    "compression": CompressionParams, "credits": CreditsParams, "network": NetworkParams,
+    "async": AsyncParams, "ledger": LedgerParams,
 }
+# run.toml sections whose RunConfig field is named otherwise (``async`` is a Python keyword)
+_FIELDS = {"async": "asynchronous"}
 
 
 @dataclass(frozen=True)
@@ -338,6 +363,7 @@ class RunConfig:
     compression: CompressionParams = field(default_factory=CompressionParams)
     credits: CreditsParams = field(default_factory=CreditsParams)
     network: NetworkParams = field(default_factory=NetworkParams)
+    asynchronous: AsyncParams = field(default_factory=AsyncParams)  # [async]
     ledger: LedgerParams = field(default_factory=LedgerParams)
     # where run.toml lives: relative paths in it resolve here; not part of the config's value
     base_dir: Path = field(default=Path("."), compare=False, repr=False)
@@ -394,7 +420,7 @@ def _build(doc: dict[str, Any], base_dir: Path, fname: str) -> RunConfig:
     for key, table in doc.items():
         if key not in _SECTIONS:
             raise ConfigError(f"{fname}: unknown section [{key}]")
-        sections[key] = _section(key, _SECTIONS[key], table, fname)
+        sections[_FIELDS.get(key, key)] = _section(key, _SECTIONS[key], table, fname)
     cfg = RunConfig(**sections, base_dir=base_dir)
     m, n = cfg.model, cfg.network
     if m.n_head is not None and m.n_embd is not None and m.n_embd % m.n_head:

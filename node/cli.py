@@ -43,6 +43,9 @@ def join(
     threads: Annotated[int, typer.Option(help="CPU threads for torch (0 = all)")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
     sign_key: Annotated[Optional[Path], typer.Option(hidden=True)] = None,
+    slowdown: Annotated[float, typer.Option(
+        min=1.0, hidden=True, help="benchmarks: take F times as long for each lease (waits "
+                                   "after the work), to play a slower device")] = 1.0,
 ) -> None:
     """Enroll with a coordinator (first time) and keep working for it until Ctrl-C."""
     node_home = NodeHome((home or default_home()).expanduser().resolve())
@@ -58,7 +61,7 @@ def join(
         console.print(f"node {enrollment.node_id} ({enrollment.institution}) rejoining "
                       f"run {enrollment.run_id}", style="green")
     Supervisor(node_home, enrollment, threads=threads, device=device,
-               sign_key=sign_key, console=console).run()
+               sign_key=sign_key, slowdown=slowdown, console=console).run()
 
 
 def _address(given: str | None, token: str | None, enrolled: str | None) -> str:

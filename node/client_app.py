@@ -56,6 +56,7 @@ class NodeSession:
             node_id=enrollment.node_id, key=load_private_key(key_path),
             threads=int(node_config.get("threads", 0)),
             device=str(node_config.get("device", "auto")), limits=limits,
+            slowdown=max(1.0, float(node_config.get("slowdown", 1.0))),
             cache=BlobDir(home.path / "blobs", limits.max_cache_bytes),
             coordinator_blobs=coordinator, uploads=coordinator,
             # top-k residuals of this run: in memory, so a worker restart starts them afresh

@@ -51,8 +51,11 @@ def _key_refused(log: Path, since: int) -> bool:
 
 
 def supernode_command(home: NodeHome, e: Enrollment, *, port: int, threads: int, device: str,
-                      sign_key: Path | None, secret_file: Path) -> list[str]:
+                      sign_key: Path | None, secret_file: Path,
+                      slowdown: float = 1.0) -> list[str]:
     node_config = f'home="{home.path}" threads={threads} device="{device}"'
+    if slowdown != 1.0:
+        node_config += f" slowdown={float(slowdown)}"
     if sign_key is not None:
         node_config += f' sign-key="{sign_key}"'
     return ["flower-supernode", "--superlink", e.fleet_address,
@@ -103,6 +106,7 @@ class Supervisor:
     threads: int = 1
     device: str = "auto"
     sign_key: Path | None = None
+    slowdown: float = 1.0  # benchmarks: play a device this many times slower
     console: Console = field(default_factory=lambda: Console(stderr=True))
     _stop: threading.Event = field(default_factory=threading.Event)
 
@@ -124,7 +128,8 @@ class Supervisor:
                 port, secret = free_port(), new_runtime_secret(self.home)
                 cmd = supernode_command(self.home, self.enrollment, port=port,
                                         threads=self.threads, device=self.device,
-                                        sign_key=self.sign_key, secret_file=secret)
+                                        sign_key=self.sign_key, secret_file=secret,
+                                        slowdown=self.slowdown)
                 started = time.monotonic()
                 log_start = log.stat().st_size if log.exists() else 0
                 proc = spawn(cmd, env=env, log=log)

@@ -91,6 +91,9 @@ class WorkerSettings:
     uploads: BlobSink | None = None
     # the parsed base models a warm worker keeps between leases; None: parse every time
     models: BaseModels | None = None
+    # benchmarks (``atom-node join --slowdown``): every lease takes this many times as long,
+    # the extra spent waiting after the work, and its wall_s says so: a slower device
+    slowdown: float = 1.0
 
     def fetcher(self, mirrors: list[str]) -> BlobFetcher:
         if self.cache is None:
@@ -167,6 +170,12 @@ def do_work(content: RecordDict, settings: WorkerSettings,
     return reply
 
 
+def _play_slower(slowdown: float, t0: float) -> None:
+    """Wait so that the work begun at ``t0`` takes ``slowdown`` times as long."""
+    if slowdown > 1.0:
+        time.sleep((slowdown - 1.0) * (time.perf_counter() - t0))
+
+
 def _compute(work: Work, model: dict[str, np.ndarray], tokens: np.ndarray,
              settings: WorkerSettings,
              progress: Callable[[str, int, int, int], Progress] | None,
@@ -186,12 +195,14 @@ def _compute(work: Work, model: dict[str, np.ndarray], tokens: np.ndarray,
                           progress=report)
         feedback = settings.feedback if settings.feedback is not None else ErrorFeedback()
         arrays = feedback.encode(res.pseudo_grad, work.compression)
+        _play_slower(settings.slowdown, t0)
         metrics = UpdateMetrics(tokens=res.tokens, steps=res.steps, loss_before=res.loss_before,
                                 loss_after=res.loss_after, wall_s=time.perf_counter() - t0)
     else:
         ev = evaluate(model, cfg, tokens, seq_len=lease.seq_len, batch_size=lease.batch_size,
                       device=device)
         arrays = {EVAL_WINDOWS: ev.window_loss}  # the signed commitment, window by window
+        _play_slower(settings.slowdown, t0)
         metrics = UpdateMetrics(tokens=ev.tokens, steps=0, loss_before=ev.mean_loss,
                                 loss_after=ev.mean_loss, wall_s=time.perf_counter() - t0)
     if report is not None:

@@ -40,6 +40,7 @@ from coordinator.run.batches import Batch, EvalBatch, Sent, TrainBatch
 from coordinator.run.model_store import ModelStore
 from coordinator.run.scheduler import Scheduler
 from coordinator.run.sizing import HISTORY, tokens_per_s
+from coordinator.run.staleness import update_weight
 from coordinator.run.transport import Transport
 from coordinator.verify.eval_judge import EvalJudge, plan_quorum, validation_loss
 from coordinator.verify.record import record_judged, screen_reply
@@ -253,22 +254,29 @@ class RunLoop:
                                                f"version {self.store.version} stays")
                 return
             trust, weighted = batch.trust, self.cfg.verify.trust_weighting
-            weights = [float(c.judged.update.metrics.tokens)
-                       * (trust.get(c.node.id, NEW_NODE_TRUST) if weighted else 1.0)
-                       for c in kept]
-            delta = self.aggregator.aggregate([c.arrays for c in kept], weights)
+            weights = [update_weight(c.judged.update.metrics.tokens,
+                                     trust.get(c.node.id, NEW_NODE_TRUST) if weighted else 1.0,
+                                     self.store.version - c.lease.base_version,
+                                     self.cfg.asynchronous.staleness_power) for c in kept]
+            delta = self.aggregator.aggregate([self._step_arrays(c) for c in kept], weights)
             tokens = sum(c.judged.update.metrics.tokens for c in kept)
             version = self.store.advance(delta, self.ledger, round=rnd, n_updates=len(kept),
-                                         tokens=tokens)
+                                         tokens=tokens, at=self.clock())
             self.ledger.add_event("version", f"round {rnd}: version {version} from "
                                              f"{len(kept)} updates ({tokens} tokens)")
+
+    def _step_arrays(self, c: Candidate) -> dict[str, np.ndarray]:
+        """What a kept update contributes to the outer step: its pseudo-gradient (its base
+        is the current version)."""
+        return c.arrays
 
     def _judge_round(self, rnd: int, cands: list[Candidate], screened_out: list[Lease],
                      pairs: list[tuple[Lease, Lease]]) -> list[Candidate]:
         """Round-level verdicts, then every held lease closed; returns what is aggregated:
         the accepted results, one per shard (a spot check's original before its copy)."""
         at = {c.lease.nonce: i for i, c in enumerate(cands)}
-        self.judge.judge(rnd, self.store.arrays, cands,
+        bases = {c.lease.base_version: self.store.base(c.lease.base_version) for c in cands}
+        self.judge.judge(rnd, bases, cands,
                          [(at[o.nonce], at[c.nonce]) for o, c in pairs
                           if o.nonce in at and c.nonce in at])
         done = {c.lease.shard_id for c in cands if c.standing}
@@ -354,7 +362,7 @@ class RunLoop:
                     run_id=lease.run_id, round=lease.round, shard_id=lease.shard_id,
                     kind=lease.kind, node_id=node.id, base_version=lease.base_version,
                     nonce=lease.nonce, data_start=lease.data_start, data_end=lease.data_end,
-                    deadline=lease.deadline)
+                    deadline=lease.deadline, issued_at=self.clock())
                 self._publish(lease)
                 nxt = leases[i + 1] if i + 1 < len(leases) else None
                 prefetch = [d for d in (nxt.base_digest, nxt.data_digest)
@@ -370,38 +378,42 @@ class RunLoop:
                 self._pending[mid] = Sent(lease, node, row.id, batch)
 
     def _collect(self, done: Callable[[], bool]) -> None:
-        """Take replies (of any batch) as they come and expire the silent, until ``done``.
+        """Take replies (of any batch) as they come and expire the silent, until ``done``."""
+        while not done():
+            self._pump()
+            if not done():
+                self.sleep(_POLL_S)
+
+    def _pump(self) -> None:
+        """One pass: take the replies in and expire the silent.
 
         Each reply is screened by ``verify`` at once: a failure is recorded (rejected) there
         and then; the others wait in their batch for its verdict. An evaluation whose last
         lease is settled is judged on the spot.
         """
-        while not done():
-            for reply in self.transport.poll(list(self._pending)):
-                sent = self._pending.pop(reply.msg_id, None)
-                if sent is None:
-                    continue
-                if reply.error is not None or reply.content is None:
-                    self._failed(sent, reply.error or "empty reply")
+        for reply in self.transport.poll(list(self._pending)):
+            sent = self._pending.pop(reply.msg_id, None)
+            if sent is None:
+                continue
+            if reply.error is not None or reply.content is None:
+                self._failed(sent, reply.error or "empty reply")
+            else:
+                cand = self._screen(sent, reply.content)
+                if cand is None:
+                    sent.batch.screened_out.append(sent.lease)
                 else:
-                    cand = self._screen(sent, reply.content)
-                    if cand is None:
-                        sent.batch.screened_out.append(sent.lease)
-                    else:
-                        sent.batch.cands.append(cand)
+                    sent.batch.cands.append(cand)
+            self._settled(sent.batch)
+        expired = {lease.nonce for lease in self.scheduler.expire()}
+        for mid, sent in list(self._pending.items()):
+            if sent.lease.nonce in expired:
+                del self._pending[mid]
+                self.ledger.close_lease(sent.row_id, "expired", self.clock())
+                self.ledger.add_event("reissue", f"{sent.node.name} missed the deadline "
+                                      f"of {sent.lease.kind} shard {sent.lease.shard_id}; "
+                                      "it goes back to the pool", node_id=sent.node.id)
+                self._bench(sent.node, "missed a deadline")
                 self._settled(sent.batch)
-            expired = {lease.nonce for lease in self.scheduler.expire()}
-            for mid, sent in list(self._pending.items()):
-                if sent.lease.nonce in expired:
-                    del self._pending[mid]
-                    self.ledger.close_lease(sent.row_id, "expired", self.clock())
-                    self.ledger.add_event("reissue", f"{sent.node.name} missed the deadline "
-                                          f"of {sent.lease.kind} shard {sent.lease.shard_id}; "
-                                          "it goes back to the pool", node_id=sent.node.id)
-                    self._bench(sent.node, "missed a deadline")
-                    self._settled(sent.batch)
-            if not done():
-                self.sleep(_POLL_S)
 
     def _settled(self, batch: Batch) -> None:
         batch.open -= 1
@@ -426,11 +438,12 @@ class RunLoop:
         """``verify`` one reply: a Candidate for its phase's verdict, or None once a
         rejection has been recorded."""
         now, t0 = self.clock(), time.perf_counter()
+        version, max_staleness = self._expected_base(sent)
         judged = screen_reply(
             content, lease=sent.lease, node_id=sent.node.id,
-            public_key_pem=sent.node.public_key_pem.encode(), version=sent.batch.version,
+            public_key_pem=sent.node.public_key_pem.encode(), version=version,
             shapes=self.store.shapes(), cfg=self.cfg, ledger=self.ledger, now=now,
-            blobs=self.blobs)
+            blobs=self.blobs, max_staleness=max_staleness)
         if sent.lease.kind == Kind.TRAIN:
             self.judge.cost.screen_s += time.perf_counter() - t0
             self.judge.cost.updates += 1
@@ -438,12 +451,18 @@ class RunLoop:
         if judged.verdict.accepted:
             cand = Candidate(judged, sent.lease, sent.row_id, sent.node, now)
             if sent.lease.kind == Kind.TRAIN:  # its own checks now, not at the round's end
-                self.judge.prepare(sent.lease.round, self.store.arrays, cand)
+                self.judge.prepare(sent.lease.round, self.store.base(sent.lease.base_version),
+                                   cand)
             return cand
         record_judged(judged, lease=sent.lease, lease_row_id=sent.row_id, node_id=sent.node.id,
                       node_name=sent.node.name, cfg=self.cfg, ledger=self.ledger, now=now,
                       issuer=self.issuer)
         return None
+
+    def _expected_base(self, sent: Sent) -> tuple[int, int]:
+        """The version a reply must be built on, and how many versions behind it may be:
+        here exactly its batch's (a round's training, a version's evaluation)."""
+        return sent.batch.version, 0
 
     def _failed(self, sent: Sent, error: str) -> None:
         self.scheduler.release(sent.lease, reason=error)

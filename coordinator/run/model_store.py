@@ -74,6 +74,10 @@ class ModelStore:
     broadcast: str = "none"  # [compression] broadcast
     block: int = 256
     delta: Delta | None = None  # how the current version travels to holders of the last
+    # the asynchronous loop checks work against the version it was built on: the last
+    # ``keep`` versions stay in memory (the current one included), by version number
+    keep: int = 1
+    recent: dict[int, Arrays] = field(default_factory=dict)
 
     def outer_path(self, version: int) -> Path:
         """The outer optimizer's state right after ``version`` was made. One file per version
@@ -84,9 +88,11 @@ class ModelStore:
     @classmethod
     def open(cls, dir: Path, cfg: RunConfig, ledger: Ledger, seed: int = 0) -> ModelStore:
         """Resume from the ledger's latest version, or create and record version 0."""
+        a = cfg.asynchronous
         store = cls(dir, model_config(cfg),
                     NesterovOuter(cfg.outer.lr, cfg.outer.momentum, cfg.outer.nesterov),
-                    broadcast=cfg.compression.broadcast, block=cfg.compression.block)
+                    broadcast=cfg.compression.broadcast, block=cfg.compression.block,
+                    keep=a.max_staleness + 1 if a.enabled else 1)
         latest = ledger.latest_version()
         if latest is None:
             store.arrays = init_arrays(store.gpt, seed)
@@ -94,12 +100,16 @@ class ModelStore:
                 dir, store.arrays, {"version": 0, "model": store.gpt, "round": 0})
             ledger.add_model_version(0, store.digest, str(path), 0, n_updates=0, tokens=0)
             ledger.add_event("version", "version 0 initialised")
+            store.recent = {0: store.arrays}
             return store
         store.arrays, meta = load_checkpoint(latest.path)
         if meta.get("digest") != latest.digest:
             raise CheckpointError(f"checkpoint {latest.path} is not version {latest.version} "
                                   "recorded in the ledger")
         store.version, store.digest = latest.version, latest.digest
+        store.recent = {latest.version: store.arrays}
+        for older in ledger.versions()[-store.keep:-1]:
+            store.recent[older.version], _ = load_checkpoint(older.path)
         path = store.outer_path(latest.version)
         if path.exists():
             try:
@@ -112,11 +122,15 @@ class ModelStore:
                                   f"{latest.version} cannot resume with its momentum")
         return store
 
+    def base(self, version: int) -> Arrays | None:
+        """The arrays of ``version`` if it is one of the last ``keep`` (else None)."""
+        return self.recent.get(version)
+
     def shapes(self) -> dict[str, tuple[tuple[int, ...], str]]:
         return {k: (tuple(a.shape), a.dtype.str) for k, a in self.arrays.items()}
 
     def advance(self, delta: Arrays, ledger: Ledger, *, round: int, n_updates: int,
-                tokens: int) -> int:
+                tokens: int, at: float | None = None) -> int:
         """Apply the aggregated pseudo-gradient with the outer optimizer; record the version."""
         new = self.outer.step(self.arrays, delta)
         change = None
@@ -129,6 +143,9 @@ class ModelStore:
         save_file(self.outer.state_dict(), str(self.outer_path(version)))
         self.outer_path(version - 2).unlink(missing_ok=True)
         ledger.add_model_version(version, digest, str(path), round, n_updates=n_updates,
-                                 tokens=tokens)
+                                 tokens=tokens, created_at=at)
         self.arrays, self.version, self.digest, self.delta = new, version, digest, change
+        self.recent[version] = new
+        for old in [v for v in self.recent if v <= version - self.keep]:
+            del self.recent[old]
         return version

@@ -5,8 +5,11 @@ begins (reshuffled with ``seed + epoch``). A shard whose work was not done (leas
 released, or its update rejected) goes back to the *front* of the pool so that it is reissued
 next, with the same per-shard seed — to another node than the one that returned it whenever
 another is free (a node whose work on a shard was rejected would otherwise get the same shard
-back round after round). No train shard is ever out on two ordinary leases at once, and a
-node holds at most one open lease (or one batch of eval leases, quorum copies included).
+back round after round). No train shard is ever out on two ordinary leases at once. A node
+works on at most ``depth`` train leases at a time (1 in lock-step rounds; the asynchronous
+loop queues more, so the next is on the node before the current one is done) — a lease whose
+reply is in and waits for its verdict no longer counts — plus one batch of eval leases per
+version, quorum copies included.
 """
 
 from __future__ import annotations
@@ -99,14 +102,15 @@ class Scheduler:
     # -- leasing ------------------------------------------------------------------------
 
     def lease_train(self, round: int, node_ids: Sequence[int], base_version: int,
-                    base_digest: str, speeds: Mapping[int, float | None] | None = None
-                    ) -> dict[int, Lease]:
-        """One train lease for each node (taken in id order) that holds no train lease, as long as
-        shards not already out remain; nodes left without one are absent from the result.
-        ``speeds`` (tokens/s by node) size each lease to the node (``coordinator.run.sizing``)."""
+                    base_digest: str, speeds: Mapping[int, float | None] | None = None,
+                    depth: int = 1) -> dict[int, Lease]:
+        """One train lease for each node (taken in id order) working on fewer than ``depth``
+        train leases, as long as shards not already out remain; nodes left without one are
+        absent from the result. ``speeds`` (tokens/s by node) size each lease to the node
+        (``coordinator.run.sizing``)."""
         speeds = speeds or {}
         out: dict[int, Lease] = {}
-        free = self._free(node_ids, "train")
+        free = self._free(node_ids, "train", depth=depth)
         # First pass: no node gets back a shard it returned. Second: what is left goes to
         # whoever is still free, so a shard only its returner could take is not held back.
         for strict in (True, False):
@@ -127,14 +131,14 @@ class Scheduler:
         return out
 
     def lease_duplicate(self, round: int, node_id: int, of: Lease,
-                        speed: float | None = None) -> Lease:
+                        speed: float | None = None, depth: int = 1) -> Lease:
         """Spot-check hook: lease the same train work as the open lease ``of`` (same shard,
-        base and seed) to another node. The copy's outcome neither consumes nor returns
-        the shard."""
+        base and seed) to another node, one working on fewer than ``depth`` train leases.
+        The copy's outcome neither consumes nor returns the shard."""
         orig = self._open.get(of.nonce)
         if orig is None or orig.lease != of or of.kind != Kind.TRAIN:
             raise ValueError("can only duplicate an open train lease")
-        if node_id == orig.node_id or any(x.kind == Kind.TRAIN for x in self.leases_for(node_id)):
+        if node_id == orig.node_id or node_id not in self._free([node_id], "train", depth=depth):
             raise ValueError(f"node {node_id} cannot take a duplicate of this lease")
         lease = replace(of, round=round, nonce=self._nonce(), deadline=self._start(node_id)
                         + deadline_for(self._train, of.inner_steps, speed))
@@ -250,6 +254,10 @@ class Scheduler:
         """The node's open leases (one, or a batch of eval leases)."""
         return [e.lease for e in self._open.values() if e.node_id == node_id]
 
+    def train_slots(self, node_ids: Sequence[int], depth: int) -> list[int]:
+        """The nodes of ``node_ids`` working on fewer than ``depth`` train leases."""
+        return self._free(node_ids, "train", depth=depth)
+
     def lease_for(self, node_id: int) -> Lease | None:
         """The node's open lease (the first, for an eval batch), or None."""
         return next(iter(self.leases_for(node_id)), None)
@@ -261,14 +269,18 @@ class Scheduler:
 
     # -- internals ----------------------------------------------------------------------
 
-    def _free(self, node_ids: Sequence[int], kind: str, version: int | None = None
-              ) -> list[int]:
-        """The nodes holding no open lease of ``kind`` (on base ``version``, if given). A node
-        may hold a train lease and evaluations queued behind it: its SuperNode takes the
-        next the moment it replies."""
-        busy = {e.node_id for e in self._open.values() if e.lease.kind == kind
-                and (version is None or e.lease.base_version == version)}
-        return sorted(set(node_ids) - busy)
+    def _free(self, node_ids: Sequence[int], kind: str, version: int | None = None,
+              depth: int = 1) -> list[int]:
+        """The nodes holding fewer than ``depth`` open leases of ``kind`` (on base
+        ``version``, if given; train leases whose reply is in do not count). A node may
+        hold train leases and evaluations queued behind them: its SuperNode takes the next
+        the moment it replies."""
+        held: dict[int, int] = {}
+        for e in self._open.values():
+            if e.lease.kind == kind and (version is None or e.lease.base_version == version) \
+                    and not (kind == Kind.TRAIN and e.received):
+                held[e.node_id] = held.get(e.node_id, 0) + 1
+        return sorted(n for n in set(node_ids) if held.get(n, 0) < depth)
 
     def _start(self, node_id: int) -> float:
         """When a new lease for ``node_id`` may start: now, or when what it already holds is

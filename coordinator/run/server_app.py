@@ -14,6 +14,7 @@ from protocol.processes import watch_owner
 from training.corpus import load_corpus
 
 from coordinator.accounting.credits import ReceiptIssuer
+from coordinator.run.async_loop import make_run_loop
 from coordinator.run.loop import RunLoop
 from coordinator.run.resume import run_resuming
 from coordinator.run.model_store import ModelStore
@@ -55,7 +56,7 @@ def main(grid: Grid, context: Context) -> None:
             corpus = load_corpus(rd.corpus)
 
             def make() -> RunLoop:  # from what the ledger holds (again after an outage)
-                return RunLoop(cfg, ledger, FlowerTransport(grid),
+                return make_run_loop(cfg, ledger, FlowerTransport(grid),
                                ModelStore.open(rd.checkpoints, cfg, ledger), corpus,
                                issuer=issuer, blobs=BlobDir(rd.blobs))
 

@@ -8,7 +8,8 @@ Checks run cheapest first and stop at the first failure, each with its own
     bad_signature         signature does not verify with that node's registered key
     lease_mismatch        any lease field (nonce included) differs from the issued lease;
                           a replay of an update made for another lease lands here
-    stale_base            built on another model version / base digest
+    stale_base            built on another model version / base digest (the asynchronous
+                          loop accepts bases up to ``max_staleness`` versions behind)
     late                  received after lease.deadline
     digest_mismatch       arrays do not hash to the signed arrays_digest
     bad_encoding          train: the compressed update's structure is not what the run's
@@ -56,6 +57,7 @@ class Expected:
     # the arrays were read from the blob store under ``update.arrays_digest``: the store
     # hashed them on arrival and they parse only canonically, so that digest holds already
     from_store: bool = False
+    max_staleness: int = 0  # versions the lease's base may lag current_version by
 
 
 @dataclass(frozen=True)
@@ -111,8 +113,10 @@ def _verify(update: Update, arrays: Mapping[str, np.ndarray], exp: Expected
            f"update is bound to another lease ({', '.join(differ)} differ)")
 
     lease = exp.lease
-    _check(lease.base_version == exp.current_version, Reason.STALE_BASE,
-           f"built on version {lease.base_version}, coordinator is at {exp.current_version}")
+    behind = exp.current_version - lease.base_version
+    _check(0 <= behind <= exp.max_staleness, Reason.STALE_BASE,
+           f"built on version {lease.base_version}, coordinator is at {exp.current_version}"
+           + (f" (at most {exp.max_staleness} behind)" if exp.max_staleness else ""))
     _check(update.lease.base_digest == lease.base_digest, Reason.STALE_BASE,
            "built on a base model with another digest")
     _check(exp.now <= lease.deadline, Reason.LATE,

@@ -1,11 +1,12 @@
 """The round-level verdict: what of a round's screened train replies is accepted.
 
-Replies that pass ``verifier.verify`` as they arrive are held as ``Candidate``s, and
+Replies that pass ``verify.reply.verify`` as they arrive are held as ``Candidate``s, and
 ``RoundJudge.prepare`` does each one's own expensive work at once (the base check's forward
-pass, the usefulness scores); when the round's replies are in, ``RoundJudge.judge`` runs the
-rules of ``coordinator.verify.rules`` over them, cheapest first (duplicates, adaptive norm
-bound, base check, spot checks, usefulness), then records every verdict in the ledger and
-pays credit for the accepted ones.
+pass, the usefulness scores); when the round's replies are in (the asynchronous loop: an outer
+step's buffer), ``RoundJudge.judge`` runs the rules of ``coordinator.verify.rules`` over them,
+cheapest first (duplicates, adaptive norm bound, base check, spot checks, usefulness), then
+records every verdict in the ledger and pays credit for the accepted ones. Every check runs
+against the candidate's own base version (the lock-step loop's are all the same one).
 
 Usefulness is scored on the *node's local model*, ``base - update`` (not on the outer step
 ``base - outer_lr * update``): it asks "did this work help" of the work itself, independent
@@ -105,8 +106,8 @@ class VerifyCost:
 
 @dataclass
 class _Scores:
-    """One round's usefulness yardsticks: the held-out batch and the base's loss on it, and
-    per shard a sample of it and the base's loss on that."""
+    """One round's usefulness yardsticks for one base version: the held-out batch and the
+    base's loss on it, and per shard a sample of it and the base's loss on that."""
 
     rnd: int
     held: np.ndarray | None
@@ -124,13 +125,14 @@ class RoundJudge:
     rng: random.Random
     issuer: ReceiptIssuer | None = None
     cost: VerifyCost = field(default_factory=VerifyCost)
-    _scores: _Scores | None = None
-    _base_losses: dict[tuple[int, int, int, int, int], float] = field(default_factory=dict)
+    _scores: dict[int, _Scores] = field(default_factory=dict)  # by base version
+    _base_losses: dict[tuple[int, ...], float] = field(default_factory=dict)
 
     def prepare(self, rnd: int, base: Arrays, c: Candidate) -> None:
         """Do a candidate's own expensive checks as it arrives — the base check's forward
         pass and its usefulness scores — so the round's verdict waits only for the last
-        reply's (the others' are done while nodes still train or evaluate)."""
+        reply's (the others' are done while nodes still train or evaluate). ``base`` is the
+        arrays of the candidate's base version."""
         t0 = time.perf_counter()
         v = self.cfg.verify
         if v.base_loss_tolerance > 0:
@@ -139,10 +141,11 @@ class RoundJudge:
             self._score(rnd, base, c)
         self.cost.round_s += time.perf_counter() - t0
 
-    def judge(self, rnd: int, base: Arrays, cands: Sequence[Candidate],
+    def judge(self, rnd: int, bases: Mapping[int, Arrays], cands: Sequence[Candidate],
               pairs: Sequence[tuple[int, int]]) -> None:
-        """Give every candidate (in arrival order) its verdict and record it; ``pairs`` are
-        index pairs (original, copy) of spot-checked shards."""
+        """Give every candidate (in arrival order) its verdict and record it; ``bases`` maps
+        each candidate's base version to its arrays; ``pairs`` are index pairs (original,
+        copy) of spot-checked shards (the two share a base)."""
         t0 = time.perf_counter()
         v = self.cfg.verify
         if v.reject_duplicates:
@@ -153,12 +156,12 @@ class RoundJudge:
         self._apply(cands, live, Reason.NORM_BOUND,
                     rules.norm_outliers([cands[i].norm for i in live], v.norm_factor))
         if v.base_loss_tolerance > 0:
-            self._base_check(base, cands)
+            self._base_check(bases, cands)
         for a, b in pairs:
-            self._spot_check(rnd, base, cands[a], cands[b])
+            self._spot_check(rnd, bases[cands[a].lease.base_version], cands[a], cands[b])
         if v.usefulness_tokens > 0:
-            self._usefulness(rnd, base, cands)
-        self._scores = None
+            self._usefulness(rnd, bases, cands)
+        self._scores.clear()
         self._base_losses.clear()
         took = time.perf_counter() - t0
         self.cost.round_s += took
@@ -183,18 +186,19 @@ class RoundJudge:
     def _base_loss(self, base: Arrays, x: Lease) -> float:
         """The base's loss on the lease's first batch; one forward pass per shard of a round
         (a spot check's two results share it)."""
-        key = (x.data_start, x.data_end, x.seed, x.batch_size, x.seq_len)
+        key = (x.base_version, x.data_start, x.data_end, x.seed, x.batch_size, x.seq_len)
         if key not in self._base_losses:
             self._base_losses[key] = first_batch_loss(
                 base, self.gpt, np.asarray(self.tokens[x.data_start:x.data_end]),
                 batch_size=x.batch_size, seq_len=x.seq_len, seed=x.seed)
         return self._base_losses[key]
 
-    def _base_check(self, base: Arrays, cands: Sequence[Candidate]) -> None:
+    def _base_check(self, bases: Mapping[int, Arrays], cands: Sequence[Candidate]) -> None:
         live = [i for i, c in enumerate(cands) if c.standing]
         self._apply(cands, live, Reason.BASE_MISMATCH, rules.base_mismatch(
             [float(cands[i].judged.update.metrics.loss_before) for i in live],
-            [self._base_loss(base, cands[i].lease) for i in live],
+            [self._base_loss(bases[cands[i].lease.base_version], cands[i].lease)
+             for i in live],
             self.cfg.verify.base_loss_tolerance))
 
     def _spot_check(self, rnd: int, base: Arrays, a: Candidate, b: Candidate) -> None:
@@ -249,13 +253,17 @@ class RoundJudge:
         if c.improvement is not None:
             return
         v, seq = self.cfg.verify, self.cfg.train.seq_len
-        if self._scores is None or self._scores.rnd != rnd:
-            held = _windows(self.tokens, *self.val_range, v.usefulness_tokens, seq, self.rng)
+        bv = c.lease.base_version
+        scores = self._scores.get(bv)
+        if scores is None or scores.rnd != rnd:
+            # one held-out batch per round (a base version of it scores on the same batch)
+            first = next((s for s in self._scores.values() if s.rnd == rnd), None)
+            held = first.held if first is not None else _windows(
+                self.tokens, *self.val_range, v.usefulness_tokens, seq, self.rng)
             if held is None:
                 log.warning("validation range too short to score usefulness")
-            self._scores = _Scores(rnd, held, math.nan if held is None
-                                   else self._loss(base, held))
-        scores = self._scores
+            scores = self._scores[bv] = _Scores(rnd, held, math.nan if held is None
+                                                else self._loss(base, held))
         if scores.held is None:
             return
         key = c.lease.shard_id
@@ -268,10 +276,11 @@ class RoundJudge:
         c.improvement = scores.base_held - self._loss(local, scores.held)
         c.shard_gain = math.inf if own is None else own_base - self._loss(local, own)
 
-    def _usefulness(self, rnd: int, base: Arrays, cands: Sequence[Candidate]) -> None:
+    def _usefulness(self, rnd: int, bases: Mapping[int, Arrays],
+                    cands: Sequence[Candidate]) -> None:
         for c in cands:
             if c.standing:
-                self._score(rnd, base, c)
+                self._score(rnd, bases[c.lease.base_version], c)
         live = [c for c in cands if c.standing and c.improvement is not None]
         if not live:
             return

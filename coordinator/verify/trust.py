@@ -17,8 +17,8 @@ from __future__ import annotations
 import random
 from collections.abc import Collection, Mapping, Sequence
 
-__all__ = ["MISMATCH_WEIGHT", "NEW_NODE_TRUST", "PROBATION_UPDATES", "plan_spot_checks",
-           "spot_check_rate", "trust_score"]
+__all__ = ["MISMATCH_WEIGHT", "NEW_NODE_TRUST", "PROBATION_UPDATES", "pick_checker",
+           "plan_spot_checks", "spot_check_rate", "trust_score"]
 
 MISMATCH_WEIGHT = 5.0
 NEW_NODE_TRUST = 0.5
@@ -76,14 +76,26 @@ def plan_spot_checks(nodes: Sequence[int], trust: Mapping[int, float], base_rate
         rate = spot_check_rate(base_rate, trust.get(node, NEW_NODE_TRUST), node in probation)
         if rng.random() >= rate:
             continue
-        # a node on probation checks no one: its result would only cost a recomputation
-        others = [n for n in order if n in free and n != node and n not in probation]
-        if not others:
+        checker = pick_checker(node, [n for n in order if n in free], trust, rng, inst,
+                               probation)
+        if checker is None:
             continue
-        outside = [n for n in others if inst.get(n) is None or inst.get(n) != inst.get(node)]
-        pool = outside or others
-        weights = [max(trust.get(n, NEW_NODE_TRUST), 1e-6) for n in pool]
-        checker = rng.choices(pool, weights=weights)[0]
         pairs[node] = checker
         free -= {node, checker}
     return pairs
+
+
+def pick_checker(worker: int, free: Sequence[int], trust: Mapping[int, float],
+                 rng: random.Random, institution: Mapping[int, int] | None = None,
+                 probation: Collection[int] = frozenset()) -> int | None:
+    """A node of ``free`` to check ``worker``'s shard (see ``plan_spot_checks``): not the
+    worker, not on probation (its result would only cost a recomputation), from another
+    institution where one is free, drawn with weight = its trust. None if none fits."""
+    inst = institution or {}
+    others = [n for n in free if n != worker and n not in probation]
+    if not others:
+        return None
+    outside = [n for n in others if inst.get(n) is None or inst.get(n) != inst.get(worker)]
+    pool = outside or others
+    weights = [max(trust.get(n, NEW_NODE_TRUST), 1e-6) for n in pool]
+    return rng.choices(pool, weights=weights)[0]

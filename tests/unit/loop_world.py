@@ -13,6 +13,7 @@ from fake_network import FakeClock, FakeNode, FakeTransport, enroll
 from coordinator.accounting.credits import ReceiptIssuer
 from coordinator.config import RunConfig, parse_config
 from coordinator.ledger import Ledger
+from coordinator.run.async_loop import make_run_loop
 from coordinator.run.loop import RunLoop
 from coordinator.run.model_store import ModelStore
 from protocol.blobstore import BlobDir
@@ -26,7 +27,8 @@ NO_DUPLICATES = "spot_check_rate = 0\neval_quorum_rate = 0"
 
 
 def run_toml(rounds: int, wait_s: float = 0, verify: str = NO_DUPLICATES,
-             extra: str = "", run_id: str = "loop-test", train: str = "") -> str:
+             extra: str = "", run_id: str = "loop-test", train: str = "",
+             outer: str = "lr = 0.7\nmomentum = 0.9") -> str:
     """The test run; spot checks and eval quorum off unless ``verify`` (the [verify]
     section's body) says otherwise, so these tests see one lease per node and round (and
     eval range); ``train`` lines set or override [train] keys; ``extra`` sections follow."""
@@ -55,8 +57,7 @@ eval_tokens = {EVAL_TOKENS}
 {train}
 
 [outer]  # DiLoCo's outer step, so the momentum paths are exercised whatever the defaults
-lr = 0.7
-momentum = 0.9
+{outer}
 
 [verify]
 {verify}
@@ -82,18 +83,19 @@ def make_net(tmp_path: Path, corpus: CorpusInfo, specs: list, *, rounds: int = 2
              wait_s: float = 0, nodes: list[FakeNode] | None = None,
              ledger_url: str | None = None,
              verify: str = NO_DUPLICATES, extra: str = "", run_id: str = "loop-test",
-             seed: int = 0, issuer: ReceiptIssuer | None = None, train: str = "") -> Net:
+             seed: int = 0, issuer: ReceiptIssuer | None = None, train: str = "",
+             outer: str = "lr = 0.7\nmomentum = 0.9") -> Net:
     """A loop over ``specs`` nodes, or over already enrolled ``nodes`` on the same ledger;
     ``verify`` is the body of the [verify] section, ``extra`` more sections, ``seed`` seeds
     the loop's choices, ``issuer`` signs receipts; ``ledger_url`` picks another database."""
-    cfg = parse_config(run_toml(rounds, wait_s, verify, extra, run_id, train), tmp_path)
+    cfg = parse_config(run_toml(rounds, wait_s, verify, extra, run_id, train, outer), tmp_path)
     ledger = Ledger(ledger_url or f"sqlite:///{tmp_path / 'ledger.db'}")
     nodes = nodes if nodes is not None else enroll(ledger, specs)
     clock = FakeClock()
     blobs = BlobDir(tmp_path / "blobs")
     transport = FakeTransport(nodes, clock, blobs)
     store = ModelStore.open(tmp_path / "checkpoints", cfg, ledger)
-    loop = RunLoop(cfg, ledger, transport, store, corpus, clock=clock, sleep=clock.sleep,
+    loop = make_run_loop(cfg, ledger, transport, store, corpus, clock=clock, sleep=clock.sleep,
                    rng=random.Random(seed), issuer=issuer, blobs=blobs)
     return Net(cfg, ledger, store, transport, clock, nodes, loop)
 

@@ -303,3 +303,26 @@ def test_eval_split_in_proportion_to_speed() -> None:
     sizes = {n: sum(x.data_end - x.data_start for x in ls) // seq for n, ls in ev.items()}
     assert sizes == {1: 2, 2: 5, 3: 5}
 
+
+
+def test_depth_queues_train_leases_and_a_received_one_frees_its_slot() -> None:
+    # the asynchronous loop: a node works on up to ``depth`` train leases at once
+    clock = Clock()
+    s = make(n_shards=8, clock=clock)
+    first = s.lease_train(1, [1, 2], 0, BASE, depth=2)
+    second = s.lease_train(1, [1, 2], 0, BASE, depth=2)
+    assert sorted(first) == sorted(second) == [1, 2]
+    assert s.lease_train(1, [1, 2], 0, BASE, depth=2) == {}  # both slots taken
+    assert s.train_slots([1, 2, 3], depth=2) == [3]
+    # the queued lease's deadline counts from when the one before it is due
+    assert second[1].deadline == first[1].deadline + 60.0
+    assert s.received(first[1])  # its reply is in, waiting for a verdict: the slot is free
+    assert s.train_slots([1, 2], depth=2) == [1]
+    third = s.lease_train(2, [1, 2], 1, BASE, depth=2)
+    assert list(third) == [1] and third[1].base_version == 1
+    assert len({x.shard_id for x in [*first.values(), *second.values(), third[1]]}) == 5
+    # a spot check's copy also takes a slot, and only a free one
+    with pytest.raises(ValueError):
+        s.lease_duplicate(1, 2, first[1], depth=2)
+    copy = s.lease_duplicate(1, 3, first[1], depth=2)
+    assert copy.shard_id == first[1].shard_id and s.train_slots([3], depth=1) == []

@@ -120,3 +120,22 @@ def test_supernode_command_carries_key_ca_and_node_config(tmp_path: Path) -> Non
     assert cmd[cmd.index("--auth-supernode-private-key") + 1] == str(home.key_path)
     node_config = cmd[cmd.index("--node-config") + 1]
     assert f'home="{tmp_path}"' in node_config and 'device="cuda:1"' in node_config
+    assert "slowdown" not in node_config
+    slow = supernode_command(home, ENROLLED, port=9999, threads=1, device="cpu",
+                             sign_key=None, secret_file=tmp_path / "runtime.secret", slowdown=4)
+    assert "slowdown=4.0" in slow[slow.index("--node-config") + 1]
+
+
+def test_slowdown_waits_so_the_work_takes_that_many_times_as_long(monkeypatch) -> None:
+    # atom-node join --slowdown F (benchmarks: a slower device): after work that took t
+    # seconds, the worker waits (F - 1) t, so the wall_s it reports is F t
+    import node.worker as worker
+
+    now = [100.0]
+    waits: list[float] = []
+    monkeypatch.setattr(worker.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(worker.time, "sleep", waits.append)
+    now[0] = 103.0  # the work took 3 s
+    worker._play_slower(4.0, 100.0)
+    worker._play_slower(1.0, 100.0)  # no slowdown: no wait
+    assert waits == [9.0]

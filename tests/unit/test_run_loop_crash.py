@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from chaos import SPECS, VERIFY, count_writes, crash_at_write, crash_points, trial, violations
+from chaos import ASYNC, SPECS, VERIFY, count_writes, crash_at_write, crash_points, trial, violations
 
 from fake_network import FakeTransport
 from loop_world import build_test_corpus, make_net
@@ -50,6 +50,26 @@ def test_killed_anywhere_and_restarted_loses_nothing(tmp_path: Path, corpus: Cor
                                                      writes: int, i: int) -> None:
     n = crash_points(writes, TRIALS, seed=2026)[i]
     assert trial(tmp_path, corpus, ROUNDS, n) == [], f"killed at write {n} of {writes}"
+
+
+@pytest.fixture(scope="module")
+def async_writes(tmp_path_factory: pytest.TempPathFactory, corpus: CorpusInfo) -> int:
+    torch.set_num_threads(1)
+    return count_writes(tmp_path_factory.mktemp("count-async"), corpus, ROUNDS + 1, ASYNC)
+
+
+def test_an_uninterrupted_async_run_breaks_no_invariant(tmp_path: Path,
+                                                        corpus: CorpusInfo) -> None:
+    assert trial(tmp_path, corpus, ROUNDS + 1, n=10**9, extra=ASYNC) == []
+
+
+@pytest.mark.parametrize("i", range(TRIALS))
+def test_the_async_loop_killed_anywhere_and_restarted_loses_nothing(
+        tmp_path: Path, corpus: CorpusInfo, async_writes: int, i: int) -> None:
+    # mid-buffer, mid-step, between a spot check's two results, mid-evaluation
+    n = crash_points(async_writes, TRIALS, seed=2027)[i]
+    assert trial(tmp_path, corpus, ROUNDS + 1, n, extra=ASYNC) == [], \
+        f"killed at write {n} of {async_writes}"
 
 
 @pytest.mark.parametrize("at", [0.3, 0.7])

@@ -114,6 +114,18 @@ def test_stale_base() -> None:
     check(verify(*reply(), expected(current_version=6)), Reason.STALE_BASE)
 
 
+def test_max_staleness_admits_a_base_that_many_versions_behind_and_no_more() -> None:
+    # the asynchronous loop: work on one of the last max_staleness versions is judged
+    base = lease().base_version
+    assert verify(*reply(), expected(current_version=base + 2, max_staleness=2)).accepted
+    verdict = verify(*reply(), expected(current_version=base + 3, max_staleness=2))
+    check(verdict, Reason.STALE_BASE)
+    assert "at most 2 behind" in verdict.detail
+    # a base ahead of the coordinator is never accepted
+    check(verify(*reply(), expected(current_version=base - 1, max_staleness=2)),
+          Reason.STALE_BASE)
+
+
 def test_late() -> None:
     verdict = verify(*reply(), expected(now=NOW + 61))
     check(verdict, Reason.LATE)

@@ -1,0 +1,271 @@
+"""The asynchronous run loop: no round barrier; an outer step whenever enough work is in.
+
+Every eligible node works on up to ``1 + [async] queue`` train leases at once, each built on
+the version current when it was issued and sized to the node as in lock-step rounds (the
+queued one's blobs are fetched while the node trains, so it never waits for work). A reply is
+screened as it arrives — ``verify.reply.verify`` takes a base up to ``max_staleness`` versions
+behind — and its own checks (base check, usefulness scores) run at once against its own base
+version, which the model store keeps; it then waits in the buffer. Once ``buffer`` (K)
+updates are in, or the oldest has waited ``max_wait_s``, the buffer is judged together by the
+round rules (each update against its own base) and what stands is aggregated into the next
+version, each update weighted by ``coordinator.run.staleness`` (tokens x trust x
+(1 + tau) ** -power), through the outer Nesterov step. The verdicts, credits, receipts and
+the version commit together, as a lock-step round's do.
+
+A spot check copies a lease to another node when one has a free slot (the worker's chance as
+in lock-step: ``verify.trust.spot_check_rate``); the first of the two results to arrive waits
+for the other, so the pair is judged in one step. Every ``eval_every``-th version (and the
+last) is evaluated by eval leases queued behind the nodes' train leases and judged when its
+last reply is in, as in lock-step: evaluation never stops training.
+
+Leases are issued only while the work out and buffered falls short of what the remaining
+steps need (K per step), so the last step waits for every train lease still out and the run
+ends with nothing in flight. After a crash the open leases are closed as expired (their shards
+go back to the pool) and the buffer is empty: nothing in it had been recorded, so nothing
+accepted is lost, and its work is done again.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from protocol.errors import Reason
+from protocol.messages import Kind, Lease
+
+from coordinator.ledger import Node
+from coordinator.run.batches import Sent, TrainBatch
+from coordinator.run.loop import _POLL_S, Outbox, RunLoop
+from coordinator.verify.round_judge import Candidate
+from coordinator.verify.trust import (
+    NEW_NODE_TRUST, PROBATION_UPDATES, pick_checker, spot_check_rate,
+)
+
+__all__ = ["AsyncRunLoop", "make_run_loop"]
+
+log = logging.getLogger(__name__)
+
+_LOOK_S = 1.0  # how often the loop reads who is online (each read touches every node's row)
+
+
+def make_run_loop(cfg, *args, **kwargs) -> RunLoop:  # type: ignore[no-untyped-def]
+    """The run loop ``cfg`` asks for: asynchronous with ``[async] enabled``, else lock-step."""
+    return (AsyncRunLoop if cfg.asynchronous.enabled else RunLoop)(cfg, *args, **kwargs)
+
+
+@dataclass
+class AsyncRunLoop(RunLoop):
+    # screened train replies waiting for an outer step (one batch object for all of them)
+    _buffer: TrainBatch = field(default_factory=lambda: TrainBatch("train", -1))
+    _copies: set[str] = field(default_factory=set)  # nonces of spot-check copies
+    _wanted: dict[str, Lease] = field(default_factory=dict)  # originals waiting for a checker
+    _since: float | None = None  # when the oldest buffered reply arrived
+
+    # -- the loop -----------------------------------------------------------------------
+
+    def run(self) -> None:
+        self._resume()
+        steps = self.cfg.run.rounds
+        if self.store.version >= steps and self.store.version in self._evaluated:
+            log.info("all %d outer steps already done", steps)
+            return
+        self._wait_for_nodes()
+        self._evaluate_if_due()
+        nodes, looked = self._eligible(), self.clock()
+        while self.store.version < steps:
+            self._pump()
+            if self.clock() - looked >= _LOOK_S:
+                nodes, looked = self._eligible(), self.clock()
+            if self._step_due(len(nodes)):
+                self._step()
+                self._evaluate_if_due()
+            nodes = self._lease(nodes)
+            self.sleep(_POLL_S)
+        self._collect(lambda: not self._evals)
+        self.ledger.add_event("run", f"run {self.cfg.run.id} finished at version "
+                                     f"{self.store.version}")
+
+    def _resume(self) -> int:
+        """Close the leases a stopped coordinator left open (their shards go back to the
+        pool) and score the versions made before the stop that were due an evaluation."""
+        open_ = self.ledger.leases(status="issued")
+        now = self.clock()
+        for x in open_:
+            self.ledger.close_lease(x.id, "expired", now)
+        if open_:
+            self.ledger.add_event("run", f"resumed: {len(open_)} leases in flight when the "
+                                         "coordinator stopped are closed")
+        for v in self.ledger.versions()[:-1]:  # the latest is evaluated by the nodes
+            if v.val_loss is None and self._eval_due(v.version):
+                self._evaluate_here(v.version, v.path)
+        return self.store.version + 1
+
+    def _eval_due(self, version: int) -> bool:
+        every = self.cfg.asynchronous.eval_every
+        return version % every == 0 or version >= self.cfg.run.rounds
+
+    def _evaluate_if_due(self) -> None:
+        version = self.store.version
+        if version in self._evaluated or not self._eval_due(version):
+            return
+        self._evaluated.add(version)
+        work: Outbox = {}
+        made_in = self.ledger.latest_version()
+        self._eval_leases(made_in.round if made_in is not None else version, work)
+        self._send(work)
+
+    # -- outer steps --------------------------------------------------------------------
+
+    def _k(self, online: int) -> int:
+        """Updates per outer step: ``[async] buffer``, or the nodes online."""
+        return self.cfg.asynchronous.buffer or max(1, online)
+
+    def _open_train(self) -> list[Sent]:
+        """Train leases sent and not answered (spot-check copies included)."""
+        return [s for s in self._pending.values() if s.lease.kind == Kind.TRAIN]
+
+    def _ready(self) -> tuple[list, list[Lease]]:
+        """The buffered replies an outer step may judge now: all but a spot check's first
+        result while its partner is still out."""
+        out = {s.lease.nonce for s in self._open_train()}
+        held = {n for o, c in self._buffer.pairs if o.nonce in out or c.nonce in out
+                for n in (o.nonce, c.nonce)}
+        return ([c for c in self._buffer.cands if c.lease.nonce not in held],
+                [x for x in self._buffer.screened_out if x.nonce not in held])
+
+    def _step_due(self, online: int) -> bool:
+        cands, _ = self._ready()
+        if not cands and not self._buffer.screened_out:
+            return False
+        if self.store.version == self.cfg.run.rounds - 1:  # the last: all work in
+            out = {s.lease.nonce for s in self._pending.values()}
+            return not self._open_train() and not (set(self._wanted) & out)
+        fresh = [c for c in cands if c.lease.nonce not in self._copies]
+        waited = self._since is not None and \
+            self.clock() - self._since >= self.cfg.asynchronous.max_wait_s
+        return len(fresh) >= self._k(online) or (waited and bool(cands))
+
+    def _step(self) -> None:
+        """Judge what is ready in the buffer and make the next version from what stands."""
+        cands, screened_out = self._ready()
+        taken = {c.lease.nonce for c in cands} | {x.nonce for x in screened_out}
+        buf = self._buffer
+        batch = TrainBatch("train", self.store.version, cands=cands, screened_out=screened_out,
+                           pairs=[p for p in buf.pairs
+                                  if p[0].nonce in taken or p[1].nonce in taken],
+                           trust={s.node_id: s.trust for s in self.ledger.node_summaries()})
+        buf.cands = [c for c in buf.cands if c.lease.nonce not in taken]
+        buf.screened_out = [x for x in buf.screened_out if x.nonce not in taken]
+        buf.pairs = [p for p in buf.pairs if p not in batch.pairs]
+        self._copies -= {c.nonce for _, c in batch.pairs}
+        self._since = min((c.received_at for c in buf.cands), default=None)
+        limit = self.cfg.asynchronous.max_staleness
+        for c in batch.cands:  # one that waited for its partner may have fallen behind
+            behind = self.store.version - c.lease.base_version
+            if behind > limit:
+                c.reject(Reason.STALE_BASE, f"built on version {c.lease.base_version}, "
+                         f"coordinator is at {self.store.version} (at most {limit} behind)")
+        self._close_train(self.store.version + 1, batch)
+
+    def _step_arrays(self, c: Candidate) -> dict[str, np.ndarray]:
+        """An update tau versions behind, as a pseudo-gradient from the current version to
+        the node's local model: ``current - (base - update)``. Applied as it came
+        (``base - local``) it would redo the progress the versions since its base already
+        made; as a point it is averaged like fresh work (tau = 0: unchanged)."""
+        if c.lease.base_version == self.store.version:
+            return c.arrays
+        base, now = self.store.base(c.lease.base_version), self.store.arrays
+        return {k: (now[k] - base[k]).astype(np.float32) + c.arrays[k] for k in c.arrays}
+
+    # -- leasing ------------------------------------------------------------------------
+
+    def _lease(self, nodes: list[Node]) -> list[Node]:
+        """Give every eligible node with a free slot work: first a spot check waiting for a
+        checker, then new shards while the remaining steps still need work. Returns the
+        eligible nodes, read afresh when there was work to give (a node revoked or benched
+        a moment ago gets none)."""
+        depth = 1 + self.cfg.asynchronous.queue
+        fresh = [c for c in self._buffer.cands if c.lease.nonce not in self._copies]
+        out = [s for s in self._open_train() if s.lease.nonce not in self._copies]
+
+        def need() -> int:
+            return (self.cfg.run.rounds - self.store.version) * self._k(len(nodes)) \
+                - len(fresh) - len(out)
+
+        if not self.scheduler.train_slots([n.id for n in nodes], depth) or (
+                need() <= 0 and not self._wanted):
+            return nodes
+        nodes = self._eligible()
+        ids = [n.id for n in nodes]
+        work: Outbox = {}
+        rnd = self.store.version + 1
+        trust = {s.node_id: s.trust for s in self.ledger.node_summaries()}
+        probation = self.ledger.lost_spot_check_within(PROBATION_UPDATES)
+        speeds = self._speeds(ids)
+        rate, left = self.cfg.verify.spot_check_rate, need()
+        while True:
+            # checks first: a copy takes a slot before the next shard does
+            self._check(ids, depth, trust, probation, speeds, work)
+            free = self.scheduler.train_slots(ids, depth)[:max(0, left)]
+            if not free:
+                break
+            leases = self.scheduler.lease_train(rnd, free, self.store.version, self.store.digest,
+                                                speeds, depth=depth)
+            if not leases:
+                break
+            for n, lease in leases.items():
+                work.setdefault(n, []).append((lease, self._buffer))
+                if self.rng.random() < spot_check_rate(rate, trust.get(n, NEW_NODE_TRUST),
+                                                       n in probation):
+                    self._wanted[lease.nonce] = lease
+            left -= len(leases)
+        self._send(work)
+        return nodes
+
+    def _check(self, ids: list[int], depth: int, trust: dict[int, float],
+               probation: set[int], speeds: dict, work: Outbox) -> None:
+        """Copy each lease waiting for a spot check to a node with a free slot (trust-
+        weighted, another institution's where one is free); a lease whose reply came in
+        first goes unchecked (its result is not held back for a copy not yet begun)."""
+        out = {s.lease.nonce: s for s in self._pending.values()}
+        for nonce, orig in list(self._wanted.items()):
+            sent = out.get(nonce)
+            if sent is None and not any(orig.nonce == n for n in self._queued(work)):
+                del self._wanted[nonce]
+                continue
+            worker = self.scheduler.node_of(orig)
+            if worker is None:
+                del self._wanted[nonce]
+                continue
+            free = [n for n in self.scheduler.train_slots(ids, depth) if n != worker]
+            inst = {i: self._rows[i].institution_id for i in ids if i in self._rows}
+            checker = pick_checker(worker, free, trust, self.rng, inst, probation)
+            if checker is None:
+                continue
+            copy = self.scheduler.lease_duplicate(orig.round, checker, orig, speeds.get(checker),
+                                                  depth=depth)
+            del self._wanted[nonce]
+            self._copies.add(copy.nonce)
+            self._buffer.pairs.append((orig, copy))
+            work.setdefault(checker, []).append((copy, self._buffer))
+
+    @staticmethod
+    def _queued(work: Outbox) -> list[str]:
+        return [lease.nonce for sends in work.values() for lease, _ in sends]
+
+    # -- replies ------------------------------------------------------------------------
+
+    def _expected_base(self, sent: Sent) -> tuple[int, int]:
+        """Train work may be built on any of the last ``max_staleness`` versions; an
+        evaluation is of its own version."""
+        if sent.lease.kind == Kind.TRAIN:
+            return self.store.version, self.cfg.asynchronous.max_staleness
+        return sent.batch.version, 0
+
+    def _pump(self) -> None:
+        before = len(self._buffer.cands)
+        super()._pump()
+        if len(self._buffer.cands) > before and self._since is None:
+            self._since = self.clock()

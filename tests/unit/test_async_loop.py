@@ -1,0 +1,254 @@
+"""The asynchronous run loop (``coordinator.run.async_loop``) against the in-process fake
+network: no round barrier, an outer step per K buffered updates, staleness-weighted.
+
+Nodes with a ``speed`` take simulated time (``fake_network.work_seconds``), so a slow node's
+update arrives after faster nodes' updates have made new versions: it is stale, and the loop
+must weigh it, rebase it, or reject it beyond ``max_staleness``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_run_loop import (  # noqa: F401  (fixtures)
+    assert_credit_only_for_accepted, broadcast, corpus, network, nets, one_torch_thread,
+    updates_by_lease,
+)
+
+from coordinator.config import parse_config
+from coordinator.run.async_loop import AsyncRunLoop
+from coordinator.run.staleness import staleness_factor, update_weight
+from protocol.errors import ConfigError, Reason
+from training.checkpoint import load_checkpoint
+
+from loop_world import run_toml
+
+BASE = 100.0  # tokens per fake second of a 1x node
+PLAIN_OUTER = "lr = 1.0\nmomentum = 0.0"  # new = current - the weighted mean: checkable by hand
+
+
+def asynchronous(**keys: object) -> str:
+    lines = "\n".join(f"{k} = {str(v).lower() if isinstance(v, bool) else v}"
+                      for k, v in keys.items())
+    return f"[async]\nenabled = true\n{lines}\n"
+
+
+def with_speeds(net, *speeds: float):  # type: ignore[no-untyped-def]
+    start = net.clock()
+    for node, s in zip(net.nodes, speeds):
+        node.speed, node.free_at = s * BASE, start
+    return net
+
+
+# -- the staleness function ------------------------------------------------------------------
+
+def test_staleness_factor_and_update_weight_by_hand() -> None:
+    assert staleness_factor(0, 0.5) == 1.0
+    assert staleness_factor(1, 0.5) == pytest.approx(1 / math.sqrt(2))
+    assert staleness_factor(3, 0.5) == pytest.approx(0.5)
+    assert staleness_factor(3, 1.0) == pytest.approx(0.25)
+    assert staleness_factor(5, 0.0) == 1.0  # power 0: staleness ignored
+    assert update_weight(1000, 0.5, 3, 0.5) == pytest.approx(250.0)
+    assert update_weight(768, 1.0, 0, 2.0) == 768.0
+    with pytest.raises(ValueError):
+        staleness_factor(-1, 0.5)
+
+
+def test_async_config_section(tmp_path: Path) -> None:
+    cfg = parse_config(run_toml(3, extra=asynchronous(buffer=4, max_staleness=2)), tmp_path)
+    a = cfg.asynchronous
+    assert (a.enabled, a.buffer, a.max_staleness, a.queue) == (True, 4, 2, 0)
+    assert not parse_config(run_toml(3), tmp_path).asynchronous.enabled
+    with pytest.raises(ConfigError, match=r"\[async\]\.max_staleness must be a non-negative"):
+        parse_config(run_toml(3, extra="[async]\nmax_staleness = -1\n"), tmp_path)
+    with pytest.raises(ConfigError, match=r"unknown key \[async\]\.buffers"):
+        parse_config(run_toml(3, extra="[async]\nbuffers = 2\n"), tmp_path)
+
+
+# -- the outer step ---------------------------------------------------------------------------
+
+def test_the_outer_step_weighs_and_rebases_stale_updates_as_documented(network) -> None:
+    """Every outer step, checked against the checkpoints: weights tokens x (1 + tau)^-0.5, a
+    stale update taken as current - (base - update), and new = current - the weighted mean
+    (outer lr 1, no momentum)."""
+    net = with_speeds(network(["honest"] * 3, rounds=5, outer=PLAIN_OUTER,
+                              extra=asynchronous(buffer=2, queue=0)), 1, 2, 4)
+    loop = net.loop
+    assert isinstance(loop, AsyncRunLoop)
+    steps: list[tuple[int, list, list[float]]] = []
+    rebased: dict[str, dict] = {}
+    step_arrays, aggregate = loop._step_arrays, loop.aggregator.aggregate
+
+    def spy_step_arrays(c):  # type: ignore[no-untyped-def]
+        out = step_arrays(c)
+        rebased[c.lease.nonce] = out
+        return out
+
+    def spy_aggregate(updates, weights):  # type: ignore[no-untyped-def]
+        nonces = [next(n for n, a in rebased.items() if a is u) for u in updates]
+        steps.append((net.store.version, nonces, list(weights)))
+        return aggregate(updates, weights)
+
+    loop._step_arrays = spy_step_arrays  # type: ignore[method-assign]
+    loop.aggregator.aggregate = spy_aggregate  # type: ignore[method-assign]
+    net.run()
+
+    ckpt = {v.version: load_checkpoint(v.path)[0] for v in net.ledger.versions()}
+    sent = {lease.nonce: (lease, arrays) for n in net.nodes for lease, arrays in n.answered}
+    assert [v for v, _, _ in steps] == [0, 1, 2, 3, 4]
+    stale = 0
+    for version, nonces, weights in steps:
+        expect_w, parts = [], []
+        for nonce in nonces:
+            lease, update = sent[nonce]
+            tau = version - lease.base_version
+            stale += tau > 0
+            tokens = lease.inner_steps * lease.batch_size * lease.seq_len
+            expect_w.append(tokens * (1 + tau) ** -0.5)
+            parts.append({k: ckpt[version][k] - ckpt[lease.base_version][k] + update[k]
+                          for k in update})
+        assert weights == pytest.approx(expect_w)
+        total = sum(expect_w)
+        now = ckpt[version]
+        step = {k: now[k] - sum(w * p[k] for w, p in zip(expect_w, parts)) / total for k in now}
+        step = broadcast(now, step, net.cfg)  # the version as it travels ([compression])
+        for k in now:
+            np.testing.assert_allclose(ckpt[version + 1][k], step[k], rtol=1e-5, atol=1e-6)
+    assert stale > 0, "no stale update was aggregated: the test checked only fresh work"
+
+
+# -- the run -------------------------------------------------------------------------------
+
+def test_a_mixed_fleet_runs_without_barriers_and_every_version_is_scored(network) -> None:
+    net = with_speeds(network(["honest"] * 3, rounds=4, extra=asynchronous(queue=1)), 1, 2, 4)
+    net.run()
+    led = net.ledger
+    versions = led.versions()
+    assert [v.version for v in versions] == [0, 1, 2, 3, 4]
+    assert all(v.val_loss is not None and v.val_tokens for v in versions)
+    assert versions[-1].val_loss < versions[0].val_loss
+    pairs = updates_by_lease(led)
+    assert all(lease.status == "answered" for lease, _ in pairs), "a lease was left open"
+    assert all(u.verdict == "accepted" for _, u in pairs)
+    # K = 3 nodes online: every step but the last (which takes all work out) holds 3+
+    assert all(v.n_updates >= 3 for v in versions[1:-1])
+    assert sum(v.n_updates for v in versions) == sum(
+        1 for lease, _ in pairs if lease.kind == "train")
+    # the 4x node was never held back by the 1x one: it trained about 4x the tokens
+    tokens = {n.id: 0 for n in net.nodes}
+    for lease, u in pairs:
+        if lease.kind == "train":
+            tokens[lease.node_id] += u.tokens
+    assert tokens[net.nodes[2].id] >= 3 * tokens[net.nodes[0].id]
+    # queue = 1: every node got its next train lease before it had answered the one before
+    for n in net.nodes:
+        mine = sorted((x for x, _ in pairs if x.node_id == n.id and x.kind == "train"),
+                      key=lambda x: x.issued_at)
+        assert any(b.issued_at < a.closed_at for a, b in zip(mine, mine[1:])), n.name
+    assert_credit_only_for_accepted(led)
+
+
+def test_work_beyond_max_staleness_is_rejected_as_stale_base(network) -> None:
+    # one update per step: while the 1x node trains, the 4x node makes versions
+    net = with_speeds(network(["honest", "honest"], rounds=6, outer=PLAIN_OUTER,
+                              extra=asynchronous(buffer=1, queue=0, max_staleness=1)), 1, 4)
+    net.run()
+    slow = net.nodes[0].id
+    mine = [(lease, u) for lease, u in updates_by_lease(net.ledger)
+            if lease.node_id == slow and lease.kind == "train" and u is not None]
+    stale = [u for _, u in mine if u.reason == Reason.STALE_BASE]
+    assert stale, [(x.base_version, u.verdict) for x, u in mine]
+    assert all("at most 1 behind" in u.detail for u in stale)
+    assert_credit_only_for_accepted(net.ledger)
+    assert [v.version for v in net.ledger.versions()] == list(range(7))
+    # its shards went back to the pool and were trained again by someone
+    done = {lease.shard_id for lease, u in updates_by_lease(net.ledger)
+            if lease.kind == "train" and u is not None and u.verdict == "accepted"}
+    first = next(lease for lease, u in mine if u.reason == Reason.STALE_BASE)
+    assert first.shard_id in done
+
+
+def test_spot_checks_under_the_async_loop_catch_a_cheat(network) -> None:
+    net = network(["honest", "honest", "partial"], rounds=3,
+                  verify="spot_check_rate = 1.0\neval_quorum_rate = 0",
+                  extra=asynchronous(buffer=2, queue=1))  # a slot free for each copy
+    net.run()
+    led = net.ledger
+    cheat = net.nodes[2].id
+    theirs = [u for lease, u in updates_by_lease(led)
+              if lease.node_id == cheat and lease.kind == "train" and u is not None]
+    lost = [u for u in theirs if u.reason == Reason.SPOT_CHECK_MISMATCH]
+    assert lost, [(u.verdict, u.reason) for u in theirs]
+    credits = {c.update_id: c.amount for c in led.credits()}
+    assert all(credits.get(u.id, 0) < 0 for u in lost)  # the penalty
+    assert not any(u.verdict == "accepted" for u in theirs if u.id in {x.id for x in lost})
+    events = [e.message for e in led.events() if e.kind == "spot_check"]
+    assert any("agree" in m for m in events) and any("rejected" in m for m in events)
+    assert_credit_only_for_accepted(led)
+    # a shard accepted twice (its pair agreed) is aggregated once
+    accepted = {(lease.round, lease.shard_id) for lease, u in updates_by_lease(led)
+                if lease.kind == "train" and u is not None and u.verdict == "accepted"}
+    assert sum(v.n_updates for v in led.versions()) == len(accepted)
+
+
+def test_an_eval_lie_is_caught_without_a_barrier(network) -> None:
+    net = network(["honest", "honest", "eval_lie"], rounds=3, extra=asynchronous(buffer=2))
+    net.run()
+    led = net.ledger
+    liar = net.nodes[2].id
+    lies = [u for lease, u in updates_by_lease(led)
+            if lease.node_id == liar and lease.kind == "eval" and u is not None]
+    assert lies and all(u.reason == Reason.EVAL_MISMATCH for u in lies)
+    assert all(v.val_loss is not None and v.val_loss > 1.0 for v in led.versions())
+    assert_credit_only_for_accepted(led)
+
+
+def test_a_node_that_leaves_mid_lease_costs_only_its_lease(network) -> None:
+    net = with_speeds(network(["honest"] * 3, rounds=4, extra=asynchronous(queue=0),
+                              train="deadline_s = 30"), 1, 1, 1)
+    start = net.clock()
+    net.nodes[2].away = (start + 2.0, start + 200.0)
+    net.run()
+    led = net.ledger
+    expired = [x for x in led.leases() if x.status == "expired"]
+    assert expired and all(x.node_id == net.nodes[2].id for x in expired)
+    assert not [x for x in led.leases() if x.status == "issued"]
+    assert [v.version for v in led.versions()] == [0, 1, 2, 3, 4]
+    assert all(v.val_loss is not None for v in led.versions())
+
+
+def test_eval_every_scores_every_kth_version_and_the_last(network) -> None:
+    net = network(["honest", "honest"], rounds=5, extra=asynchronous(eval_every=2))
+    net.run()
+    scored = [v.version for v in net.ledger.versions() if v.val_loss is not None]
+    assert scored == [0, 2, 4, 5]
+
+
+def test_a_node_revoked_mid_run_gets_no_further_lease_and_earns_nothing(network) -> None:
+    net = network(["honest", "honest"], rounds=3, extra=asynchronous(buffer=1))
+    led, transport = net.ledger, net.transport
+    good, bad = net.nodes
+    send = transport.send
+
+    def send_then_revoke(dst: int, kind: str, content, ttl: float) -> str:  # type: ignore[no-untyped-def]
+        mid = send(dst, kind, content, ttl)
+        if dst == bad.flower_id and kind == "train":
+            led.revoke_node(bad.id)  # revoked while its first train lease is out
+        return mid
+
+    transport.send = send_then_revoke  # type: ignore[method-assign]
+    net.run()
+    theirs = [x for x in led.leases(node_id=bad.id) if x.kind == "train"]
+    assert len(theirs) == 1  # no lease after the revocation
+    (upd,) = [u for u in led.updates(node_id=bad.id) if u.lease_id == theirs[0].id]
+    assert (upd.verdict, upd.reason) == ("rejected", Reason.UNKNOWN_NODE)
+    # it earned for the evaluation it answered before the revocation, nothing after
+    assert [c.update_id for c in led.credits(node_id=bad.id)
+            if c.created_at >= theirs[0].issued_at and c.update_id == upd.id] == []
+    # nor an evaluation of any later version
+    assert [x.base_version for x in led.leases(node_id=bad.id) if x.kind == "eval"] == [0]
+    assert [v.version for v in led.versions()] == [0, 1, 2, 3]  # the run went on
+    assert all(u.verdict == "accepted" for u in led.updates(node_id=good.id))
