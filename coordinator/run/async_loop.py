@@ -8,8 +8,9 @@ behind — and its own checks (base check, usefulness scores) run at once agains
 version, which the model store keeps; it then waits in the buffer. Once ``buffer`` (K)
 updates are in, or the oldest has waited ``max_wait_s``, the buffer is judged together by the
 round rules (each update against its own base) and what stands is aggregated into the next
-version, each update weighted by ``coordinator.run.staleness`` (tokens x trust x
-(1 + tau) ** -power), through the outer Nesterov step. The verdicts, credits, receipts and
+version through the outer Nesterov step: each update rebased onto the current version
+(``_step_arrays``) and weighted by ``coordinator.run.staleness`` (tokens x trust x
+(1 + tau) ** -power). The verdicts, credits, receipts and
 the version commit together, as a lock-step round's do.
 
 A spot check copies a lease to another node when one has a free slot (the worker's chance as

@@ -26,7 +26,7 @@ import numpy as np
 
 from protocol.messages import Kind, Lease
 
-from coordinator.run.sizing import Size, SizingLike, deadline_for, size_lease
+from coordinator.run.sizing import Size, SizingLike, deadline_for, eval_deadline_for, size_lease
 
 __all__ = ["Scheduler", "TrainLike", "shard_seed"]
 
@@ -68,6 +68,7 @@ class _Open:
     epoch: int  # -1 for eval leases: nothing to return to the pool
     duplicate: bool  # a spot-check copy: its outcome never touches the pool
     received: bool = False  # its reply is in and awaits the round's verdict: never expires
+    allowance: float = 0.0  # seconds from its start to its deadline
 
 
 class Scheduler:
@@ -122,11 +123,12 @@ class Scheduler:
                     continue
                 shard_id, epoch = taken
                 start, end = self._ranges[shard_id]
+                begin = self._start(node)
                 lease = self._make(round, shard_id, "train", base_version, base_digest, start,
-                                   end, shard_seed(self._run_id, shard_id, epoch),
-                                   begin=self._start(node),
+                                   end, shard_seed(self._run_id, shard_id, epoch), begin=begin,
                                    size=size_lease(self._train, speeds.get(node)))
-                self._open[lease.nonce] = _Open(node, lease, epoch, duplicate=False)
+                self._open[lease.nonce] = _Open(node, lease, epoch, duplicate=False,
+                                                allowance=lease.deadline - begin)
                 out[node] = lease
         return out
 
@@ -140,9 +142,11 @@ class Scheduler:
             raise ValueError("can only duplicate an open train lease")
         if node_id == orig.node_id or node_id not in self._free([node_id], "train", depth=depth):
             raise ValueError(f"node {node_id} cannot take a duplicate of this lease")
-        lease = replace(of, round=round, nonce=self._nonce(), deadline=self._start(node_id)
-                        + deadline_for(self._train, of.inner_steps, speed))
-        self._open[lease.nonce] = _Open(node_id, lease, orig.epoch, duplicate=True)
+        allowance = deadline_for(self._train, of.inner_steps, speed)
+        lease = replace(of, round=round, nonce=self._nonce(),
+                        deadline=self._start(node_id) + allowance)
+        self._open[lease.nonce] = _Open(node_id, lease, orig.epoch, duplicate=True,
+                                        allowance=allowance)
         return lease
 
     def lease_eval_copy(self, round: int, node_id: int, of: Lease) -> Lease:
@@ -160,7 +164,8 @@ class Scheduler:
             raise ValueError(f"node {node_id} cannot take a copy of this eval lease")
         lease = replace(of, round=round, nonce=self._nonce(),
                         deadline=self._start(node_id) + self._train.deadline_s)
-        self._open[lease.nonce] = _Open(node_id, lease, -1, duplicate=True)
+        self._open[lease.nonce] = _Open(node_id, lease, -1, duplicate=True,
+                                        allowance=self._train.deadline_s)
         return lease
 
     def lease_eval(self, round: int, node_ids: Sequence[int], base_version: int,
@@ -170,8 +175,9 @@ class Scheduler:
         version: each node gets a contiguous run of ``seq_len`` blocks (counts differ by at
         most one; with ``speeds``, in proportion to each node's tokens/s, a node of unknown
         speed counted at the median), as one lease per range it touches, its deadline
-        counted from when what the node already holds is due. Eval shard ids number the
-        pieces of this call from 0."""
+        from the node's speed (``sizing.eval_deadline_for``) counted from when what the
+        node already holds may be done. Eval shard ids number the pieces of this call
+        from 0."""
         blocks = [(s, min(s + self._train.seq_len, end))
                   for start, end in ranges for s in range(start, end, self._train.seq_len)]
         nodes = self._free(node_ids, "eval", base_version)[:len(blocks)]
@@ -187,9 +193,12 @@ class Scheduler:
                 else:
                     spans.append([s, e])
             for s, e in spans:
+                begin = self._start(node)
+                allowed = eval_deadline_for(self._train, e - s, (speeds or {}).get(node))
                 lease = self._make(round, piece, "eval", base_version, base_digest, s, e, 0,
-                                   begin=self._start(node))
-                self._open[lease.nonce] = _Open(node, lease, -1, duplicate=False)
+                                   begin=begin, size=Size(0, allowed))
+                self._open[lease.nonce] = _Open(node, lease, -1, duplicate=False,
+                                                allowance=lease.deadline - begin)
                 out.setdefault(node, []).append(lease)
                 piece += 1
         return out
@@ -283,10 +292,13 @@ class Scheduler:
         return sorted(n for n in set(node_ids) if held.get(n, 0) < depth)
 
     def _start(self, node_id: int) -> float:
-        """When a new lease for ``node_id`` may start: now, or when what it already holds is
-        due (a queued lease's deadline counts from there, not from its issue)."""
-        return max([self._clock(), *(e.lease.deadline for e in self._open.values()
-                                     if e.node_id == node_id and not e.received)])
+        """When a new lease for ``node_id`` may start, for its deadline: now plus the time
+        allowed for what the node still holds (a queued lease's deadline counts from when
+        the work ahead of it may be done, not from its issue). From now, not from the
+        deadlines ahead: those count from their own start, and a node that always holds
+        the next lease would push every new deadline further out than the last."""
+        return self._clock() + sum(e.allowance for e in self._open.values()
+                                   if e.node_id == node_id and not e.received)
 
     def _take(self, avoid: int | None = None) -> tuple[int, int] | None:
         """The first pooled shard that is not out on a lease (nor returned by node

@@ -12,7 +12,8 @@ credit follows verified tokens either way). A node with no history gets ``inner_
     deadline = deadline_factor * steps * batch_size * seq_len / tokens_per_s + deadline_slack_s
 
 The slack covers fetching the base and the shard, the upload and Flower's delivery; the
-factor a node slowed by other work. ``target_lease_s = 0`` turns sizing off: every lease is
+factor a node slowed by other work. An evaluation lease's deadline comes from the same speed
+(``deadline_factor * tokens / tokens_per_s + deadline_slack_s``). ``target_lease_s = 0`` turns sizing off: every lease is
 ``inner_steps`` with ``deadline_s``, as before.
 """
 
@@ -22,7 +23,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
-__all__ = ["HISTORY", "Size", "SizingLike", "deadline_for", "size_lease", "tokens_per_s"]
+__all__ = ["HISTORY", "Size", "SizingLike", "deadline_for", "eval_deadline_for", "size_lease",
+           "tokens_per_s"]
 
 HISTORY = 5  # accepted train updates a speed is measured over (the most recent)
 
@@ -76,3 +78,12 @@ def deadline_for(t: SizingLike, steps: int, speed: float | None) -> float:
     if speed is None or speed <= 0:
         return t.deadline_s * max(1.0, steps / t.inner_steps)
     return t.deadline_factor * steps * t.batch_size * t.seq_len / speed + t.deadline_slack_s
+
+
+def eval_deadline_for(t: SizingLike, tokens: int, speed: float | None) -> float:
+    """Seconds a node of ``speed`` trained tokens/s gets to evaluate ``tokens`` (a forward
+    pass costs less than a training step per token, so the training rate bounds it);
+    ``deadline_s`` without sizing or a measured speed."""
+    if t.target_lease_s <= 0 or speed is None or speed <= 0:
+        return t.deadline_s
+    return t.deadline_factor * tokens / speed + t.deadline_slack_s

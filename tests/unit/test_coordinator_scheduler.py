@@ -326,3 +326,20 @@ def test_depth_queues_train_leases_and_a_received_one_frees_its_slot() -> None:
         s.lease_duplicate(1, 2, first[1], depth=2)
     copy = s.lease_duplicate(1, 3, first[1], depth=2)
     assert copy.shard_id == first[1].shard_id and s.train_slots([3], depth=1) == []
+
+
+def test_a_node_that_always_holds_its_next_lease_gets_deadlines_that_do_not_run_away() -> None:
+    # a queued lease's deadline counts from now plus what is allowed for the work ahead of
+    # it, not from that work's deadline: else each new lease would be due later than the
+    # last by a whole allowance, and a lost lease of a busy node would never expire
+    clock = Clock()
+    s = make(n_shards=20, clock=clock)
+    first = s.lease_train(1, [1], 0, BASE, depth=2)[1]
+    ahead = s.lease_train(1, [1], 0, BASE, depth=2)[1]
+    assert (first.deadline, ahead.deadline) == (1060.0, 1120.0)
+    for _ in range(10):
+        clock.t += 10.0
+        s.received(first)
+        s.answered(first, accepted=True)
+        first, ahead = ahead, s.lease_train(1, [1], 0, BASE, depth=2)[1]
+        assert ahead.deadline == clock.t + 120.0  # now + the one ahead + its own

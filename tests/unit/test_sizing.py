@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from coordinator.run.scheduler import Scheduler
-from coordinator.run.sizing import Size, deadline_for, size_lease, tokens_per_s
+from coordinator.run.sizing import Size, deadline_for, eval_deadline_for, size_lease, tokens_per_s
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,10 @@ def test_size_by_hand() -> None:
     assert deadline_for(t, 150, 1000.0) == 3 * 150 * 200 / 1000 + 30
     assert deadline_for(t, 400, None) == 300.0 * 4  # unknown speed: deadline_s per 100 steps
     assert deadline_for(off, 400, 1000.0) == 300.0
+    # an evaluation of 5000 tokens by a node training 500 tok/s: 3 x 10 s + 30 s
+    assert eval_deadline_for(t, 5000, 500.0) == 60.0
+    assert eval_deadline_for(t, 5000, None) == 300.0  # unknown speed: deadline_s
+    assert eval_deadline_for(off, 5000, 500.0) == 300.0
 
 
 def test_scheduler_sizes_each_node_and_a_copy_to_its_checker() -> None:
