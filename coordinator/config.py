@@ -111,6 +111,15 @@ def _mirrors(v: Any) -> tuple[str, ...]:
     return tuple(v)
 
 
+def _metrics_address(v: Any) -> str:
+    if v == "":
+        return v
+    if not isinstance(v, str) or not re.fullmatch(r"[^\s:]+:\d{1,5}", v) \
+            or not 0 < int(v.rpartition(":")[2]) < 65536:
+        raise _Bad('must be "HOST:PORT" (e.g. "127.0.0.1:9094") or "" (off)')
+    return v
+
+
 def _ledger_url(v: Any) -> str:
     if not isinstance(v, str) or not re.fullmatch(r"[a-z][a-z0-9+]*://.*", v):
         raise _Bad("must be a database URL such as sqlite:///ledger.db")
@@ -311,6 +320,9 @@ class NetworkParams:
     blob_mirrors: tuple[str, ...] = _opt((), _mirrors, "HTTP(S) mirrors nodes try before the "
                                          "coordinator for model versions and shards (files "
                                          "named by digest: untrusted, every blob is checked)")
+    metrics_address: str = _opt("127.0.0.1:9094", _metrics_address, "HOST:PORT of the "
+                                "Prometheus /metrics endpoint (docs/operations.md); loopback "
+                                "unless you open it on purpose; \"\" = off")
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,8 @@ def node_command(rd: RunDir, token: str, name: str, home: Path, threads: int,
               extra: list[str]) -> list[str]:
     addr = rd.coordinator_address(rd.config())
     return [sys.executable, "-m", "node", "join", addr, "--token", token, "--name", name,
-            "--home", str(home), "--threads", str(threads), "--device", "cpu", *extra]
+            "--home", str(home), "--threads", str(threads), "--device", "cpu",
+            "--metrics", f"127.0.0.1:{free_port()}", *extra]
 
 
 def _wait_enrolled(rd: RunDir, c: Coordinator, procs: list[subprocess.Popen[bytes]],
@@ -68,6 +69,7 @@ def run_demo(*, nodes: int = 3, rounds: int = 3, workdir: Path | None = None,
     wd = (workdir or Path(tempfile.mkdtemp(prefix="atom-demo-"))).resolve()
     settings = dict(run_rounds=rounds, run_min_nodes=nodes, run_wait_for_nodes_s=60.0,
                     network_fleet_port=free_port(), network_coordinator_port=free_port(),
+                    network_metrics_address=f"127.0.0.1:{free_port()}",
                     **(overrides or {}))
     rd = init_run(wd, force=True, **settings)
     with rd.ledger() as ledger:

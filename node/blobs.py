@@ -32,6 +32,8 @@ from protocol import coordinator_pb2_grpc as pb_grpc
 from protocol.blobstore import BlobDir, Partial, check_digest
 from protocol.errors import BlobError
 
+from . import metrics
+
 __all__ = ["BlobFetcher", "BlobSink", "BlobSource", "CoordinatorBlobs", "HttpMirror", "Progress"]
 
 log = logging.getLogger(__name__)
@@ -143,6 +145,7 @@ class CoordinatorBlobs:
                 stub.PutBlob(chunks(), timeout=self.timeout_s)
                 if progress is not None:
                     progress(len(data), len(data))
+                metrics.TRANSFER_BYTES.labels("up").inc(len(data))
                 return
             except grpc.RpcError as err:
                 code = err.code()  # type: ignore[attr-defined]
@@ -235,7 +238,9 @@ class BlobFetcher:
 
     def _get(self, digest: str, progress: Progress | None) -> bytes:
         if self.cache.has(digest):
+            metrics.CACHE_LOOKUPS.labels("hit").inc()
             return self.cache.get(digest)
+        metrics.CACHE_LOOKUPS.labels("miss").inc()
         failures = []
         for source in self.sources:
             part = self.cache.partial(digest)
@@ -247,6 +252,8 @@ class BlobFetcher:
                 part.discard()  # a source that failed leaves nothing for the next to trust
                 continue
             self.fetched.append(digest)
-            return self.cache.get(digest)
+            data = self.cache.get(digest)
+            metrics.TRANSFER_BYTES.labels("down").inc(len(data))
+            return data
         raise BlobError(f"blob {digest[:12]}: no source could serve it ("
                         + "; ".join(failures or ["no sources"]) + ")")

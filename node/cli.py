@@ -15,6 +15,7 @@ from protocol.cli_app import CliApp
 from protocol.cli_errors import one_line_errors
 from protocol.errors import EnrollmentError
 from protocol.invite import InviteToken
+from protocol.metrics import parse_address
 
 from .credits import CreditReport, credits_report
 from .enroll import enroll
@@ -46,8 +47,13 @@ def join(
     slowdown: Annotated[float, typer.Option(
         min=1.0, hidden=True, help="benchmarks: take F times as long for each lease (waits "
                                    "after the work), to play a slower device")] = 1.0,
+    metrics: Annotated[str, typer.Option(
+        help='HOST:PORT of this node\'s Prometheus /metrics ("" = off)',
+        metavar="HOST:PORT")] = "127.0.0.1:9095",
 ) -> None:
     """Enroll with a coordinator (first time) and keep working for it until Ctrl-C."""
+    if metrics:
+        parse_address(metrics, "--metrics")  # a typo is one line, before anything starts
     node_home = NodeHome((home or default_home()).expanduser().resolve())
     enrollment = node_home.enrollment()
     address = _address(coordinator, token, enrollment.coordinator_address if enrollment else None)
@@ -61,7 +67,8 @@ def join(
         console.print(f"node {enrollment.node_id} ({enrollment.institution}) rejoining "
                       f"run {enrollment.run_id}", style="green")
     Supervisor(node_home, enrollment, threads=threads, device=device,
-               sign_key=sign_key, slowdown=slowdown, console=console).run()
+               sign_key=sign_key, slowdown=slowdown, metrics_address=metrics,
+               console=console).run()
 
 
 def _address(given: str | None, token: str | None, enrolled: str | None) -> str:

@@ -24,7 +24,8 @@ from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
-from protocol.errors import EnrollmentError
+from protocol.errors import AtomError, EnrollmentError
+from protocol.metrics import MetricsServer, multiprocess_env, serve_metrics
 from protocol.processes import flower_env, free_port, spawn, stop
 
 from .identity import Enrollment, NodeHome
@@ -107,6 +108,7 @@ class Supervisor:
     device: str = "auto"
     sign_key: Path | None = None
     slowdown: float = 1.0  # benchmarks: play a device this many times slower
+    metrics_address: str = ""  # HOST:PORT of the node's /metrics ("" = none)
     console: Console = field(default_factory=lambda: Console(stderr=True))
     _stop: threading.Event = field(default_factory=threading.Event)
 
@@ -119,6 +121,27 @@ class Supervisor:
         logs = self.home.path / "logs"
         logs.mkdir(exist_ok=True)
         env = flower_env(self.home.path / "flwr-home")
+        metrics = self._serve_metrics(env)
+        try:
+            return self._supervise(env, logs)
+        finally:
+            if metrics is not None:
+                metrics.close()
+
+    def _serve_metrics(self, env: dict[str, str]) -> MetricsServer | None:
+        """Serve the warm worker's metrics (it writes them to files, ``protocol.metrics``);
+        a node whose metrics port is taken works on without them."""
+        if not self.metrics_address:
+            return None
+        folder = self.home.path / "metrics"
+        env.update(multiprocess_env(folder))
+        try:
+            return serve_metrics(self.metrics_address, folder)
+        except AtomError as err:
+            self.console.print(f"warning: no metrics: {err}", style="yellow")
+            return None
+
+    def _supervise(self, env: dict[str, str], logs: Path) -> int:
         restarts, refused, backoff = 0, 0, 1.0
         log, worker_log = logs / "supernode.log", logs / "worker.log"
         live = Live(console=self.console, refresh_per_second=2, transient=True,

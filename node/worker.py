@@ -15,6 +15,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from typing import Any
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,6 +35,7 @@ from training.evaluate import evaluate
 from training.inner import train_inner
 from training.model import GPTConfig
 
+from . import metrics as node_metrics
 from .blobs import BlobFetcher, BlobSink, BlobSource, HttpMirror
 from .limits import NodeLimits, check_model, check_work
 
@@ -195,6 +197,7 @@ def _compute(work: Work, model: dict[str, np.ndarray], tokens: np.ndarray,
                           progress=report)
         feedback = settings.feedback if settings.feedback is not None else ErrorFeedback()
         arrays = feedback.encode(res.pseudo_grad, work.compression)
+        node_metrics.STEP_SECONDS.observe((time.perf_counter() - t0) / max(res.steps, 1))
         _play_slower(settings.slowdown, t0)
         metrics = UpdateMetrics(tokens=res.tokens, steps=res.steps, loss_before=res.loss_before,
                                 loss_after=res.loss_after, wall_s=time.perf_counter() - t0)
@@ -207,7 +210,23 @@ def _compute(work: Work, model: dict[str, np.ndarray], tokens: np.ndarray,
                                 loss_after=ev.mean_loss, wall_s=time.perf_counter() - t0)
     if report is not None:
         report(metrics.steps, metrics.steps, metrics.tokens, done=True)
+    _record(lease.kind, metrics, device)
     return arrays, metrics
+
+
+def _record(kind: str, m: UpdateMetrics, device: Any) -> None:
+    """The lease's work in the node's Prometheus metrics (``node.metrics``)."""
+    node_metrics.LEASES.labels(kind).inc()
+    node_metrics.TOKENS.labels(kind).inc(m.tokens)
+    node_metrics.BUSY_SECONDS.labels(kind).inc(m.wall_s)
+    if kind == Kind.TRAIN and m.wall_s > 0:
+        node_metrics.TOKENS_PER_SECOND.set(m.tokens / m.wall_s)
+    peak = 0
+    if getattr(device, "type", "cpu") == "cuda":
+        import torch
+
+        peak = torch.cuda.max_memory_allocated(device)
+    node_metrics.DEVICE_MEMORY.set(peak)
 
 
 def _rebuild(work: Work, held: dict[str, np.ndarray], fetch: Callable[[str, str], bytes]

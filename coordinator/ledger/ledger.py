@@ -22,6 +22,7 @@ from sqlmodel import Session, SQLModel, col, select
 from protocol.errors import EnrollmentError, LedgerError, Reason
 from protocol.kinds import Verdict
 
+from coordinator.metrics import LEDGER_WRITE_SECONDS
 from coordinator.ledger.models import (
     LEASE_KINDS, LEASE_STATUSES, VERDICTS, CreditEntry, CreditReceipt, Event, Institution,
     Invite, LeaseRow, ModelVersion, Node, UpdateRow, VersionEval,
@@ -98,8 +99,10 @@ class Ledger(LedgerReads):
             yield active
             active.flush()  # ids assigned and constraints checked now, as a commit would
             return
+        t0 = time.perf_counter()
         with self._session() as session, session.begin():
             yield session
+        LEDGER_WRITE_SECONDS.observe(time.perf_counter() - t0)
 
     def _add(self, row: _Row, what: str) -> _Row:
         with self._write(what) as session:

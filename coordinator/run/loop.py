@@ -32,6 +32,7 @@ from training.checkpoint import load_checkpoint
 from training.corpus import CorpusInfo
 from training.shards import data_digest, make_shards
 
+from coordinator import metrics
 from coordinator.accounting.credits import ReceiptIssuer
 from coordinator.aggregators import get_aggregator
 from coordinator.config import RunConfig
@@ -182,6 +183,8 @@ class RunLoop:
             if (node := self._nodes.get(fid)) is not None:
                 self.ledger.add_event("leave", f"{node.name} went offline", node_id=node.id)
         self._seen = online
+        metrics.NODES_ONLINE.set(sum(1 for fid in online if fid in self._nodes
+                                     and not self._nodes[fid].revoked))
         return out
 
     def _bench(self, node: Node, why: str) -> None:
@@ -248,7 +251,8 @@ class RunLoop:
         the verdicts, credits, receipts and the version commit together (a coordinator
         killed before the end has accepted nothing of the round, and redoes it)."""
         with self.ledger.atomic("close a round"):
-            kept = self._judge_round(rnd, batch.cands, batch.screened_out, batch.pairs)
+            with metrics.VERIFY_SECONDS.labels("judge").time():
+                kept = self._judge_round(rnd, batch.cands, batch.screened_out, batch.pairs)
             if not kept:
                 self.ledger.add_event("round", f"round {rnd}: no accepted update; "
                                                f"version {self.store.version} stays")
@@ -258,10 +262,15 @@ class RunLoop:
                                      trust.get(c.node.id, NEW_NODE_TRUST) if weighted else 1.0,
                                      self.store.version - c.lease.base_version,
                                      self.cfg.asynchronous.staleness_power) for c in kept]
+            t0 = time.perf_counter()
             delta = self.aggregator.aggregate([self._step_arrays(c) for c in kept], weights)
             tokens = sum(c.judged.update.metrics.tokens for c in kept)
             version = self.store.advance(delta, self.ledger, round=rnd, n_updates=len(kept),
                                          tokens=tokens, at=self.clock())
+            metrics.OUTER_STEP_SECONDS.observe(time.perf_counter() - t0)
+            for c in kept:
+                metrics.STALENESS.observe(version - 1 - c.lease.base_version)
+            metrics.MODEL_VERSION.set(version)
             self.ledger.add_event("version", f"round {rnd}: version {version} from "
                                              f"{len(kept)} updates ({tokens} tokens)")
 
@@ -376,6 +385,7 @@ class RunLoop:
                                           ttl=lease.deadline - self.clock() + _TTL_SLACK_S)
                 batch.open += 1
                 self._pending[mid] = Sent(lease, node, row.id, batch)
+                metrics.LEASES_ISSUED.labels(lease.kind).inc()
 
     def _collect(self, done: Callable[[], bool]) -> None:
         """Take replies (of any batch) as they come and expire the silent, until ``done``."""
@@ -413,6 +423,7 @@ class RunLoop:
                                       f"of {sent.lease.kind} shard {sent.lease.shard_id}; "
                                       "it goes back to the pool", node_id=sent.node.id)
                 self._bench(sent.node, "missed a deadline")
+                metrics.LEASES_CLOSED.labels(sent.lease.kind, "expired").inc()
                 self._settled(sent.batch)
 
     def _settled(self, batch: Batch) -> None:
@@ -444,6 +455,7 @@ class RunLoop:
             public_key_pem=sent.node.public_key_pem.encode(), version=version,
             shapes=self.store.shapes(), cfg=self.cfg, ledger=self.ledger, now=now,
             blobs=self.blobs, max_staleness=max_staleness)
+        metrics.VERIFY_SECONDS.labels("screen").observe(time.perf_counter() - t0)
         if sent.lease.kind == Kind.TRAIN:
             self.judge.cost.screen_s += time.perf_counter() - t0
             self.judge.cost.updates += 1
@@ -467,6 +479,7 @@ class RunLoop:
     def _failed(self, sent: Sent, error: str) -> None:
         self.scheduler.release(sent.lease, reason=error)
         self.ledger.close_lease(sent.row_id, "failed", self.clock())
+        metrics.LEASES_CLOSED.labels(sent.lease.kind, "failed").inc()
         self.ledger.add_event("reissue", f"{sent.node.name} failed {sent.lease.kind} shard "
                               f"{sent.lease.shard_id} ({error.splitlines()[0][:160]}); "
                               "it goes back to the pool", node_id=sent.node.id)

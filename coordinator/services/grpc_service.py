@@ -26,6 +26,7 @@ from protocol.status import StatusQuery
 
 from coordinator.accounting.credits import ReceiptIssuer
 from coordinator.accounting.statements import StatementDesk
+from coordinator.metrics import BLOB_BYTES
 from coordinator.services.enrollment import Enroller
 from coordinator.services.status import AccessDenied, NoSuchNode, StatusDesk
 
@@ -91,6 +92,7 @@ class BlobService:
             if n != first.size:
                 raise ProtocolError(f"upload ended after {n} of {first.size} bytes")
             self.blobs.commit(part)
+            BLOB_BYTES.labels("in").inc(n)
         except Exception as err:  # noqa: BLE001 - mapped to a status below
             if part is not None:
                 part.discard()
@@ -120,6 +122,7 @@ class BlobService:
         for chunk in self.blobs.chunks(digest, offset, self.CHUNK):
             yield pb.BlobChunk(size=size, offset=offset, data=chunk)
             offset += len(chunk)
+            BLOB_BYTES.labels("out").inc(len(chunk))
 
 
 @dataclass

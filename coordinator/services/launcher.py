@@ -13,12 +13,14 @@ import grpc
 
 from protocol.blobstore import BlobDir
 from protocol.errors import NetworkError
+from protocol.metrics import MetricsServer, multiprocess_env, serve_metrics
 from protocol.processes import free_port, process_token
 from training.corpus import CorpusInfo, build_folder_corpus, build_stdlib_corpus
 
 from coordinator.accounting.credits import ReceiptIssuer
 from coordinator.config import RunConfig
 from coordinator.ledger import Ledger
+from coordinator.metrics import SERVICE
 from coordinator.run.model_store import model_config, model_params
 from coordinator.rundir import RunDir
 from coordinator.services.enrollment import Enroller
@@ -46,6 +48,7 @@ class Coordinator:
     superlink: SuperLink | None = None
     proxy: FleetProxy | None = None
     server: grpc.Server | None = None
+    metrics: MetricsServer | None = None
 
     def __post_init__(self) -> None:
         self.cfg = self.rd.config()
@@ -69,7 +72,14 @@ class Coordinator:
         # The SuperLink's port also serves Flower's unauthenticated Control API: it listens on
         # loopback only, and nodes reach its Fleet API through the proxy on the public port.
         private_port = free_port()
-        self.superlink = SuperLink(rd.path, rd.tls, "127.0.0.1", private_port)
+        env: dict[str, str] = {}
+        if cfg.network.metrics_address:
+            # the run loop (the ServerApp, below the SuperLink) writes its metrics to files
+            # that this process serves with its own
+            folder = rd.path / "metrics"
+            env = multiprocess_env(folder)
+            self.metrics = serve_metrics(cfg.network.metrics_address, folder, own=SERVICE)
+        self.superlink = SuperLink(rd.path, rd.tls, "127.0.0.1", private_port, env=env)
         self.superlink.start()
         unregister_revoked(self.ledger, self.superlink)  # revoked while we were down
         for stale in self.superlink.unfinished_runs():  # a crashed coordinator's run
@@ -126,6 +136,9 @@ class Coordinator:
         return last or f"run ended as {status}"
 
     def stop(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
         if self.server is not None:
             self.server.stop(grace=1.0).wait()
             self.server = None

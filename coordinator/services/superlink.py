@@ -87,13 +87,14 @@ class SuperLink:
     port: int
     proc: subprocess.Popen[bytes] | None = None
     sleep: Callable[[float], None] = field(default=time.sleep, repr=False)
+    env: dict[str, str] = field(default_factory=dict)  # more environment (the ServerApp's too)
 
     @property
     def local_address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 60.0) -> None:
-        env = flower_env(self.workdir / "flwr-home")
+        env = flower_env(self.workdir / "flwr-home", self.env)
         cmd = [
             "flower-superlink",
             "--ssl-ca-certfile", str(self.tls.ca_cert),

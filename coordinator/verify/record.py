@@ -23,6 +23,7 @@ from protocol.digest import arrays_from_bytes
 from protocol.errors import BlobError, ProtocolError, Reason
 from protocol.messages import Kind, Lease, Update, Verdict, parse_reply
 
+from coordinator import metrics
 from coordinator.accounting.credits import ReceiptIssuer, charge_penalty, pay_credit
 from coordinator.config import RunConfig
 from coordinator.ledger import Ledger
@@ -86,6 +87,10 @@ def record_judged(judged: Judged, *, lease: Lease, lease_row_id: int, node_id: i
     event for a rejection, the credit and receipt for accepted work, the penalty for a lost
     check. The one place any of these is written, whichever stage decided the verdict."""
     verdict, update = judged.verdict, judged.update
+    metrics.UPDATES.labels(lease.kind, Verdict.ACCEPTED if verdict.accepted
+                           else Verdict.REJECTED, verdict.reason or "").inc()
+    if verdict.accepted and update is not None:
+        metrics.TOKENS_ACCEPTED.labels(lease.kind).inc(update.metrics.tokens)
     # one transaction: no crash leaves a verdict without its credit, receipt or event
     with ledger.atomic("record a verdict"):
         if not verdict.accepted:

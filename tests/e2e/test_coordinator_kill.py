@@ -52,6 +52,7 @@ def test_killed_mid_round_the_run_resumes_and_loses_nothing(workdir: Path, victi
     rd = init_run(workdir, force=True, run_rounds=ROUNDS, run_min_nodes=2,
                   run_wait_for_nodes_s=120.0, network_fleet_port=fleet,
                   network_coordinator_port=port, train_inner_steps=40,
+                  network_metrics_address=f"127.0.0.1:{free_port()}",
                   train_deadline_s=60.0, data_eval_tokens=4096, verify_spot_check_rate=0.0)
     coord = _start(workdir, "coordinator-1.log")
     nodes: list[subprocess.Popen[bytes]] = []

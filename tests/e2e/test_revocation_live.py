@@ -56,6 +56,7 @@ def test_control_api_refused_publicly_and_revocation_live_and_at_start(
         workdir: Path, tmp_path: Path) -> None:
     fleet = free_port()
     rd = init_run(workdir, network_fleet_port=fleet, network_coordinator_port=free_port(),
+                  network_metrics_address=f"127.0.0.1:{free_port()}",
                   data_max_bytes=200_000, data_val_every=5)
     live, later = NodeHome(tmp_path / "live"), NodeHome(tmp_path / "later")
     procs: list[subprocess.Popen[bytes]] = []

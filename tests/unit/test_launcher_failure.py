@@ -11,7 +11,7 @@ from protocol.processes import free_port
 
 def test_failure_is_the_last_error_even_past_one_page_of_events(tmp_path: Path) -> None:
     rd = init_run(tmp_path / "run", network_fleet_port=free_port(),
-                  network_coordinator_port=free_port())
+                  network_coordinator_port=free_port(), network_metrics_address="")
     coord = Coordinator(rd)
     coord.ledger = rd.ledger()
     try:
