@@ -104,6 +104,26 @@ def revoke_node(
     err.print(f"revoked node {r.node_id} ({r.name}); its SuperNode key is unregistered {when}")
 
 
+@app.command()
+@one_line_errors
+def status(
+    dir: DirArg,
+    as_json: Annotated[bool, typer.Option("--json", help="print the figures as JSON")] = False,
+) -> None:
+    """The run on one screen: version, nodes, rates, recent verdicts, last problems."""
+    from coordinator.ledger import Ledger
+    from coordinator.status_screen import as_dict, render_status, status as read_status
+
+    rd = RunDir(dir.resolve())
+    cfg = rd.config()
+    with Ledger.read_only(cfg.ledger_url(rd.path)) as ledger:
+        s = read_status(ledger, run_id=cfg.run.id)
+    if as_json:
+        print(json.dumps(as_dict(s)))
+    else:
+        render_status(s, Console())
+
+
 _SUPERLINK_RESTARTS = 3  # a SuperLink that keeps dying ends the run
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import os
 from pathlib import Path
 
@@ -28,7 +29,8 @@ app = ServerApp()
 
 def _log_to(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path)
+    # a run lasts weeks: the log rotates by itself (logrotate handles the process logs)
+    handler = logging.handlers.RotatingFileHandler(path, maxBytes=10_000_000, backupCount=5)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("coordinator")
     root.addHandler(handler)
