@@ -127,33 +127,3 @@ def test_demo_on_a_given_postgresql_ledger(workdir: Path) -> None:
         assert again.stderr.strip().splitlines()[-1].startswith("error: ledger ")
         assert "already holds a run" in again.stderr
 
-
-def test_demo_async_two_nodes(workdir: Path) -> None:
-    # `demo --async`: the asynchronous loop over real Flower nodes (no round barrier)
-    proc = subprocess.run(
-        [sys.executable, "-m", "coordinator", "demo", "--nodes", "2", "--rounds", "3",
-         "--async", "--workdir", str(workdir), "--json"],
-        capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert summary["run_status"] == "finished:completed"
-    losses = summary["val_loss"]
-    assert len(losses) == 4 and all(v is not None for v in losses), losses
-    assert losses[-1] < losses[0] - 0.5, losses
-    with Ledger(summary["ledger"]) as ledger:
-        leases = ledger.leases()
-        assert all(x.status == "answered" for x in leases), [x.status for x in leases]
-        updates = {u.lease_id: u for u in ledger.updates()}
-        train = [x for x in leases if x.kind == "train"]
-        assert all(updates[x.id].verdict == "accepted" for x in train)
-        # every accepted shard is in exactly one version (a spot check's pair counts once)
-        shards = {(x.round, x.shard_id) for x in train}
-        versions = ledger.versions()
-        assert [v.version for v in versions] == [0, 1, 2, 3]
-        assert sum(v.n_updates for v in versions) == len(shards)
-        # no barrier: a node's next train lease was issued as soon as it answered, even
-        # while the other node's lease of the same version was still out
-        assert any(x.base_version < y.base_version and x.closed_at > y.issued_at
-                   for x in train for y in train if x.node_id != y.node_id)
-        credits = {c.update_id for c in ledger.credits()}
-        assert credits == {u.id for u in updates.values() if u.verdict == "accepted"}

@@ -1,6 +1,7 @@
-"""Both Prometheus endpoints scraped during a real run on loopback: the coordinator's (its
-run loop in the ServerApp process, its data plane in its own) and a node's (its warm
-worker), parsed with prometheus_client's own text parser."""
+"""The asynchronous loop over real Flower processes on loopback, with both Prometheus
+endpoints scraped during the run: the coordinator's (its run loop in the ServerApp process,
+its data plane in its own) and a node's (its warm worker), parsed with prometheus_client's
+own text parser."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def _scrape(address: str) -> dict[tuple[str, tuple], float]:
             for family in text_string_to_metric_families(text) for s in family.samples}
 
 
-def test_coordinator_and_node_metrics_during_a_run(workdir: Path) -> None:
+def test_async_run_with_coordinator_and_node_metrics(workdir: Path) -> None:
     node_address = f"127.0.0.1:{free_port()}"
     seen: dict[str, dict] = {}
 
@@ -37,9 +38,11 @@ def test_coordinator_and_node_metrics_during_a_run(workdir: Path) -> None:
         address = RunDir(workdir).config().network.metrics_address
         seen["coordinator"], seen["node"] = _scrape(address), _scrape(node_address)
 
-    summary, status = run_demo(nodes=2, rounds=2, workdir=workdir, console=QUIET,
+    summary, status = run_demo(nodes=2, rounds=3, workdir=workdir, console=QUIET,
+                               overrides={"async_enabled": True},
                                node_args={0: ["--metrics", node_address]}, on_tick=scrape)
     assert status == "finished:completed", summary
+    _no_barrier_and_nothing_lost(summary)
     c, n = seen["coordinator"], seen["node"]
     assert c[("atom_leases_issued_total", (("kind", "train"),))] >= 2
     accepted = [v for (name, labels), v in c.items() if name == "atom_updates_total"
@@ -60,3 +63,25 @@ def test_coordinator_and_node_metrics_during_a_run(workdir: Path) -> None:
     assert n[("atom_node_cache_lookups_total", (("result", "miss"),))] >= 1
     assert n[("atom_node_transfer_bytes_total", (("direction", "down"),))] > 0
     assert n[("atom_node_transfer_bytes_total", (("direction", "up"),))] > 0
+
+
+def _no_barrier_and_nothing_lost(summary: dict) -> None:
+    losses = summary["val_loss"]
+    assert len(losses) == 4 and all(v is not None for v in losses), losses
+    assert losses[-1] < losses[0] - 0.5, losses
+    with Ledger(summary["ledger"]) as ledger:
+        leases = ledger.leases()
+        assert all(x.status == "answered" for x in leases), [x.status for x in leases]
+        updates = {u.lease_id: u for u in ledger.updates()}
+        train = [x for x in leases if x.kind == "train"]
+        assert all(updates[x.id].verdict == "accepted" for x in train)
+        # every accepted shard is in exactly one version (a spot check's pair counts once)
+        versions = ledger.versions()
+        assert [v.version for v in versions] == [0, 1, 2, 3]
+        assert sum(v.n_updates for v in versions) == len({(x.round, x.shard_id) for x in train})
+        # no barrier: a node's next train lease was issued as soon as it answered, while
+        # the other node's lease of an older version was still out
+        assert any(x.base_version < y.base_version and x.closed_at > y.issued_at
+                   for x in train for y in train if x.node_id != y.node_id)
+        credits = {c.update_id for c in ledger.credits()}
+        assert credits == {u.id for u in updates.values() if u.verdict == "accepted"}
