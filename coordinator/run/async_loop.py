@@ -143,10 +143,13 @@ class AsyncRunLoop(RunLoop):
         if self.store.version == self.cfg.run.rounds - 1:  # the last: all work in
             out = {s.lease.nonce for s in self._pending.values()}
             return not self._open_train() and not (set(self._wanted) & out)
-        fresh = [c for c in cands if c.lease.nonce not in self._copies]
+        # K counts every fresh update in, a spot-checked one waiting for its partner too:
+        # the step takes what is ready and the waiting one joins the next (the step does
+        # not stall for a copy that the checker starts only after its own lease)
+        fresh = [c for c in self._buffer.cands if c.lease.nonce not in self._copies]
         waited = self._since is not None and \
             self.clock() - self._since >= self.cfg.asynchronous.max_wait_s
-        return len(fresh) >= self._k(online) or (waited and bool(cands))
+        return bool(cands) and (len(fresh) >= self._k(online) or waited)
 
     def _step(self) -> None:
         """Judge what is ready in the buffer and make the next version from what stands."""

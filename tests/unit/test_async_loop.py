@@ -252,3 +252,19 @@ def test_a_node_revoked_mid_run_gets_no_further_lease_and_earns_nothing(network)
     assert [x.base_version for x in led.leases(node_id=bad.id) if x.kind == "eval"] == [0]
     assert [v.version for v in led.versions()] == [0, 1, 2, 3]  # the run went on
     assert all(u.verdict == "accepted" for u in led.updates(node_id=good.id))
+
+
+def test_a_step_does_not_wait_for_a_spot_check_copy_when_k_updates_are_in(network) -> None:
+    from types import SimpleNamespace as NS
+
+    net = network(["honest"] * 3, rounds=5, extra=asynchronous(buffer=3))
+    loop = net.loop
+    lease = {n: NS(nonce=n, kind="train") for n in ("a", "b", "c", "copy-of-a")}
+    loop._buffer.cands = [NS(lease=lease[n], received_at=0.0) for n in "abc"]
+    loop._buffer.pairs = [(lease["a"], lease["copy-of-a"])]
+    loop._copies = {"copy-of-a"}
+    loop._pending = {"msg": NS(lease=lease["copy-of-a"])}  # the copy is still out
+    assert [c.lease.nonce for c in loop._ready()[0]] == ["b", "c"]  # a waits for its copy
+    assert loop._step_due(online=3)  # K = 3 fresh updates are in: b and c go now
+    loop._buffer.cands = loop._buffer.cands[:1]  # only a, held: nothing ready
+    assert not loop._step_due(online=3)
