@@ -48,17 +48,17 @@ def status(ledger: LedgerReads, now: float | None = None, run_id: str | None = N
     now = time.time() if now is None else now
     view = network_view(ledger, now, run_id)
     h, rows = view.header, view.nodes
-    recent = [u for u in ledger.updates() if (u.received_at or 0.0) >= now - RECENT_S]
-    rejected = [u for u in recent if u.verdict != "accepted"]
-    problems = [e for e in ledger.events(0, 100_000) if e.kind in ("error", "reject")]
+    recent = ledger.verdicts_since(now - RECENT_S)
+    rejected = [reason for verdict, reason in recent if verdict != "accepted"]
+    problems = ledger.last_events(("error", "reject"), _ERRORS)
     return Status(
         run_id=h.run.run_id, version=h.run.version, val_loss=h.run.val_loss, round=h.run.round,
         nodes=h.nodes, online=h.online, working=sum(r.status == "working" for r in rows),
         revoked=sum(r.status == "revoked" for r in rows), tokens_per_s=h.tokens_per_s,
         window_s=h.window_s, leases_open=len(ledger.open_leases()),
         accepted=len(recent) - len(rejected), rejected=len(rejected),
-        reasons=dict(Counter(u.reason or "?" for u in rejected).most_common()),
-        errors=[(e.at, e.kind, e.message) for e in problems[-_ERRORS:]])
+        reasons=dict(Counter(reason or "?" for reason in rejected).most_common()),
+        errors=[(e.at, e.kind, e.message) for e in problems])
 
 
 def render_status(s: Status, console: Console) -> None:

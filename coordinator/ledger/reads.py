@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -264,6 +264,18 @@ class LedgerReads:
     def latest_version(self) -> ModelVersion | None:
         rows = self._all(select(ModelVersion).order_by(col(ModelVersion.version).desc()).limit(1))
         return rows[0] if rows else None
+
+    def verdicts_since(self, since: float) -> list[tuple[str, str | None]]:
+        """``(verdict, reason)`` of every update received at ``since`` or later."""
+        return [(str(v), r) for v, r in self._all(
+            select(col(UpdateRow.verdict), col(UpdateRow.reason))
+            .where(col(UpdateRow.received_at) >= since))]
+
+    def last_events(self, kinds: Sequence[str], limit: int) -> list[Event]:
+        """The newest ``limit`` events of ``kinds``, oldest first."""
+        rows = self._all(select(Event).where(col(Event.kind).in_(list(kinds)))
+                         .order_by(col(Event.id).desc()).limit(limit))
+        return rows[::-1]
 
     def events(self, since_id: int = 0, limit: int = 1000) -> list[Event]:
         """Events with id > ``since_id``, oldest first (a TUI polls with the last id it saw)."""

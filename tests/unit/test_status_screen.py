@@ -54,3 +54,12 @@ def test_status_cli_on_a_new_run_and_a_missing_one(tmp_path: Path) -> None:
     assert res.exit_code == 0 and "version none yet" in res.stdout and "problems none" in res.stdout
     res = runner.invoke(app, ["status", str(tmp_path / "nowhere")])
     assert res.exit_code != 0 and "Traceback" not in res.output
+
+
+def test_the_last_problems_are_the_newest(fixture_ledger_copy: FixtureRun) -> None:
+    with Ledger(fixture_ledger_copy.url) as led:
+        for i in range(8):
+            led.add_event("error", f"problem {i}")
+        led.add_event("version", "not a problem")
+        s = status(led, now=NOW)
+    assert [m for _, _, m in s.errors] == [f"problem {i}" for i in range(3, 8)]
