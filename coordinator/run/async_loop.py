@@ -91,16 +91,7 @@ class AsyncRunLoop(RunLoop):
     def _resume(self) -> int:
         """Close the leases a stopped coordinator left open (their shards go back to the
         pool) and score the versions made before the stop that were due an evaluation."""
-        open_ = self.ledger.leases(status="issued")
-        now = self.clock()
-        for x in open_:
-            self.ledger.close_lease(x.id, "expired", now)
-        if open_:
-            self.ledger.add_event("run", f"resumed: {len(open_)} leases in flight when the "
-                                         "coordinator stopped are closed")
-        for v in self.ledger.versions()[:-1]:  # the latest is evaluated by the nodes
-            if v.val_loss is None and self._eval_due(v.version):
-                self._evaluate_here(v.version, v.path)
+        self._recover(self.ledger.leases(status="issued"), due=self._eval_due)
         return self.store.version + 1
 
     def _eval_due(self, version: int) -> bool:
@@ -233,18 +224,15 @@ class AsyncRunLoop(RunLoop):
         """Copy each lease waiting for a spot check to a node with a free slot (trust-
         weighted, another institution's where one is free); a lease whose reply came in
         first goes unchecked (its result is not held back for a copy not yet begun)."""
-        out = {s.lease.nonce: s for s in self._pending.values()}
+        live = {s.lease.nonce for s in self._pending.values()} | {
+            lease.nonce for sends in work.values() for lease, _ in sends}
+        inst = {i: self._rows[i].institution_id for i in ids if i in self._rows}
         for nonce, orig in list(self._wanted.items()):
-            sent = out.get(nonce)
-            if sent is None and not any(orig.nonce == n for n in self._queued(work)):
-                del self._wanted[nonce]
-                continue
             worker = self.scheduler.node_of(orig)
-            if worker is None:
+            if nonce not in live or worker is None:
                 del self._wanted[nonce]
                 continue
             free = [n for n in self.scheduler.train_slots(ids, depth) if n != worker]
-            inst = {i: self._rows[i].institution_id for i in ids if i in self._rows}
             checker = pick_checker(worker, free, trust, self.rng, inst, probation)
             if checker is None:
                 continue
@@ -254,10 +242,6 @@ class AsyncRunLoop(RunLoop):
             self._copies.add(copy.nonce)
             self._buffer.pairs.append((orig, copy))
             work.setdefault(checker, []).append((copy, self._buffer))
-
-    @staticmethod
-    def _queued(work: Outbox) -> list[str]:
-        return [lease.nonce for sends in work.values() for lease, _ in sends]
 
     # -- replies ------------------------------------------------------------------------
 

@@ -36,7 +36,7 @@ from coordinator import metrics
 from coordinator.accounting.credits import ReceiptIssuer
 from coordinator.aggregators import get_aggregator
 from coordinator.config import RunConfig
-from coordinator.ledger import Ledger, Node
+from coordinator.ledger import LeaseRow, Ledger, Node
 from coordinator.run.batches import Batch, EvalBatch, Sent, TrainBatch
 from coordinator.run.model_store import ModelStore
 from coordinator.run.scheduler import Scheduler
@@ -133,17 +133,23 @@ class RunLoop:
         last = max((x.round for x in leases if x.kind == Kind.TRAIN), default=0)
         open_ = [x for x in leases if x.status == "issued"]
         redo = any(x.kind == Kind.TRAIN and x.round == last for x in open_)
+        self._recover(open_, f"; round {last} is done again" if redo else "")
+        return last if redo else last + 1
+
+    def _recover(self, open_: list[LeaseRow], note: str = "",
+                 due: Callable[[int], bool] = lambda version: True) -> None:
+        """After a stop: close the leases left open (their replies would reach no one) and
+        score the older versions ``due`` an evaluation that was lost with them (the latest
+        is evaluated by the nodes)."""
         now = self.clock()
         for x in open_:
             self.ledger.close_lease(x.id, "expired", now)
         if open_:
             self.ledger.add_event("run", f"resumed: {len(open_)} leases in flight when the "
-                                         "coordinator stopped are closed"
-                                  + (f"; round {last} is done again" if redo else ""))
-        for v in self.ledger.versions()[:-1]:  # the latest is evaluated by the nodes
-            if v.val_loss is None:
+                                         f"coordinator stopped are closed{note}")
+        for v in self.ledger.versions()[:-1]:
+            if v.val_loss is None and due(v.version):
                 self._evaluate_here(v.version, v.path)
-        return last if redo else last + 1
 
     def _evaluate_here(self, version: int, path: str) -> None:
         """Score an older version the coordinator itself (its evaluation was in flight when
