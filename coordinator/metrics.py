@@ -20,7 +20,8 @@ _SLOW = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 LEASES_ISSUED = Counter("atom_leases_issued", "Leases sent to nodes", ["kind"])
 LEASES_CLOSED = Counter("atom_leases_closed", "Leases closed without a reply to judge "
-                        "(expired: past the deadline; failed: the node answered an error)",
+                        "(expired: past the deadline; failed: the node answered an error; "
+                        "handed_back: the node's policy paused it, or it left)",
                         ["kind", "status"])
 UPDATES = Counter("atom_updates", "Replies judged, by verdict and rejection reason "
                   "(reason is empty for accepted ones)", ["kind", "verdict", "reason"])

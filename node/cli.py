@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 from pathlib import Path
 from typing import Annotated, Optional
@@ -13,13 +14,15 @@ from rich.table import Table
 
 from protocol.cli_app import CliApp
 from protocol.cli_errors import one_line_errors
-from protocol.errors import EnrollmentError
+from protocol.errors import ConfigError, EnrollmentError
 from protocol.invite import InviteToken
 from protocol.metrics import parse_address
 
 from .credits import CreditReport, credits_report
 from .enroll import enroll
+from .gpu import NvmlProbe, cuda_index, load_nvml
 from .identity import NodeHome, default_home
+from .policy import Policy
 from .supervisor import Supervisor
 
 __all__ = ["app", "main"]
@@ -50,10 +53,23 @@ def join(
     metrics: Annotated[str, typer.Option(
         help='HOST:PORT of this node\'s Prometheus /metrics ("" = off)',
         metavar="HOST:PORT")] = "127.0.0.1:9095",
+    policy: Annotated[Optional[Path], typer.Option(
+        help="contribution policy (TOML): time windows, pause when the GPU is busy, GPU "
+             "memory cap (docs/operations.md)", metavar="FILE")] = None,
+    window: Annotated[Optional[list[str]], typer.Option(
+        help='work only then, local time, e.g. "Mon-Fri 19:00-07:00" (repeatable; '
+             "replaces the policy file's)", metavar="WHEN")] = None,
+    pause_when_gpu_busy: Annotated[bool, typer.Option(
+        "--pause-when-gpu-busy", help="hand work back while another process uses the GPU "
+                                      "(needs nvidia-ml-py)")] = False,
+    max_gpu_memory: Annotated[Optional[str], typer.Option(
+        help='GPU memory this node may use, e.g. "40GiB"', metavar="SIZE")] = None,
 ) -> None:
-    """Enroll with a coordinator (first time) and keep working for it until Ctrl-C."""
+    """Enroll with a coordinator (first time) and keep working for it until Ctrl-C.
+    SIGTERM or SIGUSR1 hands the lease in flight back and exits 0 (batch jobs)."""
     if metrics:
         parse_address(metrics, "--metrics")  # a typo is one line, before anything starts
+    rules = _policy(policy, window or [], pause_when_gpu_busy, max_gpu_memory, device)
     node_home = NodeHome((home or default_home()).expanduser().resolve())
     enrollment = node_home.enrollment()
     address = _address(coordinator, token, enrollment.coordinator_address if enrollment else None)
@@ -66,9 +82,41 @@ def join(
     else:
         console.print(f"node {enrollment.node_id} ({enrollment.institution}) rejoining "
                       f"run {enrollment.run_id}", style="green")
+    policy_file = None
+    if rules != Policy():
+        console.print(f"policy: {rules.describe()}", highlight=False)
+        policy_file = _write_policy(node_home, rules)
     Supervisor(node_home, enrollment, threads=threads, device=device,
                sign_key=sign_key, slowdown=slowdown, metrics_address=metrics,
-               console=console).run()
+               console=console, policy=policy_file).run()
+
+
+def _policy(file: Path | None, windows: list[str], pause_when_gpu_busy: bool,
+            max_gpu_memory: str | None, device: str) -> Policy:
+    """The policy of ``--policy`` with the flags on top, checked (NVML included) before
+    anything else happens: a typo must not cost an invite token."""
+    rules = Policy()
+    if file is not None:
+        try:
+            text = file.expanduser().read_text()
+        except OSError as err:
+            raise ConfigError(f"--policy {file}: {err.strerror or err}") from None
+        rules = Policy.from_toml(text, str(file))
+    rules = rules.with_flags(windows, pause_when_gpu_busy, max_gpu_memory)
+    if rules.pause_when_gpu_busy:
+        index = cuda_index(device)  # a GPU to watch, then NVML that answers and knows it
+        NvmlProbe(load_nvml(), index)
+    return rules
+
+
+def _write_policy(home: NodeHome, rules: Policy) -> Path:
+    """Where the worker reads the policy from (``node.client_app.lease_gate``)."""
+    home.path.mkdir(parents=True, exist_ok=True)
+    path = home.path / "policy.json"
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(rules.to_dict(), indent=2))
+    tmp.replace(path)
+    return path
 
 
 def _address(given: str | None, token: str | None, enrolled: str | None) -> str:

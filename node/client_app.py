@@ -7,12 +7,15 @@ top-k error feedback — lives across leases (torch is imported once). Run the o
 ``flwr-clientapp`` process per message, it still works, paying all of that every time.
 
 Everything it needs comes from the SuperNode's ``--node-config`` (``home``, ``threads``,
-``device``, optionally ``sign-key`` and ``max-cache-bytes``) and the node home (enrollment,
-pinned CA, the blob cache ``blobs/``).
+``device``, optionally ``sign-key``, ``max-cache-bytes`` and ``policy``: the contribution
+policy ``join`` wrote as JSON) and the node home (enrollment, pinned CA, the blob cache
+``blobs/``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,12 +30,15 @@ from protocol.errors import ConfigError
 from protocol.signing import load_private_key
 
 from .blobs import CoordinatorBlobs
+from .gpu import NvmlProbe, cuda_index, load_nvml
 from .identity import NodeHome
 from .limits import NodeLimits
+from .pause import LeaseGate
+from .policy import Policy
 from .progress import ProgressWriter, TransferProgress
 from .worker import BaseModels, WorkerSettings, do_work
 
-__all__ = ["NodeSession", "app", "session_for"]
+__all__ = ["NodeSession", "app", "lease_gate", "session_for"]
 
 app = ClientApp()
 
@@ -60,7 +66,7 @@ class NodeSession:
             cache=BlobDir(home.path / "blobs", limits.max_cache_bytes),
             coordinator_blobs=coordinator, uploads=coordinator,
             # top-k residuals of this run: in memory, so a worker restart starts them afresh
-            feedback=ErrorFeedback(), models=BaseModels())
+            feedback=ErrorFeedback(), models=BaseModels(), gate=lease_gate(node_config))
 
     def handle(self, content: RecordDict) -> RecordDict:
         def progress(kind: str, rnd: int, shard: int, steps: int) -> ProgressWriter:
@@ -71,6 +77,24 @@ class NodeSession:
 
     def close(self) -> None:
         self.channel.close()
+
+
+def lease_gate(node_config: Mapping[str, Any]) -> LeaseGate:
+    """The gate of the policy file ``join`` wrote (``policy`` in the node config), with
+    NVML watching this worker's GPU when the policy pauses for a busy one."""
+    path = node_config.get("policy")
+    if not path:
+        return LeaseGate()
+    try:
+        doc = json.loads(Path(str(path)).read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"policy {path}: cannot be read ({err})") from None
+    policy = Policy.from_dict(doc, str(path))
+    if policy.pause_when_gpu_busy:
+        probe = NvmlProbe(load_nvml(), cuda_index(str(node_config.get("device", "auto"))),
+                          busy_percent=policy.gpu_busy_percent)
+        policy = dataclasses.replace(policy, probe=probe)
+    return LeaseGate(policy)
 
 
 _session: NodeSession | None = None

@@ -4,8 +4,14 @@ Two processes per node: the Flower SuperNode (control plane, ``--isolation proce
 warm worker on its Runtime API (``node.warm_worker``), which runs every lease in one process.
 A SuperNode exits when the SuperLink restarts or the network drops: both are restarted with
 exponential backoff. A worker that dies alone is restarted alone (the SuperNode keeps its
-place in the network; only the lease in flight is lost). Ctrl-C stops both cleanly. The
+place in the network; only the lease in flight is lost). Ctrl-C stops both at once. The
 terminal shows one live line: what the node is doing (from ``progress.json``) and how fast.
+
+SIGTERM and SIGUSR1 (a batch job's time is up, ``systemctl stop``) make the node *leave*:
+the worker gets SIGUSR1 and hands back the lease in flight after its current training step
+(and any message still reaching the SuperNode, at once); the SuperNode is stopped only once
+its log shows every message it received answered and sent, and a moment passed with no new
+one (``_leave``, at most ``leave_s``); then ``run`` returns 0.
 """
 
 from __future__ import annotations
@@ -36,6 +42,16 @@ __all__ = ["Supervisor", "new_runtime_secret", "supernode_command", "worker_comm
 _BACKOFF_MAX_S = 60.0
 _HEALTHY_AFTER_S = 30.0  # a run this long resets the backoff
 _REFUSALS_TO_GIVE_UP = 3  # a revoked key would otherwise be retried forever
+# SLURM sends SIGKILL 30 s after SIGTERM (KillWait): leaving must fit well inside
+_LEAVE_S = 25.0
+# a SuperNode with nothing to do asks for work every 3 s: this long without a new message,
+# none is on its way
+_QUIET_S = 4.0
+# What Flower 1.42's SuperNode logs as a message comes in, and as the message's handling ends
+# (its reply sent, or the message dropped); tests/unit/test_node_leave.py checks the source.
+_RECEIVING = "Receiving: "
+_SETTLED = ("Sent successfully", "Failed to send message", "Failed to receive message",
+            "Ignoring message", "Ignoring reply message", "Failed to create task")
 # What Flower logs when the SuperLink does not know (any more) the key a SuperNode presents.
 _KEY_REFUSED = ("Failed to activate SuperNode", "Exit Code: 302")
 
@@ -51,12 +67,28 @@ def _key_refused(log: Path, since: int) -> bool:
     return any(marker in text for marker in _KEY_REFUSED)
 
 
+def messages_in_flight(log: Path, since: int) -> tuple[int, int]:
+    """``(received, unsettled)``: messages the SuperNode that logged from byte ``since`` on
+    began to receive, and of those the ones whose reply has not gone out yet."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(since)
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return 0, 0
+    received = text.count(_RECEIVING)
+    settled = sum(text.count(marker) for marker in _SETTLED)
+    return received, max(0, received - settled)
+
+
 def supernode_command(home: NodeHome, e: Enrollment, *, port: int, threads: int, device: str,
                       sign_key: Path | None, secret_file: Path,
-                      slowdown: float = 1.0) -> list[str]:
+                      slowdown: float = 1.0, policy: Path | None = None) -> list[str]:
     node_config = f'home="{home.path}" threads={threads} device="{device}"'
     if slowdown != 1.0:
         node_config += f" slowdown={float(slowdown)}"
+    if policy is not None:
+        node_config += f' policy="{policy}"'
     if sign_key is not None:
         node_config += f' sign-key="{sign_key}"'
     return ["flower-supernode", "--superlink", e.fleet_address,
@@ -110,14 +142,24 @@ class Supervisor:
     slowdown: float = 1.0  # benchmarks: play a device this many times slower
     metrics_address: str = ""  # HOST:PORT of the node's /metrics ("" = none)
     console: Console = field(default_factory=lambda: Console(stderr=True))
+    policy: Path | None = None  # the contribution policy for the worker (JSON, ``node.policy``)
+    leave_s: float = _LEAVE_S
+    quiet_s: float = _QUIET_S
     _stop: threading.Event = field(default_factory=threading.Event)
+    _leaving: threading.Event = field(default_factory=threading.Event)
 
     def request_stop(self, *_: object) -> None:
         self._stop.set()
 
+    def request_leave(self, *_: object) -> None:
+        """Hand the lease in flight back, then stop (SIGTERM, SIGUSR1)."""
+        self._leaving.set()
+        self._stop.set()
+
     def run(self) -> int:
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, self.request_stop)  # `kill` stops like Ctrl-C
+            signal.signal(signal.SIGTERM, self.request_leave)
+            signal.signal(signal.SIGUSR1, self.request_leave)
         logs = self.home.path / "logs"
         logs.mkdir(exist_ok=True)
         env = flower_env(self.home.path / "flwr-home")
@@ -152,7 +194,7 @@ class Supervisor:
                 cmd = supernode_command(self.home, self.enrollment, port=port,
                                         threads=self.threads, device=self.device,
                                         sign_key=self.sign_key, secret_file=secret,
-                                        slowdown=self.slowdown)
+                                        slowdown=self.slowdown, policy=self.policy)
                 started = time.monotonic()
                 log_start = log.stat().st_size if log.exists() else 0
                 proc = spawn(cmd, env=env, log=log)
@@ -167,6 +209,8 @@ class Supervisor:
                 except KeyboardInterrupt:
                     self._stop.set()
                 finally:
+                    if self._leaving.is_set() and proc.poll() is None:
+                        self._leave(proc, worker, log, log_start)
                     worker.stop()
                     if proc.poll() is None:
                         stop(proc)
@@ -188,6 +232,30 @@ class Supervisor:
                 backoff = min(backoff * 2, _BACKOFF_MAX_S)
         self.console.print("node stopped", style="dim")
         return 0
+
+    def _leave(self, proc: subprocess.Popen[bytes], worker: _Worker, log: Path,
+               since: int) -> None:
+        """Have the worker hand back what it holds and the SuperNode send it (its log from
+        byte ``since`` on is this run's), then return: the caller stops both. Returns at
+        once when the SuperNode is gone, or the worker is and nothing waits to be sent (a
+        whole process group signalled, as a demo's teardown does)."""
+        if not worker.signal(signal.SIGUSR1):
+            return  # no worker: nothing can be answered
+        self.console.print("leaving: handing back the lease in flight", style="yellow")
+        start = time.monotonic()
+        seen, quiet_from = -1, start
+        while (now := time.monotonic()) - start < self.leave_s and proc.poll() is None:
+            received, unsettled = messages_in_flight(log, since)
+            if received != seen:
+                seen, quiet_from = received, now
+            if not unsettled and (not worker.running or now - quiet_from >= self.quiet_s):
+                return
+            time.sleep(0.2)
+        if proc.poll() is not None:
+            return
+        self.console.print(f"leaving: a reply was still on its way after {self.leave_s:.0f} s;"
+                           " the coordinator reissues that lease at its deadline",
+                           style="yellow")
 
 
 class _Worker:
@@ -216,6 +284,17 @@ class _Worker:
         if self.proc is None and now >= self._due:
             self.restarts += 1
             self._start()
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def signal(self, sig: int) -> bool:
+        """Send ``sig`` to the worker; False when none is running."""
+        if not self.running:
+            return False
+        self.proc.send_signal(sig)  # type: ignore[union-attr]
+        return True
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -11,6 +11,11 @@ the worker carries on; a worker that dies is restarted by the supervisor, and Fl
 the lease it held with an error once its task heartbeat lapses (about 60 s), so only that
 lease is lost.
 
+Signals (``leave_on_signals``): SIGUSR1 makes the node *leave* — the lease in flight is
+handed back after its current training step and every later one at once
+(``node.pause.LEAVING``), while the worker keeps answering, so the SuperNode can send every
+reply before the supervisor stops it. SIGTERM and SIGINT do the same, then exit.
+
 Run as ``python -m node.warm_worker --runtime-api 127.0.0.1:PORT --secret-file FILE`` (the
 secret the SuperNode was started with: only this worker may claim the node's tasks).
 """
@@ -33,8 +38,9 @@ from flwr.common.constant import ErrorCode
 
 from .fab_guard import check_fab
 from .flower_runtime import ClientTask, RuntimeTasks
+from .pause import LEAVING
 
-__all__ = ["main", "run_task", "serve"]
+__all__ = ["leave_on_signals", "main", "run_task", "serve"]
 
 log = logging.getLogger("node.warm_worker")
 
@@ -98,6 +104,21 @@ def serve(tasks: RuntimeTasks, handle: Handler, stop: threading.Event,
     return done
 
 
+def leave_on_signals(stop: threading.Event, leaving: threading.Event = LEAVING) -> None:
+    """SIGUSR1: leave (hand back the lease in flight after its step, and all later ones),
+    answering on until stopped; SIGTERM, SIGINT: leave and exit once the lease is answered."""
+    def leave(*_: object) -> None:
+        leaving.set()
+
+    def leave_and_stop(*_: object) -> None:
+        leaving.set()
+        stop.set()
+
+    signal.signal(signal.SIGUSR1, leave)
+    signal.signal(signal.SIGTERM, leave_and_stop)
+    signal.signal(signal.SIGINT, leave_and_stop)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m node.warm_worker")
     parser.add_argument("--runtime-api", required=True, help="the SuperNode's HOST:PORT")
@@ -107,12 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
+    stop = threading.Event()
+    leave_on_signals(stop)  # before the slow import: SIGUSR1 would otherwise kill us
     # The installed ClientApp, and through it torch, once for the life of the process.
     from .client_app import app
 
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
     tasks = RuntimeTasks(args.runtime_api, args.secret_file.read_bytes())
     log.info("warm worker pid %d on %s", os.getpid(), args.runtime_api)
     try:

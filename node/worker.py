@@ -27,7 +27,8 @@ from protocol.compression import ErrorFeedback, apply_delta
 from protocol.digest import arrays_from_bytes, arrays_to_bytes, digest_arrays, digest_bytes
 from protocol.errors import AtomError, BlobError, ConfigError, ProtocolError
 from protocol.messages import (
-    EVAL_WINDOWS, Kind, Update, UpdateMetrics, Work, parse_work, reply_content, shard_tokens,
+    EVAL_WINDOWS, Kind, Update, UpdateMetrics, Work, handback_content, parse_work, reply_content,
+    shard_tokens,
 )
 from protocol.signing import sign_update
 from training.device import pick_device, set_threads
@@ -37,7 +38,9 @@ from training.model import GPTConfig
 
 from . import metrics as node_metrics
 from .blobs import BlobFetcher, BlobSink, BlobSource, HttpMirror
+from .gpu import cap_memory, check_memory
 from .limits import NodeLimits, check_model, check_work
+from .pause import LeaseGate, Paused
 
 __all__ = ["BaseModels", "WorkerSettings", "do_work"]
 
@@ -96,6 +99,9 @@ class WorkerSettings:
     # benchmarks (``atom-node join --slowdown``): every lease takes this many times as long,
     # the extra spent waiting after the work, and its wall_s says so: a slower device
     slowdown: float = 1.0
+    # the contribution policy and the leaving signal, checked as a lease starts and between
+    # its training steps (``node.pause``); None: never pause
+    gate: LeaseGate | None = None
 
     def fetcher(self, mirrors: list[str]) -> BlobFetcher:
         if self.cache is None:
@@ -116,13 +122,36 @@ def _gpt_config(arch: Mapping[str, object]) -> GPTConfig:
 def do_work(content: RecordDict, settings: WorkerSettings,
             progress: Callable[[str, int, int, int], Progress] | None = None,
             transfer: Transfer | None = None) -> RecordDict:
-    """Run the lease in ``content`` and return the signed reply content; ``transfer``
-    hears how fetching each blob goes. Logs one ``lease {...}`` JSON line of unix times
-    (received, work started and ended, replied) for ``bench/throughput.py``."""
-    times = {"received": time.time()}
+    """Run the lease in ``content`` and return the signed reply content — or a hand-back
+    (``protocol.messages.HandBack``) when the node's gate says pause, before the work or
+    after the training step in progress; ``transfer`` hears how fetching each blob goes.
+    Logs one ``lease {...}`` JSON line of unix times (received, work started and ended,
+    replied) for ``bench/throughput.py``."""
+    received = time.time()
     work = parse_work(content)
+    try:
+        return _do_lease(work, settings, progress, transfer, received)
+    except Paused as paused:
+        lease = work.lease
+        log.info("lease %s handed back: %s", lease.nonce, paused.reason)
+        if progress is not None:  # the terminal shows the node idle, not stuck mid-lease
+            progress(lease.kind, lease.round, lease.shard_id, lease.inner_steps)(
+                0, lease.inner_steps, 0, done=True, note="handed back")
+        return handback_content(paused.handback(lease))
+
+
+def _do_lease(work: Work, settings: WorkerSettings,
+              progress: Callable[[str, int, int, int], Progress] | None,
+              transfer: Transfer | None, received: float) -> RecordDict:
+    times = {"received": received}
     lease, arch = work.lease, work.arch
     check_work(lease, arch, settings.limits)  # before anything is fetched or allocated
+    gate = settings.gate
+    if gate is not None:
+        cap = gate.policy.max_gpu_memory
+        if cap and pick_device(settings.device).type == "cuda":
+            check_memory(lease.kind, arch, cap)
+        gate.check(working=False)
     blobs = settings.fetcher(work.mirrors)
 
     def fetch(what: str, digest: str) -> bytes:
@@ -149,6 +178,8 @@ def do_work(content: RecordDict, settings: WorkerSettings,
         threading.Thread(target=_prefetch, args=(blobs, work.prefetch), daemon=True,
                          name="prefetch").start()
     tokens = shard_tokens(fetch("shard", lease.data_digest), lease)
+    if gate is not None:  # the fetch may have taken a while
+        gate.check(working=False)
     times["work_start"] = time.time()
     arrays, metrics = _compute(work, model, tokens, settings, progress)
     times["work_end"] = time.time()
@@ -187,6 +218,8 @@ def _compute(work: Work, model: dict[str, np.ndarray], tokens: np.ndarray,
     cfg = _gpt_config(work.arch)
     set_threads(settings.threads or None)
     device = pick_device(settings.device)
+    if settings.gate is not None:
+        cap_memory(device, settings.gate.policy.max_gpu_memory)
     report = (progress(lease.kind, lease.round, lease.shard_id, lease.inner_steps)
               if progress else None)
     t0 = time.perf_counter()
@@ -194,7 +227,7 @@ def _compute(work: Work, model: dict[str, np.ndarray], tokens: np.ndarray,
         res = train_inner(model, cfg, tokens, steps=lease.inner_steps,
                           batch_size=lease.batch_size, seq_len=lease.seq_len, lr=lease.lr,
                           weight_decay=lease.weight_decay, seed=lease.seed, device=device,
-                          progress=report)
+                          progress=_gated(report, settings.gate))
         feedback = settings.feedback if settings.feedback is not None else ErrorFeedback()
         arrays = feedback.encode(res.pseudo_grad, work.compression)
         node_metrics.STEP_SECONDS.observe((time.perf_counter() - t0) / max(res.steps, 1))
@@ -212,6 +245,21 @@ def _compute(work: Work, model: dict[str, np.ndarray], tokens: np.ndarray,
         report(metrics.steps, metrics.steps, metrics.tokens, done=True)
     _record(lease.kind, metrics, device)
     return arrays, metrics
+
+
+def _gated(report: Progress | None, gate: LeaseGate | None) -> Progress | None:
+    """``report`` with the gate checked after every step but the last (``Paused`` stops
+    the lease there; finished work is never handed back)."""
+    if gate is None:
+        return report
+
+    def step_done(step: int, steps: int, tokens: int) -> None:
+        if report is not None:
+            report(step, steps, tokens)
+        if step < steps:
+            gate.check(working=True)
+
+    return step_done
 
 
 def _record(kind: str, m: UpdateMetrics, device: Any) -> None:

@@ -13,6 +13,7 @@ Record layouts (all values of exact type; ``from_record`` rejects anything else)
                       "blobs": ConfigRecord {"mirrors": list[str]},
                       "compression": ConfigRecord {scheme, block, fraction}}
     reply RecordDict {"update": ConfigRecord, "arrays": ArrayRecord}
+      or  RecordDict {"handback": ConfigRecord {nonce, reason, retry_after_s}}
 
 Flower carries decisions, not bytes: the base model and the shard's tokens are
 content-addressed blobs named by the lease (``base_digest`` is the SHA-256 of the model's
@@ -46,7 +47,10 @@ from protocol.kinds import KINDS, Kind, Verdict
 
 __all__ = [
     "EVAL_WINDOWS",
+    "HANDBACK",
     "KINDS",
+    "MAX_REASON",
+    "HandBack",
     "Kind",
     "Lease",
     "Update",
@@ -54,6 +58,8 @@ __all__ = [
     "Verdict",
     "Work",
     "eval_window_count",
+    "handback_content",
+    "parse_handback",
     "parse_reply",
     "parse_work",
     "reply_content",
@@ -311,3 +317,58 @@ def parse_reply(content: RecordDict) -> tuple[Update, dict[str, np.ndarray]]:
     update_rec, arrays_rec = take_records(
         content, {"update": ConfigRecord, "arrays": ArrayRecord}, "reply")
     return Update.from_record(update_rec), decode_arrays(arrays_rec, "arrays")
+
+
+HANDBACK = "handback"  # the one record of a hand-back reply
+MAX_REASON = 300  # a hand-back's reason is one line for an event and a log
+
+
+@dataclass(frozen=True)
+class HandBack:
+    """A node's "not now" to a lease, the other reply a lease may get: the node's contribution
+    policy says pause (outside its time window, its GPU busy with someone else's work) or it
+    is leaving (a batch job ending). The coordinator closes the lease without credit or
+    penalty, puts the shard back in the pool and sends the node nothing for
+    ``retry_after_s``. It carries no work, so nothing in it is signed: Flower's node
+    authentication names the sender, and ``nonce`` binds it to the lease it answers."""
+
+    nonce: str  # the lease's
+    reason: str  # one line, at most MAX_REASON characters
+    retry_after_s: float  # when the node expects to take work again (>= 0)
+
+    def to_record(self) -> ConfigRecord:
+        """Validated ConfigRecord with one key per field."""
+        values = normalise(self)
+        _validate_handback(values)
+        return ConfigRecord(values)
+
+    @classmethod
+    def from_record(cls, record: ConfigRecord) -> HandBack:
+        """Parse a hand-back record strictly; raises ``ProtocolError`` naming the field."""
+        check_keys(record, {f.name for f in dataclasses.fields(cls)}, "handback record")
+        values = read_typed(record, cls)
+        _validate_handback(values)
+        return cls(**values)
+
+
+def _validate_handback(v: Mapping[str, Any]) -> None:
+    require(NONCE.fullmatch(v["nonce"]) is not None, "handback.nonce", "must be 32 lowercase hex")
+    reason = v["reason"]
+    require(reason != "" and len(reason) <= MAX_REASON and reason.isprintable(),
+            "handback.reason", f"must be one printable line of 1 to {MAX_REASON} characters")
+    require(finite(v["retry_after_s"]) and v["retry_after_s"] >= 0, "handback.retry_after_s",
+            "must be finite and >= 0")
+
+
+def handback_content(back: HandBack) -> RecordDict:
+    """Pack a hand-back as a reply's content."""
+    return RecordDict({HANDBACK: back.to_record()})
+
+
+def parse_handback(content: RecordDict) -> HandBack | None:
+    """The hand-back a reply carries, or None if it is another reply; raises
+    ``ProtocolError`` on a malformed one."""
+    if not isinstance(content, RecordDict) or HANDBACK not in content:
+        return None
+    (record,) = take_records(content, {HANDBACK: ConfigRecord}, "handback reply")
+    return HandBack.from_record(record)

@@ -11,7 +11,7 @@ import base64
 import json
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -207,6 +207,15 @@ class Ledger(LedgerReads):
             stmt = update(Node).where(col(Node.id) == node_id).values(last_seen=now)
             if session.exec(stmt).rowcount != 1:
                 raise LedgerError(f"no node {node_id} in the ledger")
+
+    def touch_nodes(self, node_ids: Collection[int], now: float) -> None:
+        """Note that these nodes were seen at ``now``: one statement for all of them (the
+        loop touches every node online each second)."""
+        if not node_ids:
+            return
+        with self._write("touch nodes") as session:
+            session.exec(update(Node).where(col(Node.id).in_(sorted(node_ids)))
+                         .values(last_seen=now))
 
     def revoke_node(self, node_id: int) -> Node:
         with self._write("revoke a node") as session:

@@ -31,10 +31,12 @@ __all__ = [
     "UpdateRow",
     "VERDICTS",
     "VersionEval",
+    "WIDENED_CHECKS",
 ]
 
 LEASE_KINDS = ("train", "eval")
-LEASE_STATUSES = ("issued", "answered", "expired", "failed")
+# handed_back: the node gave it back unworked, its policy said pause (no credit, no penalty)
+LEASE_STATUSES = ("issued", "answered", "expired", "failed", "handed_back")
 VERDICTS = tuple(v.value for v in Verdict)
 
 
@@ -216,6 +218,11 @@ class Event(SQLModel, table=True):
 ADDED_COLUMNS = [("updates", "improvement", "FLOAT"),
                  ("model_versions", "val_windows_recomputed", "INTEGER"),
                  ("model_versions", "val_local_tokens", "BIGINT")]
+
+# CHECK constraints whose allowed values grew after a table was first released: (table,
+# column, values). A ledger whose constraint lacks one is brought up to date when it is
+# opened for writing (``coordinator.ledger.migrate.widen_checks``).
+WIDENED_CHECKS = [("leases", "status", LEASE_STATUSES)]
 
 # Created explicitly so other SQLModel tables sharing the global metadata are left alone.
 TABLES = [

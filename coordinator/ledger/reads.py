@@ -22,7 +22,9 @@ from sqlmodel import Session, SQLModel, col, select
 from protocol.errors import LedgerError, Reason
 from protocol.kinds import Kind, Verdict
 
+from coordinator.ledger.change_mark import ChangeMark, change_mark_query
 from coordinator.ledger.engine import first_line, open_engine, shown_url
+from coordinator.ledger.migrate import widen_checks
 from coordinator.ledger.models import (
     ADDED_COLUMNS, TABLES, CreditEntry, CreditReceipt, Event, Institution, Invite, LeaseRow,
     ModelVersion, Node, UpdateRow, VersionEval,
@@ -66,6 +68,7 @@ class LedgerReads:
             if create and not _read_only:
                 SQLModel.metadata.create_all(self._engine, tables=TABLES)
                 self._add_missing_columns()
+                widen_checks(self._engine)
             elif not inspect(self._engine).has_table(Node.__tablename__):
                 raise LedgerError(f"cannot open ledger {self.url}: it has no ledger tables")
         except SQLAlchemyError as exc:
@@ -148,6 +151,10 @@ class LedgerReads:
 
     def nodes(self) -> list[Node]:
         return self._all(select(Node).order_by(col(Node.id)))
+
+    def revoked_node_ids(self) -> set[int]:
+        """Ids of the revoked nodes (a cheap check before leasing: few rows, one query)."""
+        return set(self._all(select(Node.id).where(col(Node.revoked))))
 
     def institutions(self) -> list[Institution]:
         return self._all(select(Institution).order_by(col(Institution.id)))
@@ -281,6 +288,12 @@ class LedgerReads:
         """Events with id > ``since_id``, oldest first (a TUI polls with the last id it saw)."""
         return self._all(select(Event).where(col(Event.id) > since_id)
                          .order_by(col(Event.id)).limit(limit))
+
+    def change_mark(self) -> ChangeMark:
+        """Numbers that move whenever anything the views show is written (one statement;
+        see ``coordinator.ledger.change_mark``)."""
+        with self._session() as session:
+            return ChangeMark.from_row(session.execute(change_mark_query()).one())
 
     def node_summaries(self, node_id: int | None = None) -> list[NodeSummary]:
         """One row per node (or only ``node_id``'s), aggregated in SQL."""

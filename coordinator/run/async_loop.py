@@ -49,6 +49,12 @@ __all__ = ["AsyncRunLoop", "make_run_loop"]
 log = logging.getLogger(__name__)
 
 _LOOK_S = 1.0  # how often the loop reads who is online (each read touches every node's row)
+# seconds of replies' own checks per pass, between taking replies and leasing: what a node
+# that just answered may wait for its next lease beyond the pass itself
+_PREPARE_S = 0.02
+# how long the nodes' trust and probation may be reused between outer steps (each read
+# aggregates the whole ledger; verdicts that move them are made mostly at steps)
+_STANDING_S = 10.0
 
 
 def make_run_loop(cfg, *args, **kwargs) -> RunLoop:  # type: ignore[no-untyped-def]
@@ -63,6 +69,7 @@ class AsyncRunLoop(RunLoop):
     _copies: set[str] = field(default_factory=set)  # nonces of spot-check copies
     _wanted: dict[str, Lease] = field(default_factory=dict)  # originals waiting for a checker
     _since: float | None = None  # when the oldest buffered reply arrived
+    _standing: tuple[float, dict[int, float], set[int]] | None = None  # (read at, trust, probation)
 
     # -- the loop -----------------------------------------------------------------------
 
@@ -83,7 +90,8 @@ class AsyncRunLoop(RunLoop):
                 self._step()
                 self._evaluate_if_due()
             nodes = self._lease(nodes)
-            self.sleep(_POLL_S)
+            if not self._prepare(_PREPARE_S):  # checks left: straight back to the replies
+                self.sleep(_POLL_S)
         self._collect(lambda: not self._evals)
         self.ledger.add_event("run", f"run {self.cfg.run.id} finished at version "
                                      f"{self.store.version}")
@@ -163,6 +171,17 @@ class AsyncRunLoop(RunLoop):
                 c.reject(Reason.STALE_BASE, f"built on version {c.lease.base_version}, "
                          f"coordinator is at {self.store.version} (at most {limit} behind)")
         self._close_train(self.store.version + 1, batch)
+        self._standing = None  # verdicts moved trust
+
+    def _trust(self) -> tuple[dict[int, float], set[int]]:
+        """The nodes' trust and those on probation, read again after an outer step or once
+        ``_STANDING_S`` old: read for every lease they were a third of the coordinator's
+        time at 200 nodes (bench/scale.py)."""
+        now = self.clock()
+        if self._standing is None or now - self._standing[0] >= _STANDING_S:
+            self._standing = (now, {s.node_id: s.trust for s in self.ledger.node_summaries()},
+                              self.ledger.lost_spot_check_within(PROBATION_UPDATES))
+        return self._standing[1], self._standing[2]
 
     def _step_arrays(self, c: Candidate) -> dict[str, np.ndarray]:
         """An update tau versions behind, as a pseudo-gradient from the current version to
@@ -179,8 +198,8 @@ class AsyncRunLoop(RunLoop):
     def _lease(self, nodes: list[Node]) -> list[Node]:
         """Give every eligible node with a free slot work: first a spot check waiting for a
         checker, then new shards while the remaining steps still need work. Returns the
-        eligible nodes, read afresh when there was work to give (a node revoked or benched
-        a moment ago gets none)."""
+        eligible nodes, checked afresh when there was work to give (a node revoked or
+        benched a moment ago gets none)."""
         depth = 1 + self.cfg.asynchronous.queue
         fresh = [c for c in self._buffer.cands if c.lease.nonce not in self._copies]
         out = [s for s in self._open_train() if s.lease.nonce not in self._copies]
@@ -192,12 +211,12 @@ class AsyncRunLoop(RunLoop):
         if not self.scheduler.train_slots([n.id for n in nodes], depth) or (
                 need() <= 0 and not self._wanted):
             return nodes
-        nodes = self._eligible()
+        now, revoked = self.clock(), self.ledger.revoked_node_ids()
+        nodes = [n for n in nodes if n.id not in revoked and self._benched.get(n.id, 0.0) <= now]
         ids = [n.id for n in nodes]
         work: Outbox = {}
         rnd = self.store.version + 1
-        trust = {s.node_id: s.trust for s in self.ledger.node_summaries()}
-        probation = self.ledger.lost_spot_check_within(PROBATION_UPDATES)
+        trust, probation = self._trust()
         speeds = self._speeds(ids)
         rate, left = self.cfg.verify.spot_check_rate, need()
         while True:

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import random
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -27,7 +29,8 @@ from flwr.app import RecordDict
 
 from protocol.blobstore import BlobDir
 from protocol.digest import arrays_to_bytes
-from protocol.messages import Kind, Lease, Verdict, work_content
+from protocol.errors import ProtocolError
+from protocol.messages import Kind, Lease, Verdict, parse_handback, work_content
 from training.checkpoint import load_checkpoint
 from training.corpus import CorpusInfo
 from training.shards import data_digest, make_shards
@@ -58,6 +61,9 @@ Outbox = dict[int, list[tuple[Lease, Batch]]]
 _POLL_S = 0.2
 _TTL_SLACK_S = 600.0
 _BENCH_S = 90.0  # a node that missed a deadline sits out this long (Flower needs ~70 s to drop it)
+# a node that handed a lease back sits out what it asked, within these bounds (a node's policy
+# may change when it restarts: it is asked again at least hourly)
+_HANDBACK_S = (10.0, 3600.0)
 
 
 @dataclass
@@ -83,6 +89,8 @@ class RunLoop:
     _rows: dict[int, Node] = field(default_factory=dict)  # by ledger id
     # version digest -> (previous version's digest, the change's blob): Work.delta
     _deltas: dict[str, tuple[str, str]] = field(default_factory=dict)
+    # screened train replies whose own checks (RoundJudge.prepare) have not run yet
+    _unprepared: deque[Candidate] = field(default_factory=deque)
 
     def __post_init__(self) -> None:
         self.tokens = self.corpus.tokens()
@@ -174,9 +182,12 @@ class RunLoop:
     def _eligible(self) -> list[Node]:
         now, out = self.clock(), []
         online = set(self.transport.online())
+        # Read afresh (not from _nodes): a node revoked mid-run gets no further lease. One
+        # read and one write for the whole network: at 1,000 nodes a query per node each
+        # second was most of the coordinator's time (bench/scale.py).
+        rows = {int(n.flower_node_id): n for n in self.ledger.nodes()}
         for fid in sorted(online):
-            # Read afresh (not from _nodes): a node revoked mid-run gets no further lease.
-            node = self.ledger.node_by_flower_id(str(fid))
+            node = rows.get(fid)
             if node is None or node.revoked:
                 continue
             self._nodes[fid] = self._rows[node.id] = node
@@ -184,7 +195,8 @@ class RunLoop:
                 self.ledger.add_event("online", f"{node.name} is online", node_id=node.id)
             if self._benched.get(node.id, 0.0) <= now:
                 out.append(node)
-            self.ledger.touch_node(node.id, now)
+        self.ledger.touch_nodes([self._nodes[fid].id for fid in online if fid in self._nodes
+                                 and fid in rows and not rows[fid].revoked], now)
         for fid in self._seen - online:
             if (node := self._nodes.get(fid)) is not None:
                 self.ledger.add_event("leave", f"{node.name} went offline", node_id=node.id)
@@ -290,6 +302,8 @@ class RunLoop:
         """Round-level verdicts, then every held lease closed; returns what is aggregated:
         the accepted results, one per shard (a spot check's original before its copy)."""
         at = {c.lease.nonce: i for i, c in enumerate(cands)}
+        judged = {id(c) for c in cands}  # what the judge checks now needs no prepare
+        self._unprepared = deque(c for c in self._unprepared if id(c) not in judged)
         bases = {c.lease.base_version: self.store.base(c.lease.base_version) for c in cands}
         self.judge.judge(rnd, bases, cands,
                          [(at[o.nonce], at[c.nonce]) for o, c in pairs
@@ -397,8 +411,23 @@ class RunLoop:
         """Take replies (of any batch) as they come and expire the silent, until ``done``."""
         while not done():
             self._pump()
+            self._prepare(math.inf)
             if not done():
                 self.sleep(_POLL_S)
+
+    def _prepare(self, budget_s: float) -> bool:
+        """Run the screened replies' own checks (base check, usefulness scores) in arrival
+        order for about ``budget_s``, so that a round's or a step's verdict waits only for
+        the last ones; True if some are still waiting. They run after the replies are taken
+        and the next leases sent, not while: at 1,000 nodes checking every reply before
+        leasing again kept nodes waiting for seconds (bench/scale.py). One that is judged
+        before its turn is checked by the judge itself."""
+        end = time.perf_counter() + budget_s
+        while self._unprepared and time.perf_counter() < end:
+            c = self._unprepared.popleft()
+            if c.standing:
+                self.judge.prepare(c.lease.round, self.store.base(c.lease.base_version), c)
+        return bool(self._unprepared)
 
     def _pump(self) -> None:
         """One pass: take the replies in and expire the silent.
@@ -413,7 +442,7 @@ class RunLoop:
                 continue
             if reply.error is not None or reply.content is None:
                 self._failed(sent, reply.error or "empty reply")
-            else:
+            elif not self._handed_back(sent, reply.content):
                 cand = self._screen(sent, reply.content)
                 if cand is None:
                     sent.batch.screened_out.append(sent.lease)
@@ -468,9 +497,8 @@ class RunLoop:
         self.scheduler.received(sent.lease)
         if judged.verdict.accepted:
             cand = Candidate(judged, sent.lease, sent.row_id, sent.node, now)
-            if sent.lease.kind == Kind.TRAIN:  # its own checks now, not at the round's end
-                self.judge.prepare(sent.lease.round, self.store.base(sent.lease.base_version),
-                                   cand)
+            if sent.lease.kind == Kind.TRAIN:  # its own checks soon, not at the round's end
+                self._unprepared.append(cand)
             return cand
         record_judged(judged, lease=sent.lease, lease_row_id=sent.row_id, node_id=sent.node.id,
                       node_name=sent.node.name, cfg=self.cfg, ledger=self.ledger, now=now,
@@ -481,6 +509,32 @@ class RunLoop:
         """The version a reply must be built on, and how many versions behind it may be:
         here exactly its batch's (a round's training, a version's evaluation)."""
         return sent.batch.version, 0
+
+    def _handed_back(self, sent: Sent, content: RecordDict) -> bool:
+        """Take ``content`` as the node handing the lease back, if it is that (False for
+        any other reply; a malformed hand-back, or one naming another lease, is screened and
+        rejected as any malformed reply is).
+
+        The node's policy said pause (a time window, a busy GPU, a batch job ending): the
+        shard goes back to the pool front, the lease closes with neither credit nor penalty
+        (no update row: trust and the node's counts never see it), and the node gets nothing
+        until it said to come back."""
+        try:
+            back = parse_handback(content)
+        except ProtocolError:
+            return False
+        if back is None or back.nonce != sent.lease.nonce:
+            return False
+        now = self.clock()
+        self.scheduler.release(sent.lease, reason=back.reason)
+        self.ledger.close_lease(sent.row_id, "handed_back", now)
+        metrics.LEASES_CLOSED.labels(sent.lease.kind, "handed_back").inc()
+        wait = min(max(back.retry_after_s, _HANDBACK_S[0]), _HANDBACK_S[1])
+        self._benched[sent.node.id] = max(self._benched.get(sent.node.id, 0.0), now + wait)
+        self.ledger.add_event("handback", f"{sent.node.name} handed back {sent.lease.kind} "
+                              f"shard {sent.lease.shard_id} ({back.reason}); no work for it "
+                              f"for {wait:.0f} s", node_id=sent.node.id)
+        return True
 
     def _failed(self, sent: Sent, error: str) -> None:
         self.scheduler.release(sent.lease, reason=error)

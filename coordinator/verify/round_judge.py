@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 
 Arrays = Mapping[str, np.ndarray]
 SPOT_CHECK_TOKENS = 4096  # shard tokens a spot check scores on when usefulness is off
+_SCORE_BATCH_TOKENS = 8192  # tokens per forward pass when the coordinator scores an update
 
 
 @dataclass
@@ -293,8 +294,12 @@ class RoundJudge:
             live[k].reject(Reason.NOT_USEFUL, detail)
 
     def _loss(self, arrays: Arrays, tokens: np.ndarray) -> float:
-        res = evaluate(arrays, self.gpt, tokens, seq_len=self.cfg.train.seq_len,
-                       batch_size=self.cfg.train.batch_size)
+        # Many windows per forward pass: the nodes' training batch (a few windows) made a
+        # small model's scores a hundred small passes each. Only the coordinator compares
+        # these scores, so the batching (which moves the last float digits) is its own.
+        seq = self.cfg.train.seq_len
+        res = evaluate(arrays, self.gpt, tokens, seq_len=seq,
+                       batch_size=max(self.cfg.train.batch_size, _SCORE_BATCH_TOKENS // seq))
         return res.mean_loss
 
     # -- recording ----------------------------------------------------------------------

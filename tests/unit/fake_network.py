@@ -62,13 +62,14 @@ import training.inner
 
 from coordinator.ledger import Ledger, Node
 from coordinator.run.transport import Reply
+from node.pause import LeaseGate
 from node.worker import WorkerSettings, do_work
 from protocol.blobstore import BlobDir
 from protocol.compression import Compression, ErrorFeedback, decode, encode
 from protocol.digest import arrays_from_bytes, digest_arrays
 from protocol.messages import (
-    EVAL_WINDOWS, Lease, Update, UpdateMetrics, parse_reply, parse_work, reply_content,
-    shard_tokens, work_content,
+    EVAL_WINDOWS, Lease, Update, UpdateMetrics, parse_handback, parse_reply, parse_work,
+    reply_content, shard_tokens, work_content,
 )
 from protocol.signing import fingerprint, generate_key, public_key_pem, sign_update
 from training.evaluate import eval_windows
@@ -149,6 +150,9 @@ class FakeNode:
     free_at: float = 0.0  # fake time when the work already sent to it is done
     away: tuple[float, float] | None = None  # fake [from, until): the machine is off
     busy_s: float = 0.0  # fake seconds of work done so far
+    # its contribution policy and leaving signal (node.pause): honest work it pauses is
+    # handed back, as a real node's worker does
+    gate: LeaseGate | None = None
     _last_train: RecordDict | None = None
     _last_base: dict[str, np.ndarray] | None = None  # "stale": the base of its last train lease
 
@@ -252,7 +256,8 @@ class FakeNode:
         # in-process, the coordinator's blob store is the node's cache: always a hit
         settings = WorkerSettings(node_id=self.id, key=key or self.key, device="cpu",
                                   cache=self.blobs, feedback=self.feedback,
-                                  uploads=_Uploads(self.blobs) if self.upload else None)
+                                  uploads=_Uploads(self.blobs) if self.upload else None,
+                                  gate=self.gate)
         if self.behaviour != "bf16":
             return do_work(content, settings)
         # what a CUDA node does (bf16 autocast), with CPU bf16 standing in for it
@@ -288,6 +293,8 @@ class FakeNode:
             reply = self._honest(content, generate_key() if how == "wrong_key" else None)
         except Exception as err:  # as Flower does: a raising ClientApp answers with an error
             return None, f"{type(err).__name__}: {err}", False
+        if parse_handback(reply) is not None:  # its policy paused it: nothing to answer
+            return reply, None, False
         update, arrays = self._parsed(reply)
         if self.speed is not None:  # report the simulated time, signed as a node would
             reply = self._signed(update, arrays, metrics=dataclasses.replace(

@@ -1,5 +1,6 @@
 """The deployment files in docs/deploy: systemd units that start real commands with real
-options (``systemd-analyze verify`` where it exists), and a logrotate rule logrotate reads."""
+options (``systemd-analyze verify`` where it exists), a SLURM batch script, and a logrotate
+rule logrotate reads."""
 
 from __future__ import annotations
 
@@ -55,6 +56,33 @@ def test_systemd_accepts_the_unit(name: str, tmp_path: Path) -> None:
     out = subprocess.run([verify, "verify", str(tmp_path / name)], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0, out.stderr
+
+
+def test_the_sbatch_template_runs_join_and_leaves_before_the_time_limit() -> None:
+    text = (DEPLOY / "atom-node.sbatch").read_text()
+    lines = text.splitlines()
+    assert lines[0] == "#!/bin/bash"
+    sbatch = dict(line.removeprefix("#SBATCH ").partition("=")[::2]
+                  for line in lines if line.startswith("#SBATCH "))
+    assert {"--job-name", "--gres", "--time", "--signal"} <= set(sbatch), sbatch
+    assert sbatch["--gres"].startswith("gpu:")
+    # to the batch shell only (the SuperNode must live until the hand-back went out), early
+    # enough for a step, the hand-back and the SuperNode's send (node.supervisor._LEAVE_S)
+    when, _, lead = sbatch["--signal"].partition("@")
+    assert when == "B:USR1" and int(lead) >= 60
+    # the script becomes atom-node (exec): the signal reaches it, its exit is the job's
+    [command] = [line for line in lines if line.startswith("exec ")]
+    argv = shlex.split(command)[1:]
+    assert Path(argv[0]).name == "atom-node" and argv[1] == "join"
+    assert "--home" in argv and "--token" not in argv  # the enrolled home, no new token
+    help_text = CliRunner().invoke(node_app, ["join", "--help"], terminal_width=200).output
+    for option in (a for a in argv[2:] if a.startswith("--")):
+        assert option in help_text, option
+    bash = shutil.which("bash")
+    if bash is not None:  # the script parses
+        out = subprocess.run([bash, "-n", str(DEPLOY / "atom-node.sbatch")], check=False,
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
 
 
 def test_logrotate_reads_the_rule(tmp_path: Path) -> None:

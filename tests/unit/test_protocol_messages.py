@@ -16,10 +16,13 @@ from protocol.compression import Compression
 from protocol.digest import digest_arrays, digest_bytes
 from protocol.errors import ProtocolError
 from protocol.messages import (
+    HandBack,
     Lease,
     Update,
     UpdateMetrics,
     Work,
+    handback_content,
+    parse_handback,
     parse_reply,
     parse_work,
     reply_content,
@@ -292,3 +295,44 @@ def test_lease_round_trip_property(run_id: str, kind: str, start: int, span: int
                        inner_steps=steps, lr=lr, deadline=deadline, nonce=nonce,
                        base_digest=digest, seed=seed)
     assert Lease.from_record(lease.to_record()) == lease
+
+
+# -- hand-backs: the reply of a node whose policy says pause ------------------------------------
+
+def test_handback_round_trip_through_the_wire() -> None:
+    back = HandBack(nonce="0123456789abcdef" * 2, reason="outside this node's time windows "
+                    "(next opens Mon 19:00)", retry_after_s=25_200.0)
+    assert parse_handback(wire(handback_content(back))) == back
+    assert HandBack.from_record(back.to_record()) == back
+    assert HandBack(back.nonce, "busy", 60).to_record()["retry_after_s"] == 60.0  # an int
+
+
+def test_a_work_reply_is_not_a_handback() -> None:
+    assert parse_handback(reply_content(make_update(), {})) is None
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"nonce": "XYZ"}, "handback.nonce"),
+    ({"reason": ""}, "handback.reason"),
+    ({"reason": "two\nlines"}, "handback.reason"),
+    ({"reason": "x" * 301}, "handback.reason"),
+    ({"retry_after_s": -1.0}, "handback.retry_after_s"),
+    ({"retry_after_s": float("nan")}, "handback.retry_after_s"),
+])
+def test_a_malformed_handback_is_refused(change: dict, match: str) -> None:
+    good = HandBack(nonce="ab" * 16, reason="busy", retry_after_s=60.0)
+    with pytest.raises(ProtocolError, match=match):
+        dataclasses.replace(good, **change).to_record()
+    record = ConfigRecord({**good.to_record(), **change})
+    with pytest.raises(ProtocolError, match=match):
+        parse_handback(RecordDict({"handback": record}))
+
+
+def test_a_handback_record_must_be_exact() -> None:
+    good = HandBack(nonce="ab" * 16, reason="busy", retry_after_s=60.0).to_record()
+    with pytest.raises(ProtocolError, match="unexpected field 'extra'"):
+        parse_handback(RecordDict({"handback": ConfigRecord({**good, "extra": 1})}))
+    with pytest.raises(ProtocolError, match="retry_after_s: expected float, got int"):
+        parse_handback(RecordDict({"handback": ConfigRecord({**good, "retry_after_s": 60})}))
+    with pytest.raises(ProtocolError, match="unexpected field 'arrays'"):
+        parse_handback(RecordDict({"handback": good, "arrays": ArrayRecord()}))

@@ -1,0 +1,341 @@
+"""A thousand nodes on one coordinator: the real loop, verifier and ledger under load.
+
+The coordinator's asynchronous run loop (``coordinator/run/async_loop.py``) with its real
+scheduler, verifier, judge, outer step, blob store and ledger (SQLite or PostgreSQL) drives
+``--nodes`` simulated nodes in this process through the same ``Transport`` interface the
+Flower transport implements. Each node is the fake network's honest node
+(``tests/unit/fake_network.py``): it runs ``node.worker.do_work`` for real on the test run's
+tiny model (signed update, compressed payload uploaded by digest), so every reply is one the
+verifier must really check. Nodes take *simulated* time (a lease of ``tokens / speed`` fake
+seconds, speeds spread over 1x-4x), so replies arrive as they would from a fleet; the node's
+own compute happens when the lease is sent and is taken off the coordinator's clock.
+
+What is measured is the coordinator alone, on its clock (real time minus the nodes' compute):
+
+- ``lease_p50_ms`` / ``lease_p99_ms``: from a reply arriving (the transport's poll handing it
+  over) to the node's next lease being sent — what a node waits between two leases. The
+  first fan-out (every node's first lease) is reported apart as ``fanout_s``;
+- ``leases_per_s``, ``updates_per_s`` (train replies verified per coordinator second),
+  ``ledger_writes_per_s`` and ``ledger_write_ms_p50`` (the loop's write transactions),
+  ``coordinator_cpu_s`` and ``rss_mb``;
+- where the time goes: ``time_s`` per stage, from the coordinator's own metrics histograms
+  (screening replies, judging steps, outer steps, ledger writes) and the loop's total;
+- ``leases_issued`` and ``leases_accounted`` (answered + expired + failed in the ledger):
+  they must be equal when the run ends.
+
+    python bench/scale.py                           # 1,000 nodes, SQLite
+    python bench/scale.py --ledger postgresql       # the same on PostgreSQL
+    python bench/scale.py --nodes 100 --steps 2 --json
+    python bench/scale.py --profile 25              # cProfile's top functions (slower)
+
+Run on demand; a small run is in the test suite (``tests/unit/test_scale_bench.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import contextlib
+import itertools
+import json
+import os
+import pstats
+import random
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Collection, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "tests" / "unit")]
+
+from fake_network import T0, FakeNode, work_seconds  # noqa: E402
+from loop_world import build_test_corpus, run_toml  # noqa: E402
+
+from coordinator import metrics  # noqa: E402
+from coordinator.config import parse_config  # noqa: E402
+from coordinator.ledger import Ledger  # noqa: E402
+from coordinator.run.async_loop import make_run_loop  # noqa: E402
+from coordinator.run.model_store import ModelStore  # noqa: E402
+from coordinator.run.transport import Reply  # noqa: E402
+from protocol.blobstore import BlobDir  # noqa: E402
+from protocol.messages import parse_work  # noqa: E402
+from protocol.signing import fingerprint, generate_key, public_key_pem  # noqa: E402
+
+PG_URL = os.environ.get("ATOM_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+LEASE_S = 60.0  # fake seconds a 1x node's lease takes: small, realistic leases
+INNER_STEPS = 2
+STEP_TOKENS = 2 * 32  # the test run's batch_size x seq_len
+
+
+@dataclass
+class _Due:
+    fid: int
+    at: float  # fake time the reply is ready
+    reply: Any
+    error: str | None
+
+
+class SimClock:
+    """Simulated time that runs with the coordinator: its own working time (real time less
+    the nodes' compute, ``coord()``) plus the time it sleeps, which passes at once. A
+    coordinator that falls behind sees replies pile up, as it would on a real network."""
+
+    def __init__(self, start: float = T0) -> None:
+        self.node_s = 0.0  # real seconds spent computing the nodes' replies
+        self.slept = 0.0
+        self._start, self._c0 = start, self.coord()
+
+    def coord(self) -> float:
+        return time.perf_counter() - self.node_s
+
+    def __call__(self) -> float:
+        return self._start + (self.coord() - self._c0) + self.slept
+
+    def sleep(self, dt: float) -> None:
+        self.slept += dt
+
+
+@dataclass
+class ScaleTransport:
+    """``coordinator.run.transport.Transport`` over many in-process nodes.
+
+    A node computes its reply when the lease is sent (its compute time goes to
+    ``clock.node_s``, off the coordinator's clock) and the reply is handed over once its
+    simulated work is done.
+    """
+
+    nodes: dict[int, FakeNode]
+    clock: SimClock
+    blobs: BlobDir
+    # whether a train lease sent now counts: not in the last step, when the loop leases no
+    # more than the run still needs and a node that answered may rightly wait for nothing
+    counting: Callable[[], bool] = lambda: True
+    node_cpu_s: float = 0.0
+    latencies: list[float] = field(default_factory=list)  # seconds, reply -> next lease
+    fanout: list[float] = field(default_factory=list)  # coord times of first leases
+    sends: int = 0
+    _online: list[int] = field(default_factory=list)
+    _due: dict[str, _Due] = field(default_factory=dict)
+    _arrived: dict[int, float] = field(default_factory=dict)  # fid -> coord time of a reply
+    _started: set[int] = field(default_factory=set)  # fids that had a lease
+    _ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
+
+    def __post_init__(self) -> None:
+        self._online = sorted(self.nodes)
+
+    def coord(self) -> float:
+        return self.clock.coord()
+
+    def online(self) -> list[int]:
+        return list(self._online)
+
+    def send(self, dst: int, kind: str, content: Any, ttl: float) -> str:
+        now = self.coord()
+        if (arrived := self._arrived.pop(dst, None)) is not None:
+            if kind == "train" and self.counting():
+                self.latencies.append(now - arrived)
+        elif dst not in self._started:
+            self.fanout.append(now)
+        self._started.add(dst)
+        self.sends += 1
+        node = self.nodes[dst]
+        node.blobs = self.blobs
+        lease = parse_work(content).lease
+        t, c = time.perf_counter(), time.process_time()
+        reply, error = node.answer(kind, content)
+        self.clock.node_s += time.perf_counter() - t
+        self.node_cpu_s += time.process_time() - c
+        begin = max(self.clock(), node.free_at)
+        node.free_at = begin + work_seconds(lease, node.speed or 1.0)
+        mid = f"msg-{next(self._ids)}"
+        self._due[mid] = _Due(dst, node.free_at, reply, error)
+        return mid
+
+    def poll(self, msg_ids: Collection[str]) -> list[Reply]:
+        now, out = self.clock(), []
+        for mid in msg_ids:
+            due = self._due.get(mid)
+            if due is None or due.at > now:
+                continue
+            del self._due[mid]
+            out.append(Reply(mid, due.fid, due.reply, due.error))
+        arrived = self.coord()
+        for r in out:
+            self._arrived[r.src] = arrived
+        return out
+
+
+def enroll_many(ledger: Ledger, n: int, institutions: int, seed: int) -> dict[int, FakeNode]:
+    """``n`` honest nodes spread over ``institutions``, speeds 1x-4x (log-uniform)."""
+    rng = random.Random(seed)
+    insts = [ledger.add_institution(f"University {i:03d}") for i in range(institutions)]
+    base_speed = INNER_STEPS * STEP_TOKENS / LEASE_S
+    nodes = {}
+    for i in range(n):
+        key = generate_key()
+        pem = public_key_pem(key)
+        fid = 100_000 + i
+        inst = insts[i % institutions]
+        assert inst.id is not None
+        row = ledger.add_node(fid, f"gpu-{i:04d}", inst.id, pem, fingerprint(pem))
+        node = FakeNode(f"gpu-{i:04d}", fid, key, row, seed=i)
+        node.speed = base_speed * 2 ** rng.uniform(0, 2)
+        nodes[fid] = node
+    return nodes
+
+
+def _ledger_counts(ledger: Ledger) -> tuple[dict[str, int], int, int]:
+    """Leases by status; train updates judged, and accepted."""
+    counts: dict[str, int] = {}
+    kinds = {}
+    for row in ledger.leases():
+        counts[row.status] = counts.get(row.status, 0) + 1
+        kinds[row.id] = row.kind
+    train = [u for u in ledger.updates() if kinds.get(u.lease_id) == "train"]
+    return counts, len(train), sum(1 for u in train if u.verdict == "accepted")
+
+
+def _hist(h: Any, *labels: str) -> tuple[float, int]:
+    """(sum of seconds, count) of a histogram (child) since the process started."""
+    m = h.labels(*labels) if labels else h
+    total, count = 0.0, 0
+    for metric in m.collect():
+        for s in metric.samples:
+            if s.name.endswith("_sum"):
+                total = s.value
+            elif s.name.endswith("_count"):
+                count = int(s.value)
+    return total, count
+
+
+def _pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+@contextlib.contextmanager
+def _ledger_url(kind: str, tmp: Path) -> Iterator[str]:
+    if kind == "sqlite":
+        yield f"sqlite:///{tmp / 'ledger.db'}"
+        return
+    from pg_schema import fresh_schema  # the tests' private-schema helper
+
+    with fresh_schema(PG_URL, prefix="scale") as url:
+        yield url
+
+
+def run(nodes_n: int, steps: int, ledger_kind: str, tmp: Path, *, institutions: int = 50,
+        seed: int = 0, profile: int = 0, progress: bool = True) -> dict[str, Any]:
+    corpus = build_test_corpus(tmp / "corpus")
+    cfg = parse_config(run_toml(
+        steps, train=f"inner_steps = {INNER_STEPS}\ndeadline_s = {20 * LEASE_S:g}",
+        # the run's own verification defaults (spot checks, eval quorum) stay on
+        verify="", extra="[async]\nenabled = true\neval_every = 1000\n",
+        run_id="scale"), tmp)
+    with _ledger_url(ledger_kind, tmp) as url:
+        ledger = Ledger(url)
+        t = time.perf_counter()
+        nodes = enroll_many(ledger, nodes_n, min(institutions, nodes_n), seed)
+        enroll_s = time.perf_counter() - t
+        clock = SimClock()
+        blobs = BlobDir(tmp / "blobs")
+        transport = ScaleTransport(nodes, clock, blobs)
+        store = ModelStore.open(tmp / "checkpoints", cfg, ledger)
+        transport.counting = lambda: store.version < steps - 1
+        loop = make_run_loop(cfg, ledger, transport, store, corpus, clock=clock,
+                             sleep=clock.sleep, rng=random.Random(seed), blobs=blobs)
+        before = {k: _hist(*k) for k in _STAGES}
+        writes0 = _hist(metrics.LEDGER_WRITE_SECONDS)
+        cpu0, t0 = time.process_time(), transport.coord()
+        prof = cProfile.Profile() if profile else None
+        if prof:
+            prof.enable()
+        loop.run()
+        if prof:
+            prof.disable()
+        wall = transport.coord() - t0
+        cpu = time.process_time() - cpu0 - transport.node_cpu_s
+        counts, train, accepted = _ledger_counts(ledger)
+        issued = sum(counts.values())
+        accounted = sum(counts.get(s, 0) for s in ("answered", "expired", "failed"))
+        writes = _hist(metrics.LEDGER_WRITE_SECONDS)
+        n_writes = writes[1] - writes0[1]
+        out: dict[str, Any] = {
+            "nodes": nodes_n, "ledger": ledger_kind, "steps": steps,
+            "lease_p50_ms": round(1000 * _pct(transport.latencies, 0.50), 2),
+            "lease_p99_ms": round(1000 * _pct(transport.latencies, 0.99), 2),
+            "lease_max_ms": round(1000 * max(transport.latencies, default=float("nan")), 2),
+            "fanout_s": round(transport.fanout[-1] - t0, 3) if transport.fanout else None,
+            "leases_issued": issued, "leases_accounted": accounted,
+            "lease_statuses": counts,
+            "leases_per_s": round(issued / wall, 1),
+            "updates_per_s": round(train / wall, 1),
+            "updates_accepted": accepted,
+            "ledger_writes_per_s": round(n_writes / wall, 1),
+            "ledger_write_ms_mean": round(1000 * (writes[0] - writes0[0]) / max(1, n_writes), 3),
+            "coordinator_s": round(wall, 2), "coordinator_cpu_s": round(cpu, 2),
+            "nodes_s": round(clock.node_s, 2), "slept_s": round(clock.slept, 1), "enroll_s": round(enroll_s, 2),
+            "rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "version": store.version,
+            "time_s": {name: round(_hist(*k)[0] - before[k][0], 3)
+                       for name, k in zip(_STAGE_NAMES, _STAGES)},
+        }
+        out["time_s"]["ledger_writes"] = round(writes[0] - writes0[0], 3)
+        ledger.close()
+    if prof:
+        prof.dump_stats(str(tmp.parent / "scale.prof"))
+        stats = pstats.Stats(prof, stream=sys.stderr)
+        stats.sort_stats("cumulative").print_stats(profile)
+    return out
+
+
+_STAGES = [(metrics.VERIFY_SECONDS, "screen"), (metrics.VERIFY_SECONDS, "judge"),
+           (metrics.OUTER_STEP_SECONDS,)]
+_STAGE_NAMES = ["screen", "judge", "outer_step"]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--nodes", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=4,
+                   help="outer steps (each takes as many updates as nodes are online)")
+    p.add_argument("--ledger", choices=("sqlite", "postgresql", "both"), default="sqlite")
+    p.add_argument("--institutions", type=int, default=50)
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="print cProfile's top N functions by cumulative time")
+    p.add_argument("--json", action="store_true", help="print one JSON object last")
+    a = p.parse_args()
+    torch.set_num_threads(1)
+    kinds = ("sqlite", "postgresql") if a.ledger == "both" else (a.ledger,)
+    results = []
+    for kind in kinds:
+        with tempfile.TemporaryDirectory() as tmp:
+            r = run(a.nodes, a.steps, kind, Path(tmp), institutions=a.institutions,
+                    profile=a.profile)
+        results.append(r)
+        print(f"{kind}: {r['nodes']} nodes, {r['leases_issued']} leases "
+              f"({r['leases_accounted']} accounted), lease p50 {r['lease_p50_ms']} ms "
+              f"p99 {r['lease_p99_ms']} ms, {r['updates_per_s']} updates/s, "
+              f"{r['ledger_writes_per_s']} ledger writes/s, coordinator "
+              f"{r['coordinator_s']} s ({r['coordinator_cpu_s']} s CPU), time {r['time_s']}",
+              file=sys.stderr)
+    out = dict(results[0])
+    if len(results) > 1:
+        out["runs"] = results
+    print(json.dumps(out) if a.json else json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
