@@ -54,6 +54,11 @@ class CoordinatorStub:
                 request_serializer=protocol_dot_coordinator__pb2.StatusRequest.SerializeToString,
                 response_deserializer=protocol_dot_coordinator__pb2.StatusReply.FromString,
                 _registered_method=True)
+        self.WatchStatus = channel.unary_stream(
+                '/atom.v1.Coordinator/WatchStatus',
+                request_serializer=protocol_dot_coordinator__pb2.StatusRequest.SerializeToString,
+                response_deserializer=protocol_dot_coordinator__pb2.StatusReply.FromString,
+                _registered_method=True)
         self.FetchBlob = channel.unary_stream(
                 '/atom.v1.Coordinator/FetchBlob',
                 request_serializer=protocol_dot_coordinator__pb2.FetchBlobRequest.SerializeToString,
@@ -100,6 +105,16 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchStatus(self, request, context):
+        """The same view kept current: the view at once, then a message only when it changed (the
+        events newer than the last sent; the network view's changed node rows, marked partial;
+        the progress and node views whole). Signed and authorised as GetStatus; ends when the
+        client cancels or the coordinator stops. See protocol/status.py.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def FetchBlob(self, request, context):
         """A content-addressed blob (a model version, a data shard) by its SHA-256, from `offset`
         on, in chunks; the first chunk says the blob's whole size, so a client checks its limit
@@ -139,6 +154,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
             ),
             'GetStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStatus,
+                    request_deserializer=protocol_dot_coordinator__pb2.StatusRequest.FromString,
+                    response_serializer=protocol_dot_coordinator__pb2.StatusReply.SerializeToString,
+            ),
+            'WatchStatus': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchStatus,
                     request_deserializer=protocol_dot_coordinator__pb2.StatusRequest.FromString,
                     response_serializer=protocol_dot_coordinator__pb2.StatusReply.SerializeToString,
             ),
@@ -259,6 +279,33 @@ class Coordinator:
             request,
             target,
             '/atom.v1.Coordinator/GetStatus',
+            protocol_dot_coordinator__pb2.StatusRequest.SerializeToString,
+            protocol_dot_coordinator__pb2.StatusReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/atom.v1.Coordinator/WatchStatus',
             protocol_dot_coordinator__pb2.StatusRequest.SerializeToString,
             protocol_dot_coordinator__pb2.StatusReply.FromString,
             options,

@@ -14,6 +14,12 @@ only its own ``node`` view. The coordinator honours a request within ±5 minutes
 The reply (``StatusReply.json``) is ``{"format": "atom-status-v1", "view", "at", "run",
 "data"}``: ``at`` the coordinator's clock, ``run`` the ``RunInfo`` and ``data`` the view itself,
 both as ``dataclasses.asdict`` writes them (see ``coordinator.services.views``).
+
+``WatchStatus`` takes the same signed request and streams replies: the view at once, then one
+each time it changes. An ``events`` reply holds the events newer than the previous one's
+``last_id``; a ``network`` reply after the first carries ``"partial": true`` and only the node
+rows that changed since the previous reply (nodes are never removed; the header is whole);
+``progress`` and ``node`` replies are whole.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ has a real key. The desk's clock is the fixture's NOW, so views equal those comp
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from collections.abc import Callable, Iterator
@@ -24,6 +25,7 @@ from coordinator.rundir import RunDir, init_run
 from coordinator.services.enrollment import Enroller
 from coordinator.services.grpc_service import CoordinatorService, serve
 from coordinator.services.status import StatusDesk
+from coordinator.services.status_watch import POLL_S, StatusWatch
 from protocol.processes import free_port
 from protocol.signing import (
     fingerprint, generate_key, load_private_key, public_key_pem, save_private_key,
@@ -31,7 +33,7 @@ from protocol.signing import (
 from tests.fixture_ledger import NOW, RUN_ID, FixtureRun
 from tui.coordinator_source import CoordinatorSource
 
-__all__ = ["CONTRIBUTOR", "StatusWorld", "serving", "status_world"]
+__all__ = ["CONTRIBUTOR", "StatusWorld", "serving", "status_world", "writable_world"]
 
 CONTRIBUTOR = 2  # borealis: the node whose key the world holds
 
@@ -57,18 +59,23 @@ class StatusWorld:
 
 
 @contextmanager
-def serving(rd: RunDir, url: str, clock: Callable[[], float]) -> Iterator[str]:
-    """The coordinator's gRPC service (TLS) over ``url`` read-only; yields its address."""
+def serving(rd: RunDir, url: str, clock: Callable[[], float], *, port: int | None = None,
+            watch_poll_s: float = POLL_S) -> Iterator[str]:
+    """The coordinator's gRPC service (TLS) over ``url`` read-only, its status streams
+    checking the ledger every ``watch_poll_s``; yields its address."""
     ledger = Ledger.read_only(url)
-    port = free_port()
+    port = port or free_port()
     pem = rd.public_key_pem()
+    desk = StatusDesk(ledger, RUN_ID, pem, clock=clock)
     service = CoordinatorService(Enroller(ledger, lambda key, name: 0), RUN_ID, "127.0.0.1:1",
-                                 pem, status=StatusDesk(ledger, RUN_ID, pem, clock=clock))
+                                 pem, status=desk,
+                                 watch=StatusWatch(desk, poll_s=watch_poll_s))
     server = serve(service, "127.0.0.1", port, rd.tls.server_cert.read_bytes(),
                    rd.tls.server_key.read_bytes())
     try:
         yield f"127.0.0.1:{port}"
     finally:
+        service.close()
         server.stop(grace=None).wait()
         ledger.close()
 
@@ -109,3 +116,15 @@ def status_world(fixture_ledger: FixtureRun,
     with serving(rd, url, lambda: NOW) as address:
         yield StatusWorld(rd, url, address, ca_pem, load_private_key(rd.key_path), node_key,
                           _node_home(base / "home", node_key, ca_pem, address))
+
+
+@pytest.fixture
+def writable_world(status_world: StatusWorld, tmp_path: Path) -> Iterator[StatusWorld]:
+    """The world over a private copy of its ledger, which a test may write to
+    (``Ledger(world.url)``, as the run loop would), its status streams checking for changes
+    every 0.1 s."""
+    path = tmp_path / "ledger.db"
+    shutil.copyfile(status_world.url.removeprefix("sqlite:///"), path)
+    url = f"sqlite:///{path}"
+    with serving(status_world.rd, url, lambda: NOW, watch_poll_s=0.1) as address:
+        yield dataclasses.replace(status_world, url=url, address=address)

@@ -109,7 +109,9 @@ def tui(
         "--key", help="with --coordinator: the run's coordinator.key (the team's view)")] = None,
     ca: Annotated[Optional[Path], typer.Option(
         "--ca", help="with --coordinator: the run's tls/ca.pem")] = None,
-    poll: Annotated[float, typer.Option(help="seconds between reads")] = 1.0,
+    poll: Annotated[float, typer.Option(
+        help="seconds between checks of a ledger (a coordinator pushes its changes; it is "
+        "polled this often only if it cannot)")] = 1.0,
 ) -> None:
     """Watch an ATOM Network run: nodes, progress, events, contributions and credits."""
     if poll <= 0:

@@ -4,6 +4,9 @@ Every request is signed (``protocol.status``): with the run's coordinator key th
 every view; with a node's key a contributor reads that node's view only, and the coordinator
 refuses anything else. Views come back as JSON and are rebuilt as the same dataclasses
 ``LedgerSource`` reads, so the screens cannot tell the two apart. Nothing here writes.
+
+``fetch`` polls (``GetStatus``, a request per view); ``stream`` has the coordinator push each
+view as it changes (``WatchStatus``, ``tui.status_stream``), which the app prefers.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from cryptography import x509
@@ -29,7 +32,10 @@ from protocol.status import STATUS_FORMAT, TEAM, StatusQuery, sign_status_query
 
 from .snapshot import Snapshot
 
-__all__ = ["CoordinatorSource", "read_ca"]
+if TYPE_CHECKING:
+    from .status_stream import StatusStream
+
+__all__ = ["CoordinatorSource", "parsed", "read_ca"]
 
 _TIMEOUT_S = 10.0
 _MAX_REPLY = 64 * 1024 * 1024  # a long run's node detail outgrows gRPC's 4 MB default
@@ -78,19 +84,33 @@ class CoordinatorSource:
         ca_pem = read_ca(ca)
         return cls(address, ca_pem, load_private_key(key.expanduser()), node_id)
 
-    def _get(self, view: str, node_id: int = 0, since: int = 0) -> tuple[float, RunInfo, Any]:
-        """One signed GetStatus: the coordinator's clock, the run and the view's dict."""
+    def _request(self, view: str, node_id: int = 0, since: int = 0) -> pb.StatusRequest:
         query = StatusQuery(view=view, node_id=node_id, since_event_id=since,
                             requester_node_id=TEAM if self.node_id is None else self.node_id,
                             timestamp=self.clock())
-        request = pb.StatusRequest(
+        return pb.StatusRequest(
             view=query.view, node_id=query.node_id, since_event_id=query.since_event_id,
             requester_node_id=query.requester_node_id, timestamp=query.timestamp,
             signature=sign_status_query(query, self._key))
+
+    def _get(self, view: str, node_id: int = 0, since: int = 0) -> tuple[float, RunInfo, Any]:
+        """One signed GetStatus: the coordinator's clock, the run and the view's dict."""
         try:
-            reply = self._stub.GetStatus(request, timeout=self.timeout)
+            reply = self._stub.GetStatus(self._request(view, node_id, since),
+                                         timeout=self.timeout)
         except grpc.RpcError as err:
-            raise self._rpc_error(err) from None
+            raise self.rpc_error(err) from None
+        at, run, data, _ = self.parse(reply)
+        return at, run, data
+
+    def watch(self, view: str, node_id: int = 0, since: int = 0) -> Any:
+        """A signed WatchStatus stream (``tui.status_stream`` reads it): an iterator of
+        replies (``parse`` each) with ``cancel()``; it raises ``grpc.RpcError`` when it ends
+        otherwise than by being cancelled."""
+        return self._stub.WatchStatus(self._request(view, node_id, since))
+
+    def parse(self, reply: pb.StatusReply) -> tuple[float, RunInfo, Any, bool]:
+        """A reply's coordinator clock, run, view dict, and whether it is partial."""
         try:
             doc = json.loads(reply.json)
             if not isinstance(doc, dict) or doc.get("format") != STATUS_FORMAT:
@@ -98,11 +118,13 @@ class CoordinatorSource:
             at = doc.get("at")
             if isinstance(at, bool) or not isinstance(at, (int, float)):
                 raise ProtocolError("status reply: at must be a number")
-            return float(at), RunInfo.from_dict(doc.get("run")), doc.get("data")
+            return (float(at), RunInfo.from_dict(doc.get("run")), doc.get("data"),
+                    doc.get("partial") is True)
         except (ValueError, ProtocolError) as err:
             raise ProtocolError(f"bad status reply from {self.address}: {err}") from None
 
-    def _rpc_error(self, err: grpc.RpcError) -> AtomError:
+    def rpc_error(self, err: grpc.RpcError) -> AtomError:
+        """The one-line error a failed status call means to the user."""
         code, detail = err.code(), _one_line(err.details() or "")
         if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
             return EnrollmentError(f"the coordinator at {self.address} refused the status "
@@ -119,7 +141,7 @@ class CoordinatorSource:
 
     def _detail(self, node_id: int) -> tuple[float, RunInfo, NodeDetail]:
         at, run, data = self._get("node", node_id)
-        return at, run, _parsed(NodeDetail, data, self.address)
+        return at, run, parsed(NodeDetail, data, self.address)
 
     def check(self) -> None:
         """One request, so that an unreachable coordinator or a refused key fails before the
@@ -150,16 +172,26 @@ class CoordinatorSource:
             at, run, _ = self._get("events", since=_NO_EVENTS)
             return Snapshot(at=at, run=run, detail=detail)
         at, run, net = self._get("network")
-        progress = _parsed(ProgressView, self._get("progress")[2], self.address)
-        events = _parsed(EventsView, self._get("events", since=since_event)[2], self.address)
-        return Snapshot(at=at, run=run, network=_parsed(NetworkView, net, self.address),
+        progress = parsed(ProgressView, self._get("progress")[2], self.address)
+        events = parsed(EventsView, self._get("events", since=since_event)[2], self.address)
+        return Snapshot(at=at, run=run, network=parsed(NetworkView, net, self.address),
                         progress=progress, events=events, detail=detail)
+
+    def stream(self, *, network: bool, since_event: int,
+               on_snapshot: Callable[[Snapshot], None], on_error: Callable[[str], None],
+               on_fallback: Callable[[], None]) -> StatusStream:
+        """The views pushed as they change (``tui.status_stream``), from now on."""
+        from .status_stream import StatusStream  # it builds on this module
+
+        return StatusStream(self, network=network, since_event=since_event,
+                            on_snapshot=on_snapshot, on_error=on_error, on_fallback=on_fallback)
 
     def close(self) -> None:
         self._channel.close()
 
 
-def _parsed(cls: Any, data: Any, address: str) -> Any:
+def parsed(cls: Any, data: Any, address: str) -> Any:
+    """``cls.from_dict(data)``, its error naming the coordinator."""
     try:
         return cls.from_dict(data)
     except ProtocolError as err:

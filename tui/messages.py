@@ -6,11 +6,11 @@ from textual.message import Message
 
 from .snapshot import Snapshot
 
-__all__ = ["NodeChosen", "SnapshotReady", "SourceFailed"]
+__all__ = ["NodeChosen", "PollInstead", "SnapshotReady", "SourceFailed"]
 
 
 class SnapshotReady(Message):
-    """The poll worker read the source."""
+    """The poll worker read the source, or its stream pushed a change."""
 
     def __init__(self, snapshot: Snapshot) -> None:
         super().__init__()
@@ -23,6 +23,10 @@ class SourceFailed(Message):
     def __init__(self, error: str) -> None:
         super().__init__()
         self.error = error
+
+
+class PollInstead(Message):
+    """The source cannot stream (an older coordinator, no stream slot free): poll it."""
 
 
 class NodeChosen(Message):

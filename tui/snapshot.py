@@ -3,12 +3,13 @@ coordinator's status client and the ledger source both build on it)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from protocol.view_types import EventsView, NetworkView, NodeDetail, ProgressView, RunInfo
 
-__all__ = ["Snapshot", "Source"]
+__all__ = ["Snapshot", "Source", "Stream", "StreamingSource"]
 
 
 @dataclass(frozen=True)
@@ -36,3 +37,22 @@ class Source(Protocol):
     def check_node(self, node_id: int) -> None: ...
 
     def close(self) -> None: ...
+
+
+class Stream(Protocol):
+    """Snapshots pushed by a source as its views change (``StreamingSource.stream``)."""
+
+    def follow_node(self, node_id: int | None) -> None:
+        """Push this node's detail too from now on (None: no node's)."""
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class StreamingSource(Source, Protocol):
+    """A source that can push instead of being polled: a coordinator's status stream
+    (``tui.status_stream``). Each callback is called from a reader thread."""
+
+    def stream(self, *, network: bool, since_event: int,
+               on_snapshot: Callable[[Snapshot], None], on_error: Callable[[str], None],
+               on_fallback: Callable[[], None]) -> Stream: ...

@@ -29,13 +29,15 @@ from coordinator.accounting.statements import StatementDesk
 from coordinator.metrics import BLOB_BYTES
 from coordinator.services.enrollment import Enroller
 from coordinator.services.status import AccessDenied, NoSuchNode, StatusDesk
+from coordinator.services.status_watch import MAX_WATCHERS, StatusWatch, TooManyWatchers
 
 __all__ = ["BlobService", "CoordinatorService", "serve", "upload_limit"]
 
 log = logging.getLogger(__name__)
 
 # First match wins: subclasses before their bases.
-_STATUS = {AccessDenied: grpc.StatusCode.PERMISSION_DENIED,
+_STATUS = {TooManyWatchers: grpc.StatusCode.RESOURCE_EXHAUSTED,
+           AccessDenied: grpc.StatusCode.PERMISSION_DENIED,
            NoSuchNode: grpc.StatusCode.NOT_FOUND,
            EnrollmentError: grpc.StatusCode.PERMISSION_DENIED,
            NetworkError: grpc.StatusCode.UNAVAILABLE,
@@ -136,6 +138,7 @@ class CoordinatorService(BlobService, pb_grpc.CoordinatorServicer):
     status: StatusDesk | None = None  # default: over the enroller's ledger
     blobs: BlobDir | None = None  # model versions and data shards, by digest
     max_upload_bytes: int = 0  # an update payload's bound (``upload_limit``); 0: none taken
+    watch: StatusWatch | None = None  # default: over the status desk
 
     def __post_init__(self) -> None:
         self.lease_open = self._train_lease_open
@@ -144,6 +147,13 @@ class CoordinatorService(BlobService, pb_grpc.CoordinatorServicer):
         if self.status is None:
             self.status = StatusDesk(self.enroller.ledger, self.run_id,
                                      self.coordinator_public_key_pem)
+        if self.watch is None:
+            self.watch = StatusWatch(self.status)
+
+    def close(self) -> None:
+        """End the status streams now (before the server stops, which would wait for them)."""
+        assert self.watch is not None
+        self.watch.close()
 
     def _train_lease_open(self, nonce: str) -> bool:
         lease = self.enroller.ledger.lease_by_nonce(nonce)
@@ -182,17 +192,39 @@ class CoordinatorService(BlobService, pb_grpc.CoordinatorServicer):
 
     def GetStatus(self, request: pb.StatusRequest,
                   context: grpc.ServicerContext) -> pb.StatusReply:
-        query = StatusQuery(view=request.view, node_id=request.node_id,
-                            since_event_id=request.since_event_id,
-                            requester_node_id=request.requester_node_id,
-                            timestamp=request.timestamp)
         try:
             assert self.status is not None
-            text = self.status.status(query, request.signature)
+            text = self.status.status(_status_query(request), request.signature)
         except Exception as err:  # noqa: BLE001
             _abort(context, err)
             raise
         return pb.StatusReply(json=text)
+
+    def WatchStatus(self, request: pb.StatusRequest,
+                    context: grpc.ServicerContext) -> Iterator[pb.StatusReply]:
+        try:
+            assert self.watch is not None
+            watcher = self.watch.open(_status_query(request), request.signature,
+                                      context.is_active)
+        except Exception as err:  # noqa: BLE001
+            _abort(context, err)
+            raise
+        context.add_callback(watcher.close)  # the client went away: wake it up to end
+        try:
+            for text in watcher:
+                yield pb.StatusReply(json=text)
+        except Exception as err:  # noqa: BLE001 - a ledger read failed: the client retries
+            _abort(context, err)
+            raise
+        finally:
+            watcher.close()
+
+
+def _status_query(request: pb.StatusRequest) -> StatusQuery:
+    return StatusQuery(view=request.view, node_id=request.node_id,
+                       since_event_id=request.since_event_id,
+                       requester_node_id=request.requester_node_id,
+                       timestamp=request.timestamp)
 
 
 def upload_limit(n_params: int, scheme: str) -> int:
@@ -204,7 +236,8 @@ def upload_limit(n_params: int, scheme: str) -> int:
 
 def serve(service: CoordinatorService, host: str, port: int, cert_chain: bytes,
           key: bytes) -> grpc.Server:
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    # a status stream holds a thread while it waits: room for all of them besides the rest
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8 + MAX_WATCHERS))
     pb_grpc.add_CoordinatorServicer_to_server(service, server)
     creds = grpc.ssl_server_credentials([(key, cert_chain)])
     bound = server.add_secure_port(f"{host}:{port}", creds)

@@ -48,6 +48,7 @@ class Coordinator:
     superlink: SuperLink | None = None
     proxy: FleetProxy | None = None
     server: grpc.Server | None = None
+    service: CoordinatorService | None = None
     metrics: MetricsServer | None = None
 
     def __post_init__(self) -> None:
@@ -96,6 +97,7 @@ class Coordinator:
                                      rd.public_key_pem(), ReceiptIssuer.load(rd.key_path),
                                      blobs=BlobDir(rd.blobs), max_upload_bytes=upload_limit(
                                          model_params(cfg), cfg.compression.scheme))
+        self.service = service
         self.server = serve(service, cfg.network.host, cfg.network.coordinator_port,
                             rd.tls.server_cert.read_bytes(), rd.tls.server_key.read_bytes())
 
@@ -139,6 +141,9 @@ class Coordinator:
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = None
+        if self.service is not None:  # status streams end now, not after the grace
+            self.service.close()
+            self.service = None
         if self.server is not None:
             self.server.stop(grace=1.0).wait()
             self.server = None

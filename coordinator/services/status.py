@@ -4,7 +4,8 @@ A request is signed (``protocol.status.status_request_bytes``) either by the run
 key — the coordinator team, every view — or by an enrolled node's key, which reads its own
 ``node`` view only: a contributor sees no other node's name, numbers or events. Requests are
 honoured within ``WINDOW_S`` of the coordinator's clock. Views are computed at the
-coordinator's clock, read-only, through ``coordinator.services.views``.
+coordinator's clock, read-only, through ``coordinator.services.views``, and kept in one
+``ViewCache`` shared by every request and stream (recomputed only when the ledger changed).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from protocol.errors import LedgerError, ProtocolError, Reason, VerificationError
@@ -23,9 +24,9 @@ from protocol.status import STATUS_FORMAT, TEAM, VIEWS, StatusQuery, status_requ
 
 from coordinator.accounting.statements import CLOCK_SKEW, WINDOW_S
 from coordinator.ledger.reads import LedgerReads
-from coordinator.services.views import events_view, network_view, node_detail, progress_view, run_info
+from coordinator.services.view_cache import ViewCache
 
-__all__ = ["AccessDenied", "NoSuchNode", "StatusDesk"]
+__all__ = ["AccessDenied", "NoSuchNode", "StatusDesk", "reply_json"]
 
 
 class AccessDenied(VerificationError):
@@ -39,6 +40,15 @@ class NoSuchNode(LedgerError):
     """The team asked for the view of a node the ledger does not have (NOT_FOUND)."""
 
 
+def reply_json(view: str, at: float, run: Any, data: Any, *, partial: bool = False) -> str:
+    """A status reply (``protocol.status``): ``run`` and ``data`` are view dataclasses."""
+    doc = {"format": STATUS_FORMAT, "view": view, "at": at, "run": dataclasses.asdict(run),
+           "data": dataclasses.asdict(data)}
+    if partial:
+        doc["partial"] = True
+    return json.dumps(doc, separators=(",", ":"))
+
+
 @dataclass
 class StatusDesk:
     ledger: LedgerReads
@@ -46,6 +56,11 @@ class StatusDesk:
     coordinator_public_key_pem: bytes
     clock: Callable[[], float] = time.time
     window_s: float = WINDOW_S
+    # shared by every request and stream: views recomputed only when the ledger changed
+    views: ViewCache = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.views = ViewCache(self.ledger, self.run_id)
 
     def authorise(self, query: StatusQuery, signature: bytes) -> None:
         """Returns if ``signature`` is the requester's and the requester may read the view.
@@ -80,29 +95,32 @@ class StatusDesk:
             raise AccessDenied(f"node {query.requester_node_id} may read its own node view "
                                "only (the network's views need the coordinator's key)")
 
-    def status(self, query: StatusQuery, signature: bytes) -> str:
-        """The requested view as the reply's JSON, once :meth:`authorise` let it through.
+    def admit(self, query: StatusQuery, signature: bytes) -> None:
+        """:meth:`authorise`, then that the view can be answered at all.
 
         Raises ProtocolError for an unknown view and NoSuchNode for an unknown node.
         """
         self.authorise(query, signature)
         if query.view not in VIEWS:
             raise ProtocolError(f"unknown view {query.view!r} (one of {', '.join(VIEWS)})")
+        if query.view == "node" and self.ledger.node(query.node_id) is None:
+            raise NoSuchNode(f"no node {query.node_id} in the ledger")
+
+    def status(self, query: StatusQuery, signature: bytes) -> str:
+        """The requested view as the reply's JSON, once :meth:`admit` let it through."""
+        self.admit(query, signature)
+        self.views.refresh()
         now = self.clock()
         data: Any
         if query.view == "network":
-            net = network_view(self.ledger, now, self.run_id)
-            run, data = net.header.run, net
+            net = self.views.network(now)
+            run, data = net.header.run, dataclasses.replace(net, at=now)
         else:
-            run = run_info(self.ledger, self.run_id)
+            run = self.views.run(now)
             if query.view == "progress":
-                data = progress_view(self.ledger)
+                data = self.views.progress(now)
             elif query.view == "events":
-                data = events_view(self.ledger, max(query.since_event_id, 0))
-            elif self.ledger.node(query.node_id) is None:
-                raise NoSuchNode(f"no node {query.node_id} in the ledger")
+                data = self.views.events(max(query.since_event_id, 0))
             else:
-                data = node_detail(self.ledger, query.node_id, now)
-        return json.dumps({"format": STATUS_FORMAT, "view": query.view, "at": now,
-                           "run": dataclasses.asdict(run), "data": dataclasses.asdict(data)},
-                          separators=(",", ":"))
+                data = self.views.node(query.node_id, now)
+        return reply_json(query.view, now, run, data)

@@ -24,7 +24,8 @@ __all__ = [
     "EventRow", "EventsView", "HistoryPoint", "LossPoint", "NetworkHeader", "NetworkView",
     "NodeDetail", "NodeRow", "ONLINE_STATUSES", "ONLINE_WINDOW_S", "ProgressView", "RunInfo",
     "THROUGHPUT_WINDOW_S", "ThroughputPoint", "UpdateLine", "CreditRow", "events_view",
-    "network_view", "node_detail", "node_status", "progress_view", "run_info",
+    "network_view", "network_view_until", "node_detail", "node_detail_until", "node_status",
+    "progress_view", "run_info", "status_until",
 ]
 
 # The run loop touches every online node at each phase; a node unseen for longer is offline.
@@ -45,6 +46,21 @@ def node_status(last_seen: float | None, open_lease: LeaseRow | None, now: float
     if open_lease is not None and (recent or open_lease.deadline >= now):
         return "working"
     return "idle" if recent else "offline"
+
+
+def status_until(last_seen: float | None, open_lease: LeaseRow | None, now: float,
+                 revoked: bool = False) -> float:
+    """The moment before which ``node_status`` keeps its value at ``now`` if nothing is
+    written: the node leaving the online window or its open lease's deadline passing,
+    whichever is first (``inf``: only a write changes it)."""
+    if revoked:
+        return math.inf
+    turns = []
+    if last_seen is not None and now - last_seen <= ONLINE_WINDOW_S:
+        turns.append(math.nextafter(last_seen + ONLINE_WINDOW_S, math.inf))
+    if open_lease is not None and open_lease.deadline >= now:
+        turns.append(math.nextafter(open_lease.deadline, math.inf))
+    return min(turns, default=math.inf)
 
 
 def run_info(ledger: LedgerReads, run_id: str | None = None) -> RunInfo:
@@ -77,15 +93,28 @@ def _open_leases(ledger: LedgerReads) -> dict[int, LeaseRow]:
 
 def network_view(ledger: LedgerReads, now: float, run_id: str | None = None) -> NetworkView:
     """Every node's row and the network header, in five queries whatever the node count."""
+    return network_view_until(ledger, now, run_id)[0]
+
+
+def network_view_until(ledger: LedgerReads, now: float,
+                       run_id: str | None = None) -> tuple[NetworkView, float]:
+    """:func:`network_view` and the moment before which it stays the same (``at`` aside) if
+    the ledger does not change: the first node status to turn with the clock, or the first
+    update to leave (or enter) the header's throughput window."""
     leases = _open_leases(ledger)
-    rows = tuple(_row(s, leases.get(s.node_id), now) for s in ledger.node_summaries())
+    summaries = ledger.node_summaries()
+    rows = tuple(_row(s, leases.get(s.node_id), now) for s in summaries)
     recent = ledger.accepted_work("train", since=now - THROUGHPUT_WINDOW_S)
     tokens = sum(t for at, t, _ in recent if at <= now)
     header = NetworkHeader(run=run_info(ledger, run_id),
                            online=sum(r.status in ONLINE_STATUSES for r in rows),
                            nodes=len(rows), tokens_per_s=tokens / THROUGHPUT_WINDOW_S,
                            window_s=THROUGHPUT_WINDOW_S)
-    return NetworkView(at=now, header=header, nodes=rows)
+    until = min((status_until(s.last_seen, leases.get(s.node_id), now, s.revoked)
+                 for s in summaries), default=math.inf)
+    for at, _, _ in recent:  # counted while now < at + window; a future one from at on
+        until = min(until, at + THROUGHPUT_WINDOW_S if at <= now else at)
+    return NetworkView(at=now, header=header, nodes=rows), until
 
 
 def _bucket_size(span: float, max_buckets: int, min_bucket_s: float) -> float:
@@ -137,6 +166,12 @@ def node_detail(ledger: LedgerReads, node_id: int, now: float) -> NodeDetail:
     LedgerError
         There is no such node.
     """
+    return node_detail_until(ledger, node_id, now)[0]
+
+
+def node_detail_until(ledger: LedgerReads, node_id: int, now: float) -> tuple[NodeDetail, float]:
+    """:func:`node_detail` and the moment before which it stays the same if the ledger does
+    not change (its status turning with the clock; see :func:`status_until`)."""
     found = ledger.node_summaries(node_id)  # only this node's: a contributor sees no other
     if not found:
         raise LedgerError(f"no node {node_id} in the ledger")
@@ -164,8 +199,9 @@ def node_detail(ledger: LedgerReads, node_id: int, now: float) -> NodeDetail:
     for c in rows:
         kind = str(c.components.get("kind", "other"))
         by_kind[kind] = by_kind.get(kind, 0.0) + c.amount
-    return NodeDetail(row=_row(summary, open_lease, now), history=tuple(history),
-                      updates=updates, credits=rows, credits_by_kind=by_kind)
+    detail = NodeDetail(row=_row(summary, open_lease, now), history=tuple(history),
+                        updates=updates, credits=rows, credits_by_kind=by_kind)
+    return detail, status_until(summary.last_seen, open_lease, now, summary.revoked)
 
 
 def events_view(ledger: LedgerReads, since_id: int = 0, limit: int = 500) -> EventsView:

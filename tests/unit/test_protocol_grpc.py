@@ -42,12 +42,15 @@ def test_service_shape() -> None:
                        "Ping": ("PingRequest", "PingReply"),
                        "GetCreditStatement": ("StatementRequest", "StatementReply"),
                        "GetStatus": ("StatusRequest", "StatusReply"),
+                       "WatchStatus": ("StatusRequest", "StatusReply"),
                        "FetchBlob": ("FetchBlobRequest", "BlobChunk"),
                        "PutBlob": ("BlobUpload", "PutBlobReply")}
     put = service.methods_by_name["PutBlob"]
     assert put.client_streaming and not put.server_streaming
     fetch = service.methods_by_name["FetchBlob"]
     assert fetch.server_streaming and not fetch.client_streaming
+    watch = service.methods_by_name["WatchStatus"]
+    assert watch.server_streaming and not watch.client_streaming
     assert [(f.name, f.number) for f in pb.BlobChunk.DESCRIPTOR.fields] == [
         ("size", 1), ("offset", 2), ("data", 3)]
     fields = {f.name: (f.number, f.type) for f in pb.StatusRequest.DESCRIPTOR.fields}

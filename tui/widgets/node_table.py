@@ -1,78 +1,164 @@
-"""The network's node table: one row per node, sortable by any column, updated in place."""
+"""The network's node table: one row per node, sortable by any column, only the rows on
+screen drawn.
+
+A Line API widget (``ScrollView.render_line``) that looks like Textual's ``DataTable`` (the
+same component classes and cell rendering) but holds its rows as data: each node's cell
+strings, recomputed only for the nodes whose row changed (and the ``seen`` column when the
+clock moved); the order as a list of node ids, sorted on the columns' keys; column widths
+from the strings. A poll that changed nothing returns before any of that, a sort is a
+``list.sort`` over 1,000 keys, and drawing asks for the ~40 lines in view, cached by what
+they show. (A DataTable of 1,000 rows was cleared and refilled on every sort and measured
+every cell with Rich whenever one changed: a key press could wait seconds behind a poll.)
+"""
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
+from rich.cells import cell_len, set_cell_size
+from rich.segment import Segment
+from rich.style import Style
 from rich.text import Text
+from textual import events
 from textual.binding import Binding
-from textual.widgets import DataTable
+from textual.cache import LRUCache
+from textual.geometry import Region, Size, Spacing
+from textual.scroll_view import ScrollView
+from textual.strip import Strip
 
 from protocol.view_types import NodeRow
 
-from .. import format as fmt
 from ..messages import NodeChosen
-
-__all__ = ["COLUMNS", "NodeTable", "STATUS_STYLE", "fit"]
-
-STATUS_STYLE = {"working": "bold green", "idle": "cyan", "offline": "dim", "revoked": "red"}
-_STATUS_ORDER = {s: i for i, s in enumerate(STATUS_STYLE)}
-
-
-def fit(text: str, width: int) -> str:
-    return text if len(text) <= width else text[:max(width - 1, 0)] + "…"
-
-
-@dataclass(frozen=True)
-class Column:
-    key: str
-    label: str
-    numeric: bool  # right-aligned, sorts largest first
-    sort: Callable[[NodeRow], Any]
-    cell: Callable[[NodeRow, float], str]
-    wide: bool = False  # shown only when the terminal has room
-
-
-COLUMNS: tuple[Column, ...] = (
-    Column("name", "node", False, lambda r: r.name.lower(), lambda r, _: r.name),
-    Column("institution", "institution", False, lambda r: r.institution.lower(),
-           lambda r, _: r.institution),
-    Column("status", "status", False, lambda r: _STATUS_ORDER.get(r.status, 9),
-           lambda r, _: r.status),
-    Column("shard", "shard", False, lambda r: r.current_shard, lambda r, _: r.current_shard),
-    Column("accepted", "acc", True, lambda r: r.accepted, lambda r, _: str(r.accepted)),
-    Column("rejected", "rej", True, lambda r: r.rejected, lambda r, _: str(r.rejected)),
-    Column("tokens", "tokens", True, lambda r: r.tokens, lambda r, _: fmt.tokens(r.tokens)),
-    Column("eval", "eval tok", True, lambda r: r.eval_tokens,
-           lambda r, _: fmt.tokens(r.eval_tokens), wide=True),
-    Column("credits", "credits", True, lambda r: r.credits, lambda r, _: fmt.credits(r.credits)),
-    Column("rate", "rate", True, lambda r: -1.0 if r.acceptance_rate is None
-           else r.acceptance_rate, lambda r, _: fmt.rate(r.acceptance_rate)),
-    Column("seen", "seen", True, lambda r: -math.inf if r.last_seen is None else r.last_seen,
-           lambda r, now: fmt.ago(r.last_seen, now)),
+from .node_columns import (
+    COLUMNS, NAME_MAX, SEEN, STATUS_STYLE, WIDE, Column, cell_texts, fit, shown_columns, widest,
+    widths,
 )
-_BY_KEY = {c.key: c for c in COLUMNS}
-_NAME_MAX = 16
-WIDE = 100  # columns from which the wide-only columns show
+
+__all__ = ["COLUMNS", "NodeTable", "STATUS_STYLE", "WIDE", "fit"]
+
+_BY_KEY = {c.key: i for i, c in enumerate(COLUMNS)}
+_STATUS = _BY_KEY["status"]
+_HEADER = -1  # the row index of the header line (DataTable's convention, in the line meta)
 
 
-class NodeTable(DataTable[Text]):
+class NodeTable(ScrollView, can_focus=True):
     """Rows keyed by node id; the cursor stays on its node when the order changes."""
 
-    DEFAULT_CSS = "NodeTable { height: 1fr; }"
-    BINDINGS = [Binding("enter", "select_cursor", "Detail")]  # shown in the footer
+    COMPONENT_CLASSES = {"datatable--header", "datatable--even-row", "datatable--odd-row",
+                         "datatable--cursor"}
+    # DataTable's own look for these components, so the table reads like the others.
+    DEFAULT_CSS = """
+    NodeTable {
+        height: 1fr;
+        background: $surface;
+        color: $foreground;
+        &:focus {
+            background-tint: $foreground 5%;
+            & > .datatable--cursor {
+                background: $block-cursor-background;
+                color: $block-cursor-foreground;
+                text-style: $block-cursor-text-style;
+            }
+            & > .datatable--header { background-tint: $foreground 5%; }
+        }
+        &:dark > .datatable--even-row { background: $surface-darken-1 40%; }
+        & > .datatable--header { text-style: bold; background: $panel; color: $foreground; }
+        &:ansi > .datatable--header { background: ansi_bright_blue; color: ansi_default; }
+        & > .datatable--even-row { background: $surface-lighten-1 50%; }
+        & > .datatable--cursor {
+            background: $block-cursor-blurred-background;
+            color: $block-cursor-blurred-foreground;
+            text-style: $block-cursor-blurred-text-style;
+        }
+    }
+    """
+    BINDINGS = [
+        Binding("enter", "select_cursor", "Detail"),  # shown in the footer
+        Binding("up", "cursor_up", "Cursor up", show=False),
+        Binding("down", "cursor_down", "Cursor down", show=False),
+        Binding("pageup", "page_up", "Page up", show=False),
+        Binding("pagedown", "page_down", "Page down", show=False),
+        Binding("home,ctrl+home", "first", "First", show=False),
+        Binding("end,ctrl+end", "last", "Last", show=False),
+    ]
 
     def __init__(self, *, id: str | None = None) -> None:
-        super().__init__(id=id, cursor_type="row", zebra_stripes=True)
+        super().__init__(id=id)
         self.sort_key: str | None = None
         self.reverse = False
-        self._rows: tuple[NodeRow, ...] = ()
+        self.rows_drawn = 0  # row lines drawn (not from cache) so far: only those on screen
+        self._given: Sequence[NodeRow] | None = None  # what show() was last handed
         self._now = 0.0
-        self._shown: list[tuple[str, list[str]]] = []
-        self._width = -1
+        self._rows: dict[int, NodeRow] = {}
+        self._text: dict[int, list[str]] = {}  # node id -> every column's text
+        self._order: list[int] = []  # node ids, top to bottom
+        self._cursor = 0  # index into _order
+        self._shown: tuple[int, ...] = shown_columns(80)
+        self._widest = [0] * len(COLUMNS)  # each column's widest text over all rows
+        self._widths: list[int] = []  # content widths of the shown columns
+        self._lines: LRUCache[tuple[Any, ...], Strip] = LRUCache(1024)
+        self._pseudo: object = None
+        self._base = Style()
+
+    # -- the data -----------------------------------------------------------------------
+
+    def show(self, rows: Sequence[NodeRow], now: float) -> None:
+        """Take a poll's rows; nothing happens when neither they nor the clock changed."""
+        if rows is self._given and now == self._now:
+            return
+        resort = ticked = False
+        if rows is not self._given:
+            fresh = {r.node_id: r for r in rows}
+            for node_id, row in fresh.items():
+                if self._rows.get(node_id) != row:
+                    self._text[node_id] = cell_texts(row, now)
+                    resort = True
+            for node_id in self._rows.keys() - fresh.keys():
+                del self._text[node_id]
+                resort = True
+            self._rows, self._given = fresh, rows
+        if now != self._now:
+            seen = COLUMNS[SEEN].cell
+            for node_id, row in self._rows.items():
+                text = self._text[node_id]
+                was, text[SEEN] = text[SEEN], seen(row, now)
+                ticked = ticked or was != text[SEEN]
+            self._now = now
+        cursor = self._cursor
+        if resort:
+            self._widest = widest(self._text.values())
+            self._sort()
+        elif ticked:  # only "seen" moved: only its width can have
+            self._widest[SEEN] = max(cell_len(t[SEEN]) for t in self._text.values())
+        if resort or ticked:
+            self._layout()
+        if self._cursor != cursor:  # its node moved in the order: keep it in view
+            self._scroll_to_cursor()
+
+    def _sort(self) -> None:
+        selected = self.selected_node_id
+        order = sorted(self._rows)
+        if self.sort_key is not None:  # stable: ties stay in node-id order
+            key = COLUMNS[_BY_KEY[self.sort_key]].sort
+            rows = self._rows
+            order.sort(key=lambda node_id: key(rows[node_id]), reverse=self.reverse)
+        self._order = order
+        if selected is not None and selected in self._rows:
+            self._cursor = order.index(selected)
+        self._cursor = min(self._cursor, max(len(order) - 1, 0))
+
+    def _layout(self) -> None:
+        """Columns for the width we have, their widths, and a repaint of what is in view."""
+        self._shown = shown_columns(self.size.width or 80)
+        labels = [self._label(COLUMNS[i]).plain for i in self._shown]
+        room = self.scrollable_content_region.width or 80
+        self._widths = widths(self._widest, self._shown, labels, room)
+        self.virtual_size = Size(sum(self._widths) + 2 * len(self._widths), len(self._order) + 1)
+        self.refresh()  # lines already drawn with the same content come from the cache
+
+    def on_resize(self, _: events.Resize) -> None:
+        self._layout()
 
     # -- sorting ------------------------------------------------------------------------
 
@@ -81,13 +167,12 @@ class NodeTable(DataTable[Text]):
         if key == self.sort_key:
             self.reverse = not self.reverse
         else:
-            self.sort_key, self.reverse = key, _BY_KEY[key].numeric
-        self._redraw(rebuild=True)
+            self.sort_key, self.reverse = key, COLUMNS[_BY_KEY[key]].numeric
+        self._resorted()
 
     @property
     def columns_shown(self) -> tuple[Column, ...]:
-        wide = (self.size.width or 80) >= WIDE
-        return tuple(c for c in COLUMNS if wide or not c.wide)
+        return tuple(COLUMNS[i] for i in self._shown)
 
     def cycle_sort(self) -> None:
         keys = [c.key for c in self.columns_shown]
@@ -98,83 +183,186 @@ class NodeTable(DataTable[Text]):
         if self.sort_key is None:
             self.sort_key = self.columns_shown[0].key
         self.reverse = not self.reverse
-        self._redraw(rebuild=True)
+        self._resorted()
+
+    def _resorted(self) -> None:
+        self._sort()
+        self._layout()  # the header's arrow may widen a column
+        self._scroll_to_cursor()
 
     def ordered(self) -> list[NodeRow]:
-        rows = sorted(self._rows, key=lambda r: r.node_id)
-        if self.sort_key is not None:  # stable: ties stay in node-id order
-            rows.sort(key=_BY_KEY[self.sort_key].sort, reverse=self.reverse)
-        return rows
+        return [self._rows[node_id] for node_id in self._order]
 
-    # -- contents -----------------------------------------------------------------------
+    # -- what is shown (tests and the footer read these) --------------------------------
+
+    @property
+    def row_count(self) -> int:
+        return len(self._order)
+
+    @property
+    def cursor_row(self) -> int:
+        return self._cursor
 
     @property
     def selected_node_id(self) -> int | None:
-        if not self.row_count:
-            return None
-        key = self.coordinate_to_cell_key(self.cursor_coordinate).row_key
-        return None if key.value is None else int(key.value)
+        return self._order[self._cursor] if self._order else None
 
-    def show(self, rows: Sequence[NodeRow], now: float) -> None:
-        self._rows, self._now = tuple(rows), now
-        self._redraw(rebuild=False)
+    def header(self, key: str) -> str:
+        """A column's header as shown, with the sort arrow."""
+        return self._label(COLUMNS[_BY_KEY[key]]).plain
 
-    def on_resize(self) -> None:
-        if self.size.width != self._width:
-            self._redraw(rebuild=True)
+    def get_row_at(self, index: int) -> list[Text]:
+        """The shown cells of the row at ``index`` (top is 0), as drawn."""
+        return self._cells(self._order[index])
+
+    def get_cell(self, node_id: str | int, key: str) -> Text:
+        return self._cells(int(node_id))[self._shown.index(_BY_KEY[key])]
 
     def _label(self, col: Column) -> Text:
         arrow = ("▼" if self.reverse else "▲") if col.key == self.sort_key else ""
         return Text(col.label + arrow, justify="right" if col.numeric else "left")
 
-    def _cells(self, ordered: list[NodeRow]) -> list[tuple[str, list[str]]]:
-        cols = self.columns_shown
-        raw = [[c.cell(r, self._now) for c in cols] for r in ordered]
-        widths = [max([len(self._label(c).plain)] + [len(row[i]) for row in raw])
-                  for i, c in enumerate(cols)]
-        # The institution column gives way so the table fits the terminal's width.
-        inst = 1
-        others = sum(w for i, w in enumerate(widths) if i != inst)
-        # (the content region leaves out a vertical scrollbar when there is one)
-        room = (self.scrollable_content_region.width or 80) - others - 2 * len(cols)
-        widths[inst] = max(min(widths[inst], room), 6)
-        for row in raw:
-            row[0] = fit(row[0], _NAME_MAX)
-            row[inst] = fit(row[inst], widths[inst])
-        return [(str(r.node_id), row) for r, row in zip(ordered, raw)]
+    def _cells(self, node_id: int) -> list[Text]:
+        return [Text(value, style=style, justify="right" if COLUMNS[i].numeric else "left")
+                for i, (value, style) in zip(self._shown, self._shown_text(node_id))]
 
-    def _styled(self, col: Column, value: str) -> Text:
-        style = STATUS_STYLE.get(value, "") if col.key == "status" else ""
-        return Text(value, style=style, justify="right" if col.numeric else "left")
+    def _shown_text(self, node_id: int) -> list[tuple[str, str]]:
+        """The shown cells' text, cut to fit, and style."""
+        text, cells = self._text[node_id], []
+        for j, i in enumerate(self._shown):
+            value = fit(text[i], NAME_MAX if i == 0 else self._widths[j])
+            cells.append((value, STATUS_STYLE.get(value, "") if i == _STATUS else ""))
+        return cells
 
-    def _redraw(self, *, rebuild: bool) -> None:
-        shown, cols = self._cells(self.ordered()), self.columns_shown
-        if not rebuild and [k for k, _ in shown] == [k for k, _ in self._shown]:
-            for (key, cells), (_, old) in zip(shown, self._shown):
-                for col, new, was in zip(cols, cells, old):
-                    if new != was:
-                        self.update_cell(key, col.key, self._styled(col, new), update_width=True)
-            self._shown = shown
+    # -- drawing ------------------------------------------------------------------------
+
+    def notify_style_update(self) -> None:
+        super().notify_style_update()
+        self._lines.clear()
+        self.refresh()
+
+    def render_lines(self, crop: Region) -> list[Strip]:
+        self._pseudo = self.get_pseudo_class_state()  # focus changes the cursor's look
+        self._base = self.rich_style  # once for all the lines
+        return super().render_lines(crop)
+
+    def render_line(self, y: int) -> Strip:
+        width = self.size.width
+        base = self._base
+        index = _HEADER if y == 0 else y - 1 + int(self.scroll_y)
+        if index >= len(self._order):
+            return Strip.blank(width, base)
+        if index == _HEADER:
+            content: tuple[str, ...] = tuple(self._label(COLUMNS[i]).plain for i in self._shown)
+        else:
+            content = tuple(self._text[self._order[index]][i] for i in self._shown)
+        scroll_x = int(self.scroll_x)
+        key = (index, content, index == self._cursor, tuple(self._widths), width, scroll_x,
+               base, self._pseudo)
+        strip = self._lines.get(key)
+        if strip is None:
+            segments = self._row_segments(index)
+            strip = Strip(segments).crop(scroll_x, scroll_x + width)
+            strip = strip.adjust_cell_length(width, base).simplify()
+            self._lines[key] = strip
+        return strip
+
+    def _row_segments(self, index: int) -> list[Segment]:
+        """One row (or the header) drawn as DataTable draws it: each cell padded by one
+        blank either side, zebra stripes, the cursor's colours over the cell's own."""
+        if index == _HEADER:
+            row_style = self.get_component_styles("datatable--header").rich_style
+            cells = [(self._label(COLUMNS[i]).plain, "") for i in self._shown]
+        else:
+            self.rows_drawn += 1
+            part = "datatable--odd-row" if index % 2 else "datatable--even-row"
+            row_style = self.get_component_styles(part).rich_style
+            cells = self._shown_text(self._order[index])
+        cursor = Style()
+        if index == self._cursor and index != _HEADER:
+            cursor = self.get_component_rich_style("datatable--cursor")
+        post = Style.from_color(color=cursor.color) + Style.from_color(bgcolor=cursor.bgcolor)
+        segments: list[Segment] = []
+        for column, ((value, style), width) in enumerate(zip(cells, self._widths)):
+            pre = row_style + Style.from_meta({"row": index, "column": column}) + cursor
+            right = COLUMNS[self._shown[column]].numeric
+            segments += cell_segments(value, width, right, self.app.console.get_style(style),
+                                      pre, post)
+        table_width = sum(self._widths) + 2 * len(self._widths)
+        fill = row_style + cursor + Style.from_meta({"row": index, "column": 0,
+                                                     "out_of_bounds": True})
+        segments.append(Segment(" " * max(0, self.size.width - table_width), fill))
+        return segments
+
+    # -- the cursor ---------------------------------------------------------------------
+
+    def _move_cursor(self, index: int) -> None:
+        if not self._order:
             return
-        selected = self.selected_node_id
-        self.clear(columns=True)
-        for col in cols:
-            self.add_column(self._label(col), key=col.key)
-        for key, cells in shown:
-            self.add_row(*(self._styled(c, v) for c, v in zip(cols, cells)), key=key)
-        self._shown, self._width = shown, self.size.width
-        keys = [k for k, _ in shown]
-        if selected is not None and str(selected) in keys:
-            self.move_cursor(row=keys.index(str(selected)), animate=False)
+        index = max(0, min(index, len(self._order) - 1))
+        if index != self._cursor:
+            before, self._cursor = self._cursor, index
+            for row in (before, index):
+                self.refresh(Region(0, row + 1 - int(self.scroll_y), self.size.width, 1))
+        self._scroll_to_cursor()
 
-    # -- events -------------------------------------------------------------------------
+    def _scroll_to_cursor(self) -> None:
+        if self._order:
+            self.scroll_to_region(Region(int(self.scroll_x), self._cursor + 1, 1, 1),
+                                  spacing=Spacing(top=1), animate=False, force=True,
+                                  x_axis=False, immediate=True)
 
-    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+    def _page(self) -> int:
+        return max(self.scrollable_content_region.height - 1, 1)  # less the header
+
+    def action_cursor_up(self) -> None:
+        self._move_cursor(self._cursor - 1)
+
+    def action_cursor_down(self) -> None:
+        self._move_cursor(self._cursor + 1)
+
+    def action_page_up(self) -> None:
+        self._move_cursor(self._cursor - self._page())
+
+    def action_page_down(self) -> None:
+        self._move_cursor(self._cursor + self._page())
+
+    def action_first(self) -> None:
+        self._move_cursor(0)
+
+    def action_last(self) -> None:
+        self._move_cursor(len(self._order) - 1)
+
+    def action_select_cursor(self) -> None:
+        if self._order:
+            self.post_message(NodeChosen(self._order[self._cursor]))
+
+    def _on_click(self, event: events.Click) -> None:
+        """A header sorts by its column; a row takes the cursor, and opens when it had it."""
+        meta = event.style.meta
+        if "row" not in meta or "column" not in meta:
+            return
         event.stop()
-        if event.row_key.value is not None:
-            self.post_message(NodeChosen(int(event.row_key.value)))
+        row, column = meta["row"], meta["column"]
+        if row == _HEADER:
+            if not meta.get("out_of_bounds"):
+                self.sort_by(COLUMNS[self._shown[column]].key)
+        elif row == self._cursor:
+            self.action_select_cursor()
+        else:
+            self._move_cursor(row)
 
-    def on_data_table_header_selected(self, event: DataTable.HeaderSelected) -> None:
-        event.stop()
-        if event.column_key.value is not None:
-            self.sort_by(event.column_key.value)
+
+def cell_segments(value: str, width: int, right: bool, style: Style, pre: Style,
+                  post: Style) -> list[Segment]:
+    """A one-line cell as Rich renders ``Styled(Padding(Text(value, style, justify),
+    (0, 1)), pre, post)`` into ``width`` + 2 cells (what DataTable draws), without Rich's
+    general machinery: some 30x faster, and the same segments (tests check both agree)."""
+    gap = width - cell_len(value)
+    if gap < 0:  # never with the table's own widths; cut as Rich would
+        value, gap = set_cell_size(value, width), 0
+    edge, inner = pre, pre + style
+    if post:
+        edge, inner = edge + post, inner + post
+    body = " " * gap + value if right else value + " " * gap
+    return [Segment(" ", edge), Segment(body, inner), Segment(" ", edge)]

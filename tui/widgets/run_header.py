@@ -32,5 +32,12 @@ class RunHeader(Static):
     RunHeader { dock: top; height: 1; background: $panel; color: $foreground; }
     """
 
+    def __init__(self, *, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self._shown: Text | None = None
+
     def show(self, title: str, run: RunInfo | None, network: NetworkHeader | None = None) -> None:
-        self.update(header_text(title, run, network))
+        text = header_text(title, run, network)
+        if text != self._shown:  # a poll that changed nothing redraws nothing
+            self._shown = text
+            self.update(text)
