@@ -20,8 +20,8 @@ What is measured is the coordinator alone, on its clock (real time minus the nod
   ``coordinator_cpu_s`` and ``rss_mb``;
 - where the time goes: ``time_s`` per stage, from the coordinator's own metrics histograms
   (screening replies, judging steps, outer steps, ledger writes) and the loop's total;
-- ``leases_issued`` and ``leases_accounted`` (answered + expired + failed in the ledger):
-  they must be equal when the run ends.
+- ``leases_issued`` and ``leases_accounted`` (answered + expired + failed + handed back in
+  the ledger): they must be equal when the run ends.
 
     python bench/scale.py                           # 1,000 nodes, SQLite
     python bench/scale.py --ledger postgresql       # the same on PostgreSQL
@@ -60,6 +60,7 @@ from fake_network import T0, FakeNode, work_seconds  # noqa: E402
 from loop_world import build_test_corpus, run_toml  # noqa: E402
 
 from coordinator import metrics  # noqa: E402
+from coordinator.accounting.credits import ReceiptIssuer  # noqa: E402
 from coordinator.config import parse_config  # noqa: E402
 from coordinator.ledger import Ledger  # noqa: E402
 from coordinator.run.async_loop import make_run_loop  # noqa: E402
@@ -203,6 +204,19 @@ def _ledger_counts(ledger: Ledger) -> tuple[dict[str, int], int, int]:
     return counts, len(train), sum(1 for u in train if u.verdict == "accepted")
 
 
+_RUN_TABLES = ("leases", "updates", "credit_entries", "credit_receipts", "events",
+               "model_versions", "version_evals")
+
+
+def _rows(ledger: Ledger) -> dict[str, int]:
+    """Rows per table the run wrote (what a day of it costs the ledger)."""
+    from sqlalchemy import text
+
+    with ledger._session() as session:  # noqa: SLF001 - a benchmark's count, read-only
+        return {t: int(session.execute(text(f"SELECT count(*) FROM {t}")).scalar_one())
+                for t in _RUN_TABLES}
+
+
 def _hist(h: Any, *labels: str) -> tuple[float, int]:
     """(sum of seconds, count) of a histogram (child) since the process started."""
     m = h.labels(*labels) if labels else h
@@ -234,66 +248,73 @@ def _ledger_url(kind: str, tmp: Path) -> Iterator[str]:
         yield url
 
 
-def run(nodes_n: int, steps: int, ledger_kind: str, tmp: Path, *, institutions: int = 50,
-        seed: int = 0, profile: int = 0, progress: bool = True) -> dict[str, Any]:
-    corpus = build_test_corpus(tmp / "corpus")
+def run(nodes_n: int, steps: int, url: str, tmp: Path, *, institutions: int = 50,
+        seed: int = 0, profile: int = 0) -> dict[str, Any]:
+    """One run of ``nodes_n`` nodes for ``steps`` outer steps on the ledger at ``url``."""
+    ledger_kind = "postgresql" if url.startswith("postgresql") else "sqlite"
+    # shards enough for every node's lease out and its last one waiting in the buffer
+    corpus = build_test_corpus(tmp / "corpus", files=max(20, nodes_n // 8))
     cfg = parse_config(run_toml(
         steps, train=f"inner_steps = {INNER_STEPS}\ndeadline_s = {20 * LEASE_S:g}",
         # the run's own verification defaults (spot checks, eval quorum) stay on
         verify="", extra="[async]\nenabled = true\neval_every = 1000\n",
         run_id="scale"), tmp)
-    with _ledger_url(ledger_kind, tmp) as url:
-        ledger = Ledger(url)
-        t = time.perf_counter()
-        nodes = enroll_many(ledger, nodes_n, min(institutions, nodes_n), seed)
-        enroll_s = time.perf_counter() - t
-        clock = SimClock()
-        blobs = BlobDir(tmp / "blobs")
-        transport = ScaleTransport(nodes, clock, blobs)
-        store = ModelStore.open(tmp / "checkpoints", cfg, ledger)
-        transport.counting = lambda: store.version < steps - 1
-        loop = make_run_loop(cfg, ledger, transport, store, corpus, clock=clock,
-                             sleep=clock.sleep, rng=random.Random(seed), blobs=blobs)
-        before = {k: _hist(*k) for k in _STAGES}
-        writes0 = _hist(metrics.LEDGER_WRITE_SECONDS)
-        cpu0, t0 = time.process_time(), transport.coord()
-        prof = cProfile.Profile() if profile else None
-        if prof:
-            prof.enable()
-        loop.run()
-        if prof:
-            prof.disable()
-        wall = transport.coord() - t0
-        cpu = time.process_time() - cpu0 - transport.node_cpu_s
-        counts, train, accepted = _ledger_counts(ledger)
-        issued = sum(counts.values())
-        accounted = sum(counts.get(s, 0) for s in ("answered", "expired", "failed"))
-        writes = _hist(metrics.LEDGER_WRITE_SECONDS)
-        n_writes = writes[1] - writes0[1]
-        out: dict[str, Any] = {
-            "nodes": nodes_n, "ledger": ledger_kind, "steps": steps,
-            "lease_p50_ms": round(1000 * _pct(transport.latencies, 0.50), 2),
-            "lease_p99_ms": round(1000 * _pct(transport.latencies, 0.99), 2),
-            "lease_max_ms": round(1000 * max(transport.latencies, default=float("nan")), 2),
-            "fanout_s": round(transport.fanout[-1] - t0, 3) if transport.fanout else None,
-            "leases_issued": issued, "leases_accounted": accounted,
-            "lease_statuses": counts,
-            "leases_per_s": round(issued / wall, 1),
-            "updates_per_s": round(train / wall, 1),
-            "updates_accepted": accepted,
-            "ledger_writes_per_s": round(n_writes / wall, 1),
-            "ledger_write_ms_mean": round(1000 * (writes[0] - writes0[0]) / max(1, n_writes), 3),
-            "coordinator_s": round(wall, 2), "coordinator_cpu_s": round(cpu, 2),
-            "nodes_s": round(clock.node_s, 2), "slept_s": round(clock.slept, 1), "enroll_s": round(enroll_s, 2),
-            "rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "version": store.version,
-            "time_s": {name: round(_hist(*k)[0] - before[k][0], 3)
-                       for name, k in zip(_STAGE_NAMES, _STAGES)},
-        }
-        out["time_s"]["ledger_writes"] = round(writes[0] - writes0[0], 3)
-        ledger.close()
+    ledger = Ledger(url)
+    t = time.perf_counter()
+    nodes = enroll_many(ledger, nodes_n, min(institutions, nodes_n), seed)
+    enroll_s = time.perf_counter() - t
+    clock = SimClock()
+    blobs = BlobDir(tmp / "blobs")
+    transport = ScaleTransport(nodes, clock, blobs)
+    store = ModelStore.open(tmp / "checkpoints", cfg, ledger)
+    transport.counting = lambda: store.version < steps - 1
+    loop = make_run_loop(cfg, ledger, transport, store, corpus, clock=clock,
+                         sleep=clock.sleep, rng=random.Random(seed), blobs=blobs,
+                         issuer=ReceiptIssuer(generate_key()))  # receipts signed, as live
+    before = {k: _hist(*k) for k in _STAGES}
+    writes0 = _hist(metrics.LEDGER_WRITE_SECONDS)
+    cpu0, t0 = time.process_time(), transport.coord()
+    prof = cProfile.Profile() if profile else None
     if prof:
-        prof.dump_stats(str(tmp.parent / "scale.prof"))
+        prof.enable()
+    loop.run()
+    if prof:
+        prof.disable()
+    wall = transport.coord() - t0
+    cpu = time.process_time() - cpu0 - transport.node_cpu_s
+    counts, train, accepted = _ledger_counts(ledger)
+    issued = sum(counts.values())
+    accounted = issued - counts.get("issued", 0)  # answered, expired, failed, handed back
+    writes = _hist(metrics.LEDGER_WRITE_SECONDS)
+    n_writes = writes[1] - writes0[1]
+    out: dict[str, Any] = {
+        "nodes": nodes_n, "ledger": ledger_kind, "steps": steps,
+        "lease_p50_ms": round(1000 * _pct(transport.latencies, 0.50), 2),
+        "lease_p99_ms": round(1000 * _pct(transport.latencies, 0.99), 2),
+        "lease_max_ms": round(1000 * max(transport.latencies, default=float("nan")), 2),
+        "fanout_s": round(transport.fanout[-1] - t0, 3) if transport.fanout else None,
+        "leases_issued": issued, "leases_accounted": accounted,
+        "lease_statuses": counts,
+        "leases_per_s": round(issued / wall, 1),
+        "updates_per_s": round(train / wall, 1),
+        "updates_accepted": accepted,
+        "ledger_writes": n_writes, "ledger_writes_per_s": round(n_writes / wall, 1),
+        "ledger_write_ms_mean": round(1000 * (writes[0] - writes0[0]) / max(1, n_writes), 3),
+        "coordinator_s": round(wall, 2), "coordinator_cpu_s": round(cpu, 2),
+        "nodes_s": round(clock.node_s, 2), "slept_s": round(clock.slept, 1),
+        "enroll_s": round(enroll_s, 2),
+        "rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "version": store.version,
+        "time_s": {name: round(_hist(*k)[0] - before[k][0], 3)
+                   for name, k in zip(_STAGE_NAMES, _STAGES)},
+    }
+    # the replies' own checks (base check, usefulness scores) run between passes
+    out["time_s"]["checks"] = round(loop.judge.cost.round_s - out["time_s"]["judge"], 3)
+    out["time_s"]["ledger_writes"] = round(writes[0] - writes0[0], 3)
+    out["ledger_rows"] = _rows(ledger)
+    out["ledger_rows_per_lease"] = round(sum(out["ledger_rows"].values()) / max(1, issued), 2)
+    ledger.close()
+    if prof:
         stats = pstats.Stats(prof, stream=sys.stderr)
         stats.sort_stats("cumulative").print_stats(profile)
     return out
@@ -320,8 +341,8 @@ def main() -> int:
     kinds = ("sqlite", "postgresql") if a.ledger == "both" else (a.ledger,)
     results = []
     for kind in kinds:
-        with tempfile.TemporaryDirectory() as tmp:
-            r = run(a.nodes, a.steps, kind, Path(tmp), institutions=a.institutions,
+        with tempfile.TemporaryDirectory() as tmp, _ledger_url(kind, Path(tmp)) as url:
+            r = run(a.nodes, a.steps, url, Path(tmp), institutions=a.institutions,
                     profile=a.profile)
         results.append(r)
         print(f"{kind}: {r['nodes']} nodes, {r['leases_issued']} leases "

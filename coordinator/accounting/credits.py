@@ -31,7 +31,7 @@ from protocol.signing import fingerprint, load_private_key, public_key_pem
 from coordinator.config import CreditsParams
 from coordinator.ledger import CreditEntry, Ledger
 
-__all__ = ["ReceiptIssuer", "charge_penalty", "credit_for", "pay_credit"]
+__all__ = ["ReceiptIssuer", "charge_penalty", "credit_for", "credit_owed", "pay_credit"]
 
 log = logging.getLogger(__name__)
 
@@ -96,20 +96,43 @@ def charge_penalty(ledger: Ledger, policy: CreditsParams, issuer: ReceiptIssuer 
                   components=components)
 
 
+def credit_owed(policy: CreditsParams, issuer: ReceiptIssuer | None, *, node_id: int,
+                lease: Lease, update: Update, update_id: int, now: float
+                ) -> tuple[float, dict[str, Any], tuple[str, bytes] | None]:
+    """What ``pay_credit`` enters for one accepted update, for ``Ledger.record_updates``:
+    the amount, its components and the signed receipt (body, signature) with an issuer."""
+    tokens = update.metrics.tokens
+    amount, components = credit_for(lease.kind, tokens, policy)
+    signed = _sign(issuer, node_id=node_id, lease=lease, update=update, update_id=update_id,
+                   now=now, kind=lease.kind, tokens=tokens, amount=amount,
+                   components=components)
+    return amount, components, _body(signed)
+
+
+def _sign(issuer: ReceiptIssuer | None, *, node_id: int, lease: Lease, update: Update,
+          update_id: int, now: float, kind: str, tokens: int, amount: float,
+          components: dict[str, Any]) -> SignedReceipt | None:
+    if issuer is None:
+        return None
+    return issuer.issue(Receipt(
+        run_id=lease.run_id, node_id=node_id, update_id=update_id,
+        update_digest=update.arrays_digest, lease_nonce=lease.nonce, round=lease.round,
+        shard_id=lease.shard_id, kind=kind, tokens=tokens, amount=amount,
+        components=components, issued_at=now, coordinator_key_fingerprint=issuer.fingerprint))
+
+
+def _body(signed: SignedReceipt | None) -> tuple[str, bytes] | None:
+    """How the ledger stores a receipt: its canonical JSON and the signature."""
+    return None if signed is None else (
+        receipt_bytes(signed.receipt)[len(RECEIPT_PREFIX):].decode("ascii"), signed.signature)
+
+
 def _enter(add: Callable[..., CreditEntry], issuer: ReceiptIssuer | None, *, node_id: int,
            lease: Lease, update: Update, update_id: int, now: float, kind: str, tokens: int,
            amount: float, components: dict[str, Any]
            ) -> tuple[CreditEntry, SignedReceipt | None]:
     """Sign the receipt (with an issuer) and ``add`` the entry with it in one transaction."""
-    signed = None
-    if issuer is not None:
-        signed = issuer.issue(Receipt(
-            run_id=lease.run_id, node_id=node_id, update_id=update_id,
-            update_digest=update.arrays_digest, lease_nonce=lease.nonce, round=lease.round,
-            shard_id=lease.shard_id, kind=kind, tokens=tokens, amount=amount,
-            components=components, issued_at=now,
-            coordinator_key_fingerprint=issuer.fingerprint))
-    body = None if signed is None else (
-        receipt_bytes(signed.receipt)[len(RECEIPT_PREFIX):].decode("ascii"), signed.signature)
-    entry = add(node_id, update_id, amount, components, now=now, receipt=body)
+    signed = _sign(issuer, node_id=node_id, lease=lease, update=update, update_id=update_id,
+                   now=now, kind=kind, tokens=tokens, amount=amount, components=components)
+    entry = add(node_id, update_id, amount, components, now=now, receipt=_body(signed))
     return entry, signed

@@ -146,7 +146,10 @@ class UpdateRow(SQLModel, table=True):
     """
 
     __tablename__ = "updates"
-    __table_args__ = (_one_of("updates", "verdict", VERDICTS),)
+    # arrays_digest: every train candidate is looked up by it (the replay check), so at
+    # 1,000 nodes an unindexed scan per candidate made an outer step quadratic
+    __table_args__ = (_one_of("updates", "verdict", VERDICTS),
+                      Index("ix_updates_arrays_digest", "arrays_digest"))
 
     id: Optional[int] = Field(default=None, primary_key=True)
     lease_id: int = Field(foreign_key="leases.id", unique=True)

@@ -68,6 +68,7 @@ class LedgerReads:
             if create and not _read_only:
                 SQLModel.metadata.create_all(self._engine, tables=TABLES)
                 self._add_missing_columns()
+                self._add_missing_indexes()
                 widen_checks(self._engine)
             elif not inspect(self._engine).has_table(Node.__tablename__):
                 raise LedgerError(f"cannot open ledger {self.url}: it has no ledger tables")
@@ -77,6 +78,18 @@ class LedgerReads:
         except LedgerError:
             self._engine.dispose()
             raise
+
+    def _add_missing_indexes(self) -> None:
+        """Indexes added after a table was first released (``create_all`` makes only the
+        missing tables): each is created where it is missing."""
+        for table in TABLES:
+            for index in table.indexes:
+                try:
+                    index.create(self._engine, checkfirst=True)
+                except SQLAlchemyError:
+                    names = {i["name"] for i in inspect(self._engine).get_indexes(table.name)}
+                    if index.name not in names:  # not a concurrent opener that was faster
+                        raise
 
     def _add_missing_columns(self) -> None:
         """Bring a ledger made by an older ATOM up to date (see ``models.ADDED_COLUMNS``)."""

@@ -112,16 +112,20 @@ class Scheduler:
         speeds = speeds or {}
         out: dict[int, Lease] = {}
         free = self._free(node_ids, "train", depth=depth)
+        # the shards out now, kept up to date here: read per take it made a fan-out to
+        # 1,000 nodes quadratic (bench/scale.py)
+        out_now = {e.lease.shard_id for e in self._open.values() if e.lease.kind == Kind.TRAIN}
         # First pass: no node gets back a shard it returned. Second: what is left goes to
         # whoever is still free, so a shard only its returner could take is not held back.
         for strict in (True, False):
             for node in free:
                 if node in out:
                     continue
-                taken = self._take(avoid=node if strict else None)
+                taken = self._take(out_now, avoid=node if strict else None)
                 if taken is None:
                     continue
                 shard_id, epoch = taken
+                out_now.add(shard_id)
                 start, end = self._ranges[shard_id]
                 begin = self._start(node)
                 lease = self._make(round, shard_id, "train", base_version, base_digest, start,
@@ -300,12 +304,11 @@ class Scheduler:
         return self._clock() + sum(e.allowance for e in self._open.values()
                                    if e.node_id == node_id and not e.received)
 
-    def _take(self, avoid: int | None = None) -> tuple[int, int] | None:
-        """The first pooled shard that is not out on a lease (nor returned by node
+    def _take(self, out: set[int], avoid: int | None = None) -> tuple[int, int] | None:
+        """The first pooled shard that is not ``out`` on a lease (nor returned by node
         ``avoid``); a new epoch when the pool is empty. None when no pooled shard fits."""
         if not self._pool:
             self._new_epoch()
-        out = {e.lease.shard_id for e in self._open.values() if e.lease.kind == Kind.TRAIN}
         for i, (shard_id, epoch) in enumerate(self._pool):
             if shard_id not in out and (avoid is None
                                         or self._returned_by.get(shard_id) != avoid):

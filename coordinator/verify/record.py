@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,13 +25,15 @@ from protocol.errors import BlobError, ProtocolError, Reason
 from protocol.messages import Kind, Lease, Update, Verdict, parse_reply
 
 from coordinator import metrics
-from coordinator.accounting.credits import ReceiptIssuer, charge_penalty, pay_credit
+from coordinator.accounting.credits import (
+    ReceiptIssuer, charge_penalty, credit_owed, pay_credit,
+)
 from coordinator.config import RunConfig
 from coordinator.ledger import Ledger
 from coordinator.ledger import UpdateRow
 from coordinator.verify.reply import Expected, Ruling, verify
 
-__all__ = ["Judged", "judge_reply", "record_judged", "screen_reply"]
+__all__ = ["Judged", "Verdicted", "judge_reply", "record_judged", "record_many", "screen_reply"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +52,13 @@ def _num(x: float) -> float | None:
 def _revoked(ledger: Ledger, node_id: int) -> bool:
     node = ledger.node(node_id)  # read now: a revocation during the run counts at once
     return node is None or bool(node.revoked)
+
+
+def _count(lease: Lease, verdict: Ruling, update: Update | None) -> None:
+    metrics.UPDATES.labels(lease.kind, Verdict.ACCEPTED if verdict.accepted
+                           else Verdict.REJECTED, verdict.reason or "").inc()
+    if verdict.accepted and update is not None:
+        metrics.TOKENS_ACCEPTED.labels(lease.kind).inc(update.metrics.tokens)
 
 
 def screen_reply(content: RecordDict, *, lease: Lease, node_id: int, public_key_pem: bytes,
@@ -87,10 +97,7 @@ def record_judged(judged: Judged, *, lease: Lease, lease_row_id: int, node_id: i
     event for a rejection, the credit and receipt for accepted work, the penalty for a lost
     check. The one place any of these is written, whichever stage decided the verdict."""
     verdict, update = judged.verdict, judged.update
-    metrics.UPDATES.labels(lease.kind, Verdict.ACCEPTED if verdict.accepted
-                           else Verdict.REJECTED, verdict.reason or "").inc()
-    if verdict.accepted and update is not None:
-        metrics.TOKENS_ACCEPTED.labels(lease.kind).inc(update.metrics.tokens)
+    _count(lease, verdict, update)
     # one transaction: no crash leaves a verdict without its credit, receipt or event
     with ledger.atomic("record a verdict"):
         if not verdict.accepted:
@@ -117,6 +124,62 @@ def record_judged(judged: Judged, *, lease: Lease, lease_row_id: int, node_id: i
             charge_penalty(ledger, cfg.credits, issuer, node_id=node_id, lease=lease,
                            update=update, update_id=row.id, now=now, reason=verdict.reason)
         return row
+
+
+@dataclass(frozen=True)
+class Verdicted:
+    """One reply's verdict with what ``record_judged`` records it by."""
+
+    judged: Judged
+    lease: Lease
+    lease_row_id: int
+    node_id: int
+    node_name: str
+    now: float
+    improvement: float | None = None
+
+
+def record_many(items: Sequence[Verdicted], *, cfg: RunConfig, ledger: Ledger,
+                issuer: ReceiptIssuer | None = None) -> None:
+    """``record_judged`` for each item, in one transaction and a few statements for all
+    (``Ledger.record_updates``): an outer step's verdicts. The same rows, credits, receipts
+    and events; an update that owes a penalty (rare) goes through ``record_judged``."""
+    with ledger.atomic("record verdicts"):
+        batch = [x for x in items if x.judged.update is not None
+                 and not (not x.judged.verdict.accepted
+                          and x.judged.verdict.reason in Reason.MISMATCHES)]
+        rows, events = [], []
+        for x in batch:
+            verdict, update = x.judged.verdict, x.judged.update
+            assert update is not None
+            _count(x.lease, verdict, update)
+            m = update.metrics
+            rows.append(dict(
+                lease_id=x.lease_row_id, node_id=x.node_id, arrays_digest=update.arrays_digest,
+                verdict=(Verdict.ACCEPTED if verdict.accepted else Verdict.REJECTED).value,
+                tokens=m.tokens, steps=m.steps, loss_before=_num(m.loss_before),
+                loss_after=_num(m.loss_after), wall_s=_num(m.wall_s), reason=verdict.reason,
+                detail=verdict.detail, norm=verdict.norm, improvement=x.improvement,
+                received_at=x.now))
+            if not verdict.accepted:
+                events.append(dict(kind="reject", node_id=x.node_id, at=None,
+                                   message=f"{x.node_name}: {verdict.reason} — {verdict.detail}"))
+
+        def owed(i: int, update_id: int) -> tuple[float, dict, tuple[str, bytes] | None] | None:
+            x = batch[i]
+            if not x.judged.verdict.accepted:
+                return None
+            assert x.judged.update is not None
+            return credit_owed(cfg.credits, issuer, node_id=x.node_id, lease=x.lease,
+                               update=x.judged.update, update_id=update_id, now=x.now)
+
+        ledger.record_updates(rows, owed, events)
+        taken = {id(x) for x in batch}
+        for x in items:
+            if id(x) not in taken:
+                record_judged(x.judged, lease=x.lease, lease_row_id=x.lease_row_id,
+                              node_id=x.node_id, node_name=x.node_name, cfg=cfg, ledger=ledger,
+                              now=x.now, issuer=issuer, improvement=x.improvement)
 
 
 def judge_reply(content: RecordDict, *, lease: Lease, lease_row_id: int, node_id: int,

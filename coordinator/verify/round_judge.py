@@ -38,7 +38,7 @@ from coordinator.accounting.credits import ReceiptIssuer
 from coordinator.config import RunConfig
 from coordinator.ledger import Ledger, Node
 from coordinator.verify import rules
-from coordinator.verify.record import Judged, record_judged
+from coordinator.verify.record import Judged, Verdicted, record_many
 from coordinator.verify.reply import Ruling
 
 __all__ = ["Candidate", "RoundJudge", "VerifyCost"]
@@ -170,7 +170,8 @@ class RoundJudge:
         self.cost.judged += len(cands)
         for c in cands:
             self.cost.train_wall_s += float(c.judged.update.metrics.wall_s)
-            self._record(c)
+        record_many([self._verdicted(c) for c in cands], cfg=self.cfg, ledger=self.ledger,
+                    issuer=self.issuer)
 
     # -- rules --------------------------------------------------------------------------
 
@@ -304,7 +305,7 @@ class RoundJudge:
 
     # -- recording ----------------------------------------------------------------------
 
-    def _record(self, c: Candidate) -> None:
+    def _verdicted(self, c: Candidate) -> Verdicted:
         norm = c.judged.verdict.norm
         if c.standing:
             parts = [f"norm {c.norm:.4g}"]
@@ -317,10 +318,8 @@ class RoundJudge:
         scored = c.standing or c.reason == Reason.NOT_USEFUL
         improvement = c.improvement if scored and c.improvement is not None and math.isfinite(
             c.improvement) else None
-        record_judged(Judged(verdict, c.judged.update, c.arrays), lease=c.lease,
-                      lease_row_id=c.lease_row_id, node_id=c.node.id, node_name=c.node.name,
-                      cfg=self.cfg, ledger=self.ledger, now=c.received_at, issuer=self.issuer,
-                      improvement=improvement)
+        return Verdicted(Judged(verdict, c.judged.update, c.arrays), c.lease, c.lease_row_id,
+                         c.node.id, c.node.name, c.received_at, improvement)
 
 
 def _local(base: Arrays, update: Arrays) -> dict[str, np.ndarray]:

@@ -102,3 +102,17 @@ def test_a_handed_back_lease_counts_neither_for_nor_against_its_node(ledger: Led
     assert (row.status, row.accepted, row.rejected, row.acceptance_rate) == ("idle", 1, 0, 1.0)
     with pytest.raises(LedgerError, match="closes as one of"):
         ledger.close_lease(make.lease(node.id).id, "paused", 1.0)
+
+
+def test_an_index_added_later_is_made_on_an_old_ledger(ledger_url: str) -> None:
+    from sqlalchemy import create_engine, inspect, text
+
+    Ledger(ledger_url).close()
+    engine = create_engine(ledger_url)
+    with engine.begin() as conn:  # a ledger made before the index existed
+        conn.execute(text("DROP INDEX ix_updates_arrays_digest"))
+    assert "ix_updates_arrays_digest" not in {i["name"] for i in inspect(engine).get_indexes("updates")}
+    Ledger(ledger_url).close()
+    Ledger(ledger_url).close()  # and a second opener finds it made
+    assert "ix_updates_arrays_digest" in {i["name"] for i in inspect(engine).get_indexes("updates")}
+    engine.dispose()

@@ -100,14 +100,15 @@ def make_net(tmp_path: Path, corpus: CorpusInfo, specs: list, *, rounds: int = 2
     return Net(cfg, ledger, store, transport, clock, nodes, loop)
 
 
-def build_test_corpus(root: Path) -> CorpusInfo:
-    """~120 KB of seeded pseudo-English in 20 files; every 5th file is validation."""
+def build_test_corpus(root: Path, files: int = 20) -> CorpusInfo:
+    """~6 KB of seeded pseudo-English per file (120 KB in the default 20 files); every 5th
+    file is validation."""
     words = ("the cat sat on a mat and the dog ran to the red ball while a bird sang "
              "in the old tree by the river").split()
     rng = random.Random(7)
     src = root / "text"
     src.mkdir(parents=True)
-    for i in range(20):
+    for i in range(files):
         lines = [" ".join(rng.choice(words) for _ in range(rng.randint(5, 12))).capitalize() + "."
                  for _ in range(120)]
         (src / f"doc{i:02d}.txt").write_text("\n".join(lines))
