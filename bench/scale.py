@@ -249,15 +249,16 @@ def _ledger_url(kind: str, tmp: Path) -> Iterator[str]:
 
 
 def run(nodes_n: int, steps: int, url: str, tmp: Path, *, institutions: int = 50,
-        seed: int = 0, profile: int = 0) -> dict[str, Any]:
-    """One run of ``nodes_n`` nodes for ``steps`` outer steps on the ledger at ``url``."""
+        seed: int = 0, profile: int = 0, verify: str = "") -> dict[str, Any]:
+    """One run of ``nodes_n`` nodes for ``steps`` outer steps on the ledger at ``url``;
+    ``verify`` holds [verify] keys (the run's defaults otherwise)."""
     ledger_kind = "postgresql" if url.startswith("postgresql") else "sqlite"
     # shards enough for every node's lease out and its last one waiting in the buffer
     corpus = build_test_corpus(tmp / "corpus", files=max(20, nodes_n // 8))
     cfg = parse_config(run_toml(
         steps, train=f"inner_steps = {INNER_STEPS}\ndeadline_s = {20 * LEASE_S:g}",
         # the run's own verification defaults (spot checks, eval quorum) stay on
-        verify="", extra="[async]\nenabled = true\neval_every = 1000\n",
+        verify=verify, extra="[async]\nenabled = true\neval_every = 1000\n",
         run_id="scale"), tmp)
     ledger = Ledger(url)
     t = time.perf_counter()
@@ -288,7 +289,7 @@ def run(nodes_n: int, steps: int, url: str, tmp: Path, *, institutions: int = 50
     writes = _hist(metrics.LEDGER_WRITE_SECONDS)
     n_writes = writes[1] - writes0[1]
     out: dict[str, Any] = {
-        "nodes": nodes_n, "ledger": ledger_kind, "steps": steps,
+        "nodes": nodes_n, "ledger": ledger_kind, "steps": steps, "verify": verify,
         "lease_p50_ms": round(1000 * _pct(transport.latencies, 0.50), 2),
         "lease_p99_ms": round(1000 * _pct(transport.latencies, 0.99), 2),
         "lease_max_ms": round(1000 * max(transport.latencies, default=float("nan")), 2),
@@ -333,6 +334,8 @@ def main() -> int:
                    help="outer steps (each takes as many updates as nodes are online)")
     p.add_argument("--ledger", choices=("sqlite", "postgresql", "both"), default="sqlite")
     p.add_argument("--institutions", type=int, default=50)
+    p.add_argument("--verify", default="", help="[verify] keys, ';'-separated, e.g. "
+                   "'usefulness_tokens = 0' (the scores left to validators)")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="print cProfile's top N functions by cumulative time")
     p.add_argument("--json", action="store_true", help="print one JSON object last")
@@ -343,7 +346,7 @@ def main() -> int:
     for kind in kinds:
         with tempfile.TemporaryDirectory() as tmp, _ledger_url(kind, Path(tmp)) as url:
             r = run(a.nodes, a.steps, url, Path(tmp), institutions=a.institutions,
-                    profile=a.profile)
+                    profile=a.profile, verify=a.verify.replace(";", "\n"))
         results.append(r)
         print(f"{kind}: {r['nodes']} nodes, {r['leases_issued']} leases "
               f"({r['leases_accounted']} accounted), lease p50 {r['lease_p50_ms']} ms "

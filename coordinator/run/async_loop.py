@@ -29,6 +29,7 @@ accepted is lost, and its work is done again.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -84,6 +85,10 @@ class AsyncRunLoop(RunLoop):
         nodes, looked = self._eligible(), self.clock()
         while self.store.version < steps:
             self._pump()
+            # the replies' own checks: one before the step (which takes only checked
+            # replies) and the leases (a node that answered waits for at most one), more
+            # after them
+            self._prepare(0.0)
             if self.clock() - looked >= _LOOK_S:
                 nodes, looked = self._eligible(), self.clock()
             if self._step_due(len(nodes)):
@@ -128,10 +133,14 @@ class AsyncRunLoop(RunLoop):
 
     def _ready(self) -> tuple[list, list[Lease]]:
         """The buffered replies an outer step may judge now: all but a spot check's first
-        result while its partner is still out."""
-        out = {s.lease.nonce for s in self._open_train()}
-        held = {n for o, c in self._buffer.pairs if o.nonce in out or c.nonce in out
-                for n in (o.nonce, c.nonce)}
+        result while its partner is still out, and those whose own checks have not run yet
+        (a step that ran them would keep every node that answers meanwhile waiting for its
+        next lease; they join the next step)."""
+        unchecked = {id(c) for c in self._unprepared}
+        out = {s.lease.nonce for s in self._open_train()} | {
+            c.lease.nonce for c in self._buffer.cands if id(c) in unchecked}
+        held = out | {n for o, c in self._buffer.pairs if o.nonce in out or c.nonce in out
+                      for n in (o.nonce, c.nonce)}
         return ([c for c in self._buffer.cands if c.lease.nonce not in held],
                 [x for x in self._buffer.screened_out if x.nonce not in held])
 
@@ -145,13 +154,17 @@ class AsyncRunLoop(RunLoop):
         # K counts every fresh update in, a spot-checked one waiting for its partner too:
         # the step takes what is ready and the waiting one joins the next (the step does
         # not stall for a copy that the checker starts only after its own lease)
-        fresh = [c for c in self._buffer.cands if c.lease.nonce not in self._copies]
+        unchecked = {id(c) for c in self._unprepared}
+        fresh = [c for c in self._buffer.cands
+                 if c.lease.nonce not in self._copies and id(c) not in unchecked]
         waited = self._since is not None and \
             self.clock() - self._since >= self.cfg.asynchronous.max_wait_s
         return bool(cands) and (len(fresh) >= self._k(online) or waited)
 
     def _step(self) -> None:
         """Judge what is ready in the buffer and make the next version from what stands."""
+        if self.store.version == self.cfg.run.rounds - 1:
+            self._prepare(math.inf)  # the last step takes everything, checked
         cands, screened_out = self._ready()
         taken = {c.lease.nonce for c in cands} | {x.nonce for x in screened_out}
         buf = self._buffer

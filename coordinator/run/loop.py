@@ -417,18 +417,20 @@ class RunLoop:
 
     def _prepare(self, budget_s: float) -> bool:
         """Run the screened replies' own checks (base check, usefulness scores) in arrival
-        order for about ``budget_s``, so that a round's or a step's verdict waits only for
+        order for about ``budget_s`` (at least one), so that a round's or a step's verdict waits only for
         the last ones; True if some are still waiting. They run after the replies are taken
         and the next leases sent, not while: at 1,000 nodes checking every reply before
         leasing again kept nodes waiting for seconds (bench/scale.py). One that is judged
         before its turn is checked by the judge itself."""
-        # the loop's clock: a test's fake one stands still, so it checks them all, the same
-        # in every run
+        # At least one; on the loop's clock (a test's fake clock stands still, so there it
+        # checks them all, the same in every run).
         end = self.clock() + budget_s
-        while self._unprepared and self.clock() < end:
+        while self._unprepared:
             c = self._unprepared.popleft()
             if c.standing:
                 self.judge.prepare(c.lease.round, self.store.base(c.lease.base_version), c)
+            if self.clock() > end:
+                break
         return bool(self._unprepared)
 
     def _pump(self) -> None:
