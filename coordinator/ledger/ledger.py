@@ -61,6 +61,16 @@ def _components_json(components: dict[str, Any]) -> str:
         raise LedgerError(f"credit components are not plain JSON: {exc}") from None
 
 
+def _update_values(r: dict[str, Any]) -> dict[str, Any]:
+    """``record_update``'s arguments as an update row's columns: the verdict checked,
+    non-finite metrics as NULL, the time defaulted to now."""
+    if r["verdict"] not in VERDICTS:
+        raise LedgerError(f"verdict must be one of {VERDICTS}, not {r['verdict']!r}")
+    return dict(r, detail=r.get("detail", ""), received_at=_now(r.get("received_at")),
+                **{k: _finite(r.get(k)) for k in ("loss_before", "loss_after", "wall_s", "norm",
+                                                  "improvement")})
+
+
 # a credit owed to a row of ``Ledger.record_updates``: amount, components, receipt (body, sig)
 Credit = tuple[float, dict[str, Any], tuple[str, bytes] | None]
 
@@ -270,14 +280,12 @@ class Ledger(LedgerReads):
 
         A lease that was already closed (e.g. expired before a late answer) keeps its status.
         """
-        if verdict not in VERDICTS:
-            raise LedgerError(f"verdict must be one of {VERDICTS}, not {verdict!r}")
-        at = _now(received_at)
-        row = UpdateRow(lease_id=lease_id, node_id=node_id, arrays_digest=arrays_digest,
-                     verdict=verdict, reason=reason, detail=detail, tokens=tokens, steps=steps,
-                     loss_before=_finite(loss_before), loss_after=_finite(loss_after),
-                     wall_s=_finite(wall_s), norm=_finite(norm),
-                     improvement=_finite(improvement), received_at=at)
+        row = UpdateRow(**_update_values(dict(
+            lease_id=lease_id, node_id=node_id, arrays_digest=arrays_digest, verdict=verdict,
+            reason=reason, detail=detail, tokens=tokens, steps=steps, loss_before=loss_before,
+            loss_after=loss_after, wall_s=wall_s, norm=norm, improvement=improvement,
+            received_at=received_at)))
+        at = row.received_at
         with self._write("record an update") as session:
             self._must(session, LeaseRow, lease_id)
             session.add(row)
@@ -299,13 +307,7 @@ class Ledger(LedgerReads):
         ``add_credit``); ``events`` are ``add_event``'s. Returns the update ids in order."""
         if not rows:
             return []
-        bad = {r["verdict"] for r in rows} - set(VERDICTS)
-        if bad:
-            raise LedgerError(f"verdict must be one of {VERDICTS}, not {sorted(bad)[0]!r}")
-        values = [dict(r, detail=r.get("detail", ""), received_at=_now(r.get("received_at")),
-                       **{k: _finite(r.get(k)) for k in ("loss_before", "loss_after", "wall_s",
-                                                         "norm", "improvement")})
-                  for r in rows]
+        values = [_update_values(r) for r in rows]
         leases, updates = LeaseRow.__table__, UpdateRow.__table__  # type: ignore[attr-defined]
         with self._write("record updates") as session:
             wanted = {v["lease_id"] for v in values}

@@ -180,7 +180,7 @@ class RunLoop:
     # -- nodes --------------------------------------------------------------------------
 
     def _eligible(self) -> list[Node]:
-        now, out = self.clock(), []
+        now, out, seen = self.clock(), [], []
         online = set(self.transport.online())
         # Read afresh (not from _nodes): a node revoked mid-run gets no further lease. One
         # read and one write for the whole network: at 1,000 nodes a query per node each
@@ -193,10 +193,10 @@ class RunLoop:
             self._nodes[fid] = self._rows[node.id] = node
             if fid not in self._seen:
                 self.ledger.add_event("online", f"{node.name} is online", node_id=node.id)
+            seen.append(node.id)
             if self._benched.get(node.id, 0.0) <= now:
                 out.append(node)
-        self.ledger.touch_nodes([self._nodes[fid].id for fid in online if fid in self._nodes
-                                 and fid in rows and not rows[fid].revoked], now)
+        self.ledger.touch_nodes(seen, now)
         for fid in self._seen - online:
             if (node := self._nodes.get(fid)) is not None:
                 self.ledger.add_event("leave", f"{node.name} went offline", node_id=node.id)
@@ -417,13 +417,12 @@ class RunLoop:
 
     def _prepare(self, budget_s: float) -> bool:
         """Run the screened replies' own checks (base check, usefulness scores) in arrival
-        order for about ``budget_s`` (at least one), so that a round's or a step's verdict waits only for
-        the last ones; True if some are still waiting. They run after the replies are taken
-        and the next leases sent, not while: at 1,000 nodes checking every reply before
-        leasing again kept nodes waiting for seconds (bench/scale.py). One that is judged
-        before its turn is checked by the judge itself."""
-        # At least one; on the loop's clock (a test's fake clock stands still, so there it
-        # checks them all, the same in every run).
+        order, at least one and for about ``budget_s`` on the loop's clock (a test's fake
+        clock stands still: there all of them, the same in every run); True if some are
+        still waiting. Taken in slices between the loop's other work, not as each reply
+        arrives: at 1,000 nodes checking every reply before leasing again kept nodes
+        waiting for seconds (bench/scale.py). One judged before its turn is checked by
+        the judge itself."""
         end = self.clock() + budget_s
         while self._unprepared:
             c = self._unprepared.popleft()

@@ -15,6 +15,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from flwr.app import RecordDict
@@ -101,22 +102,14 @@ def record_judged(judged: Judged, *, lease: Lease, lease_row_id: int, node_id: i
     # one transaction: no crash leaves a verdict without its credit, receipt or event
     with ledger.atomic("record a verdict"):
         if not verdict.accepted:
-            ledger.add_event("reject", f"{node_name}: {verdict.reason} — {verdict.detail}",
-                             node_id=node_id)
+            ledger.add_event("reject", _reject_message(node_name, verdict), node_id=node_id)
         if update is None:
             return ledger.record_update(lease_id=lease_row_id, node_id=node_id, arrays_digest="",
                                         verdict=Verdict.REJECTED.value, tokens=0, steps=0,
                                         loss_before=None, loss_after=None, wall_s=None,
                                         reason=verdict.reason,
                                         detail=verdict.detail, received_at=now)
-        m = update.metrics
-        row = ledger.record_update(
-            lease_id=lease_row_id, node_id=node_id, arrays_digest=update.arrays_digest,
-            verdict=(Verdict.ACCEPTED if verdict.accepted else Verdict.REJECTED).value,
-            tokens=m.tokens, steps=m.steps,
-            loss_before=_num(m.loss_before), loss_after=_num(m.loss_after), wall_s=_num(m.wall_s),
-            reason=verdict.reason, detail=verdict.detail, norm=verdict.norm,
-            improvement=improvement, received_at=now)
+        row = ledger.record_update(**_update_row(judged, lease_row_id, node_id, now, improvement))
         if verdict.accepted:
             pay_credit(ledger, cfg.credits, issuer, node_id=node_id, lease=lease, update=update,
                        update_id=row.id, now=now)
@@ -124,6 +117,24 @@ def record_judged(judged: Judged, *, lease: Lease, lease_row_id: int, node_id: i
             charge_penalty(ledger, cfg.credits, issuer, node_id=node_id, lease=lease,
                            update=update, update_id=row.id, now=now, reason=verdict.reason)
         return row
+
+
+def _update_row(judged: Judged, lease_row_id: int, node_id: int, now: float,
+                improvement: float | None) -> dict[str, Any]:
+    """``Ledger.record_update``'s arguments for a verdict on a parsed update."""
+    verdict, update = judged.verdict, judged.update
+    assert update is not None
+    m = update.metrics
+    return dict(lease_id=lease_row_id, node_id=node_id, arrays_digest=update.arrays_digest,
+                verdict=(Verdict.ACCEPTED if verdict.accepted else Verdict.REJECTED).value,
+                tokens=m.tokens, steps=m.steps, loss_before=_num(m.loss_before),
+                loss_after=_num(m.loss_after), wall_s=_num(m.wall_s), reason=verdict.reason,
+                detail=verdict.detail, norm=verdict.norm, improvement=improvement,
+                received_at=now)
+
+
+def _reject_message(node_name: str, verdict: Ruling) -> str:
+    return f"{node_name}: {verdict.reason} — {verdict.detail}"
 
 
 @dataclass(frozen=True)
@@ -145,25 +156,16 @@ def record_many(items: Sequence[Verdicted], *, cfg: RunConfig, ledger: Ledger,
     (``Ledger.record_updates``): an outer step's verdicts. The same rows, credits, receipts
     and events; an update that owes a penalty (rare) goes through ``record_judged``."""
     with ledger.atomic("record verdicts"):
-        batch = [x for x in items if x.judged.update is not None
-                 and not (not x.judged.verdict.accepted
-                          and x.judged.verdict.reason in Reason.MISMATCHES)]
+        batch = [x for x in items if x.judged.update is not None and (
+            x.judged.verdict.accepted or x.judged.verdict.reason not in Reason.MISMATCHES)]
         rows, events = [], []
         for x in batch:
-            verdict, update = x.judged.verdict, x.judged.update
-            assert update is not None
-            _count(x.lease, verdict, update)
-            m = update.metrics
-            rows.append(dict(
-                lease_id=x.lease_row_id, node_id=x.node_id, arrays_digest=update.arrays_digest,
-                verdict=(Verdict.ACCEPTED if verdict.accepted else Verdict.REJECTED).value,
-                tokens=m.tokens, steps=m.steps, loss_before=_num(m.loss_before),
-                loss_after=_num(m.loss_after), wall_s=_num(m.wall_s), reason=verdict.reason,
-                detail=verdict.detail, norm=verdict.norm, improvement=x.improvement,
-                received_at=x.now))
+            verdict = x.judged.verdict
+            _count(x.lease, verdict, x.judged.update)
+            rows.append(_update_row(x.judged, x.lease_row_id, x.node_id, x.now, x.improvement))
             if not verdict.accepted:
                 events.append(dict(kind="reject", node_id=x.node_id, at=None,
-                                   message=f"{x.node_name}: {verdict.reason} — {verdict.detail}"))
+                                   message=_reject_message(x.node_name, verdict)))
 
         def owed(i: int, update_id: int) -> tuple[float, dict, tuple[str, bytes] | None] | None:
             x = batch[i]
