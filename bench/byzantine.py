@@ -170,7 +170,8 @@ def run_once(a: argparse.Namespace, corpus, kind: str | None, defended: bool) ->
         with Ledger(f"sqlite:///{Path(tmp) / 'ledger.db'}") as ledger:
             nodes = enroll(ledger, specs)
             clock = FakeClock(limit_s=24 * 3600.0)
-            store = ModelStore.open(Path(tmp) / "checkpoints", cfg, ledger, seed=a.seed)
+            store = ModelStore.open(Path(tmp) / "checkpoints", cfg, ledger, seed=a.seed,
+                                    corpus=corpus)
             blobs = BlobDir(Path(tmp) / "blobs")
             loop = RunLoop(cfg, ledger, FakeTransport(nodes, clock, blobs), store, corpus,
                            blobs=blobs, clock=clock,
@@ -178,7 +179,7 @@ def run_once(a: argparse.Namespace, corpus, kind: str | None, defended: bool) ->
             loop.run()
             lo, hi = corpus.val_range
             val = np.asarray(corpus.tokens()[lo:min(hi, lo + a.val_tokens)])
-            final = evaluate(store.arrays, store.gpt, val, seq_len=cfg.train.seq_len,
+            final = evaluate(store.arrays, store.spec, val, seq_len=cfg.train.seq_len,
                              batch_size=32, device="cpu").mean_loss
             # an attack is a train reply an attacker misbehaved in; replay, reuse and stale
             # have nothing to attack with in their first round and work honestly there
@@ -217,7 +218,7 @@ def true_val_loss(ledger, version: int, store, cfg, corpus) -> float:
     arrays, _ = load_checkpoint(ledger.versions()[version].path)
     spans = sorted({(x.data_start, x.data_end) for x in ledger.leases()
                     if x.kind == "eval" and x.round == version})
-    parts = [evaluate(arrays, store.gpt, np.asarray(corpus.tokens()[s:e]),
+    parts = [evaluate(arrays, store.spec, np.asarray(corpus.tokens()[s:e]),
                       seq_len=cfg.train.seq_len, batch_size=32, device="cpu") for s, e in spans]
     return sum(p.loss_sum for p in parts) / sum(p.tokens for p in parts)
 
@@ -241,7 +242,7 @@ def cost_probe(corpus) -> dict[str, float]:
     from training.state import init_arrays
 
     cfg = RunConfig()
-    gpt, t = model_config(cfg), cfg.train
+    gpt, t = model_config(cfg, corpus.vocab_size), cfg.train
     base = init_arrays(gpt, 0)
     lo, _ = corpus.train_range
     shard = np.asarray(corpus.tokens()[lo:lo + t.inner_steps * t.batch_size * t.seq_len])

@@ -47,7 +47,8 @@ def run_lease(preset: str, tokens: np.ndarray, steps: int, device: str) -> dict:
     train = TrainParams(inner_steps=steps, batch_size=batch, seq_len=seq, lr=1e-3,
                         deadline_s=600.0)
     sched = Scheduler(run_id="gpu-check", shards=[(0, 0, n)], train=train,
-                      data_digest=lambda a, b: data_digest(tokens[a:b]))
+                      data_digest=lambda a, b: data_digest(tokens[a:b]),
+                      tokenizer_digest="0" * 64, data_manifest="0" * 64)
     digest = digest_arrays(base)
     lease = sched.lease_train(1, [1], 0, digest)[1]
     content = work_content(lease, base, np.asarray(tokens[:n]), arch=dataclasses.asdict(cfg))

@@ -62,6 +62,7 @@ def _updates(preset: str, k: int, seed: int = 0) -> tuple[dict[str, Any], list[b
 def _signed(payload: bytes, key: Any, i: int) -> tuple[Update, Lease]:
     lease = Lease(run_id="r", round=1, shard_id=i, kind="train", base_version=0,
                   base_digest="a" * 64, data_start=0, data_end=1000, data_digest="b" * 64,
+                  tokenizer_digest="7" * 64, data_manifest="8" * 64,
                   inner_steps=240, batch_size=8, seq_len=128, lr=1e-3, weight_decay=0.1,
                   seed=i, deadline=time.time() + 3600, nonce=f"{i:032x}")
     update = Update(lease=lease, node_id=1, arrays_digest=digest_bytes(payload),

@@ -15,9 +15,15 @@ What is measured is the coordinator alone, on its clock (real time minus the nod
 - ``lease_p50_ms`` / ``lease_p99_ms``: from a reply arriving (the transport's poll handing it
   over) to the node's next lease being sent — what a node waits between two leases. The
   first fan-out (every node's first lease) is reported apart as ``fanout_s``;
+- ``wait_p50_ms`` / ``wait_p99_ms``: from the node being done (its reply ready for the
+  loop's poll) to its next lease — the latency plus the wait for the next poll (the loop
+  sleeps 0.2 s when idle, and a step in progress holds the poll);
 - ``leases_per_s``, ``updates_per_s`` (train replies verified per coordinator second),
   ``ledger_writes_per_s`` and ``ledger_write_ms_p50`` (the loop's write transactions),
   ``coordinator_cpu_s`` and ``rss_mb``;
+- ``slow_leases``: the leases that waited over 50 ms (the goal's p99), their total wait, and
+  how much of it each of the loop's stages took (pump: taking and screening replies;
+  prepare: the replies' own checks; step; lease; eligible: who is online);
 - where the time goes: ``time_s`` per stage, from the coordinator's own metrics histograms
   (screening replies, judging steps, outer steps, ledger writes) and the loop's total;
 - ``leases_issued`` and ``leases_accounted`` (answered + expired + failed + handed back in
@@ -34,6 +40,7 @@ Run on demand; a small run is in the test suite (``tests/unit/test_scale_bench.p
 from __future__ import annotations
 
 import argparse
+import bisect
 import cProfile
 import contextlib
 import itertools
@@ -121,11 +128,16 @@ class ScaleTransport:
     counting: Callable[[], bool] = lambda: True
     node_cpu_s: float = 0.0
     latencies: list[float] = field(default_factory=list)  # seconds, reply -> next lease
+    spans: list[tuple[float, float]] = field(default_factory=list)  # (arrived, sent) of each
+    # simulated seconds from a reply being ready (the node done) to its next lease: the
+    # latency plus the wait for the loop's next poll (its 0.2 s sleep, a step in progress)
+    waits: list[float] = field(default_factory=list)
     fanout: list[float] = field(default_factory=list)  # coord times of first leases
     sends: int = 0
     _online: list[int] = field(default_factory=list)
     _due: dict[str, _Due] = field(default_factory=dict)
     _arrived: dict[int, float] = field(default_factory=dict)  # fid -> coord time of a reply
+    _ready: dict[int, float] = field(default_factory=dict)  # fid -> simulated time it was due
     _started: set[int] = field(default_factory=set)  # fids that had a lease
     _ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
 
@@ -140,9 +152,13 @@ class ScaleTransport:
 
     def send(self, dst: int, kind: str, content: Any, ttl: float) -> str:
         now = self.coord()
+        ready = self._ready.pop(dst, None)
         if (arrived := self._arrived.pop(dst, None)) is not None:
             if kind == "train" and self.counting():
                 self.latencies.append(now - arrived)
+                self.spans.append((arrived, now))
+                if ready is not None:
+                    self.waits.append(self.clock() - ready)
         elif dst not in self._started:
             self.fanout.append(now)
         self._started.add(dst)
@@ -168,6 +184,7 @@ class ScaleTransport:
                 continue
             del self._due[mid]
             out.append(Reply(mid, due.fid, due.reply, due.error))
+            self._ready[due.fid] = due.at
         arrived = self.coord()
         for r in out:
             self._arrived[r.src] = arrived
@@ -215,6 +232,47 @@ def _rows(ledger: Ledger) -> dict[str, int]:
     with ledger._session() as session:  # noqa: SLF001 - a benchmark's count, read-only
         return {t: int(session.execute(text(f"SELECT count(*) FROM {t}")).scalar_one())
                 for t in _RUN_TABLES}
+
+
+class Phases:
+    """Where the loop was while a node waited for its next lease: each of the loop's stages
+    timed on the coordinator's clock, and the time of the slowest leases split over them."""
+
+    STAGES = ("_pump", "_prepare", "_step", "_lease", "_eligible", "_evaluate_if_due")
+
+    def __init__(self, loop: Any, clock: Callable[[], float]) -> None:
+        self.clock, self.log = clock, []  # (stage, start, end)
+        for name in self.STAGES:
+            self._wrap(loop, name)
+
+    def _wrap(self, loop: Any, name: str) -> None:
+        inner = getattr(loop, name)
+
+        def timed(*args: Any, **kw: Any) -> Any:
+            t0 = self.clock()
+            try:
+                return inner(*args, **kw)
+            finally:
+                self.log.append((name, t0, self.clock()))
+        setattr(loop, name, timed)
+
+    def blame(self, spans: list[tuple[float, float]], above_s: float) -> dict[str, Any]:
+        """For the leases that waited longer than ``above_s``: how many, and the seconds of
+        their waits each stage took (a stage inside another counts for both)."""
+        slow = [(a, b) for a, b in spans if b - a > above_s]
+        starts = [t0 for _, t0, _ in self.log]
+        order = sorted(range(len(self.log)), key=starts.__getitem__)
+        log = [self.log[i] for i in order]
+        t0s = [t0 for _, t0, _ in log]
+        out: dict[str, float] = {}
+        longest = max((t1 - t0 for _, t0, t1 in log), default=0.0)
+        for a, b in slow:
+            lo = bisect.bisect_left(t0s, a - longest)
+            for name, t0, t1 in log[lo:bisect.bisect_right(t0s, b)]:
+                if (o := min(b, t1) - max(a, t0)) > 0:
+                    out[name] = out.get(name, 0.0) + o
+        return {"leases": len(slow), "wait_s": round(sum(b - a for a, b in slow), 3),
+                "by_stage_s": {k.lstrip("_"): round(v, 3) for k, v in sorted(out.items())}}
 
 
 def _hist(h: Any, *labels: str) -> tuple[float, int]:
@@ -272,6 +330,7 @@ def run(nodes_n: int, steps: int, url: str, tmp: Path, *, institutions: int = 50
     loop = make_run_loop(cfg, ledger, transport, store, corpus, clock=clock,
                          sleep=clock.sleep, rng=random.Random(seed), blobs=blobs,
                          issuer=ReceiptIssuer(generate_key()))  # receipts signed, as live
+    phases = Phases(loop, transport.coord)
     before = {k: _hist(*k) for k in _STAGES}
     writes0 = _hist(metrics.LEDGER_WRITE_SECONDS)
     cpu0, t0 = time.process_time(), transport.coord()
@@ -293,6 +352,8 @@ def run(nodes_n: int, steps: int, url: str, tmp: Path, *, institutions: int = 50
         "lease_p50_ms": round(1000 * _pct(transport.latencies, 0.50), 2),
         "lease_p99_ms": round(1000 * _pct(transport.latencies, 0.99), 2),
         "lease_max_ms": round(1000 * max(transport.latencies, default=float("nan")), 2),
+        "wait_p50_ms": round(1000 * _pct(transport.waits, 0.50), 2),
+        "wait_p99_ms": round(1000 * _pct(transport.waits, 0.99), 2),
         "fanout_s": round(transport.fanout[-1] - t0, 3) if transport.fanout else None,
         "leases_issued": issued, "leases_accounted": accounted,
         "lease_statuses": counts,
@@ -312,6 +373,7 @@ def run(nodes_n: int, steps: int, url: str, tmp: Path, *, institutions: int = 50
     # the replies' own checks (base check, usefulness scores) run between passes
     out["time_s"]["checks"] = round(loop.judge.cost.round_s - out["time_s"]["judge"], 3)
     out["time_s"]["ledger_writes"] = round(writes[0] - writes0[0], 3)
+    out["slow_leases"] = phases.blame(transport.spans, 0.05)  # the goal: p99 < 50 ms
     out["ledger_rows"] = _rows(ledger)
     out["ledger_rows_per_lease"] = round(sum(out["ledger_rows"].values()) / max(1, issued), 2)
     ledger.close()

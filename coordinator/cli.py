@@ -6,8 +6,10 @@ import json
 import signal
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import click
 import typer
@@ -15,10 +17,14 @@ from rich.console import Console
 
 from protocol.cli_app import CliApp
 from protocol.cli_errors import one_line_errors
-from protocol.errors import AtomError
+from protocol.errors import AtomError, ConfigError
+from training.families import FAMILIES
 
 from coordinator.ledger.engine import shown_url
 from coordinator.rundir import RunDir, create_invite, init_run
+
+if TYPE_CHECKING:
+    from rich.progress import TaskID
 
 # `start` and `demo` import the training stack (torch) inside the command, so that
 # `init` and `invite` answer in well under a second.
@@ -30,6 +36,8 @@ app = CliApp(add_completion=False, no_args_is_help=True,
 err = Console(stderr=True)
 
 DirArg = Annotated[Path, typer.Argument(help="run directory")]
+# `demo --family llama|qwen2|gpt2`: a BPE vocabulary small enough for a fast CPU demo
+DEMO_BPE_VOCAB = 2048
 
 
 def say_command(text: str) -> None:
@@ -50,14 +58,59 @@ def init(
         help="ledger database URL, e.g. postgresql+psycopg://user@host/db [default: "
              "sqlite:///ledger.db in DIR]", metavar="URL")] = None,
     force: Annotated[bool, typer.Option(help="overwrite an existing run directory")] = False,
+    data: Annotated[Optional[Path], typer.Option(
+        help="corpus: a folder of .txt/.md/.py/.jsonl/.parquet files or a saved datasets "
+             "dataset [default: the Python stdlib]", metavar="PATH")] = None,
+    licence: Annotated[Optional[str], typer.Option(
+        help="SPDX licence of --data, e.g. CC-BY-4.0 (required with --data)",
+        metavar="SPDX")] = None,
+    tokenizer: Annotated[Optional[str], typer.Option(
+        help="byte, bpe (trained on the corpus now) or a tokenizer.json [default: byte]",
+        metavar="KIND")] = None,
+    vocab_size: Annotated[Optional[int], typer.Option(
+        help="tokens in a trained bpe vocabulary [default: 4096]", min=257)] = None,
 ) -> None:
-    """Create DIR: run.toml, the coordinator key, a private CA and server certificate."""
-    more = {} if ledger is None else {"ledger_url": ledger}
+    """Create DIR: run.toml, the coordinator key, a private CA and server certificate, and
+    the tokenized corpus with its tokenizer and data manifest."""
+    from coordinator.rundir import prepare_corpus
+
+    more: dict[str, object] = {} if ledger is None else {"ledger_url": ledger}
+    # paths given here are relative to where the command runs; run.toml's to the run dir
+    if data is not None:
+        more["data_source"] = str(data.expanduser().resolve())
+    if tokenizer is not None:
+        more["data_tokenizer"] = (tokenizer if tokenizer in ("byte", "bpe")
+                                  else str(Path(tokenizer).expanduser().resolve()))
+    more.update({f"data_{k}": v for k, v in
+                 (("licence", licence), ("vocab_size", vocab_size)) if v is not None})
     rd = init_run(dir, force=force, run_id=run_id, network_public_host=public_host,
                   network_host=host, **more)
     err.print(f"initialised {rd.path} (ledger {shown_url(rd.config().ledger_url(rd.path))})")
+    with _corpus_progress() as on_progress:
+        info = prepare_corpus(rd, on_progress=on_progress)
+    err.print(f"corpus: {info.n_files:,} documents, {info.n_tokens:,} tokens "
+              f"({info.tokenizer_kind} tokenizer, vocabulary {info.vocab_size:,}, "
+              f"manifest {info.manifest_sha256[:12]})", highlight=False, soft_wrap=True)
     say_command(f"  edit {rd.config_path}, then: atom-coordinator invite {dir} "
                 "--institution NAME")
+
+
+@contextmanager
+def _corpus_progress() -> Iterator[Callable[[str, int, int], None]]:
+    """A rich bar per corpus stage (``training.corpus.Progress``) on stderr."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, \
+        TimeElapsedColumn
+
+    tasks: dict[str, TaskID] = {}
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=err, transient=False) as bars:
+        def update(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                what = f"tokenizing {total:,} documents" if stage == "tokenizing" else stage
+                tasks[stage] = bars.add_task(what, total=total)
+            bars.update(tasks[stage], completed=done, total=total)
+
+        yield update
 
 
 @app.command()
@@ -178,6 +231,10 @@ def demo(
     asynchronous: Annotated[bool, typer.Option(
         "--async", help="the asynchronous loop ([async] enabled): no round barrier, ROUNDS "
                         "outer steps")] = False,
+    family: Annotated[str, typer.Option(
+        help="[model] family, preset tiny: gpt (the built-in, byte tokens), or llama, "
+             "qwen2, gpt2 (transformers, built from config, on a BPE tokenizer of "
+             f"{DEMO_BPE_VOCAB} tokens trained at init)")] = "gpt",
 ) -> None:
     """Run a whole network on this machine: coordinator + NODES local nodes, on CPU."""
     from coordinator.demo import demo_ok, run_demo
@@ -186,6 +243,11 @@ def demo(
     overrides: dict[str, object] = {} if ledger is None else {"ledger_url": ledger}
     if asynchronous:
         overrides["async_enabled"] = True
+    if family not in FAMILIES:
+        raise ConfigError(f"--family must be one of {', '.join(FAMILIES)}, got {family!r}")
+    if family != "gpt":  # the built-in GPT demo stays byte-level, as it always was
+        overrides.update(model_family=family, data_tokenizer="bpe",
+                         data_vocab_size=DEMO_BPE_VOCAB)
     summary, _ = run_demo(nodes=nodes, rounds=rounds, workdir=workdir, console=err,
                           overrides=overrides or None)
     render_summary(summary, err)
@@ -219,6 +281,61 @@ def export(
     except OSError as exc:
         raise AtomError(f"cannot write {out}: {exc.strerror or exc}") from None
     err.print(f"wrote {out}")
+
+
+@app.command("export-model")
+@one_line_errors
+def export_model(
+    dir: DirArg,
+    out: Annotated[Path, typer.Option(help="the model folder to write (new or empty)",
+                                      metavar="OUT")],
+    version: Annotated[Optional[int], typer.Option(
+        help="model version to export [default: the latest]", min=0)] = None,
+    force: Annotated[bool, typer.Option(help="replace OUT if it is not empty")] = False,
+) -> None:
+    """Write a model version as a Hugging Face model folder (weights, tokenizer, generation
+    defaults) with a model card and atom_provenance.json: contributors, data, version
+    history and the root of the receipt tree."""
+    from coordinator.export.model_dir import STAGES, export_model as write
+
+    with _delayed_progress(len(STAGES)) as on_stage:
+        done = write(RunDir(dir.resolve()), out, version=version, force=force,
+                     on_stage=on_stage)
+    loss = "not evaluated" if done.val_loss is None else f"validation loss {done.val_loss:.4f}"
+    err.print(f"wrote {done.out}: version {done.version} ({done.exported_as}, {loss}, "
+              f"digest {done.digest[:12]})", highlight=False, soft_wrap=True)
+    say_command(f"  receipts root {done.receipts_root}")
+
+
+@contextmanager
+def _delayed_progress(total: int, after_s: float = 1.0) -> Iterator[Callable[[str], None]]:
+    """A rich bar over ``total`` stages on stderr, shown only if the work takes longer than
+    ``after_s``."""
+    import threading
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, \
+        TextColumn, TimeElapsedColumn
+
+    bars = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                    MofNCompleteColumn(), TimeElapsedColumn(), console=err, transient=True)
+    task = bars.add_task("exporting", total=total)
+    timer = threading.Timer(after_s, bars.start)
+    timer.daemon = True
+    timer.start()
+
+    started = 0
+
+    def update(stage: str) -> None:  # told as each stage starts: the ones before are done
+        nonlocal started
+        bars.update(task, description=stage, completed=started)
+        started += 1
+
+    try:
+        yield update
+    finally:
+        timer.cancel()
+        timer.join()
+        bars.stop()
 
 
 def main() -> None:

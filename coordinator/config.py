@@ -38,6 +38,8 @@ from typing import Any
 from coordinator.aggregators import available_aggregators
 from protocol.compression import SCHEMES, Compression
 from protocol.errors import ConfigError
+from training.families import BYTE_VOCAB, FAMILIES, ArchError, run_spec
+from training.manifest import check_licence
 
 __all__ = [
     "RunParams", "ModelParams", "DataParams", "TrainParams", "OuterParams", "AggregationParams",
@@ -126,6 +128,37 @@ def _ledger_url(v: Any) -> str:
     return v
 
 
+def _licence(v: Any) -> str:
+    if v == "":
+        return v  # required for a folder source: checked in parse_config, which sees the folder
+    if not isinstance(v, str):
+        raise _Bad("must be an SPDX licence expression such as \"CC-BY-4.0\"")
+    try:
+        return check_licence(v)
+    except ValueError as e:
+        raise _Bad(str(e)) from None
+
+
+def _tokenizer(v: Any) -> str:
+    if not isinstance(v, str) or not (v in ("byte", "bpe") or v.endswith(".json")):
+        raise _Bad('must be "byte", "bpe" or the path of a tokenizer.json')
+    return v
+
+
+def _family(v: Any) -> str:
+    if v not in FAMILIES:
+        raise _Bad(f"must be one of {', '.join(FAMILIES)}")
+    return str(v)
+
+
+def _overrides(v: Any) -> tuple[tuple[str, Any], ...]:
+    # which keys a family takes is checked in _build, which knows the family
+    if not isinstance(v, dict) or not all(
+            isinstance(x, (int, float, bool)) for x in v.values()):
+        raise _Bad("must be a table of numbers and booleans, e.g. { num_hidden_layers = 4 }")
+    return tuple(sorted(v.items()))  # hashable, as a frozen section's fields are
+
+
 _positive_int = _int("must be a positive integer", 1)
 _non_negative_int = _int("must be a non-negative integer", 0)
 _port = _int("must be a port number 1-65535", 1, 65535)
@@ -135,8 +168,10 @@ _momentum = _float("must be in [0, 1)", lambda x: 0 <= x < 1)
 _trim_fraction = _float("must be in [0, 0.5)", lambda x: 0 <= x < 0.5)
 
 
-def _opt(default: Any, check: Check, doc: str) -> Any:
-    return field(default=default, metadata={"check": check, "doc": doc})
+def _opt(default: Any, check: Check, doc: str, placeholder: str = "<integer>") -> Any:
+    # placeholder: what run.toml shows for an optional key left unset
+    return field(default=default, metadata={"check": check, "doc": doc,
+                                            "placeholder": placeholder})
 
 
 @dataclass(frozen=True)
@@ -149,17 +184,38 @@ class RunParams:
 
 @dataclass(frozen=True)
 class ModelParams:
-    preset: str = _opt("tiny", _str, "training.model.PRESETS: tiny (CPU demo), small, gpt2")
+    family: str = _opt("gpt", _family, "gpt (the built-in nanoGPT), or a transformers model "
+                       "built from its config: llama, qwen2, gpt2 (training/families.py)")
+    preset: str = _opt("tiny", _str, "gpt: training.model.PRESETS: tiny (CPU demo), small, "
+                       "gpt2; llama/qwen2/gpt2: tiny, small, 124m, 1b")
+    overrides: tuple[tuple[str, Any], ...] | None = _opt(
+        None, _optional(_overrides), "llama/qwen2/gpt2: config keys on top of the preset, e.g. "
+        "{ num_hidden_layers = 4, rope_theta = 500000.0 } (training.families.HF_KEYS)",
+        placeholder="{ <key> = <value>, ... }")
     n_layer: int | None = _opt(None, _optional(_positive_int), "override the preset's layers")
     n_head: int | None = _opt(None, _optional(_positive_int), "override attention heads")
     n_embd: int | None = _opt(None, _optional(_positive_int), "override the embedding width")
     block_size: int | None = _opt(None, _optional(_positive_int), "override the context length")
 
+    def gpt_dims(self) -> dict[str, int]:
+        """The built-in GPT's overrides of its preset that are set."""
+        return {k: v for k in ("n_layer", "n_head", "n_embd", "block_size")
+                if (v := getattr(self, k)) is not None}
+
 
 @dataclass(frozen=True)
 class DataParams:
     source: str = _opt("stdlib", _str,
-                       '"stdlib" (Python stdlib source) or a folder of text/JSONL files')
+                       '"stdlib" (Python stdlib source), a folder of .txt/.md/.py/.jsonl/'
+                       '.parquet files, or a datasets dataset saved with save_to_disk')
+    licence: str = _opt("", _licence, 'SPDX licence of the source, e.g. "CC-BY-4.0" or '
+                        '"LicenseRef-mine"; required unless source = "stdlib" (PSF-2.0)')
+    text_column: str = _opt("text", _str, "the field of a .jsonl record, or the column of a "
+                            ".parquet file or dataset, that holds a document's text")
+    tokenizer: str = _opt("byte", _tokenizer, '"byte" (256 byte tokens), "bpe" (byte-level '
+                          'BPE trained on the corpus at init) or the path of a tokenizer.json')
+    vocab_size: int = _opt(4096, _int(f"must be an integer in 257..{1 << 32}", 257, 1 << 32),
+                           'tokenizer = "bpe": tokens in the trained vocabulary')
     max_bytes: int = _opt(8_000_000, _positive_int, "read at most this many bytes of text")
     val_every: int = _opt(20, _int("must be an integer >= 2", 2),
                           "every N-th file goes to validation")
@@ -398,6 +454,14 @@ class RunConfig:
         root = Path(run_dir) if run_dir is not None else self.base_dir
         return root / Path(self.data.source).expanduser()
 
+    def data_tokenizer(self, run_dir: str | Path | None = None) -> str:
+        """``[data].tokenizer``: "byte", "bpe", or the tokenizer.json's path (relative paths
+        against the run directory)."""
+        if self.data.tokenizer in ("byte", "bpe"):
+            return self.data.tokenizer
+        root = Path(run_dir) if run_dir is not None else self.base_dir
+        return str(root / Path(self.data.tokenizer).expanduser())
+
     def ledger_url(self, run_dir: str | Path | None = None) -> str:
         """The ledger URL, with a relative SQLite path made absolute against ``run_dir``
         (default: the directory run.toml was read from)."""
@@ -438,6 +502,11 @@ def _build(doc: dict[str, Any], base_dir: Path, fname: str) -> RunConfig:
     if m.n_head is not None and m.n_embd is not None and m.n_embd % m.n_head:
         raise ConfigError(f"{fname}: [model].n_embd must be divisible by [model].n_head, "
                           f"got {m.n_embd} and {m.n_head}")
+    if m.family != "gpt" or m.overrides:  # neither needs torch (the gpt presets do)
+        try:  # the keys' checks do not depend on the vocabulary: the byte one stands in
+            run_spec(m.family, m.preset, dict(m.overrides or ()), BYTE_VOCAB, m.gpt_dims())
+        except ArchError as err:
+            raise ConfigError(f"{fname}: [model].{err.key} {err.what}") from None
     c = cfg.compression
     if c.scheme == "topk" and c.error_feedback and cfg.verify.spot_check_rate > 0:
         raise ConfigError(f"{fname}: [compression].error_feedback needs [verify]."
@@ -468,6 +537,10 @@ def parse_config(text: str, base_dir: str | Path = ".", *, name: str = "run.toml
     if folder is not None and not folder.is_dir():
         raise ConfigError(f"{name}: [data].source must be \"stdlib\" or an existing folder, "
                           f"got {cfg.data.source!r}")
+    if folder is not None and not cfg.data.licence:
+        raise ConfigError(f"{name}: [data].licence is required for the source "
+                          f"{cfg.data.source!r}: its SPDX licence id, e.g. \"CC-BY-4.0\" "
+                          "(LicenseRef-<name> for a licence of your own)")
     return cfg
 
 
@@ -484,6 +557,8 @@ def load_config(path: str | Path) -> RunConfig:
 
 
 def _toml_value(v: Any) -> str:
+    if isinstance(v, dict):  # an inline table
+        return "{" + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + "}"
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     if isinstance(v, bool):
@@ -514,7 +589,7 @@ def default_config_text(**overrides: Any) -> str:
             value = chosen[section].get(f.name, f.default)
             doc = f.metadata["doc"]
             if value is None:  # an optional override left unset: show the key, commented out
-                lines.append(f"# {f.name} = <integer>  # {doc}")
+                lines.append(f"# {f.name} = {f.metadata['placeholder']}  # {doc}")
             else:
                 lines.append(f"{f.name} = {_toml_value(value)}  # {doc}")
     text = "\n".join(lines) + "\n"

@@ -7,7 +7,8 @@
     DIR/coordinator.pub.pem that public half as PEM, for ``openssl`` checks of receipts
     DIR/tls/                private CA + server certificate chain (CA hash goes into invites)
     DIR/ledger.db           the SQLite ledger (unless [ledger].url points elsewhere)
-    DIR/corpus/             the token file the shards are cut from
+    DIR/corpus/             the token file the shards are cut from, its tokenizer.json and
+                            data manifest (training.corpus; built by init, checked by start)
     DIR/checkpoints/        content-addressed model versions (safetensors + JSON meta)
     DIR/blobs/              what nodes fetch by digest: model versions, data shards
     DIR/logs/               SuperLink, Fleet proxy and ServerApp logs
@@ -19,16 +20,20 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from protocol.errors import ConfigError
 from protocol.invite import InviteToken, hash_secret, new_secret
 from protocol.signing import generate_key, load_private_key, public_key_pem, save_private_key
 
-from coordinator.config import RunConfig, default_config_text, load_config
+from coordinator.config import RunConfig, default_config_text, load_config, parse_config
 from coordinator.ledger import Ledger
 from coordinator.services.pki import TlsFiles, ca_sha256, make_pki, tls_files
 
-__all__ = ["RunDir", "init_run", "create_invite"]
+if TYPE_CHECKING:
+    from training.corpus import CorpusInfo, Progress
+
+__all__ = ["RunDir", "init_run", "create_invite", "prepare_corpus"]
 
 
 @dataclass(frozen=True)
@@ -92,10 +97,13 @@ def init_run(path: Path, *, force: bool = False, **overrides: object) -> RunDir:
     rd = RunDir(path.resolve())
     if rd.config_path.exists() and not force:
         raise ConfigError(f"{rd.config_path} already exists (use --force to start over)")
+    text = default_config_text(**overrides)
+    # a bad override (a data folder without its licence...) fails before anything is written
+    parse_config(text, rd.path, name=str(rd.config_path))
     rd.path.mkdir(parents=True, exist_ok=True)
     for sub in (rd.checkpoints, rd.corpus, rd.logs):
         sub.mkdir(exist_ok=True)
-    rd.config_path.write_text(default_config_text(**overrides))
+    rd.config_path.write_text(text)
     cfg = rd.config()
     key = generate_key()
     save_private_key(key, rd.key_path)
@@ -107,6 +115,27 @@ def init_run(path: Path, *, force: bool = False, **overrides: object) -> RunDir:
     # left behind for a PostgreSQL run), so a bad URL fails at init.
     rd.ledger(cfg).close()
     return rd
+
+
+def prepare_corpus(rd: RunDir, cfg: RunConfig | None = None, *,
+                   on_progress: Progress | None = None) -> CorpusInfo:
+    """Build (or reuse) the run's corpus as ``[data]`` says: tokens, tokenizer and manifest.
+
+    ``CorpusInfo.tokenizer_sha256`` and ``manifest_sha256`` are what leases and the model
+    card name; ``vocab_size`` is what the model's vocabulary must cover.
+    """
+    from training.corpus import build_corpus  # numpy: keep `invite` and friends light
+    from training.manifest import STDLIB_LICENCE
+    from training.sources import open_source, stdlib_source
+
+    cfg = cfg or rd.config()
+    d = cfg.data
+    folder = cfg.data_folder(rd.path)
+    source = stdlib_source() if folder is None else open_source(folder, d.text_column)
+    licence = d.licence or (STDLIB_LICENCE if folder is None else "")
+    return build_corpus(source, rd.corpus, licence=licence,
+                        tokenizer=cfg.data_tokenizer(rd.path), vocab_size=d.vocab_size,
+                        max_bytes=d.max_bytes, val_every=d.val_every, on_progress=on_progress)
 
 
 def create_invite(rd: RunDir, institution: str, *, ttl_s: float = 7 * 24 * 3600) -> str:

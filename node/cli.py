@@ -19,8 +19,9 @@ from protocol.invite import InviteToken
 from protocol.metrics import parse_address
 
 from .credits import CreditReport, credits_report
+from .receipt_proofs import ProofReport, proofs_report
 from .enroll import enroll
-from .gpu import NvmlProbe, cuda_index, load_nvml
+from .gpu import NvmlProbe, cuda_index, gpu_count, load_nvml
 from .identity import NodeHome, default_home
 from .policy import Policy
 from .supervisor import Supervisor
@@ -46,6 +47,9 @@ def join(
     home: HomeOpt = None,
     threads: Annotated[int, typer.Option(help="CPU threads for torch (0 = all)")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
+    gpus: Annotated[str, typer.Option(
+        help="train each lease data-parallel over N GPUs (or all of them), the batch split "
+             "between them", metavar="N|all")] = "1",
     sign_key: Annotated[Optional[Path], typer.Option(hidden=True)] = None,
     slowdown: Annotated[float, typer.Option(
         min=1.0, hidden=True, help="benchmarks: take F times as long for each lease (waits "
@@ -70,6 +74,7 @@ def join(
     if metrics:
         parse_address(metrics, "--metrics")  # a typo is one line, before anything starts
     rules = _policy(policy, window or [], pause_when_gpu_busy, max_gpu_memory, device)
+    n_gpus = gpu_count(gpus, device)
     node_home = NodeHome((home or default_home()).expanduser().resolve())
     enrollment = node_home.enrollment()
     address = _address(coordinator, token, enrollment.coordinator_address if enrollment else None)
@@ -86,7 +91,7 @@ def join(
     if rules != Policy():
         console.print(f"policy: {rules.describe()}", highlight=False)
         policy_file = _write_policy(node_home, rules)
-    Supervisor(node_home, enrollment, threads=threads, device=device,
+    Supervisor(node_home, enrollment, threads=threads, device=device, gpus=n_gpus,
                sign_key=sign_key, slowdown=slowdown, metrics_address=metrics,
                console=console, policy=policy_file).run()
 
@@ -167,6 +172,19 @@ def _credits_table(report: CreditReport) -> Table:
     return table
 
 
+def _proofs_table(report: ProofReport) -> Table:
+    table = Table(title=f"receipts of node {report.node_id} in the receipt tree",
+                  caption=f"{len(report.lines)} receipts proven in the tree of "
+                          f"{report.tree_size} receipts (run {report.run_id}), signed with "
+                          f"coordinator key {report.coordinator_key_fingerprint}")
+    for name in ("update", "run", "work", "round", "credits", "leaf", "ok"):
+        table.add_column(name, justify="left" if name in ("run", "work", "ok") else "right")
+    for line in report.lines:
+        table.add_row(str(line.update_id), line.run_id, line.kind, str(line.round),
+                      f"{line.credits:,.4f}", str(line.leaf_index), "ok" if line.ok else "BAD")
+    return table
+
+
 @app.command()
 @one_line_errors
 def credits(
@@ -179,9 +197,27 @@ def credits(
         help="verify with this PEM instead of the key pinned at join", metavar="PEM")] = None,
     save: Annotated[Optional[Path], typer.Option(
         help="write the verified statement to FILE", metavar="FILE")] = None,
+    proof: Annotated[bool, typer.Option(
+        "--proof", help="check instead that every receipt is in the coordinator's signed "
+                        "Merkle tree of all receipts (inclusion proofs)")] = False,
+    root: Annotated[Optional[str], typer.Option(
+        help="with --proof: the tree root the proofs must lead to, e.g. the one a model card "
+             "prints (implies --proof)", metavar="HEX")] = None,
 ) -> None:
     """Show what this node earned: every receipt verified against the coordinator's key."""
     node_home = NodeHome((home or default_home()).expanduser().resolve())
+    if proof or root is not None:
+        if verify_only is not None or save is not None:
+            raise ConfigError("--proof asks the coordinator for its current tree: it cannot be "
+                              "combined with --verify-only or --save")
+        proofs = proofs_report(node_home, key_file=coordinator_key, root=root)
+        if as_json:
+            print(json.dumps(proofs.to_dict(), indent=2))
+        else:
+            out = Console()
+            out.print(_proofs_table(proofs))
+            out.print(f"tree root {proofs.root}", soft_wrap=True)  # whole, to compare by eye
+        return
     report = credits_report(node_home, statement_file=verify_only, key_file=coordinator_key,
                             save=save)
     if as_json:

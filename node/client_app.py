@@ -28,6 +28,7 @@ from protocol.blobstore import BlobDir
 from protocol.compression import ErrorFeedback
 from protocol.errors import ConfigError
 from protocol.signing import load_private_key
+from training.data_parallel import InnerPool
 
 from .blobs import CoordinatorBlobs
 from .gpu import NvmlProbe, cuda_index, load_nvml
@@ -57,6 +58,7 @@ class NodeSession:
         self.channel = grpc.secure_channel(enrollment.coordinator_address, creds)
         coordinator = CoordinatorBlobs(self.channel)
         limits = NodeLimits.from_node_config(node_config)
+        gpus = int(node_config.get("gpus", 1))  # checked by ``join`` (``node.gpu.gpu_count``)
         self.home = home
         self.settings = WorkerSettings(
             node_id=enrollment.node_id, key=load_private_key(key_path),
@@ -66,7 +68,8 @@ class NodeSession:
             cache=BlobDir(home.path / "blobs", limits.max_cache_bytes),
             coordinator_blobs=coordinator, uploads=coordinator,
             # top-k residuals of this run: in memory, so a worker restart starts them afresh
-            feedback=ErrorFeedback(), models=BaseModels(), gate=lease_gate(node_config))
+            feedback=ErrorFeedback(), models=BaseModels(), gate=lease_gate(node_config),
+            gpus=gpus, pool=InnerPool(gpus, "cuda") if gpus > 1 else None)
 
     def handle(self, content: RecordDict) -> RecordDict:
         def progress(kind: str, rnd: int, shard: int, steps: int) -> ProgressWriter:
@@ -77,6 +80,8 @@ class NodeSession:
 
     def close(self) -> None:
         self.channel.close()
+        if self.settings.pool is not None:
+            self.settings.pool.close()
 
 
 def lease_gate(node_config: Mapping[str, Any]) -> LeaseGate:

@@ -32,8 +32,8 @@ from protocol.signing import fingerprint, load_private_key, load_public_key, sig
 
 from .identity import NodeHome
 
-__all__ = ["BadReceipt", "CreditReport", "credits_report", "fetch_statement",
-           "verify_statement"]
+__all__ = ["BadReceipt", "CreditReport", "ask_coordinator", "coordinator_key", "credits_report",
+           "fetch_statement", "verify_statement"]
 
 _TIMEOUT_S = 30.0
 _MAX_REPLY = 256 * 1024 * 1024  # a long run's statement outgrows gRPC's 4 MB default
@@ -68,18 +68,21 @@ def coordinator_key(home: NodeHome, explicit: Path | None = None) -> bytes:
     return pem
 
 
-def _rpc_error(address: str, err: grpc.RpcError) -> AtomError:
+def _rpc_error(address: str, err: grpc.RpcError, what: str) -> AtomError:
     code, detail = err.code(), (err.details() or "").strip()
     if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
-        return EnrollmentError(f"coordinator refused the statement request: {detail}")
+        return EnrollmentError(f"coordinator refused the {what} request: {detail}")
     if code == grpc.StatusCode.UNIMPLEMENTED:
-        return NetworkError(f"coordinator at {address} does not serve credit statements")
-    return NetworkError(f"cannot get the statement from {address}: {detail or code.name}")
+        served = "credit statements" if what == "statement" else what
+        return NetworkError(f"coordinator at {address} does not serve {served}")
+    return NetworkError(f"cannot get the {what} from {address}: {detail or code.name}")
 
 
-def fetch_statement(home: NodeHome, *, clock: Callable[[], float] = time.time,
-                    timeout: float = _TIMEOUT_S) -> Statement:
-    """Ask the coordinator (over TLS with the pinned CA) for this node's own statement."""
+def ask_coordinator(home: NodeHome, rpc: str, what: str, *,
+                    clock: Callable[[], float] = time.time,
+                    timeout: float = _TIMEOUT_S) -> tuple[int, Any]:
+    """``(node id, reply)`` of the coordinator's ``rpc`` asked with this node's signed
+    statement request, over TLS with the pinned CA (``what`` names it in errors)."""
     e = home.enrollment()
     if e is None:
         raise EnrollmentError(f"no enrollment in {home.path}: run `atom-node join` first")
@@ -92,13 +95,21 @@ def fetch_statement(home: NodeHome, *, clock: Callable[[], float] = time.time,
     options = [("grpc.max_receive_message_length", _MAX_REPLY)]
     with grpc.secure_channel(e.coordinator_address, creds, options=options) as channel:
         try:
-            reply = pb_grpc.CoordinatorStub(channel).GetCreditStatement(request, timeout=timeout)
+            call = getattr(pb_grpc.CoordinatorStub(channel), rpc)
+            return e.node_id, call(request, timeout=timeout)
         except grpc.RpcError as err:
-            raise _rpc_error(e.coordinator_address, err) from None
+            raise _rpc_error(e.coordinator_address, err, what) from None
+
+
+def fetch_statement(home: NodeHome, *, clock: Callable[[], float] = time.time,
+                    timeout: float = _TIMEOUT_S) -> Statement:
+    """Ask the coordinator (over TLS with the pinned CA) for this node's own statement."""
+    node_id, reply = ask_coordinator(home, "GetCreditStatement", "statement", clock=clock,
+                                     timeout=timeout)
     statement = Statement.from_json(reply.statement_json)
-    if statement.node_id != e.node_id:
+    if statement.node_id != node_id:
         raise VerificationError("wrong_node", f"the coordinator sent the statement of node "
-                                f"{statement.node_id}, this is node {e.node_id}")
+                                f"{statement.node_id}, this is node {node_id}")
     return statement
 
 

@@ -25,7 +25,9 @@ from protocol.errors import ConfigError, ProtocolError
 
 from .limits import arch_params
 
-__all__ = ["NvmlProbe", "cap_memory", "check_memory", "cuda_index", "load_nvml"]
+__all__ = [
+    "NvmlProbe", "cap_memory", "check_memory", "cuda_index", "gpu_count", "load_nvml",
+]
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +104,46 @@ class NvmlProbe:
             log.warning("NVML failed: %s", err)
             return f"cannot read the GPU's use from NVML ({err})"
         return None
+
+
+def gpu_count(gpus: str, device: str, available: int | None = None) -> int:
+    """The processes ``join --gpus N|all`` asks for: the inner loop runs data-parallel over
+    that many GPUs (``training.data_parallel``) when it is more than 1.
+
+    ``all`` is every GPU torch sees (1 on a machine without one: the CPU). ``available``
+    replaces ``torch.cuda.device_count()`` (tests).
+
+    Raises
+    ------
+    ConfigError
+        If ``gpus`` is not a positive count or ``all``, asks for more GPUs than there are,
+        or asks for more than one with ``--device cpu`` or one named ``cuda:N``.
+    """
+    if available is None:
+        import torch
+
+        available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    text = gpus.strip().lower()
+    if text == "all":
+        want = max(1, available)
+    else:
+        try:
+            want = int(text)
+        except ValueError:
+            want = 0
+        if want < 1:
+            raise ConfigError(f"--gpus: expected a count >= 1 or 'all', got {gpus!r}")
+    if want == 1:
+        return 1
+    if available == 0:
+        raise ConfigError(f"--gpus {want}: this machine has no CUDA GPU; data-parallel "
+                          "training needs one GPU per process (use --gpus 1)")
+    if want > available:
+        raise ConfigError(f"--gpus {want}: only {available} GPU(s) available")
+    if device.strip().lower() not in ("auto", "cuda"):
+        raise ConfigError(f"--gpus {want} trains on cuda:0..{want - 1}: use it with --device "
+                          f"auto or cuda, not {device!r}")
+    return want
 
 
 def cap_memory(device: Any, cap: int) -> None:

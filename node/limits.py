@@ -17,7 +17,9 @@ max-batch-tokens  1,048,576       batch_size x seq_len per inner step (activatio
 max-cache-bytes   20 GiB          the blob cache in the node home (least recently used evicted)
 ================  ==============  ===========================================================
 
-The largest preset (``gpt2``, ~85M parameters) with a generous shard fits well inside.
+The largest gpt preset (``gpt2``, ~85M parameters) with a generous shard fits well inside; the
+transformers families' ``1b`` presets (0.94-0.98B at the byte vocabulary) just fit, and with a
+BPE vocabulary above ~27k tokens they need ``max-model-params=2000000000``.
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ from typing import Any
 
 from protocol.errors import ConfigError, ProtocolError
 from protocol.messages import Lease
+from training.families import ArchError, ModelSpec, param_count, spec_from_arch
 
-__all__ = ["NodeLimits", "arch_params", "check_model", "check_work"]
+__all__ = ["NodeLimits", "arch_params", "arch_spec", "check_model", "check_work"]
 
 
 @dataclass(frozen=True)
@@ -63,19 +66,20 @@ def _refuse(what: str, got: int, limit: int, key: str) -> None:
                             f"{limit:,} (node config {key})")
 
 
+def arch_spec(arch: Mapping[str, Any]) -> ModelSpec:
+    """The model a work message's ``arch`` describes (``training.families``): a known family
+    and only its whitelisted keys, each of its type and within its bounds, or a
+    ``ProtocolError`` naming the key."""
+    try:
+        return spec_from_arch(arch)
+    except ArchError as err:
+        raise ProtocolError(f"work.arch.{err.key}: {err.what}") from None
+
+
 def arch_params(arch: Mapping[str, Any]) -> int:
-    """Parameters the model built from ``arch`` would allocate (GPT, tied embedding, with
-    biases counted as if on: an upper bound)."""
-    dims = {"vocab_size": 256, "block_size": 128, "n_layer": 4, "n_embd": 128}
-    for key in dims:
-        if key in arch:
-            value = arch[key]
-            if type(value) is not int or value < 1:
-                raise ProtocolError(f"work.arch.{key}: must be a positive int, got {value!r}")
-            dims[key] = value
-    n = dims["n_embd"]
-    per_layer = 12 * n * n + 13 * n  # attn 4n^2 + mlp 8n^2, their biases, two LayerNorms
-    return (dims["vocab_size"] + dims["block_size"]) * n + dims["n_layer"] * per_layer + 2 * n
+    """Parameters the model built from ``arch`` would allocate, computed from its numbers
+    before anything is built (``training.families.param_count``)."""
+    return param_count(arch_spec(arch))
 
 
 def _elements(shape: Any, where: str) -> int:

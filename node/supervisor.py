@@ -83,8 +83,11 @@ def messages_in_flight(log: Path, since: int) -> tuple[int, int]:
 
 def supernode_command(home: NodeHome, e: Enrollment, *, port: int, threads: int, device: str,
                       sign_key: Path | None, secret_file: Path,
-                      slowdown: float = 1.0, policy: Path | None = None) -> list[str]:
+                      slowdown: float = 1.0, policy: Path | None = None,
+                      gpus: int = 1) -> list[str]:
     node_config = f'home="{home.path}" threads={threads} device="{device}"'
+    if gpus > 1:
+        node_config += f" gpus={int(gpus)}"
     if slowdown != 1.0:
         node_config += f" slowdown={float(slowdown)}"
     if policy is not None:
@@ -138,6 +141,7 @@ class Supervisor:
     enrollment: Enrollment
     threads: int = 1
     device: str = "auto"
+    gpus: int = 1  # > 1: each lease data-parallel over cuda:0..gpus-1
     sign_key: Path | None = None
     slowdown: float = 1.0  # benchmarks: play a device this many times slower
     metrics_address: str = ""  # HOST:PORT of the node's /metrics ("" = none)
@@ -194,7 +198,8 @@ class Supervisor:
                 cmd = supernode_command(self.home, self.enrollment, port=port,
                                         threads=self.threads, device=self.device,
                                         sign_key=self.sign_key, secret_file=secret,
-                                        slowdown=self.slowdown, policy=self.policy)
+                                        slowdown=self.slowdown, policy=self.policy,
+                                        gpus=self.gpus)
                 started = time.monotonic()
                 log_start = log.stat().st_size if log.exists() else 0
                 proc = spawn(cmd, env=env, log=log)

@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 from dataclasses import dataclass, field
 
@@ -31,15 +31,15 @@ from protocol.messages import (
     shard_tokens,
 )
 from protocol.signing import sign_update
+from training.data_parallel import InnerPool, train_inner_parallel
 from training.device import pick_device, set_threads
 from training.evaluate import evaluate
 from training.inner import train_inner
-from training.model import GPTConfig
 
 from . import metrics as node_metrics
 from .blobs import BlobFetcher, BlobSink, BlobSource, HttpMirror
 from .gpu import cap_memory, check_memory
-from .limits import NodeLimits, check_model, check_work
+from .limits import NodeLimits, arch_spec, check_model, check_work
 from .pause import LeaseGate, Paused
 
 __all__ = ["BaseModels", "WorkerSettings", "do_work"]
@@ -102,6 +102,10 @@ class WorkerSettings:
     # the contribution policy and the leaving signal, checked as a lease starts and between
     # its training steps (``node.pause``); None: never pause
     gate: LeaseGate | None = None
+    # > 1 (``join --gpus``): train leases run data-parallel over cuda:0..gpus-1 in this
+    # pool's processes, kept across leases; None with gpus > 1: a pool per lease
+    gpus: int = 1
+    pool: InnerPool | None = None
 
     def fetcher(self, mirrors: list[str]) -> BlobFetcher:
         if self.cache is None:
@@ -110,13 +114,6 @@ class WorkerSettings:
         if self.coordinator_blobs is not None:
             sources.append(self.coordinator_blobs)
         return BlobFetcher(self.cache, sources, self.limits.max_work_bytes)
-
-
-def _gpt_config(arch: Mapping[str, object]) -> GPTConfig:
-    try:
-        return GPTConfig(**arch)  # type: ignore[arg-type]
-    except (TypeError, ValueError) as err:
-        raise ProtocolError(f"work.arch: not a model configuration ({err})") from None
 
 
 def do_work(content: RecordDict, settings: WorkerSettings,
@@ -215,7 +212,7 @@ def _compute(work: Work, model: dict[str, np.ndarray], tokens: np.ndarray,
              ) -> tuple[dict[str, np.ndarray], UpdateMetrics]:
     """Train or evaluate: the reply's arrays (encoded as the run says) and metrics."""
     lease = work.lease
-    cfg = _gpt_config(work.arch)
+    cfg = arch_spec(work.arch)  # checked by check_work already: whitelisted keys only
     set_threads(settings.threads or None)
     device = pick_device(settings.device)
     if settings.gate is not None:
@@ -224,10 +221,7 @@ def _compute(work: Work, model: dict[str, np.ndarray], tokens: np.ndarray,
               if progress else None)
     t0 = time.perf_counter()
     if lease.kind == Kind.TRAIN:
-        res = train_inner(model, cfg, tokens, steps=lease.inner_steps,
-                          batch_size=lease.batch_size, seq_len=lease.seq_len, lr=lease.lr,
-                          weight_decay=lease.weight_decay, seed=lease.seed, device=device,
-                          progress=_gated(report, settings.gate))
+        res = _train(model, cfg, tokens, lease, settings, device, _gated(report, settings.gate))
         feedback = settings.feedback if settings.feedback is not None else ErrorFeedback()
         arrays = feedback.encode(res.pseudo_grad, work.compression)
         node_metrics.STEP_SECONDS.observe((time.perf_counter() - t0) / max(res.steps, 1))
@@ -245,6 +239,18 @@ def _compute(work: Work, model: dict[str, np.ndarray], tokens: np.ndarray,
         report(metrics.steps, metrics.steps, metrics.tokens, done=True)
     _record(lease.kind, metrics, device)
     return arrays, metrics
+
+
+def _train(model: dict[str, np.ndarray], cfg: Any, tokens: np.ndarray, lease: Any,
+           settings: WorkerSettings, device: Any, progress: Progress | None) -> Any:
+    """The inner loop of a train lease: on ``device``, or data-parallel over the GPUs."""
+    kw = dict(steps=lease.inner_steps, batch_size=lease.batch_size, seq_len=lease.seq_len,
+              lr=lease.lr, weight_decay=lease.weight_decay, seed=lease.seed, progress=progress)
+    if settings.gpus <= 1:
+        return train_inner(model, cfg, tokens, device=device, **kw)
+    if settings.pool is not None:
+        return settings.pool.run(model, cfg, tokens, **kw)
+    return train_inner_parallel(settings.gpus, model, cfg, tokens, device=device.type, **kw)
 
 
 def _gated(report: Progress | None, gate: LeaseGate | None) -> Progress | None:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aprotocol/coordinator.proto\x12\x07\x61tom.v1\"E\n\rEnrollRequest\x12\x0e\n\x06secret\x18\x01 \x01(\t\x12\x16\n\x0epublic_key_pem\x18\x02 \x01(\x0c\x12\x0c\n\x04name\x18\x03 \x01(\t\"\x96\x01\n\x0b\x45nrollReply\x12\x0f\n\x07node_id\x18\x01 \x01(\x03\x12\x16\n\x0e\x66lower_node_id\x18\x02 \x01(\t\x12\x13\n\x0binstitution\x18\x03 \x01(\t\x12\x0e\n\x06run_id\x18\x04 \x01(\t\x12\x15\n\rfleet_address\x18\x05 \x01(\t\x12\"\n\x1a\x63oordinator_public_key_pem\x18\x06 \x01(\x0c\"\r\n\x0bPingRequest\",\n\tPingReply\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"I\n\x10StatementRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\x03\x12\x11\n\ttimestamp\x18\x02 \x01(\x01\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"(\n\x0eStatementReply\x12\x16\n\x0estatement_json\x18\x01 \x01(\t\"\x87\x01\n\rStatusRequest\x12\x0c\n\x04view\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\x03\x12\x16\n\x0esince_event_id\x18\x03 \x01(\x03\x12\x19\n\x11requester_node_id\x18\x04 \x01(\x03\x12\x11\n\ttimestamp\x18\x05 \x01(\x01\x12\x11\n\tsignature\x18\x06 \x01(\x0c\"\x1b\n\x0bStatusReply\x12\x0c\n\x04json\x18\x01 \x01(\t\"2\n\x10\x46\x65tchBlobRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"7\n\tBlobChunk\x12\x0c\n\x04size\x18\x01 \x01(\x03\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"M\n\nBlobUpload\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x13\n\x0blease_nonce\x18\x03 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\x1c\n\x0cPutBlobReply\x12\x0c\n\x04size\x18\x01 \x01(\x03\x32\xb2\x03\n\x0b\x43oordinator\x12\x36\n\x06\x45nroll\x12\x16.atom.v1.EnrollRequest\x1a\x14.atom.v1.EnrollReply\x12\x30\n\x04Ping\x12\x14.atom.v1.PingRequest\x1a\x12.atom.v1.PingReply\x12H\n\x12GetCreditStatement\x12\x19.atom.v1.StatementRequest\x1a\x17.atom.v1.StatementReply\x12\x39\n\tGetStatus\x12\x16.atom.v1.StatusRequest\x1a\x14.atom.v1.StatusReply\x12=\n\x0bWatchStatus\x12\x16.atom.v1.StatusRequest\x1a\x14.atom.v1.StatusReply0\x01\x12<\n\tFetchBlob\x12\x19.atom.v1.FetchBlobRequest\x1a\x12.atom.v1.BlobChunk0\x01\x12\x37\n\x07PutBlob\x12\x13.atom.v1.BlobUpload\x1a\x15.atom.v1.PutBlobReply(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aprotocol/coordinator.proto\x12\x07\x61tom.v1\"E\n\rEnrollRequest\x12\x0e\n\x06secret\x18\x01 \x01(\t\x12\x16\n\x0epublic_key_pem\x18\x02 \x01(\x0c\x12\x0c\n\x04name\x18\x03 \x01(\t\"\x96\x01\n\x0b\x45nrollReply\x12\x0f\n\x07node_id\x18\x01 \x01(\x03\x12\x16\n\x0e\x66lower_node_id\x18\x02 \x01(\t\x12\x13\n\x0binstitution\x18\x03 \x01(\t\x12\x0e\n\x06run_id\x18\x04 \x01(\t\x12\x15\n\rfleet_address\x18\x05 \x01(\t\x12\"\n\x1a\x63oordinator_public_key_pem\x18\x06 \x01(\x0c\"\r\n\x0bPingRequest\",\n\tPingReply\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"I\n\x10StatementRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\x03\x12\x11\n\ttimestamp\x18\x02 \x01(\x01\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"(\n\x0eStatementReply\x12\x16\n\x0estatement_json\x18\x01 \x01(\t\"g\n\x0eSignedTreeHead\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\ttree_size\x18\x02 \x01(\x03\x12\x0c\n\x04root\x18\x03 \x01(\t\x12\x11\n\tissued_at\x18\x04 \x01(\x01\x12\x11\n\tsignature\x18\x05 \x01(\x0c\"L\n\x0cReceiptProof\x12\x14\n\x0creceipt_json\x18\x01 \x01(\t\x12\x12\n\nleaf_index\x18\x02 \x01(\x03\x12\x12\n\naudit_path\x18\x03 \x03(\x0c\"f\n\x11ReceiptProofReply\x12*\n\ttree_head\x18\x01 \x01(\x0b\x32\x17.atom.v1.SignedTreeHead\x12%\n\x06proofs\x18\x02 \x03(\x0b\x32\x15.atom.v1.ReceiptProof\"\x87\x01\n\rStatusRequest\x12\x0c\n\x04view\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\x03\x12\x16\n\x0esince_event_id\x18\x03 \x01(\x03\x12\x19\n\x11requester_node_id\x18\x04 \x01(\x03\x12\x11\n\ttimestamp\x18\x05 \x01(\x01\x12\x11\n\tsignature\x18\x06 \x01(\x0c\"\x1b\n\x0bStatusReply\x12\x0c\n\x04json\x18\x01 \x01(\t\"2\n\x10\x46\x65tchBlobRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"7\n\tBlobChunk\x12\x0c\n\x04size\x18\x01 \x01(\x03\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"M\n\nBlobUpload\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x13\n\x0blease_nonce\x18\x03 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\x1c\n\x0cPutBlobReply\x12\x0c\n\x04size\x18\x01 \x01(\x03\x32\xfd\x03\n\x0b\x43oordinator\x12\x36\n\x06\x45nroll\x12\x16.atom.v1.EnrollRequest\x1a\x14.atom.v1.EnrollReply\x12\x30\n\x04Ping\x12\x14.atom.v1.PingRequest\x1a\x12.atom.v1.PingReply\x12H\n\x12GetCreditStatement\x12\x19.atom.v1.StatementRequest\x1a\x17.atom.v1.StatementReply\x12I\n\x10GetReceiptProofs\x12\x19.atom.v1.StatementRequest\x1a\x1a.atom.v1.ReceiptProofReply\x12\x39\n\tGetStatus\x12\x16.atom.v1.StatusRequest\x1a\x14.atom.v1.StatusReply\x12=\n\x0bWatchStatus\x12\x16.atom.v1.StatusRequest\x1a\x14.atom.v1.StatusReply0\x01\x12<\n\tFetchBlob\x12\x19.atom.v1.FetchBlobRequest\x1a\x12.atom.v1.BlobChunk0\x01\x12\x37\n\x07PutBlob\x12\x13.atom.v1.BlobUpload\x1a\x15.atom.v1.PutBlobReply(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,18 +43,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STATEMENTREQUEST']._serialized_end=397
   _globals['_STATEMENTREPLY']._serialized_start=399
   _globals['_STATEMENTREPLY']._serialized_end=439
-  _globals['_STATUSREQUEST']._serialized_start=442
-  _globals['_STATUSREQUEST']._serialized_end=577
-  _globals['_STATUSREPLY']._serialized_start=579
-  _globals['_STATUSREPLY']._serialized_end=606
-  _globals['_FETCHBLOBREQUEST']._serialized_start=608
-  _globals['_FETCHBLOBREQUEST']._serialized_end=658
-  _globals['_BLOBCHUNK']._serialized_start=660
-  _globals['_BLOBCHUNK']._serialized_end=715
-  _globals['_BLOBUPLOAD']._serialized_start=717
-  _globals['_BLOBUPLOAD']._serialized_end=794
-  _globals['_PUTBLOBREPLY']._serialized_start=796
-  _globals['_PUTBLOBREPLY']._serialized_end=824
-  _globals['_COORDINATOR']._serialized_start=827
-  _globals['_COORDINATOR']._serialized_end=1261
+  _globals['_SIGNEDTREEHEAD']._serialized_start=441
+  _globals['_SIGNEDTREEHEAD']._serialized_end=544
+  _globals['_RECEIPTPROOF']._serialized_start=546
+  _globals['_RECEIPTPROOF']._serialized_end=622
+  _globals['_RECEIPTPROOFREPLY']._serialized_start=624
+  _globals['_RECEIPTPROOFREPLY']._serialized_end=726
+  _globals['_STATUSREQUEST']._serialized_start=729
+  _globals['_STATUSREQUEST']._serialized_end=864
+  _globals['_STATUSREPLY']._serialized_start=866
+  _globals['_STATUSREPLY']._serialized_end=893
+  _globals['_FETCHBLOBREQUEST']._serialized_start=895
+  _globals['_FETCHBLOBREQUEST']._serialized_end=945
+  _globals['_BLOBCHUNK']._serialized_start=947
+  _globals['_BLOBCHUNK']._serialized_end=1002
+  _globals['_BLOBUPLOAD']._serialized_start=1004
+  _globals['_BLOBUPLOAD']._serialized_end=1081
+  _globals['_PUTBLOBREPLY']._serialized_start=1083
+  _globals['_PUTBLOBREPLY']._serialized_end=1111
+  _globals['_COORDINATOR']._serialized_start=1114
+  _globals['_COORDINATOR']._serialized_end=1623
 # @@protoc_insertion_point(module_scope)

@@ -1,6 +1,8 @@
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from typing import ClassVar as _ClassVar, Optional as _Optional
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -57,6 +59,38 @@ class StatementReply(_message.Message):
     STATEMENT_JSON_FIELD_NUMBER: _ClassVar[int]
     statement_json: str
     def __init__(self, statement_json: _Optional[str] = ...) -> None: ...
+
+class SignedTreeHead(_message.Message):
+    __slots__ = ("run_id", "tree_size", "root", "issued_at", "signature")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    TREE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    ROOT_FIELD_NUMBER: _ClassVar[int]
+    ISSUED_AT_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    tree_size: int
+    root: str
+    issued_at: float
+    signature: bytes
+    def __init__(self, run_id: _Optional[str] = ..., tree_size: _Optional[int] = ..., root: _Optional[str] = ..., issued_at: _Optional[float] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class ReceiptProof(_message.Message):
+    __slots__ = ("receipt_json", "leaf_index", "audit_path")
+    RECEIPT_JSON_FIELD_NUMBER: _ClassVar[int]
+    LEAF_INDEX_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_PATH_FIELD_NUMBER: _ClassVar[int]
+    receipt_json: str
+    leaf_index: int
+    audit_path: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, receipt_json: _Optional[str] = ..., leaf_index: _Optional[int] = ..., audit_path: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class ReceiptProofReply(_message.Message):
+    __slots__ = ("tree_head", "proofs")
+    TREE_HEAD_FIELD_NUMBER: _ClassVar[int]
+    PROOFS_FIELD_NUMBER: _ClassVar[int]
+    tree_head: SignedTreeHead
+    proofs: _containers.RepeatedCompositeFieldContainer[ReceiptProof]
+    def __init__(self, tree_head: _Optional[_Union[SignedTreeHead, _Mapping]] = ..., proofs: _Optional[_Iterable[_Union[ReceiptProof, _Mapping]]] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ("view", "node_id", "since_event_id", "requester_node_id", "timestamp", "signature")

@@ -49,6 +49,11 @@ class CoordinatorStub:
                 request_serializer=protocol_dot_coordinator__pb2.StatementRequest.SerializeToString,
                 response_deserializer=protocol_dot_coordinator__pb2.StatementReply.FromString,
                 _registered_method=True)
+        self.GetReceiptProofs = channel.unary_unary(
+                '/atom.v1.Coordinator/GetReceiptProofs',
+                request_serializer=protocol_dot_coordinator__pb2.StatementRequest.SerializeToString,
+                response_deserializer=protocol_dot_coordinator__pb2.ReceiptProofReply.FromString,
+                _registered_method=True)
         self.GetStatus = channel.unary_unary(
                 '/atom.v1.Coordinator/GetStatus',
                 request_serializer=protocol_dot_coordinator__pb2.StatusRequest.SerializeToString,
@@ -92,6 +97,16 @@ class CoordinatorServicer:
     def GetCreditStatement(self, request, context):
         """A node's own credit statement: every receipt the coordinator signed for it. The request
         is signed by the node's key (see protocol/receipts.py statement_request_bytes).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetReceiptProofs(self, request, context):
+        """A node's own receipts with their audit paths in the Merkle tree of every receipt the
+        coordinator issued, under a tree head the coordinator signs (protocol/merkle.py), so the
+        node can check its receipts are in a published root. Asked and refused as
+        GetCreditStatement.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -151,6 +166,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.GetCreditStatement,
                     request_deserializer=protocol_dot_coordinator__pb2.StatementRequest.FromString,
                     response_serializer=protocol_dot_coordinator__pb2.StatementReply.SerializeToString,
+            ),
+            'GetReceiptProofs': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetReceiptProofs,
+                    request_deserializer=protocol_dot_coordinator__pb2.StatementRequest.FromString,
+                    response_serializer=protocol_dot_coordinator__pb2.ReceiptProofReply.SerializeToString,
             ),
             'GetStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStatus,
@@ -254,6 +274,33 @@ class Coordinator:
             '/atom.v1.Coordinator/GetCreditStatement',
             protocol_dot_coordinator__pb2.StatementRequest.SerializeToString,
             protocol_dot_coordinator__pb2.StatementReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetReceiptProofs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/atom.v1.Coordinator/GetReceiptProofs',
+            protocol_dot_coordinator__pb2.StatementRequest.SerializeToString,
+            protocol_dot_coordinator__pb2.ReceiptProofReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -3,8 +3,9 @@
 Record layouts (all values of exact type; ``from_record`` rejects anything else)::
 
     Lease   -> ConfigRecord {run_id, round, shard_id, kind, base_version, base_digest,
-                             data_start, data_end, data_digest, inner_steps, batch_size,
-                             seq_len, lr, weight_decay, seed, deadline, nonce}
+                             data_start, data_end, data_digest, tokenizer_digest,
+                             data_manifest, inner_steps, batch_size, seq_len, lr,
+                             weight_decay, seed, deadline, nonce}
     Update  -> ConfigRecord {"lease.<field>" for every Lease field,
                              "metrics.<field>" for every UpdateMetrics field,
                              node_id, arrays_digest, signature (bytes, b"" if unsigned)}
@@ -17,9 +18,12 @@ Record layouts (all values of exact type; ``from_record`` rejects anything else)
 
 Flower carries decisions, not bytes: the base model and the shard's tokens are
 content-addressed blobs named by the lease (``base_digest`` is the SHA-256 of the model's
-canonical bytes, ``protocol.digest.arrays_to_bytes``; ``data_digest`` that of the uint16
-little-endian tokens), which the node fetches from the mirrors the work lists, else from the
-coordinator's ``FetchBlob``, checking each digest before use (``node.blobs``).
+canonical bytes, ``protocol.digest.arrays_to_bytes``; ``data_digest`` that of the
+little-endian tokens in the corpus's token dtype, uint16 or uint32), which the node fetches
+from the mirrors the work lists, else from the coordinator's ``FetchBlob``, checking each
+digest before use (``node.blobs``). Every lease also names the run's data: ``tokenizer_digest``
+(the SHA-256 of the corpus's tokenizer.json) and ``data_manifest`` (that of its data manifest,
+``training.manifest``); both are lease fields, so the update a node signs binds them too.
 
 A train reply's arrays are the pseudo-gradient encoded as the work's ``compression`` says
 (``protocol.compression``: by default int8, two arrays per model array) — or, as nodes send
@@ -83,7 +87,9 @@ class Lease:
     base_digest: str  # digest_arrays of the base model
     data_start: int
     data_end: int  # exclusive token index
-    data_digest: str  # digest_bytes of the uint16 little-endian tokens
+    data_digest: str  # digest_bytes of the little-endian tokens (uint16 or uint32)
+    tokenizer_digest: str  # SHA-256 of the run's tokenizer.json (CorpusInfo.tokenizer_digest)
+    data_manifest: str  # SHA-256 of the run's data manifest (CorpusInfo.data_manifest)
     inner_steps: int
     batch_size: int
     seq_len: int
@@ -195,7 +201,7 @@ def _validate_lease(v: Mapping[str, Any], p: str) -> None:
     for name in ("round", "shard_id", "base_version", "data_start", "inner_steps", "seed"):
         require(v[p + name] >= 0, p + name, f"must be >= 0, got {v[p + name]}")
     require(v[p + "kind"] in KINDS, p + "kind", f"must be train or eval, got {v[p + 'kind']!r}")
-    for name in ("base_digest", "data_digest"):
+    for name in ("base_digest", "data_digest", "tokenizer_digest", "data_manifest"):
         require(HEX64.fullmatch(v[p + name]) is not None, p + name, "must be 64 lowercase hex")
     require(v[p + "data_end"] > v[p + "data_start"], p + "data_end", "must be > data_start")
     for name in ("batch_size", "seq_len"):
@@ -298,13 +304,19 @@ def _check_prefetch(prefetch: object) -> None:
             "blobs.prefetch", f"must be a list of at most {MAX_PREFETCH} SHA-256 hex digests")
 
 
-def shard_tokens(data: bytes, lease: Lease) -> np.ndarray:
+def shard_tokens(data: bytes, lease: Lease, dtype: str | None = None) -> np.ndarray:
     """The lease's tokens from its data blob (already checked against ``data_digest``):
-    uint16 little-endian, exactly the lease's range; a read-only view, no copy."""
+    little-endian ``dtype`` (``"<u2"`` or ``"<u4"``, the corpus's token dtype), exactly the
+    lease's range; a read-only view, no copy. Without ``dtype`` it is read off the blob's
+    size (2 or 4 bytes a token): the digest already binds the bytes to the lease."""
     n = lease.data_end - lease.data_start
-    require(len(data) == 2 * n, "data", f"blob holds {len(data)} bytes, the lease range "
-            f"needs {2 * n}")
-    return np.frombuffer(data, dtype="<u2")
+    if dtype is None:
+        dtype = "<u4" if n and len(data) == 4 * n else "<u2"
+    require(dtype in ("<u2", "<u4"), "data", f"token dtype must be <u2 or <u4, got {dtype!r}")
+    size = np.dtype(dtype).itemsize * n
+    require(len(data) == size, "data", f"blob holds {len(data)} bytes, the lease range "
+            f"needs {size}")
+    return np.frombuffer(data, dtype=dtype)
 
 
 def reply_content(update: Update, arrays: Mapping[str, np.ndarray]) -> RecordDict:

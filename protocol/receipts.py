@@ -6,9 +6,16 @@ What is signed — ``receipt_bytes(receipt)`` is the only definition::
                                        ensure_ascii=True, allow_nan=False).encode("ascii")
 
     doc = {"amount": float, "components": {...}, "coordinator_key_fingerprint": str,
-           "issued_at": float, "kind": "train"|"eval"|"penalty", "lease_nonce": str,
-           "node_id": int, "round": int, "run_id": str, "shard_id": int, "tokens": int,
-           "update_digest": str, "update_id": int}
+           "data_manifest": str, "issued_at": float, "kind": "train"|"eval"|"penalty",
+           "lease_nonce": str, "node_id": int, "round": int, "run_id": str,
+           "shard_id": int, "tokens": int, "update_digest": str, "update_id": int}
+
+Any receipt says which data its work was on: ``data_manifest`` is the lease's (the hex SHA-256
+of the run's data manifest, ``training.manifest``: sources, licences, tokenizer, tokens), so a
+credit can be traced to the licensed data it paid for. Receipts issued before the field
+existed have no ``data_manifest`` key at all, and their bytes are exactly as they were signed:
+they still verify. A receipt the coordinator issues now always carries it; a document with the
+key present but not 64 lowercase hex is malformed.
 
 A ``train`` or ``eval`` receipt pays accepted work (``amount`` >= 0, ``tokens`` the tokens
 credited). A ``penalty`` receipt charges an update that lost a check against the coordinator's
@@ -53,7 +60,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from protocol._fields import check_keys, normalise
+from protocol._fields import HEX64, check_keys, normalise
 from protocol.errors import ProtocolError, VerificationError
 from protocol.messages import KINDS
 from protocol.signing import fingerprint, public_key_pem, sign, verify
@@ -115,10 +122,17 @@ class Receipt:
     components: dict[str, Any]  # why: {"kind", "tokens", "rate_per_1k"} (+ "reason", "factor")
     issued_at: float  # unix seconds
     coordinator_key_fingerprint: str
+    # the lease's data_manifest; "" only for a receipt issued before receipts named one,
+    # whose document has no such key (module docstring)
+    data_manifest: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """The signed document: numbers coerced to their declared types, fields checked."""
         doc: dict[str, Any] = normalise(self)
+        if doc["data_manifest"] == "":
+            del doc["data_manifest"]  # an old receipt: signed without the key
+        elif HEX64.fullmatch(doc["data_manifest"]) is None:
+            raise ProtocolError("receipt.data_manifest: must be 64 lowercase hex")
         if self.kind not in RECEIPT_KINDS:
             raise ProtocolError(f"receipt.kind: must be one of {RECEIPT_KINDS}, "
                                 f"not {self.kind!r}")
@@ -137,7 +151,12 @@ class Receipt:
         """Parse a receipt document strictly; raises ``ProtocolError`` naming the field."""
         if not isinstance(doc, Mapping):
             raise ProtocolError("receipt: expected an object")
-        check_keys(doc, {f.name for f in dataclasses.fields(cls)}, "receipt")
+        names = {f.name for f in dataclasses.fields(cls)}
+        if "data_manifest" not in doc:  # issued before receipts named their data
+            names.discard("data_manifest")
+        elif doc["data_manifest"] == "":
+            raise ProtocolError("receipt.data_manifest: must be 64 lowercase hex")
+        check_keys(doc, names, "receipt")
         receipt = cls(**doc)
         receipt.to_dict()  # type checks
         return receipt

@@ -4,7 +4,10 @@ The digest is ``protocol.digest.digest_arrays`` of the weights, the same digest 
 leases carry as ``base_digest``, so a node can check a downloaded base before training
 on it. The meta JSON holds at least::
 
-    {"format": 1, "digest": <hex sha256>, "version": <model version>, "model": {GPTConfig fields}}
+    {"format": 1, "digest": <hex sha256>, "version": <model version>, "model": {arch}}
+
+where ``arch`` is ``training.families.arch_of``: GPTConfig's fields for the built-in GPT,
+``{"family": "llama", ...}`` for a transformers family.
 
 plus whatever the caller adds. The digest is also stored in the safetensors header.
 Loading recomputes it; any mismatch or damage raises a one-line ``CheckpointError``.
@@ -38,7 +41,7 @@ def save_checkpoint(
 ) -> tuple[Path, str]:
     """Write ``arrays`` and ``meta`` to ``dir``, named by their digest; return (path, digest).
 
-    ``meta`` must hold ``"version"`` and ``"model"`` (a GPTConfig or its dict); ``"format"``
+    ``meta`` must hold ``"version"`` and ``"model"`` (a GPTConfig or an arch dict); ``"format"``
     and ``"digest"`` are filled in here. Writing the same weights twice is harmless.
 
     Raises

@@ -10,7 +10,7 @@ import torch
 from torch.nn import functional as F
 
 from training.device import autocast, pick_device
-from training.model import GPTConfig
+from training.families import ModelSpec
 from training.state import arrays_to_model
 
 __all__ = ["EvalResult", "eval_windows", "evaluate", "window_losses"]
@@ -32,7 +32,7 @@ class EvalResult:
 @torch.no_grad()
 def evaluate(
     arrays: Mapping[str, np.ndarray],
-    cfg: GPTConfig,
+    cfg: ModelSpec,
     tokens: np.ndarray,
     *,
     seq_len: int,
@@ -87,7 +87,7 @@ def eval_windows(n_tokens: int, seq_len: int) -> list[tuple[int, int]]:
 @torch.no_grad()
 def window_losses(
     arrays: Mapping[str, np.ndarray],
-    cfg: GPTConfig,
+    cfg: ModelSpec,
     tokens: np.ndarray,
     windows: list[int],
     *,

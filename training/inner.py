@@ -19,10 +19,13 @@ import numpy as np
 import torch
 
 from training.device import autocast, pick_device
-from training.model import GPT, GPTConfig
+from training.families import ModelSpec
 from training.state import arrays_to_model, model_to_arrays
 
-__all__ = ["InnerResult", "first_batch_loss", "inner_optimizer", "sample_batch", "train_inner"]
+__all__ = [
+    "InnerResult", "check_inner_args", "first_batch_loss", "inner_optimizer", "sample_batch",
+    "train_inner",
+]
 
 GRAD_CLIP = 1.0
 BETAS = (0.9, 0.95)
@@ -66,7 +69,7 @@ def sample_batch(
     return window[:, :-1], window[:, 1:]
 
 
-def inner_optimizer(model: GPT, lr: float, weight_decay: float, device: torch.device):
+def inner_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, device: torch.device):
     # Constant lr, no warm-up: a per-lease warm-up + cosine decay measured worse on the demo
     # setup (bench/diloco_sim.py); a schedule across rounds is the coordinator's, through
     # each lease's lr. Weight decay on matrices and embeddings only, not gains and biases.
@@ -81,7 +84,7 @@ def inner_optimizer(model: GPT, lr: float, weight_decay: float, device: torch.de
 
 def train_inner(
     base: Mapping[str, np.ndarray],
-    cfg: GPTConfig,
+    cfg: ModelSpec,
     tokens: np.ndarray,
     *,
     steps: int,
@@ -113,16 +116,7 @@ def train_inner(
         If the shard is shorter than ``seq_len + 1`` tokens, ``seq_len`` exceeds the
         model's ``block_size``, or a count is not positive.
     """
-    if steps < 1 or batch_size < 1 or seq_len < 1:
-        raise ValueError(
-            f"steps, batch_size, seq_len must be >= 1, got {steps}, {batch_size}, {seq_len}"
-        )
-    if seq_len > cfg.block_size:
-        raise ValueError(f"seq_len {seq_len} exceeds the model's block_size {cfg.block_size}")
-    if len(tokens) < seq_len + 1:
-        raise ValueError(
-            f"shard has {len(tokens)} tokens; need at least seq_len + 1 = {seq_len + 1}"
-        )
+    check_inner_args(cfg, len(tokens), steps=steps, batch_size=batch_size, seq_len=seq_len)
     t0 = time.perf_counter()
     dev = torch.device(device) if device is not None else pick_device("auto")
     data = torch.from_numpy(np.asarray(tokens, dtype=np.int64)).to(dev)
@@ -172,9 +166,24 @@ def train_inner(
     )
 
 
+def check_inner_args(cfg: ModelSpec, n_tokens: int, *, steps: int, batch_size: int,
+                     seq_len: int) -> None:
+    """Raise ``ValueError`` for the arguments ``train_inner`` refuses (see there)."""
+    if steps < 1 or batch_size < 1 or seq_len < 1:
+        raise ValueError(
+            f"steps, batch_size, seq_len must be >= 1, got {steps}, {batch_size}, {seq_len}"
+        )
+    if seq_len > cfg.block_size:
+        raise ValueError(f"seq_len {seq_len} exceeds the model's block_size {cfg.block_size}")
+    if n_tokens < seq_len + 1:
+        raise ValueError(
+            f"shard has {n_tokens} tokens; need at least seq_len + 1 = {seq_len + 1}"
+        )
+
+
 def first_batch_loss(
     base: Mapping[str, np.ndarray],
-    cfg: GPTConfig,
+    cfg: ModelSpec,
     tokens: np.ndarray,
     *,
     batch_size: int,
@@ -202,7 +211,7 @@ def first_batch_loss(
         return _fp32_loss(model, x, y)
 
 
-def _fp32_loss(model: GPT, x: torch.Tensor, y: torch.Tensor) -> float:
+def _fp32_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     """The model's loss on one batch, without autocast, gradients or dropout (eval mode:
     no random masks that CPU and CUDA would draw differently); leaves it in train mode."""
     model.eval()

@@ -8,7 +8,7 @@ import numpy as np
 
 from protocol.digest import digest_bytes
 
-__all__ = ["Shard", "make_shards", "data_digest"]
+__all__ = ["Shard", "make_shards", "data_digest", "shard_bytes"]
 
 
 @dataclass(frozen=True)
@@ -45,9 +45,25 @@ def make_shards(start: int, end: int, shard_tokens: int) -> list[Shard]:
     return [Shard(i, a, b) for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
 
 
-def data_digest(tokens: np.ndarray) -> str:
-    """Hex SHA-256 of ``tokens`` as little-endian uint16 bytes: a lease's ``data_digest``."""
+def data_digest(tokens: np.ndarray, dtype: str | np.dtype = "<u2") -> str:
+    """Hex SHA-256 of ``tokens`` as little-endian bytes of the corpus's token ``dtype``
+    (``CorpusInfo.dtype``: ``<u2`` or ``<u4``): a lease's ``data_digest``, and the bytes of
+    the shard blob it names (``shard_bytes``)."""
+    return digest_bytes(shard_bytes(tokens, dtype))
+
+
+def shard_bytes(tokens: np.ndarray, dtype: str | np.dtype = "<u2") -> bytes:
+    """``tokens`` as the little-endian bytes of ``dtype``, the layout of a shard blob.
+
+    Raises
+    ------
+    ValueError
+        If ``dtype`` is not ``<u2``/``<u4`` (any byte order) or a token does not fit in it.
+    """
+    dt = np.dtype(dtype).newbyteorder("<")
+    if dt not in (np.dtype("<u2"), np.dtype("<u4")):
+        raise ValueError(f"token dtype must be uint16 or uint32, got {np.dtype(dtype)}")
     arr = np.asarray(tokens)
-    if arr.size and (arr.min() < 0 or arr.max() > 0xFFFF):
-        raise ValueError("tokens do not fit in uint16")
-    return digest_bytes(np.ascontiguousarray(arr, dtype="<u2").tobytes())
+    if arr.size and (arr.min() < 0 or arr.max() > np.iinfo(dt).max):
+        raise ValueError(f"tokens do not fit in {dt.name}")
+    return np.ascontiguousarray(arr, dtype=dt).tobytes()

@@ -118,7 +118,8 @@ def _sign(issuer: ReceiptIssuer | None, *, node_id: int, lease: Lease, update: U
         run_id=lease.run_id, node_id=node_id, update_id=update_id,
         update_digest=update.arrays_digest, lease_nonce=lease.nonce, round=lease.round,
         shard_id=lease.shard_id, kind=kind, tokens=tokens, amount=amount,
-        components=components, issued_at=now, coordinator_key_fingerprint=issuer.fingerprint))
+        components=components, issued_at=now, coordinator_key_fingerprint=issuer.fingerprint,
+        data_manifest=lease.data_manifest))  # the data the work was on: every receipt says
 
 
 def _body(signed: SignedReceipt | None) -> tuple[str, bytes] | None:

@@ -17,12 +17,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from protocol.errors import ProtocolError, Reason, VerificationError
+from protocol.merkle import ReceiptProof, SignedTreeHead, sign_tree_head
 from protocol.receipts import (
     Receipt, SignedReceipt, Statement, seal_statement, statement_request_bytes,
 )
 from protocol.signing import verify
 
 from coordinator.accounting.credits import ReceiptIssuer
+from coordinator.accounting.receipt_tree import receipt_tree
 from coordinator.ledger import CreditReceipt
 from coordinator.ledger.reads import LedgerReads
 
@@ -53,6 +55,22 @@ class StatementDesk:
         VerificationError
             ``unknown_node``, ``clock_skew`` or ``bad_signature``.
         """
+        self._authorise(node_id, timestamp, signature)
+        receipts = [signed_receipt(row) for row in self.ledger.receipts(node_id)]
+        return seal_statement(node_id, self.run_id, receipts, self.issuer.key, self.clock())
+
+    def receipt_proofs(self, node_id: int, timestamp: float, signature: bytes
+                       ) -> tuple[SignedTreeHead, list[ReceiptProof]]:
+        """The signed head of the tree of every receipt and the proofs of ``node_id``'s
+        receipts in it, for the same request as its statement (same refusals)."""
+        self._authorise(node_id, timestamp, signature)
+        tree = receipt_tree(self.ledger)
+        head = sign_tree_head(tree.head(self.run_id, self.clock()), self.issuer.key)
+        mine = [(row.id, signed_receipt(row)) for row in self.ledger.receipts(node_id)]
+        return head, tree.proofs(mine)
+
+    def _authorise(self, node_id: int, timestamp: float, signature: bytes) -> None:
+        """Return if the request is ``node_id``'s own, signed by its key and fresh."""
         node = self.ledger.node(node_id)
         if node is None:
             raise VerificationError(Reason.UNKNOWN_NODE, f"no node {node_id} is enrolled")
@@ -67,5 +85,3 @@ class StatementDesk:
         if not verify(node.public_key_pem, data, signature):
             raise VerificationError(Reason.BAD_SIGNATURE,
                                     f"request is not signed by node {node_id}'s key")
-        receipts = [signed_receipt(row) for row in self.ledger.receipts(node_id)]
-        return seal_statement(node_id, self.run_id, receipts, self.issuer.key, self.clock())

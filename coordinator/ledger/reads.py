@@ -272,6 +272,18 @@ class LedgerReads:
         stmt = select(CreditReceipt).order_by(col(CreditReceipt.id))
         return self._all(stmt if node_id is None else stmt.where(CreditReceipt.node_id == node_id))
 
+    def receipt_bodies(self, after_id: int = 0, limit: int = 50_000) -> list[tuple[int, str]]:
+        """``(id, body)`` of up to ``limit`` receipts with ids above ``after_id``, oldest
+        first: the receipt tree pages through every receipt this way, with neither signatures
+        nor row objects (a million of those would not fit comfortably). Core rows, not the
+        ORM's, whose row processing about doubled the time (~4 s per million on SQLite)."""
+        stmt = (select(CreditReceipt.id, CreditReceipt.body)
+                .where(col(CreditReceipt.id) > after_id).order_by(col(CreditReceipt.id))
+                .limit(limit))
+        with self._session() as session:
+            rows = session.connection().execute(stmt).all()
+        return [(int(i), str(b)) for i, b in rows]
+
     def versions(self) -> list[ModelVersion]:
         return self._all(select(ModelVersion).order_by(col(ModelVersion.version)))
 

@@ -33,7 +33,8 @@ from protocol.errors import ProtocolError
 from protocol.messages import Kind, Lease, Verdict, parse_handback, work_content
 from training.checkpoint import load_checkpoint
 from training.corpus import CorpusInfo
-from training.shards import data_digest, make_shards
+from training.families import arch_of
+from training.shards import data_digest, make_shards, shard_bytes
 
 from coordinator import metrics
 from coordinator.accounting.credits import ReceiptIssuer
@@ -99,7 +100,10 @@ class RunLoop:
         lo, hi = self.corpus.train_range
         shards = [(s.shard_id, s.start, s.end) for s in make_shards(lo, hi, self.cfg.shard_tokens)]
         self.scheduler = Scheduler(run_id=self.cfg.run.id, shards=shards, train=self.cfg.train,
-                                   data_digest=lambda a, b: data_digest(self.tokens[a:b]),
+                                   data_digest=lambda a, b: data_digest(self.tokens[a:b],
+                                                                     self.corpus.dtype),
+                                   tokenizer_digest=self.corpus.tokenizer_digest,
+                                   data_manifest=self.corpus.data_manifest,
                                    clock=self.clock)
         accepted = {u.lease_id for u in self.ledger.updates() if u.verdict == Verdict.ACCEPTED}
         # a spot-checked shard may have two accepted results in its round: it counts once
@@ -108,12 +112,12 @@ class RunLoop:
         self.scheduler.restore(list(done.values()))
         self.aggregator = get_aggregator(self.cfg.aggregation.method,
                                          dataclasses.asdict(self.cfg.aggregation))
-        self.arch = dataclasses.asdict(self.store.gpt)
+        self.arch = arch_of(self.store.spec)  # what every work message carries
         self.codec = self.cfg.codec()
-        self.judge = RoundJudge(self.cfg, self.ledger, self.store.gpt, self.tokens,
+        self.judge = RoundJudge(self.cfg, self.ledger, self.store.spec, self.tokens,
                                 self.corpus.val_range, self.rng, self.issuer)
         self._evaluated = {v.version for v in self.ledger.versions() if v.val_loss is not None}
-        self.eval_judge = EvalJudge(self.cfg, self.ledger, self.store.gpt, self.tokens,
+        self.eval_judge = EvalJudge(self.cfg, self.ledger, self.store.spec, self.tokens,
                                     self.rng, self.issuer)
 
     # -- the loop -----------------------------------------------------------------------
@@ -480,8 +484,8 @@ class RunLoop:
                 self._deltas[store.digest] = (
                     store.delta.base, self.blobs.put(arrays_to_bytes(store.delta.encoding)))
         if not self.blobs.has(lease.data_digest):
-            data = np.asarray(self.tokens[lease.data_start:lease.data_end]).astype("<u2")
-            self.blobs.put(data.tobytes(), lease.data_digest)
+            data = shard_bytes(self.tokens[lease.data_start:lease.data_end], self.corpus.dtype)
+            self.blobs.put(data, lease.data_digest)
 
     def _screen(self, sent: Sent, content: RecordDict) -> Candidate | None:
         """``verify`` one reply: a Candidate for its phase's verdict, or None once a

@@ -79,7 +79,8 @@ class Scheduler:
     """
 
     def __init__(self, *, run_id: str, shards: Sequence[tuple[int, int, int]],
-                 data_digest: Callable[[int, int], str], train: TrainLike, seed: int = 0,
+                 data_digest: Callable[[int, int], str], train: TrainLike,
+                 tokenizer_digest: str, data_manifest: str, seed: int = 0,
                  clock: Callable[[], float] = time.time,
                  nonce: Callable[[], str] = lambda: secrets.token_hex(16)) -> None:
         if not shards:
@@ -89,6 +90,8 @@ class Scheduler:
             raise ValueError("duplicate shard ids")
         self._run_id, self._train, self._seed = run_id, train, seed
         self._data_digest, self._clock, self._nonce = data_digest, clock, nonce
+        # the run's corpus (CorpusInfo.tokenizer_digest / data_manifest): every lease names it
+        self._tokenizer_digest, self._data_manifest = tokenizer_digest, data_manifest
         self._digests: dict[tuple[int, int], str] = {}
         self._epoch = -1
         self._pool: deque[tuple[int, int]] = deque()  # (shard_id, epoch), next first
@@ -344,6 +347,7 @@ class Scheduler:
         return Lease(run_id=self._run_id, round=round, shard_id=shard_id, kind=kind,
                      base_version=base_version, base_digest=base_digest,
                      data_start=start, data_end=end, data_digest=self._digests[(start, end)],
+                     tokenizer_digest=self._tokenizer_digest, data_manifest=self._data_manifest,
                      inner_steps=size.inner_steps if train else 0, batch_size=t.batch_size,
                      seq_len=t.seq_len, lr=float(t.lr) if train else 0.0,
                      weight_decay=float(t.weight_decay) if train else 0.0, seed=seed,

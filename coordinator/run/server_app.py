@@ -59,7 +59,8 @@ def main(grid: Grid, context: Context) -> None:
 
             def make() -> RunLoop:  # from what the ledger holds (again after an outage)
                 return make_run_loop(cfg, ledger, FlowerTransport(grid),
-                               ModelStore.open(rd.checkpoints, cfg, ledger), corpus,
+                               ModelStore.open(rd.checkpoints, cfg, ledger, corpus=corpus),
+                               corpus,
                                issuer=issuer, blobs=BlobDir(rd.blobs))
 
             run_resuming(make)

@@ -1,10 +1,12 @@
-"""The coordinator's own gRPC service: enrollment, liveness, credit statements, status.
+"""The coordinator's own gRPC service: enrollment, liveness, credit statements and receipt
+proofs, status.
 
 A thin servicer: each RPC calls one handler and domain errors map to status codes here, once.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import itertools
 import secrets
@@ -189,6 +191,25 @@ class CoordinatorService(BlobService, pb_grpc.CoordinatorServicer):
             _abort(context, err)
             raise
         return pb.StatementReply(statement_json=statement.to_json())
+
+    def GetReceiptProofs(self, request: pb.StatementRequest,
+                         context: grpc.ServicerContext) -> pb.ReceiptProofReply:
+        try:
+            if self.statements is None:
+                raise NetworkError("this coordinator service hands out no receipt proofs")
+            signed, proofs = self.statements.receipt_proofs(request.node_id, request.timestamp,
+                                                            request.signature)
+        except Exception as err:  # noqa: BLE001
+            _abort(context, err)
+            raise
+        head = signed.head
+        return pb.ReceiptProofReply(
+            tree_head=pb.SignedTreeHead(run_id=head.run_id, tree_size=head.tree_size,
+                                        root=head.root, issued_at=head.issued_at,
+                                        signature=signed.signature),
+            proofs=[pb.ReceiptProof(receipt_json=json.dumps(p.signed.to_dict(), sort_keys=True),
+                                    leaf_index=p.leaf_index, audit_path=list(p.audit_path))
+                    for p in proofs])
 
     def GetStatus(self, request: pb.StatusRequest,
                   context: grpc.ServicerContext) -> pb.StatusReply:

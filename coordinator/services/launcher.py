@@ -15,29 +15,20 @@ from protocol.blobstore import BlobDir
 from protocol.errors import NetworkError
 from protocol.metrics import MetricsServer, multiprocess_env, serve_metrics
 from protocol.processes import free_port, process_token
-from training.corpus import CorpusInfo, build_folder_corpus, build_stdlib_corpus
 
 from coordinator.accounting.credits import ReceiptIssuer
 from coordinator.config import RunConfig
 from coordinator.ledger import Ledger
 from coordinator.metrics import SERVICE
-from coordinator.run.model_store import model_config, model_params
-from coordinator.rundir import RunDir
+from coordinator.run.model_store import model_config, model_params, run_vocab_size
+from coordinator.rundir import RunDir, prepare_corpus
 from coordinator.services.enrollment import Enroller
 from coordinator.services.fleet_proxy import FleetProxy
 from coordinator.services.grpc_service import CoordinatorService, serve, upload_limit
 from coordinator.services.revocation import clear_superlink_state, unregister_revoked, write_superlink_state
 from coordinator.services.superlink import SuperLink
 
-__all__ = ["Coordinator", "prepare_corpus"]
-
-
-def prepare_corpus(rd: RunDir, cfg: RunConfig) -> CorpusInfo:
-    """Build (or reuse) the run's token file: the stdlib's own sources by default."""
-    folder = cfg.data_folder(rd.path)
-    if folder is None:
-        return build_stdlib_corpus(rd.corpus, cfg.data.max_bytes, cfg.data.val_every)
-    return build_folder_corpus(folder, rd.corpus, cfg.data.max_bytes, cfg.data.val_every)
+__all__ = ["Coordinator", "prepare_corpus"]  # prepare_corpus: from coordinator.rundir
 
 
 @dataclass
@@ -54,6 +45,7 @@ class Coordinator:
     def __post_init__(self) -> None:
         self.cfg = self.rd.config()
         model_config(self.cfg)  # a bad [model] fails here, before anything starts
+        # (at the byte vocabulary: the tokenizer's is known once start() has the corpus)
 
     def __enter__(self) -> Coordinator:
         self.ledger = self.rd.ledger(self.cfg)
@@ -69,7 +61,8 @@ class Coordinator:
 
     def start(self) -> None:
         cfg, rd = self.cfg, self.rd
-        prepare_corpus(rd, cfg)
+        # the model at the corpus's vocabulary, checked before any process starts
+        params = model_params(cfg, run_vocab_size(prepare_corpus(rd, cfg)))
         # The SuperLink's port also serves Flower's unauthenticated Control API: it listens on
         # loopback only, and nodes reach its Fleet API through the proxy on the public port.
         private_port = free_port()
@@ -96,7 +89,7 @@ class Coordinator:
         service = CoordinatorService(enroller, cfg.run.id, rd.fleet_address(cfg),
                                      rd.public_key_pem(), ReceiptIssuer.load(rd.key_path),
                                      blobs=BlobDir(rd.blobs), max_upload_bytes=upload_limit(
-                                         model_params(cfg), cfg.compression.scheme))
+                                         params, cfg.compression.scheme))
         self.service = service
         self.server = serve(service, cfg.network.host, cfg.network.coordinator_port,
                             rd.tls.server_cert.read_bytes(), rd.tls.server_key.read_bytes())

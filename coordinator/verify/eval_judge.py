@@ -39,7 +39,7 @@ import numpy as np
 from protocol.errors import Reason
 from protocol.messages import EVAL_WINDOWS, Lease
 from training.evaluate import eval_windows, evaluate, window_losses
-from training.model import GPTConfig
+from training.families import ModelSpec
 
 from coordinator.accounting.credits import ReceiptIssuer
 from coordinator.config import RunConfig
@@ -132,7 +132,7 @@ def validation_loss(cands: Sequence[Candidate], update_ids: Mapping[str, int],
 class EvalJudge:
     cfg: RunConfig
     ledger: Ledger
-    gpt: GPTConfig
+    spec: ModelSpec
     tokens: np.ndarray  # the whole corpus
     rng: random.Random
     issuer: ReceiptIssuer | None = None
@@ -224,7 +224,7 @@ class EvalJudge:
         key = (lease.data_start, lease.data_end)
         todo = sorted({i for i in windows if (*key, i) not in self._cache})
         if todo:
-            sums = window_losses(base, self.gpt, np.asarray(self.tokens[slice(*key)]), todo,
+            sums = window_losses(base, self.spec, np.asarray(self.tokens[slice(*key)]), todo,
                                  seq_len=lease.seq_len)
             self._cache.update({(*key, i): float(s) for i, s in zip(todo, sums)})
         return [self._cache[(*key, i)] for i in windows]
@@ -252,7 +252,7 @@ class EvalJudge:
     def evaluate_range(self, base: Arrays, start: int, end: int) -> tuple[float, int]:
         """(loss sum, tokens) of the coordinator's own evaluation of [start, end)."""
         t = self.cfg.train
-        res = evaluate(base, self.gpt, np.asarray(self.tokens[start:end]), seq_len=t.seq_len,
+        res = evaluate(base, self.spec, np.asarray(self.tokens[start:end]), seq_len=t.seq_len,
                        batch_size=t.batch_size)
         return res.loss_sum, res.tokens
 

@@ -32,7 +32,7 @@ from protocol.errors import Reason
 from protocol.messages import Lease
 from training.evaluate import evaluate
 from training.inner import first_batch_loss, train_inner
-from training.model import GPTConfig
+from training.families import ModelSpec
 
 from coordinator.accounting.credits import ReceiptIssuer
 from coordinator.config import RunConfig
@@ -120,7 +120,7 @@ class _Scores:
 class RoundJudge:
     cfg: RunConfig
     ledger: Ledger
-    gpt: GPTConfig
+    spec: ModelSpec
     tokens: np.ndarray  # the whole corpus
     val_range: tuple[int, int]
     rng: random.Random
@@ -191,7 +191,7 @@ class RoundJudge:
         key = (x.base_version, x.data_start, x.data_end, x.seed, x.batch_size, x.seq_len)
         if key not in self._base_losses:
             self._base_losses[key] = first_batch_loss(
-                base, self.gpt, np.asarray(self.tokens[x.data_start:x.data_end]),
+                base, self.spec, np.asarray(self.tokens[x.data_start:x.data_end]),
                 batch_size=x.batch_size, seq_len=x.seq_len, seed=x.seed)
         return self._base_losses[key]
 
@@ -238,7 +238,7 @@ class RoundJudge:
 
     def _recompute(self, base: Arrays, lease: Lease) -> dict[str, np.ndarray]:
         t0 = time.perf_counter()
-        res = train_inner(base, self.gpt, np.asarray(self.tokens[lease.data_start:lease.data_end]),
+        res = train_inner(base, self.spec, np.asarray(self.tokens[lease.data_start:lease.data_end]),
                           steps=lease.inner_steps, batch_size=lease.batch_size,
                           seq_len=lease.seq_len, lr=lease.lr, weight_decay=lease.weight_decay,
                           seed=lease.seed, device="cpu")
@@ -299,7 +299,7 @@ class RoundJudge:
         # small model's scores a hundred small passes each. Only the coordinator compares
         # these scores, so the batching (which moves the last float digits) is its own.
         seq = self.cfg.train.seq_len
-        res = evaluate(arrays, self.gpt, tokens, seq_len=seq,
+        res = evaluate(arrays, self.spec, tokens, seq_len=seq,
                        batch_size=max(self.cfg.train.batch_size, _SCORE_BATCH_TOKENS // seq))
         return res.mean_loss
 

@@ -17,7 +17,7 @@ from coordinator.ledger.models import TABLES
 from protocol.errors import LedgerError
 from protocol.messages import Lease, Update, UpdateMetrics
 from protocol.receipts import receipt_bytes, verify_receipt
-from protocol.signing import generate_key, public_key_pem
+from protocol.signing import generate_key, public_key_pem, sign
 
 
 @pytest.fixture
@@ -80,6 +80,7 @@ def test_signed_receipt_round_trips_exactly(ledger: Ledger, make, node) -> None:
     lease = Lease(run_id=row.run_id, round=row.round, shard_id=row.shard_id, kind="eval",
                   base_version=0, base_digest="a" * 64, data_start=row.data_start,
                   data_end=row.data_end, data_digest="b" * 64, inner_steps=1, batch_size=1,
+                  tokenizer_digest="7" * 64, data_manifest="8" * 64,
                   seq_len=8, lr=0.001, weight_decay=0.0, seed=1, deadline=row.deadline,
                   nonce=row.nonce)
     update = Update(lease=lease, node_id=node.id, arrays_digest="ab" * 32,
@@ -95,6 +96,28 @@ def test_signed_receipt_round_trips_exactly(ledger: Ledger, make, node) -> None:
     verify_receipt(back, public_key_pem(key), node.id)
     assert back.receipt.components == entry.components_dict() == {
         "kind": "eval", "tokens": 777, "rate_per_1k": 0.3}
+    # the receipt names the data its work was on: the lease's data manifest
+    assert back.receipt.data_manifest == lease.data_manifest
+    assert json.loads(stored.body)["data_manifest"] == "8" * 64
+
+
+def test_a_receipt_stored_before_data_manifests_still_verifies(ledger: Ledger, make,
+                                                               node) -> None:
+    """A ledger's receipt from before receipts named their data: its body has no
+    ``data_manifest`` and verifies as it was signed."""
+    key = ReceiptIssuer(generate_key())
+    upd = make.answer(make.lease(node.id))
+    doc = {"amount": 1.0, "components": {"kind": "train", "rate_per_1k": 1.0, "tokens": 1000},
+           "coordinator_key_fingerprint": key.fingerprint, "issued_at": 5.0, "kind": "train",
+           "lease_nonce": "cd" * 16, "node_id": node.id, "round": 1, "run_id": "r",
+           "shard_id": 0, "tokens": 1000, "update_digest": "ab" * 32, "update_id": upd.id}
+    body = json.dumps(doc, sort_keys=True, separators=(",", ":"))
+    ledger.add_credit(node.id, upd.id, 1.0, doc["components"], now=5.0,
+                      receipt=(body, sign(key.key, b"atom-receipt-v1\n" + body.encode())))
+    (stored,) = ledger.receipts(node_id=node.id)
+    back = signed_receipt(stored)
+    assert back.receipt.data_manifest == ""
+    verify_receipt(back, public_key_pem(key.key), node.id)
 
 
 def test_ledger_made_before_receipts_gains_the_table(ledger_url: str, open_ledger) -> None:

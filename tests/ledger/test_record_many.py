@@ -32,6 +32,7 @@ def _items(make: Make, inst_id: int, tag: str) -> list[Verdicted]:
         row = make.lease(node.id)
         lease = Lease(run_id="run-1", round=1, shard_id=row.shard_id, kind="train",
                       base_version=0, base_digest="0" * 64, data_digest="1" * 64,
+                      tokenizer_digest="7" * 64, data_manifest="8" * 64,
                       data_start=row.data_start, data_end=row.data_end, seq_len=32,
                       batch_size=2, inner_steps=3, lr=0.01, weight_decay=0.0, seed=7,
                       nonce=row.nonce,

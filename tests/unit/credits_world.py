@@ -64,6 +64,7 @@ class World:
                       # an eval range predicts all its tokens but the first
                       data_end=shard * 100 + (64 if kind == "train" else tokens + 1),
                       data_digest="b" * 64, inner_steps=2,
+                      tokenizer_digest="7" * 64, data_manifest="8" * 64,
                       batch_size=2, seq_len=8, lr=1e-3, weight_decay=0.0, seed=shard,
                       deadline=now + (-1.0 if late else 60.0), nonce=secrets.token_hex(16))
         row = self.ledger.record_lease(

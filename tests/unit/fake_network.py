@@ -74,7 +74,7 @@ from protocol.messages import (
 from protocol.signing import fingerprint, generate_key, public_key_pem, sign_update
 from training.evaluate import eval_windows
 from training.inner import first_batch_loss
-from training.model import GPTConfig
+from training.families import spec_from_arch
 
 __all__ = ["BEHAVIOURS", "EVAL_LIES", "FakeClock", "FakeNode", "FakeTransport", "Sent", "enroll",
            "work_seconds"]
@@ -199,8 +199,8 @@ class FakeNode:
         tokens = lease.inner_steps * lease.batch_size * lease.seq_len  # the full claim
 
         def first() -> float:  # the loss the base check wants: one forward pass buys it
-            gpt = GPTConfig(**arch)  # type: ignore[arg-type]
-            return first_batch_loss(model, gpt, data, batch_size=lease.batch_size,
+            spec = spec_from_arch(arch)
+            return first_batch_loss(model, spec, data, batch_size=lease.batch_size,
                                     seq_len=lease.seq_len, seed=lease.seed)
 
         def claim() -> Update:  # what a node that did not train claims

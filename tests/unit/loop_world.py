@@ -94,9 +94,9 @@ def make_net(tmp_path: Path, corpus: CorpusInfo, specs: list, *, rounds: int = 2
     clock = FakeClock()
     blobs = BlobDir(tmp_path / "blobs")
     transport = FakeTransport(nodes, clock, blobs)
-    store = ModelStore.open(tmp_path / "checkpoints", cfg, ledger)
+    store = ModelStore.open(tmp_path / "checkpoints", cfg, ledger, corpus=corpus)
     loop = make_run_loop(cfg, ledger, transport, store, corpus, clock=clock, sleep=clock.sleep,
-                   rng=random.Random(seed), issuer=issuer, blobs=blobs)
+                         rng=random.Random(seed), issuer=issuer, blobs=blobs)
     return Net(cfg, ledger, store, transport, clock, nodes, loop)
 
 
@@ -112,4 +112,4 @@ def build_test_corpus(root: Path, files: int = 20) -> CorpusInfo:
         lines = [" ".join(rng.choice(words) for _ in range(rng.randint(5, 12))).capitalize() + "."
                  for _ in range(120)]
         (src / f"doc{i:02d}.txt").write_text("\n".join(lines))
-    return build_folder_corpus(src, root / "built", val_every=5)
+    return build_folder_corpus(src, root / "built", val_every=5, licence="CC0-1.0")

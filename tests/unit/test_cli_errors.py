@@ -166,6 +166,13 @@ def test_join_with_another_address_than_the_tokens_says_so_and_uses_it(tmp_path:
     assert error.startswith(f"error: cannot reach coordinator at {mine}") and res.rc == NETWORK
 
 
+def test_join_with_more_gpus_than_the_machine_has(tmp_path: Path) -> None:
+    if __import__("torch").cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    res = _join(tmp_path, f"127.0.0.1:{free_port()}", "--token", "garbage", "--gpus", "2")
+    _assert_one_error_line(res, CONFIG, "--gpus 2: this machine has no CUDA GPU")
+
+
 def test_join_with_garbage_token(tmp_path: Path) -> None:
     res = _join(tmp_path, f"127.0.0.1:{free_port()}", "--token", "garbage")
     _assert_one_error_line(res, ENROLLMENT, "invalid invite token")

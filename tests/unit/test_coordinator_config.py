@@ -41,7 +41,7 @@ def test_overrides_round_trip(tmp_path: Path) -> None:
     (tmp_path / "corpus").mkdir()
     text = default_config_text(run_id="uni-run", train_inner_steps=10, outer_nesterov=False,
                                network_fleet_port=9100, model_n_layer=6, data_source="corpus",
-                               data_shard_tokens=5000, train_lr=1)
+                               data_licence="CC-BY-4.0", data_shard_tokens=5000, train_lr=1)
     cfg = parse_config(text, tmp_path)
     assert cfg.run.id == "uni-run"
     assert cfg.train.inner_steps == 10 and cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)

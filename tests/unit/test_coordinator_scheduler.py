@@ -19,6 +19,9 @@ class Clock:
         return self.t
 
 
+TOKENIZER, MANIFEST = "7" * 64, "8" * 64  # the run's corpus, as every lease names it
+
+
 def digest(start: int, end: int) -> str:
     return f"{start:032x}{end:032x}"
 
@@ -27,6 +30,7 @@ def make(n_shards: int = 6, seed: int = 0, clock: Clock | None = None, **train) 
     counter = itertools.count()
     return Scheduler(run_id="r", shards=[(i, 100 * i, 100 * (i + 1)) for i in range(n_shards)],
                      data_digest=digest, train=TrainParams(deadline_s=60.0, **train), seed=seed,
+                     tokenizer_digest=TOKENIZER, data_manifest=MANIFEST,
                      clock=clock or Clock(), nonce=lambda: f"{next(counter):032x}")
 
 
@@ -40,6 +44,7 @@ def test_lease_fields() -> None:
         ("r", 0, "train", 3, BASE)
     assert lease.data_end - lease.data_start == 100 and lease.data_start == 100 * lease.shard_id
     assert lease.data_digest == digest(lease.data_start, lease.data_end)
+    assert (lease.tokenizer_digest, lease.data_manifest) == (TOKENIZER, MANIFEST)
     assert (lease.inner_steps, lease.batch_size, lease.seq_len, lease.lr, lease.weight_decay) == \
         (t.inner_steps, t.batch_size, t.seq_len, t.lr, t.weight_decay)
     assert lease.deadline == 1060.0 and lease.nonce == f"{0:032x}"

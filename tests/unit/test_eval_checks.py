@@ -52,6 +52,7 @@ def test_quorum_prefers_another_institution_and_copies_once_per_node() -> None:
     a, b, c = (Lease(run_id="r", round=1, shard_id=i, kind="eval", base_version=0,
                      base_digest="0" * 64, data_start=i * 64, data_end=(i + 1) * 64,
                      data_digest="0" * 64, inner_steps=0, batch_size=2, seq_len=32, lr=0.0,
+                     tokenizer_digest="7" * 64, data_manifest="8" * 64,
                      weight_decay=0.0, seed=0, deadline=1.0, nonce=f"{i:032x}")
                for i in range(3))
     leases = {1: [a], 2: [b], 3: [c]}
@@ -78,6 +79,7 @@ def eval_reply(tmp_path_factory: pytest.TempPathFactory):
     lease = Lease(run_id="r", round=1, shard_id=0, kind="eval", base_version=0,
                   base_digest=blobs.put(arrays_to_bytes(base)), data_start=1000,
                   data_end=1200, data_digest=blobs.put(tokens.tobytes()), inner_steps=0,
+                  tokenizer_digest="7" * 64, data_manifest="8" * 64,
                   batch_size=2, seq_len=SEQ, lr=0.0, weight_decay=0.0, seed=0, deadline=2e9,
                   nonce="ab" * 16)
     key = generate_key()
@@ -166,7 +168,7 @@ def _true_val_loss(net, corpus, version: int) -> float:  # type: ignore[no-untyp
     spans = sorted((lease.data_start, lease.data_end) for lease in net.ledger.leases()
                    if lease.kind == "eval" and lease.round == version)
     spans = sorted(set(spans))  # quorum copies repeat a range
-    parts = [evaluate(arrays, net.store.gpt, np.asarray(corpus.tokens()[s:e]), seq_len=SEQ,
+    parts = [evaluate(arrays, net.store.spec, np.asarray(corpus.tokens()[s:e]), seq_len=SEQ,
                       batch_size=2, device="cpu") for s, e in spans]
     return sum(p.loss_sum for p in parts) / sum(p.tokens for p in parts)
 

@@ -53,6 +53,7 @@ Mutation = Callable[[dict[str, Any], dict[str, Any]], Content]
 def valid_parts(nonce: str, node_id: int) -> tuple[Lease, Update, dict[str, np.ndarray]]:
     lease = Lease(run_id="fuzz", round=1, shard_id=0, kind="train", base_version=VERSION,
                   base_digest="a" * 64, data_start=0, data_end=512, data_digest="b" * 64,
+                  tokenizer_digest="7" * 64, data_manifest="8" * 64,
                   inner_steps=2, batch_size=2, seq_len=8, lr=1e-3, weight_decay=0.0, seed=1,
                   deadline=NOW + 60, nonce=nonce)
     rng = np.random.default_rng(0)

@@ -50,6 +50,7 @@ def work(blobs: BlobDir) -> object:
     lease = Lease(run_id="r", round=1, shard_id=3, kind="train", base_version=0,
                   base_digest=blobs.put(arrays_to_bytes(init_arrays(CFG, seed=0))),
                   data_start=0, data_end=256, data_digest=blobs.put(tokens.tobytes()),
+                  tokenizer_digest="7" * 64, data_manifest="8" * 64,
                   inner_steps=STEPS, batch_size=2, seq_len=8, lr=1e-3, weight_decay=0.0,
                   seed=1, deadline=time.time() + 60, nonce=NONCE)
     return work_content(lease, dataclasses.asdict(CFG))

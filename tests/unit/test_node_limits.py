@@ -52,6 +52,7 @@ def work(blobs: BlobDir, n_tokens: int = 64, *, batch_size: int = 2, seq_len: in
     lease = Lease(run_id="r", round=1, shard_id=0, kind="train", base_version=0,
                   base_digest=blobs.put(arrays_to_bytes(model)), data_start=0,
                   data_end=n_tokens, data_digest=blobs.put(tokens.tobytes()), inner_steps=1,
+                  tokenizer_digest="7" * 64, data_manifest="8" * 64,
                   batch_size=batch_size, seq_len=seq_len, lr=1e-3, weight_decay=0.0, seed=1,
                   deadline=time.time() + 60, nonce="0" * 32)
     return work_content(lease, ARCH if arch is None else arch)

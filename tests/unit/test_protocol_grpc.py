@@ -32,6 +32,12 @@ def test_messages_round_trip() -> None:
     assert pb.StatusRequest.FromString(status.SerializeToString()) == status
     reply = pb.StatusReply(json='{"format": "atom-status-v1"}')
     assert pb.StatusReply.FromString(reply.SerializeToString()) == reply
+    proofs = pb.ReceiptProofReply(
+        tree_head=pb.SignedTreeHead(run_id="r", tree_size=2**40, root="ab" * 32,
+                                    issued_at=1_700_000_000.5, signature=b"\x30sig"),
+        proofs=[pb.ReceiptProof(receipt_json='{"receipt": {}}', leaf_index=2**40 - 1,
+                                audit_path=[b"\x01" * 32, b"\x02" * 32])])
+    assert pb.ReceiptProofReply.FromString(proofs.SerializeToString()) == proofs
 
 
 def test_service_shape() -> None:
@@ -41,6 +47,7 @@ def test_service_shape() -> None:
     assert methods == {"Enroll": ("EnrollRequest", "EnrollReply"),
                        "Ping": ("PingRequest", "PingReply"),
                        "GetCreditStatement": ("StatementRequest", "StatementReply"),
+                       "GetReceiptProofs": ("StatementRequest", "ReceiptProofReply"),
                        "GetStatus": ("StatusRequest", "StatusReply"),
                        "WatchStatus": ("StatusRequest", "StatusReply"),
                        "FetchBlob": ("FetchBlobRequest", "BlobChunk"),

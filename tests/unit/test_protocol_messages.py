@@ -38,6 +38,7 @@ def make_lease(**over: Any) -> Lease:
         run_id="run-1", round=2, shard_id=5, kind="train", base_version=3,
         base_digest="ab" * 32, data_start=100, data_end=108, data_digest=digest_bytes(
             TOKENS.tobytes()), inner_steps=2, batch_size=2, seq_len=4, lr=3e-4,
+        tokenizer_digest="7" * 64, data_manifest="8" * 64,
         weight_decay=0.1, seed=11, deadline=1_700_000_000.5, nonce="0123456789abcdef" * 2)
     values.update(over)
     return Lease(**values)
@@ -65,6 +66,13 @@ def test_lease_round_trip() -> None:
     record = lease.to_record()
     assert set(record) == {f.name for f in dataclasses.fields(Lease)}
     assert Lease.from_record(record) == lease
+
+
+def test_lease_names_the_runs_tokenizer_and_data_manifest() -> None:
+    record = make_lease().to_record()
+    assert (record["tokenizer_digest"], record["data_manifest"]) == ("7" * 64, "8" * 64)
+    with pytest.raises(ProtocolError, match="tokenizer_digest"):
+        make_lease(tokenizer_digest="7" * 63).to_record()  # nor is a bad one sent
 
 
 def test_update_round_trip_and_layout() -> None:
@@ -102,6 +110,10 @@ LEASE_CASES = [
     ("base_digest", {"base_digest": "zz"}), ("data_end", {"data_end": 100}),
     ("batch_size", {"batch_size": 0}), ("run_id", {"run_id": ""}),
     ("run_id", {"run_id": b"run-1"}), ("inner_steps", {"inner_steps": 0}),
+    ("tokenizer_digest", {"tokenizer_digest": "AB" * 32}),
+    ("tokenizer_digest", {"tokenizer_digest": _DROP}),
+    ("data_manifest", {"data_manifest": "ab" * 31}), ("data_manifest", {"data_manifest": ""}),
+    ("data_manifest", {"data_manifest": _DROP}),
 ]
 
 

@@ -42,6 +42,7 @@ def make_lease(**over: Any) -> Lease:
     values: dict[str, Any] = dict(
         run_id="run-1", round=1, shard_id=0, kind="train", base_version=4, base_digest="a" * 64,
         data_start=0, data_end=64, data_digest="b" * 64, inner_steps=2, batch_size=2,
+        tokenizer_digest="7" * 64, data_manifest="8" * 64,
         seq_len=4, lr=0.001, weight_decay=0.0, seed=1, deadline=1_700_000_000.0,
         nonce="f" * 32)
     values.update(over)
@@ -60,9 +61,11 @@ def test_signed_bytes_known_answer() -> None:
     expected = (
         'atom-update-v1\n{"arrays_digest":"' + "c" * 64 + '","lease":{"base_digest":"'
         + "a" * 64 + '","base_version":4,"batch_size":2,"data_digest":"' + "b" * 64
-        + '","data_end":64,"data_start":0,"deadline":1700000000.0,"inner_steps":2,'
+        + '","data_end":64,"data_manifest":"' + "8" * 64
+        + '","data_start":0,"deadline":1700000000.0,"inner_steps":2,'
         '"kind":"train","lr":0.001,"nonce":"' + "f" * 32 + '","round":1,"run_id":"run-1",'
-        '"seed":1,"seq_len":4,"shard_id":0,"weight_decay":0.0},"metrics":{"loss_after":5.0,'
+        '"seed":1,"seq_len":4,"shard_id":0,"tokenizer_digest":"' + "7" * 64
+        + '","weight_decay":0.0},"metrics":{"loss_after":5.0,'
         '"loss_before":5.5,"steps":2,"tokens":16,"wall_s":1e-05},"node_id":3}')
     assert signed_bytes(update) == expected.encode("ascii")
 

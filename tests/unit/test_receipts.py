@@ -68,6 +68,54 @@ def test_receipt_bytes_known_answer() -> None:
         b'"update_digest":"' + b"c" * 64 + b'","update_id":17}')
 
 
+MANIFEST = "d" * 64  # a run's data manifest digest, as its leases name it
+
+
+def test_a_receipt_names_its_data_manifest(coordinator) -> None:
+    r = make_receipt(coordinator, data_manifest=MANIFEST)
+    data = receipt_bytes(r)
+    assert b'"coordinator_key_fingerprint":"' in data
+    assert b'","data_manifest":"' + MANIFEST.encode() + b'","issued_at":' in data  # sorted
+    signed = sign_receipt(r, coordinator)
+    back = SignedReceipt.from_dict(json.loads(json.dumps(signed.to_dict())))
+    assert back == signed and back.receipt.data_manifest == MANIFEST
+    verify_receipt(back, public_key_pem(coordinator), 7)
+
+
+def test_a_receipt_from_before_data_manifests_still_verifies(coordinator) -> None:
+    """An old ledger's receipt: no ``data_manifest`` key, signed over the old bytes."""
+    doc = make_receipt(coordinator).to_dict()
+    assert "data_manifest" not in doc
+    old = b"atom-receipt-v1\n" + json.dumps(doc, sort_keys=True, separators=(",", ":"),
+                                              ensure_ascii=True).encode()
+    signed = SignedReceipt.from_dict({"receipt": doc, "signature": base64.b64encode(
+        sign(coordinator, old)).decode()})
+    assert signed.receipt.data_manifest == "" and receipt_bytes(signed.receipt) == old
+    verify_receipt(signed, public_key_pem(coordinator), 7)
+    assert "data_manifest" not in signed.to_dict()["receipt"]
+
+
+def test_the_data_manifest_is_signed(coordinator, mallory) -> None:
+    pem = public_key_pem(coordinator)
+    signed = sign_receipt(make_receipt(coordinator, data_manifest=MANIFEST), coordinator)
+    for receipt in (dataclasses.replace(signed.receipt, data_manifest="e" * 64),
+                    dataclasses.replace(signed.receipt, data_manifest="")):  # dropped
+        assert _reason(SignedReceipt(receipt, signed.signature), pem) == "bad_signature"
+    old = sign_receipt(make_receipt(coordinator), coordinator)  # added to an old receipt
+    added = dataclasses.replace(old.receipt, data_manifest=MANIFEST)
+    assert _reason(SignedReceipt(added, old.signature), pem) == "bad_signature"
+    r = signed.receipt  # the coordinator's key named, mallory's signature
+    assert _reason(SignedReceipt(r, sign(mallory, receipt_bytes(r))), pem) == "bad_signature"
+
+
+@pytest.mark.parametrize("value", ["", "D" * 64, "d" * 63, 7])
+def test_a_malformed_data_manifest_is_refused(coordinator, value: Any) -> None:
+    doc = make_receipt(coordinator, data_manifest=MANIFEST).to_dict()
+    doc["data_manifest"] = value
+    with pytest.raises(ProtocolError, match="data_manifest"):
+        Receipt.from_dict(doc)
+
+
 def test_statement_request_bytes_known_answer() -> None:
     assert statement_request_bytes(3, 1_700_000_000.5) == (
         b'atom-statement-request-v1\n{"node_id":3,"timestamp":1700000000.5}')

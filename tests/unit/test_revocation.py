@@ -177,6 +177,7 @@ def test_verifier_rejects_a_revoked_nodes_valid_update() -> None:
     key = generate_key()
     lease = Lease(run_id="r", round=1, shard_id=0, kind="eval", base_version=0,
                   base_digest="a" * 64, data_start=0, data_end=100, data_digest="b" * 64,
+                  tokenizer_digest="7" * 64, data_manifest="8" * 64,
                   inner_steps=0, batch_size=1, seq_len=8, lr=0.0, weight_decay=0.0, seed=0,
                   deadline=NOW + 60, nonce="c" * 32)
     windows = {EVAL_WINDOWS: np.array([2.0 * 8] * 12 + [2.0 * 3])}  # 99 predictions

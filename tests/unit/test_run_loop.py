@@ -305,7 +305,7 @@ def test_eval_part_nobody_answered_is_evaluated_locally(network, corpus: CorpusI
     assert versions[0].val_tokens == (hi - lo) - 2
     arrays, _ = load_checkpoint(versions[0].path)
     tokens = corpus.tokens()
-    parts = [evaluate(arrays, net.store.gpt, np.asarray(tokens[s:e]), seq_len=32, batch_size=2,
+    parts = [evaluate(arrays, net.store.spec, np.asarray(tokens[s:e]), seq_len=32, batch_size=2,
                       device="cpu") for s, e in sorted([(mine.data_start, mine.data_end),
                                                        (gap.data_start, gap.data_end)])]
     want = sum(p.loss_sum for p in parts) / sum(p.tokens for p in parts)

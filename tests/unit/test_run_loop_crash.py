@@ -85,7 +85,8 @@ def test_a_ledger_outage_under_a_live_coordinator_is_ridden_out(
     def make() -> RunLoop:
         loop = RunLoop(net.cfg, net.ledger, FakeTransport(net.nodes, net.clock,
                                                           BlobDir(tmp_path / "blobs")),
-                       ModelStore.open(tmp_path / "checkpoints", net.cfg, net.ledger), corpus,
+                       ModelStore.open(tmp_path / "checkpoints", net.cfg, net.ledger,
+                                       corpus=corpus), corpus,
                        clock=net.clock, sleep=net.clock.sleep, issuer=ReceiptIssuer(key),
                        blobs=BlobDir(tmp_path / "blobs"))
         loops.append(loop)

@@ -28,10 +28,14 @@ def run_loop(network, specs: list[str],  # type: ignore[no-untyped-def]  # noqa:
     net = network(specs, rounds=1, verify=verify, extra=CREDITS, run_id="receipt-loop",
                   issuer=ReceiptIssuer(key))
     net.run()
+    data = net.loop.corpus
+    assert net.transport.sent and all(  # every lease names the run's tokenizer and data
+        (s.lease.tokenizer_digest, s.lease.data_manifest) ==
+        (data.tokenizer_digest, data.data_manifest) for s in net.transport.sent)
     return net.ledger, key, net.nodes
 
 
-def test_every_credit_of_the_loop_has_a_valid_receipt(network) -> None:  # noqa: F811
+def test_every_credit_of_the_loop_has_a_valid_receipt(network, corpus) -> None:  # noqa: F811
     ledger, key, _ = run_loop(network, ["honest", "late"])
     credits = {c.update_id: c for c in ledger.credits()}
     receipts = {r.update_id: signed_receipt(r) for r in ledger.receipts()}
@@ -45,6 +49,7 @@ def test_every_credit_of_the_loop_has_a_valid_receipt(network) -> None:  # noqa:
         assert (r.amount, r.components) == (credits[update_id].amount,
                                             credits[update_id].components_dict())
         assert r.run_id == "receipt-loop"
+        assert r.data_manifest == corpus.data_manifest  # which data the work was on
         rate = 2.0 if r.kind == "train" else 0.5
         assert r.amount == round(r.tokens / 1000 * rate, 6)
 

@@ -57,7 +57,8 @@ def test_size_by_hand() -> None:
 def test_scheduler_sizes_each_node_and_a_copy_to_its_checker() -> None:
     now = 1000.0
     s = Scheduler(run_id="r", shards=[(i, i * 100, i * 100 + 100) for i in range(4)],
-                  data_digest=lambda a, b: "d" * 64, train=T(), clock=lambda: now)
+                  data_digest=lambda a, b: "d" * 64, train=T(), clock=lambda: now,
+                  tokenizer_digest="7" * 64, data_manifest="8" * 64)
     leases = s.lease_train(1, [1, 2, 3], 0, "b" * 64, {1: 500.0, 2: 100.0})
     assert [leases[n].inner_steps for n in (1, 2, 3)] == [150, 30, 100]
     assert leases[1].deadline == now + 210.0

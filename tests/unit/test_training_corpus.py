@@ -29,7 +29,7 @@ def _text(info, lo, hi):
 
 
 def test_split_by_document_train_first_then_validation(folder, tmp_path):
-    info = build_folder_corpus(folder, tmp_path / "c", val_every=5)
+    info = build_folder_corpus(folder, tmp_path / "c", val_every=5, licence="MIT")
     # documents, sorted: f00..f19 (20 files), then sub/docs.jsonl's 5 records
     docs = [f"file {i}\n" * (i + 1) for i in range(20)] + [f"record {j}" for j in range(5)]
     val = [d for i, d in enumerate(docs) if (i + 1) % 5 == 0]
@@ -48,24 +48,26 @@ def test_split_by_document_train_first_then_validation(folder, tmp_path):
 
 def test_build_is_idempotent_and_load_matches(folder, tmp_path):
     out = tmp_path / "c"
-    first = build_folder_corpus(folder, out, val_every=5)
+    first = build_folder_corpus(folder, out, val_every=5, licence="MIT")
     mtime = (out / "tokens.bin").stat().st_mtime_ns
-    assert build_folder_corpus(folder, out, val_every=5) == first
+    assert build_folder_corpus(folder, out, val_every=5, licence="MIT") == first
     assert (out / "tokens.bin").stat().st_mtime_ns == mtime  # reused, not rewritten
     assert load_corpus(out) == first
-    assert build_folder_corpus(folder, out, val_every=4).n_val_files != first.n_val_files
+    again = build_folder_corpus(folder, out, val_every=4, licence="MIT")
+    assert again.n_val_files != first.n_val_files
 
 
 def test_load_detects_tampering_and_damage(folder, tmp_path):
     out = tmp_path / "c"
-    build_folder_corpus(folder, out, val_every=5)
+    build_folder_corpus(folder, out, val_every=5, licence="MIT")
     tokens = out / "tokens.bin"
     raw = bytearray(tokens.read_bytes())
     raw[10] ^= 1
     tokens.write_bytes(bytes(raw))
     with pytest.raises(ConfigError, match="sha256"):
         load_corpus(out)
-    rebuilt = build_folder_corpus(folder, out, val_every=5)  # a damaged corpus is rebuilt
+    # a damaged corpus is rebuilt
+    rebuilt = build_folder_corpus(folder, out, val_every=5, licence="MIT")
     assert load_corpus(out) == rebuilt
     (out / "corpus.json").write_text("{not json")
     with pytest.raises(ConfigError, match="corpus.json"):
@@ -80,10 +82,11 @@ def test_folder_errors(tmp_path):
         build_folder_corpus(tmp_path / "nope", tmp_path / "c")
     (tmp_path / "a.jsonl").write_text('{"txt": "x"}\n')
     with pytest.raises(ConfigError, match="a.jsonl:1"):
-        build_folder_corpus(tmp_path, tmp_path / "c")
+        build_folder_corpus(tmp_path, tmp_path / "c", licence="MIT")
     (tmp_path / "a.jsonl").write_text('{"text": "x"}\n')
     with pytest.raises(ConfigError, match="validation"):
-        build_folder_corpus(tmp_path, tmp_path / "c")  # one document cannot be split
+        # one document cannot be split
+        build_folder_corpus(tmp_path, tmp_path / "c", licence="MIT")
 
 
 def test_small_stdlib_corpus(tmp_path):

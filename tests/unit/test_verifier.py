@@ -24,6 +24,7 @@ def lease(**over: Any) -> Lease:
     values: dict[str, Any] = dict(
         run_id="run-1", round=2, shard_id=1, kind="train", base_version=5, base_digest="a" * 64,
         data_start=1000, data_end=2000, data_digest="b" * 64, inner_steps=3, batch_size=2,
+        tokenizer_digest="7" * 64, data_manifest="8" * 64,
         seq_len=8, lr=1e-3, weight_decay=0.1, seed=9, deadline=NOW + 60, nonce="c" * 32)
     values.update(over)
     return Lease(**values)

@@ -146,6 +146,7 @@ def lease_on(blobs: BlobDir, model: dict[str, np.ndarray], tokens: np.ndarray,
     lease = Lease(run_id="r", round=1, shard_id=0, kind="train", base_version=0,
                   base_digest=blobs.put(arrays_to_bytes(model)), data_start=0,
                   data_end=len(tokens), data_digest=blobs.put(tokens.tobytes()),
+                  tokenizer_digest="7" * 64, data_manifest="8" * 64,
                   inner_steps=2, batch_size=2, seq_len=8, lr=1e-3, weight_decay=0.0, seed=1,
                   deadline=time.time() + 60, nonce=nonce)
     return work_content(lease, dataclasses.asdict(CFG))
