@@ -85,13 +85,12 @@ class AsyncRunLoop(RunLoop):
         nodes, looked = self._eligible(), self.clock()
         while self.store.version < steps:
             self._pump()
+            # the replies' own checks: one before the step (which takes only checked
+            # replies) and the leases (a node that answered waits for at most one), more
+            # after them
+            self._prepare(0.0)
             if self.clock() - looked >= _LOOK_S:
                 nodes, looked = self._eligible(), self.clock()
-            # the replies' own checks come after the leases (a node that answered does not
-            # wait for them: bench/scale.py), but before a step that they would make due
-            # (which takes only checked replies), so its version reaches these leases
-            if self._step_due(len(nodes), checked=False):
-                self._prepare(0.0)
             if self._step_due(len(nodes)):
                 self._step()
                 self._evaluate_if_due()
@@ -132,13 +131,12 @@ class AsyncRunLoop(RunLoop):
         """Train leases sent and not answered (spot-check copies included)."""
         return [s for s in self._pending.values() if s.lease.kind == Kind.TRAIN]
 
-    def _ready(self, checked: bool = True) -> tuple[list, list[Lease]]:
+    def _ready(self) -> tuple[list, list[Lease]]:
         """The buffered replies an outer step may judge now: all but a spot check's first
         result while its partner is still out, and those whose own checks have not run yet
         (a step that ran them would keep every node that answers meanwhile waiting for its
-        next lease; they join the next step). ``checked=False``: as if every reply's own
-        checks were done."""
-        unchecked = {id(c) for c in self._unprepared} if checked else set()
+        next lease; they join the next step)."""
+        unchecked = {id(c) for c in self._unprepared}
         out = {s.lease.nonce for s in self._open_train()} | {
             c.lease.nonce for c in self._buffer.cands if id(c) in unchecked}
         held = out | {n for o, c in self._buffer.pairs if o.nonce in out or c.nonce in out
@@ -146,10 +144,8 @@ class AsyncRunLoop(RunLoop):
         return ([c for c in self._buffer.cands if c.lease.nonce not in held],
                 [x for x in self._buffer.screened_out if x.nonce not in held])
 
-    def _step_due(self, online: int, checked: bool = True) -> bool:
-        """Whether an outer step is due now (``checked=False``: would be, once the replies
-        waiting for their own checks have had them)."""
-        cands, _ = self._ready(checked)
+    def _step_due(self, online: int) -> bool:
+        cands, _ = self._ready()
         if not cands and not self._buffer.screened_out:
             return False
         if self.store.version == self.cfg.run.rounds - 1:  # the last: all work in
@@ -158,7 +154,7 @@ class AsyncRunLoop(RunLoop):
         # K counts every fresh update in, a spot-checked one waiting for its partner too:
         # the step takes what is ready and the waiting one joins the next (the step does
         # not stall for a copy that the checker starts only after its own lease)
-        unchecked = {id(c) for c in self._unprepared} if checked else set()
+        unchecked = {id(c) for c in self._unprepared}
         fresh = [c for c in self._buffer.cands
                  if c.lease.nonce not in self._copies and id(c) not in unchecked]
         waited = self._since is not None and \
