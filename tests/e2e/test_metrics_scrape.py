@@ -40,7 +40,11 @@ def test_async_run_with_coordinator_and_node_metrics(workdir: Path) -> None:
 
     summary, status = run_demo(nodes=2, rounds=3, workdir=workdir, console=QUIET,
                                overrides={"async_enabled": True},
-                               node_args={0: ["--metrics", node_address]}, on_tick=scrape)
+                               # one node 2.5x slower: the other's leases run ahead of
+                               # it, so "no barrier" below never hangs on two replies
+                               # landing in the same poll
+                               node_args={0: ["--metrics", node_address],
+                                          1: ["--slowdown", "2.5"]}, on_tick=scrape)
     assert status == "finished:completed", summary
     _no_barrier_and_nothing_lost(summary)
     c, n = seen["coordinator"], seen["node"]
