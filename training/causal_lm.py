@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from torch.nn import functional as F
+
+from training.model import next_token_loss
 
 __all__ = ["CausalLM"]
 
@@ -45,9 +46,4 @@ class CausalLM(nn.Module):
         body = getattr(self, self.body_name)
         hidden = body(input_ids=idx, use_cache=False).last_hidden_state  # (B, T, width)
         logits = self.lm_head(hidden)  # (B, T, vocab_size)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(
-                logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1
-            )
-        return logits, loss
+        return logits, None if targets is None else next_token_loss(logits, targets)

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-__all__ = ["GPTConfig", "PRESETS", "GPT"]
+__all__ = ["GPTConfig", "PRESETS", "GPT", "next_token_loss"]
 
 
 @dataclass
@@ -43,6 +43,13 @@ PRESETS: dict[str, GPTConfig] = {
     # GPT-2 124M layer shapes (12 x 768) at byte-level vocab: ~85M parameters.
     "gpt2": GPTConfig(block_size=1024, n_layer=12, n_head=12, n_embd=768),
 }
+
+
+def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of ``logits`` (B, T, V) against ``targets`` (B, T), in fp32, -1
+    ignored: every model family's loss, so their losses compare."""
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                           ignore_index=-1)
 
 
 class CausalSelfAttention(nn.Module):
@@ -153,12 +160,7 @@ class GPT(nn.Module):
             x = block(x)
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)  # (B, T, vocab_size)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(
-                logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1
-            )
-        return logits, loss
+        return logits, None if targets is None else next_token_loss(logits, targets)
 
     @torch.no_grad()
     def generate(
