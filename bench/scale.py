@@ -127,8 +127,8 @@ class ScaleTransport:
     # more than the run still needs and a node that answered may rightly wait for nothing
     counting: Callable[[], bool] = lambda: True
     node_cpu_s: float = 0.0
-    latencies: list[float] = field(default_factory=list)  # seconds, reply -> next lease
-    spans: list[tuple[float, float]] = field(default_factory=list)  # (arrived, sent) of each
+    # (reply arrived, next lease sent) on the coordinator's clock: the lease latencies
+    spans: list[tuple[float, float]] = field(default_factory=list)
     # simulated seconds from a reply being ready (the node done) to its next lease: the
     # latency plus the wait for the loop's next poll (its 0.2 s sleep, a step in progress)
     waits: list[float] = field(default_factory=list)
@@ -155,7 +155,6 @@ class ScaleTransport:
         ready = self._ready.pop(dst, None)
         if (arrived := self._arrived.pop(dst, None)) is not None:
             if kind == "train" and self.counting():
-                self.latencies.append(now - arrived)
                 self.spans.append((arrived, now))
                 if ready is not None:
                     self.waits.append(self.clock() - ready)
@@ -260,9 +259,7 @@ class Phases:
         """For the leases that waited longer than ``above_s``: how many, and the seconds of
         their waits each stage took (a stage inside another counts for both)."""
         slow = [(a, b) for a, b in spans if b - a > above_s]
-        starts = [t0 for _, t0, _ in self.log]
-        order = sorted(range(len(self.log)), key=starts.__getitem__)
-        log = [self.log[i] for i in order]
+        log = sorted(self.log, key=lambda e: e[1])
         t0s = [t0 for _, t0, _ in log]
         out: dict[str, float] = {}
         longest = max((t1 - t0 for _, t0, t1 in log), default=0.0)
@@ -347,11 +344,12 @@ def run(nodes_n: int, steps: int, url: str, tmp: Path, *, institutions: int = 50
     accounted = issued - counts.get("issued", 0)  # answered, expired, failed, handed back
     writes = _hist(metrics.LEDGER_WRITE_SECONDS)
     n_writes = writes[1] - writes0[1]
+    latencies = [b - a for a, b in transport.spans]
     out: dict[str, Any] = {
         "nodes": nodes_n, "ledger": ledger_kind, "steps": steps, "verify": verify,
-        "lease_p50_ms": round(1000 * _pct(transport.latencies, 0.50), 2),
-        "lease_p99_ms": round(1000 * _pct(transport.latencies, 0.99), 2),
-        "lease_max_ms": round(1000 * max(transport.latencies, default=float("nan")), 2),
+        "lease_p50_ms": round(1000 * _pct(latencies, 0.50), 2),
+        "lease_p99_ms": round(1000 * _pct(latencies, 0.99), 2),
+        "lease_max_ms": round(1000 * max(latencies, default=float("nan")), 2),
         "wait_p50_ms": round(1000 * _pct(transport.waits, 0.50), 2),
         "wait_p99_ms": round(1000 * _pct(transport.waits, 0.99), 2),
         "fanout_s": round(transport.fanout[-1] - t0, 3) if transport.fanout else None,

@@ -119,20 +119,23 @@ def gpu_count(gpus: str, device: str, available: int | None = None) -> int:
         If ``gpus`` is not a positive count or ``all``, asks for more GPUs than there are,
         or asks for more than one with ``--device cpu`` or one named ``cuda:N``.
     """
+    text = gpus.strip().lower()
+    want = 0
+    if text != "all":
+        try:
+            want = int(text)
+        except ValueError:
+            pass
+        if want < 1:
+            raise ConfigError(f"--gpus: expected a count >= 1 or 'all', got {gpus!r}")
+        if want == 1:
+            return 1  # the default: no need to import torch to count devices
     if available is None:
         import torch
 
         available = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    text = gpus.strip().lower()
     if text == "all":
         want = max(1, available)
-    else:
-        try:
-            want = int(text)
-        except ValueError:
-            want = 0
-        if want < 1:
-            raise ConfigError(f"--gpus: expected a count >= 1 or 'all', got {gpus!r}")
     if want == 1:
         return 1
     if available == 0:

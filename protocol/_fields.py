@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import numbers
 import re
@@ -12,6 +13,7 @@ from typing import Any
 from protocol.errors import ProtocolError
 
 __all__ = [
+    "canonical_json",
     "HEX64",
     "NONCE",
     "check_keys",
@@ -24,6 +26,13 @@ __all__ = [
 HEX64 = re.compile(r"[0-9a-f]{64}")
 NONCE = re.compile(r"[0-9a-f]{32}")
 Plain = int | float | str | bytes
+
+
+def canonical_json(doc: Mapping[str, Any]) -> bytes:
+    """The canonical JSON of signed and digested documents (receipts, tree heads, manifests,
+    provenance): keys sorted at every level, no whitespace, ASCII only, no NaN."""
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                      allow_nan=False).encode("ascii")
 
 
 def _type_name(value: Any) -> str:

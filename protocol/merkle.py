@@ -38,16 +38,15 @@ from __future__ import annotations
 
 import hashlib
 import math
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from protocol._fields import check_keys
+from protocol._fields import HEX64, canonical_json, check_keys
 from protocol.errors import ProtocolError
-from protocol.receipts import SignedReceipt, _canonical, receipt_bytes
+from protocol.receipts import SignedReceipt, receipt_bytes
 from protocol.signing import sign, verify
 
 __all__ = [
@@ -70,7 +69,6 @@ __all__ = [
 HASH_SIZE = 32
 EMPTY_ROOT = hashlib.sha256(b"").digest()
 TREE_HEAD_PREFIX = b"atom-receipt-tree-v1\n"
-_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 def leaf_hash(data: bytes) -> bytes:
@@ -187,7 +185,7 @@ class TreeHead:
         if (isinstance(self.tree_size, bool) or not isinstance(self.tree_size, int)
                 or self.tree_size < 0):
             raise ProtocolError("tree head.tree_size: expected an int >= 0")
-        if not isinstance(self.root, str) or not _HEX64.fullmatch(self.root):
+        if not isinstance(self.root, str) or not HEX64.fullmatch(self.root):
             raise ProtocolError("tree head.root: expected 64 lowercase hex")
         if (isinstance(self.issued_at, bool) or not isinstance(self.issued_at, (int, float))
                 or not math.isfinite(self.issued_at)):
@@ -207,7 +205,7 @@ class TreeHead:
 
 def tree_head_bytes(head: TreeHead) -> bytes:
     """The exact bytes the coordinator signs for ``head`` (module docstring)."""
-    return TREE_HEAD_PREFIX + _canonical(head.to_dict())
+    return TREE_HEAD_PREFIX + canonical_json(head.to_dict())
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from protocol._fields import HEX64, check_keys, normalise
+from protocol._fields import HEX64, canonical_json, check_keys, normalise
 from protocol.errors import ProtocolError, VerificationError
 from protocol.messages import KINDS
 from protocol.signing import fingerprint, public_key_pem, sign, verify
@@ -97,11 +97,6 @@ class ReceiptReason:
     BAD_SIGNATURE = "bad_signature"  # not signed by the pinned coordinator key
     WRONG_NODE = "wrong_node"  # a valid receipt, but made out to another node
     MALFORMED = "malformed"  # fields of the wrong type, NaN, ...
-
-
-def _canonical(doc: Mapping[str, Any]) -> bytes:
-    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
-                      allow_nan=False).encode("ascii")
 
 
 @dataclass(frozen=True)
@@ -143,7 +138,7 @@ class Receipt:
             raise ProtocolError("receipt.amount: must be < 0 for a penalty and >= 0 otherwise")
         if not isinstance(self.components, Mapping):
             raise ProtocolError("receipt.components: expected an object")
-        doc["components"] = json.loads(_canonical(self.components))  # plain JSON or raise
+        doc["components"] = json.loads(canonical_json(self.components))  # plain JSON or raise
         return doc
 
     @classmethod
@@ -165,7 +160,7 @@ class Receipt:
 def receipt_bytes(receipt: Receipt) -> bytes:
     """The exact bytes the coordinator signs for ``receipt`` (see the module docstring)."""
     try:
-        return RECEIPT_PREFIX + _canonical(receipt.to_dict())
+        return RECEIPT_PREFIX + canonical_json(receipt.to_dict())
     except (ValueError, TypeError) as exc:
         raise ProtocolError(f"receipt cannot be signed: {exc}") from None
 
@@ -238,7 +233,7 @@ def statement_request_bytes(node_id: int, timestamp: float) -> bytes:
         raise ProtocolError("statement request: node_id must be an int")
     if not math.isfinite(float(timestamp)):
         raise ProtocolError("statement request: timestamp must be finite")
-    return REQUEST_PREFIX + _canonical({"node_id": node_id, "timestamp": float(timestamp)})
+    return REQUEST_PREFIX + canonical_json({"node_id": node_id, "timestamp": float(timestamp)})
 
 
 def statement_seal_bytes(node_id: int, run_id: str, issued_at: float,
@@ -249,7 +244,7 @@ def statement_seal_bytes(node_id: int, run_id: str, issued_at: float,
     if not math.isfinite(float(issued_at)):
         raise ProtocolError("statement seal: issued_at must be finite")
     digests = b"".join(hashlib.sha256(receipt_bytes(r.receipt)).digest() for r in receipts)
-    return SEAL_PREFIX + _canonical({
+    return SEAL_PREFIX + canonical_json({
         "issued_at": float(issued_at), "node_id": node_id, "receipts": len(receipts),
         "receipts_sha256": hashlib.sha256(digests).hexdigest(), "run_id": str(run_id)})
 

@@ -24,7 +24,6 @@ import math
 import os
 import queue
 import signal
-import socket
 import time
 from collections.abc import Callable, Iterator, Mapping
 from datetime import timedelta
@@ -35,6 +34,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from protocol.processes import free_port
 from training.device import autocast
 from training.families import ModelSpec
 from training.inner import (
@@ -64,12 +64,6 @@ def check_world_batch(batch_size: int, world_size: int) -> None:
             f"batch_size {batch_size} does not split over {world_size} GPUs: it must be a "
             f"multiple of {world_size} (use --gpus with a divisor of the run's batch size)"
         )
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class InnerPool:
@@ -126,7 +120,7 @@ class InnerPool:
         self._results = ctx.Queue()
         self._abort = ctx.Event()
         self._control = [ctx.Queue() for _ in range(self.world_size)]
-        addr = ("127.0.0.1", _free_port())
+        addr = ("127.0.0.1", free_port())
         for rank in range(self.world_size):
             p = ctx.Process(target=_rank_main, daemon=True, name=f"atom-dp-rank{rank}",
                             args=(rank, self.world_size, addr, self.device, self._threads,

@@ -27,10 +27,11 @@ parentheses, a trailing ``+``. Ids are checked against a built-in list of common
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import struct
 from typing import Any
+
+from protocol._fields import canonical_json
 
 __all__ = ["STDLIB_LICENCE", "check_licence", "source_digest", "SourceDigest",
            "manifest_doc", "manifest_bytes"]
@@ -171,5 +172,4 @@ def manifest_doc(*, source: str, licence: str, digest: str, documents: int, toke
 
 def manifest_bytes(doc: dict[str, Any]) -> bytes:
     """The canonical bytes of a manifest (what manifest.json holds and its digest covers)."""
-    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
-                      allow_nan=False).encode("ascii")
+    return canonical_json(doc)

@@ -46,11 +46,13 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from protocol.errors import ConfigError, LedgerError
+from protocol._fields import canonical_json
+from protocol.errors import ConfigError
 from training.corpus import CorpusInfo
 
 from coordinator.accounting.leaderboard import leaderboard
 from coordinator.accounting.receipt_tree import receipt_tree
+from coordinator.ledger.models import ModelVersion
 from coordinator.ledger.reads import LedgerReads
 
 __all__ = ["FORMAT", "LICENCE_FROM", "Contribution", "DataSource", "Provenance", "VersionLine",
@@ -121,25 +123,21 @@ class Provenance:
 
     def to_json(self) -> bytes:
         """The canonical bytes of ``atom_provenance.json``."""
-        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"),
-                          ensure_ascii=True, allow_nan=False).encode("ascii")
+        return canonical_json(self.to_dict())
 
 
-def provenance(ledger: LedgerReads, corpus: CorpusInfo, *, run_id: str, version: int,
-               model: dict[str, Any], exported_as: str) -> Provenance:
-    """The provenance of ``version`` of the run, from ``ledger`` now and ``corpus``'s
-    manifest.
+def provenance(ledger: LedgerReads, corpus: CorpusInfo, *, run_id: str,
+               rows: list[ModelVersion], model: dict[str, Any],
+               exported_as: str) -> Provenance:
+    """The provenance of the last of ``rows`` (the ledger's versions up to the exported one,
+    the caller's read), from ``ledger`` now and ``corpus``'s manifest.
 
     Raises
     ------
-    LedgerError
-        If ``version`` is not in the ledger.
     ConfigError
         If manifest.json is missing, unreadable or does not match corpus.json's SHA-256.
     """
-    rows = [v for v in ledger.versions() if v.version <= version]
-    if not rows or rows[-1].version != version:
-        raise LedgerError(f"version {version} is not in the ledger")
+    version = rows[-1].version
     versions = tuple(VersionLine(v.version, v.round, v.n_updates, int(v.tokens), v.val_loss,
                                  None if v.val_tokens is None else int(v.val_tokens), v.digest)
                      for v in rows)

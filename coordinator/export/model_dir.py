@@ -73,7 +73,8 @@ def export_model(rd: RunDir, out: Path, *, version: int | None = None, force: bo
     _check_out(out, force)
     stage(STAGES[0])
     with Ledger.read_only(cfg.ledger_url(rd.path)) as ledger:
-        row = _version_row(ledger.versions(), version)
+        rows = ledger.versions()
+        row = _version_row(rows, version)
         arrays, meta = load_checkpoint(_checkpoint_path(rd, row))
         if meta.get("digest") != row.digest:
             raise CheckpointError(f"checkpoint of version {row.version} holds weights "
@@ -90,7 +91,8 @@ def export_model(rd: RunDir, out: Path, *, version: int | None = None, force: bo
         stage(STAGES[2])
         from coordinator.export.card import model_card, provenance
 
-        prov = provenance(ledger, corpus, run_id=cfg.run.id, version=row.version,
+        prov = provenance(ledger, corpus, run_id=cfg.run.id,
+                          rows=[v for v in rows if v.version <= row.version],
                           model=meta["model"], exported_as=type(model).__name__)
     with _staging(out, force) as tmp:
         stage(STAGES[3])

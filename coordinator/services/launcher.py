@@ -28,7 +28,7 @@ from coordinator.services.grpc_service import CoordinatorService, serve, upload_
 from coordinator.services.revocation import clear_superlink_state, unregister_revoked, write_superlink_state
 from coordinator.services.superlink import SuperLink
 
-__all__ = ["Coordinator", "prepare_corpus"]  # prepare_corpus: from coordinator.rundir
+__all__ = ["Coordinator"]
 
 
 @dataclass
