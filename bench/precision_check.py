@@ -33,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import training.inner as inner  # noqa: E402
 from coordinator.config import RunConfig  # noqa: E402
 from coordinator.run.model_store import model_config  # noqa: E402
-from coordinator.verify.round_judge import _local, _windows  # noqa: E402
+from coordinator.verify.round_judge import _local  # noqa: E402
+from coordinator.verify.scoring import Span, windows as span_windows  # noqa: E402
 from coordinator.verify.rules import rel_l2  # noqa: E402
 from training.corpus import build_stdlib_corpus  # noqa: E402
 from training.evaluate import evaluate  # noqa: E402
@@ -84,7 +85,10 @@ def main() -> None:
     for name, base in (("young", young), ("trained", trained)):
         start = lo + n
         shard = tokens[start:start + n]
-        windows = _windows(tokens, start, start + n, 4096, t.seq_len, random.Random(0))
+        rng = random.Random(0)
+        windows = span_windows(tokens, Span(0, tuple(rng.randrange(start, start + n - t.seq_len)
+                                                     for _ in range(4096 // t.seq_len))),
+                               t.seq_len)
         ref = train(base, shard, "cpu", False)
         node = train(base, shard, "cuda" if cuda else "cpu", True)
         skip = train(base, shard, "cpu", False, k=steps * 3 // 4)

@@ -304,16 +304,18 @@ def _ledger_url(kind: str, tmp: Path) -> Iterator[str]:
 
 
 def run(nodes_n: int, steps: int, url: str, tmp: Path, *, institutions: int = 50,
-        seed: int = 0, profile: int = 0, verify: str = "") -> dict[str, Any]:
+        seed: int = 0, profile: int = 0, verify: str = "",
+        check_processes: int = 1) -> dict[str, Any]:
     """One run of ``nodes_n`` nodes for ``steps`` outer steps on the ledger at ``url``;
-    ``verify`` holds [verify] keys (the run's defaults otherwise)."""
+    ``verify`` holds [verify] keys (the run's defaults otherwise); ``check_processes``
+    run the replies' own checks beside the loop (0: in it)."""
     ledger_kind = "postgresql" if url.startswith("postgresql") else "sqlite"
     # shards enough for every node's lease out and its last one waiting in the buffer
     corpus = build_test_corpus(tmp / "corpus", files=max(20, nodes_n // 8))
     cfg = parse_config(run_toml(
         steps, train=f"inner_steps = {INNER_STEPS}\ndeadline_s = {20 * LEASE_S:g}",
         # the run's own verification defaults (spot checks, eval quorum) stay on
-        verify=verify, extra="[async]\nenabled = true\neval_every = 1000\n",
+        verify=f"check_processes = {check_processes}\n{verify}", extra="[async]\nenabled = true\neval_every = 1000\n",
         run_id="scale"), tmp)
     ledger = Ledger(url)
     t = time.perf_counter()
@@ -328,6 +330,7 @@ def run(nodes_n: int, steps: int, url: str, tmp: Path, *, institutions: int = 50
                          sleep=clock.sleep, rng=random.Random(seed), blobs=blobs,
                          issuer=ReceiptIssuer(generate_key()))  # receipts signed, as live
     phases = Phases(loop, transport.coord)
+    checker = loop.checker
     before = {k: _hist(*k) for k in _STAGES}
     writes0 = _hist(metrics.LEDGER_WRITE_SECONDS)
     cpu0, t0 = time.process_time(), transport.coord()
@@ -368,9 +371,14 @@ def run(nodes_n: int, steps: int, url: str, tmp: Path, *, institutions: int = 50
         "time_s": {name: round(_hist(*k)[0] - before[k][0], 3)
                    for name, k in zip(_STAGE_NAMES, _STAGES)},
     }
-    # the replies' own checks (base check, usefulness scores) run between passes
-    out["time_s"]["checks"] = round(loop.judge.cost.round_s - out["time_s"]["judge"], 3)
+    # the replies' own checks (base check, usefulness scores) the loop ran between passes
+    out["time_s"]["checks"] = round(loop.judge.cost.checks_s, 3)
     out["time_s"]["ledger_writes"] = round(writes[0] - writes0[0], 3)
+    # beside the loop, on their own cores: busy for this share of the coordinator's time
+    out["check_processes"] = check_processes
+    if checker is not None:
+        out["time_s"]["checker"] = round(checker.busy_s, 3)
+        out["checker_busy"] = round(checker.busy_s / check_processes / max(wall, 1e-9), 3)
     out["slow_leases"] = phases.blame(transport.spans, 0.05)  # the goal: p99 < 50 ms
     out["ledger_rows"] = _rows(ledger)
     out["ledger_rows_per_lease"] = round(sum(out["ledger_rows"].values()) / max(1, issued), 2)
@@ -396,6 +404,9 @@ def main() -> int:
     p.add_argument("--institutions", type=int, default=50)
     p.add_argument("--verify", default="", help="[verify] keys, ';'-separated, e.g. "
                    "'usefulness_tokens = 0' (the scores left to validators)")
+    p.add_argument("--check-processes", type=int, default=1, metavar="N",
+                   help="processes beside the loop for the replies' own checks (0: in the "
+                        "loop, as before [verify] check_processes existed)")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="print cProfile's top N functions by cumulative time")
     p.add_argument("--json", action="store_true", help="print one JSON object last")
@@ -406,7 +417,8 @@ def main() -> int:
     for kind in kinds:
         with tempfile.TemporaryDirectory() as tmp, _ledger_url(kind, Path(tmp)) as url:
             r = run(a.nodes, a.steps, url, Path(tmp), institutions=a.institutions,
-                    profile=a.profile, verify=a.verify.replace(";", "\n"))
+                    profile=a.profile, verify=a.verify.replace(";", "\n"),
+                    check_processes=a.check_processes)
         results.append(r)
         print(f"{kind}: {r['nodes']} nodes, {r['leases_issued']} leases "
               f"({r['leases_accounted']} accounted), lease p50 {r['lease_p50_ms']} ms "

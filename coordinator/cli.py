@@ -307,6 +307,38 @@ def export_model(
     say_command(f"  receipts root {done.receipts_root}")
 
 
+@app.command("eval-tasks")
+@one_line_errors
+def eval_tasks(
+    dir: DirArg,
+    version: Annotated[Optional[int], typer.Option(
+        help="model version to evaluate [default: the latest]", min=0)] = None,
+    tasks: Annotated[Optional[Path], typer.Option(
+        help="folder of lm-eval task YAML + JSONL files [default: [eval] tasks of run.toml]",
+        metavar="TASKDIR")] = None,
+    task: Annotated[Optional[list[str]], typer.Option(
+        help="run only this task of TASKDIR (repeatable) [default: all]",
+        metavar="NAME")] = None,
+    batch_size: Annotated[int, typer.Option(help="lm-eval batch size", min=1)] = 4,
+    device: Annotated[str, typer.Option(help="torch device to evaluate on")] = "cpu",
+) -> None:
+    """Run lm-evaluation-harness tasks (local YAML + JSONL, nothing downloaded) on a model
+    version and record each task's scores in the ledger; export-model puts them in the
+    model card."""
+    from coordinator.evals.evaluate import eval_tasks as measure
+
+    # no bar of ours: lm-eval draws its own over its requests
+    done = measure(RunDir(dir.resolve()), version=version, tasks_dir=tasks, names=task or (),
+                   batch_size=batch_size, device=device)
+    for s in done.scores:
+        value = "-" if s.value is None else f"{s.value:.6g}"
+        stderr = "" if s.stderr is None else f" ± {s.stderr:.4g}"
+        print(f"{s.task}\t{s.metric}\t{s.filter}\t{value}{stderr}\t(n={s.n_samples})")
+    err.print(f"recorded {len(done.scores)} scores of {len({s.task for s in done.scores})} "
+              f"task(s) for version {done.version} (digest {done.digest[:12]}, "
+              f"{done.harness})", highlight=False, soft_wrap=True)
+
+
 @contextmanager
 def _delayed_progress(total: int, after_s: float = 1.0) -> Iterator[Callable[[str], None]]:
     """A rich bar over ``total`` stages on stderr, shown only if the work takes longer than

@@ -43,8 +43,8 @@ from training.manifest import check_licence
 
 __all__ = [
     "RunParams", "ModelParams", "DataParams", "TrainParams", "OuterParams", "AggregationParams",
-    "VerifyParams", "CreditsParams", "NetworkParams", "AsyncParams", "LedgerParams", "RunConfig",
-    "load_config", "parse_config", "default_config_text",
+    "VerifyParams", "CreditsParams", "NetworkParams", "AsyncParams", "EvalParams", "LedgerParams",
+    "RunConfig", "load_config", "parse_config", "default_config_text",
 ]
 
 # A check returns the cleaned value or raises _Bad(what the value must be).
@@ -293,6 +293,10 @@ class VerifyParams:
     min_improvement_fraction: float = _opt(0.05, _fraction, "reject an update that lowers "
                                            "the loss on its own shard by less than this "
                                            "fraction of the round's median such improvement")
+    check_processes: int = _opt(1, _non_negative_int, "processes beside the run loop that "
+                                "run each train reply's own checks (the base check, the "
+                                "usefulness scores), so a node that answers never waits for "
+                                "another's scores before its next lease; 0 = in the loop")
     base_loss_tolerance: float = _opt(0.002, _non_negative, "nats: reject an update whose "
                                       "reported loss_before differs by more than this from the "
                                       "coordinator's loss of the lease's base on the same first "
@@ -404,6 +408,15 @@ class AsyncParams:
 
 
 @dataclass(frozen=True)
+class EvalParams:
+    # Benchmark tasks beside the validation loss (coordinator/evals; docs/evals.md).
+    tasks: str | None = _opt(None, _optional(_str), "folder of lm-evaluation-harness task "
+                             "YAML files and their JSONL data (relative to the run directory) "
+                             "that `atom-coordinator eval-tasks` runs on a model version",
+                             placeholder='"<folder>"')
+
+
+@dataclass(frozen=True)
 class LedgerParams:
     url: str = _opt("sqlite:///ledger.db", _ledger_url,
                     "sqlite:///file.db (relative to the run directory) or postgresql://...")
@@ -413,7 +426,7 @@ _SECTIONS: dict[str, type] = {
     "run": RunParams, "model": ModelParams, "data": DataParams, "train": TrainParams,
     "outer": OuterParams, "aggregation": AggregationParams, "verify": VerifyParams,
     "compression": CompressionParams, "credits": CreditsParams, "network": NetworkParams,
-    "async": AsyncParams, "ledger": LedgerParams,
+    "async": AsyncParams, "eval": EvalParams, "ledger": LedgerParams,
 }
 # run.toml sections whose RunConfig field is named otherwise (``async`` is a Python keyword)
 _FIELDS = {"async": "asynchronous"}
@@ -432,6 +445,7 @@ class RunConfig:
     credits: CreditsParams = field(default_factory=CreditsParams)
     network: NetworkParams = field(default_factory=NetworkParams)
     asynchronous: AsyncParams = field(default_factory=AsyncParams)  # [async]
+    eval: EvalParams = field(default_factory=EvalParams)
     ledger: LedgerParams = field(default_factory=LedgerParams)
     # where run.toml lives: relative paths in it resolve here; not part of the config's value
     base_dir: Path = field(default=Path("."), compare=False, repr=False)
@@ -461,6 +475,14 @@ class RunConfig:
             return self.data.tokenizer
         root = Path(run_dir) if run_dir is not None else self.base_dir
         return str(root / Path(self.data.tokenizer).expanduser())
+
+    def eval_tasks(self, run_dir: str | Path | None = None) -> Path | None:
+        """``[eval].tasks`` as a path (relative ones against the run directory); None when
+        unset."""
+        if self.eval.tasks is None:
+            return None
+        root = Path(run_dir) if run_dir is not None else self.base_dir
+        return root / Path(self.eval.tasks).expanduser()
 
     def ledger_url(self, run_dir: str | Path | None = None) -> str:
         """The ledger URL, with a relative SQLite path made absolute against ``run_dir``

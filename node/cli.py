@@ -50,6 +50,9 @@ def join(
     gpus: Annotated[str, typer.Option(
         help="train each lease data-parallel over N GPUs (or all of them), the batch split "
              "between them", metavar="N|all")] = "1",
+    activation_checkpointing: Annotated[bool, typer.Option(
+        "--activation-checkpointing", help="recompute activations in the backward pass: "
+        "less GPU memory for large models, about a third more compute")] = False,
     sign_key: Annotated[Optional[Path], typer.Option(hidden=True)] = None,
     slowdown: Annotated[float, typer.Option(
         min=1.0, hidden=True, help="benchmarks: take F times as long for each lease (waits "
@@ -92,8 +95,8 @@ def join(
         console.print(f"policy: {rules.describe()}", highlight=False)
         policy_file = _write_policy(node_home, rules)
     Supervisor(node_home, enrollment, threads=threads, device=device, gpus=n_gpus,
-               sign_key=sign_key, slowdown=slowdown, metrics_address=metrics,
-               console=console, policy=policy_file).run()
+               checkpointing=activation_checkpointing, sign_key=sign_key, slowdown=slowdown,
+               metrics_address=metrics, console=console, policy=policy_file).run()
 
 
 def _policy(file: Path | None, windows: list[str], pause_when_gpu_busy: bool,

@@ -3,13 +3,14 @@
 It runs inside the node's warm worker (``node.warm_worker``): one long-lived process per node
 that takes every message the SuperNode receives, so what :class:`NodeSession` holds — the
 signing key, the TLS channel to the coordinator, the blob cache, the base models last used,
-top-k error feedback — lives across leases (torch is imported once). Run the old way, one
-``flwr-clientapp`` process per message, it still works, paying all of that every time.
+the built (on CUDA compiled) model, top-k error feedback — lives across leases (torch is
+imported once). Run the old way, one ``flwr-clientapp`` process per message, it still works,
+paying all of that every time.
 
 Everything it needs comes from the SuperNode's ``--node-config`` (``home``, ``threads``,
-``device``, optionally ``sign-key``, ``max-cache-bytes`` and ``policy``: the contribution
-policy ``join`` wrote as JSON) and the node home (enrollment, pinned CA, the blob cache
-``blobs/``).
+``device``, optionally ``sign-key``, ``max-cache-bytes``, ``checkpointing`` and ``policy``:
+the contribution policy ``join`` wrote as JSON) and the node home (enrollment, pinned CA, the
+blob cache ``blobs/``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from protocol.compression import ErrorFeedback
 from protocol.errors import ConfigError
 from protocol.signing import load_private_key
 from training.data_parallel import InnerPool
+from training.model_cache import ModelCache
 
 from .blobs import CoordinatorBlobs
 from .gpu import NvmlProbe, cuda_index, load_nvml
@@ -69,7 +71,10 @@ class NodeSession:
             coordinator_blobs=coordinator, uploads=coordinator,
             # top-k residuals of this run: in memory, so a worker restart starts them afresh
             feedback=ErrorFeedback(), models=BaseModels(), gate=lease_gate(node_config),
-            gpus=gpus, pool=InnerPool(gpus, "cuda") if gpus > 1 else None)
+            gpus=gpus, pool=InnerPool(gpus, "cuda") if gpus > 1 else None,
+            # one per process: the model is built, and on CUDA compiled, once per architecture
+            model_cache=ModelCache(),
+            checkpointing=str(node_config.get("checkpointing", False)).lower() == "true")
 
     def handle(self, content: RecordDict) -> RecordDict:
         def progress(kind: str, rnd: int, shard: int, steps: int) -> ProgressWriter:

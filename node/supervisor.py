@@ -84,10 +84,12 @@ def messages_in_flight(log: Path, since: int) -> tuple[int, int]:
 def supernode_command(home: NodeHome, e: Enrollment, *, port: int, threads: int, device: str,
                       sign_key: Path | None, secret_file: Path,
                       slowdown: float = 1.0, policy: Path | None = None,
-                      gpus: int = 1) -> list[str]:
+                      gpus: int = 1, checkpointing: bool = False) -> list[str]:
     node_config = f'home="{home.path}" threads={threads} device="{device}"'
     if gpus > 1:
         node_config += f" gpus={int(gpus)}"
+    if checkpointing:
+        node_config += " checkpointing=true"
     if slowdown != 1.0:
         node_config += f" slowdown={float(slowdown)}"
     if policy is not None:
@@ -142,6 +144,7 @@ class Supervisor:
     threads: int = 1
     device: str = "auto"
     gpus: int = 1  # > 1: each lease data-parallel over cuda:0..gpus-1
+    checkpointing: bool = False  # activation checkpointing in every train lease
     sign_key: Path | None = None
     slowdown: float = 1.0  # benchmarks: play a device this many times slower
     metrics_address: str = ""  # HOST:PORT of the node's /metrics ("" = none)
@@ -199,7 +202,7 @@ class Supervisor:
                                         threads=self.threads, device=self.device,
                                         sign_key=self.sign_key, secret_file=secret,
                                         slowdown=self.slowdown, policy=self.policy,
-                                        gpus=self.gpus)
+                                        gpus=self.gpus, checkpointing=self.checkpointing)
                 started = time.monotonic()
                 log_start = log.stat().st_size if log.exists() else 0
                 proc = spawn(cmd, env=env, log=log)

@@ -35,6 +35,7 @@ from training.data_parallel import InnerPool, train_inner_parallel
 from training.device import pick_device, set_threads
 from training.evaluate import evaluate
 from training.inner import train_inner
+from training.model_cache import ModelCache
 
 from . import metrics as node_metrics
 from .blobs import BlobFetcher, BlobSink, BlobSource, HttpMirror
@@ -106,6 +107,12 @@ class WorkerSettings:
     # pool's processes, kept across leases; None with gpus > 1: a pool per lease
     gpus: int = 1
     pool: InnerPool | None = None
+    # the built (on CUDA: compiled) model a warm worker reuses for every train lease of an
+    # architecture; None: build one per lease
+    model_cache: ModelCache | None = None
+    # ``join --activation-checkpointing``: recompute activations in the backward pass, for
+    # models whose activations would not fit the GPU otherwise
+    checkpointing: bool = False
 
     def fetcher(self, mirrors: list[str]) -> BlobFetcher:
         if self.cache is None:
@@ -245,9 +252,10 @@ def _train(model: dict[str, np.ndarray], cfg: Any, tokens: np.ndarray, lease: An
            settings: WorkerSettings, device: Any, progress: Progress | None) -> Any:
     """The inner loop of a train lease: on ``device``, or data-parallel over the GPUs."""
     kw = dict(steps=lease.inner_steps, batch_size=lease.batch_size, seq_len=lease.seq_len,
-              lr=lease.lr, weight_decay=lease.weight_decay, seed=lease.seed, progress=progress)
+              lr=lease.lr, weight_decay=lease.weight_decay, seed=lease.seed, progress=progress,
+              checkpointing=settings.checkpointing)
     if settings.gpus <= 1:
-        return train_inner(model, cfg, tokens, device=device, **kw)
+        return train_inner(model, cfg, tokens, device=device, models=settings.model_cache, **kw)
     if settings.pool is not None:
         return settings.pool.run(model, cfg, tokens, **kw)
     return train_inner_parallel(settings.gpus, model, cfg, tokens, device=device.type, **kw)

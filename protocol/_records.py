@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 from collections.abc import Mapping
@@ -45,12 +46,43 @@ def _check_npy(data: bytes) -> None:
         raise ValueError("npy header does not match payload size")
 
 
+@functools.lru_cache(maxsize=4096)
+def _npy_header(dtype: str, shape: tuple[int, ...]) -> bytes:
+    """The .npy header numpy writes for a C-ordered array of ``dtype`` and ``shape``."""
+    fp = io.BytesIO()
+    np.lib.format.write_array_header_1_0(fp, {
+        "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+        "shape": shape})
+    return fp.getvalue()
+
+
+def _exact(arr: Array) -> np.ndarray | None:
+    """``arr`` decoded without parsing its header, where the header is byte for byte the
+    one numpy writes for the dtype and shape the Array claims (any array this project
+    sends); None otherwise. Parsing a header costs ~0.1 ms (``ast.literal_eval``): a
+    model's update of 30-300 arrays was most of the coordinator's screening time."""
+    try:
+        dtype, shape = np.dtype(arr.dtype), tuple(int(n) for n in arr.shape)
+        header = _npy_header(dtype.str, shape)
+    except (TypeError, ValueError):
+        return None
+    data = arr.data
+    if dtype.kind not in "biufc" or not data.startswith(header) or \
+            len(data) - len(header) != math.prod(shape) * dtype.itemsize:
+        return None
+    # a copy, as np.load makes: writable, and not pinning the message's bytes
+    return np.frombuffer(data, dtype, offset=len(header)).reshape(shape).copy()
+
+
 def decode_arrays(record: ArrayRecord, what: str) -> dict[str, np.ndarray]:
     """Decode every array strictly; raises ``ProtocolError`` naming ``what.<name>``."""
     arrays: dict[str, np.ndarray] = {}
     for name, arr in record.items():
         where = f"{what}.{name}"
         require(arr.stype == _NUMPY_STYPE, where, f"unsupported stype {arr.stype!r}")
+        if (fast := _exact(arr)) is not None:
+            arrays[name] = fast
+            continue
         try:
             _check_npy(arr.data)
             a = arr.numpy()

@@ -33,6 +33,16 @@ class CausalLM(nn.Module):
         self.config = hf.config
         self.block_size = block_size
 
+    def activation_checkpointing_enable(self) -> None:
+        """transformers' own activation checkpointing on the body's layers, non-reentrant
+        (the form torch.compile traces, and that needs no input requiring grad)."""
+        body = getattr(self, self.body_name)
+        kwargs = {"use_reentrant": False}
+        if hasattr(body, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+            body.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            body.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:

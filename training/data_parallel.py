@@ -9,7 +9,8 @@ then every rank clips and steps the same AdamW on the same gradient and so holds
 weights. Rank 0 returns what ``train_inner`` returns: on CPU in fp32 the pseudo-gradient
 matches one process's to float reduction order (tests/unit/test_data_parallel.py).
 
-``InnerPool`` keeps the W processes (and their CUDA contexts) for many leases: the caller
+``InnerPool`` keeps the W processes (and their CUDA contexts and built, on CUDA compiled,
+models: ``training.model_cache``) for many leases: the caller
 sends each lease to rank 0 through a queue, rank 0 broadcasts it to the others over the
 process group, and only rank 0 answers. A rank that dies or raises fails the lease with one
 ``DataParallelError`` naming each rank's fate; the pool then reaps every rank and the next
@@ -40,7 +41,8 @@ from training.families import ModelSpec
 from training.inner import (
     GRAD_CLIP, InnerResult, _fp32_loss, check_inner_args, inner_optimizer, sample_batch,
 )
-from training.state import arrays_to_model, model_to_arrays
+from training.model_cache import ModelCache
+from training.state import model_to_arrays
 
 __all__ = ["DataParallelError", "InnerPool", "check_world_batch", "train_inner_parallel"]
 
@@ -135,7 +137,8 @@ class InnerPool:
 
     def run(self, base: Mapping[str, np.ndarray], cfg: ModelSpec, tokens: np.ndarray, *,
             steps: int, batch_size: int, seq_len: int, lr: float, weight_decay: float,
-            seed: int, progress: Progress | None = None) -> InnerResult:
+            seed: int, progress: Progress | None = None,
+            checkpointing: bool = False) -> InnerResult:
         """One lease, as ``train_inner`` with the same arguments (less device/opt state).
 
         ``progress`` runs here, in the caller's process, as rank 0 finishes each step; if it
@@ -158,7 +161,7 @@ class InnerPool:
             self._fail({})
         job = dict(base=base, cfg=cfg, tokens=np.asarray(tokens), steps=steps,
                    batch_size=batch_size, seq_len=seq_len, lr=lr, weight_decay=weight_decay,
-                   seed=seed)
+                   seed=seed, checkpointing=checkpointing)
         self._abort.clear()
         self._control[0].put(job)
         for q in self._control[1:]:
@@ -271,11 +274,13 @@ def _rank_main(rank: int, world: int, addr: tuple[str, int], device: str, thread
         # Leases travel over gloo even beside NCCL: pickled arrays need no trip to the GPU.
         objects = dist.new_group(backend="gloo") if dev.type == "cuda" else None
         results.put(("ready", rank))
+        models = ModelCache()  # each rank builds (on CUDA: compiles) its model once
         while (msg := control.get()) is not None:
             box = [msg if rank == 0 else None]
             dist.broadcast_object_list(box, src=0, group=objects)
             report = (lambda *a: results.put(("progress", *a))) if rank == 0 else None
-            res = _train_rank(box[0], rank, world, dev, abort if rank == 0 else None, report)
+            res = _train_rank(box[0], rank, world, dev, abort if rank == 0 else None, report,
+                              models)
             if rank == 0:
                 results.put(("done", res) if res is not None else ("stopped",))
         dist.destroy_process_group()
@@ -286,7 +291,7 @@ def _rank_main(rank: int, world: int, addr: tuple[str, int], device: str, thread
 
 
 def _train_rank(job: dict[str, Any], rank: int, world: int, dev: torch.device, abort: Any,
-                report: Progress | None) -> InnerResult | None:
+                report: Progress | None, models: ModelCache) -> InnerResult | None:
     """``train_inner`` on this rank's slice of each batch; None on ranks > 0 and when
     rank 0's ``abort`` stopped the lease."""
     t0 = time.perf_counter()
@@ -300,8 +305,8 @@ def _train_rank(job: dict[str, Any], rank: int, world: int, dev: torch.device, a
     losses = torch.zeros(steps + 1, dtype=torch.float64, device=dev)  # [0]: loss_before
     with torch.random.fork_rng(devices=[dev.index] if dev.type == "cuda" else []):
         torch.manual_seed(seed + rank)  # dropout (if any): independent masks per slice
-        model = arrays_to_model(base, cfg, dev)
-        model.train()
+        built = models.load(base, cfg, dev, checkpointing=job["checkpointing"])
+        model = built.module
         opt = inner_optimizer(model, job["lr"], job["weight_decay"], dev)
         params = [p for p in model.parameters() if p.requires_grad]
         x, y = sample_batch(data, batch_size, seq_len, gen)
@@ -310,7 +315,7 @@ def _train_rank(job: dict[str, Any], rank: int, world: int, dev: torch.device, a
             if step > 1:
                 x, y = sample_batch(data, batch_size, seq_len, gen)
             with autocast(dev):
-                _, loss = model(x[rows], y[rows])
+                _, loss = built.forward(x[rows], y[rows])
             loss.backward()
             if _average_grads(params, world, stop=abort is not None and abort.is_set()):
                 return None  # every rank saw rank 0's flag: all stop at this step

@@ -3,7 +3,9 @@
 Each call starts from a fresh optimizer (nodes keep no state between leases) and returns
 the pseudo-gradient ``base - local``, which the coordinator averages and feeds to its
 outer optimizer. Batches are drawn from ``seed`` alone, so on CPU the same base, tokens
-and seed give a bit-identical pseudo-gradient (given the same torch build and thread count).
+and seed give a bit-identical pseudo-gradient (given the same torch build and thread count),
+whether the model is built for the call or refilled from a warm worker's
+``training.model_cache.ModelCache``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 
 from training.device import autocast, pick_device
 from training.families import ModelSpec
+from training.model_cache import ModelCache, build
 from training.state import arrays_to_model, model_to_arrays
 
 __all__ = [
@@ -97,6 +100,8 @@ def train_inner(
     progress: Callable[[int, int, int], None] | None = None,
     opt_state: dict[str, Any] | None = None,
     keep_opt_state: bool = False,
+    models: ModelCache | None = None,
+    checkpointing: bool = False,
 ) -> InnerResult:
     """Train ``steps`` AdamW steps from ``base`` on ``tokens`` and return base - local.
 
@@ -109,6 +114,13 @@ def train_inner(
         rounds) and return the state at the end. Nodes start fresh: ``bench/diloco_sim.py
         --keep-inner-state`` measured 0.998 of the final loss (noise), and a node's update
         would depend on its history, which no spot check can reproduce.
+    models
+        Reuse (and, on CUDA, compile once) the model this cache holds for ``cfg`` instead
+        of building one; None builds a fresh model, uncompiled.
+    checkpointing
+        Recompute each block's activations in the backward pass instead of keeping them:
+        less memory for about one more forward pass per step; the same pseudo-gradient up
+        to float rounding.
 
     Raises
     ------
@@ -130,7 +142,11 @@ def train_inner(
         cuda_ids = [dev.index if dev.index is not None else torch.cuda.current_device()]
     with torch.random.fork_rng(devices=cuda_ids):
         torch.manual_seed(seed)
-        model = arrays_to_model(base, cfg, dev)
+        if models is None:
+            built = build(base, cfg, dev, checkpointing=checkpointing)
+        else:
+            built = models.load(base, cfg, dev, checkpointing=checkpointing)
+        model = built.module
         model.train()
         opt = inner_optimizer(model, lr, weight_decay, dev)
         if opt_state is not None:
@@ -138,12 +154,14 @@ def train_inner(
             for group in opt.param_groups:  # the lease's hyperparameters, not the old ones
                 group["lr"] = lr
         x, y = sample_batch(data, batch_size, seq_len, gen)
+        # eager, not the compiled forward: one pass, and the fp32 numbers the coordinator's
+        # recomputation (first_batch_loss) gives
         loss_before = _fp32_loss(model, x, y)
         for step in range(1, steps + 1):
             if step > 1:
                 x, y = sample_batch(data, batch_size, seq_len, gen)
             with autocast(dev):
-                _, loss = model(x, y)
+                _, loss = built.forward(x, y)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
             opt.step()

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 __all__ = ["GPTConfig", "PRESETS", "GPT", "next_token_loss"]
 
@@ -117,6 +118,7 @@ class GPT(nn.Module):
             )
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.activation_checkpointing = False  # see activation_checkpointing_enable
         # Weight tying: the output head reuses the token embedding. Registered under
         # transformer.wte, so named_parameters() lists it once, as "transformer.wte.weight".
         self.transformer.wte.weight = self.lm_head.weight
@@ -142,6 +144,12 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
+    def activation_checkpointing_enable(self) -> None:
+        """While training, keep only each block's input and recompute the block in the
+        backward pass: one block's activations held at a time instead of every block's, for
+        one more forward pass. Named as transformers names it: one call for every family."""
+        self.activation_checkpointing = True
+
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -156,8 +164,10 @@ class GPT(nn.Module):
         tok_emb = self.transformer.wte(idx)  # (B, T, n_embd)
         pos_emb = self.transformer.wpe(pos)  # (T, n_embd)
         x = self.transformer.drop(tok_emb + pos_emb)
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.transformer.h:
-            x = block(x)
+            # non-reentrant: works under torch.compile and replays dropout's RNG state
+            x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)  # (B, T, vocab_size)
         return logits, None if targets is None else next_token_loss(logits, targets)

@@ -11,6 +11,10 @@ cannot say anything the JSON does not:
   documents and tokens, and the manifest's SHA-256;
 - the **version history** up to the exported version: updates aggregated, tokens, the
   validation loss (mean cross-entropy in nats per token on the run's validation split);
+- the exported version's **task scores** (``atom-coordinator eval-tasks``,
+  ``coordinator.evals``): per lm-eval task, metric and filter, the value, its stderr, the
+  documents evaluated, the SHA-256 of the task's files and the harness that measured it;
+  in the card's ``model-index`` too (those with a value);
 - the exported version and its **model digest** (``protocol.digest.digest_arrays`` of its
   arrays, as the ledger records it);
 - the **root of the Merkle tree over every credit receipt** and its size
@@ -33,7 +37,12 @@ else as ``other`` with ``license_name``; the exact SPDX expression is in ``atom_
                         "tokens_evaluated", "credits"}],
      "versions": [{"version", "round", "updates", "tokens", "val_loss", "val_tokens",
                    "digest"}],
+     "task_scores": [{"task", "metric", "filter", "value", "stderr", "n_samples",
+                      "task_digest", "harness"}],
      "receipts": {"root", "tree_size"}}
+
+``task_scores`` came after the format's first release: a reader of ``atom-provenance-v1``
+takes an absent key as no scores.
 """
 
 from __future__ import annotations
@@ -55,8 +64,8 @@ from coordinator.accounting.receipt_tree import receipt_tree
 from coordinator.ledger.models import ModelVersion
 from coordinator.ledger.reads import LedgerReads
 
-__all__ = ["FORMAT", "LICENCE_FROM", "Contribution", "DataSource", "Provenance", "VersionLine",
-           "model_card", "provenance"]
+__all__ = ["FORMAT", "LICENCE_FROM", "Contribution", "DataSource", "Provenance", "TaskScoreLine",
+           "VersionLine", "model_card", "provenance"]
 
 FORMAT = "atom-provenance-v1"
 LICENCE_FROM = "data manifest"
@@ -95,6 +104,18 @@ class VersionLine:
 
 
 @dataclass(frozen=True)
+class TaskScoreLine:
+    task: str
+    metric: str
+    filter: str
+    value: float | None
+    stderr: float | None
+    n_samples: int
+    task_digest: str
+    harness: str
+
+
+@dataclass(frozen=True)
 class Provenance:
     run_id: str
     version: int
@@ -108,6 +129,7 @@ class Provenance:
     sources: tuple[DataSource, ...]
     contributions: tuple[Contribution, ...]
     versions: tuple[VersionLine, ...]  # up to and including ``version``
+    task_scores: tuple[TaskScoreLine, ...]  # of ``version``
     receipts_root: str
     receipts_tree_size: int
 
@@ -152,6 +174,9 @@ def provenance(ledger: LedgerReads, corpus: CorpusInfo, *, run_id: str,
     licence = (" AND ".join(f"({x})" if " " in x else x for x in licences) if licences
                else "NOASSERTION")
     tree = receipt_tree(ledger)
+    scores = tuple(TaskScoreLine(r.task, r.metric, r.filter, r.value, r.stderr, r.n_samples,
+                                 r.task_digest, r.harness)
+                   for r in ledger.task_scores(version))
     return Provenance(
         run_id=run_id, version=version, model_digest=rows[-1].digest, model=dict(model),
         exported_as=exported_as, licence=licence, licence_from=LICENCE_FROM,
@@ -159,7 +184,7 @@ def provenance(ledger: LedgerReads, corpus: CorpusInfo, *, run_id: str,
         tokenizer={"kind": corpus.tokenizer_kind, "sha256": corpus.tokenizer_sha256,
                    "vocab_size": corpus.vocab_size},
         sources=sources, contributions=tuple(contributions), versions=versions,
-        receipts_root=tree.root_hex, receipts_tree_size=tree.size)
+        task_scores=scores, receipts_root=tree.root_hex, receipts_tree_size=tree.size)
 
 
 def _sources(corpus: CorpusInfo) -> tuple[tuple[DataSource, ...], str]:
@@ -195,16 +220,21 @@ def model_card(p: Provenance) -> ModelCard:
     """The README.md of the export: YAML front matter for the Hub, and a body that lists the
     provenance (module docstring)."""
     name = f"{p.run_id}-v{p.version}"
-    results = None
+    results = []
     if p.val_loss is not None:
         source = p.sources[0].name if p.sources else p.run_id
-        results = [EvalResult(
+        results.append(EvalResult(
             task_type="text-generation", dataset_type="atom-corpus", dataset_name=source,
             dataset_split="validation", dataset_revision=p.manifest_sha256 or None,
-            metric_type="loss", metric_name=METRIC, metric_value=p.val_loss)]
+            metric_type="loss", metric_name=METRIC, metric_value=p.val_loss))
+    results += [EvalResult(
+        task_type="text-generation", dataset_type=s.task, dataset_name=s.task,
+        dataset_revision=s.task_digest, metric_type=s.metric,
+        metric_name=s.metric if s.filter == "none" else f"{s.metric} ({s.filter})",
+        metric_value=s.value) for s in p.task_scores if s.value is not None]
     family = p.model.get("family", "gpt")
     data = ModelCardData(
-        model_name=name, eval_results=results, library_name="transformers",
+        model_name=name, eval_results=results or None, library_name="transformers",
         pipeline_tag="text-generation", datasets=[s.name for s in p.sources] or None,
         tags=["atom-network", "diloco", "federated-learning", family],
         atom_network={"run_id": p.run_id, "version": p.version,
@@ -246,6 +276,7 @@ def _body(p: Provenance, name: str) -> str:
            else ""),
         f"- licence: {p.licence} (from the {p.licence_from})",
         "",
+        *_scores_section(p),
         "## Contributors",
         "",
         "Verified work per institution, from the run's ledger at export time: tokens of "
@@ -293,6 +324,30 @@ def _body(p: Provenance, name: str) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _scores_section(p: Provenance) -> list[str]:
+    """The version's task scores as a table, or nothing when none were measured."""
+    if not p.task_scores:
+        return []
+    harness = ", ".join(sorted({s.harness for s in p.task_scores}))
+    return [
+        "## Task scores",
+        "",
+        f"Measured on this version with {harness} (`atom-coordinator eval-tasks`) on the "
+        "run's task files, named by the SHA-256 of each task's YAML and data.",
+        "",
+        "| task | metric | filter | value | stderr | documents | task files |",
+        "|---|---|---|---:|---:|---:|---|",
+        *(f"| {s.task} | {s.metric} | {s.filter} | {_number(s.value)} | "
+          f"{_number(s.stderr)} | {s.n_samples:,} | `{s.task_digest[:16]}` |"
+          for s in p.task_scores),
+        "",
+    ]
+
+
+def _number(x: float | None) -> str:
+    return "-" if x is None else f"{x:.6g}"
 
 
 def _arch_text(arch: dict[str, Any]) -> str:

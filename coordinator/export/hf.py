@@ -47,7 +47,7 @@ from training.model import GPTConfig
 from training.state import load_arrays
 
 __all__ = ["MAX_NEW_TOKENS", "check_vocab", "generation_config", "gpt2_config", "gpt_to_gpt2",
-           "hf_tokenizer", "to_transformers"]
+           "hf_tokenizer", "to_transformers", "transformers_model"]
 
 MAX_NEW_TOKENS = 128
 _CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight",
@@ -149,3 +149,23 @@ def generation_config(tokenizer: Any, block_size: int) -> transformers.Generatio
     return transformers.GenerationConfig(
         do_sample=False, max_new_tokens=max(1, min(MAX_NEW_TOKENS, block_size // 2)),
         eos_token_id=eos, pad_token_id=eos, bos_token_id=tokenizer.bos_token_id)
+
+
+def transformers_model(arrays: Mapping[str, np.ndarray], arch: Mapping[str, Any],
+                       corpus: CorpusInfo) -> tuple[Any, Any, ModelSpec]:
+    """A checkpoint as what an export writes, in memory: the transformers model with its
+    generation defaults, the run's tokenizer, and the arch's spec. ``export-model`` saves
+    them; ``eval-tasks`` (coordinator.evals) evaluates them without writing a file.
+
+    Raises
+    ------
+    CheckpointError
+        As ``to_transformers``.
+    ConfigError
+        As ``hf_tokenizer`` and ``check_vocab``.
+    """
+    model, spec = to_transformers(arrays, arch)
+    tokenizer = hf_tokenizer(corpus, spec.block_size)
+    check_vocab(tokenizer, spec.vocab_size)
+    model.generation_config = generation_config(tokenizer, spec.block_size)
+    return model, tokenizer, spec

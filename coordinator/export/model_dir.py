@@ -32,7 +32,7 @@ from coordinator.ledger import Ledger
 from coordinator.ledger.models import ModelVersion
 from coordinator.rundir import RunDir
 
-__all__ = ["STAGES", "Exported", "export_model"]
+__all__ = ["STAGES", "Exported", "export_model", "read_version"]
 
 # what ``on_stage`` is told, in order
 STAGES = ("reading the version", "building the model", "reading the ledger",
@@ -74,20 +74,12 @@ def export_model(rd: RunDir, out: Path, *, version: int | None = None, force: bo
     stage(STAGES[0])
     with Ledger.read_only(cfg.ledger_url(rd.path)) as ledger:
         rows = ledger.versions()
-        row = _version_row(rows, version)
-        arrays, meta = load_checkpoint(_checkpoint_path(rd, row))
-        if meta.get("digest") != row.digest:
-            raise CheckpointError(f"checkpoint of version {row.version} holds weights "
-                                  f"{str(meta.get('digest'))[:16]}, the ledger recorded "
-                                  f"{row.digest[:16]}")
+        row, arrays, meta = read_version(rd, rows, version)
         corpus = load_corpus(rd.corpus, verify=False)
         stage(STAGES[1])
         from coordinator.export import hf  # torch and transformers: only past the checks
 
-        model, spec = hf.to_transformers(arrays, meta.get("model"))
-        tokenizer = hf.hf_tokenizer(corpus, spec.block_size)
-        hf.check_vocab(tokenizer, spec.vocab_size)
-        model.generation_config = hf.generation_config(tokenizer, spec.block_size)
+        model, tokenizer, _ = hf.transformers_model(arrays, meta.get("model"), corpus)
         stage(STAGES[2])
         from coordinator.export.card import model_card, provenance
 
@@ -105,6 +97,26 @@ def export_model(rd: RunDir, out: Path, *, version: int | None = None, force: bo
         _plain_modes(tmp)
     return Exported(out, row.version, row.digest, prov.exported_as, prov.val_loss,
                     prov.receipts_root)
+
+
+def read_version(rd: RunDir, rows: list[ModelVersion], version: int | None) -> tuple[
+        ModelVersion, dict[str, Any], dict[str, Any]]:
+    """``version`` (default: the latest) of the ledger's ``rows``: its row, and its
+    checkpoint's arrays and meta, checked to be the weights the ledger recorded.
+
+    Raises
+    ------
+    CheckpointError
+        The version is not in ``rows`` (or there is none), its checkpoint is missing or
+        corrupt, or it holds other weights than the ledger recorded.
+    """
+    row = _version_row(rows, version)
+    arrays, meta = load_checkpoint(_checkpoint_path(rd, row))
+    if meta.get("digest") != row.digest:
+        raise CheckpointError(f"checkpoint of version {row.version} holds weights "
+                              f"{str(meta.get('digest'))[:16]}, the ledger recorded "
+                              f"{row.digest[:16]}")
+    return row, arrays, meta
 
 
 def _version_row(rows: list[ModelVersion], version: int | None) -> ModelVersion:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from coordinator.ledger.ledger import Ledger
 from coordinator.ledger.models import (
-    CreditEntry, CreditReceipt, Event, Institution, Invite, LeaseRow, ModelVersion, Node, UpdateRow,
-    VersionEval,
+    CreditEntry, CreditReceipt, Event, Institution, Invite, LeaseRow, ModelVersion, Node,
+    TaskScoreRow, UpdateRow, VersionEval,
 )
 from coordinator.ledger.summaries import NodeSummary
 
@@ -20,6 +20,7 @@ __all__ = [
     "ModelVersion",
     "Node",
     "NodeSummary",
+    "TaskScoreRow",
     "UpdateRow",
     "VersionEval",
 ]

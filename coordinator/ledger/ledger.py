@@ -15,7 +15,7 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-from sqlalchemy import bindparam, insert, update
+from sqlalchemy import bindparam, delete, insert, update
 from sqlalchemy.engine import URL
 from sqlmodel import Session, SQLModel, col, select
 
@@ -25,7 +25,7 @@ from protocol.kinds import Verdict
 from coordinator.metrics import LEDGER_WRITE_SECONDS
 from coordinator.ledger.models import (
     LEASE_KINDS, LEASE_STATUSES, VERDICTS, CreditEntry, CreditReceipt, Event, Institution,
-    Invite, LeaseRow, ModelVersion, Node, UpdateRow, VersionEval,
+    Invite, LeaseRow, ModelVersion, Node, TaskScoreRow, UpdateRow, VersionEval,
 )
 from coordinator.ledger.reads import LedgerReads, flower_id
 from coordinator.ledger.summaries import NodeSummary
@@ -258,6 +258,22 @@ class Ledger(LedgerReads):
                       data_end=data_end, issued_at=_now(issued_at), deadline=deadline)
         return self._add(lease, "record a lease")
 
+    def record_leases(self, rows: Sequence[dict[str, Any]]) -> list[int]:
+        """``record_lease`` for many leases in one statement; returns their ids in order.
+        A pass of the run loop leases to every node that answered since the last: one
+        commit each made the tenth node wait for nine (bench/scale.py)."""
+        if not rows:
+            return []
+        bad = {r["kind"] for r in rows} - set(LEASE_KINDS)
+        if bad:
+            raise LedgerError(f"lease kind must be one of {LEASE_KINDS}, not {min(bad)!r}")
+        leases = LeaseRow.__table__  # type: ignore[attr-defined]
+        values = [dict(r, issued_at=_now(r.get("issued_at")), status="issued") for r in rows]
+        with self._write("record leases") as session:
+            return list(session.execute(
+                insert(leases).returning(leases.c.id, sort_by_parameter_order=True),
+                values).scalars())
+
     def close_lease(self, lease_id: int, status: str, now: float) -> bool:
         """Close an issued lease; ``False`` when it was already closed (e.g. answered)."""
         if status not in LEASE_STATUSES[1:]:
@@ -438,6 +454,27 @@ class Ledger(LedgerReads):
             row.val_loss, row.val_tokens = _finite(loss), tokens
             row.val_windows_recomputed, row.val_local_tokens = windows_recomputed, local_tokens
         return row
+
+    def record_task_scores(self, version: int, scores: Sequence[dict[str, Any]], *,
+                           harness: str, at: float | None = None) -> list[TaskScoreRow]:
+        """Record lm-eval task scores of ``version``, replacing the rows its tasks had: one
+        transaction, so a version never shows half of a measurement.
+
+        ``scores`` are dicts with ``task``, ``metric``, ``filter``, ``value``, ``stderr``,
+        ``n_samples`` and ``task_digest``; non-finite values are stored as NULL."""
+        now = _now(at)
+        rows = [TaskScoreRow(version=version, task=s["task"], metric=s["metric"],
+                             filter=s["filter"], value=_finite(s["value"]),
+                             stderr=_finite(s["stderr"]), n_samples=int(s["n_samples"]),
+                             task_digest=s["task_digest"], harness=harness, created_at=now)
+                for s in scores]
+        with self._write("record task scores") as session:
+            self._must(session, ModelVersion, version)
+            tasks = sorted({r.task for r in rows})
+            session.exec(delete(TaskScoreRow).where(col(TaskScoreRow.version) == version,
+                                                    col(TaskScoreRow.task).in_(tasks)))
+            session.add_all(rows)
+        return rows
 
     def add_event(self, kind: str, message: str, node_id: int | None = None,
                   at: float | None = None) -> Event:

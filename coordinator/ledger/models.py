@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any, Optional
 
-from sqlalchemy import BigInteger, CheckConstraint, Column, Index, Text
+from sqlalchemy import BigInteger, CheckConstraint, Column, Index, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 from protocol.kinds import Verdict
@@ -28,6 +28,7 @@ __all__ = [
     "ModelVersion",
     "Node",
     "TABLES",
+    "TaskScoreRow",
     "UpdateRow",
     "VERDICTS",
     "VersionEval",
@@ -111,6 +112,34 @@ class VersionEval(SQLModel, table=True):
     id: Optional[int] = Field(default=None, primary_key=True)
     version: int = Field(foreign_key="model_versions.version", index=True)
     update_id: int = Field(foreign_key="updates.id", unique=True)
+
+
+class TaskScoreRow(SQLModel, table=True):
+    """One metric of one lm-evaluation-harness task, measured on a model version
+    (``atom-coordinator eval-tasks``, coordinator.evals). Measuring a task again replaces its
+    rows for that version: the latest measurement is the version's score.
+
+    ``value`` and ``stderr`` are NULL where lm-eval gave none or a non-finite one;
+    ``task_digest`` is the SHA-256 of the task's files (coordinator.evals.tasks), ``harness``
+    the program that measured it (``lm-eval 0.4.13``). A table of its own, so ledgers made
+    before it existed simply gain it.
+    """
+
+    __tablename__ = "task_scores"
+    __table_args__ = (UniqueConstraint("version", "task", "metric", "filter",
+                                       name="uq_task_scores_metric"),)
+
+    id: Optional[int] = Field(default=None, primary_key=True)
+    version: int = Field(foreign_key="model_versions.version", index=True)
+    task: str
+    metric: str
+    filter: str
+    value: Optional[float] = None
+    stderr: Optional[float] = None
+    n_samples: int
+    task_digest: str
+    harness: str
+    created_at: float
 
 
 class LeaseRow(SQLModel, table=True):
@@ -231,5 +260,5 @@ WIDENED_CHECKS = [("leases", "status", LEASE_STATUSES)]
 TABLES = [
     m.__table__  # type: ignore[attr-defined]
     for m in (Institution, Invite, Node, ModelVersion, LeaseRow, UpdateRow, CreditEntry,
-              CreditReceipt, Event, VersionEval)
+              CreditReceipt, Event, VersionEval, TaskScoreRow)
 ]

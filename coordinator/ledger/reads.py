@@ -27,7 +27,7 @@ from coordinator.ledger.engine import first_line, open_engine, shown_url
 from coordinator.ledger.migrate import widen_checks
 from coordinator.ledger.models import (
     ADDED_COLUMNS, TABLES, CreditEntry, CreditReceipt, Event, Institution, Invite, LeaseRow,
-    ModelVersion, Node, UpdateRow, VersionEval,
+    ModelVersion, Node, TaskScoreRow, UpdateRow, VersionEval,
 )
 from coordinator.ledger.summaries import NodeSummary, node_summaries_query
 
@@ -292,6 +292,18 @@ class LedgerReads:
         return self._all(select(UpdateRow)
                          .join(VersionEval, col(VersionEval.update_id) == col(UpdateRow.id))
                          .where(col(VersionEval.version) == version).order_by(col(UpdateRow.id)))
+
+    def task_scores(self, version: int | None = None) -> list[TaskScoreRow]:
+        """The lm-eval task scores of ``version`` (default: every version's), by version,
+        task, metric and filter; none on a ledger made before task scores existed that was
+        opened read-only (opening it for writing adds the table)."""
+        if not inspect(self._engine).has_table(TaskScoreRow.__tablename__):
+            return []
+        stmt = select(TaskScoreRow).order_by(col(TaskScoreRow.version), col(TaskScoreRow.task),
+                                             col(TaskScoreRow.metric), col(TaskScoreRow.filter))
+        if version is not None:
+            stmt = stmt.where(TaskScoreRow.version == version)
+        return self._all(stmt)
 
     def latest_version(self) -> ModelVersion | None:
         rows = self._all(select(ModelVersion).order_by(col(ModelVersion.version).desc()).limit(1))

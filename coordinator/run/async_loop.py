@@ -74,7 +74,7 @@ class AsyncRunLoop(RunLoop):
 
     # -- the loop -----------------------------------------------------------------------
 
-    def run(self) -> None:
+    def _run(self) -> None:
         self._resume()
         steps = self.cfg.run.rounds
         if self.store.version >= steps and self.store.version in self._evaluated:
@@ -136,7 +136,7 @@ class AsyncRunLoop(RunLoop):
         result while its partner is still out, and those whose own checks have not run yet
         (a step that ran them would keep every node that answers meanwhile waiting for its
         next lease; they join the next step)."""
-        unchecked = {id(c) for c in self._unprepared}
+        unchecked = set(self._unprepared)  # ids of the candidates
         out = {s.lease.nonce for s in self._open_train()} | {
             c.lease.nonce for c in self._buffer.cands if id(c) in unchecked}
         held = out | {n for o, c in self._buffer.pairs if o.nonce in out or c.nonce in out
@@ -154,7 +154,7 @@ class AsyncRunLoop(RunLoop):
         # K counts every fresh update in, a spot-checked one waiting for its partner too:
         # the step takes what is ready and the waiting one joins the next (the step does
         # not stall for a copy that the checker starts only after its own lease)
-        unchecked = {id(c) for c in self._unprepared}
+        unchecked = set(self._unprepared)  # ids of the candidates
         fresh = [c for c in self._buffer.cands
                  if c.lease.nonce not in self._copies and id(c) not in unchecked]
         waited = self._since is not None and \

@@ -20,7 +20,6 @@ import logging
 import math
 import random
 import time
-from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -47,9 +46,11 @@ from coordinator.run.scheduler import Scheduler
 from coordinator.run.sizing import HISTORY, tokens_per_s
 from coordinator.run.staleness import update_weight
 from coordinator.run.transport import Transport
+from coordinator.verify.checker import Checker
 from coordinator.verify.eval_judge import EvalJudge, plan_quorum, validation_loss
 from coordinator.verify.record import record_judged, screen_reply
 from coordinator.verify.round_judge import Candidate, RoundJudge
+from coordinator.verify.scoring import CheckJob
 from coordinator.verify.trust import NEW_NODE_TRUST, PROBATION_UPDATES, plan_spot_checks
 
 __all__ = ["RunLoop"]
@@ -90,8 +91,11 @@ class RunLoop:
     _rows: dict[int, Node] = field(default_factory=dict)  # by ledger id
     # version digest -> (previous version's digest, the change's blob): Work.delta
     _deltas: dict[str, tuple[str, str]] = field(default_factory=dict)
-    # screened train replies whose own checks (RoundJudge.prepare) have not run yet
-    _unprepared: deque[Candidate] = field(default_factory=deque)
+    # screened train replies whose own checks (RoundJudge.plan) have not come back yet,
+    # in arrival order, by id(candidate)
+    _unprepared: dict[int, Candidate] = field(default_factory=dict)
+    # the checks out at the checker processes, by job id
+    _checking: dict[int, tuple[Candidate, CheckJob]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.tokens = self.corpus.tokens()
@@ -119,10 +123,29 @@ class RunLoop:
         self._evaluated = {v.version for v in self.ledger.versions() if v.val_loss is not None}
         self.eval_judge = EvalJudge(self.cfg, self.ledger, self.store.spec, self.tokens,
                                     self.rng, self.issuer)
+        v = self.cfg.verify
+        checks = v.usefulness_tokens > 0 or v.base_loss_tolerance > 0
+        self.checker = Checker(self.store.spec, self.corpus, self.blobs.root,
+                               seq_len=self.cfg.train.seq_len,
+                               batch_size=self.cfg.train.batch_size,
+                               processes=v.check_processes) \
+            if checks and v.check_processes > 0 else None
 
     # -- the loop -----------------------------------------------------------------------
 
     def run(self) -> None:
+        try:
+            self._run()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop the checker processes (the loop runs any checks still to do itself)."""
+        if self.checker is not None:
+            self.checker.close()
+            self.checker = None
+
+    def _run(self) -> None:
         first = self._resume()
         latest = self.ledger.latest_version()
         unevaluated = latest is not None and latest.val_loss is None
@@ -230,6 +253,7 @@ class RunLoop:
         self._send(work)
         self._collect(lambda: (batch.open == 0) if batch is not None else not self._evals)
         if batch is not None:
+            self._prepare(math.inf)  # what the checker processes still hold
             self._close_train(rnd, batch)
 
     def _speeds(self, node_ids: Iterable[int]) -> dict[int, float | None]:
@@ -307,7 +331,8 @@ class RunLoop:
         the accepted results, one per shard (a spot check's original before its copy)."""
         at = {c.lease.nonce: i for i, c in enumerate(cands)}
         judged = {id(c) for c in cands}  # what the judge checks now needs no prepare
-        self._unprepared = deque(c for c in self._unprepared if id(c) not in judged)
+        for key in judged:
+            self._unprepared.pop(key, None)
         bases = {c.lease.base_version: self.store.base(c.lease.base_version) for c in cands}
         self.judge.judge(rnd, bases, cands,
                          [(at[o.nonce], at[c.nonce]) for o, c in pairs
@@ -387,15 +412,21 @@ class RunLoop:
         """Send every node its leases in order (a train lease, then the evaluation queued
         behind it): each message names what the one after it needs, to fetch while it
         works."""
-        for node_id, sends in sorted(work.items()):
+        # every lease's row first, in one statement: none is sent without its row, and
+        # the last node of a pass does not wait for a commit per node before it
+        order = sorted(work.items())
+        now = self.clock()
+        row_ids = iter(self.ledger.record_leases([
+            dict(run_id=x.run_id, round=x.round, shard_id=x.shard_id, kind=x.kind,
+                 node_id=node_id, base_version=x.base_version, nonce=x.nonce,
+                 data_start=x.data_start, data_end=x.data_end, deadline=x.deadline,
+                 issued_at=now)
+            for node_id, sends in order for x, _ in sends]))
+        for node_id, sends in order:
             node = self._rows[node_id]
             leases = [lease for lease, _ in sends]
             for i, (lease, batch) in enumerate(sends):
-                row = self.ledger.record_lease(
-                    run_id=lease.run_id, round=lease.round, shard_id=lease.shard_id,
-                    kind=lease.kind, node_id=node.id, base_version=lease.base_version,
-                    nonce=lease.nonce, data_start=lease.data_start, data_end=lease.data_end,
-                    deadline=lease.deadline, issued_at=self.clock())
+                row_id = next(row_ids)
                 self._publish(lease)
                 nxt = leases[i + 1] if i + 1 < len(leases) else None
                 prefetch = [d for d in (nxt.base_digest, nxt.data_digest)
@@ -408,33 +439,65 @@ class RunLoop:
                 mid = self.transport.send(int(node.flower_node_id), lease.kind, content,
                                           ttl=lease.deadline - self.clock() + _TTL_SLACK_S)
                 batch.open += 1
-                self._pending[mid] = Sent(lease, node, row.id, batch)
+                self._pending[mid] = Sent(lease, node, row_id, batch)
                 metrics.LEASES_ISSUED.labels(lease.kind).inc()
 
     def _collect(self, done: Callable[[], bool]) -> None:
         """Take replies (of any batch) as they come and expire the silent, until ``done``."""
         while not done():
             self._pump()
-            self._prepare(math.inf)
+            # checks beside the loop come back while it waits; in it they all run now
+            self._prepare(0.0 if self.checker is not None else math.inf)
             if not done():
                 self.sleep(_POLL_S)
 
     def _prepare(self, budget_s: float) -> bool:
         """Run the screened replies' own checks (base check, usefulness scores) in arrival
-        order, at least one and for about ``budget_s`` on the loop's clock (a test's fake
-        clock stands still: there all of them, the same in every run); True if some are
-        still waiting. Taken in slices between the loop's other work, not as each reply
-        arrives: at 1,000 nodes checking every reply before leasing again kept nodes
-        waiting for seconds (bench/scale.py). One judged before its turn is checked by
-        the judge itself."""
+        order; True if some are still to come. Beside the loop (``verify.checker``) they
+        are queued and whatever came back is taken, waiting ``budget_s`` only if it is
+        ``math.inf`` (all of them). In the loop they run at least one and for about
+        ``budget_s`` on the loop's clock (a test's fake clock stands still: there all of
+        them, the same in every run), in slices between the loop's other work: at 1,000
+        nodes checking every reply before leasing again kept nodes waiting for seconds
+        (bench/scale.py). One judged before its turn is checked by the judge itself."""
+        if self.checker is not None:
+            return self._prepare_beside(budget_s)
         end = self.clock() + budget_s
         while self._unprepared:
-            c = self._unprepared.popleft()
+            c = self._unprepared.pop(next(iter(self._unprepared)))
             if c.standing:
                 self.judge.prepare(c.lease.round, self.store.base(c.lease.base_version), c)
             if self.clock() > end:
                 break
         return bool(self._unprepared)
+
+    def _prepare_beside(self, budget_s: float) -> bool:
+        assert self.checker is not None
+        out = {id(c) for c, _ in self._checking.values()}
+        for key, c in list(self._unprepared.items()):
+            if key in out:
+                continue
+            if not c.standing:
+                del self._unprepared[key]
+                continue
+            job = self.judge.plan(c.lease.round, c)
+            self._checking[self.checker.submit(job)] = (c, job)
+        wait = math.inf if budget_s == math.inf else 0.0
+        for jid, res in self.checker.results(wait):
+            c, job = self._checking.pop(jid)
+            self.judge.cost.checker_s = self.checker.busy_s
+            if res.error is None:
+                self.judge.apply(c, job, res)
+            elif id(c) in self._unprepared:  # its checks here, as without the processes
+                log.warning("a checker failed (%s): the loop checks the reply itself", res.error)
+                self.judge.prepare(c.lease.round, self.store.base(c.lease.base_version), c)
+            self._unprepared.pop(id(c), None)
+        if self.checker.dead:  # the loop checks from now on
+            self.ledger.add_event("run", "the checker processes are gone: the run loop "
+                                         "checks the replies itself")
+            self.close()
+            return self._prepare(budget_s)
+        return False
 
     def _pump(self) -> None:
         """One pass: take the replies in and expire the silent.
@@ -505,7 +568,7 @@ class RunLoop:
         if judged.verdict.accepted:
             cand = Candidate(judged, sent.lease, sent.row_id, sent.node, now)
             if sent.lease.kind == Kind.TRAIN:  # its own checks soon, not at the round's end
-                self._unprepared.append(cand)
+                self._unprepared[id(cand)] = cand
             return cand
         record_judged(judged, lease=sent.lease, lease_row_id=sent.row_id, node_id=sent.node.id,
                       node_name=sent.node.name, cfg=self.cfg, ledger=self.ledger, now=now,

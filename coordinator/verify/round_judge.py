@@ -17,12 +17,14 @@ of the same size from the shard the update was trained on.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import itertools
 import logging
 import math
 import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,8 +32,7 @@ import numpy as np
 from protocol.compression import decode, encode
 from protocol.errors import Reason
 from protocol.messages import Lease
-from training.evaluate import evaluate
-from training.inner import first_batch_loss, train_inner
+from training.inner import train_inner
 from training.families import ModelSpec
 
 from coordinator.accounting.credits import ReceiptIssuer
@@ -40,6 +41,7 @@ from coordinator.ledger import Ledger, Node
 from coordinator.verify import rules
 from coordinator.verify.record import Judged, Verdicted, record_many
 from coordinator.verify.reply import Ruling
+from coordinator.verify.scoring import CheckJob, CheckResult, FirstBatch, Scorer, Span
 
 __all__ = ["Candidate", "RoundJudge", "VerifyCost"]
 
@@ -47,7 +49,6 @@ log = logging.getLogger(__name__)
 
 Arrays = Mapping[str, np.ndarray]
 SPOT_CHECK_TOKENS = 4096  # shard tokens a spot check scores on when usefulness is off
-_SCORE_BATCH_TOKENS = 8192  # tokens per forward pass when the coordinator scores an update
 
 
 @dataclass
@@ -90,6 +91,8 @@ class VerifyCost:
     judged: int = 0  # of them, candidates for the round-level rules
     screen_s: float = 0.0  # verifier.verify as replies arrive
     round_s: float = 0.0  # the round-level rules, recomputations included
+    checks_s: float = 0.0  # of round_s, the replies' own checks run in the loop (prepare)
+    checker_s: float = 0.0  # replies' own checks run in checker processes (verify.checker)
     recomputes: int = 0
     recompute_s: float = 0.0
     train_wall_s: float = 0.0  # what the nodes reported training the candidates took
@@ -106,14 +109,13 @@ class VerifyCost:
 
 
 @dataclass
-class _Scores:
-    """One round's usefulness yardsticks for one base version: the held-out batch and the
-    base's loss on it, and per shard a sample of it and the base's loss on that."""
+class _Draws:
+    """One round's usefulness yardsticks for one base version: the held-out draw and, per
+    shard, a draw of the shard (None: too short for a window)."""
 
     rnd: int
-    held: np.ndarray | None
-    base_held: float
-    shards: dict[int, tuple[np.ndarray | None, float]] = field(default_factory=dict)
+    held: Span | None
+    shards: dict[int, Span | None] = field(default_factory=dict)
 
 
 @dataclass
@@ -126,8 +128,18 @@ class RoundJudge:
     rng: random.Random
     issuer: ReceiptIssuer | None = None
     cost: VerifyCost = field(default_factory=VerifyCost)
-    _scores: dict[int, _Scores] = field(default_factory=dict)  # by base version
-    _base_losses: dict[tuple[int, ...], float] = field(default_factory=dict)
+    # the windows every score is on, by base version (the RNG draws them; a Scorer runs
+    # the forward passes, here or in a checker process)
+    _draws: dict[int, _Draws] = field(default_factory=dict)
+    _keys: Iterator[int] = field(default_factory=itertools.count)
+
+    def __post_init__(self) -> None:
+        self.scorer = Scorer(self.spec, self.tokens, self.cfg.train.seq_len,
+                             self.cfg.train.batch_size, self._base_of)
+        self._bases: Mapping[int, Arrays] = {}
+
+    def _base_of(self, version: int, digest: str) -> Arrays:
+        return self._bases[version]
 
     def prepare(self, rnd: int, base: Arrays, c: Candidate) -> None:
         """Do a candidate's own expensive checks as it arrives — the base check's forward
@@ -135,12 +147,56 @@ class RoundJudge:
         reply's (the others' are done while nodes still train or evaluate). ``base`` is the
         arrays of the candidate's base version."""
         t0 = time.perf_counter()
-        v = self.cfg.verify
-        if v.base_loss_tolerance > 0:
-            self._base_loss(base, c.lease)
-        if v.usefulness_tokens > 0:
-            self._score(rnd, base, c)
-        self.cost.round_s += time.perf_counter() - t0
+        job = self.plan(rnd, c)
+        self.apply(c, job, self._run(job, {c.lease.base_version: base}))
+        took = time.perf_counter() - t0
+        self.cost.round_s += took
+        self.cost.checks_s += took
+
+    def plan(self, rnd: int, c: Candidate) -> CheckJob:
+        """What ``c``'s own checks compute: its lease's first batch (the base check) and
+        the windows of its usefulness scores, drawn now (one held-out draw per round)."""
+        v, x = self.cfg.verify, c.lease
+        first = FirstBatch(x.data_start, x.data_end, x.seed, x.batch_size, x.seq_len) \
+            if v.base_loss_tolerance > 0 else None
+        if v.usefulness_tokens <= 0 or c.improvement is not None:
+            return CheckJob(x.base_version, x.base_digest, first)
+        draws = self._draws.get(x.base_version)
+        if draws is None or draws.rnd != rnd:
+            # one held-out draw per round (a base version of it scores on the same windows)
+            same = next((d for d in self._draws.values() if d.rnd == rnd), None)
+            held = same.held if same is not None else self._draw(*self.val_range)
+            if held is None:
+                log.warning("validation range too short to score usefulness")
+            draws = self._draws[x.base_version] = _Draws(rnd, held)
+        if draws.held is None:
+            return CheckJob(x.base_version, x.base_digest, first)
+        if x.shard_id not in draws.shards:
+            draws.shards[x.shard_id] = self._draw(x.data_start, x.data_end)
+        return CheckJob(x.base_version, x.base_digest, first, c.arrays, draws.held,
+                        draws.shards[x.shard_id])
+
+    def apply(self, c: Candidate, job: CheckJob, result: CheckResult) -> None:
+        """Take the results of ``c``'s checks (run here or in a checker process)."""
+        self.scorer.remember(job, result)
+        if result.improvement is not None:
+            c.improvement, c.shard_gain = result.improvement, result.shard_gain
+
+    def _run(self, job: CheckJob, bases: Mapping[int, Arrays]) -> CheckResult:
+        self._bases = bases
+        try:
+            return self.scorer.run(job)
+        finally:
+            self._bases = {}
+
+    def _draw(self, lo: int, hi: int, n_tokens: int | None = None) -> Span | None:
+        """About ``n_tokens`` (``usefulness_tokens``) tokens as ``seq_len`` windows at random
+        offsets of [lo, hi); None if the range holds no window."""
+        seq = self.cfg.train.seq_len
+        if hi - lo < seq + 1:
+            return None
+        n = max(1, math.ceil((n_tokens or self.cfg.verify.usefulness_tokens) / seq))
+        return Span(next(self._keys), tuple(self.rng.randrange(lo, hi - seq) for _ in range(n)))
 
     def judge(self, rnd: int, bases: Mapping[int, Arrays], cands: Sequence[Candidate],
               pairs: Sequence[tuple[int, int]]) -> None:
@@ -162,8 +218,8 @@ class RoundJudge:
             self._spot_check(rnd, bases[cands[a].lease.base_version], cands[a], cands[b])
         if v.usefulness_tokens > 0:
             self._usefulness(rnd, bases, cands)
-        self._scores.clear()
-        self._base_losses.clear()
+        self._draws.clear()
+        self.scorer.forget(min(bases, default=0))
         took = time.perf_counter() - t0
         self.cost.round_s += took
         log.info("round %d: %d train results judged in %.2f s", rnd, len(cands), took)
@@ -188,12 +244,13 @@ class RoundJudge:
     def _base_loss(self, base: Arrays, x: Lease) -> float:
         """The base's loss on the lease's first batch; one forward pass per shard of a round
         (a spot check's two results share it)."""
-        key = (x.base_version, x.data_start, x.data_end, x.seed, x.batch_size, x.seq_len)
-        if key not in self._base_losses:
-            self._base_losses[key] = first_batch_loss(
-                base, self.spec, np.asarray(self.tokens[x.data_start:x.data_end]),
-                batch_size=x.batch_size, seq_len=x.seq_len, seed=x.seed)
-        return self._base_losses[key]
+        job = CheckJob(x.base_version, x.base_digest,
+                       FirstBatch(x.data_start, x.data_end, x.seed, x.batch_size, x.seq_len))
+        self._bases = {x.base_version: base}
+        try:
+            return self.scorer.first_batch(job, base)
+        finally:
+            self._bases = {}
 
     def _base_check(self, bases: Mapping[int, Arrays], cands: Sequence[Candidate]) -> None:
         live = [i for i, c in enumerate(cands) if c.standing]
@@ -212,14 +269,13 @@ class RoundJudge:
         v = self.cfg.verify
 
         @functools.cache
-        def shard() -> np.ndarray | None:  # drawn only if the results disagree
-            return _windows(self.tokens, lease.data_start, lease.data_end,
-                            v.usefulness_tokens or SPOT_CHECK_TOKENS, self.cfg.train.seq_len,
-                            self.rng)
+        def shard() -> Span | None:  # drawn only if the results disagree
+            return self._draw(lease.data_start, lease.data_end,
+                              v.usefulness_tokens or SPOT_CHECK_TOKENS)
 
         def score(update: Arrays) -> float:  # NaN (never within tolerance) if no window
-            windows = shard()
-            return math.nan if windows is None else self._loss(_local(base, update), windows)
+            span = shard()
+            return math.nan if span is None else self.scorer.loss(_local(base, update), span)
 
         out = rules.spot_check(a.arrays, b.arrays, v.spot_check_tolerance,
                                lambda: self._recompute(base, lease), score,
@@ -252,31 +308,9 @@ class RoundJudge:
 
     def _score(self, rnd: int, base: Arrays, c: Candidate) -> None:
         """``c.improvement`` (held-out) and ``c.shard_gain`` (own shard), once."""
-        if c.improvement is not None:
-            return
-        v, seq = self.cfg.verify, self.cfg.train.seq_len
-        bv = c.lease.base_version
-        scores = self._scores.get(bv)
-        if scores is None or scores.rnd != rnd:
-            # one held-out batch per round (a base version of it scores on the same batch)
-            first = next((s for s in self._scores.values() if s.rnd == rnd), None)
-            held = first.held if first is not None else _windows(
-                self.tokens, *self.val_range, v.usefulness_tokens, seq, self.rng)
-            if held is None:
-                log.warning("validation range too short to score usefulness")
-            scores = self._scores[bv] = _Scores(rnd, held, math.nan if held is None
-                                                else self._loss(base, held))
-        if scores.held is None:
-            return
-        key = c.lease.shard_id
-        if key not in scores.shards:
-            own = _windows(self.tokens, c.lease.data_start, c.lease.data_end,
-                           v.usefulness_tokens, seq, self.rng)
-            scores.shards[key] = (own, math.nan if own is None else self._loss(base, own))
-        own, own_base = scores.shards[key]
-        local = _local(base, c.arrays)
-        c.improvement = scores.base_held - self._loss(local, scores.held)
-        c.shard_gain = math.inf if own is None else own_base - self._loss(local, own)
+        if c.improvement is None:
+            job = dataclasses.replace(self.plan(rnd, c), first_batch=None)
+            self.apply(c, job, self._run(job, {c.lease.base_version: base}))
 
     def _usefulness(self, rnd: int, bases: Mapping[int, Arrays],
                     cands: Sequence[Candidate]) -> None:
@@ -293,15 +327,6 @@ class RoundJudge:
                                  min_fraction=v.min_improvement_fraction)
         for k, detail in found.items():
             live[k].reject(Reason.NOT_USEFUL, detail)
-
-    def _loss(self, arrays: Arrays, tokens: np.ndarray) -> float:
-        # Many windows per forward pass: the nodes' training batch (a few windows) made a
-        # small model's scores a hundred small passes each. Only the coordinator compares
-        # these scores, so the batching (which moves the last float digits) is its own.
-        seq = self.cfg.train.seq_len
-        res = evaluate(arrays, self.spec, tokens, seq_len=seq,
-                       batch_size=max(self.cfg.train.batch_size, _SCORE_BATCH_TOKENS // seq))
-        return res.mean_loss
 
     # -- recording ----------------------------------------------------------------------
 
@@ -325,16 +350,3 @@ class RoundJudge:
 def _local(base: Arrays, update: Arrays) -> dict[str, np.ndarray]:
     """The node's local model: base - update."""
     return {k: np.asarray(base[k], np.float32) - update[k] for k in base}
-
-
-def _windows(tokens: np.ndarray, lo: int, hi: int, n_tokens: int, seq_len: int,
-             rng: random.Random) -> np.ndarray | None:
-    """About ``n_tokens`` tokens as ``seq_len`` windows at random offsets of [lo, hi), laid
-    end to end (plus one token) so ``evaluate`` scores each window once; None if the range
-    holds no window."""
-    if hi - lo < seq_len + 1:
-        return None
-    n = max(1, math.ceil(n_tokens / seq_len))
-    starts = [rng.randrange(lo, hi - seq_len) for _ in range(n)]
-    parts = [np.asarray(tokens[s:s + seq_len]) for s in starts]
-    return np.concatenate(parts + [np.asarray(tokens[starts[0]:starts[0] + 1])])

@@ -49,6 +49,31 @@ def test_lease_refusals(ledger: Ledger, make, node) -> None:
     assert (ledger.lease(lease.id).status, ledger.lease(lease.id).closed_at) == ("failed", 1.0)
 
 
+def test_many_leases_in_one_statement_are_the_rows_one_at_a_time_would_be(
+        ledger: Ledger, inst, make, node) -> None:
+    other = make.node(inst.id)
+    one = ledger.record_lease(run_id="r", round=1, shard_id=0, kind="train", node_id=node.id,
+                              base_version=0, nonce="0" * 32, data_start=0, data_end=10,
+                              deadline=200.0, issued_at=100.0)
+    rows = [dict(run_id="r", round=1, shard_id=i, kind=kind, node_id=n.id, base_version=0,
+                 nonce=f"{i + 1:032x}", data_start=10 * i, data_end=10 * i + 10,
+                 deadline=200.0, issued_at=100.0)
+            for i, (n, kind) in enumerate([(other, "train"), (node, "eval"), (other, "eval")])]
+    ids = ledger.record_leases(rows)
+    assert len(ids) == 3 and ids[0] > one.id and ids == sorted(ids)
+    for i, row in zip(ids, rows):
+        got = ledger.lease(i)
+        assert (got.nonce, got.node_id, got.kind, got.shard_id, got.status, got.issued_at) == (
+            row["nonce"], row["node_id"], row["kind"], row["shard_id"], "issued", 100.0)
+    assert ledger.record_leases([]) == []
+    before = len(ledger.leases())
+    with pytest.raises(LedgerError):  # a nonce already used: none of the batch is recorded
+        ledger.record_leases([dict(rows[0], nonce="f" * 32), dict(rows[1])])
+    with pytest.raises(LedgerError, match="lease kind"):
+        ledger.record_leases([dict(rows[0], nonce="e" * 32, kind="infer")])
+    assert len(ledger.leases()) == before
+
+
 def test_record_update_answers_its_lease(ledger: Ledger, make, node) -> None:
     lease = make.lease(node.id)
     upd = ledger.record_update(

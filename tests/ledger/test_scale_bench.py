@@ -29,3 +29,6 @@ def test_many_nodes_finish_with_every_lease_accounted_for(ledger_url: str,
     assert out["updates_accepted"] >= 3 * nodes * 0.8  # honest nodes: nearly all accepted
     # latency is measured (its bound is the benchmark's business, not a timed test's)
     assert 0 < out["lease_p50_ms"] <= out["lease_p99_ms"] <= out["lease_max_ms"]
+    # the replies' own checks ran in the checker process beside the loop, not in it
+    assert out["check_processes"] == 1 and out["time_s"]["checker"] > 0
+    assert out["time_s"]["checks"] < out["time_s"]["checker"]

@@ -36,6 +36,8 @@ def run_toml(rounds: int, wait_s: float = 0, verify: str = NO_DUPLICATES,
     base = {"inner_steps": "inner_steps = 3", "batch_size": "batch_size = 2",
             "seq_len": "seq_len = 32", "lr": "lr = 1e-2", "deadline_s": "deadline_s = 10"}
     train = "\n".join({**base, **keys}.values())
+    # the replies' own checks in the loop: the same verdicts in every run, no processes
+    in_loop = "" if "check_processes" in verify else "check_processes = 0"
     return f"""
 [run]
 id = "{run_id}"
@@ -60,6 +62,7 @@ eval_tokens = {EVAL_TOKENS}
 {outer}
 
 [verify]
+{in_loop}
 {verify}
 {extra}
 """

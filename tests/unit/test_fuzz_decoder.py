@@ -326,3 +326,25 @@ def test_huge_npy_header_is_refused_without_allocating() -> None:
 def test_npy_helper_writes_what_numpy_reads() -> None:
     a = np.arange(6, dtype="<f4").reshape(2, 3)
     assert np.array_equal(np.load(io.BytesIO(npy((2, 3), "<f4", a.tobytes()))), a)
+
+
+@FUZZ
+@given(shape=st.lists(st.integers(0, 5), max_size=3).map(tuple),
+       dtype=st.sampled_from(["<f4", "<f2", "|i1", "|u1", "<i8", ">f4", "<c8", "|b1"]))
+def test_the_header_shortcut_decodes_exactly_what_numpy_does(shape: tuple[int, ...],
+                                                              dtype: str) -> None:
+    # decode_arrays skips parsing a header that is byte for byte numpy's own: the result
+    # must be what parsing gives (values, dtype, shape, writable), and a header that lies
+    # about the payload still goes the strict way
+    from protocol._records import decode_arrays
+
+    a = np.arange(math.prod(shape), dtype=np.int64).astype(dtype).reshape(shape)
+    record = ArrayRecord()
+    record["w"] = Array(ndarray=a)
+    got = decode_arrays(record, "arrays")["w"]
+    assert got.dtype == record["w"].numpy().dtype and got.shape == a.shape
+    assert np.array_equal(got, record["w"].numpy()) and got.flags.writeable
+    lying = ArrayRecord()
+    lying["w"] = raw_array(dtype, shape, npy(shape, dtype, a.tobytes() + b"\0" * 8))
+    with pytest.raises(ProtocolError, match="arrays.w"):
+        decode_arrays(lying, "arrays")

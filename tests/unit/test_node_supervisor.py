@@ -124,6 +124,11 @@ def test_supernode_command_carries_key_ca_and_node_config(tmp_path: Path) -> Non
     slow = supernode_command(home, ENROLLED, port=9999, threads=1, device="cpu",
                              sign_key=None, secret_file=tmp_path / "runtime.secret", slowdown=4)
     assert "slowdown=4.0" in slow[slow.index("--node-config") + 1]
+    assert "checkpointing" not in node_config
+    ckpt = supernode_command(home, ENROLLED, port=9999, threads=1, device="cpu",
+                             sign_key=None, secret_file=tmp_path / "runtime.secret",
+                             checkpointing=True)
+    assert "checkpointing=true" in ckpt[ckpt.index("--node-config") + 1]
 
 
 def test_slowdown_waits_so_the_work_takes_that_many_times_as_long(monkeypatch) -> None:

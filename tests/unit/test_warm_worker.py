@@ -27,6 +27,7 @@ from protocol.messages import Lease, parse_reply, parse_work, work_content
 from protocol.signing import generate_key
 from training.inner import train_inner
 from training.model import GPTConfig
+from training.model_cache import ModelCache
 from training.state import init_arrays
 
 GOOD_FAB = build_fab_from_files({"pyproject.toml": app_pyproject()})[0]
@@ -240,3 +241,22 @@ def test_a_new_version_is_rebuilt_from_the_one_held_and_its_change(tmp_path: Pat
     got = parse_reply(do_work(on_b("4" * 32, wrong), settings))[0]
     assert CountingFetcher.reads[:2] == [wrong, b_digest]
     assert got.metrics.loss_before == pytest.approx(want.loss_before)
+
+
+def test_train_leases_reuse_the_sessions_model(tmp_path: Path) -> None:
+    # the worker hands its ModelCache to the inner loop: the model is built on the first
+    # lease only, and every lease still replies what a fresh process computes
+    blobs = BlobDir(tmp_path / "blobs")
+    tokens = (np.arange(64) % 256).astype("<u2")
+    a, b = init_arrays(CFG, seed=0), init_arrays(CFG, seed=1)
+    settings = WorkerSettings(node_id=1, key=generate_key(), device="cpu", cache=blobs,
+                              model_cache=ModelCache())
+    fresh = dataclasses.replace(settings, model_cache=None)
+    for base, nonce in ((a, "1" * 32), (b, "2" * 32)):
+        got = parse_reply(do_work(lease_on(blobs, base, tokens, nonce), settings))
+        want = parse_reply(do_work(lease_on(blobs, base, tokens, nonce), fresh))
+        assert got[0].metrics.loss_after == want[0].metrics.loss_after
+        assert got[1].keys() == want[1].keys()
+        assert all(np.array_equal(got[1][k], want[1][k]) for k in want[1])
+    assert settings.model_cache is not None
+    assert (settings.model_cache.builds, settings.model_cache.reuses) == (1, 1)

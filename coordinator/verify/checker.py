@@ -1,0 +1,186 @@
+"""The train replies' own checks in processes beside the run loop.
+
+A reply's own checks (``RoundJudge.plan``: the base check's forward pass, the usefulness
+scores) are most of the coordinator's work: three forward passes per update. Run in the
+loop they kept every node that answered meanwhile waiting for its next lease
+(``bench/scale.py``: lease p99 157-369 ms at 1,000 nodes). Here they run in separate
+processes — not threads: a thread held the GIL in Python most of the time on a small model
+and slowed the loop down — so the loop only screens, leases and steps, and a node's next
+lease never waits for anyone's scores. An outer step takes only checked replies, so the
+checks pace the steps, not the leases.
+
+A job is small: corpus offsets and the base version's digest (each process reads the run's
+corpus and blob store itself, as a validator elsewhere would), plus the update's arrays.
+A process that dies or fails a job gives an error result; the loop then runs those checks
+itself (``CheckResult.error``), so nothing waits forever and nothing is judged unchecked.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import multiprocessing as mp
+import queue
+import signal
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from protocol.blobstore import BlobDir
+from protocol.digest import arrays_from_bytes
+from training.corpus import CorpusInfo
+from training.families import ModelSpec
+
+from coordinator.verify.scoring import CheckJob, CheckResult, Scorer
+
+__all__ = ["Checker"]
+
+log = logging.getLogger(__name__)
+
+_BASES = 4  # base versions a process keeps decoded (replies are at most a few behind)
+_KEEP_VERSIONS = 8  # base losses a process keeps cached, by version
+_JOIN_S = 5.0
+
+
+class Checker:
+    """``processes`` checker processes, started on the first job (spawned: the coordinator
+    may run gRPC threads, which a fork would copy half-way)."""
+
+    def __init__(self, spec: ModelSpec, corpus: CorpusInfo, blobs: Path, *, seq_len: int,
+                 batch_size: int, processes: int = 1) -> None:
+        self._args = (spec, corpus, str(blobs), seq_len, batch_size)
+        self._n = processes
+        self._procs: list[Any] = []
+        self._jobs: list[Any] = []
+        self._results: Any = None
+        self._ids = itertools.count()
+        self._out: dict[int, int] = {}  # job id -> the process that has it
+        self._failed: list[tuple[int, CheckResult]] = []  # not sent: no process alive
+        self.busy_s = 0.0  # seconds the processes spent checking (the checks' own cost)
+        self.jobs_done = 0
+
+    @property
+    def dead(self) -> bool:
+        """Started, and every process has exited."""
+        return bool(self._procs) and not any(p.is_alive() for p in self._procs)
+
+    def submit(self, job: CheckJob) -> int:
+        """Queue ``job``; returns its id (``results`` hands back the id and its result)."""
+        if not self._procs:
+            self._start()
+        jid = next(self._ids)
+        live = [i for i, p in enumerate(self._procs) if p.is_alive()]
+        if not live:
+            self._fail(jid, "no checker process is running")
+            return jid
+        load = {i: 0 for i in live}
+        for i in self._out.values():
+            if i in load:
+                load[i] += 1
+        i = min(live, key=lambda k: load[k])
+        self._out[jid] = i
+        self._jobs[i].put((jid, job))  # a feeder thread pickles and writes: never blocks
+        return jid
+
+    def results(self, wait_s: float = 0.0) -> list[tuple[int, CheckResult]]:
+        """The results in so far; waits up to ``wait_s`` for a first one (``math.inf``:
+        for every job out). A job whose process died comes back as an error."""
+        out, self._failed = self._failed, []
+        end = time.monotonic() + wait_s
+        while self._out:
+            try:
+                jid, res, busy = self._results.get_nowait()
+            except queue.Empty:
+                if self._reap(out):
+                    continue
+                left = end - time.monotonic()
+                if left <= 0 or (out and wait_s != math.inf):
+                    break
+                try:
+                    jid, res, busy = self._results.get(timeout=min(left, 0.5))
+                except queue.Empty:
+                    continue
+            if self._out.pop(jid, None) is not None:
+                self.busy_s += busy
+                self.jobs_done += 1
+                out.append((jid, res))
+        return out
+
+    def close(self) -> None:
+        """Stop the processes (each finishes its current job) and reap them."""
+        for q in self._jobs:
+            q.put(None)
+        for p in self._procs:
+            p.join(_JOIN_S)
+            if p.is_alive():
+                p.kill()
+                p.join(_JOIN_S)
+        for q in [*self._jobs, self._results]:
+            if q is not None:
+                q.close()
+                q.cancel_join_thread()  # a dead reader must not hang our exit
+        self._procs, self._jobs, self._results = [], [], None
+
+    # -- inside -------------------------------------------------------------------------
+
+    def _start(self) -> None:
+        ctx = mp.get_context("spawn")
+        self._results = ctx.Queue()
+        for i in range(self._n):
+            jobs = ctx.Queue()
+            p = ctx.Process(target=_serve, args=(*self._args, jobs, self._results),
+                            name=f"atom-checker-{i}", daemon=True)
+            p.start()
+            self._jobs.append(jobs)
+            self._procs.append(p)
+        log.info("started %d checker process(es)", self._n)
+
+    def _fail(self, jid: int, why: str) -> None:
+        self._failed.append((jid, CheckResult(error=why)))
+
+    def _reap(self, out: list[tuple[int, CheckResult]]) -> bool:
+        """Fail the jobs of processes that died; True if there were any."""
+        dead = {i for i, p in enumerate(self._procs) if not p.is_alive()}
+        lost = [jid for jid, i in self._out.items() if i in dead]
+        for jid in lost:
+            i = self._out.pop(jid)
+            out.append((jid, CheckResult(error=f"checker process {i} exited "
+                                               f"(code {self._procs[i].exitcode})")))
+        return bool(lost)
+
+
+def _serve(spec: ModelSpec, corpus: CorpusInfo, blob_root: str, seq_len: int,
+           batch_size: int, jobs: Any, results: Any) -> None:
+    """A checker process: run jobs until a None comes."""
+    import torch
+
+    torch.set_num_threads(1)  # one core each: the loop keeps its own
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the loop, which stops us
+    blobs = BlobDir(blob_root)
+    bases: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()
+
+    def base_of(version: int, digest: str) -> dict[str, np.ndarray]:
+        if digest not in bases:
+            bases[digest] = arrays_from_bytes(blobs.get(digest))
+            while len(bases) > _BASES:
+                bases.popitem(last=False)
+        bases.move_to_end(digest)
+        return bases[digest]
+
+    scorer = Scorer(spec, corpus.tokens(), seq_len, batch_size, base_of)
+    newest = 0
+    while (item := jobs.get()) is not None:
+        jid, job = item
+        t0 = time.perf_counter()
+        try:
+            res = scorer.run(job)
+        except Exception as e:  # noqa: BLE001 - the loop runs this job's checks itself
+            res = CheckResult(error=f"{type(e).__name__}: {e}")
+        if job.base_version > newest:
+            newest = job.base_version
+            scorer.forget(newest - _KEEP_VERSIONS)
+        results.put((jid, res, time.perf_counter() - t0))

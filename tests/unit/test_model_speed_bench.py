@@ -1,0 +1,44 @@
+"""bench/model_speed.py runs end to end at its smallest settings and prints its JSON last."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def bench_main():  # type: ignore[no-untyped-def]
+    spec = importlib.util.spec_from_file_location("model_speed", ROOT / "bench" / "model_speed.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def run(capsys: pytest.CaptureFixture[str], *args: str) -> dict:
+    small = ["--device", "cpu", "--steps", "2", "--leases", "1", "--batch-size", "2",
+             "--seq-len", "8", "--json"]
+    assert bench_main()([*small, *args]) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_the_bench_reports_every_way_and_its_ratios(capsys: pytest.CaptureFixture[str]) -> None:
+    out = run(capsys, "--families", "gpt", "--presets", "tiny,124m")
+    assert {"device", "threads", "torch", "steps", "results", "skipped"} <= out.keys()
+    assert out["skipped"].keys() == {"gpt/124m"}  # no such gpt preset: said, not raised
+    res = out["results"]["gpt/tiny"]
+    for way in ("fresh", "cached", "ckpt"):
+        assert {"tok_s", "lease_ms", "step_ms", "overhead_ms"} <= res[way].keys()
+        assert res[way]["tok_s"] > 0
+    assert res["cached"]["compiled"] is False  # CPU: not compiled by default
+    assert {"build_ms", "refill_ms", "params", "seq_len"} <= res.keys()
+    assert res["ratios"].keys() == {"cached/fresh", "ckpt/fresh", "ckpt/cached"}
+
+
+def test_a_preset_over_its_time_budget_is_skipped(capsys: pytest.CaptureFixture[str]) -> None:
+    out = run(capsys, "--families", "llama", "--presets", "tiny", "--max-preset-s", "0")
+    assert out["results"] == {} and "estimated" in out["skipped"]["llama/tiny"]

@@ -1,0 +1,143 @@
+"""One built model per architecture, kept by a warm worker and reused by every lease.
+
+A fresh model per lease pays its initialisation (a random draw for every weight) and, under
+``torch.compile``, a compilation that takes seconds to minutes. A node trains lease after
+lease of one run, so ``ModelCache.load`` builds (and compiles) the model once per
+architecture and device, and on every later lease refills its parameters in place from the
+lease's base (``training.state.load_arrays``): the compiled graph stays valid and is not
+traced again.
+
+On CPU a reused module gives the bit-identical pseudo-gradient a fresh build gives
+(tests/unit/test_model_cache.py): its parameters are the lease's base, its gradients are
+cleared, it is put back in train mode, ``train_inner`` makes the lease's own optimizer and
+seeds the global RNG with the lease's seed. One case would differ: a fresh build draws from
+the CPU generator before training, so on CPU a model with dropout would draw other masks from
+a reused module; such a model is built afresh each lease and never kept. (On CUDA dropout
+draws from the CUDA generator, which the CPU-side build does not touch.)
+
+``use_compile=None`` compiles on CUDA only, where inductor's fused kernels are what the
+compile is for. On CPU it does not pay: GPT tiny took 61 s to compile on 2 cores and its
+later leases were no faster than eager (0.5-1.1 s for 5 steps either way). A model that
+fails to compile runs eager from then on (logged once).
+Not thread-safe: one lease at a time, as the warm worker runs them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from training.families import HFSpec, ModelSpec, arch_of
+from training.state import arrays_to_model, load_arrays
+
+__all__ = ["Built", "ModelCache", "build"]
+
+log = logging.getLogger(__name__)
+
+Forward = Callable[..., Any]
+
+
+@dataclass(frozen=True)
+class Built:
+    """A model ready for a lease: ``module`` holds the parameters (load, read, modes);
+    ``forward`` is what the training steps call, the compiled module or ``module`` itself."""
+
+    module: torch.nn.Module
+    forward: Forward
+
+
+def build(base: Mapping[str, np.ndarray], cfg: ModelSpec, device: torch.device, *,
+          checkpointing: bool = False) -> Built:
+    """A fresh model holding ``base`` on ``device`` (what ``train_inner`` does without a
+    cache), with activation checkpointing when asked."""
+    module = arrays_to_model(base, cfg, device)
+    if checkpointing:
+        module.activation_checkpointing_enable()
+    return Built(module, module)
+
+
+class ModelCache:
+    """The models a warm worker built, by architecture, device and checkpointing; the
+    ``keep`` most recently used are held (the default 1: a node works for one run, and a
+    second model idle on the GPU is memory a lease could use).
+
+    ``builds`` and ``reuses`` count what ``load`` did; ``backend`` is ``torch.compile``'s
+    (tests pass a cheap one that counts compilations).
+    """
+
+    def __init__(self, *, use_compile: bool | None = None, backend: str | Callable = "inductor",
+                 keep: int = 1) -> None:
+        self.use_compile, self.backend, self.keep = use_compile, backend, keep
+        self._held: OrderedDict[tuple[Any, ...], Built] = OrderedDict()
+        self.builds = 0
+        self.reuses = 0
+
+    def compiles(self, device: torch.device) -> bool:
+        return device.type == "cuda" if self.use_compile is None else self.use_compile
+
+    def load(self, base: Mapping[str, np.ndarray], cfg: ModelSpec, device: torch.device, *,
+             checkpointing: bool = False) -> Built:
+        """The model for ``cfg`` on ``device`` holding ``base``, in train mode with no
+        gradients: the held one refilled, else a new one (kept, compiled where it pays).
+
+        Call it where a fresh build would be called (after seeding the RNG): a model that
+        is built here draws its initial weights as ``build`` does.
+
+        Raises
+        ------
+        ValueError
+            If ``base``'s names or shapes do not match ``cfg``.
+        """
+        if _draws_on_cpu(cfg, device):
+            self.builds += 1
+            return build(base, cfg, device, checkpointing=checkpointing)
+        key = (tuple(sorted(arch_of(cfg).items())), str(device), checkpointing)
+        held = self._held.get(key)
+        if held is None:
+            held = build(base, cfg, device, checkpointing=checkpointing)
+            if self.compiles(device):
+                held = Built(held.module, _Compiled(held.module, self.backend))
+            self._held[key] = held
+            self.builds += 1
+            while len(self._held) > self.keep:
+                self._held.popitem(last=False)
+        else:
+            load_arrays(held.module, base)
+            self._held.move_to_end(key)
+            self.reuses += 1
+        # a lease that failed mid-step may have left gradients or eval mode behind
+        for p in held.module.parameters():
+            p.grad = None
+        held.module.train()
+        return held
+
+
+def _draws_on_cpu(cfg: ModelSpec, device: torch.device) -> bool:
+    """Whether training ``cfg`` on ``device`` draws from the CPU generator (dropout on
+    CPU): then only a fresh build reproduces a fresh build's masks."""
+    dropout = 0.0 if isinstance(cfg, HFSpec) else cfg.dropout  # transformers: always 0
+    return device.type == "cpu" and dropout > 0
+
+
+class _Compiled:
+    """``torch.compile(module)``, compiled on its first call; eager for good if that fails
+    (a node without a working compiler still trains)."""
+
+    def __init__(self, module: torch.nn.Module, backend: str | Callable) -> None:
+        self.module = module
+        self.fn: Forward = torch.compile(module, backend=backend)
+
+    def __call__(self, *args: Any) -> Any:
+        try:
+            return self.fn(*args)
+        except torch._dynamo.exc.TorchDynamoException as err:
+            log.warning("torch.compile failed, training this model eager: %s",
+                        str(err).splitlines()[0][:300] if str(err) else type(err).__name__)
+            self.fn = self.module
+            return self.module(*args)
