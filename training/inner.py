@@ -23,7 +23,7 @@ import torch
 from training.device import autocast, pick_device
 from training.families import ModelSpec
 from training.model_cache import ModelCache, build
-from training.state import arrays_to_model, model_to_arrays
+from training.state import arrays_to_model, load_arrays, model_to_arrays
 
 __all__ = [
     "InnerResult", "check_inner_args", "first_batch_loss", "inner_optimizer", "sample_batch",
@@ -208,12 +208,15 @@ def first_batch_loss(
     seq_len: int,
     seed: int,
     device: torch.device | str = "cpu",
+    model: torch.nn.Module | None = None,
 ) -> float:
     """The loss ``train_inner`` reports as ``loss_before`` for the same arguments: ``base``
     on the first batch ``seed`` draws from ``tokens``, in fp32, without training.
 
     One forward pass of one batch: the coordinator uses it to check that a node's work
     started from the lease's base model (``coordinator.verify.rules.base_mismatch``).
+    ``model``: a built model of ``cfg`` on ``device`` to fill with ``base`` and reuse
+    (building a small one costs more than the pass).
     """
     if len(tokens) < seq_len + 1:
         raise ValueError(
@@ -224,7 +227,7 @@ def first_batch_loss(
     gen = torch.Generator().manual_seed(seed)  # as train_inner: the same first batch
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = arrays_to_model(base, cfg, dev)
+        model = arrays_to_model(base, cfg, dev) if model is None else load_arrays(model, base)
         x, y = sample_batch(data, batch_size, seq_len, gen)
         return _fp32_loss(model, x, y)
 

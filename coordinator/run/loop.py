@@ -62,6 +62,7 @@ Outbox = dict[int, list[tuple[Lease, Batch]]]
 
 _POLL_S = 0.2
 _TTL_SLACK_S = 600.0
+_ROWS_S = 30.0  # the longest the loop uses node rows (names, keys) without reading them
 _BENCH_S = 90.0  # a node that missed a deadline sits out this long (Flower needs ~70 s to drop it)
 # a node that handed a lease back sits out what it asked, within these bounds (a node's policy
 # may change when it restarts: it is asked again at least hourly)
@@ -89,6 +90,9 @@ class RunLoop:
     _evals: list[EvalBatch] = field(default_factory=list)  # evaluations still open
     _evaluated: set[int] = field(default_factory=set)  # versions whose evaluation was sent
     _rows: dict[int, Node] = field(default_factory=dict)  # by ledger id
+    _by_fid: dict[int, Node] = field(default_factory=dict)  # the rows as last read
+    _unknown: set[int] = field(default_factory=set)  # online, not in the ledger at that read
+    _rows_read: float = -math.inf
     # version digest -> (previous version's digest, the change's blob): Work.delta
     _deltas: dict[str, tuple[str, str]] = field(default_factory=dict)
     # screened train replies whose own checks (RoundJudge.plan) have not come back yet,
@@ -209,13 +213,14 @@ class RunLoop:
     def _eligible(self) -> list[Node]:
         now, out, seen = self.clock(), [], []
         online = set(self.transport.online())
-        # Read afresh (not from _nodes): a node revoked mid-run gets no further lease. One
-        # read and one write for the whole network: at 1,000 nodes a query per node each
+        rows = self._node_rows(online, now)
+        # Revocations read afresh: a node revoked mid-run gets no further lease. One read
+        # and one write for the whole network: at 1,000 nodes a query per node each
         # second was most of the coordinator's time (bench/scale.py).
-        rows = {int(n.flower_node_id): n for n in self.ledger.nodes()}
+        revoked = self.ledger.revoked_node_ids()
         for fid in sorted(online):
             node = rows.get(fid)
-            if node is None or node.revoked:
+            if node is None or node.revoked or node.id in revoked:
                 continue
             self._nodes[fid] = self._rows[node.id] = node
             if fid not in self._seen:
@@ -231,6 +236,18 @@ class RunLoop:
         metrics.NODES_ONLINE.set(sum(1 for fid in online if fid in self._nodes
                                      and not self._nodes[fid].revoked))
         return out
+
+    def _node_rows(self, online: set[int], now: float) -> dict[int, Node]:
+        """The ledger's node rows by Flower id, read again when a node not read before is
+        online, else at most every ``_ROWS_S``: reading 1,000 rows each second was a tenth
+        of the loop's time (bench/scale.py); what changes mid-run that matters, a
+        revocation, is read each time by itself."""
+        new = online - self._by_fid.keys() - self._unknown
+        if new or now - self._rows_read >= _ROWS_S:
+            self._by_fid = {int(n.flower_node_id): n for n in self.ledger.nodes()}
+            self._unknown = online - self._by_fid.keys()
+            self._rows_read = now
+        return self._by_fid
 
     def _bench(self, node: Node, why: str) -> None:
         self._benched[node.id] = self.clock() + _BENCH_S
@@ -506,14 +523,18 @@ class RunLoop:
         and then; the others wait in their batch for its verdict. An evaluation whose last
         lease is settled is judged on the spot.
         """
-        for reply in self.transport.poll(list(self._pending)):
+        replies = self.transport.poll(list(self._pending))
+        # read now, once for the pass: a revocation counts from the next pass on (one read
+        # per reply was a fifth of the screening at 1,000 nodes; bench/scale.py)
+        revoked = self.ledger.revoked_node_ids() if replies else set()
+        for reply in replies:
             sent = self._pending.pop(reply.msg_id, None)
             if sent is None:
                 continue
             if reply.error is not None or reply.content is None:
                 self._failed(sent, reply.error or "empty reply")
             elif not self._handed_back(sent, reply.content):
-                cand = self._screen(sent, reply.content)
+                cand = self._screen(sent, reply.content, sent.node.id in revoked)
                 if cand is None:
                     sent.batch.screened_out.append(sent.lease)
                 else:
@@ -550,16 +571,16 @@ class RunLoop:
             data = shard_bytes(self.tokens[lease.data_start:lease.data_end], self.corpus.dtype)
             self.blobs.put(data, lease.data_digest)
 
-    def _screen(self, sent: Sent, content: RecordDict) -> Candidate | None:
-        """``verify`` one reply: a Candidate for its phase's verdict, or None once a
-        rejection has been recorded."""
+    def _screen(self, sent: Sent, content: RecordDict, revoked: bool) -> Candidate | None:
+        """``verify`` one reply (from a node ``revoked`` or not): a Candidate for its phase's
+        verdict, or None once a rejection has been recorded."""
         now, t0 = self.clock(), time.perf_counter()
         version, max_staleness = self._expected_base(sent)
         judged = screen_reply(
             content, lease=sent.lease, node_id=sent.node.id,
             public_key_pem=sent.node.public_key_pem.encode(), version=version,
             shapes=self.store.shapes(), cfg=self.cfg, ledger=self.ledger, now=now,
-            blobs=self.blobs, max_staleness=max_staleness)
+            blobs=self.blobs, max_staleness=max_staleness, revoked=revoked)
         metrics.VERIFY_SECONDS.labels("screen").observe(time.perf_counter() - t0)
         if sent.lease.kind == Kind.TRAIN:
             self.judge.cost.screen_s += time.perf_counter() - t0

@@ -65,12 +65,13 @@ def _count(lease: Lease, verdict: Ruling, update: Update | None) -> None:
 def screen_reply(content: RecordDict, *, lease: Lease, node_id: int, public_key_pem: bytes,
                  version: int, shapes: dict[str, tuple[tuple[int, ...], str]], cfg: RunConfig,
                  ledger: Ledger, now: float, blobs: BlobDir | None = None,
-                 max_staleness: int = 0) -> Judged:
+                 max_staleness: int = 0, revoked: bool | None = None) -> Judged:
     """Decode and ``verify`` one reply against ``version`` (a base up to ``max_staleness``
     versions behind it passes); records nothing. A train reply's payload comes from
     ``blobs`` (the node uploaded it under the digest its signed update names) unless it came
     inline; its arrays come back decoded from the run's ``[compression]`` (the signature
-    covers the encoding)."""
+    covers the encoding). ``revoked``: whether the node is revoked, as the caller read it
+    for many replies at once (None: read here)."""
     try:
         update, arrays = parse_reply(content)
     except ProtocolError as err:
@@ -85,7 +86,7 @@ def screen_reply(content: RecordDict, *, lease: Lease, node_id: int, public_key_
     verdict = verify(update, arrays, Expected(
         lease=lease, node_id=node_id, public_key_pem=public_key_pem, current_version=version,
         shapes=shapes if train else {}, max_norm=cfg.verify.max_update_norm, now=now,
-        revoked=_revoked(ledger, node_id), compression=cfg.codec() if train else None,
+        revoked=_revoked(ledger, node_id) if revoked is None else revoked, compression=cfg.codec() if train else None,
         from_store=from_store, max_staleness=max_staleness))
     return Judged(verdict, update, verdict.arrays if verdict.arrays is not None else arrays)
 

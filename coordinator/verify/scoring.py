@@ -16,15 +16,18 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
-from training.evaluate import evaluate
+from training.evaluate import evaluate_model
 from training.families import ModelSpec
 from training.inner import first_batch_loss
+from training.state import arrays_to_model, load_arrays
 
 __all__ = ["CheckJob", "CheckResult", "FirstBatch", "Scorer", "Span", "windows"]
 
 Arrays = Mapping[str, np.ndarray]
 _SCORE_BATCH_TOKENS = 8192  # tokens per forward pass when the coordinator scores an update
+_CPU = torch.device("cpu")
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,7 @@ class Scorer:
         self.batch = max(batch_size, _SCORE_BATCH_TOKENS // seq_len)
         self.base_of = base_of
         self._base: dict[tuple, float] = {}  # (version, what) -> the base's loss
+        self._built: torch.nn.Module | None = None
 
     def run(self, job: CheckJob) -> CheckResult:
         base = self.base_of(job.base_version, job.base_digest)
@@ -110,7 +114,8 @@ class Scorer:
         if key not in self._base:
             self._base[key] = first_batch_loss(
                 base, self.spec, np.asarray(self.tokens[fb.start:fb.end]),
-                batch_size=fb.batch_size, seq_len=fb.seq_len, seed=fb.seed)
+                batch_size=fb.batch_size, seq_len=fb.seq_len, seed=fb.seed,
+                model=self._model(base))
         return self._base[key]
 
     def base_span(self, job: CheckJob, base: Arrays, span: Span) -> float:
@@ -120,8 +125,17 @@ class Scorer:
         return self._base[key]
 
     def loss(self, arrays: Arrays, span: Span) -> float:
-        return evaluate(arrays, self.spec, windows(self.tokens, span, self.seq_len),
-                        seq_len=self.seq_len, batch_size=self.batch).mean_loss
+        return evaluate_model(self._model(arrays), windows(self.tokens, span, self.seq_len),
+                              seq_len=self.seq_len, batch_size=self.batch,
+                              device=_CPU).mean_loss
+
+    def _model(self, arrays: Arrays) -> torch.nn.Module:
+        """One model, refilled for every pass: building a small model cost as much as
+        scoring 4,096 tokens with it (bench/scale.py)."""
+        if self._built is None:
+            self._built = arrays_to_model(arrays, self.spec, _CPU)
+            return self._built
+        return load_arrays(self._built, arrays)
 
     def remember(self, job: CheckJob, result: CheckResult) -> None:
         """Keep a base loss computed elsewhere (the judge's base check reads it)."""
