@@ -39,7 +39,7 @@ from protocol.messages import Kind, Lease
 
 from coordinator.ledger import Node
 from coordinator.run.batches import Sent, TrainBatch
-from coordinator.run.loop import _POLL_S, Outbox, RunLoop
+from coordinator.run.loop import Outbox, RunLoop
 from coordinator.verify.round_judge import Candidate
 from coordinator.verify.trust import (
     NEW_NODE_TRUST, PROBATION_UPDATES, pick_checker, spot_check_rate,
@@ -49,6 +49,10 @@ __all__ = ["AsyncRunLoop", "make_run_loop"]
 
 log = logging.getLogger(__name__)
 
+# between passes: replies that land while the loop sleeps are screened and leased together,
+# the last one waiting for all the others (0.2 s made passes of ~4 replies at 1,000 nodes
+# and most of the lease p50; bench/scale.py); a pull per pass is one small request
+_IDLE_S = 0.05
 _LOOK_S = 1.0  # how often the loop reads who is online (each read touches every node's row)
 # seconds of replies' own checks per pass, between taking replies and leasing: what a node
 # that just answered may wait for its next lease beyond the pass itself
@@ -96,7 +100,7 @@ class AsyncRunLoop(RunLoop):
                 self._evaluate_if_due()
             nodes = self._lease(nodes)
             if not self._prepare(_PREPARE_S):  # checks left: straight back to the replies
-                self.sleep(_POLL_S)
+                self.sleep(_IDLE_S)
         self._collect(lambda: not self._evals)
         self.ledger.add_event("run", f"run {self.cfg.run.id} finished at version "
                                      f"{self.store.version}")

@@ -64,6 +64,11 @@ class Checker:
         self.jobs_done = 0
 
     @property
+    def pending(self) -> int:
+        """Jobs submitted whose results have not been taken."""
+        return len(self._out)
+
+    @property
     def dead(self) -> bool:
         """Started, and every process has exited."""
         return bool(self._procs) and not any(p.is_alive() for p in self._procs)
