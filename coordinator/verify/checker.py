@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 _BASES = 4  # base versions a process keeps decoded (replies are at most a few behind)
 _KEEP_VERSIONS = 8  # base losses a process keeps cached, by version
 _JOIN_S = 5.0
+_PARENT_S = 0.25  # how often an idle checker looks whether its coordinator is still there
 
 
 class Checker:
@@ -178,7 +179,18 @@ def _serve(spec: ModelSpec, corpus: CorpusInfo, blob_root: str, seq_len: int,
 
     scorer = Scorer(spec, corpus.tokens(), seq_len, batch_size, base_of)
     newest = 0
-    while (item := jobs.get()) is not None:
+    parent = mp.parent_process()
+    while True:
+        # a coordinator killed with -9 sends no None: stop once it is gone (an orphan would
+        # wait on its queue for ever)
+        if parent is not None and not parent.is_alive():
+            return
+        try:
+            item = jobs.get(timeout=_PARENT_S)
+        except queue.Empty:
+            continue
+        if item is None:
+            return
         jid, job = item
         t0 = time.perf_counter()
         try:

@@ -161,3 +161,52 @@ def test_a_loop_without_replies_yet_keeps_its_checker(network) -> None:
     assert not net.loop._prepare(0.0)  # noqa: SLF001 - a pass before any reply came
     assert net.loop.checker is not None and not net.loop.checker.dead
     net.loop.close()
+
+
+def test_a_checker_whose_coordinator_is_killed_exits_by_itself(tmp_path: Path, corpus) -> None:
+    # kill -9 of the coordinator sends its checker no "stop": the checker must notice
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "a_coordinator.py"
+    script.write_text(f"""
+import math, sys
+sys.path[:0] = {[str(Path(__file__).parent)]!r}
+from pathlib import Path
+from coordinator.verify.checker import Checker
+from training.corpus import load_corpus
+from test_checker import SPEC, SEQ
+
+if __name__ == "__main__":
+    c = Checker(SPEC, load_corpus(Path({str(corpus.path)!r})), Path({str(tmp_path)!r}),
+                seq_len=SEQ, batch_size=2)
+    c._start()
+    print(c._procs[0].pid, flush=True)
+    sys.stdin.read()  # until killed
+""")
+    coord = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        pid = int(coord.stdout.readline())
+        os.kill(coord.pid, signal.SIGKILL)
+        coord.wait()
+        end = time.monotonic() + 20
+        while time.monotonic() < end:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            try:  # reaped by init, or a zombie of ours: either way it exited
+                if Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z":
+                    break
+            except OSError:
+                break
+            time.sleep(0.1)
+        else:
+            os.kill(pid, signal.SIGKILL)
+            raise AssertionError("the checker outlived its killed coordinator")
+    finally:
+        coord.kill()
