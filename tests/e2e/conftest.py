@@ -10,8 +10,6 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.e2e
-
 
 def processes_mentioning(text: str) -> list[int]:
     """PIDs (other than ours) whose command line contains ``text``."""

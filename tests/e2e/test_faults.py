@@ -18,6 +18,8 @@ from coordinator.ledger import Ledger
 from protocol.signing import generate_key, save_private_key
 
 QUIET = Console(file=open(os.devnull, "w"))  # noqa: SIM115
+# a quarter of the demo's work per lease: these tests are about faults, not about learning
+SHORT = {"train_inner_steps": 60}
 
 
 def test_node_killed_mid_round(workdir: Path) -> None:
@@ -38,7 +40,7 @@ def test_node_killed_mid_round(workdir: Path) -> None:
 
     # no spot checks: the killed lease's shard must have no second result
     summary, status = run_demo(nodes=2, rounds=2, workdir=workdir, console=QUIET,
-                               overrides={"train_deadline_s": 45.0,
+                               overrides={"train_deadline_s": 25.0, **SHORT,
                                           "verify_spot_check_rate": 0.0},
                                on_tick=kill_first_trainer)
     assert status == "finished:completed", summary
@@ -67,7 +69,7 @@ def test_wrong_key_is_rejected_and_run_continues(workdir: Path, tmp_path: Path) 
     other = tmp_path / "mallory.key"
     save_private_key(generate_key(), other)
     summary, status = run_demo(nodes=2, rounds=1, workdir=workdir, console=QUIET,
-                               node_args={1: ["--sign-key", str(other)]})
+                               overrides=SHORT, node_args={1: ["--sign-key", str(other)]})
     assert status == "finished:completed", summary
     with Ledger(summary["ledger"]) as ledger:
         mallory = next(n for n in ledger.nodes() if n.name == "node-b")
@@ -104,7 +106,7 @@ def test_a_crashed_worker_costs_only_its_lease(workdir: Path) -> None:
                           node_id=train[0].node_id)
 
     summary, status = run_demo(nodes=2, rounds=2, workdir=workdir, console=QUIET,
-                               overrides={"verify_spot_check_rate": 0.0},
+                               overrides={"verify_spot_check_rate": 0.0, **SHORT},
                                on_tick=kill_worker_mid_train)
     assert status == "finished:completed", summary
     assert killed, "node-a's worker was never seen training"

@@ -39,7 +39,7 @@ def test_async_run_with_coordinator_and_node_metrics(workdir: Path) -> None:
         seen["coordinator"], seen["node"] = _scrape(address), _scrape(node_address)
 
     summary, status = run_demo(nodes=2, rounds=3, workdir=workdir, console=QUIET,
-                               overrides={"async_enabled": True},
+                               overrides={"async_enabled": True, "train_inner_steps": 60},
                                # one node 2.5x slower: the other's leases run ahead of
                                # it, so "no barrier" below never hangs on two replies
                                # landing in the same poll
