@@ -8,6 +8,7 @@ import socket
 from pathlib import Path
 from typing import Annotated, Optional
 
+import click
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -24,7 +25,7 @@ from .enroll import enroll
 from .gpu import NvmlProbe, cuda_index, gpu_count, load_nvml
 from .identity import NodeHome, default_home
 from .policy import Policy
-from .supervisor import Supervisor
+from .supervisor import COMPILE_MODES, Supervisor
 
 __all__ = ["app", "main"]
 
@@ -53,6 +54,9 @@ def join(
     activation_checkpointing: Annotated[bool, typer.Option(
         "--activation-checkpointing", help="recompute activations in the backward pass: "
         "less GPU memory for large models, about a third more compute")] = False,
+    compile_mode: Annotated[str, typer.Option(
+        "--compile", help="torch.compile the model once per worker: auto (on CUDA only), on "
+        "or off", click_type=click.Choice(COMPILE_MODES, case_sensitive=False))] = "auto",
     sign_key: Annotated[Optional[Path], typer.Option(hidden=True)] = None,
     slowdown: Annotated[float, typer.Option(
         min=1.0, hidden=True, help="benchmarks: take F times as long for each lease (waits "
@@ -95,7 +99,8 @@ def join(
         console.print(f"policy: {rules.describe()}", highlight=False)
         policy_file = _write_policy(node_home, rules)
     Supervisor(node_home, enrollment, threads=threads, device=device, gpus=n_gpus,
-               checkpointing=activation_checkpointing, sign_key=sign_key, slowdown=slowdown,
+               checkpointing=activation_checkpointing, compile_mode=compile_mode.lower(),
+               sign_key=sign_key, slowdown=slowdown,
                metrics_address=metrics, console=console, policy=policy_file).run()
 
 

@@ -8,9 +8,9 @@ imported once). Run the old way, one ``flwr-clientapp`` process per message, it 
 paying all of that every time.
 
 Everything it needs comes from the SuperNode's ``--node-config`` (``home``, ``threads``,
-``device``, optionally ``sign-key``, ``max-cache-bytes``, ``checkpointing`` and ``policy``:
-the contribution policy ``join`` wrote as JSON) and the node home (enrollment, pinned CA, the
-blob cache ``blobs/``).
+``device``, optionally ``sign-key``, ``max-cache-bytes``, ``checkpointing``, ``compile`` and
+``policy``: the contribution policy ``join`` wrote as JSON) and the node home (enrollment,
+pinned CA, the blob cache ``blobs/``).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from protocol.compression import ErrorFeedback
 from protocol.errors import ConfigError
 from protocol.signing import load_private_key
 from training.data_parallel import InnerPool
-from training.model_cache import ModelCache
+from training.model_cache import ModelCache, compile_choice
 
 from .blobs import CoordinatorBlobs
 from .gpu import NvmlProbe, cuda_index, load_nvml
@@ -61,6 +61,7 @@ class NodeSession:
         coordinator = CoordinatorBlobs(self.channel)
         limits = NodeLimits.from_node_config(node_config)
         gpus = int(node_config.get("gpus", 1))  # checked by ``join`` (``node.gpu.gpu_count``)
+        use_compile = compile_choice(str(node_config.get("compile", "auto")))  # ``join --compile``
         self.home = home
         self.settings = WorkerSettings(
             node_id=enrollment.node_id, key=load_private_key(key_path),
@@ -71,9 +72,10 @@ class NodeSession:
             coordinator_blobs=coordinator, uploads=coordinator,
             # top-k residuals of this run: in memory, so a worker restart starts them afresh
             feedback=ErrorFeedback(), models=BaseModels(), gate=lease_gate(node_config),
-            gpus=gpus, pool=InnerPool(gpus, "cuda") if gpus > 1 else None,
+            gpus=gpus, pool=InnerPool(gpus, "cuda", use_compile=use_compile) if gpus > 1
+            else None,
             # one per process: the model is built, and on CUDA compiled, once per architecture
-            model_cache=ModelCache(),
+            model_cache=ModelCache(use_compile=use_compile),
             checkpointing=str(node_config.get("checkpointing", False)).lower() == "true")
 
     def handle(self, content: RecordDict) -> RecordDict:

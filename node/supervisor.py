@@ -37,7 +37,11 @@ from protocol.processes import flower_env, free_port, spawn, stop
 from .identity import Enrollment, NodeHome
 from .progress import read_progress
 
-__all__ = ["Supervisor", "new_runtime_secret", "supernode_command", "worker_command"]
+__all__ = ["COMPILE_MODES", "Supervisor", "new_runtime_secret", "supernode_command",
+           "worker_command"]
+
+# ``join --compile``: the worker's ``training.model_cache.compile_choice`` reads them
+COMPILE_MODES = ("auto", "on", "off")
 
 _BACKOFF_MAX_S = 60.0
 _HEALTHY_AFTER_S = 30.0  # a run this long resets the backoff
@@ -84,8 +88,11 @@ def messages_in_flight(log: Path, since: int) -> tuple[int, int]:
 def supernode_command(home: NodeHome, e: Enrollment, *, port: int, threads: int, device: str,
                       sign_key: Path | None, secret_file: Path,
                       slowdown: float = 1.0, policy: Path | None = None,
-                      gpus: int = 1, checkpointing: bool = False) -> list[str]:
+                      gpus: int = 1, checkpointing: bool = False,
+                      compile_mode: str = "auto") -> list[str]:
     node_config = f'home="{home.path}" threads={threads} device="{device}"'
+    if compile_mode != "auto":
+        node_config += f' compile="{compile_mode}"'
     if gpus > 1:
         node_config += f" gpus={int(gpus)}"
     if checkpointing:
@@ -145,6 +152,7 @@ class Supervisor:
     device: str = "auto"
     gpus: int = 1  # > 1: each lease data-parallel over cuda:0..gpus-1
     checkpointing: bool = False  # activation checkpointing in every train lease
+    compile_mode: str = "auto"  # one of COMPILE_MODES: torch.compile of the worker's model
     sign_key: Path | None = None
     slowdown: float = 1.0  # benchmarks: play a device this many times slower
     metrics_address: str = ""  # HOST:PORT of the node's /metrics ("" = none)
@@ -202,7 +210,8 @@ class Supervisor:
                                         threads=self.threads, device=self.device,
                                         sign_key=self.sign_key, secret_file=secret,
                                         slowdown=self.slowdown, policy=self.policy,
-                                        gpus=self.gpus, checkpointing=self.checkpointing)
+                                        gpus=self.gpus, checkpointing=self.checkpointing,
+                                        compile_mode=self.compile_mode)
                 started = time.monotonic()
                 log_start = log.stat().st_size if log.exists() else 0
                 proc = spawn(cmd, env=env, log=log)

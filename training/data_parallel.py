@@ -36,12 +36,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from protocol.processes import free_port
-from training.device import autocast
 from training.families import ModelSpec
 from training.inner import (
     GRAD_CLIP, InnerResult, _fp32_loss, check_inner_args, inner_optimizer, sample_batch,
 )
-from training.model_cache import ModelCache
+from training.model_cache import ModelCache, forward_backward
 from training.state import model_to_arrays
 
 __all__ = ["DataParallelError", "InnerPool", "check_world_batch", "train_inner_parallel"]
@@ -81,10 +80,12 @@ class InnerPool:
         torch intra-op threads per rank (None: torch's default).
     timeout_s
         The process group's timeout: how long a collective waits for a peer.
+    use_compile
+        Each rank's ``ModelCache(use_compile=...)``: None compiles on CUDA only.
     """
 
     def __init__(self, world_size: int, device: str = "cuda", *, threads: int | None = None,
-                 timeout_s: float = 300.0) -> None:
+                 timeout_s: float = 300.0, use_compile: bool | None = None) -> None:
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
         if device not in ("cpu", "cuda"):
@@ -93,6 +94,7 @@ class InnerPool:
         self.device = device
         self._threads = threads
         self._timeout_s = timeout_s
+        self._use_compile = use_compile
         self._procs: list[Any] = []
         self._control: list[Any] = []
         self._results: Any = None
@@ -126,8 +128,8 @@ class InnerPool:
         for rank in range(self.world_size):
             p = ctx.Process(target=_rank_main, daemon=True, name=f"atom-dp-rank{rank}",
                             args=(rank, self.world_size, addr, self.device, self._threads,
-                                  self._timeout_s, self._control[rank], self._results,
-                                  self._abort))
+                                  self._timeout_s, self._use_compile, self._control[rank],
+                                  self._results, self._abort))
             p.start()
             self._procs.append(p)
         ready = 0
@@ -260,7 +262,8 @@ def train_inner_parallel(world_size: int, base: Mapping[str, np.ndarray], cfg: M
 # --- in each rank's process ---------------------------------------------------------------
 
 def _rank_main(rank: int, world: int, addr: tuple[str, int], device: str, threads: int | None,
-               timeout_s: float, control: Any, results: Any, abort: Any) -> None:
+               timeout_s: float, use_compile: bool | None, control: Any, results: Any,
+               abort: Any) -> None:
     try:
         if threads:
             torch.set_num_threads(threads)
@@ -274,7 +277,7 @@ def _rank_main(rank: int, world: int, addr: tuple[str, int], device: str, thread
         # Leases travel over gloo even beside NCCL: pickled arrays need no trip to the GPU.
         objects = dist.new_group(backend="gloo") if dev.type == "cuda" else None
         results.put(("ready", rank))
-        models = ModelCache()  # each rank builds (on CUDA: compiles) its model once
+        models = ModelCache(use_compile=use_compile)  # each rank builds (compiles) it once
         while (msg := control.get()) is not None:
             box = [msg if rank == 0 else None]
             dist.broadcast_object_list(box, src=0, group=objects)
@@ -314,9 +317,7 @@ def _train_rank(job: dict[str, Any], rank: int, world: int, dev: torch.device, a
         for step in range(1, steps + 1):
             if step > 1:
                 x, y = sample_batch(data, batch_size, seq_len, gen)
-            with autocast(dev):
-                _, loss = built.forward(x[rows], y[rows])
-            loss.backward()
+            loss = forward_backward(built, x[rows], y[rows], dev)
             if _average_grads(params, world, stop=abort is not None and abort.is_set()):
                 return None  # every rank saw rank 0's flag: all stop at this step
             torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)

@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from training.device import autocast, pick_device
+from training.device import pick_device
 from training.families import ModelSpec
-from training.model_cache import ModelCache, build
+from training.model_cache import ModelCache, build, forward_backward
 from training.state import arrays_to_model, load_arrays, model_to_arrays
 
 __all__ = [
@@ -160,9 +160,7 @@ def train_inner(
         for step in range(1, steps + 1):
             if step > 1:
                 x, y = sample_batch(data, batch_size, seq_len, gen)
-            with autocast(dev):
-                _, loss = built.forward(x, y)
-            loss.backward()
+            loss = forward_backward(built, x, y, dev)
             torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
             opt.step()
             opt.zero_grad(set_to_none=True)

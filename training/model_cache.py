@@ -17,8 +17,12 @@ draws from the CUDA generator, which the CPU-side build does not touch.)
 
 ``use_compile=None`` compiles on CUDA only, where inductor's fused kernels are what the
 compile is for. On CPU it does not pay: GPT tiny took 61 s to compile on 2 cores and its
-later leases were no faster than eager (0.5-1.1 s for 5 steps either way). A model that
-fails to compile runs eager from then on (logged once).
+later leases were no faster than eager (0.5-1.1 s for 5 steps either way); ``atom-node join
+--compile on|off`` overrides it (``COMPILE_CHOICES``). A model that fails to compile runs
+eager from then on (logged once): its forward is compiled on the first call, but its
+backward only on the first ``backward()``, so ``forward_backward`` is the training step
+that catches both and redoes the failed step eager — a broken compiler costs a node one
+step, not its lease.
 Not thread-safe: one lease at a time, as the warm worker runs them.
 """
 
@@ -33,14 +37,34 @@ from typing import Any
 import numpy as np
 import torch
 
+from training.device import autocast
 from training.families import HFSpec, ModelSpec, arch_of
 from training.state import arrays_to_model, load_arrays
 
-__all__ = ["Built", "ModelCache", "build"]
+__all__ = ["COMPILE_CHOICES", "Built", "ModelCache", "build", "compile_choice",
+           "forward_backward"]
 
 log = logging.getLogger(__name__)
 
 Forward = Callable[..., Any]
+
+# ``atom-node join --compile``: auto compiles on CUDA only (see the module docstring)
+COMPILE_CHOICES: dict[str, bool | None] = {"auto": None, "on": True, "off": False}
+
+
+def compile_choice(text: str) -> bool | None:
+    """``ModelCache``'s ``use_compile`` for ``--compile TEXT``.
+
+    Raises
+    ------
+    ValueError
+        ``text`` is not one of ``COMPILE_CHOICES``.
+    """
+    try:
+        return COMPILE_CHOICES[text.strip().lower()]
+    except KeyError:
+        raise ValueError(f"--compile must be one of {', '.join(COMPILE_CHOICES)}, "
+                         f"got {text!r}") from None
 
 
 @dataclass(frozen=True)
@@ -125,19 +149,54 @@ def _draws_on_cpu(cfg: ModelSpec, device: torch.device) -> bool:
     return device.type == "cpu" and dropout > 0
 
 
+def forward_backward(built: Built, x: torch.Tensor, y: torch.Tensor,
+                     device: torch.device) -> torch.Tensor:
+    """One training step's forward (under ``autocast``) and backward; its loss.
+
+    Until a compiled model has run one backward, a failure of that backward is taken for its
+    lazily compiled backward failing: the model runs eager from then on and the step is
+    redone eager, from cleared gradients (an error eager shares is raised by the redo)."""
+    with autocast(device):
+        _, loss = built.forward(x, y)
+    compiled = built.forward if isinstance(built.forward, _Compiled) else None
+    if compiled is None or compiled.proven:
+        loss.backward()
+        return loss
+    try:
+        loss.backward()
+    except Exception as err:  # noqa: BLE001 - any compiler failure; eager re-raises a real one
+        compiled.give_up(err)
+        built.module.zero_grad(set_to_none=True)
+        with autocast(device):
+            _, loss = built.forward(x, y)
+        loss.backward()
+        return loss
+    compiled.proven = True
+    return loss
+
+
 class _Compiled:
-    """``torch.compile(module)``, compiled on its first call; eager for good if that fails
-    (a node without a working compiler still trains)."""
+    """``torch.compile(module)``, compiled on its first call; eager for good if its forward
+    or (``forward_backward``) its first backward fails: a node without a working compiler
+    still trains."""
 
     def __init__(self, module: torch.nn.Module, backend: str | Callable) -> None:
         self.module = module
         self.fn: Forward = torch.compile(module, backend=backend)
+        self.proven = False  # a forward and a backward compiled and ran
+
+    def give_up(self, err: BaseException) -> None:
+        log.warning("torch.compile failed, training this model eager: %s",
+                    str(err).splitlines()[0][:300] if str(err) else type(err).__name__)
+        self.fn = self.module
 
     def __call__(self, *args: Any) -> Any:
+        if self.fn is self.module:
+            return self.module(*args)
         try:
             return self.fn(*args)
-        except torch._dynamo.exc.TorchDynamoException as err:
-            log.warning("torch.compile failed, training this model eager: %s",
-                        str(err).splitlines()[0][:300] if str(err) else type(err).__name__)
-            self.fn = self.module
+        except Exception as err:  # noqa: BLE001 - any compiler failure; eager re-raises a real one
+            if self.proven and not isinstance(err, torch._dynamo.exc.TorchDynamoException):
+                raise  # compiled before, so not the compiler: a real error of this batch
+            self.give_up(err)
             return self.module(*args)

@@ -14,7 +14,8 @@ import torch
 from training.families import HF_PRESETS, HFSpec
 from training.inner import train_inner
 from training.model import GPTConfig
-from training.model_cache import ModelCache
+from node.supervisor import COMPILE_MODES
+from training.model_cache import COMPILE_CHOICES, ModelCache, compile_choice
 from training.state import init_arrays
 
 GPT = GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=32)
@@ -123,6 +124,49 @@ def test_a_model_that_fails_to_compile_trains_eager(tokens, no_dynamo_leftovers)
     base = init_arrays(GPT, 0)
     got = train_inner(base, GPT, tokens, seed=7, models=cache, **KW)
     assert identical(got, train_inner(base, GPT, tokens, seed=7, **KW))
+
+
+def test_a_model_whose_backward_fails_to_compile_redoes_the_step_eager(
+        tokens, no_dynamo_leftovers, caplog) -> None:
+    # AOT autograd compiles the backward lazily, at the first backward(): a compiler that
+    # breaks there must not cost the lease (the forward already ran compiled)
+    from torch._dynamo.backends.common import aot_autograd
+
+    forwards: list[int] = []
+
+    def forward_compiler(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        forwards.append(1)
+        return gm.forward
+
+    def broken(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        raise RuntimeError("no backward compiler here")
+
+    cache = ModelCache(use_compile=True,
+                       backend=aot_autograd(fw_compiler=forward_compiler, bw_compiler=broken))
+    base = init_arrays(GPT, 0)
+    got = train_inner(base, GPT, tokens, seed=7, models=cache, **KW)
+    assert forwards, "the forward was never compiled: the backward's failure was not tested"
+    assert identical(got, train_inner(base, GPT, tokens, seed=7, **KW))
+    assert sum("training this model eager" in r.getMessage() for r in caplog.records) == 1
+    compiled = len(forwards)
+    again = train_inner(init_arrays(GPT, 1), GPT, tokens, seed=8, models=cache, **KW)
+    assert len(forwards) == compiled and cache.reuses == 1  # eager for good, no new attempt
+    assert identical(again, train_inner(init_arrays(GPT, 1), GPT, tokens, seed=8, **KW))
+
+
+def test_an_error_of_the_batch_itself_is_raised_not_hidden(tokens, no_dynamo_leftovers) -> None:
+    # the eager redo meets the same error: it is the lease's, and it is raised
+    cache = ModelCache(use_compile=True, backend=lambda gm, ex: gm.forward)
+    bad = np.full(2000, 300, dtype=np.uint16)  # token ids past the 256-entry vocabulary
+    with pytest.raises(IndexError):
+        train_inner(init_arrays(GPT, 0), GPT, bad, seed=7, models=cache, **KW)
+
+
+def test_the_compile_flag() -> None:
+    assert [compile_choice(t) for t in ("auto", "ON", " off ")] == [None, True, False]
+    with pytest.raises(ValueError, match="--compile must be one of auto, on, off"):
+        compile_choice("fast")
+    assert tuple(COMPILE_CHOICES) == COMPILE_MODES  # what join accepts is what workers read
 
 
 def test_compiles_on_cuda_only_by_default() -> None:

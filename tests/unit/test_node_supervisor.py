@@ -129,6 +129,11 @@ def test_supernode_command_carries_key_ca_and_node_config(tmp_path: Path) -> Non
                              sign_key=None, secret_file=tmp_path / "runtime.secret",
                              checkpointing=True)
     assert "checkpointing=true" in ckpt[ckpt.index("--node-config") + 1]
+    assert "compile" not in node_config  # auto: the worker's default
+    eager = supernode_command(home, ENROLLED, port=9999, threads=1, device="cuda",
+                              sign_key=None, secret_file=tmp_path / "runtime.secret",
+                              compile_mode="off")
+    assert 'compile="off"' in eager[eager.index("--node-config") + 1]
 
 
 def test_slowdown_waits_so_the_work_takes_that_many_times_as_long(monkeypatch) -> None:
