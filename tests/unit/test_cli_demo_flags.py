@@ -20,9 +20,10 @@ from coordinator.cli import app
      {"ledger_url": "postgresql+psycopg://x/y", "async_enabled": True}),
     # a transformers family runs on a BPE tokenizer trained at init; the GPT demo stays bytes
     (["--family", "llama"], {"model_family": "llama", "data_tokenizer": "bpe",
-                             "data_vocab_size": 2048}),
+                             "data_vocab_size": 2048, "train_inner_steps": 144}),
     (["--family", "qwen2", "--async"], {"async_enabled": True, "model_family": "qwen2",
-                                        "data_tokenizer": "bpe", "data_vocab_size": 2048}),
+                                        "data_tokenizer": "bpe", "data_vocab_size": 2048,
+                                        "train_inner_steps": 144}),
     (["--family", "gpt"], None),
 ])
 def test_demo_flags_become_run_toml_overrides(monkeypatch: pytest.MonkeyPatch,
