@@ -236,8 +236,10 @@ def _compute(work: Work, model: dict[str, np.ndarray], tokens: np.ndarray,
         metrics = UpdateMetrics(tokens=res.tokens, steps=res.steps, loss_before=res.loss_before,
                                 loss_after=res.loss_after, wall_s=time.perf_counter() - t0)
     else:
+        # in the model the train leases keep (not with --gpus N: the ranks keep theirs)
         ev = evaluate(model, cfg, tokens, seq_len=lease.seq_len, batch_size=lease.batch_size,
-                      device=device)
+                      device=device, models=settings.model_cache if settings.gpus <= 1 else None,
+                      checkpointing=settings.checkpointing)
         arrays = {EVAL_WINDOWS: ev.window_loss}  # the signed commitment, window by window
         _play_slower(settings.slowdown, t0)
         metrics = UpdateMetrics(tokens=ev.tokens, steps=0, loss_before=ev.mean_loss,

@@ -11,6 +11,7 @@ from torch.nn import functional as F
 
 from training.device import autocast, pick_device
 from training.families import ModelSpec
+from training.model_cache import ModelCache
 from training.state import arrays_to_model
 
 __all__ = ["EvalResult", "eval_windows", "evaluate", "evaluate_model", "window_losses"]
@@ -38,8 +39,15 @@ def evaluate(
     seq_len: int,
     batch_size: int,
     device: torch.device | str | None = None,
+    models: ModelCache | None = None,
+    checkpointing: bool = False,
 ) -> EvalResult:
     """Cross-entropy of ``arrays`` on ``tokens``, scoring every token after the first once.
+
+    With ``models``, the model the train leases keep (``ModelCache``, key ``checkpointing``
+    included) is refilled with ``arrays`` and scored, eager: a warm node's eval lease then
+    builds nothing and holds no second copy of the weights on its device. The numbers are
+    those of a fresh build (same weights, same forward).
 
     The tokens are cut into non-overlapping windows: window ``i`` reads
     ``tokens[i*seq_len : (i+1)*seq_len]`` and predicts the same positions shifted by one;
@@ -58,8 +66,9 @@ def evaluate(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     dev = torch.device(device) if device is not None else pick_device("auto")
-    return evaluate_model(arrays_to_model(arrays, cfg, dev), tokens, seq_len=seq_len,
-                          batch_size=batch_size, device=dev)
+    model = (arrays_to_model(arrays, cfg, dev) if models is None
+             else models.load(arrays, cfg, dev, checkpointing=checkpointing).module)
+    return evaluate_model(model, tokens, seq_len=seq_len, batch_size=batch_size, device=dev)
 
 
 @torch.no_grad()

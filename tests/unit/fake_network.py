@@ -58,7 +58,7 @@ import torch
 from flwr.app import RecordDict
 
 import training.evaluate
-import training.inner
+import training.model_cache
 
 from coordinator.ledger import Ledger, Node
 from coordinator.run.transport import Reply
@@ -261,12 +261,13 @@ class FakeNode:
         if self.behaviour != "bf16":
             return do_work(content, settings)
         # what a CUDA node does (bf16 autocast), with CPU bf16 standing in for it
-        saved = training.inner.autocast, training.evaluate.autocast
-        training.inner.autocast = training.evaluate.autocast = _cpu_bf16
+        # (the training step's autocast is model_cache's forward_backward's)
+        saved = training.model_cache.autocast, training.evaluate.autocast
+        training.model_cache.autocast = training.evaluate.autocast = _cpu_bf16
         try:
             return do_work(content, settings)
         finally:
-            training.inner.autocast, training.evaluate.autocast = saved
+            training.model_cache.autocast, training.evaluate.autocast = saved
 
     def answer(self, kind: str, content: RecordDict) -> tuple[RecordDict | None, str | None]:
         """The reply content or error this node sends for ``content``."""

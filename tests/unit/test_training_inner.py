@@ -93,7 +93,7 @@ def test_loss_before_is_fp32_even_under_autocast(base, tokens, monkeypatch):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             yield
 
-    monkeypatch.setattr("training.inner.autocast", bf16)
+    monkeypatch.setattr("training.model_cache.autocast", bf16)  # the step's (forward_backward)
     r = train_inner(base, CFG, tokens, seed=7, **KW)
     assert r.loss_before == first_batch_loss(base, CFG, tokens, seed=7, batch_size=4, seq_len=16)
     monkeypatch.undo()

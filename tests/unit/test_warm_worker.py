@@ -143,13 +143,13 @@ def test_a_failing_lease_costs_only_itself() -> None:
 # -- the session's memory: the base of the last leases -------------------------------------
 
 def lease_on(blobs: BlobDir, model: dict[str, np.ndarray], tokens: np.ndarray,
-             nonce: str) -> RecordDict:
-    lease = Lease(run_id="r", round=1, shard_id=0, kind="train", base_version=0,
+             nonce: str, kind: str = "train") -> RecordDict:
+    lease = Lease(run_id="r", round=1, shard_id=0, kind=kind, base_version=0,
                   base_digest=blobs.put(arrays_to_bytes(model)), data_start=0,
                   data_end=len(tokens), data_digest=blobs.put(tokens.tobytes()),
                   tokenizer_digest="7" * 64, data_manifest="8" * 64,
-                  inner_steps=2, batch_size=2, seq_len=8, lr=1e-3, weight_decay=0.0, seed=1,
-                  deadline=time.time() + 60, nonce=nonce)
+                  inner_steps=2 if kind == "train" else 0, batch_size=2, seq_len=8, lr=1e-3,
+                  weight_decay=0.0, seed=1, deadline=time.time() + 60, nonce=nonce)
     return work_content(lease, dataclasses.asdict(CFG))
 
 
@@ -244,19 +244,23 @@ def test_a_new_version_is_rebuilt_from_the_one_held_and_its_change(tmp_path: Pat
 
 
 def test_train_leases_reuse_the_sessions_model(tmp_path: Path) -> None:
-    # the worker hands its ModelCache to the inner loop: the model is built on the first
-    # lease only, and every lease still replies what a fresh process computes
+    # the worker hands its ModelCache to the inner loop and to evaluation: the model is
+    # built on the first lease only, and every lease still replies what a fresh process
+    # computes
     blobs = BlobDir(tmp_path / "blobs")
     tokens = (np.arange(64) % 256).astype("<u2")
     a, b = init_arrays(CFG, seed=0), init_arrays(CFG, seed=1)
     settings = WorkerSettings(node_id=1, key=generate_key(), device="cpu", cache=blobs,
                               model_cache=ModelCache())
     fresh = dataclasses.replace(settings, model_cache=None)
-    for base, nonce in ((a, "1" * 32), (b, "2" * 32)):
-        got = parse_reply(do_work(lease_on(blobs, base, tokens, nonce), settings))
-        want = parse_reply(do_work(lease_on(blobs, base, tokens, nonce), fresh))
+    # an eval lease in between scores in the same model (no second copy of the weights)
+    # and leaves nothing behind for the next train lease
+    for base, nonce, kind in ((a, "1" * 32, "train"), (b, "3" * 32, "eval"),
+                              (b, "2" * 32, "train")):
+        got = parse_reply(do_work(lease_on(blobs, base, tokens, nonce, kind), settings))
+        want = parse_reply(do_work(lease_on(blobs, base, tokens, nonce, kind), fresh))
         assert got[0].metrics.loss_after == want[0].metrics.loss_after
         assert got[1].keys() == want[1].keys()
         assert all(np.array_equal(got[1][k], want[1][k]) for k in want[1])
     assert settings.model_cache is not None
-    assert (settings.model_cache.builds, settings.model_cache.reuses) == (1, 1)
+    assert (settings.model_cache.builds, settings.model_cache.reuses) == (1, 2)
