@@ -21,7 +21,6 @@ block.
 
 from __future__ import annotations
 
-import math
 import os
 import queue
 import signal
@@ -38,10 +37,10 @@ import torch.multiprocessing as mp
 from protocol.processes import free_port
 from training.families import ModelSpec
 from training.inner import (
-    GRAD_CLIP, InnerResult, _fp32_loss, check_inner_args, inner_optimizer, sample_batch,
+    GRAD_CLIP, InnerResult, _fp32_loss, check_inner_args, inner_optimizer, inner_result,
+    sample_batch,
 )
 from training.model_cache import ModelCache, forward_backward
-from training.state import model_to_arrays
 
 __all__ = ["DataParallelError", "InnerPool", "check_world_batch", "train_inner_parallel"]
 
@@ -330,13 +329,8 @@ def _train_rank(job: dict[str, Any], rank: int, world: int, dev: torch.device, a
     if rank != 0:
         return None
     means = (losses / world).tolist()
-    n_tail = max(1, min(10, steps // 4))
-    tail = means[1:][-n_tail:]
-    local = model_to_arrays(model)
-    return InnerResult(
-        pseudo_grad={k: np.asarray(base[k], dtype=np.float32) - local[k] for k in local},
-        loss_before=means[0], loss_after=math.fsum(tail) / len(tail),
-        tokens=steps * batch_size * seq_len, steps=steps, wall_s=time.perf_counter() - t0)
+    return inner_result(base, model, means[0], means[1:], tokens=steps * batch_size * seq_len,
+                        t0=t0)
 
 
 def _average_grads(params: list[torch.nn.Parameter], world: int, *, stop: bool) -> bool:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,8 +26,8 @@ from training.model_cache import ModelCache, build, forward_backward
 from training.state import arrays_to_model, load_arrays, model_to_arrays
 
 __all__ = [
-    "InnerResult", "check_inner_args", "first_batch_loss", "inner_optimizer", "sample_batch",
-    "train_inner",
+    "InnerResult", "check_inner_args", "first_batch_loss", "inner_optimizer", "inner_result",
+    "sample_batch", "train_inner",
 ]
 
 GRAD_CLIP = 1.0
@@ -133,7 +133,6 @@ def train_inner(
     dev = torch.device(device) if device is not None else pick_device("auto")
     data = torch.from_numpy(np.asarray(tokens, dtype=np.int64)).to(dev)
     gen = torch.Generator().manual_seed(seed)  # CPU generator: same batches on any device
-    n_tail = max(1, min(10, steps // 4))
     losses: list[float] = []
 
     # fork_rng + manual_seed: dropout (if any) is seeded too, and the caller's RNG untouched.
@@ -168,17 +167,28 @@ def train_inner(
             if progress is not None:
                 progress(step, steps, step * batch_size * seq_len)
 
+    return inner_result(base, model, loss_before, losses, tokens=steps * batch_size * seq_len,
+                        t0=t0, opt_state=copy.deepcopy(opt.state_dict()) if keep_opt_state
+                        else None)
+
+
+def inner_result(base: Mapping[str, np.ndarray], model: torch.nn.Module, loss_before: float,
+                 losses: Sequence[float], *, tokens: int, t0: float,
+                 opt_state: dict[str, Any] | None = None) -> InnerResult:
+    """The ``InnerResult`` of a lease whose steps' losses were ``losses``, its trained
+    model ``model`` (one process or rank 0 of a data-parallel lease: the same numbers)."""
     local = model_to_arrays(model)
-    pseudo_grad = {name: np.asarray(base[name], dtype=np.float32) - local[name] for name in local}
-    tail = losses[-n_tail:]
+    steps = len(losses)
+    tail = list(losses)[-max(1, min(10, steps // 4)):]
     return InnerResult(
-        pseudo_grad=pseudo_grad,
+        pseudo_grad={name: np.asarray(base[name], dtype=np.float32) - local[name]
+                     for name in local},
         loss_before=loss_before,
         loss_after=math.fsum(tail) / len(tail),
-        tokens=steps * batch_size * seq_len,
+        tokens=tokens,
         steps=steps,
         wall_s=time.perf_counter() - t0,
-        opt_state=copy.deepcopy(opt.state_dict()) if keep_opt_state else None,
+        opt_state=opt_state,
     )
 
 
