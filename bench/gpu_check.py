@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import training.inner as inner  # noqa: E402
+import training.model_cache as model_cache  # noqa: E402
 from training.corpus import build_stdlib_corpus  # noqa: E402
 from training.device import autocast, pick_device  # noqa: E402
 from training.evaluate import evaluate  # noqa: E402
@@ -85,13 +86,13 @@ def preset_run(name: str, train_tok: np.ndarray, val_tok: np.ndarray, dev: torch
 
 def agreement(tokens: np.ndarray, dev: torch.device, steps: int = 5) -> dict:
     """CPU vs CUDA pseudo-gradients on tiny, both fp32 (autocast patched off)."""
-    real = inner.autocast
-    inner.autocast = lambda device: contextlib.nullcontext()
+    real = model_cache.autocast  # the training step's (``forward_backward``)
+    model_cache.autocast = lambda device: contextlib.nullcontext()
     try:
         _, _, cpu = train("tiny", tokens, torch.device("cpu"), steps=steps)
         _, _, gpu = train("tiny", tokens, dev, steps=steps)
     finally:
-        inner.autocast = real
+        model_cache.autocast = real
     _, _, bf16 = train("tiny", tokens, dev, steps=steps)
     rel, mx = rel_l2(cpu.pseudo_grad, gpu.pseudo_grad)
     rel_bf16, _ = rel_l2(gpu.pseudo_grad, bf16.pseudo_grad)

@@ -12,11 +12,13 @@ first lease, which builds and on CUDA compiles, reported apart) and ``ckpt`` (ca
 activation checkpointing). Reported: tokens/s over whole leases, the steady step time (from
 the progress stamps; ``loss.item()`` syncs every step), the per-lease overhead (lease wall
 minus its steps: build or refill, the fp32 first-batch loss, copying the weights out), the
-cost of building a model against refilling one, and ratios against ``fresh``.
+cost of building a model against refilling one, and ratios against ``fresh``. ``--ways``
+chooses the kept-model ways (``ckpt`` compiles a second model on CUDA).
 
 On CUDA also a standalone ``torch.compile`` + bf16 + fused AdamW step of the same model on
-random tokens (no sampling, no per-step sync): the node's step time against it, and the MFU
-of both, ``6 * params * tokens/s / --peak-flops`` (default 989e12: H100/H200 bf16 dense).
+random tokens (no sampling, no per-step sync): the node's speed against it (``node_step/standalone``, steady steps; ``node_lease/standalone``,
+whole leases), and the MFU of each, training FLOPs per token (``flops_per_token``: 6 x params
+plus attention) x tokens/s over ``--peak-flops`` (default 989e12: H100/H200 bf16 dense).
 
 A preset whose estimated time (from one probe step) exceeds ``--max-preset-s`` is skipped and
 listed under ``skipped`` with the estimate: on 2 CPU cores the ``small`` presets are close.
@@ -38,7 +40,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from training.device import autocast, pick_device  # noqa: E402
-from training.families import ArchError, build_model, param_count, run_spec  # noqa: E402
+from training.families import (  # noqa: E402
+    ArchError, arch_of, build_model, param_count, run_spec,
+)
 from training.inner import inner_optimizer, train_inner  # noqa: E402
 from training.model_cache import ModelCache  # noqa: E402
 from training.state import arrays_to_model, init_arrays, load_arrays  # noqa: E402
@@ -133,6 +137,8 @@ def measure(family: str, preset: str, a: argparse.Namespace, dev: torch.device,
     ways: dict[str, dict[str, Any]] = {"fresh": {}}
     first: dict[str, float] = {}
     for name, ckpt in (("cached", False), ("ckpt", True)):
+        if name not in a.ways:
+            continue
         ways[name] = {"models": ModelCache(), "checkpointing": ckpt}
         t = time.perf_counter()
         _lease(base, spec, tokens, a, dev, 99, **ways[name])  # builds; on CUDA compiles
@@ -148,19 +154,35 @@ def measure(family: str, preset: str, a: argparse.Namespace, dev: torch.device,
             out[name] |= {"first_lease_ms": first[name], "compiled": kw["models"].compiles(dev)}
     out["build_ms"], out["refill_ms"] = _build_vs_refill(base, spec, dev)
     fresh = out["fresh"]["tok_s"]
-    out["ratios"] = {"cached/fresh": out["cached"]["tok_s"] / fresh,
-                     "ckpt/fresh": out["ckpt"]["tok_s"] / fresh,
-                     "ckpt/cached": out["ckpt"]["tok_s"] / out["cached"]["tok_s"]}
+    out["ratios"] = {f"{name}/fresh": out[name]["tok_s"] / fresh for name in ways
+                     if name != "fresh"}
+    if "ckpt" in ways:
+        out["ratios"]["ckpt/cached"] = out["ckpt"]["tok_s"] / out["cached"]["tok_s"]
     if dev.type == "cuda":
         alone = _standalone_step_s(spec, a, dev)
-        node = out["cached"]["step_ms"] / 1e3
         tok = a.batch_size * a.seq
+        # the node's step over whole leases (its per-lease costs included) and in the steady
+        # state, against the standalone loop's steady step
+        node_lease = tok / out["cached"]["tok_s"]
+        node = out["cached"]["step_ms"] / 1e3
         out["standalone_step_ms"] = 1e3 * alone
-        out["ratios"]["node_step/standalone"] = node / alone
-        out["mfu"] = {"node": 6 * n * tok / node / a.peak_flops,
-                      "standalone": 6 * n * tok / alone / a.peak_flops}
+        out["ratios"]["node_step/standalone"] = alone / node  # speed: >= 0.95 is the goal
+        out["ratios"]["node_lease/standalone"] = alone / node_lease
+        flops = flops_per_token(spec, a.seq) * tok
+        out["mfu"] = {"node": flops / node / a.peak_flops,
+                      "node_lease": flops / node_lease / a.peak_flops,
+                      "standalone": flops / alone / a.peak_flops}
         torch.cuda.empty_cache()
     return out
+
+
+def flops_per_token(spec: Any, seq: int) -> float:
+    """Training FLOPs per token, PaLM's appendix B (nanoGPT's ``estimate_mfu``): 6 per
+    parameter plus the attention scores, 12 x layers x width x context."""
+    arch = arch_of(spec)
+    layers = arch.get("n_layer", arch.get("num_hidden_layers"))
+    width = arch.get("n_embd", arch.get("hidden_size"))
+    return 6 * param_count(spec) + 12 * int(layers) * int(width) * seq
 
 
 def _rounded(x: Any) -> Any:
@@ -182,10 +204,16 @@ def main(argv: list[str] | None = None) -> int:
                                                "at most the preset's block size]")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's)")
     p.add_argument("--max-preset-s", type=float, default=60.0)
+    p.add_argument("--ways", default="cached,ckpt",
+                   help="besides fresh: cached (the kept model), ckpt (kept, with activation "
+                        "checkpointing); each compiles once on CUDA")
     p.add_argument("--peak-flops", type=float, default=989e12,
                    help="the device's dense bf16 peak, for MFU [default: H100/H200]")
     p.add_argument("--json", action="store_true", help="print one JSON object last")
     a = p.parse_args(argv)
+    a.ways = {w.strip() for w in a.ways.split(",")}
+    if not a.ways <= {"cached", "ckpt"} or "cached" not in a.ways:
+        p.error("--ways must list cached, and may add ckpt")
     dev = pick_device(a.device)
     cuda = dev.type == "cuda"
     a.steps = a.steps or (20 if cuda else 3)
@@ -216,8 +244,9 @@ def main(argv: list[str] | None = None) -> int:
             res["seq_len"], res["wall_s"] = a.seq, time.perf_counter() - t
             out["results"][key] = res = _rounded(res)
             r = res["ratios"]
+            ckpt = f"  ckpt x{r['ckpt/fresh']:.3f}" if "ckpt/fresh" in r else ""
             _say(a, f"{key:12s} {res['params'] / 1e6:6.2f}M  fresh {res['fresh']['tok_s']:8.0f} "
-                    f"tok/s  cached x{r['cached/fresh']:.3f}  ckpt x{r['ckpt/fresh']:.3f}  "
+                    f"tok/s  cached x{r['cached/fresh']:.3f}{ckpt}  "
                     f"overhead/lease {res['fresh']['overhead_ms']:.0f} -> "
                     f"{res['cached']['overhead_ms']:.0f} ms  build {res['build_ms']:.0f} ms, "
                     f"refill {res['refill_ms']:.1f} ms"

@@ -31,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import training.inner as inner  # noqa: E402
+import training.model_cache as model_cache  # noqa: E402
 from coordinator.config import RunConfig  # noqa: E402
 from coordinator.run.model_store import model_config  # noqa: E402
 from coordinator.verify.round_judge import _local  # noqa: E402
@@ -63,15 +64,15 @@ def main() -> None:
     n = steps * t.batch_size * t.seq_len
 
     def train(base, shard, device: str, bf16: bool, k: int = steps):  # type: ignore[no-untyped-def]
-        saved = inner.autocast
+        saved = model_cache.autocast
         if bf16 and device == "cpu":
-            inner.autocast = _cpu_bf16  # CUDA autocasts by itself
+            model_cache.autocast = _cpu_bf16  # CUDA autocasts by itself
         try:
             return inner.train_inner(base, gpt, shard, steps=k, batch_size=t.batch_size,
                                      seq_len=t.seq_len, lr=t.lr, weight_decay=t.weight_decay,
                                      seed=1, device=device)
         finally:
-            inner.autocast = saved
+            model_cache.autocast = saved
 
     def loss(base, update, windows) -> float:  # type: ignore[no-untyped-def]
         return evaluate(_local(base, update), gpt, windows, seq_len=t.seq_len,

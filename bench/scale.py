@@ -56,7 +56,6 @@ import os
 import pstats
 import random
 import resource
-import statistics
 import sys
 import tempfile
 import time

@@ -3,81 +3,65 @@
 Pure Python + numpy + Flower records + grpc/protobuf + cryptography. This package must
 never import torch, sqlmodel or textual (a test checks ``sys.modules``): nodes, the
 coordinator and the TUI all depend on it.
-"""
+
+The names below load on first use (PEP 562): ``import protocol.errors`` alone, as the
+``training`` package does, imports neither Flower nor ``cryptography`` (~0.25 s, and packages
+a training-only process such as a data-parallel rank does not need)."""
 
 from __future__ import annotations
 
-from protocol.digest import digest_arrays, digest_bytes
-from protocol.errors import (
-    AtomError,
-    CheckpointError,
-    ConfigError,
-    EnrollmentError,
-    LedgerError,
-    NetworkError,
-    ProtocolError,
-    Reason,
-    VerificationError,
-)
-from protocol.invite import InviteToken, hash_secret, new_secret
-from protocol.messages import (
-    KINDS,
-    Lease,
-    Update,
-    UpdateMetrics,
-    parse_reply,
-    parse_work,
-    reply_content,
-    work_content,
-)
-from protocol.signing import (
-    fingerprint,
-    generate_key,
-    load_private_key,
-    load_public_key,
-    public_key_openssh,
-    public_key_pem,
-    save_private_key,
-    sign,
-    sign_update,
-    signed_bytes,
-    verify,
-    verify_update,
-)
+import importlib
+from typing import Any
 
-__all__ = [
-    "KINDS",
-    "AtomError",
-    "CheckpointError",
-    "ConfigError",
-    "EnrollmentError",
-    "InviteToken",
-    "Lease",
-    "LedgerError",
-    "NetworkError",
-    "ProtocolError",
-    "Reason",
-    "Update",
-    "UpdateMetrics",
-    "VerificationError",
-    "digest_arrays",
-    "digest_bytes",
-    "fingerprint",
-    "generate_key",
-    "hash_secret",
-    "load_private_key",
-    "load_public_key",
-    "new_secret",
-    "parse_reply",
-    "parse_work",
-    "public_key_openssh",
-    "public_key_pem",
-    "reply_content",
-    "save_private_key",
-    "sign",
-    "sign_update",
-    "signed_bytes",
-    "verify",
-    "verify_update",
-    "work_content",
-]
+# name -> the module that defines it
+_WHERE = {
+    "digest_arrays": "protocol.digest",
+    "digest_bytes": "protocol.digest",
+    "AtomError": "protocol.errors",
+    "CheckpointError": "protocol.errors",
+    "ConfigError": "protocol.errors",
+    "EnrollmentError": "protocol.errors",
+    "LedgerError": "protocol.errors",
+    "NetworkError": "protocol.errors",
+    "ProtocolError": "protocol.errors",
+    "Reason": "protocol.errors",
+    "VerificationError": "protocol.errors",
+    "InviteToken": "protocol.invite",
+    "hash_secret": "protocol.invite",
+    "new_secret": "protocol.invite",
+    "KINDS": "protocol.messages",
+    "Lease": "protocol.messages",
+    "Update": "protocol.messages",
+    "UpdateMetrics": "protocol.messages",
+    "parse_reply": "protocol.messages",
+    "parse_work": "protocol.messages",
+    "reply_content": "protocol.messages",
+    "work_content": "protocol.messages",
+    "fingerprint": "protocol.signing",
+    "generate_key": "protocol.signing",
+    "load_private_key": "protocol.signing",
+    "load_public_key": "protocol.signing",
+    "public_key_openssh": "protocol.signing",
+    "public_key_pem": "protocol.signing",
+    "save_private_key": "protocol.signing",
+    "sign": "protocol.signing",
+    "sign_update": "protocol.signing",
+    "signed_bytes": "protocol.signing",
+    "verify": "protocol.signing",
+    "verify_update": "protocol.signing",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'protocol' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WHERE))

@@ -22,10 +22,13 @@ def model_to_arrays(model: torch.nn.Module) -> dict[str, np.ndarray]:
     for GPT, ``model.embed_tokens.weight`` for llama and qwen2, ``transformer.wte.weight`` for
     gpt2): ``named_parameters()`` lists a shared ``Parameter`` once.
     """
-    return {
-        name: p.detach().to("cpu", torch.float32).numpy().copy()
-        for name, p in model.named_parameters()
-    }
+    out = {}
+    for name, p in model.named_parameters():
+        host = p.detach().to("cpu", torch.float32)
+        # ``to`` returns the parameter itself when it already is a CPU float32 tensor: copy
+        # that one (the array must not change with the model); a device's is a new tensor
+        out[name] = (host.clone() if host.data_ptr() == p.data_ptr() else host).numpy()
+    return out
 
 
 def arrays_to_model(

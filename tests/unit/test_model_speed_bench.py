@@ -42,3 +42,21 @@ def test_the_bench_reports_every_way_and_its_ratios(capsys: pytest.CaptureFixtur
 def test_a_preset_over_its_time_budget_is_skipped(capsys: pytest.CaptureFixture[str]) -> None:
     out = run(capsys, "--families", "llama", "--presets", "tiny", "--max-preset-s", "0")
     assert out["results"] == {} and "estimated" in out["skipped"]["llama/tiny"]
+
+
+def test_ways_leave_out_activation_checkpointing(capsys: pytest.CaptureFixture[str]) -> None:
+    out = run(capsys, "--families", "gpt", "--presets", "tiny", "--ways", "cached")
+    res = out["results"]["gpt/tiny"]
+    assert "ckpt" not in res and res["ratios"].keys() == {"cached/fresh"}
+
+
+def test_flops_per_token_is_six_per_parameter_plus_attention() -> None:
+    spec = importlib.util.spec_from_file_location("model_speed", ROOT / "bench" / "model_speed.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    from training.families import param_count, run_spec
+
+    for family, preset in (("gpt", "gpt2"), ("llama", "124m"), ("gpt2", "124m")):
+        model = run_spec(family, preset, {}, 256)  # all three: 12 layers of width 768
+        assert module.flops_per_token(model, 1024) == 6 * param_count(model) + 12 * 12 * 768 * 1024
