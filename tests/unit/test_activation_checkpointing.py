@@ -35,8 +35,10 @@ def test_checkpointing_recomputes_and_keeps_the_pseudo_gradient(family, tokens) 
     ckpt = train_inner(base, cfg, tokens, models=cache, checkpointing=True, **KW)
     assert ckpt.loss_before == plain.loss_before
     for k in plain.pseudo_grad:
+        # atol: entries near zero (the update is ~1e-3) differ in the last bits once in a
+        # while under a loaded xdist run (the BLAS kernels can depend on buffer alignment)
         np.testing.assert_allclose(ckpt.pseudo_grad[k], plain.pseudo_grad[k], rtol=1e-5,
-                                   atol=1e-8, err_msg=k)
+                                   atol=1e-7, err_msg=k)
 
     # it did recompute: each training forward runs a block's MLP twice (once more in
     # backward; counted on forward itself, as the recomputation runs no hooks)
