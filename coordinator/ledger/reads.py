@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -34,6 +34,7 @@ from coordinator.ledger.summaries import NodeSummary, node_summaries_query
 __all__ = ["LedgerReads", "flower_id"]
 
 _Row = TypeVar("_Row", bound=SQLModel)
+_IN_CHUNK = 500  # values per IN (...): well under SQLite's bound-parameter limit
 UINT64_MAX = 2**64 - 1
 
 
@@ -205,12 +206,18 @@ class LedgerReads:
         stmt = select(UpdateRow).order_by(col(UpdateRow.id))
         return self._all(stmt if node_id is None else stmt.where(UpdateRow.node_id == node_id))
 
-    def accepted_with_digest(self, arrays_digest: str) -> UpdateRow | None:
-        """The first accepted update whose arrays hash to ``arrays_digest`` (replay check)."""
-        rows = self._all(select(UpdateRow).where(col(UpdateRow.arrays_digest) == arrays_digest,
-                                              col(UpdateRow.verdict) == Verdict.ACCEPTED.value)
-                         .order_by(col(UpdateRow.id)).limit(1))
-        return rows[0] if rows else None
+    def accepted_with_digests(self, digests: Collection[str]) -> dict[str, UpdateRow]:
+        """The first accepted update whose arrays hash to each of ``digests`` that has one
+        (the replay check, for a whole step's candidates at once: a query per candidate was
+        ~0.3 ms each, 1,000 per step at 1,000 nodes; bench/scale.py)."""
+        wanted, out = sorted(set(digests)), {}
+        for i in range(0, len(wanted), _IN_CHUNK):
+            for row in self._all(select(UpdateRow).where(
+                    col(UpdateRow.arrays_digest).in_(wanted[i:i + _IN_CHUNK]),
+                    col(UpdateRow.verdict) == Verdict.ACCEPTED.value)
+                    .order_by(col(UpdateRow.id))):
+                out.setdefault(row.arrays_digest, row)
+        return out
 
     def lost_spot_check_within(self, last: int) -> set[int]:
         """Nodes with a lost check (``Reason.MISMATCHES``: a spot check, or an eval reply

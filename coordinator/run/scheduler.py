@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
@@ -96,6 +96,11 @@ class Scheduler:
         self._epoch = -1
         self._pool: deque[tuple[int, int]] = deque()  # (shard_id, epoch), next first
         self._open: dict[str, _Open] = {}  # by nonce, in issue order
+        # the same entries by node, and each node's train leases still working: scanning
+        # every open lease per query cost ~0.6 ms a call at 1,000 nodes, several calls a
+        # pass (bench/scale.py). Written only by _put, _drop and received.
+        self._by_node: dict[int, dict[str, _Open]] = {}
+        self._working: Counter[int] = Counter()
         self._returned_by: dict[int, int] = {}  # shard_id -> the node whose lease returned it
 
     @property
@@ -134,8 +139,8 @@ class Scheduler:
                 lease = self._make(round, shard_id, "train", base_version, base_digest, start,
                                    end, shard_seed(self._run_id, shard_id, epoch), begin=begin,
                                    size=size_lease(self._train, speeds.get(node)))
-                self._open[lease.nonce] = _Open(node, lease, epoch, duplicate=False,
-                                                allowance=lease.deadline - begin)
+                self._put(_Open(node, lease, epoch, duplicate=False,
+                                allowance=lease.deadline - begin))
                 out[node] = lease
         return out
 
@@ -152,8 +157,7 @@ class Scheduler:
         allowance = deadline_for(self._train, of.inner_steps, speed)
         lease = replace(of, round=round, nonce=self._nonce(),
                         deadline=self._start(node_id) + allowance)
-        self._open[lease.nonce] = _Open(node_id, lease, orig.epoch, duplicate=True,
-                                        allowance=allowance)
+        self._put(_Open(node_id, lease, orig.epoch, duplicate=True, allowance=allowance))
         return lease
 
     def lease_eval_copy(self, round: int, node_id: int, of: Lease) -> Lease:
@@ -171,8 +175,7 @@ class Scheduler:
             raise ValueError(f"node {node_id} cannot take a copy of this eval lease")
         lease = replace(of, round=round, nonce=self._nonce(),
                         deadline=self._start(node_id) + self._train.deadline_s)
-        self._open[lease.nonce] = _Open(node_id, lease, -1, duplicate=True,
-                                        allowance=self._train.deadline_s)
+        self._put(_Open(node_id, lease, -1, duplicate=True, allowance=self._train.deadline_s))
         return lease
 
     def lease_eval(self, round: int, node_ids: Sequence[int], base_version: int,
@@ -204,8 +207,8 @@ class Scheduler:
                 allowed = eval_deadline_for(self._train, e - s, (speeds or {}).get(node))
                 lease = self._make(round, piece, "eval", base_version, base_digest, s, e, 0,
                                    begin=begin, size=Size(0, allowed))
-                self._open[lease.nonce] = _Open(node, lease, -1, duplicate=False,
-                                                allowance=lease.deadline - begin)
+                self._put(_Open(node, lease, -1, duplicate=False,
+                                allowance=lease.deadline - begin))
                 out.setdefault(node, []).append(lease)
                 piece += 1
         return out
@@ -238,7 +241,10 @@ class Scheduler:
         entry = self._open.get(lease.nonce)
         if entry is None or entry.lease != lease:
             return False
-        self._open[lease.nonce] = replace(entry, received=True)
+        if not entry.received:
+            self._put(replace(entry, received=True))
+            if entry.lease.kind == Kind.TRAIN:
+                self._working[entry.node_id] -= 1
         return True
 
     def release(self, lease: Lease, *, reason: str) -> bool:
@@ -256,7 +262,7 @@ class Scheduler:
         now = self._clock()
         late = [e for e in self._open.values() if now > e.lease.deadline and not e.received]
         for e in late:
-            del self._open[e.lease.nonce]
+            self._drop(e.lease.nonce)
         self._requeue(late)
         return [e.lease for e in late]
 
@@ -268,7 +274,7 @@ class Scheduler:
 
     def leases_for(self, node_id: int) -> list[Lease]:
         """The node's open leases (one, or a batch of eval leases)."""
-        return [e.lease for e in self._open.values() if e.node_id == node_id]
+        return [e.lease for e in self._by_node.get(node_id, {}).values()]
 
     def train_slots(self, node_ids: Sequence[int], depth: int) -> list[int]:
         """The nodes of ``node_ids`` working on fewer than ``depth`` train leases."""
@@ -291,12 +297,12 @@ class Scheduler:
         ``version``, if given; train leases whose reply is in do not count). A node may
         hold train leases and evaluations queued behind them: its SuperNode takes the next
         the moment it replies."""
-        held: dict[int, int] = {}
-        for e in self._open.values():
-            if e.lease.kind == kind and (version is None or e.lease.base_version == version) \
-                    and not (kind == Kind.TRAIN and e.received):
-                held[e.node_id] = held.get(e.node_id, 0) + 1
-        return sorted(n for n in set(node_ids) if held.get(n, 0) < depth)
+        if kind == Kind.TRAIN and version is None:
+            return sorted(n for n in set(node_ids) if self._working[n] < depth)
+        return sorted(n for n in set(node_ids) if sum(
+            1 for e in self._by_node.get(n, {}).values()
+            if e.lease.kind == kind and (version is None or e.lease.base_version == version)
+            and not (kind == Kind.TRAIN and e.received)) < depth)
 
     def _start(self, node_id: int) -> float:
         """When a new lease for ``node_id`` may start, for its deadline: now plus the time
@@ -304,8 +310,8 @@ class Scheduler:
         the work ahead of it may be done, not from its issue). From now, not from the
         deadlines ahead: those count from their own start, and a node that always holds
         the next lease would push every new deadline further out than the last."""
-        return self._clock() + sum(e.allowance for e in self._open.values()
-                                   if e.node_id == node_id and not e.received)
+        return self._clock() + sum(e.allowance for e in self._by_node.get(node_id, {}).values()
+                                   if not e.received)
 
     def _take(self, out: set[int], avoid: int | None = None) -> tuple[int, int] | None:
         """The first pooled shard that is not ``out`` on a lease (nor returned by node
@@ -328,8 +334,25 @@ class Scheduler:
         entry = self._open.get(lease.nonce)
         if entry is None or entry.lease != lease:
             return None
-        del self._open[lease.nonce]
+        self._drop(lease.nonce)
         return entry
+
+    def _put(self, entry: _Open) -> None:
+        """Add (or replace) an open lease; a new train lease counts as working."""
+        nonce = entry.lease.nonce
+        if nonce not in self._open and entry.lease.kind == Kind.TRAIN and not entry.received:
+            self._working[entry.node_id] += 1
+        self._open[nonce] = entry
+        self._by_node.setdefault(entry.node_id, {})[nonce] = entry
+
+    def _drop(self, nonce: str) -> None:
+        entry = self._open.pop(nonce)
+        if entry.lease.kind == Kind.TRAIN and not entry.received:
+            self._working[entry.node_id] -= 1
+        mine = self._by_node[entry.node_id]
+        del mine[nonce]
+        if not mine:
+            del self._by_node[entry.node_id]
 
     def _requeue(self, entries: Sequence[_Open]) -> None:
         back = [e for e in entries if e.lease.kind == Kind.TRAIN and not e.duplicate]

@@ -206,9 +206,12 @@ class RoundJudge:
         t0 = time.perf_counter()
         v = self.cfg.verify
         if v.reject_duplicates:
+            digests = [c.judged.update.arrays_digest for c in cands]
+            seen = self.ledger.accepted_with_digests(digests)
             self._apply(cands, range(len(cands)), Reason.DUPLICATE, rules.duplicates(
-                [c.judged.update.arrays_digest for c in cands], [c.node.id for c in cands],
-                {frozenset(p) for p in pairs}, self._accepted_before))
+                digests, [c.node.id for c in cands], {frozenset(p) for p in pairs},
+                lambda d: None if (row := seen.get(d)) is None
+                else f"update {row.id} of node {row.node_id}, accepted before"))
         live = [i for i, c in enumerate(cands) if c.standing]
         self._apply(cands, live, Reason.NORM_BOUND,
                     rules.norm_outliers([cands[i].norm for i in live], v.norm_factor))
@@ -236,10 +239,6 @@ class RoundJudge:
                rejected: Mapping[int, str]) -> None:
         for k, detail in rejected.items():
             cands[idx[k]].reject(reason, detail)
-
-    def _accepted_before(self, digest: str) -> str | None:
-        row = self.ledger.accepted_with_digest(digest)
-        return None if row is None else f"update {row.id} of node {row.node_id}, accepted before"
 
     def _base_loss(self, base: Arrays, x: Lease) -> float:
         """The base's loss on the lease's first batch; one forward pass per shard of a round

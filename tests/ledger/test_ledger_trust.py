@@ -19,14 +19,23 @@ def test_improvement_is_stored_and_non_finite_becomes_null(ledger: Ledger, inst,
     assert got == {scored.id: pytest.approx(0.25), broken.id: None, plain.id: None}
 
 
-def test_accepted_with_digest_finds_only_accepted_updates(ledger: Ledger, inst, make) -> None:
+def test_accepted_with_digests_finds_the_first_accepted_update_of_each(
+        ledger: Ledger, inst, make) -> None:
     node = make.node(inst.id)
     make.answer(make.lease(node.id), verdict="rejected")  # digest "abab..." but rejected
-    assert ledger.accepted_with_digest("ab" * 32) is None
+    assert ledger.accepted_with_digests(["ab" * 32]) == {}
     first = make.answer(make.lease(node.id))
     make.answer(make.lease(node.id))
-    assert ledger.accepted_with_digest("ab" * 32).id == first.id
-    assert ledger.accepted_with_digest("cd" * 32) is None
+    other = ledger.record_update(
+        lease_id=make.lease(node.id).id, node_id=node.id, arrays_digest="ef" * 32,
+        verdict="accepted", tokens=1, reason=None, detail="", received_at=1.0, steps=1,
+        loss_before=1.0, loss_after=1.0, wall_s=1.0)
+    got = ledger.accepted_with_digests(["ab" * 32, "cd" * 32, "ef" * 32, "ab" * 32])
+    assert {d: row.id for d, row in got.items()} == {"ab" * 32: first.id, "ef" * 32: other.id}
+    # more digests than one statement takes: asked in chunks
+    many = [f"{i:064x}" for i in range(1_200)] + ["ef" * 32]
+    assert {d: row.id for d, row in ledger.accepted_with_digests(many).items()} == {
+        "ef" * 32: other.id}
 
 
 def test_trust_counts_train_updates_with_mismatches_weighted(ledger: Ledger, inst, make) -> None:

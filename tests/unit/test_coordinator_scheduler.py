@@ -348,3 +348,49 @@ def test_a_node_that_always_holds_its_next_lease_gets_deadlines_that_do_not_run_
         s.answered(first, accepted=True)
         first, ahead = ahead, s.lease_train(1, [1], 0, BASE, depth=2)[1]
         assert ahead.deadline == clock.t + 120.0  # now + the one ahead + its own
+
+
+def test_the_per_node_index_agrees_with_the_open_leases_through_any_history() -> None:
+    """``train_slots``, ``leases_for`` and deadlines read per-node counts kept beside the
+    open leases: after every operation of a long random history they equal a full scan."""
+    import random
+
+    clock = Clock()
+    s = make(n_shards=9, clock=clock)
+    rng = random.Random(3)
+    nodes = list(range(1, 8))
+
+    def scan(kind: str, depth: int) -> list[int]:
+        held = {n: sum(1 for e in s._open.values() if e.node_id == n and e.lease.kind == kind
+                       and not (kind == "train" and e.received)) for n in nodes}
+        return [n for n in nodes if held[n] < depth]
+
+    for step in range(400):
+        op = rng.choice(["lease", "lease", "dup", "eval", "receive", "answer", "release",
+                         "expire", "tick"])
+        open_ = s.outstanding()
+        if op == "lease":
+            s.lease_train(1, rng.sample(nodes, 3), 0, BASE, depth=2)
+        elif op == "dup" and (train := [x for x in open_ if x.kind == "train"]):
+            orig = rng.choice(train)
+            free = [n for n in s.train_slots(nodes, 2) if n != s.node_of(orig)]
+            if free:
+                s.lease_duplicate(1, rng.choice(free), orig, depth=2)
+        elif op == "eval":
+            s.lease_eval(1, rng.sample(nodes, 2), step, BASE, [(0, 64)])
+        elif op in ("receive", "answer", "release") and open_:
+            x = rng.choice(open_)
+            if op == "receive":
+                s.received(x)
+            elif op == "answer":
+                s.answered(x, accepted=rng.random() < 0.7)
+            else:
+                s.release(x, reason="test")
+        elif op == "expire":
+            s.expire()
+        elif op == "tick":
+            clock.t += rng.choice([1.0, 30.0])
+        for depth in (1, 2):
+            assert s.train_slots(nodes, depth) == scan("train", depth), step
+        for n in nodes:
+            assert s.leases_for(n) == [e.lease for e in s._open.values() if e.node_id == n]
