@@ -63,6 +63,10 @@ Outbox = dict[int, list[tuple[Lease, Batch]]]
 _POLL_S = 0.2
 _TTL_SLACK_S = 600.0
 _ROWS_S = 30.0  # the longest the loop uses node rows (names, keys) without reading them
+# how often the nodes online get their ``last_seen`` written (a node new online at once):
+# well inside the views' 60 s online window; each second cost PostgreSQL 1,000 row versions
+# a second, and made the TUI's change mark move every second (bench/scale.py)
+_TOUCH_S = 10.0
 _BENCH_S = 90.0  # a node that missed a deadline sits out this long (Flower needs ~70 s to drop it)
 # a node that handed a lease back sits out what it asked, within these bounds (a node's policy
 # may change when it restarts: it is asked again at least hourly)
@@ -93,6 +97,7 @@ class RunLoop:
     _by_fid: dict[int, Node] = field(default_factory=dict)  # the rows as last read
     _unknown: set[int] = field(default_factory=set)  # online, not in the ledger at that read
     _rows_read: float = -math.inf
+    _touched: float = -math.inf  # when every node online last had its last_seen written
     # version digest -> (previous version's digest, the change's blob): Work.delta
     _deltas: dict[str, tuple[str, str]] = field(default_factory=dict)
     # screened train replies whose own checks (RoundJudge.plan) have not come back yet,
@@ -211,7 +216,7 @@ class RunLoop:
     # -- nodes --------------------------------------------------------------------------
 
     def _eligible(self) -> list[Node]:
-        now, out, seen = self.clock(), [], []
+        now, out, seen, new = self.clock(), [], [], []
         online = set(self.transport.online())
         rows = self._node_rows(online, now)
         # Revocations read afresh: a node revoked mid-run gets no further lease. One read
@@ -225,10 +230,15 @@ class RunLoop:
             self._nodes[fid] = self._rows[node.id] = node
             if fid not in self._seen:
                 self.ledger.add_event("online", f"{node.name} is online", node_id=node.id)
+                new.append(node.id)
             seen.append(node.id)
             if self._benched.get(node.id, 0.0) <= now:
                 out.append(node)
-        self.ledger.touch_nodes(seen, now)
+        if now - self._touched >= _TOUCH_S:
+            self.ledger.touch_nodes(seen, now)
+            self._touched = now
+        else:
+            self.ledger.touch_nodes(new, now)
         for fid in self._seen - online:
             if (node := self._nodes.get(fid)) is not None:
                 self.ledger.add_event("leave", f"{node.name} went offline", node_id=node.id)
