@@ -137,7 +137,7 @@ class RunLoop:
         self.checker = Checker(self.store.spec, self.corpus, self.blobs.root,
                                seq_len=self.cfg.train.seq_len,
                                batch_size=self.cfg.train.batch_size,
-                               processes=v.check_processes) \
+                               processes=v.check_processes, compression=self.cfg.codec()) \
             if checks and v.check_processes > 0 else None
 
     # -- the loop -----------------------------------------------------------------------
@@ -508,6 +508,10 @@ class RunLoop:
                 del self._unprepared[key]
                 continue
             job = self.judge.plan(c.lease.round, c)
+            digest = c.judged.update.arrays_digest if c.judged.update is not None else None
+            if job.update is not None and digest is not None and self.blobs is not None \
+                    and self.blobs.has(digest):  # the process reads it: no arrays pickled
+                job = dataclasses.replace(job, update=None, update_digest=digest)
             self._checking[self.checker.submit(job)] = (c, job)
         wait = math.inf if budget_s == math.inf else 0.0
         for jid, res in self.checker.results(wait):

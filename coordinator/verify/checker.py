@@ -9,14 +9,17 @@ and slowed the loop down — so the loop only screens, leases and steps, and a n
 lease never waits for anyone's scores. An outer step takes only checked replies, so the
 checks pace the steps, not the leases.
 
-A job is small: corpus offsets and the base version's digest (each process reads the run's
-corpus and blob store itself, as a validator elsewhere would), plus the update's arrays.
+A job is small: corpus offsets, the base version's digest and the update's payload digest
+(each process reads the run's corpus and blob store itself, as a validator elsewhere would,
+and decodes the payload the loop already checked); only an update that came inside its
+message travels as arrays.
 A process that dies or fails a job gives an error result; the loop then runs those checks
 itself (``CheckResult.error``), so nothing waits forever and nothing is judged unchecked.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
@@ -31,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from protocol.blobstore import BlobDir
+from protocol.compression import Compression, decode
 from protocol.digest import arrays_from_bytes
 from training.corpus import CorpusInfo
 from training.families import ModelSpec
@@ -52,8 +56,9 @@ class Checker:
     may run gRPC threads, which a fork would copy half-way)."""
 
     def __init__(self, spec: ModelSpec, corpus: CorpusInfo, blobs: Path, *, seq_len: int,
-                 batch_size: int, processes: int = 1) -> None:
-        self._args = (spec, corpus, str(blobs), seq_len, batch_size)
+                 batch_size: int, processes: int = 1,
+                 compression: Compression = Compression("none")) -> None:
+        self._args = (spec, corpus, str(blobs), seq_len, batch_size, compression)
         self._n = processes
         self._procs: list[Any] = []
         self._jobs: list[Any] = []
@@ -160,7 +165,7 @@ class Checker:
 
 
 def _serve(spec: ModelSpec, corpus: CorpusInfo, blob_root: str, seq_len: int,
-           batch_size: int, jobs: Any, results: Any) -> None:
+           batch_size: int, compression: Compression, jobs: Any, results: Any) -> None:
     """A checker process: run jobs until a None comes."""
     import torch
 
@@ -194,10 +199,23 @@ def _serve(spec: ModelSpec, corpus: CorpusInfo, blob_root: str, seq_len: int,
         jid, job = item
         t0 = time.perf_counter()
         try:
-            res = scorer.run(job)
+            res = scorer.run(_with_update(job, blobs, compression, base_of))
         except Exception as e:  # noqa: BLE001 - the loop runs this job's checks itself
             res = CheckResult(error=f"{type(e).__name__}: {e}")
         if job.base_version > newest:
             newest = job.base_version
             scorer.forget(newest - _KEEP_VERSIONS)
         results.put((jid, res, time.perf_counter() - t0))
+
+
+def _with_update(job: CheckJob, blobs: BlobDir, compression: Compression,
+                 base_of: Any) -> CheckJob:
+    """``job`` with its update's arrays: decoded from the payload blob it names, shaped as
+    its base version (the loop decoded and checked the same bytes before it sent the job)."""
+    if job.update_digest is None:
+        return job
+    base = base_of(job.base_version, job.base_digest)
+    shapes = {k: (v.shape, v.dtype.str) for k, v in base.items()}
+    update = decode(arrays_from_bytes(blobs.get(job.update_digest)), compression, shapes,
+                    math.inf)
+    return dataclasses.replace(job, update=update, update_digest=None)

@@ -60,6 +60,9 @@ class CheckJob:
     update: Arrays | None = None  # the pseudo-gradient, when scores are wanted
     held: Span | None = None  # held-out windows
     own: Span | None = None  # windows of the update's own shard (None: shard too short)
+    # instead of ``update``: its encoded payload in the blob store, decoded where the job runs
+    # (a job to a checker process then carries a digest, not the model-sized arrays)
+    update_digest: str | None = None
 
 
 @dataclass(frozen=True)

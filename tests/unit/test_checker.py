@@ -6,6 +6,7 @@ back an error — never hang — for a job whose process died, and leave no proc
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import multiprocessing as mp
 import random
@@ -20,6 +21,7 @@ from test_run_loop import (  # noqa: F401  (fixtures)
 from coordinator.verify.checker import Checker
 from coordinator.verify.scoring import CheckJob, FirstBatch, Scorer, Span
 from protocol.blobstore import BlobDir
+from protocol.compression import Compression, decode, encode
 from protocol.digest import arrays_to_bytes, digest_arrays
 from protocol.errors import Reason
 from training.model import GPTConfig
@@ -76,6 +78,32 @@ def test_the_checker_computes_what_the_loop_would(job_world, corpus) -> None:
     assert not mp.active_children(), "a checker process was left running"
 
 
+def test_a_job_names_its_update_by_digest_and_the_process_decodes_it(job_world, corpus) -> None:
+    """The loop sends the payload's digest, not the arrays: the process reads the int8
+    payload from the blob store and decodes it into what the loop itself decoded."""
+    blobs, jobs, inline = job_world
+    codec = Compression("int8", block=64)
+    enc = encode(jobs[0].update, codec)
+    payload = arrays_to_bytes(enc)
+    digest = digest_arrays(enc)
+    blobs.put(payload, digest)
+    shapes = {k: (a.shape, a.dtype.str) for k, a in jobs[0].update.items()}
+    decoded = decode(enc, codec, shapes, math.inf)
+    by_digest = dataclasses.replace(jobs[0], update=None, update_digest=digest)
+    checker = Checker(SPEC, corpus, blobs.root, seq_len=SEQ, batch_size=2, compression=codec)
+    try:
+        checker.submit(by_digest)
+        [(_, res)] = checker.results(math.inf)
+    finally:
+        checker.close()
+    want = inline.run(dataclasses.replace(jobs[0], update=decoded))
+    assert res.error is None
+    assert res.improvement == pytest.approx(want.improvement, abs=1e-5)
+    assert res.shard_gain == pytest.approx(want.shard_gain, abs=1e-5)
+    assert res.improvement != pytest.approx(inline.run(jobs[0]).improvement, abs=1e-7), \
+        "the int8 round trip changed nothing: the test cannot tell decoded from raw"
+
+
 def test_a_job_whose_blob_is_gone_or_whose_process_died_comes_back_as_an_error(
         job_world, corpus) -> None:
     blobs, jobs, _ = job_world
@@ -117,10 +145,18 @@ def test_a_run_with_the_checks_beside_the_loop_judges_as_the_loop_does(
                   verify="reject_duplicates = false\nnorm_factor = 0\ncheck_processes = 1")
     checker = net.loop.checker
     assert checker is not None
-    ran_here = []
+    ran_here, sent = [], []
     judge_run = net.loop.judge._run  # noqa: SLF001 - count the checks the loop runs itself
     net.loop.judge._run = lambda *a: ran_here.append(a) or judge_run(*a)  # noqa: SLF001
+    submit = checker.submit
+    checker.submit = lambda job: sent.append(job) or submit(job)  # type: ignore[method-assign]
     net.run()
+    # an uploaded update goes to the checker by its payload's digest (the honest node's);
+    # one that came inside its message (the free rider signs zeros inline) as arrays
+    scored = [j for j in sent if j.held is not None]
+    by_digest = [j for j in scored if j.update_digest is not None]
+    assert all(j.update is None for j in by_digest)
+    assert all(j.update is not None for j in scored if j.update_digest is None)
     assert net.loop.checker is None and not mp.active_children(), "not reaped"
     assert not ran_here, "a step judged a reply before its checks came back"
     led = net.ledger
@@ -135,6 +171,8 @@ def test_a_run_with_the_checks_beside_the_loop_judges_as_the_loop_does(
             assert u.verdict == "accepted" and u.improvement is not None, u.detail
     assert [v.version for v in led.versions()] == [0, 1, 2]
     assert_credit_only_for_accepted(led)
+    honest = [lease for lease, _ in train if lease.node_id != bad]
+    assert honest and len(by_digest) == len(honest)
 
 
 def test_a_run_whose_checker_dies_checks_the_replies_itself(network) -> None:
