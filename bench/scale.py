@@ -318,16 +318,16 @@ def _ledger_url(kind: str, tmp: Path) -> Iterator[str]:
 
 
 def run(nodes_n: int, steps: int, url: str, tmp: Path, *, institutions: int = 50,
-        seed: int = 0, profile: int = 0, verify: str = "",
+        seed: int = 0, profile: int = 0, verify: str = "", train_keys: str = "",
         check_processes: int = 1) -> dict[str, Any]:
     """One run of ``nodes_n`` nodes for ``steps`` outer steps on the ledger at ``url``;
-    ``verify`` holds [verify] keys (the run's defaults otherwise); ``check_processes``
-    run the replies' own checks beside the loop (0: in it)."""
+    ``verify`` and ``train_keys`` hold [verify] and [train] keys (the run's defaults
+    otherwise); ``check_processes`` run the replies' own checks beside the loop (0: in it)."""
     ledger_kind = "postgresql" if url.startswith("postgresql") else "sqlite"
     # shards enough for every node's lease out and its last one waiting in the buffer
     corpus = build_test_corpus(tmp / "corpus", files=max(20, nodes_n // 8))
     cfg = parse_config(run_toml(
-        steps, train=f"inner_steps = {INNER_STEPS}\ndeadline_s = {20 * LEASE_S:g}",
+        steps, train=f"inner_steps = {INNER_STEPS}\ndeadline_s = {20 * LEASE_S:g}\n{train_keys}",
         # the run's own verification defaults (spot checks, eval quorum) stay on
         verify=f"check_processes = {check_processes}\n{verify}", extra="[async]\nenabled = true\neval_every = 1000\n",
         run_id="scale"), tmp)
@@ -366,6 +366,7 @@ def run(nodes_n: int, steps: int, url: str, tmp: Path, *, institutions: int = 50
     latencies = [b - a for a, b in transport.spans]
     out: dict[str, Any] = {
         "nodes": nodes_n, "ledger": ledger_kind, "steps": steps, "verify": verify,
+        "train_keys": train_keys,
         "lease_p50_ms": round(1000 * _pct(latencies, 0.50), 2),
         "lease_p99_ms": round(1000 * _pct(latencies, 0.99), 2),
         "lease_max_ms": round(1000 * max(latencies, default=float("nan")), 2),
@@ -423,6 +424,8 @@ def main() -> int:
     p.add_argument("--institutions", type=int, default=50)
     p.add_argument("--verify", default="", help="[verify] keys, ';'-separated, e.g. "
                    "'usefulness_tokens = 0' (the scores left to validators)")
+    p.add_argument("--train", default="", help="[train] keys, ';'-separated, e.g. "
+                   "'target_lease_s = 60' (leases sized to each node's measured speed)")
     p.add_argument("--check-processes", type=int, default=1, metavar="N",
                    help="processes beside the loop for the replies' own checks (0: in the "
                         "loop, as before [verify] check_processes existed)")
@@ -437,6 +440,7 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as tmp, _ledger_url(kind, Path(tmp)) as url:
             r = run(a.nodes, a.steps, url, Path(tmp), institutions=a.institutions,
                     profile=a.profile, verify=a.verify.replace(";", "\n"),
+                    train_keys=a.train.replace(";", "\n"),
                     check_processes=a.check_processes)
         results.append(r)
         print(f"{kind}: {r['nodes']} nodes, {r['leases_issued']} leases "

@@ -98,6 +98,8 @@ class RunLoop:
     _unknown: set[int] = field(default_factory=set)  # online, not in the ledger at that read
     _rows_read: float = -math.inf
     _touched: float = -math.inf  # when every node online last had its last_seen written
+    # the nodes' speeds as of a model version: (version, tokens/s by ledger id)
+    _speeds_of: tuple[int, dict[int, float | None]] = (-1, {})
     # version digest -> (previous version's digest, the change's blob): Work.delta
     _deltas: dict[str, tuple[str, str]] = field(default_factory=dict)
     # screened train replies whose own checks (RoundJudge.plan) have not come back yet,
@@ -287,7 +289,15 @@ class RunLoop:
         """Tokens/s of each node from its recent accepted work ([train] target_lease_s)."""
         if self.cfg.train.target_lease_s <= 0:
             return {}
-        return {n: tokens_per_s(self.ledger.recent_train_work(n, HISTORY)) for n in node_ids}
+        # accepted work is recorded with a new version: until then the speeds stand
+        if self._speeds_of[0] != self.store.version:
+            self._speeds_of = (self.store.version, {})
+        known = self._speeds_of[1]
+        ids = list(node_ids)
+        if missing := [n for n in ids if n not in known]:
+            work = self.ledger.recent_train_work(missing, HISTORY)
+            known.update({n: tokens_per_s(work[n]) for n in missing})
+        return {n: known[n] for n in ids}
 
     def _train_leases(self, rnd: int, work: Outbox) -> TrainBatch | None:
         end = self.clock() + self.cfg.run.wait_for_nodes_s

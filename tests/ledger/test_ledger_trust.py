@@ -94,3 +94,19 @@ def test_lost_spot_check_within_the_last_train_updates(ledger: Ledger, inst, mak
     assert ledger.lost_spot_check_within(5) == {recent.id, dodger.id}
     assert ledger.lost_spot_check_within(6) == {recent.id, served.id, dodger.id}
     assert ledger.lost_spot_check_within(1) == {dodger.id}
+
+
+def test_recent_train_work_is_each_nodes_newest_accepted_train_updates(
+        ledger: Ledger, inst, make) -> None:
+    fast, slow, idle = make.node(inst.id), make.node(inst.id), make.node(inst.id)
+    for i in range(5):  # (tokens, wall_s) = (1000 + i, 1 + i), oldest first
+        make.answer(make.lease(fast.id), tokens=1000 + i, wall_s=1.0 + i)
+    make.answer(make.lease(fast.id), verdict="rejected", tokens=9, wall_s=9.0)
+    make.answer(make.lease(fast.id, kind="eval"), tokens=8, wall_s=8.0)
+    make.answer(make.lease(slow.id), tokens=10, wall_s=None)
+    got = ledger.recent_train_work([slow.id, fast.id, idle.id, fast.id], 3)
+    assert got == {fast.id: [(1004, 5.0), (1003, 4.0), (1002, 3.0)],
+                   slow.id: [(10, None)], idle.id: []}
+    # more nodes than one statement takes: asked in chunks, the same answer
+    many = ledger.recent_train_work([*range(10_000, 11_200), fast.id], 1)
+    assert many[fast.id] == [(1004, 5.0)] and len(many) == 1_201

@@ -120,3 +120,26 @@ def test_sizing_keeps_a_mixed_fleet_busy(tmp_path: Path) -> None:
     assert got["fixed"]["utilization_min"] < 0.3
     assert got["sized"]["utilization_min"] > 0.6
     assert got["sized"]["tokens_per_s"] > 1.8 * got["fixed"]["tokens_per_s"]
+
+
+def test_the_asynchronous_loop_reads_the_speeds_once_per_version(tmp_path: Path) -> None:
+    """Speeds change only when accepted work is recorded, with a new version: the loop reads
+    them once per version for the nodes it has not sized yet, not once per node each lease
+    pass (that was 13x the coordinator's time at 1,000 nodes; bench/scale.py)."""
+    from loop_world import build_test_corpus, make_net
+
+    net = make_net(tmp_path, build_test_corpus(tmp_path / "corpus"), ["honest", "honest"],
+                   rounds=3, train="target_lease_s = 30\nmin_inner_steps = 2\n"
+                                   "max_inner_steps = 7",
+                   extra="[async]\nenabled = true\nbuffer = 2\n")
+    reads: list[tuple[int, ...]] = []
+    read = net.ledger.recent_train_work
+    net.ledger.recent_train_work = lambda ids, limit: (  # type: ignore[method-assign]
+        reads.append(tuple(ids)) or read(ids, limit))
+    net.run()
+    versions = [v.version for v in net.ledger.versions()]
+    assert versions == [0, 1, 2, 3]
+    assert 1 <= len(reads) <= len(versions) and all(len(set(r)) == len(r) for r in reads)
+    steps = [u.steps for u in net.ledger.updates() if u.steps]
+    assert 7 in steps, "no lease was sized from the measured speed"
+    net.ledger.close()
