@@ -89,15 +89,18 @@ def _elements(shape: Any, where: str) -> int:
     return math.prod(dims)
 
 
-def check_work(lease: Lease, arch: Mapping[str, Any], limits: NodeLimits) -> None:
+def check_work(lease: Lease, arch: Mapping[str, Any], limits: NodeLimits) -> ModelSpec:
     """Raise ``ProtocolError`` when the lease or architecture exceeds ``limits``: before any
-    blob is fetched or any model is built."""
-    _refuse("the model's architecture (parameters)", arch_params(arch),
+    blob is fetched or any model is built. Returns the model ``arch`` describes (parsed
+    once per lease: the worker trains that spec)."""
+    spec = arch_spec(arch)
+    _refuse("the model's architecture (parameters)", param_count(spec),
             limits.max_model_params, "max-model-params")
     _refuse("the lease's range (tokens)", lease.data_end - lease.data_start,
             limits.max_shard_tokens, "max-shard-tokens")
     _refuse("batch_size x seq_len", lease.batch_size * lease.seq_len, limits.max_batch_tokens,
             "max-batch-tokens")
+    return spec
 
 
 def check_model(arrays: Mapping[str, Any], limits: NodeLimits) -> None:

@@ -34,13 +34,14 @@ from protocol.signing import sign_update
 from training.data_parallel import InnerPool, train_inner_parallel
 from training.device import pick_device, set_threads
 from training.evaluate import evaluate
+from training.families import ModelSpec
 from training.inner import train_inner
 from training.model_cache import ModelCache
 
 from . import metrics as node_metrics
 from .blobs import BlobFetcher, BlobSink, BlobSource, HttpMirror
 from .gpu import cap_memory, check_memory
-from .limits import NodeLimits, arch_spec, check_model, check_work
+from .limits import NodeLimits, check_model, check_work
 from .pause import LeaseGate, Paused
 
 __all__ = ["BaseModels", "WorkerSettings", "do_work"]
@@ -149,7 +150,7 @@ def _do_lease(work: Work, settings: WorkerSettings,
               transfer: Transfer | None, received: float) -> RecordDict:
     times = {"received": received}
     lease, arch = work.lease, work.arch
-    check_work(lease, arch, settings.limits)  # before anything is fetched or allocated
+    spec = check_work(lease, arch, settings.limits)  # before anything is fetched or allocated
     gate = settings.gate
     if gate is not None:
         cap = gate.policy.max_gpu_memory
@@ -185,7 +186,7 @@ def _do_lease(work: Work, settings: WorkerSettings,
     if gate is not None:  # the fetch may have taken a while
         gate.check(working=False)
     times["work_start"] = time.time()
-    arrays, metrics = _compute(work, model, tokens, settings, progress)
+    arrays, metrics = _compute(work, spec, model, tokens, settings, progress)
     times["work_end"] = time.time()
     if lease.kind == Kind.TRAIN and settings.uploads is not None:
         # bytes by digest: the payload goes up first, the signed update binds its digest,
@@ -213,13 +214,13 @@ def _play_slower(slowdown: float, t0: float) -> None:
         time.sleep((slowdown - 1.0) * (time.perf_counter() - t0))
 
 
-def _compute(work: Work, model: dict[str, np.ndarray], tokens: np.ndarray,
+def _compute(work: Work, cfg: ModelSpec, model: dict[str, np.ndarray], tokens: np.ndarray,
              settings: WorkerSettings,
              progress: Callable[[str, int, int, int], Progress] | None,
              ) -> tuple[dict[str, np.ndarray], UpdateMetrics]:
-    """Train or evaluate: the reply's arrays (encoded as the run says) and metrics."""
+    """Train or evaluate ``cfg`` (the lease's arch, parsed by ``check_work``): the reply's
+    arrays (encoded as the run says) and metrics."""
     lease = work.lease
-    cfg = arch_spec(work.arch)  # checked by check_work already: whitelisted keys only
     set_threads(settings.threads or None)
     device = pick_device(settings.device)
     if settings.gate is not None:

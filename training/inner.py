@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -202,8 +203,15 @@ def pseudo_gradient(base: Mapping[str, np.ndarray], model: torch.nn.Module
     out = {}
     with torch.no_grad():
         for name, p in model.named_parameters():
-            up = torch.from_numpy(np.asarray(base[name], dtype=np.float32)).to(p.device)
-            out[name] = (up - p.float()).cpu().numpy()
+            base_np = np.asarray(base[name], dtype=np.float32)
+            local = p.detach().float()
+            if local.device.type == "cpu":
+                out[name] = base_np - local.numpy()
+                continue
+            with warnings.catch_warnings():  # a read-only view of the blob: only read here
+                warnings.simplefilter("ignore", UserWarning)
+                up = torch.from_numpy(base_np).to(p.device)
+            out[name] = (up - local).cpu().numpy()
     return out
 
 

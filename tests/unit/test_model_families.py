@@ -215,7 +215,8 @@ def test_absurd_sizes_are_refused_by_the_limits_before_anything_is_built() -> No
     with pytest.raises(ProtocolError, match="architecture.*max-model-params"):
         check_work(_lease(), huge, NodeLimits())
     one_b = arch_of(run_spec("llama", "1b", {}, BYTE_VOCAB))
-    check_work(_lease(), one_b, NodeLimits())  # the 1b preset fits the default limit
+    # the 1b preset fits the default limit; the spec it returns is what the worker trains
+    assert check_work(_lease(), one_b, NodeLimits()) == run_spec("llama", "1b", {}, BYTE_VOCAB)
     with pytest.raises(ProtocolError, match="max-model-params"):
         check_work(_lease(), arch_of(run_spec("llama", "1b", {}, 32_000)), NodeLimits())
 
