@@ -99,7 +99,7 @@ class RunLoop:
     _rows_read: float = -math.inf
     _touched: float = -math.inf  # when every node online last had its last_seen written
     # the nodes' speeds as of a model version: (version, tokens/s by ledger id)
-    _speeds_of: tuple[int, dict[int, float | None]] = (-1, {})
+    _speeds_of: tuple[int, dict[int, float | None]] = field(default_factory=lambda: (-1, {}))
     # version digest -> (previous version's digest, the change's blob): Work.delta
     _deltas: dict[str, tuple[str, str]] = field(default_factory=dict)
     # screened train replies whose own checks (RoundJudge.plan) have not come back yet,
