@@ -91,8 +91,8 @@ def _elements(shape: Any, where: str) -> int:
 
 def check_work(lease: Lease, arch: Mapping[str, Any], limits: NodeLimits) -> ModelSpec:
     """Raise ``ProtocolError`` when the lease or architecture exceeds ``limits``: before any
-    blob is fetched or any model is built. Returns the model ``arch`` describes (parsed
-    once per lease: the worker trains that spec)."""
+    blob is fetched or any model is built. Returns the model ``arch`` describes: the
+    worker trains this spec instead of parsing the arch again."""
     spec = arch_spec(arch)
     _refuse("the model's architecture (parameters)", param_count(spec),
             limits.max_model_params, "max-model-params")

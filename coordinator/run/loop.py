@@ -20,6 +20,7 @@ import logging
 import math
 import random
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -48,7 +49,7 @@ from coordinator.run.staleness import update_weight
 from coordinator.run.transport import Transport
 from coordinator.verify.checker import Checker
 from coordinator.verify.eval_judge import EvalJudge, plan_quorum, validation_loss
-from coordinator.verify.record import record_judged, screen_reply
+from coordinator.verify.record import finite_or_none, record_judged, screen_reply
 from coordinator.verify.round_judge import Candidate, RoundJudge
 from coordinator.verify.scoring import CheckJob
 from coordinator.verify.trust import NEW_NODE_TRUST, PROBATION_UPDATES, plan_spot_checks
@@ -98,8 +99,9 @@ class RunLoop:
     _unknown: set[int] = field(default_factory=set)  # online, not in the ledger at that read
     _rows_read: float = -math.inf
     _touched: float = -math.inf  # when every node online last had its last_seen written
-    # the nodes' speeds as of a model version: (version, tokens/s by ledger id)
-    _speeds_of: tuple[int, dict[int, float | None]] = field(default_factory=lambda: (-1, {}))
+    # each node's last HISTORY accepted train updates, (tokens, wall_s) newest first, as the
+    # ledger holds them: read once per node, then kept up to date as steps record work
+    _work: dict[int, deque[tuple[int, float | None]]] = field(default_factory=dict)
     # version digest -> (previous version's digest, the change's blob): Work.delta
     _deltas: dict[str, tuple[str, str]] = field(default_factory=dict)
     # screened train replies whose own checks (RoundJudge.plan) have not come back yet,
@@ -139,7 +141,7 @@ class RunLoop:
         self.checker = Checker(self.store.spec, self.corpus, self.blobs.root,
                                seq_len=self.cfg.train.seq_len,
                                batch_size=self.cfg.train.batch_size,
-                               processes=v.check_processes, compression=self.cfg.codec()) \
+                               processes=v.check_processes, compression=self.codec) \
             if checks and v.check_processes > 0 else None
 
     # -- the loop -----------------------------------------------------------------------
@@ -289,15 +291,21 @@ class RunLoop:
         """Tokens/s of each node from its recent accepted work ([train] target_lease_s)."""
         if self.cfg.train.target_lease_s <= 0:
             return {}
-        # accepted work is recorded with a new version: until then the speeds stand
-        if self._speeds_of[0] != self.store.version:
-            self._speeds_of = (self.store.version, {})
-        known = self._speeds_of[1]
+        # the ledger is read once per node (it scans the node's history): reading every
+        # node each lease pass, or each version, grows with the run (bench/scale.py)
         ids = list(node_ids)
-        if missing := [n for n in ids if n not in known]:
-            work = self.ledger.recent_train_work(missing, HISTORY)
-            known.update({n: tokens_per_s(work[n]) for n in missing})
-        return {n: known[n] for n in ids}
+        if missing := [n for n in ids if n not in self._work]:
+            for n, rows in self.ledger.recent_train_work(missing, HISTORY).items():
+                self._work[n] = deque(rows, maxlen=HISTORY)
+        return {n: tokens_per_s(self._work[n]) for n in ids}
+
+    def _note_work(self, kept: Iterable[Candidate]) -> None:
+        """Add the accepted train updates a step just recorded to their nodes' histories,
+        as the ledger holds them (``record._update_row``)."""
+        for c in kept:
+            if (history := self._work.get(c.node.id)) is not None:
+                m = c.judged.update.metrics
+                history.appendleft((int(m.tokens), finite_or_none(m.wall_s)))
 
     def _train_leases(self, rnd: int, work: Outbox) -> TrainBatch | None:
         end = self.clock() + self.cfg.run.wait_for_nodes_s
@@ -356,6 +364,7 @@ class RunLoop:
             metrics.MODEL_VERSION.set(version)
             self.ledger.add_event("version", f"round {rnd}: version {version} from "
                                              f"{len(kept)} updates ({tokens} tokens)")
+        self._note_work(kept)  # committed: the ledger holds them now
 
     def _step_arrays(self, c: Candidate) -> dict[str, np.ndarray]:
         """What a kept update contributes to the outer step: its pseudo-gradient (its base

@@ -34,7 +34,8 @@ from coordinator.ledger import Ledger
 from coordinator.ledger import UpdateRow
 from coordinator.verify.reply import Expected, Ruling, verify
 
-__all__ = ["Judged", "Verdicted", "judge_reply", "record_judged", "record_many", "screen_reply"]
+__all__ = ["Judged", "Verdicted", "finite_or_none", "judge_reply", "record_judged", "record_many",
+           "screen_reply"]
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,8 @@ class Judged:
     arrays: dict[str, np.ndarray]
 
 
-def _num(x: float) -> float | None:
+def finite_or_none(x: float) -> float | None:
+    """A reported metric as the ledger stores it: None for NaN or infinity."""
     return x if math.isfinite(x) else None
 
 
@@ -128,8 +130,8 @@ def _update_row(judged: Judged, lease_row_id: int, node_id: int, now: float,
     m = update.metrics
     return dict(lease_id=lease_row_id, node_id=node_id, arrays_digest=update.arrays_digest,
                 verdict=(Verdict.ACCEPTED if verdict.accepted else Verdict.REJECTED).value,
-                tokens=m.tokens, steps=m.steps, loss_before=_num(m.loss_before),
-                loss_after=_num(m.loss_after), wall_s=_num(m.wall_s), reason=verdict.reason,
+                tokens=m.tokens, steps=m.steps, loss_before=finite_or_none(m.loss_before),
+                loss_after=finite_or_none(m.loss_after), wall_s=finite_or_none(m.wall_s), reason=verdict.reason,
                 detail=verdict.detail, norm=verdict.norm, improvement=improvement,
                 received_at=now)
 

@@ -115,3 +115,20 @@ def test_an_inner_state_carries_over_only_when_asked(base, tokens):
                for k in first.pseudo_grad)
     assert all(np.array_equal(first.pseudo_grad[k], fresh.pseudo_grad[k])
                for k in first.pseudo_grad)
+
+
+def test_pseudo_gradient_is_the_host_subtraction_bit_for_bit(base, tokens):
+    """``pseudo_gradient`` subtracts where the model lives; on the host it must give exactly
+    the bits of ``base - model_to_arrays(model)`` (the coordinator recomputes those)."""
+    from training.inner import pseudo_gradient
+    from training.state import arrays_to_model, model_to_arrays
+
+    trained = train_inner(base, CFG, tokens, seed=2, **KW)
+    local = {k: np.asarray(base[k], np.float32) - trained.pseudo_grad[k] for k in base}
+    model = arrays_to_model(local, CFG)
+    got = pseudo_gradient(base, model)
+    host = model_to_arrays(model)
+    for k in base:
+        want = np.asarray(base[k], np.float32) - host[k]
+        assert got[k].dtype == np.float32
+        assert np.array_equal(got[k].view(np.uint32), want.view(np.uint32)), k
