@@ -100,6 +100,7 @@ class AsyncRunLoop(RunLoop):
                 self._evaluate_if_due()
             nodes = self._lease(nodes)
             if not self._prepare(_PREPARE_S):  # checks left: straight back to the replies
+                self._publish_ahead()
                 self.sleep(_IDLE_S)
         self._collect(lambda: not self._evals)
         self.ledger.add_event("run", f"run {self.cfg.run.id} finished at version "
@@ -149,20 +150,25 @@ class AsyncRunLoop(RunLoop):
                 [x for x in self._buffer.screened_out if x.nonce not in held])
 
     def _step_due(self, online: int) -> bool:
-        cands, _ = self._ready()
-        if not cands and not self._buffer.screened_out:
+        buf = self._buffer
+        if not buf.cands and not buf.screened_out:
             return False
         if self.store.version == self.cfg.run.rounds - 1:  # the last: all work in
+            if not self._ready()[0] and not buf.screened_out:
+                return False
             out = {s.lease.nonce for s in self._pending.values()}
             return not self._open_train() and not (set(self._wanted) & out)
+        waited = self._since is not None and \
+            self.clock() - self._since >= self.cfg.asynchronous.max_wait_s
+        if len(buf.cands) < self._k(online) and not waited:
+            return False  # asked every pass: what follows scans every lease out (~1 ms)
+        cands, _ = self._ready()
         # K counts every fresh update in, a spot-checked one waiting for its partner too:
         # the step takes what is ready and the waiting one joins the next (the step does
         # not stall for a copy that the checker starts only after its own lease)
         unchecked = set(self._unprepared)  # ids of the candidates
-        fresh = [c for c in self._buffer.cands
+        fresh = [c for c in buf.cands
                  if c.lease.nonce not in self._copies and id(c) not in unchecked]
-        waited = self._since is not None and \
-            self.clock() - self._since >= self.cfg.asynchronous.max_wait_s
         return bool(cands) and (len(fresh) >= self._k(online) or waited)
 
     def _step(self) -> None:
@@ -218,6 +224,9 @@ class AsyncRunLoop(RunLoop):
         eligible nodes, checked afresh when there was work to give (a node revoked or
         benched a moment ago gets none)."""
         depth = 1 + self.cfg.asynchronous.queue
+        ids = [n.id for n in nodes]
+        if not self.scheduler.train_slots(ids, depth):
+            return nodes
         fresh = [c for c in self._buffer.cands if c.lease.nonce not in self._copies]
         out = [s for s in self._open_train() if s.lease.nonce not in self._copies]
 
@@ -225,12 +234,13 @@ class AsyncRunLoop(RunLoop):
             return (self.cfg.run.rounds - self.store.version) * self._k(len(nodes)) \
                 - len(fresh) - len(out)
 
-        if not self.scheduler.train_slots([n.id for n in nodes], depth) or (
-                need() <= 0 and not self._wanted):
+        if need() <= 0 and not self._wanted:
             return nodes
-        now, revoked = self.clock(), self.ledger.revoked_node_ids()
-        nodes = [n for n in nodes if n.id not in revoked and self._benched.get(n.id, 0.0) <= now]
-        ids = [n.id for n in nodes]
+        now, revoked = self.clock(), self._revocations()
+        if revoked or any(until > now for until in self._benched.values()):
+            nodes = [n for n in nodes
+                     if n.id not in revoked and self._benched.get(n.id, 0.0) <= now]
+            ids = [n.id for n in nodes]
         work: Outbox = {}
         rnd = self.store.version + 1
         trust, probation = self._trust()

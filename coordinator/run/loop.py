@@ -64,6 +64,7 @@ Outbox = dict[int, list[tuple[Lease, Batch]]]
 _POLL_S = 0.2
 _TTL_SLACK_S = 600.0
 _ROWS_S = 30.0  # the longest the loop uses node rows (names, keys) without reading them
+_AHEAD = 8  # shard blobs an idle pass writes for the leases to come
 # how often the nodes online get their ``last_seen`` written (a node new online at once):
 # well inside the views' 60 s online window; each second cost PostgreSQL 1,000 row versions
 # a second, and made the TUI's change mark move every second (bench/scale.py)
@@ -109,6 +110,9 @@ class RunLoop:
     _unprepared: dict[int, Candidate] = field(default_factory=dict)
     # the checks out at the checker processes, by job id
     _checking: dict[int, tuple[Candidate, CheckJob]] = field(default_factory=dict)
+    _passes: int = 0  # pumps so far
+    _revoked: tuple[int, set[int]] = (-1, set())  # (pass read in, revoked node ids)
+    _published: set[tuple[int, int]] = field(default_factory=set)  # shard blobs written
 
     def __post_init__(self) -> None:
         self.tokens = self.corpus.tokens()
@@ -556,10 +560,9 @@ class RunLoop:
         and then; the others wait in their batch for its verdict. An evaluation whose last
         lease is settled is judged on the spot.
         """
+        self._passes += 1
         replies = self.transport.poll(list(self._pending))
-        # read now, once for the pass: a revocation counts from the next pass on (one read
-        # per reply was a fifth of the screening at 1,000 nodes; bench/scale.py)
-        revoked = self.ledger.revoked_node_ids() if replies else set()
+        revoked = self._revocations() if replies else set()
         for reply in replies:
             sent = self._pending.pop(reply.msg_id, None)
             if sent is None:
@@ -574,7 +577,7 @@ class RunLoop:
                     sent.batch.cands.append(cand)
             self._settled(sent.batch)
         expired = {lease.nonce for lease in self.scheduler.expire()}
-        for mid, sent in list(self._pending.items()):
+        for mid, sent in list(self._pending.items()) if expired else ():
             if sent.lease.nonce in expired:
                 del self._pending[mid]
                 self.ledger.close_lease(sent.row_id, "expired", self.clock())
@@ -584,6 +587,28 @@ class RunLoop:
                 self._bench(sent.node, "missed a deadline")
                 metrics.LEASES_CLOSED.labels(sent.lease.kind, "expired").inc()
                 self._settled(sent.batch)
+
+    def _publish_ahead(self, n: int = _AHEAD) -> None:
+        """Write the next ``n`` pooled shards' blobs now, while the loop is idle: a blob
+        is a new file (~0.2-0.9 ms on this machine), one per lease written as the lease
+        went out was half of a lease's cost at 1,000 nodes (bench/scale.py)."""
+        assert self.blobs is not None
+        for start, end in self.scheduler.upcoming(n):
+            if (start, end) in self._published:
+                continue
+            digest = self.scheduler.data_digest(start, end)
+            if not self.blobs.has(digest):
+                self.blobs.put(shard_bytes(self.tokens[start:end], self.corpus.dtype), digest)
+            self._published.add((start, end))
+
+    def _revocations(self) -> set[int]:
+        """The revoked nodes' ids, read once per pass (its replies' screening and its
+        leases share the read): a revocation counts from the next pass on. One read per
+        reply was a fifth of the screening at 1,000 nodes, one more per lease pass ~1 ms
+        (bench/scale.py)."""
+        if self._revoked[0] != self._passes:
+            self._revoked = (self._passes, self.ledger.revoked_node_ids())
+        return self._revoked[1]
 
     def _settled(self, batch: Batch) -> None:
         batch.open -= 1
@@ -600,9 +625,11 @@ class RunLoop:
             if store.delta is not None:
                 self._deltas[store.digest] = (
                     store.delta.base, self.blobs.put(arrays_to_bytes(store.delta.encoding)))
-        if not self.blobs.has(lease.data_digest):
-            data = shard_bytes(self.tokens[lease.data_start:lease.data_end], self.corpus.dtype)
-            self.blobs.put(data, lease.data_digest)
+        span = (lease.data_start, lease.data_end)
+        if span not in self._published and not self.blobs.has(lease.data_digest):
+            self.blobs.put(shard_bytes(self.tokens[span[0]:span[1]], self.corpus.dtype),
+                           lease.data_digest)
+        self._published.add(span)
 
     def _screen(self, sent: Sent, content: RecordDict, revoked: bool) -> Candidate | None:
         """``verify`` one reply (from a node ``revoked`` or not): a Candidate for its phase's

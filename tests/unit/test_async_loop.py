@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from test_run_loop import (  # noqa: F401  (fixtures)
-    assert_credit_only_for_accepted, broadcast, corpus, network, nets, one_torch_thread,
+    assert_credit_only_for_accepted, corpus, network, nets, one_torch_thread,
     updates_by_lease,
 )
 
@@ -114,9 +114,12 @@ def test_the_outer_step_weighs_and_rebases_stale_updates_as_documented(network) 
         total = sum(expect_w)
         now = ckpt[version]
         step = {k: now[k] - sum(w * p[k] for w, p in zip(expect_w, parts)) / total for k in now}
-        step = broadcast(now, step, net.cfg)  # the version as it travels ([compression])
+        # the version travels int8 ([compression]): each value rounded by at most half its
+        # block's scale; not rebuilt bit for bit, since the mean's summation order (ours
+        # here against the aggregator's) may put a value on the other side of a rounding
         for k in now:
-            np.testing.assert_allclose(ckpt[version + 1][k], step[k], rtol=1e-5, atol=1e-6)
+            bound = np.abs(step[k] - now[k]).max() / 254 + 1e-6
+            assert np.abs(ckpt[version + 1][k] - step[k]).max() <= bound, (version, k)
     assert stale > 0, "no stale update was aggregated: the test checked only fresh work"
 
 
@@ -268,3 +271,21 @@ def test_a_step_does_not_wait_for_a_spot_check_copy_when_k_updates_are_in(networ
     assert loop._step_due(online=3)  # K = 3 fresh updates are in: b and c go now
     loop._buffer.cands = loop._buffer.cands[:1]  # only a, held: nothing ready
     assert not loop._step_due(online=3)
+
+
+def test_an_idle_pass_writes_the_next_shards_before_their_leases(network) -> None:
+    """The shard blobs the next leases will name are written while the loop is idle (a
+    file per lease written as it went out was half a lease's cost at 1,000 nodes)."""
+    from training.shards import shard_bytes
+
+    net = network(["honest", "honest"], rounds=1, extra=asynchronous())
+    loop, scheduler = net.loop, net.loop.scheduler
+    ahead = scheduler.upcoming(3)
+    digests = [scheduler.data_digest(a, b) for a, b in ahead]
+    assert len(set(ahead)) == 3 and not any(loop.blobs.has(d) for d in digests)
+    loop._publish_ahead(3)
+    for (a, b), d in zip(ahead, digests):
+        assert bytes(loop.blobs.get(d)) == shard_bytes(loop.tokens[a:b], loop.corpus.dtype)
+    net.run()
+    first = sorted((x for x in net.ledger.leases() if x.kind == "train"), key=lambda x: x.id)
+    assert [(x.data_start, x.data_end) for x in first[:2]] == ahead[:2]  # what was written

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections import Counter
 
 import pytest
 
@@ -351,8 +352,9 @@ def test_a_node_that_always_holds_its_next_lease_gets_deadlines_that_do_not_run_
 
 
 def test_the_per_node_index_agrees_with_the_open_leases_through_any_history() -> None:
-    """``train_slots``, ``leases_for`` and deadlines read per-node counts kept beside the
-    open leases: after every operation of a long random history they equal a full scan."""
+    """``train_slots``, ``leases_for``, deadlines, the shards out and ``expire`` read
+    indexes kept beside the open leases (counts by node, a deadline heap): after every
+    operation of a long random history they equal a full scan."""
     import random
 
     clock = Clock()
@@ -387,10 +389,14 @@ def test_the_per_node_index_agrees_with_the_open_leases_through_any_history() ->
             else:
                 s.release(x, reason="test")
         elif op == "expire":
-            s.expire()
+            late = [e.lease for e in s._open.values()
+                    if clock.t > e.lease.deadline and not e.received]
+            assert s.expire() == late, step
         elif op == "tick":
             clock.t += rng.choice([1.0, 30.0])
         for depth in (1, 2):
             assert s.train_slots(nodes, depth) == scan("train", depth), step
         for n in nodes:
             assert s.leases_for(n) == [e.lease for e in s._open.values() if e.node_id == n]
+        assert s._shards_out == Counter(e.lease.shard_id for e in s._open.values()
+                                        if e.lease.kind == "train"), step
