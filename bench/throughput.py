@@ -27,6 +27,7 @@ synchronous data-parallel AdamW on the same batches.
 
     python bench/throughput.py --json               # everything: ~15 min on 2 cores
     python bench/throughput.py --parts network --preset small --rounds 2
+    python bench/throughput.py --parts network --async --queue 1 --rounds 8
 
 Run on demand; not part of the test suite.
 """
@@ -147,6 +148,8 @@ def network(a: argparse.Namespace) -> dict[str, Any]:
     overrides: dict[str, Any] = {"model_preset": a.preset}
     if a.inner_steps:
         overrides["train_inner_steps"] = a.inner_steps
+    if a.asynchronous:
+        overrides.update(async_enabled=True, async_queue=a.queue)
     quiet = Console(file=open(os.devnull, "w"))  # noqa: SIM115
     summary, status = run_demo(nodes=a.nodes, rounds=a.rounds, workdir=workdir,
                                console=quiet, overrides=overrides)
@@ -155,7 +158,8 @@ def network(a: argparse.Namespace) -> dict[str, Any]:
     with Ledger(summary["ledger"], create=False) as ledger:
         out = measure(ledger, node_times(workdir, a.nodes))
         out.update(comm_reduction(workdir, ledger, a.nodes))
-    out.update(preset=a.preset, nodes=a.nodes, rounds=a.rounds, val_loss=summary["val_loss"])
+    out.update(preset=a.preset, nodes=a.nodes, rounds=a.rounds, val_loss=summary["val_loss"],
+               asynchronous=a.asynchronous, queue=a.queue if a.asynchronous else None)
     return out
 
 
@@ -181,6 +185,10 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--preset", default="tiny")
     p.add_argument("--inner-steps", type=int, help="override the run's default")
+    p.add_argument("--async", dest="asynchronous", action="store_true",
+                   help="the asynchronous loop ([async] enabled; ROUNDS outer steps)")
+    p.add_argument("--queue", type=int, default=1,
+                   help="with --async: train leases queued on each node ([async] queue)")
     p.add_argument("--workdir", type=Path)
     p.add_argument("--parts", default=",".join(PARTS), help=f"any of {', '.join(PARTS)}")
     p.add_argument("--blob-mb", type=int, default=400)

@@ -86,7 +86,7 @@ class AsyncRunLoop(RunLoop):
             return
         self._wait_for_nodes()
         self._evaluate_if_due()
-        nodes, looked = self._eligible(), self.clock()
+        nodes, looked = self.roster.eligible(), self.clock()
         while self.store.version < steps:
             self._pump()
             # the replies' own checks: one before the step (which takes only checked
@@ -94,7 +94,7 @@ class AsyncRunLoop(RunLoop):
             # after them
             self._prepare(0.0)
             if self.clock() - looked >= _LOOK_S:
-                nodes, looked = self._eligible(), self.clock()
+                nodes, looked = self.roster.eligible(), self.clock()
             if self._step_due(len(nodes)):
                 self._step()
                 self._evaluate_if_due()
@@ -236,15 +236,13 @@ class AsyncRunLoop(RunLoop):
 
         if need() <= 0 and not self._wanted:
             return nodes
-        now, revoked = self.clock(), self._revocations()
-        if revoked or any(until > now for until in self._benched.values()):
-            nodes = [n for n in nodes
-                     if n.id not in revoked and self._benched.get(n.id, 0.0) <= now]
-            ids = [n.id for n in nodes]
+        if (still := self.roster.still_eligible(nodes, self.roster.revoked(self._passes))) \
+                is not nodes:
+            nodes, ids = still, [n.id for n in still]
         work: Outbox = {}
         rnd = self.store.version + 1
         trust, probation = self._trust()
-        speeds = self._speeds(ids)
+        speeds = self.roster.speeds(ids)
         rate, left = self.cfg.verify.spot_check_rate, need()
         while True:
             # checks first: a copy takes a slot before the next shard does
@@ -272,7 +270,7 @@ class AsyncRunLoop(RunLoop):
         first goes unchecked (its result is not held back for a copy not yet begun)."""
         live = {s.lease.nonce for s in self._pending.values()} | {
             lease.nonce for sends in work.values() for lease, _ in sends}
-        inst = {i: self._rows[i].institution_id for i in ids if i in self._rows}
+        inst = {i: self.roster.rows[i].institution_id for i in ids if i in self.roster.rows}
         for nonce, orig in list(self._wanted.items()):
             worker = self.scheduler.node_of(orig)
             if nonce not in live or worker is None:

@@ -20,8 +20,7 @@ import logging
 import math
 import random
 import time
-from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,16 +39,16 @@ from coordinator import metrics
 from coordinator.accounting.credits import ReceiptIssuer
 from coordinator.aggregators import get_aggregator
 from coordinator.config import RunConfig
-from coordinator.ledger import LeaseRow, Ledger, Node
+from coordinator.ledger import LeaseRow, Ledger
 from coordinator.run.batches import Batch, EvalBatch, Sent, TrainBatch
 from coordinator.run.model_store import ModelStore
+from coordinator.run.roster import Roster
 from coordinator.run.scheduler import Scheduler
-from coordinator.run.sizing import HISTORY, tokens_per_s
 from coordinator.run.staleness import update_weight
 from coordinator.run.transport import Transport
 from coordinator.verify.checker import Checker
 from coordinator.verify.eval_judge import EvalJudge, plan_quorum, validation_loss
-from coordinator.verify.record import finite_or_none, record_judged, screen_reply
+from coordinator.verify.record import record_judged, screen_reply
 from coordinator.verify.round_judge import Candidate, RoundJudge
 from coordinator.verify.scoring import CheckJob
 from coordinator.verify.trust import NEW_NODE_TRUST, PROBATION_UPDATES, plan_spot_checks
@@ -63,13 +62,7 @@ Outbox = dict[int, list[tuple[Lease, Batch]]]
 
 _POLL_S = 0.2
 _TTL_SLACK_S = 600.0
-_ROWS_S = 30.0  # the longest the loop uses node rows (names, keys) without reading them
 _AHEAD = 8  # shard blobs an idle pass writes for the leases to come
-# how often the nodes online get their ``last_seen`` written (a node new online at once):
-# well inside the views' 60 s online window; each second cost PostgreSQL 1,000 row versions
-# a second, and made the TUI's change mark move every second (bench/scale.py)
-_TOUCH_S = 10.0
-_BENCH_S = 90.0  # a node that missed a deadline sits out this long (Flower needs ~70 s to drop it)
 # a node that handed a lease back sits out what it asked, within these bounds (a node's policy
 # may change when it restarts: it is asked again at least hourly)
 _HANDBACK_S = (10.0, 3600.0)
@@ -89,20 +82,9 @@ class RunLoop:
     blobs: BlobDir | None = None
     # spot checks and held-out batches: unpredictable to nodes (tests pass a seeded Random)
     rng: random.Random = field(default_factory=random.SystemRandom)
-    _nodes: dict[int, Node] = field(default_factory=dict)  # by Flower id
-    _benched: dict[int, float] = field(default_factory=dict)  # ledger id -> until
-    _seen: set[int] = field(default_factory=set)
     _pending: dict[str, Sent] = field(default_factory=dict)  # by Flower message id
     _evals: list[EvalBatch] = field(default_factory=list)  # evaluations still open
     _evaluated: set[int] = field(default_factory=set)  # versions whose evaluation was sent
-    _rows: dict[int, Node] = field(default_factory=dict)  # by ledger id
-    _by_fid: dict[int, Node] = field(default_factory=dict)  # the rows as last read
-    _unknown: set[int] = field(default_factory=set)  # online, not in the ledger at that read
-    _rows_read: float = -math.inf
-    _touched: float = -math.inf  # when every node online last had its last_seen written
-    # each node's last HISTORY accepted train updates, (tokens, wall_s) newest first, as the
-    # ledger holds them: read once per node, then kept up to date as steps record work
-    _work: dict[int, deque[tuple[int, float | None]]] = field(default_factory=dict)
     # version digest -> (previous version's digest, the change's blob): Work.delta
     _deltas: dict[str, tuple[str, str]] = field(default_factory=dict)
     # screened train replies whose own checks (RoundJudge.plan) have not come back yet,
@@ -111,10 +93,11 @@ class RunLoop:
     # the checks out at the checker processes, by job id
     _checking: dict[int, tuple[Candidate, CheckJob]] = field(default_factory=dict)
     _passes: int = 0  # pumps so far
-    _revoked: tuple[int, set[int]] = (-1, set())  # (pass read in, revoked node ids)
     _published: set[tuple[int, int]] = field(default_factory=set)  # shard blobs written
 
     def __post_init__(self) -> None:
+        self.roster = Roster(self.ledger, self.transport, self.clock,
+                             self.cfg.train.target_lease_s)
         self.tokens = self.corpus.tokens()
         if self.blobs is None:
             self.blobs = BlobDir(self.store.dir.parent / "blobs")
@@ -214,62 +197,14 @@ class RunLoop:
 
     def _wait_for_nodes(self) -> None:
         end = self.clock() + self.cfg.run.wait_for_nodes_s
-        while len(self._eligible()) < self.cfg.run.min_nodes and self.clock() < end:
+        while len(self.roster.eligible()) < self.cfg.run.min_nodes and self.clock() < end:
             self.sleep(1.0)
-        n = len(self._eligible())
+        n = len(self.roster.eligible())
         if n < self.cfg.run.min_nodes:
             self.ledger.add_event("run", f"starting with {n} of {self.cfg.run.min_nodes} "
                                          "wanted nodes online")
 
     # -- nodes --------------------------------------------------------------------------
-
-    def _eligible(self) -> list[Node]:
-        now, out, seen, new = self.clock(), [], [], []
-        online = set(self.transport.online())
-        rows = self._node_rows(online, now)
-        # Revocations read afresh: a node revoked mid-run gets no further lease. One read
-        # and one write for the whole network: at 1,000 nodes a query per node each
-        # second was most of the coordinator's time (bench/scale.py).
-        revoked = self.ledger.revoked_node_ids()
-        for fid in sorted(online):
-            node = rows.get(fid)
-            if node is None or node.revoked or node.id in revoked:
-                continue
-            self._nodes[fid] = self._rows[node.id] = node
-            if fid not in self._seen:
-                self.ledger.add_event("online", f"{node.name} is online", node_id=node.id)
-                new.append(node.id)
-            seen.append(node.id)
-            if self._benched.get(node.id, 0.0) <= now:
-                out.append(node)
-        if now - self._touched >= _TOUCH_S:
-            self.ledger.touch_nodes(seen, now)
-            self._touched = now
-        else:
-            self.ledger.touch_nodes(new, now)
-        for fid in self._seen - online:
-            if (node := self._nodes.get(fid)) is not None:
-                self.ledger.add_event("leave", f"{node.name} went offline", node_id=node.id)
-        self._seen = online
-        metrics.NODES_ONLINE.set(sum(1 for fid in online if fid in self._nodes
-                                     and not self._nodes[fid].revoked))
-        return out
-
-    def _node_rows(self, online: set[int], now: float) -> dict[int, Node]:
-        """The ledger's node rows by Flower id, read again when a node not read before is
-        online, else at most every ``_ROWS_S``: reading 1,000 rows each second was a tenth
-        of the loop's time (bench/scale.py); what changes mid-run that matters, a
-        revocation, is read each time by itself."""
-        new = online - self._by_fid.keys() - self._unknown
-        if new or now - self._rows_read >= _ROWS_S:
-            self._by_fid = {int(n.flower_node_id): n for n in self.ledger.nodes()}
-            self._unknown = online - self._by_fid.keys()
-            self._rows_read = now
-        return self._by_fid
-
-    def _bench(self, node: Node, why: str) -> None:
-        self._benched[node.id] = self.clock() + _BENCH_S
-        log.info("benching %s: %s", node.name, why)
 
     # -- rounds -------------------------------------------------------------------------
 
@@ -291,42 +226,22 @@ class RunLoop:
             self._prepare(math.inf)  # what the checker processes still hold
             self._close_train(rnd, batch)
 
-    def _speeds(self, node_ids: Iterable[int]) -> dict[int, float | None]:
-        """Tokens/s of each node from its recent accepted work ([train] target_lease_s)."""
-        if self.cfg.train.target_lease_s <= 0:
-            return {}
-        # the ledger is read once per node (it scans the node's history): reading every
-        # node each lease pass, or each version, grows with the run (bench/scale.py)
-        ids = list(node_ids)
-        if missing := [n for n in ids if n not in self._work]:
-            for n, rows in self.ledger.recent_train_work(missing, HISTORY).items():
-                self._work[n] = deque(rows, maxlen=HISTORY)
-        return {n: tokens_per_s(self._work[n]) for n in ids}
-
-    def _note_work(self, kept: Iterable[Candidate]) -> None:
-        """Add the accepted train updates a step just recorded to their nodes' histories,
-        as the ledger holds them (``record._update_row``)."""
-        for c in kept:
-            if (history := self._work.get(c.node.id)) is not None:
-                m = c.judged.update.metrics
-                history.appendleft((int(m.tokens), finite_or_none(m.wall_s)))
-
     def _train_leases(self, rnd: int, work: Outbox) -> TrainBatch | None:
         end = self.clock() + self.cfg.run.wait_for_nodes_s
         trust = {s.node_id: s.trust for s in self.ledger.node_summaries()}
         probation = self.ledger.lost_spot_check_within(PROBATION_UPDATES)
         while True:
-            by_id = {n.id: n for n in self._eligible()}
+            by_id = {n.id: n for n in self.roster.eligible()}
             checks = plan_spot_checks(sorted(by_id), trust, self.cfg.verify.spot_check_rate,
                                       self.rng, {i: n.institution_id for i, n in by_id.items()},
                                       probation)
             workers = sorted(set(by_id) - set(checks.values()))
-            speeds = self._speeds(by_id)
+            speeds = self.roster.speeds(by_id)
             leases = self.scheduler.lease_train(rnd, workers, self.store.version,
                                                 self.store.digest, speeds)
             if leases or self.clock() >= end:
                 break
-            # A benched node is back after _BENCH_S: wait for it rather than burn the round.
+            # A benched node is back after roster.BENCH_S: wait for it rather than burn the round.
             self.sleep(1.0)
         if not leases:
             self.ledger.add_event("round", f"round {rnd}: no eligible node, skipped")
@@ -368,7 +283,7 @@ class RunLoop:
             metrics.MODEL_VERSION.set(version)
             self.ledger.add_event("version", f"round {rnd}: version {version} from "
                                              f"{len(kept)} updates ({tokens} tokens)")
-        self._note_work(kept)  # committed: the ledger holds them now
+        self.roster.note_work(kept)  # committed: the ledger holds them now
 
     def _step_arrays(self, c: Candidate) -> dict[str, np.ndarray]:
         """What a kept update contributes to the outer step: its pseudo-gradient (its base
@@ -409,9 +324,10 @@ class RunLoop:
         """Split the validation slice of the current version over the nodes (some pieces to
         a second node for a quorum), each queued behind the node's train lease."""
         lo, hi = self._val_span()
-        nodes = {n.id: n for n in self._eligible()}
+        nodes = {n.id: n for n in self.roster.eligible()}
         leases = self.scheduler.lease_eval(rnd, sorted(nodes), self.store.version,
-                                           self.store.digest, [(lo, hi)], self._speeds(nodes))
+                                           self.store.digest, [(lo, hi)],
+                                           self.roster.speeds(nodes))
         quorum = plan_quorum(leases, {i: n.institution_id for i, n in nodes.items()},
                              self.cfg.verify.eval_quorum_rate, self.rng)
         batch = EvalBatch("eval", self.store.version, base=self.store.arrays, span=(lo, hi))
@@ -473,7 +389,7 @@ class RunLoop:
                  issued_at=now)
             for node_id, sends in order for x, _ in sends]))
         for node_id, sends in order:
-            node = self._rows[node_id]
+            node = self.roster.rows[node_id]
             leases = [lease for lease, _ in sends]
             for i, (lease, batch) in enumerate(sends):
                 row_id = next(row_ids)
@@ -562,7 +478,7 @@ class RunLoop:
         """
         self._passes += 1
         replies = self.transport.poll(list(self._pending))
-        revoked = self._revocations() if replies else set()
+        revoked = self.roster.revoked(self._passes) if replies else set()
         for reply in replies:
             sent = self._pending.pop(reply.msg_id, None)
             if sent is None:
@@ -584,7 +500,7 @@ class RunLoop:
                 self.ledger.add_event("reissue", f"{sent.node.name} missed the deadline "
                                       f"of {sent.lease.kind} shard {sent.lease.shard_id}; "
                                       "it goes back to the pool", node_id=sent.node.id)
-                self._bench(sent.node, "missed a deadline")
+                self.roster.bench(sent.node, "missed a deadline")
                 metrics.LEASES_CLOSED.labels(sent.lease.kind, "expired").inc()
                 self._settled(sent.batch)
 
@@ -600,15 +516,6 @@ class RunLoop:
             if not self.blobs.has(digest):
                 self.blobs.put(shard_bytes(self.tokens[start:end], self.corpus.dtype), digest)
             self._published.add((start, end))
-
-    def _revocations(self) -> set[int]:
-        """The revoked nodes' ids, read once per pass (its replies' screening and its
-        leases share the read): a revocation counts from the next pass on. One read per
-        reply was a fifth of the screening at 1,000 nodes, one more per lease pass ~1 ms
-        (bench/scale.py)."""
-        if self._revoked[0] != self._passes:
-            self._revoked = (self._passes, self.ledger.revoked_node_ids())
-        return self._revoked[1]
 
     def _settled(self, batch: Batch) -> None:
         batch.open -= 1
@@ -681,7 +588,7 @@ class RunLoop:
         self.ledger.close_lease(sent.row_id, "handed_back", now)
         metrics.LEASES_CLOSED.labels(sent.lease.kind, "handed_back").inc()
         wait = min(max(back.retry_after_s, _HANDBACK_S[0]), _HANDBACK_S[1])
-        self._benched[sent.node.id] = max(self._benched.get(sent.node.id, 0.0), now + wait)
+        self.roster.bench(sent.node, f"handed a lease back ({back.reason})", wait)
         self.ledger.add_event("handback", f"{sent.node.name} handed back {sent.lease.kind} "
                               f"shard {sent.lease.shard_id} ({back.reason}); no work for it "
                               f"for {wait:.0f} s", node_id=sent.node.id)
@@ -694,4 +601,4 @@ class RunLoop:
         self.ledger.add_event("reissue", f"{sent.node.name} failed {sent.lease.kind} shard "
                               f"{sent.lease.shard_id} ({error.splitlines()[0][:160]}); "
                               "it goes back to the pool", node_id=sent.node.id)
-        self._bench(sent.node, "failed a lease")
+        self.roster.bench(sent.node, "failed a lease")

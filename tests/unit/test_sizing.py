@@ -141,7 +141,7 @@ def test_the_asynchronous_loop_reads_each_nodes_speed_once(tmp_path: Path) -> No
     assert [v.version for v in net.ledger.versions()] == [0, 1, 2, 3]
     read_ids = [n for r in reads for n in r]
     assert read_ids and len(read_ids) == len(set(read_ids)), "a node's work was read twice"
-    held = {n: list(h) for n, h in net.loop._work.items()}  # noqa: SLF001
+    held = {n: list(h) for n, h in net.loop.roster._work.items()}  # noqa: SLF001
     assert held == net.ledger.recent_train_work(held, 5) and any(len(h) > 1 for h in held.values())
     steps = [u.steps for u in net.ledger.updates() if u.steps]
     assert 7 in steps, "no lease was sized from the measured speed"
