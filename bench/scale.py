@@ -251,23 +251,25 @@ class Phases:
     """Where the loop was while a node waited for its next lease: each of the loop's stages
     timed on the coordinator's clock, and the time of the slowest leases split over them."""
 
-    STAGES = ("_pump", "_prepare", "_step", "_lease", "_eligible", "_evaluate_if_due")
+    # the loop's methods, and the roster's read of who is online
+    STAGES = ("_pump", "_prepare", "_step", "_lease", "_evaluate_if_due")
 
     def __init__(self, loop: Any, clock: Callable[[], float]) -> None:
         self.clock, self.log = clock, []  # (stage, start, end)
         for name in self.STAGES:
-            self._wrap(loop, name)
+            self._wrap(loop, name, name)
+        self._wrap(loop.roster, "eligible", "eligible")
 
-    def _wrap(self, loop: Any, name: str) -> None:
-        inner = getattr(loop, name)
+    def _wrap(self, owner: Any, name: str, stage: str) -> None:
+        inner = getattr(owner, name)
 
         def timed(*args: Any, **kw: Any) -> Any:
             t0 = self.clock()
             try:
                 return inner(*args, **kw)
             finally:
-                self.log.append((name, t0, self.clock()))
-        setattr(loop, name, timed)
+                self.log.append((stage, t0, self.clock()))
+        setattr(owner, name, timed)
 
     def blame(self, spans: list[tuple[float, float]], above_s: float) -> dict[str, Any]:
         """For the leases that waited longer than ``above_s``: how many, and the seconds of

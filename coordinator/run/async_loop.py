@@ -268,6 +268,8 @@ class AsyncRunLoop(RunLoop):
         """Copy each lease waiting for a spot check to a node with a free slot (trust-
         weighted, another institution's where one is free); a lease whose reply came in
         first goes unchecked (its result is not held back for a copy not yet begun)."""
+        if not self._wanted:
+            return
         live = {s.lease.nonce for s in self._pending.values()} | {
             lease.nonce for sends in work.values() for lease, _ in sends}
         inst = {i: self.roster.rows[i].institution_id for i in ids if i in self.roster.rows}
