@@ -92,3 +92,22 @@ def test_a_batch_naming_an_unknown_lease_records_nothing(ledger: Ledger, make: M
     with pytest.raises(LedgerError, match="no lease 10000"):
         record_many(items, cfg=RunConfig(), ledger=ledger)
     assert ledger.updates() == [] and ledger.credits() == []
+
+
+def test_a_big_batchs_credits_are_entered_in_update_order(ledger: Ledger, make: Make,
+                                                           inst) -> None:
+    """The credits are signed on threads (``ledger._SIGNERS``), in interleaved slices: they
+    are still entered in the order of their updates, each receipt with its own credit."""
+    from coordinator.ledger import ledger as ledger_module
+
+    slices = ledger_module._SIGNERS * 4
+    items = [x for k in range(2 * slices) for x in _items(make, inst.id, f"b{k}")]
+    record_many(items, cfg=RunConfig(), ledger=ledger, issuer=ReceiptIssuer(generate_key()))
+    credits = sorted(ledger.credits(), key=lambda c: c.id)
+    paid = [c for c in credits if c.amount > 0]
+    assert len(paid) == 2 * len(items) // 5  # two accepted of every five
+    assert [c.update_id for c in paid] == sorted(c.update_id for c in paid)
+    by_credit = {r.credit_id: json.loads(r.body) for r in ledger.receipts()}
+    for c in paid:
+        body = by_credit[c.id]
+        assert (body["update_id"], body["amount"]) == (c.update_id, c.amount)
