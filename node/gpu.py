@@ -23,7 +23,6 @@ from typing import Any
 
 from protocol.errors import ConfigError, ProtocolError
 
-from .limits import arch_params
 
 __all__ = [
     "NvmlProbe", "cap_memory", "check_memory", "cuda_index", "gpu_count", "load_nvml",
@@ -160,13 +159,14 @@ def cap_memory(device: Any, cap: int) -> None:
     torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), device)
 
 
-def check_memory(kind: str, arch: dict[str, Any], cap: int) -> None:
-    """Refuse (``ProtocolError``) work whose model alone would not fit in ``cap`` bytes:
-    weights, gradients and optimizer state, before anything is fetched."""
+def check_memory(kind: str, params: int, cap: int) -> None:
+    """Refuse (``ProtocolError``) work whose model of ``params`` parameters alone would
+    not fit in ``cap`` bytes: weights, gradients and optimizer state, before anything is
+    fetched."""
     if not cap:
         return
     per = _TRAIN_BYTES_PER_PARAM if kind == "train" else _EVAL_BYTES_PER_PARAM
-    need = arch_params(arch) * per
+    need = params * per
     if need > cap:
         raise ProtocolError(f"work refused: the model needs at least {need / 2**30:.1f} GiB "
                             f"of GPU memory, over this node's max_gpu_memory "

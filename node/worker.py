@@ -34,7 +34,7 @@ from protocol.signing import sign_update
 from training.data_parallel import InnerPool, train_inner_parallel
 from training.device import pick_device, set_threads
 from training.evaluate import evaluate
-from training.families import ModelSpec
+from training.families import ModelSpec, param_count
 from training.inner import train_inner
 from training.model_cache import ModelCache
 
@@ -155,7 +155,7 @@ def _do_lease(work: Work, settings: WorkerSettings,
     if gate is not None:
         cap = gate.policy.max_gpu_memory
         if cap and pick_device(settings.device).type == "cuda":
-            check_memory(lease.kind, arch, cap)
+            check_memory(lease.kind, param_count(spec), cap)
         gate.check(working=False)
     blobs = settings.fetcher(work.mirrors)
 

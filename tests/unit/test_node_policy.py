@@ -18,6 +18,7 @@ from node import gpu
 from node.cli import app as node_app
 from node.client_app import lease_gate
 from node.gpu import NvmlProbe, check_memory, cuda_index
+from node.limits import arch_params
 from node.pause import LeaseGate, Paused
 from node.policy import Policy, Window, parse_size
 from protocol.errors import ConfigError, ProtocolError
@@ -263,11 +264,12 @@ def test_without_nvml_the_flag_is_a_clear_config_error(monkeypatch: pytest.Monke
 
 
 def test_the_memory_floor_refuses_work_that_cannot_fit() -> None:
-    arch = {"vocab_size": 256, "block_size": 128, "n_layer": 4, "n_embd": 128}  # ~0.8M
-    check_memory("train", arch, 1 << 30)
+    params = arch_params({"vocab_size": 256, "block_size": 128, "n_layer": 4,
+                          "n_embd": 128})  # ~0.8M
+    check_memory("train", params, 1 << 30)
     with pytest.raises(ProtocolError, match="work refused: the model needs at least"):
-        check_memory("train", arch, 4 << 20)  # 16 bytes/param > 4 MiB
-    check_memory("eval", arch, 4 << 20)  # the weights alone fit
+        check_memory("train", params, 4 << 20)  # 16 bytes/param > 4 MiB
+    check_memory("eval", params, 4 << 20)  # the weights alone fit
 
 
 # -- join: the policy is checked first, and handed to the worker ------------------------------
