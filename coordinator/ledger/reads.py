@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -36,6 +36,13 @@ __all__ = ["LedgerReads", "flower_id"]
 _Row = TypeVar("_Row", bound=SQLModel)
 _IN_CHUNK = 500  # values per IN (...): well under SQLite's bound-parameter limit
 UINT64_MAX = 2**64 - 1
+
+
+def _in_chunks(values: Iterable[Any]) -> Iterator[list[Any]]:
+    """``values`` sorted, without repeats, in slices small enough for one ``IN (...)``."""
+    wanted = sorted(set(values))
+    for i in range(0, len(wanted), _IN_CHUNK):
+        yield wanted[i:i + _IN_CHUNK]
 
 
 def flower_id(flower_node_id: int | str) -> str:
@@ -210,10 +217,10 @@ class LedgerReads:
         """The first accepted update whose arrays hash to each of ``digests`` that has one
         (the replay check, for a whole step's candidates at once: a query per candidate was
         ~0.3 ms each, 1,000 per step at 1,000 nodes; bench/scale.py)."""
-        wanted, out = sorted(set(digests)), {}
-        for i in range(0, len(wanted), _IN_CHUNK):
+        out: dict[str, UpdateRow] = {}
+        for part in _in_chunks(digests):
             for row in self._all(select(UpdateRow).where(
-                    col(UpdateRow.arrays_digest).in_(wanted[i:i + _IN_CHUNK]),
+                    col(UpdateRow.arrays_digest).in_(part),
                     col(UpdateRow.verdict) == Verdict.ACCEPTED.value)
                     .order_by(col(UpdateRow.id))):
                 out.setdefault(row.arrays_digest, row)
@@ -251,16 +258,15 @@ class LedgerReads:
         first (an empty list for a node without any): what its measured speed is made of
         (``coordinator.run.sizing``). One query per 500 nodes: a query per node each lease
         pass was 13x the coordinator's time at 1,000 nodes (bench/scale.py)."""
-        ids = sorted(set(node_ids))
-        out: dict[int, list[tuple[int, float | None]]] = {n: [] for n in ids}
-        for i in range(0, len(ids), _IN_CHUNK):
+        out: dict[int, list[tuple[int, float | None]]] = {n: [] for n in set(node_ids)}
+        for part in _in_chunks(out):
             newest = func.row_number().over(partition_by=col(UpdateRow.node_id),
                                             order_by=col(UpdateRow.id).desc())
             ranked = (select(col(UpdateRow.node_id).label("node_id"),
                              col(UpdateRow.tokens).label("tokens"),
                              col(UpdateRow.wall_s).label("wall_s"), newest.label("rank"))
                       .join(LeaseRow, col(LeaseRow.id) == col(UpdateRow.lease_id))
-                      .where(col(UpdateRow.node_id).in_(ids[i:i + _IN_CHUNK]),
+                      .where(col(UpdateRow.node_id).in_(part),
                              col(UpdateRow.verdict) == Verdict.ACCEPTED.value,
                              col(LeaseRow.kind) == Kind.TRAIN.value)).subquery()
             rows = self._all(select(ranked.c.node_id, ranked.c.tokens, ranked.c.wall_s)
