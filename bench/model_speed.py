@@ -12,7 +12,8 @@ first lease, which builds and on CUDA compiles, reported apart) and ``ckpt`` (ca
 activation checkpointing). Reported: tokens/s over whole leases, the steady step time (from
 the progress stamps; ``loss.item()`` syncs every step), the per-lease overhead (lease wall
 minus its steps: build or refill, the fp32 first-batch loss, copying the weights out), the
-cost of building a model against refilling one, and ratios against ``fresh``. ``--ways``
+cost of building a model against refilling one, that overhead phase by phase (``phases``:
+refill + fp32 first-batch loss, pseudo-gradient), and ratios against ``fresh``. ``--ways``
 chooses the kept-model ways (``ckpt`` compiles a second model on CUDA).
 
 On CUDA also a standalone ``torch.compile`` + bf16 + fused AdamW step of the same model on
@@ -43,7 +44,9 @@ from training.device import autocast, pick_device  # noqa: E402
 from training.families import (  # noqa: E402
     ArchError, arch_of, build_model, param_count, run_spec,
 )
-from training.inner import inner_optimizer, train_inner  # noqa: E402
+from training.inner import (  # noqa: E402
+    first_batch_loss, inner_optimizer, pseudo_gradient, train_inner,
+)
 from training.model_cache import ModelCache  # noqa: E402
 from training.state import arrays_to_model, init_arrays, load_arrays  # noqa: E402
 
@@ -84,6 +87,26 @@ def _build_vs_refill(base: dict, spec: Any, dev: torch.device, reps: int = 3
         _sync(dev)
         refills.append(time.perf_counter() - t)
     return 1e3 * statistics.median(builds), 1e3 * statistics.median(refills)
+
+
+def _phases(base: dict, spec: Any, tokens: np.ndarray, a: argparse.Namespace,
+            dev: torch.device, reps: int = 3) -> dict[str, float]:
+    """A lease's costs beyond its steps, phase by phase (median ms, synced): refilling the
+    kept model with the base and the fp32 loss of the first batch (``first_batch_loss`` on
+    a held model: the same work ``train_inner`` does before its steps), and the
+    pseudo-gradient (base up, difference down)."""
+    model = arrays_to_model(base, spec, dev)
+    kw = dict(batch_size=a.batch_size, seq_len=a.seq, seed=0, device=dev, model=model)
+    loss, grad = [], []
+    for _ in range(reps):
+        t = time.perf_counter()
+        first_batch_loss(base, spec, tokens, **kw)  # .item() syncs
+        loss.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        pseudo_gradient(base, model)  # on the host when it returns
+        grad.append(time.perf_counter() - t)
+    return {"refill_and_loss_before_ms": 1e3 * statistics.median(loss),
+            "pseudo_gradient_ms": 1e3 * statistics.median(grad)}
 
 
 def _standalone_step_s(spec: Any, a: argparse.Namespace, dev: torch.device) -> float:
@@ -153,6 +176,7 @@ def measure(family: str, preset: str, a: argparse.Namespace, dev: torch.device,
         if name in first:
             out[name] |= {"first_lease_ms": first[name], "compiled": kw["models"].compiles(dev)}
     out["build_ms"], out["refill_ms"] = _build_vs_refill(base, spec, dev)
+    out["phases"] = _phases(base, spec, tokens, a, dev)
     fresh = out["fresh"]["tok_s"]
     out["ratios"] = {f"{name}/fresh": out[name]["tok_s"] / fresh for name in ways
                      if name != "fresh"}

@@ -59,6 +59,11 @@ class NodeHome:
     def progress_path(self) -> Path:
         return self.path / "progress.json"
 
+    @property
+    def compile_cache_path(self) -> Path:
+        """torch.compile's on-disk caches (``TORCHINDUCTOR_CACHE_DIR``) for the worker."""
+        return self.path / "compile-cache"
+
     def key(self):  # type: ignore[no-untyped-def]
         """Load the node key, making one on first use."""
         try:

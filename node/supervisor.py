@@ -178,6 +178,9 @@ class Supervisor:
         logs = self.home.path / "logs"
         logs.mkdir(exist_ok=True)
         env = flower_env(self.home.path / "flwr-home")
+        # torch.compile's caches in the node's home rather than /tmp: a worker restarted, or
+        # a node rebooted, finds the kernels it compiled (bench/first_lease.py, restarted)
+        env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(self.home.compile_cache_path))
         metrics = self._serve_metrics(env)
         try:
             return self._supervise(env, logs)

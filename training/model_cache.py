@@ -23,6 +23,11 @@ eager from then on (logged once): its forward is compiled on the first call, but
 backward only on the first ``backward()``, so ``forward_backward`` is the training step
 that catches both and redoes the failed step eager — a broken compiler costs a node one
 step, not its lease.
+
+The compile depends on the architecture and the batch's shape, not on the weights, so
+``ModelCache.warm`` can compile a model before its first lease's base has arrived: the
+worker runs it while the lease's downloads run on a thread (``node.worker``), and the first
+lease then pays max(download, compile) instead of their sum.
 Not thread-safe: one lease at a time, as the warm worker runs them.
 """
 
@@ -38,7 +43,7 @@ import numpy as np
 import torch
 
 from training.device import autocast
-from training.families import HFSpec, ModelSpec, arch_of
+from training.families import HFSpec, ModelSpec, arch_of, build_model
 from training.state import arrays_to_model, load_arrays
 
 __all__ = ["COMPILE_CHOICES", "Built", "ModelCache", "build", "compile_choice",
@@ -121,16 +126,11 @@ class ModelCache:
         if _draws_on_cpu(cfg, device):
             self.builds += 1
             return build(base, cfg, device, checkpointing=checkpointing)
-        key = (tuple(sorted(arch_of(cfg).items())), str(device), checkpointing)
+        key = _key(cfg, device, checkpointing)
         held = self._held.get(key)
         if held is None:
-            held = build(base, cfg, device, checkpointing=checkpointing)
-            if self.compiles(device):
-                held = Built(held.module, _Compiled(held.module, self.backend))
-            self._held[key] = held
-            self.builds += 1
-            while len(self._held) > self.keep:
-                self._held.popitem(last=False)
+            held = self._keep(key, build(base, cfg, device, checkpointing=checkpointing).module,
+                              device)
         else:
             load_arrays(held.module, base)
             self._held.move_to_end(key)
@@ -140,6 +140,55 @@ class ModelCache:
             p.grad = None
         held.module.train()
         return held
+
+    def holds(self, cfg: ModelSpec, device: torch.device, checkpointing: bool = False) -> bool:
+        """Whether a ``load`` of ``cfg`` on ``device`` would refill a held model."""
+        return _key(cfg, device, checkpointing) in self._held
+
+    def warm(self, cfg: ModelSpec, device: torch.device, *, batch_size: int, seq_len: int,
+             checkpointing: bool = False) -> bool:
+        """Build ``cfg``'s model on ``device`` and compile it before its first lease: one
+        training step's forward and backward on a batch of zeros of the lease's shape (the
+        compiled graphs are specialised to it), its gradients then dropped. The next
+        ``load`` of ``cfg`` refills this model. Returns False, doing nothing, where nothing
+        would be compiled or the model is held already. The caller's RNG is left as it was.
+        """
+        key = _key(cfg, device, checkpointing)
+        if not self.compiles(device) or _draws_on_cpu(cfg, device) or key in self._held:
+            return False
+        cuda = [device.index if device.index is not None else torch.cuda.current_device()
+                ] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            module = build_model(cfg).to(device)
+            if checkpointing:
+                module.activation_checkpointing_enable()
+            held = self._keep(key, module, device)
+            # drawn as the lease's batches are (views of one window: their strides are
+            # guarded too, and other strides would compile again)
+            from training.inner import sample_batch  # inner imports this module
+
+            zeros = torch.zeros(seq_len + 1, dtype=torch.long, device=device)
+            x, y = sample_batch(zeros, batch_size, seq_len, torch.Generator().manual_seed(0))
+            forward_backward(held, x, y, device)
+        for p in module.parameters():
+            p.grad = None
+        return True
+
+    def _keep(self, key: tuple[Any, ...], module: torch.nn.Module, device: torch.device
+              ) -> Built:
+        """Hold a newly built model (compiled where it pays) under ``key``; the least
+        recently used beyond ``keep`` are dropped."""
+        held = Built(module, _Compiled(module, self.backend) if self.compiles(device)
+                     else module)
+        self._held[key] = held
+        self.builds += 1
+        while len(self._held) > self.keep:
+            self._held.popitem(last=False)
+        return held
+
+
+def _key(cfg: ModelSpec, device: torch.device, checkpointing: bool) -> tuple[Any, ...]:
+    return (tuple(sorted(arch_of(cfg).items())), str(device), checkpointing)
 
 
 def _draws_on_cpu(cfg: ModelSpec, device: torch.device) -> bool:

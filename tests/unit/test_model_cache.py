@@ -116,6 +116,40 @@ def test_a_compiled_model_is_compiled_on_the_first_lease_only(tokens,
                                        atol=1e-6)
 
 
+def test_a_model_warmed_before_its_first_lease_compiles_nothing_more(
+        tokens, no_dynamo_leftovers) -> None:
+    # the worker compiles while the first lease's blobs download: that lease must find the
+    # forward and the backward compiled for its batches (a batch laid out otherwise, other
+    # strides, would compile again), and train its own base
+    from torch._dynamo.backends.common import aot_autograd
+
+    compiled: list[str] = []
+
+    def counting(kind: str):  # type: ignore[no-untyped-def]
+        def compiler(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+            compiled.append(kind)
+            return gm.forward
+        return compiler
+
+    cache = ModelCache(use_compile=True, backend=aot_autograd(
+        fw_compiler=counting("forward"), bw_compiler=counting("backward")))
+    cpu = torch.device("cpu")
+    rng = torch.get_rng_state()
+    assert cache.warm(GPT, cpu, batch_size=KW["batch_size"], seq_len=KW["seq_len"])
+    assert torch.equal(torch.get_rng_state(), rng)  # the caller's draws are its own
+    assert sorted(compiled) == ["backward", "forward"]
+    assert not cache.warm(GPT, cpu, batch_size=2, seq_len=16)  # held already
+    base = init_arrays(GPT, 3)
+    got = train_inner(base, GPT, tokens, seed=7, models=cache, **KW)
+    assert sorted(compiled) == ["backward", "forward"], compiled
+    assert (cache.builds, cache.reuses) == (1, 1)
+    want = train_inner(base, GPT, tokens, seed=7, **KW)
+    assert got.loss_before == want.loss_before
+    for k in want.pseudo_grad:
+        np.testing.assert_allclose(got.pseudo_grad[k], want.pseudo_grad[k], rtol=0, atol=1e-6)
+    assert not ModelCache(use_compile=False).warm(GPT, cpu, batch_size=2, seq_len=16)
+
+
 def test_a_model_that_fails_to_compile_trains_eager(tokens, no_dynamo_leftovers) -> None:
     def broken_backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
         raise RuntimeError("no compiler here")

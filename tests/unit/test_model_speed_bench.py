@@ -36,6 +36,8 @@ def test_the_bench_reports_every_way_and_its_ratios(capsys: pytest.CaptureFixtur
         assert res[way]["tok_s"] > 0
     assert res["cached"]["compiled"] is False  # CPU: not compiled by default
     assert {"build_ms", "refill_ms", "params", "seq_len"} <= res.keys()
+    assert res["phases"].keys() == {"refill_and_loss_before_ms", "pseudo_gradient_ms"}
+    assert all(v > 0 for v in res["phases"].values())
     assert res["ratios"].keys() == {"cached/fresh", "ckpt/fresh", "ckpt/cached"}
 
 

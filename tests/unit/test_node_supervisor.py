@@ -35,8 +35,12 @@ def fake_supernode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     bin_dir.mkdir()
     starts = tmp_path / "starts"
     _script(bin_dir / "flower-supernode", f"echo \"$@\" >> {starts}\nexit 3")
-    worker = _script(bin_dir / "fake-worker", f"echo \"$@\" >> {tmp_path / 'worker-starts'}\n"
+    # (the environment first: a line in worker-starts means it was written)
+    worker = _script(bin_dir / "fake-worker", "echo \"$TORCHINDUCTOR_CACHE_DIR\" > "
+                                              f"{tmp_path / 'worker-compile-cache'}\n"
+                                              f"echo \"$@\" >> {tmp_path / 'worker-starts'}\n"
                                               "exec sleep 60")
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)  # a user's own is kept
     real_flower_env = supervisor.flower_env
 
     def env_with_fake_first(flwr_home: Path) -> dict[str, str]:
@@ -76,6 +80,9 @@ def test_restarts_with_backoff_and_stops_cleanly(tmp_path: Path, fake_supernode:
     ports = [s.split("--port ")[1].split()[0] for s in starts]
     assert 1 <= len(workers) <= len(starts)
     assert all(w.rsplit(":", 1)[1] in ports for w in workers)
+    # its compiled kernels outlive the worker (and /tmp cleaners): in the node's home
+    cache = (tmp_path / "worker-compile-cache").read_text().strip()
+    assert cache == str(home.compile_cache_path)
 
 
 def test_a_dead_worker_is_restarted_alone(tmp_path: Path, fake_supernode: Path) -> None:

@@ -264,3 +264,68 @@ def test_train_leases_reuse_the_sessions_model(tmp_path: Path) -> None:
         assert all(np.array_equal(got[1][k], want[1][k]) for k in want[1])
     assert settings.model_cache is not None
     assert (settings.model_cache.builds, settings.model_cache.reuses) == (1, 2)
+
+
+class SlowFetcher(BlobFetcher):
+    """Blobs that arrive only once the compile has begun: a lease that compiled after its
+    downloads instead of beside them would wait here, and be caught."""
+
+    warming = threading.Event()
+    threads: list[str] = []
+
+    def get(self, digest: str, progress: Any = None) -> bytes:
+        SlowFetcher.threads.append(threading.current_thread().name)
+        assert SlowFetcher.warming.wait(10), "the model was not compiled beside the downloads"
+        return super().get(digest, progress)
+
+
+@dataclasses.dataclass(frozen=True)
+class SlowSettings(WorkerSettings):
+    def fetcher(self, mirrors: list[str]) -> BlobFetcher:
+        assert self.cache is not None
+        return SlowFetcher(self.cache, [], self.limits.max_work_bytes)
+
+
+class WatchedCache(ModelCache):
+    def __init__(self) -> None:
+        super().__init__(use_compile=True, backend=lambda gm, example_inputs: gm.forward)
+        self.warmed: list[tuple[str, int, int]] = []
+
+    def warm(self, cfg: Any, device: Any, *, batch_size: int, seq_len: int,
+             checkpointing: bool = False) -> bool:
+        self.warmed.append((threading.current_thread().name, batch_size, seq_len))
+        SlowFetcher.warming.set()
+        return super().warm(cfg, device, batch_size=batch_size, seq_len=seq_len,
+                            checkpointing=checkpointing)
+
+
+def test_the_first_lease_compiles_its_model_while_its_blobs_arrive(tmp_path: Path) -> None:
+    import torch
+
+    blobs = BlobDir(tmp_path / "blobs")
+    tokens = (np.arange(64) % 256).astype("<u2")
+    base = init_arrays(CFG, seed=0)
+    cache = WatchedCache()
+    settings = SlowSettings(node_id=1, key=generate_key(), device="cpu", cache=blobs,
+                            model_cache=cache)
+    SlowFetcher.warming.clear()
+    SlowFetcher.threads = []
+    try:
+        got = parse_reply(do_work(lease_on(blobs, base, tokens, "1" * 32), settings))
+        # compiled on the thread that trains, for the lease's batch; fetched on another
+        assert cache.warmed == [(threading.current_thread().name, 2, 8)]
+        assert SlowFetcher.threads == ["lease downloads"] * 2  # the base and the shard
+        assert (cache.builds, cache.reuses) == (1, 1)  # the lease refilled the warmed model
+        parse_reply(do_work(lease_on(blobs, base, tokens, "2" * 32, "eval"), settings))
+        parse_reply(do_work(lease_on(blobs, base, tokens, "3" * 32), settings))
+        assert len(cache.warmed) == 1 and cache.builds == 1  # held: nothing more to warm
+        # the eval lease and the next train lease: nothing to compile, fetched in line
+        assert SlowFetcher.threads[2:] == [threading.current_thread().name] * 4
+    finally:
+        torch._dynamo.reset()
+    want = parse_reply(do_work(lease_on(blobs, base, tokens, "1" * 32),
+                               WorkerSettings(node_id=1, key=generate_key(), device="cpu",
+                                              cache=blobs)))
+    assert got[0].metrics.loss_before == want[0].metrics.loss_before
+    for k in want[1]:
+        np.testing.assert_allclose(got[1][k], want[1][k], rtol=0, atol=1e-6)
