@@ -28,6 +28,7 @@ The compile depends on the architecture and the batch's shape, not on the weight
 ``ModelCache.warm`` can compile a model before its first lease's base has arrived: the
 worker runs it while the lease's downloads run on a thread (``node.worker``), and the first
 lease then pays max(download, compile) instead of their sum.
+
 Not thread-safe: one lease at a time, as the warm worker runs them.
 """
 
