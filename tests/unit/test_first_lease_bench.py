@@ -4,26 +4,16 @@ last."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def bench():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("first_lease", ROOT / "bench" / "first_lease.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.bench_module import load_bench
 
 
 def test_the_bench_times_each_way_of_paying_the_first_compile(
         capsys: pytest.CaptureFixture[str]) -> None:
-    module = bench()
+    module = load_bench("first_lease")
     assert module.main(["--device", "cpu", "--backend", "aot_eager", "--family", "gpt",
                         "--preset", "tiny", "--steps", "1", "--batch-size", "2",
                         "--seq-len", "8", "--fetch-s", "0.1", "--ways",
@@ -44,7 +34,7 @@ def test_the_bench_times_each_way_of_paying_the_first_compile(
 
 
 def test_ways_must_name_serial(capsys: pytest.CaptureFixture[str]) -> None:
-    module = bench()
+    module = load_bench("first_lease")
     for bad in ("overlap,restarted", "serial,fast"):
         with pytest.raises(SystemExit):
             module.main(["--ways", bad])

@@ -2,27 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def bench_main():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("model_speed", ROOT / "bench" / "model_speed.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+from tests.bench_module import load_bench
 
 
 def run(capsys: pytest.CaptureFixture[str], *args: str) -> dict:
     small = ["--device", "cpu", "--steps", "2", "--leases", "1", "--batch-size", "2",
              "--seq-len", "8", "--json"]
-    assert bench_main()([*small, *args]) == 0
+    assert load_bench("model_speed").main([*small, *args]) == 0
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
@@ -53,10 +43,7 @@ def test_ways_leave_out_activation_checkpointing(capsys: pytest.CaptureFixture[s
 
 
 def test_flops_per_token_is_six_per_parameter_plus_attention() -> None:
-    spec = importlib.util.spec_from_file_location("model_speed", ROOT / "bench" / "model_speed.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_bench("model_speed")
     from training.families import param_count, run_spec
 
     for family, preset in (("gpt", "gpt2"), ("llama", "124m"), ("gpt2", "124m")):
