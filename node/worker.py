@@ -241,9 +241,9 @@ def _compiling_beside(fetch: Callable[[], _T], lease: Any, spec: ModelSpec,
         set_threads(settings.threads or None)  # as the lease will train: guarded state
         if settings.gate is not None:  # the cap holds for the warm-up's allocations too
             cap_memory(device, settings.gate.policy.max_gpu_memory)
-        cache.warm(spec, device, batch_size=lease.batch_size, seq_len=lease.seq_len,
-                   checkpointing=settings.checkpointing)
-        log.info("compiled the model for lease %s while its blobs arrived", lease.nonce)
+        if cache.warm(spec, device, batch_size=lease.batch_size, seq_len=lease.seq_len,
+                      checkpointing=settings.checkpointing):
+            log.info("compiled the model for lease %s while its blobs arrived", lease.nonce)
     except Exception as err:  # noqa: BLE001 - the lease builds its model itself then
         log.warning("could not compile the model ahead of the lease: %s", err)
     finally:

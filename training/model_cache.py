@@ -82,11 +82,11 @@ class Built:
     forward: Forward
 
 
-def build(base: Mapping[str, np.ndarray], cfg: ModelSpec, device: torch.device, *,
+def build(base: Mapping[str, np.ndarray] | None, cfg: ModelSpec, device: torch.device, *,
           checkpointing: bool = False) -> Built:
     """A fresh model holding ``base`` on ``device`` (what ``train_inner`` does without a
-    cache), with activation checkpointing when asked."""
-    module = arrays_to_model(base, cfg, device)
+    cache; None: its initial weights), with activation checkpointing when asked."""
+    module = build_model(cfg).to(device) if base is None else arrays_to_model(base, cfg, device)
     if checkpointing:
         module.activation_checkpointing_enable()
     return Built(module, module)
@@ -160,9 +160,7 @@ class ModelCache:
         cuda = [device.index if device.index is not None else torch.cuda.current_device()
                 ] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda):
-            module = build_model(cfg).to(device)
-            if checkpointing:
-                module.activation_checkpointing_enable()
+            module = build(None, cfg, device, checkpointing=checkpointing).module
             held = self._keep(key, module, device)
             # drawn as the lease's batches are (views of one window: their strides are
             # guarded too, and other strides would compile again)
