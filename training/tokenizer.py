@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ByteTokenizer", "EOT", "EOT_CANDIDATES", "TOKEN_DTYPES", "token_dtype",
            "check_token_dtype", "byte_tokenizer_json", "train_bpe", "parse_tokenizer",
-           "eot_id", "load_tokenizer", "hf_tokenizer", "sha256_text"]
+           "eot_id", "load_tokenizer", "hf_tokenizer", "sha256_text", "wrap_tokenizer"]
 
 EOT = "<|endoftext|>"
 # end-of-text tokens of common tokenizer families, in the order they are looked for
@@ -205,9 +205,14 @@ def hf_tokenizer(path: str | os.PathLike[str], sha256: str | None = None,
     """The tokenizer.json at ``path`` as a ``transformers.PreTrainedTokenizerFast`` (for
     export), with its end-of-text token (if any) as ``eos_token``; ``kwargs`` go to the
     constructor (e.g. ``model_max_length``)."""
+    return wrap_tokenizer(load_tokenizer(path, sha256), **kwargs)
+
+
+def wrap_tokenizer(tok: Tokenizer, **kwargs: Any) -> PreTrainedTokenizerFast:
+    """``tok`` as ``hf_tokenizer`` wraps it (a node's task lease has the run's tokenizer.json
+    as a blob, not a file)."""
     from transformers import PreTrainedTokenizerFast
 
-    tok = load_tokenizer(path, sha256)
     specials = {}
     for name in EOT_CANDIDATES:
         if tok.token_to_id(name) is not None:

@@ -17,16 +17,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from protocol.errors import ConfigError
-from training.corpus import load_corpus
-
-from coordinator.evals.harness import (
-    TaskScore, harness_name, require_harness, rngs_kept, run_tasks,
-)
-from coordinator.evals.tasks import load_tasks
 from coordinator.export.model_dir import read_version
 from coordinator.ledger import Ledger
 from coordinator.rundir import RunDir
+from protocol.errors import ConfigError
+from training.corpus import load_corpus
+from training.evals.harness import (
+    TaskScore,
+    harness_name,
+    require_harness,
+    rngs_kept,
+    run_tasks,
+)
+from training.evals.tasks import load_tasks
 
 __all__ = ["STAGES", "Evaluated", "eval_tasks"]
 
@@ -77,7 +80,9 @@ def eval_tasks(rd: RunDir, *, version: int | None = None, tasks_dir: Path | None
         row, arrays, meta = read_version(rd, ledger.versions(), version)
     corpus = load_corpus(rd.corpus, verify=False)
     stage(STAGES[2])
-    from coordinator.export.hf import transformers_model  # torch, transformers: past the checks
+    from coordinator.export.hf import (
+        transformers_model,  # torch, transformers: past the checks
+    )
 
     with rngs_kept():  # building a transformers model draws from torch's RNG
         model, tokenizer, spec = transformers_model(arrays, meta.get("model"), corpus)

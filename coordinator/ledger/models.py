@@ -120,7 +120,7 @@ class TaskScoreRow(SQLModel, table=True):
     rows for that version: the latest measurement is the version's score.
 
     ``value`` and ``stderr`` are NULL where lm-eval gave none or a non-finite one;
-    ``task_digest`` is the SHA-256 of the task's files (coordinator.evals.tasks), ``harness``
+    ``task_digest`` is the SHA-256 of the task's files (training.evals.tasks), ``harness``
     the program that measured it (``lm-eval 0.4.13``). A table of its own, so ledgers made
     before it existed simply gain it.
     """

@@ -27,8 +27,8 @@ from typer.testing import CliRunner  # noqa: E402
 
 from coordinator.cli import app as coordinator_app  # noqa: E402
 from coordinator.evals.evaluate import eval_tasks  # noqa: E402
-from coordinator.evals.harness import BOOTSTRAP_ITERS, SEED  # noqa: E402
-from coordinator.evals.tasks import load_tasks  # noqa: E402
+from training.evals.harness import BOOTSTRAP_ITERS, SEED  # noqa: E402
+from training.evals.tasks import load_tasks  # noqa: E402
 from coordinator.export.model_dir import export_model  # noqa: E402
 from coordinator.ledger import Ledger  # noqa: E402
 from coordinator.rundir import RunDir, init_run  # noqa: E402

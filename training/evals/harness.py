@@ -2,7 +2,7 @@
 
 ``run_tasks`` hands the transformers model and tokenizer an export would write
 (``coordinator.export.hf.transformers_model``) to lm-eval's ``HFLM`` and runs the task folder's
-configs (``coordinator.evals.tasks``) with ``simple_evaluate``; nothing is written but the
+configs (``training.evals.tasks``) with ``simple_evaluate``; nothing is written but the
 datasets cache of the JSONL files, in a temporary folder removed afterwards. What it does
 beyond calling lm-eval, and why:
 
@@ -42,8 +42,7 @@ from importlib import metadata
 from typing import Any
 
 from protocol.errors import AtomError
-
-from coordinator.evals.tasks import TaskFile
+from training.evals.tasks import TaskFile
 
 __all__ = ["BOOTSTRAP_ITERS", "SEED", "TaskScore", "harness_name", "require_harness",
            "rngs_kept", "run_tasks", "scores_of"]
