@@ -409,11 +409,18 @@ class AsyncParams:
 
 @dataclass(frozen=True)
 class EvalParams:
-    # Benchmark tasks beside the validation loss (coordinator/evals; docs/evals.md).
+    # Benchmark tasks beside the validation loss (training/evals; docs/evals.md).
     tasks: str | None = _opt(None, _optional(_str), "folder of lm-evaluation-harness task "
-                             "YAML files and their JSONL data (relative to the run directory) "
-                             "that `atom-coordinator eval-tasks` runs on a model version",
+                             "YAML files and their JSONL data (relative to the run directory): "
+                             "nodes run its log-likelihood tasks in eval leases, and "
+                             "`atom-coordinator eval-tasks` runs any of them on a version",
                              placeholder='"<folder>"')
+    tasks_every: int = _opt(0, _non_negative_int, "with tasks: a node also runs them on every "
+                            "N-th version (0: on the last version only)")
+    tasks_check_docs: int = _opt(2, _non_negative_int, "documents per task whose answers the "
+                                 "coordinator recomputes to check a node's tasks reply")
+    tasks_deadline_s: float = _opt(900.0, _positive, "seconds a node has to answer a tasks "
+                                   "lease")
 
 
 @dataclass(frozen=True)

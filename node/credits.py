@@ -162,7 +162,8 @@ def _total(receipts: Iterable[Receipt]) -> CreditTotal:
     penalties = sum(r.kind == PENALTY for r in rs)
     return CreditTotal(
         updates=len(rs) - penalties, tokens_trained=sum(r.tokens for r in rs if r.kind == Kind.TRAIN),
-        tokens_evaluated=sum(r.tokens for r in rs if r.kind == Kind.EVAL), penalties=penalties,
+        tokens_evaluated=sum(r.tokens for r in rs if r.kind in (Kind.EVAL, Kind.TASKS)),
+        penalties=penalties,
         credits=round(math.fsum(float(r.amount) for r in rs), 6))
 
 

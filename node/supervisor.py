@@ -137,6 +137,8 @@ def _status_line(e: Enrollment, home: NodeHome, restarts: int) -> Text:
                     f"step {p.step}/{p.steps} · {p.tokens_per_s:,.0f} tok/s", style="green")
     elif p.kind == "fetch":
         head.append(f"fetching {p.note} · {p.tokens_per_s / 1e6:,.1f} MB/s", style="magenta")
+    elif p.kind == "tasks":
+        head.append(f"running lm-eval tasks (round {p.round})", style="cyan")
     else:
         head.append(f"evaluating version slice {p.shard_id} (round {p.round})", style="cyan")
     if restarts:

@@ -43,6 +43,7 @@ from .blobs import BlobFetcher, BlobSink, BlobSource, HttpMirror
 from .gpu import cap_memory, check_memory
 from .limits import NodeLimits, check_model, check_work
 from .pause import LeaseGate, Paused
+from .task_lease import run_task_lease
 
 __all__ = ["BaseModels", "WorkerSettings", "do_work"]
 
@@ -179,18 +180,21 @@ def _do_lease(work: Work, settings: WorkerSettings,
         check_model(arrays, settings.limits)
         return arrays
 
-    def inputs() -> tuple[dict[str, np.ndarray], np.ndarray]:
+    def inputs() -> tuple[dict[str, np.ndarray], Any]:
         model = (load_model() if models is None else models.get(lease.base_digest, load_model))
+        if lease.kind == Kind.TASKS:  # the task bundle and the tokenizer lm-eval reads with
+            return model, (fetch("tasks", lease.data_digest),
+                           fetch("tokenizer", lease.tokenizer_digest))
         return model, shard_tokens(fetch("shard", lease.data_digest), lease)
 
-    model, tokens = _compiling_beside(inputs, lease, spec, settings)
+    model, data = _compiling_beside(inputs, lease, spec, settings)
     if work.prefetch:  # what the lease queued behind this one names: fetched while we work
         threading.Thread(target=_prefetch, args=(blobs, work.prefetch), daemon=True,
                          name="prefetch").start()
     if gate is not None:  # the fetch may have taken a while
         gate.check(working=False)
     times["work_start"] = time.time()
-    arrays, metrics = _compute(work, spec, model, tokens, settings, progress)
+    arrays, metrics = _compute(work, spec, model, data, settings, progress)
     times["work_end"] = time.time()
     if lease.kind == Kind.TRAIN and settings.uploads is not None:
         # bytes by digest: the payload goes up first, the signed update binds its digest,
@@ -259,12 +263,13 @@ def _play_slower(slowdown: float, t0: float) -> None:
         time.sleep((slowdown - 1.0) * (time.perf_counter() - t0))
 
 
-def _compute(work: Work, cfg: ModelSpec, model: dict[str, np.ndarray], tokens: np.ndarray,
+def _compute(work: Work, cfg: ModelSpec, model: dict[str, np.ndarray], data: Any,
              settings: WorkerSettings,
              progress: Callable[[str, int, int, int], Progress] | None,
              ) -> tuple[dict[str, np.ndarray], UpdateMetrics]:
-    """Train or evaluate ``cfg`` (the lease's arch, parsed by ``check_work``): the reply's
-    arrays (encoded as the run says) and metrics."""
+    """Train or evaluate ``cfg`` (the lease's arch, parsed by ``check_work``) on ``data`` (the
+    shard's tokens; a tasks lease's bundle and tokenizer blobs): the reply's arrays (encoded
+    as the run says) and metrics."""
     lease = work.lease
     set_threads(settings.threads or None)
     device = pick_device(settings.device)
@@ -273,8 +278,15 @@ def _compute(work: Work, cfg: ModelSpec, model: dict[str, np.ndarray], tokens: n
     report = (progress(lease.kind, lease.round, lease.shard_id, lease.inner_steps)
               if progress else None)
     t0 = time.perf_counter()
-    if lease.kind == Kind.TRAIN:
-        res = _train(model, cfg, tokens, lease, settings, device, _gated(report, settings.gate))
+    if lease.kind == Kind.TASKS:
+        arrays, tokens = run_task_lease(model, work.arch, *data, device=device,
+                                        batch_size=lease.batch_size)
+        _play_slower(settings.slowdown, t0)
+        loss = -float(sum(a[:, 0].sum() for a in arrays.values())) / tokens
+        metrics = UpdateMetrics(tokens=tokens, steps=0, loss_before=loss, loss_after=loss,
+                                wall_s=time.perf_counter() - t0)
+    elif lease.kind == Kind.TRAIN:
+        res = _train(model, cfg, data, lease, settings, device, _gated(report, settings.gate))
         feedback = settings.feedback if settings.feedback is not None else ErrorFeedback()
         arrays = feedback.encode(res.pseudo_grad, work.compression)
         node_metrics.STEP_SECONDS.observe((time.perf_counter() - t0) / max(res.steps, 1))
@@ -283,7 +295,7 @@ def _compute(work: Work, cfg: ModelSpec, model: dict[str, np.ndarray], tokens: n
                                 loss_after=res.loss_after, wall_s=time.perf_counter() - t0)
     else:
         # in the model the train leases keep (not with --gpus N: the ranks keep theirs)
-        ev = evaluate(model, cfg, tokens, seq_len=lease.seq_len, batch_size=lease.batch_size,
+        ev = evaluate(model, cfg, data, seq_len=lease.seq_len, batch_size=lease.batch_size,
                       device=device, models=settings.model_cache if settings.gpus <= 1 else None,
                       checkpointing=settings.checkpointing)
         arrays = {EVAL_WINDOWS: ev.window_loss}  # the signed commitment, window by window

@@ -15,6 +15,7 @@ class Kind(StrEnum):
 
     TRAIN = "train"
     EVAL = "eval"
+    TASKS = "tasks"  # lm-eval tasks on a version (``training.evals``): an evaluation too
 
 
 class Verdict(StrEnum):

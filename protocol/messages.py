@@ -32,6 +32,13 @@ are exactly ``{"window_loss": float64 (n,)}``: the loss summed over each of the
 ``eval_window_count(lease)`` windows ``training.evaluate`` cuts the range into, so the
 signed ``arrays_digest`` commits the node to every window, and the coordinator recomputes
 a sample of them (``coordinator.verify.eval_judge``).
+
+A **tasks** lease asks for lm-evaluation-harness tasks on its base version: ``data_digest``
+names the task bundle (``training.evals.bundle``), ``data_end`` its number of tasks
+(``data_start`` 0), and the node fetches the run's tokenizer.json as the blob
+``tokenizer_digest`` names. Its reply's arrays are the answers, one float64 ``(requests, 2)``
+array ``"task:<name>"`` per task (``training.evals.answers``); the coordinator scores them with
+lm-eval and recomputes a sample (``coordinator.verify.task_judge``).
 """
 
 from __future__ import annotations
@@ -82,7 +89,7 @@ class Lease:
     run_id: str
     round: int
     shard_id: int
-    kind: str  # "train" | "eval"
+    kind: str  # "train" | "eval" | "tasks"
     base_version: int
     base_digest: str  # digest_arrays of the base model
     data_start: int
@@ -200,7 +207,8 @@ def _validate_lease(v: Mapping[str, Any], p: str) -> None:
     require(v[p + "run_id"] != "", p + "run_id", "must not be empty")
     for name in ("round", "shard_id", "base_version", "data_start", "inner_steps", "seed"):
         require(v[p + name] >= 0, p + name, f"must be >= 0, got {v[p + name]}")
-    require(v[p + "kind"] in KINDS, p + "kind", f"must be train or eval, got {v[p + 'kind']!r}")
+    require(v[p + "kind"] in KINDS, p + "kind",
+            f"must be one of {', '.join(KINDS)}, got {v[p + 'kind']!r}")
     for name in ("base_digest", "data_digest", "tokenizer_digest", "data_manifest"):
         require(HEX64.fullmatch(v[p + name]) is not None, p + name, "must be 64 lowercase hex")
     require(v[p + "data_end"] > v[p + "data_start"], p + "data_end", "must be > data_start")

@@ -6,7 +6,7 @@ What is signed — ``receipt_bytes(receipt)`` is the only definition::
                                        ensure_ascii=True, allow_nan=False).encode("ascii")
 
     doc = {"amount": float, "components": {...}, "coordinator_key_fingerprint": str,
-           "data_manifest": str, "issued_at": float, "kind": "train"|"eval"|"penalty",
+           "data_manifest": str, "issued_at": float, "kind": "train"|"eval"|"tasks"|"penalty",
            "lease_nonce": str, "node_id": int, "round": int, "run_id": str,
            "shard_id": int, "tokens": int, "update_digest": str, "update_id": int}
 
@@ -17,7 +17,7 @@ existed have no ``data_manifest`` key at all, and their bytes are exactly as the
 they still verify. A receipt the coordinator issues now always carries it; a document with the
 key present but not 64 lowercase hex is malformed.
 
-A ``train`` or ``eval`` receipt pays accepted work (``amount`` >= 0, ``tokens`` the tokens
+A ``train``, ``eval`` or ``tasks`` (lm-eval tasks on a version) receipt pays accepted work (``amount`` >= 0, ``tokens`` the tokens
 credited). A ``penalty`` receipt charges an update that lost a check against the coordinator's
 recomputation (a train spot check, or eval windows): ``amount`` < 0, ``tokens`` 0, and its ``components`` say how
 it was sized (``{"kind": "penalty", "reason", "tokens" claimed, "rate_per_1k", "factor"}``).
@@ -111,7 +111,7 @@ class Receipt:
     lease_nonce: str
     round: int
     shard_id: int
-    kind: str  # "train" | "eval" | "penalty"
+    kind: str  # "train" | "eval" | "tasks" | "penalty"
     tokens: int
     amount: float
     components: dict[str, Any]  # why: {"kind", "tokens", "rate_per_1k"} (+ "reason", "factor")

@@ -35,7 +35,7 @@ __all__ = [
     "WIDENED_CHECKS",
 ]
 
-LEASE_KINDS = ("train", "eval")
+LEASE_KINDS = ("train", "eval", "tasks")
 # handed_back: the node gave it back unworked, its policy said pause (no credit, no penalty)
 LEASE_STATUSES = ("issued", "answered", "expired", "failed", "handed_back")
 VERDICTS = tuple(v.value for v in Verdict)
@@ -254,7 +254,7 @@ ADDED_COLUMNS = [("updates", "improvement", "FLOAT"),
 # CHECK constraints whose allowed values grew after a table was first released: (table,
 # column, values). A ledger whose constraint lacks one is brought up to date when it is
 # opened for writing (``coordinator.ledger.migrate.widen_checks``).
-WIDENED_CHECKS = [("leases", "status", LEASE_STATUSES)]
+WIDENED_CHECKS = [("leases", "status", LEASE_STATUSES), ("leases", "kind", LEASE_KINDS)]
 
 # Created explicitly so other SQLModel tables sharing the global metadata are left alone.
 TABLES = [

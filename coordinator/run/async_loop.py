@@ -102,7 +102,7 @@ class AsyncRunLoop(RunLoop):
             if not self._prepare(_PREPARE_S):  # checks left: straight back to the replies
                 self._publish_ahead()
                 self.sleep(_IDLE_S)
-        self._collect(lambda: not self._evals)
+        self._finish_evals()
         self.ledger.add_event("run", f"run {self.cfg.run.id} finished at version "
                                      f"{self.store.version}")
 

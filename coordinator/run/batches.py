@@ -17,7 +17,7 @@ from protocol.messages import Lease
 from coordinator.ledger import Node
 from coordinator.verify.round_judge import Candidate
 
-__all__ = ["Batch", "EvalBatch", "Sent", "TrainBatch"]
+__all__ = ["Batch", "EvalBatch", "Sent", "TaskBatch", "TrainBatch"]
 
 
 @dataclass
@@ -46,6 +46,13 @@ class EvalBatch(Batch):
     base: dict[str, np.ndarray] = field(default_factory=dict)
     span: tuple[int, int] = (0, 0)
     copies: list[tuple[Lease, Lease]] = field(default_factory=list)  # (original, quorum copy)
+
+
+@dataclass
+class TaskBatch(Batch):
+    """The tasks lease of one version (``coordinator.run.task_evals``): one lease, one node."""
+
+    base: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -40,10 +40,11 @@ from coordinator.accounting.credits import ReceiptIssuer
 from coordinator.aggregators import get_aggregator
 from coordinator.config import RunConfig
 from coordinator.ledger import LeaseRow, Ledger
-from coordinator.run.batches import Batch, EvalBatch, Sent, TrainBatch
+from coordinator.run.batches import Batch, EvalBatch, Sent, TaskBatch, TrainBatch
 from coordinator.run.model_store import ModelStore
 from coordinator.run.roster import Roster
 from coordinator.run.scheduler import Scheduler
+from coordinator.run.task_evals import TaskEvals
 from coordinator.run.staleness import update_weight
 from coordinator.run.transport import Transport
 from coordinator.verify.checker import Checker
@@ -123,6 +124,9 @@ class RunLoop:
         self._evaluated = {v.version for v in self.ledger.versions() if v.val_loss is not None}
         self.eval_judge = EvalJudge(self.cfg, self.ledger, self.store.spec, self.tokens,
                                     self.rng, self.issuer)
+        self.task_evals = TaskEvals.open(self.cfg, self.ledger, self.scheduler, self.corpus,
+                                         self.blobs, self.arch, self.store.spec.block_size,
+                                         self.rng, self.issuer)
         v = self.cfg.verify
         checks = v.usefulness_tokens > 0 or v.base_loss_tolerance > 0
         self.checker = Checker(self.store.spec, self.corpus, self.blobs.root,
@@ -140,10 +144,13 @@ class RunLoop:
             self.close()
 
     def close(self) -> None:
-        """Stop the checker processes (the loop runs any checks still to do itself)."""
+        """Stop the checker processes (the loop runs any checks still to do itself) and the
+        task judge's thread."""
         if self.checker is not None:
             self.checker.close()
             self.checker = None
+        if self.task_evals is not None:
+            self.task_evals.close()
 
     def _run(self) -> None:
         first = self._resume()
@@ -156,6 +163,7 @@ class RunLoop:
         for rnd in range(first, self.cfg.run.rounds + 1):
             self._round(rnd)
         self._round(self.cfg.run.rounds, train=False)  # the last version's evaluation
+        self._finish_evals()
         self.ledger.add_event("run", f"run {self.cfg.run.id} finished at version "
                                      f"{self.store.version}")
 
@@ -338,8 +346,25 @@ class RunLoop:
         for n, ls in leases.items():
             work.setdefault(n, []).extend((lease, batch) for lease in ls)
         self._evals.append(batch)
+        tasks = self.task_evals
+        if tasks is not None and tasks.due(self.store.version, rnd):
+            got = tasks.lease(rnd, self.store.version, self.store.digest, sorted(nodes),
+                              self.store.arrays)
+            if got is not None:
+                node, lease, task_batch = got
+                work.setdefault(node, []).append((lease, task_batch))
         if not leases:  # no node free to evaluate: the coordinator does it all
             self._close_eval(batch)
+
+    def _evals_open(self) -> bool:
+        """Some version's evaluation (its lm-eval tasks lease included) is still out."""
+        return bool(self._evals) or (self.task_evals is not None and self.task_evals.out)
+
+    def _finish_evals(self) -> None:
+        """At the run's end: every evaluation answered, and its tasks verdicts recorded."""
+        self._collect(lambda: not self._evals_open())
+        if self.task_evals is not None:
+            self.task_evals.finish()
 
     def _close_eval(self, batch: EvalBatch) -> None:
         """Judge a version's evaluation once every lease of it is answered, and publish the
@@ -503,6 +528,8 @@ class RunLoop:
                 self.roster.bench(sent.node, "missed a deadline")
                 metrics.LEASES_CLOSED.labels(sent.lease.kind, "expired").inc()
                 self._settled(sent.batch)
+        if self.task_evals is not None:
+            self.task_evals.poll()
 
     def _publish_ahead(self, n: int = _AHEAD) -> None:
         """Write the next ``n`` pooled shards' blobs now, while the loop is idle: a blob
@@ -521,6 +548,9 @@ class RunLoop:
         batch.open -= 1
         if batch.open == 0 and isinstance(batch, EvalBatch):
             self._close_eval(batch)
+        elif batch.open == 0 and isinstance(batch, TaskBatch):
+            assert self.task_evals is not None
+            self.task_evals.settled(batch)
 
     def _publish(self, lease: Lease) -> None:
         """Put what ``lease`` names into the blob store (once: blobs are named by content),
@@ -532,6 +562,8 @@ class RunLoop:
             if store.delta is not None:
                 self._deltas[store.digest] = (
                     store.delta.base, self.blobs.put(arrays_to_bytes(store.delta.encoding)))
+        if lease.kind == Kind.TASKS:  # its bundle and tokenizer were put at the start
+            return
         span = (lease.data_start, lease.data_end)
         if span not in self._published and not self.blobs.has(lease.data_digest):
             self.blobs.put(shard_bytes(self.tokens[span[0]:span[1]], self.corpus.dtype),

@@ -222,6 +222,22 @@ class Scheduler:
                 piece += 1
         return out
 
+    def lease_tasks(self, round: int, node_id: int, base_version: int, base_digest: str,
+                    bundle_digest: str, n_tasks: int, deadline_s: float) -> Lease:
+        """A tasks lease (``protocol.messages``): lm-eval tasks of the bundle
+        ``bundle_digest`` on version ``base_version``, queued behind what the node holds.
+        Like an evaluation it returns nothing to the pool when it fails."""
+        t, begin = self._train, self._start(node_id)
+        lease = Lease(run_id=self._run_id, round=round, shard_id=0, kind=Kind.TASKS.value,
+                      base_version=base_version, base_digest=base_digest, data_start=0,
+                      data_end=n_tasks, data_digest=bundle_digest,
+                      tokenizer_digest=self._tokenizer_digest,
+                      data_manifest=self._data_manifest, inner_steps=0,
+                      batch_size=t.batch_size, seq_len=t.seq_len, lr=0.0, weight_decay=0.0,
+                      seed=0, deadline=begin + deadline_s, nonce=self._nonce())
+        self._put(_Open(node_id, lease, -1, duplicate=False, allowance=deadline_s))
+        return lease
+
     def restore(self, consumed: Sequence[int]) -> None:
         """Resume after a restart: replay the train shards already accepted (in the order
         they were accepted) so the pool goes on where it stopped, epochs included."""

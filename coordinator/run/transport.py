@@ -16,7 +16,8 @@ from flwr.serverapp import Grid
 __all__ = ["FlowerTransport", "Reply", "Transport", "MESSAGE_TYPES"]
 
 # Flower routes "<action>.<name>" to @app.<action>("<name>") on the ClientApp.
-MESSAGE_TYPES = {"train": "train.shard", "eval": "evaluate.shard"}
+# A tasks lease is an evaluation too: the node's evaluate handler reads its kind off the lease.
+MESSAGE_TYPES = {"train": "train.shard", "eval": "evaluate.shard", "tasks": "evaluate.shard"}
 
 
 @dataclass(frozen=True)

@@ -16,11 +16,15 @@ Checks run cheapest first and stop at the first failure, each with its own
                           ``[compression]`` and the model's shapes declare (names, dtypes,
                           counts, scales or values out of range, indices out of order)
     shape_mismatch        train: names/shapes/dtypes differ from the model; eval: anything
-                          but one float64 ``window_loss`` array of one value per window
+                          but one float64 ``window_loss`` array of one value per window;
+                          tasks: anything but 1 to the lease's task count ``task:<name>``
+                          float64 (requests, 2) arrays
     non_finite            NaN or infinity in an array
     norm_bound            train: L2 norm over all arrays above max_norm
     metrics_inconsistent  reported steps/tokens/losses disagree with the lease; eval: a
-                          negative window, or windows that do not sum to the claimed total
+                          negative window, or windows that do not sum to the claimed total;
+                          tasks: a positive log-likelihood, a greedy flag not 0 or 1, or
+                          log-likelihoods that do not sum to the claimed total
     malformed             anything unexpected (hostile input never raises)
 """
 
@@ -37,6 +41,7 @@ from protocol.digest import digest_arrays
 from protocol.errors import ProtocolError, Reason
 from protocol.messages import EVAL_WINDOWS, Kind, Lease, Update, eval_window_count
 from protocol.signing import verify_update
+from training.evals.answers import PREFIX as ANSWERS_PREFIX
 
 __all__ = ["Expected", "Ruling", "verify"]
 
@@ -127,6 +132,8 @@ def _verify(update: Update, arrays: Mapping[str, np.ndarray], exp: Expected
            Reason.DIGEST_MISMATCH, "arrays do not match the signed arrays_digest")
     if lease.kind == Kind.EVAL:
         _check_windows(arrays, lease)
+    elif lease.kind == Kind.TASKS:
+        _check_answers(arrays, lease)
     else:
         arrays = _decode(arrays, exp)
         _check_shapes(arrays, exp.shapes)
@@ -148,6 +155,8 @@ def _verify(update: Update, arrays: Mapping[str, np.ndarray], exp: Expected
     _check_metrics(update, lease)
     if lease.kind == Kind.EVAL:
         _check_window_total(arrays[EVAL_WINDOWS], update)
+    elif lease.kind == Kind.TASKS:
+        _check_answer_total(arrays, update)
     return norm, dict(arrays)
 
 
@@ -204,6 +213,34 @@ def _check_window_total(windows: np.ndarray, update: Update) -> None:
            f"({m.loss_before:.6g} x {m.tokens} tokens)")
 
 
+def _check_answers(arrays: Mapping[str, np.ndarray], lease: Lease) -> None:
+    """A tasks reply carries one float64 (requests, 2) answers array per task, at most as many
+    as the lease's bundle holds (``training.evals.answers``; which tasks and how many
+    requests each is the task judge's to check, with lm-eval)."""
+    names = sorted(arrays)
+    _check(0 < len(names) <= lease.data_end, Reason.SHAPE_MISMATCH,
+           f"tasks reply carries {len(names)} arrays, the bundle holds {lease.data_end} tasks")
+    for name in names:
+        a = arrays[name]
+        _check(name.startswith(ANSWERS_PREFIX), Reason.SHAPE_MISMATCH,
+               f"tasks reply carries array {name[:80]!r}, expected {ANSWERS_PREFIX}<task>")
+        _check(a.dtype == np.dtype("<f8") and a.ndim == 2 and a.shape[1] == 2 and a.shape[0] > 0,
+               Reason.SHAPE_MISMATCH, f"{name[:80]} must be float64 (requests, 2), got "
+               f"{a.dtype.str} {tuple(a.shape)}")
+
+
+def _check_answer_total(arrays: Mapping[str, np.ndarray], update: Update) -> None:
+    m, bad = update.metrics, Reason.METRICS_INCONSISTENT
+    lls = np.concatenate([a[:, 0] for a in arrays.values()])
+    greedy = np.concatenate([a[:, 1] for a in arrays.values()])
+    _check(bool((lls <= 0).all()), bad, "an answer has a positive log-likelihood")
+    _check(bool(np.isin(greedy, (0.0, 1.0)).all()), bad, "a greedy flag is not 0 or 1")
+    total, claimed = -float(lls.sum()), float(m.loss_before) * m.tokens
+    _check(abs(total - claimed) <= _TOTAL_RTOL * max(1.0, abs(total)), bad,
+           f"answers sum to {total:.6g} nats, the reply claims {claimed:.6g} "
+           f"({m.loss_before:.6g} x {m.tokens} tokens)")
+
+
 def _check_shapes(arrays: Mapping[str, np.ndarray],
                   shapes: Mapping[str, tuple[tuple[int, ...], str]]) -> None:
     missing, extra = sorted(set(shapes) - set(arrays)), sorted(set(arrays) - set(shapes))
@@ -229,7 +266,10 @@ def _check_metrics(update: Update, lease: Lease) -> None:
                f"reported {m.steps} steps, lease asked for {lease.inner_steps}")
         _check(m.tokens == want, bad, f"reported {m.tokens} tokens, lease implies {want}")
         return
+    _check(m.steps == 0, bad, f"{lease.kind} reported {m.steps} steps, must be 0")
+    _check(m.loss_before == m.loss_after, bad, f"{lease.kind} loss_before and loss_after differ")
+    if lease.kind == Kind.TASKS:  # the judge counts the requests' tokens itself
+        _check(m.tokens > 0, bad, "tasks reported no tokens")
+        return
     span = lease.data_end - lease.data_start - 1  # predictions: every token but the first
-    _check(m.steps == 0, bad, f"eval reported {m.steps} steps, must be 0")
     _check(m.tokens == span, bad, f"eval reported {m.tokens} tokens, range predicts {span}")
-    _check(m.loss_before == m.loss_after, bad, "eval loss_before and loss_after differ")

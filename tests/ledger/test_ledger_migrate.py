@@ -1,5 +1,5 @@
-"""A ledger made before a lease could be handed back: opening it for writing widens its
-``ck_leases_status`` constraint (``coordinator.ledger.migrate``), keeping every row, index and
+"""A ledger made before a lease could be handed back, or be a tasks lease: opening it for
+writing widens its ``ck_leases_status`` and ``ck_leases_kind`` constraints (``coordinator.ledger.migrate``), keeping every row, index and
 foreign key; a hand-back then closes a lease without counting against its node."""
 
 from __future__ import annotations
@@ -11,25 +11,27 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.schema import CreateIndex, CreateTable
 
 from coordinator.ledger import Ledger
-from coordinator.ledger.models import LEASE_STATUSES, TABLES
+from coordinator.ledger.models import LEASE_KINDS, LEASE_STATUSES, TABLES
 from coordinator.services.views import network_view
 from protocol.errors import LedgerError
 from tests.ledger.conftest import Make
 
 OLD = "'issued', 'answered', 'expired', 'failed'"  # the statuses before handed_back
+OLD_KINDS = "'train', 'eval'"  # the lease kinds before tasks leases
 
 
 def make_old_ledger(url: str) -> None:
     """The tables exactly as the models say, but leases' status check as first released."""
     engine = create_engine(url)
     new = ", ".join(f"'{s}'" for s in LEASE_STATUSES)
+    kinds = ", ".join(f"'{k}'" for k in LEASE_KINDS)
     try:
         with engine.begin() as conn:
             for table in TABLES:
                 ddl = str(CreateTable(table).compile(engine))
                 if table.name == "leases":
-                    assert new in ddl
-                    ddl = ddl.replace(new, OLD)
+                    assert new in ddl and kinds in ddl
+                    ddl = ddl.replace(new, OLD).replace(kinds, OLD_KINDS)
                 conn.exec_driver_sql(ddl)
             for table in TABLES:
                 for index in table.indexes:
@@ -55,6 +57,10 @@ def test_an_old_ledger_is_widened_and_keeps_its_rows(ledger_url: str) -> None:
         old.close_lease(failed.id, "failed", 160.0)
         with pytest.raises(LedgerError, match="refused"):
             old.close_lease(open_.id, "handed_back", 170.0)  # the old constraint says no
+        with pytest.raises(LedgerError, match="refused"):
+            old.record_lease(run_id="r", round=1, shard_id=0, kind="tasks", node_id=node.id,
+                             base_version=0, nonce="c" * 32, data_start=0, data_end=2,
+                             deadline=1.0)
         before = [(x.id, x.nonce, x.status, x.closed_at) for x in old.leases()]
 
     with Ledger(ledger_url) as led:  # opened for writing: brought up to date
@@ -62,6 +68,10 @@ def test_an_old_ledger_is_widened_and_keeps_its_rows(ledger_url: str) -> None:
         assert [(x.id, x.nonce, x.status, x.closed_at) for x in led.leases()] == before
         assert led.close_lease(open_.id, "handed_back", 170.0)
         assert led.lease(open_.id).status == "handed_back"
+        tasks = led.record_lease(run_id="r", round=1, shard_id=0, kind="tasks",
+                                 node_id=node.id, base_version=0, nonce="c" * 32,
+                                 data_start=0, data_end=2, deadline=1.0)
+        assert led.lease(tasks.id).kind == "tasks"
         # the rest of the table is as the models define it
         names = {ix["name"] for ix in inspect(led._engine).get_indexes("leases")}
         assert {"ix_leases_node_status", "ix_leases_status"} <= names
@@ -84,7 +94,8 @@ def test_an_old_ledger_is_widened_and_keeps_its_rows(ledger_url: str) -> None:
         assert led.updates()[0].lease_id == answered.id
 
     with Ledger(ledger_url) as again:  # a second opening finds nothing to do
-        assert [x.status for x in again.leases()] == ["answered", "failed", "handed_back"]
+        assert [x.status for x in again.leases()] == ["answered", "failed", "handed_back",
+                                                      "issued"]
 
 
 def test_a_handed_back_lease_counts_neither_for_nor_against_its_node(ledger: Ledger,

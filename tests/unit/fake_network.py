@@ -37,6 +37,11 @@ only the coordinator's recomputation of sampled windows or a quorum catches::
     eval_lie     every window a flat, low 0.25 nats per token        -> eval_mismatch
     eval_subtle  every window 3% below the honest loss               -> eval_mismatch
 
+and one about lm-eval tasks (a tasks lease), caught by recomputing sampled documents::
+
+    tasks_lie    every answer's log-likelihood halved (a model that looks
+                 twice as sure), the total made to match              -> eval_mismatch
+
 A misbehaviour applies to the message kinds in ``FakeNode.on`` (train only by default, eval
 only for the eval lies); for
 the other kinds the node is honest, so one node can e.g. train well but go silent in eval.
@@ -81,7 +86,7 @@ __all__ = ["BEHAVIOURS", "EVAL_LIES", "FakeClock", "FakeNode", "FakeTransport", 
 
 BEHAVIOURS = ("honest", "bf16", "wrong_key", "tamper", "nan", "replay", "late", "silent", "error",
               "sign_flip", "noise", "free_rider", "copy", "reuse", "stale", "stale_forged",
-              "partial", "eval_lie", "eval_subtle")
+              "partial", "eval_lie", "eval_subtle", "tasks_lie")
 EVAL_LIES = {"eval_lie": 0.25, "eval_subtle": 0.97}  # flat nats per token / factor on the truth
 T0 = 1_700_000_000.0
 NOISE_SCALE = 20.0
@@ -303,6 +308,11 @@ class FakeNode:
             update, arrays = self._parsed(reply)
         if how in EVAL_LIES and kind == "eval":
             return self._eval_lie(how, update, arrays), None, True
+        if how == "tasks_lie" and kind == "tasks":
+            lie = {k: a * np.array([0.5, 1.0]) for k, a in arrays.items()}
+            loss = -sum(float(a[:, 0].sum()) for a in lie.values()) / update.metrics.tokens
+            return self._signed(update, lie, metrics=dataclasses.replace(
+                update.metrics, loss_before=loss, loss_after=loss)), None, True
         # train: the pseudo-gradient the coordinator will decode (eval: the windows)
         plain = arrays
         if kind == "train":
@@ -357,7 +367,8 @@ def enroll(ledger: Ledger, specs: Iterable[str | tuple[str, Iterable[str]]],
     assert inst.id is not None
     nodes = []
     for i, spec in enumerate(specs, start=first):
-        default_on = ("eval",) if spec in EVAL_LIES else ("train",)
+        default_on = (("eval",) if spec in EVAL_LIES else ("tasks",) if spec == "tasks_lie"
+                      else ("train",))
         behaviour, on = (spec, default_on) if isinstance(spec, str) else spec
         assert behaviour in BEHAVIOURS, behaviour
         key = generate_key()

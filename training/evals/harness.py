@@ -35,7 +35,7 @@ import os
 import random
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from importlib import metadata
@@ -44,8 +44,8 @@ from typing import Any
 from protocol.errors import AtomError
 from training.evals.tasks import TaskFile
 
-__all__ = ["BOOTSTRAP_ITERS", "SEED", "TaskScore", "harness_name", "require_harness",
-           "rngs_kept", "run_tasks", "scores_of"]
+__all__ = ["BOOTSTRAP_ITERS", "SEED", "TaskScore", "eval_tokenizer", "evaluate_lm",
+           "harness_name", "require_harness", "rngs_kept", "run_tasks", "scores_of"]
 
 BOOTSTRAP_ITERS = 100  # resamples for the stderr of metrics with no closed form (perplexity)
 SEED = 1234  # lm-eval's default seeds, fixed
@@ -102,12 +102,35 @@ def run_tasks(model: Any, tokenizer: Any, tasks: Sequence[TaskFile], *, max_leng
     AtomError
         If lm-eval is not installed, or fails on the tasks (the first line of its error).
     """
+    def hflm() -> Any:
+        from lm_eval.models.huggingface import HFLM
+
+        return HFLM(pretrained=model, tokenizer=eval_tokenizer(tokenizer),
+                    batch_size=batch_size, device=device, max_length=max_length)
+
+    with _max_new_tokens_lifted(model):
+        results = evaluate_lm(hflm, tasks, bootstrap_iters=bootstrap_iters, seed=seed)
+    return scores_of(results, {t.name: t.digest for t in tasks})
+
+
+def evaluate_lm(make_lm: Callable[[], Any], tasks: Sequence[TaskFile], *,
+                bootstrap_iters: int = BOOTSTRAP_ITERS, seed: int = SEED,
+                samples: dict[str, list[int]] | None = None) -> dict[str, Any]:
+    """lm-eval's ``simple_evaluate`` results of ``tasks`` (only the documents ``samples``
+    names per task, when given) on the lm-eval model ``make_lm()`` builds, run offline, quiet,
+    with fixed seeds and the global RNGs restored (module docstring).
+
+    Raises
+    ------
+    AtomError
+        If lm-eval is not installed, or fails on the tasks (the first line of its error; an
+        ``AtomError`` raised inside, e.g. by the model, as it is).
+    """
     require_harness()
     with tempfile.TemporaryDirectory(prefix="atom-evals-") as cache, _offline(), \
-            rngs_kept(), _quiet(), _max_new_tokens_lifted(model):
+            rngs_kept(), _quiet():
         try:
             import lm_eval
-            from lm_eval.models.huggingface import HFLM
             from lm_eval.tasks import TaskManager
         except ImportError as exc:
             raise AtomError(f"lm-eval cannot be imported ({exc}): {INSTALL}") from None
@@ -115,19 +138,18 @@ def run_tasks(model: Any, tokenizer: Any, tasks: Sequence[TaskFile], *, max_leng
         configs = [dict(t.config, dataset_kwargs={**t.config["dataset_kwargs"],
                                                   "cache_dir": cache}) for t in tasks]
         try:
-            lm = HFLM(pretrained=model, tokenizer=_eval_tokenizer(tokenizer),
-                      batch_size=batch_size, device=device, max_length=max_length)
             results = lm_eval.simple_evaluate(
-                model=lm, tasks=configs, task_manager=TaskManager(include_defaults=False),
+                model=make_lm(), tasks=configs, task_manager=TaskManager(include_defaults=False),
                 log_samples=False, bootstrap_iters=bootstrap_iters, random_seed=seed,
-                numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+                numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+                samples=samples)
         except AtomError:
             raise
         except Exception as exc:  # lm-eval's own checks raise anything: one line for the user
             raise AtomError(f"lm-eval failed: {_first_line(exc)}") from exc
     if results is None:
         raise AtomError("lm-eval returned no results")
-    return scores_of(results, {t.name: t.digest for t in tasks})
+    return results
 
 
 def scores_of(results: dict[str, Any], digests: dict[str, str]) -> list[TaskScore]:
@@ -156,7 +178,7 @@ def _number(value: Any) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def _eval_tokenizer(tokenizer: Any) -> Any:
+def eval_tokenizer(tokenizer: Any) -> Any:
     """``tokenizer``, or a copy with its newline token as end-of-text when it has none
     (module docstring)."""
     if tokenizer.eos_token_id is not None:
