@@ -69,6 +69,14 @@ _AHEAD = 8  # shard blobs an idle pass writes for the leases to come
 _HANDBACK_S = (10.0, 3600.0)
 
 
+def _blobs_of(lease: Lease) -> tuple[str, ...]:
+    """The blobs a node fetches for ``lease``: its base and data (a tasks lease's data is
+    the task bundle, and it reads the run's tokenizer too)."""
+    if lease.kind == Kind.TASKS:
+        return lease.base_digest, lease.data_digest, lease.tokenizer_digest
+    return lease.base_digest, lease.data_digest
+
+
 @dataclass
 class RunLoop:
     cfg: RunConfig
@@ -420,7 +428,7 @@ class RunLoop:
                 row_id = next(row_ids)
                 self._publish(lease)
                 nxt = leases[i + 1] if i + 1 < len(leases) else None
-                prefetch = [d for d in (nxt.base_digest, nxt.data_digest)
+                prefetch = [d for d in _blobs_of(nxt)
                             if d not in (lease.base_digest, lease.data_digest)] if nxt else []
                 content = work_content(lease, self.arch, self.cfg.network.blob_mirrors,
                                        self.codec, prefetch=list(dict.fromkeys(prefetch)),
