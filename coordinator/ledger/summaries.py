@@ -21,7 +21,8 @@ __all__ = ["NodeSummary", "node_summaries_query"]
 class NodeSummary:
     """What one node has contributed so far.
 
-    ``tokens`` counts accepted train tokens, ``eval_tokens`` accepted eval tokens;
+    ``tokens`` counts accepted train tokens, ``eval_tokens`` accepted evaluation tokens
+    (validation windows and lm-eval tasks);
     ``credits`` is the sum of the node's credit entries. ``trust`` is
     ``coordinator.verify.trust.trust_score`` of its train updates (derived from its record, so not
     part of equality).
@@ -61,8 +62,8 @@ def node_summaries_query(node_id: int | None = None) -> Select[Any]:
     train = col(LeaseRow.kind) == Kind.TRAIN.value
     lost = col(UpdateRow.reason).in_(sorted(Reason.MISMATCHES))
 
-    def accepted_tokens(kind: str) -> Any:
-        wanted = and_(accepted, col(LeaseRow.kind) == kind)
+    def accepted_tokens(*kinds: str) -> Any:
+        wanted = and_(accepted, col(LeaseRow.kind).in_(kinds))
         return func.sum(case((wanted, col(UpdateRow.tokens)), else_=0))
 
     def count(condition: Any) -> Any:
@@ -73,8 +74,8 @@ def node_summaries_query(node_id: int | None = None) -> Select[Any]:
             col(UpdateRow.node_id).label("node_id"),
             func.sum(case((accepted, 1), else_=0)).label("accepted"),
             func.sum(case((accepted, 0), else_=1)).label("rejected"),
-            accepted_tokens("train").label("tokens"),
-            accepted_tokens("eval").label("eval_tokens"),
+            accepted_tokens(Kind.TRAIN.value).label("tokens"),
+            accepted_tokens(Kind.EVAL.value, Kind.TASKS.value).label("eval_tokens"),
             count(and_(train, accepted)).label("train_accepted"),
             # a lost eval check counts like a lost spot check (coordinator.verify.trust)
             count(or_(and_(train, col(UpdateRow.verdict) != Verdict.ACCEPTED.value), lost))

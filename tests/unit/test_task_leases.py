@@ -236,6 +236,10 @@ def test_a_node_runs_the_tasks_and_its_answers_become_the_versions_scores(
         assert "documents recomputed" in u.detail
     credits = {c.update_id for c in net.ledger.credits()}
     assert all(updates[x.id].id in credits for x in leases)  # paid like an evaluation
+    kinds = {x.id: x.kind for x in net.ledger.leases()}
+    evaluated = sum(u.tokens for u in updates.values()
+                    if kinds[u.lease_id] != "train" and u.verdict == "accepted")
+    assert sum(s.eval_tokens for s in net.ledger.node_summaries()) == evaluated
     # the scores are lm-eval's on the version itself, measured here directly
     version = net.ledger.versions()[-1]
     arrays, _ = load_checkpoint(version.path)
