@@ -49,10 +49,8 @@ from __future__ import annotations
 import argparse
 import bisect
 import cProfile
-import contextlib
 import itertools
 import json
-import os
 import pstats
 import random
 import resource
@@ -71,6 +69,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "tests" / "unit")]
 
 from fake_network import T0, FakeNode, work_seconds  # noqa: E402
 from loop_world import build_test_corpus, run_toml  # noqa: E402
+from pg_schema import bench_ledger_url  # noqa: E402
 
 from coordinator import metrics  # noqa: E402
 from coordinator.accounting.credits import ReceiptIssuer  # noqa: E402
@@ -83,7 +82,6 @@ from protocol.blobstore import BlobDir  # noqa: E402
 from protocol.messages import parse_work  # noqa: E402
 from protocol.signing import fingerprint, generate_key, public_key_pem  # noqa: E402
 
-PG_URL = os.environ.get("ATOM_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 LEASE_S = 60.0  # fake seconds a 1x node's lease takes: small, realistic leases
 INNER_STEPS = 2
 STEP_TOKENS = 2 * 32  # the test run's batch_size x seq_len
@@ -308,17 +306,6 @@ def _pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
-@contextlib.contextmanager
-def _ledger_url(kind: str, tmp: Path) -> Iterator[str]:
-    if kind == "sqlite":
-        yield f"sqlite:///{tmp / 'ledger.db'}"
-        return
-    from pg_schema import fresh_schema  # the tests' private-schema helper
-
-    with fresh_schema(PG_URL, prefix="scale") as url:
-        yield url
-
-
 def run(nodes_n: int, steps: int, url: str, tmp: Path, *, institutions: int = 50,
         seed: int = 0, profile: int = 0, verify: str = "", train_keys: str = "",
         check_processes: int = 1) -> dict[str, Any]:
@@ -439,7 +426,7 @@ def main() -> int:
     kinds = ("sqlite", "postgresql") if a.ledger == "both" else (a.ledger,)
     results = []
     for kind in kinds:
-        with tempfile.TemporaryDirectory() as tmp, _ledger_url(kind, Path(tmp)) as url:
+        with tempfile.TemporaryDirectory() as tmp, bench_ledger_url(kind, Path(tmp), "scale") as url:
             r = run(a.nodes, a.steps, url, Path(tmp), institutions=a.institutions,
                     profile=a.profile, verify=a.verify.replace(";", "\n"),
                     train_keys=a.train.replace(";", "\n"),

@@ -1,15 +1,21 @@
-"""A private PostgreSQL schema for one test: created, handed out as a URL, dropped after."""
+"""A private PostgreSQL schema for one test (or benchmark run): created, handed out as a URL,
+dropped after."""
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-__all__ = ["fresh_schema"]
+__all__ = ["PG_URL", "bench_ledger_url", "fresh_schema"]
+
+# the database a benchmark's PostgreSQL ledger lives in (a fresh schema of it)
+PG_URL = os.environ.get("ATOM_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 
 @contextmanager
@@ -27,3 +33,13 @@ def fresh_schema(base: str, prefix: str = "t") -> Iterator[str]:
         with admin.connect() as conn:
             conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
         admin.dispose()
+
+
+@contextmanager
+def bench_ledger_url(kind: str, folder: Path, prefix: str) -> Iterator[str]:
+    """A benchmark's empty ledger: SQLite in ``folder``, or a fresh schema of ``PG_URL``."""
+    if kind == "sqlite":
+        yield f"sqlite:///{folder / 'ledger.db'}"
+        return
+    with fresh_schema(PG_URL, prefix=prefix) as url:
+        yield url

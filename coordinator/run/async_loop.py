@@ -42,7 +42,7 @@ from coordinator.run.batches import Sent, TrainBatch
 from coordinator.run.loop import Outbox, RunLoop
 from coordinator.verify.round_judge import Candidate
 from coordinator.verify.trust import (
-    NEW_NODE_TRUST, PROBATION_UPDATES, pick_checker, spot_check_rate,
+    NEW_NODE_TRUST, pick_checker, spot_check_rate,
 )
 
 __all__ = ["AsyncRunLoop", "make_run_loop"]
@@ -181,7 +181,7 @@ class AsyncRunLoop(RunLoop):
         batch = TrainBatch("train", self.store.version, cands=cands, screened_out=screened_out,
                            pairs=[p for p in buf.pairs
                                   if p[0].nonce in taken or p[1].nonce in taken],
-                           trust={s.node_id: s.trust for s in self.ledger.node_summaries()})
+                           trust=self._trust(fresh=True)[0])
         buf.cands = [c for c in buf.cands if c.lease.nonce not in taken]
         buf.screened_out = [x for x in buf.screened_out if x.nonce not in taken]
         buf.pairs = [p for p in buf.pairs if p not in batch.pairs]
@@ -196,14 +196,15 @@ class AsyncRunLoop(RunLoop):
         self._close_train(self.store.version + 1, batch)
         self._standing = None  # verdicts moved trust
 
-    def _trust(self) -> tuple[dict[int, float], set[int]]:
-        """The nodes' trust and those on probation, read again after an outer step or once
-        ``_STANDING_S`` old: read for every lease they were a third of the coordinator's
-        time at 200 nodes (bench/scale.py)."""
+    def _trust(self, fresh: bool = False) -> tuple[dict[int, float], set[int]]:
+        """The nodes' trust and those on probation (``coordinator.run.standing``), brought
+        up to date after an outer step, once ``_STANDING_S`` old, or when ``fresh``: read for
+        every lease they were a third of the coordinator's time at 200 nodes
+        (bench/scale.py)."""
         now = self.clock()
-        if self._standing is None or now - self._standing[0] >= _STANDING_S:
-            self._standing = (now, {s.node_id: s.trust for s in self.ledger.node_summaries()},
-                              self.ledger.lost_spot_check_within(PROBATION_UPDATES))
+        if fresh or self._standing is None or now - self._standing[0] >= _STANDING_S:
+            self.standing.refresh()
+            self._standing = (now, self.standing.trust(), self.standing.probation())
         return self._standing[1], self._standing[2]
 
     def _step_arrays(self, c: Candidate) -> dict[str, np.ndarray]:

@@ -44,6 +44,7 @@ from coordinator.run.batches import Batch, EvalBatch, Sent, TaskBatch, TrainBatc
 from coordinator.run.model_store import ModelStore
 from coordinator.run.roster import Roster
 from coordinator.run.scheduler import Scheduler
+from coordinator.run.standing import Standing
 from coordinator.run.task_evals import TaskEvals
 from coordinator.run.staleness import update_weight
 from coordinator.run.transport import Transport
@@ -52,7 +53,7 @@ from coordinator.verify.eval_judge import EvalJudge, plan_quorum, validation_los
 from coordinator.verify.record import record_judged, screen_reply
 from coordinator.verify.round_judge import Candidate, RoundJudge
 from coordinator.verify.scoring import CheckJob
-from coordinator.verify.trust import NEW_NODE_TRUST, PROBATION_UPDATES, plan_spot_checks
+from coordinator.verify.trust import NEW_NODE_TRUST, plan_spot_checks
 
 __all__ = ["RunLoop"]
 
@@ -127,6 +128,7 @@ class RunLoop:
                                          dataclasses.asdict(self.cfg.aggregation))
         self.arch = arch_of(self.store.spec)  # what every work message carries
         self.codec = self.cfg.codec()
+        self.standing = Standing(self.ledger)  # trust and probation, read incrementally
         self.judge = RoundJudge(self.cfg, self.ledger, self.store.spec, self.tokens,
                                 self.corpus.val_range, self.rng, self.issuer)
         self._evaluated = {v.version for v in self.ledger.versions() if v.val_loss is not None}
@@ -244,8 +246,8 @@ class RunLoop:
 
     def _train_leases(self, rnd: int, work: Outbox) -> TrainBatch | None:
         end = self.clock() + self.cfg.run.wait_for_nodes_s
-        trust = {s.node_id: s.trust for s in self.ledger.node_summaries()}
-        probation = self.ledger.lost_spot_check_within(PROBATION_UPDATES)
+        self.standing.refresh()
+        trust, probation = self.standing.trust(), self.standing.probation()
         while True:
             by_id = {n.id: n for n in self.roster.eligible()}
             checks = plan_spot_checks(sorted(by_id), trust, self.cfg.verify.spot_check_rate,
