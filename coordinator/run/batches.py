@@ -53,6 +53,9 @@ class TaskBatch(Batch):
     """The tasks lease of one version (``coordinator.run.task_evals``): one lease, one node."""
 
     base: dict[str, np.ndarray] = field(default_factory=dict)
+    digest: str = ""  # the version's
+    round: int = 0  # its leases'
+    tried: list[int] = field(default_factory=list)  # the nodes leased it so far, this one last
 
 
 @dataclass(frozen=True)

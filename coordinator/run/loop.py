@@ -371,10 +371,15 @@ class RunLoop:
         return bool(self._evals) or (self.task_evals is not None and self.task_evals.out)
 
     def _finish_evals(self) -> None:
-        """At the run's end: every evaluation answered, and its tasks verdicts recorded."""
-        self._collect(lambda: not self._evals_open())
-        if self.task_evals is not None:
+        """At the run's end: every evaluation answered, and its tasks verdicts recorded (a
+        rejected one leased again, until a node's answers stand or ``MAX_TRIES``)."""
+        while True:
+            self._collect(lambda: not self._evals_open())
+            if self.task_evals is None:
+                return
             self.task_evals.finish()
+            if not self._retry_tasks():
+                return
 
     def _close_eval(self, batch: EvalBatch) -> None:
         """Judge a version's evaluation once every lease of it is answered, and publish the
@@ -540,6 +545,25 @@ class RunLoop:
                 self._settled(sent.batch)
         if self.task_evals is not None:
             self.task_evals.poll()
+            self._retry_tasks()
+
+    def _retry_tasks(self) -> bool:
+        """Lease again the lm-eval tasks whose last node failed them (to another node);
+        True if any went out."""
+        assert self.task_evals is not None
+        retries = self.task_evals.take_retries()
+        if not retries:
+            return False
+        work: Outbox = {}
+        ids = [n.id for n in self.roster.eligible()]
+        for b in retries:
+            got = self.task_evals.lease(b.round, b.version, b.digest, ids, b.base, b.tried)
+            if got is not None:
+                node, lease, batch = got
+                work.setdefault(node, []).append((lease, batch))
+        if work:
+            self._send(work)
+        return bool(work)
 
     def _publish_ahead(self, n: int = _AHEAD) -> None:
         """Write the next ``n`` pooled shards' blobs now, while the loop is idle: a blob

@@ -11,9 +11,10 @@ recomputed, a few seconds on a CPU) — in the loop itself when the run checks r
 (``[verify] check_processes = 0``: the same verdicts in every run, as tests want) — and
 ``poll``, on the loop's thread, records the verdict —
 credit like an evaluation, or the mismatch penalty — and, if it stands, the version's task
-scores, in one transaction. A lease that fails, expires or is rejected leaves the version
-without node-measured scores (an event says so); ``atom-coordinator eval-tasks`` measures
-it on the coordinator.
+scores, in one transaction. A lease that fails, expires or whose answers are rejected goes to
+another node (``MAX_TRIES`` nodes in all); after that the version has no node-measured
+scores (an event says so), and ``atom-coordinator eval-tasks`` measures it on the
+coordinator.
 
 Without lm-eval on the coordinator, or with a folder that has no log-likelihood task, the run
 goes on without tasks leases, and an event says why.
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,9 +49,11 @@ from coordinator.verify.reply import Ruling
 from coordinator.verify.round_judge import Candidate
 from coordinator.verify.task_judge import TaskCheck, TaskJudge
 
-__all__ = ["TaskEvals"]
+__all__ = ["MAX_TRIES", "TaskEvals"]
 
 log = logging.getLogger(__name__)
+
+MAX_TRIES = 3  # nodes a version's tasks are leased to before the coordinator gives up
 
 
 @dataclass
@@ -65,6 +68,7 @@ class TaskEvals:
     beside: bool = True  # judge on a thread beside the loop (False: in ``settled``)
     _checks: list[tuple[TaskBatch, Candidate, Future[TaskCheck]]] = field(default_factory=list)
     _open: int = 0  # tasks batches sent and not yet settled
+    _retries: list[TaskBatch] = field(default_factory=list)  # to lease to another node
     _pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(
         1, thread_name_prefix="task judge"))
 
@@ -103,8 +107,8 @@ class TaskEvals:
 
     @property
     def out(self) -> bool:
-        """A tasks lease is out (not yet answered, failed or expired)."""
-        return self._open > 0
+        """A tasks lease is out (not yet answered, failed or expired), or due again."""
+        return self._open > 0 or bool(self._retries)
 
     def due(self, version: int, round: int) -> bool:
         """Whether ``version`` (made in ``round``) gets a tasks lease: every ``tasks_every``-th,
@@ -113,17 +117,26 @@ class TaskEvals:
         return (every > 0 and version % every == 0) or round >= last or version >= last
 
     def lease(self, round: int, version: int, digest: str, node_ids: list[int],
-              base: dict[str, Any]) -> tuple[int, Lease, TaskBatch] | None:
-        """A tasks lease of ``version`` for one of ``node_ids`` (drawn at random), or None."""
-        if not node_ids:
+              base: dict[str, Any], tried: Sequence[int] = ()
+              ) -> tuple[int, Lease, TaskBatch] | None:
+        """A tasks lease of ``version`` for one of ``node_ids`` not ``tried`` yet (drawn at
+        random), or None."""
+        free = sorted(set(node_ids) - set(tried))
+        if not free:
             self.ledger.add_event("tasks", f"version {version}: no node to run the lm-eval "
-                                           "tasks")
+                                           "tasks" + (" (again)" if tried else ""))
             return None
-        node = self.rng.choice(sorted(node_ids))
+        node = self.rng.choice(free)
         lease = self.scheduler.lease_tasks(round, node, version, digest, self.bundle,
                                            len(self.judge.tasks), self.cfg.eval.tasks_deadline_s)
         self._open += 1
-        return node, lease, TaskBatch("tasks", version, base=base)
+        return node, lease, TaskBatch("tasks", version, base=base, digest=digest, round=round,
+                                      tried=[*tried, node])
+
+    def take_retries(self) -> list[TaskBatch]:
+        """The versions whose tasks go to another node now (their last try failed)."""
+        out, self._retries = self._retries, []
+        return out
 
     def settled(self, batch: TaskBatch) -> None:
         """The batch's lease is answered, failed or expired: judge what came back beside the
@@ -132,8 +145,7 @@ class TaskEvals:
         for lease in batch.screened_out:  # rejected when screened, recorded then
             self.scheduler.answered(lease, False)
         if not batch.cands:
-            self.ledger.add_event("tasks", f"version {batch.version}: the lm-eval tasks got no "
-                                           "answer that passed screening")
+            self._again(batch, "got no answer that passed screening")
             return
         c = batch.cands[0]
         assert c.judged.update is not None
@@ -187,3 +199,14 @@ class TaskEvals:
             self.ledger.add_event("tasks", f"version {batch.version}: lm-eval scores from "
                                            f"{c.node.name}'s answers ({check.detail})",
                                   node_id=c.node.id)
+        else:
+            self._again(batch, f"answers of {c.node.name} rejected ({check.reason})")
+
+    def _again(self, batch: TaskBatch, why: str) -> None:
+        """Lease ``batch``'s tasks to another node, if it has not had ``MAX_TRIES``."""
+        again = len(batch.tried) < MAX_TRIES
+        self.ledger.add_event("tasks", f"version {batch.version}: the lm-eval tasks {why}; "
+                              + ("leased to another node" if again else
+                                 f"no scores from nodes after {len(batch.tried)} tries"))
+        if again:
+            self._retries.append(batch)

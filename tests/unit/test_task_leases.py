@@ -20,6 +20,7 @@ import pytest  # noqa: E402
 from loop_world import build_test_corpus, make_net  # noqa: E402
 
 from coordinator.export.hf import hf_tokenizer  # noqa: E402
+from coordinator.run.task_evals import MAX_TRIES  # noqa: E402
 from coordinator.verify.reply import Expected, verify  # noqa: E402
 from coordinator.verify.task_judge import TaskJudge  # noqa: E402
 from protocol.errors import AtomError, ConfigError, ProtocolError, Reason  # noqa: E402
@@ -41,6 +42,7 @@ from training.state import init_arrays  # noqa: E402
 pytest.importorskip("lm_eval", reason="the evals extra: pip install -e '.[evals]'")
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "docs" / "tasks"
+SEED_ALL_THREE = 0  # a loop seed whose draws lease the tasks to the honest node last
 ARCH = {"vocab_size": 256, "block_size": 64, "n_layer": 2, "n_head": 2, "n_embd": 32}
 
 
@@ -292,3 +294,29 @@ def test_the_asynchronous_loop_leases_the_last_versions_tasks(
     leases = [x for x in net.ledger.leases() if x.kind == Kind.TASKS]
     assert [x.base_version for x in leases] == [2]
     assert net.ledger.task_scores(2)
+
+
+def test_tasks_a_node_failed_or_lied_about_go_to_another_node(
+        tmp_path: Path, corpus: CorpusInfo) -> None:
+    net = make_net(tmp_path, corpus, [("error", ("tasks",)), "tasks_lie", "honest"], rounds=1,
+                   extra=_tasks_section(), seed=SEED_ALL_THREE)
+    net.run()
+    leases = sorted((x for x in net.ledger.leases() if x.kind == Kind.TASKS),
+                    key=lambda x: x.id)
+    assert len(leases) == 3 and len({x.node_id for x in leases}) == 3, leases
+    honest = next(n for n in net.nodes if n.behaviour == "honest")
+    assert leases[-1].node_id == honest.id  # tried until the honest node's answers stood
+    verdicts = {u.lease_id: u.verdict for u in net.ledger.updates()}
+    assert verdicts[leases[-1].id] == "accepted"
+    assert all(verdicts.get(x.id) != "accepted" for x in leases[:-1])
+    assert net.ledger.task_scores(leases[-1].base_version)
+
+
+def test_after_max_tries_the_version_has_no_node_scores(
+        tmp_path: Path, corpus: CorpusInfo) -> None:
+    net = make_net(tmp_path, corpus, ["tasks_lie"] * 4, rounds=1, extra=_tasks_section())
+    net.run()
+    leases = [x for x in net.ledger.leases() if x.kind == Kind.TASKS]
+    assert len(leases) == MAX_TRIES and len({x.node_id for x in leases}) == MAX_TRIES
+    assert net.ledger.task_scores(leases[0].base_version) == []
+    assert any(f"after {MAX_TRIES} tries" in e.message for e in net.ledger.events())
