@@ -320,3 +320,11 @@ def test_after_max_tries_the_version_has_no_node_scores(
     assert len(leases) == MAX_TRIES and len({x.node_id for x in leases}) == MAX_TRIES
     assert net.ledger.task_scores(leases[0].base_version) == []
     assert any(f"after {MAX_TRIES} tries" in e.message for e in net.ledger.events())
+
+
+def test_the_task_lease_bench_times_every_side_and_the_judge_accepts() -> None:
+    from tests.bench_module import load_bench
+
+    out = load_bench("task_lease").run("tiny", EXAMPLE, repeats=1, check_docs=1, batch_size=2)
+    assert out["requests"] == 37 and out["tokens"] > 0 and out["tasks"] == 2
+    assert min(out["direct_s"], out["answer_s"], out["replay_s"], out["judge_s"]) > 0
