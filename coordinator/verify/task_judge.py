@@ -12,8 +12,10 @@ total. ``TaskJudge.check`` then:
    run's unpredictable RNG, answered again by the coordinator's own copy of the version;
    every answer of those documents must agree (the log-likelihood within ``[verify]
    eval_tolerance`` of the recomputation, relative, or absolute below 1 nat; the greedy flag
-   equal), or the reply is ``eval_mismatch`` and pays the mismatch penalty as a lying
-   evaluation does.
+   equal where a metric reads it: ``loglikelihood`` tasks' ``acc``, not ``multiple_choice``,
+   whose near-ties on another device would reject an honest node for a flag no score uses),
+   or the reply is ``eval_mismatch`` and pays the mismatch penalty as a lying evaluation
+   does.
 
 A node that changes the answers of ``m`` of a task's ``n`` documents escapes ``k`` sampled
 documents with chance about ``(1 - m/n)^k``; to move an accuracy by ``m/n`` it must lie on
@@ -94,6 +96,8 @@ class TaskJudge:
         model, spec = to_transformers(base, self.arch)
         truth = recompute(model, self.tokenizer, self.tasks, picks,
                           max_length=spec.block_size, batch_size=self.batch_size)
+        greedy_read = {t.name for t in self.tasks
+                       if t.config.get("output_type") == "loglikelihood"}
         off, n = [], 0
         for task, got in sorted(truth.items()):
             row = {k: i for i, k in enumerate(keys[task])}
@@ -103,7 +107,8 @@ class TaskJudge:
                 if key not in row:  # the replay asked for every request: cannot happen
                     raise AtomError(f"task {task!r}: request {key} was not replayed")
                 c_ll, c_greedy = claimed[row[key]]
-                if abs(c_ll - ll) > self.tolerance * max(abs(ll), 1.0) or bool(c_greedy) != greedy:
+                flag_off = task in greedy_read and bool(c_greedy) != greedy
+                if abs(c_ll - ll) > self.tolerance * max(abs(ll), 1.0) or flag_off:
                     off.append((task, key, c_ll, ll, bool(c_greedy), greedy))
         if not off:
             return ""

@@ -328,3 +328,42 @@ def test_the_task_lease_bench_times_every_side_and_the_judge_accepts() -> None:
     out = load_bench("task_lease").run("tiny", EXAMPLE, repeats=1, check_docs=1, batch_size=2)
     assert out["requests"] == 37 and out["tokens"] > 0 and out["tasks"] == 2
     assert min(out["direct_s"], out["answer_s"], out["replay_s"], out["judge_s"]) > 0
+
+
+LOGLIKELIHOOD_YAML = """task: atom_next
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: next.jsonl
+output_type: loglikelihood
+test_split: test
+doc_to_text: "{{context}}"
+doc_to_target: "{{target}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def test_a_greedy_flag_is_checked_only_where_a_metric_reads_it(
+        tmp_path: Path, tasks: list, model_and_tokenizer, answered) -> None:
+    _, tok, arrays = model_and_tokenizer
+    # multiple choice: acc compares the choices' log-likelihoods, the flag is read by nothing
+    answers, tokens = answered
+    flipped = {k: v.copy() for k, v in answers.items()}
+    flipped[PREFIX + "atom_python_mc"][:, 1] = 1.0 - flipped[PREFIX + "atom_python_mc"][:, 1]
+    judge = TaskJudge(tasks, tok, ARCH, check_docs=100, tolerance=0.01)
+    assert judge.check(arrays, flipped, tokens, seed=1).accepted
+    # a loglikelihood task's acc is the flag: a flipped one is a lie
+    (tmp_path / "next.yaml").write_text(LOGLIKELIHOOD_YAML)
+    (tmp_path / "next.jsonl").write_text('{"context": "def f(x):\\n    return", "target": " x"}\n'
+                                         '{"context": "import", "target": " os"}\n')
+    next_tasks = load_tasks(tmp_path)
+    model, _, _ = model_and_tokenizer
+    mine, mine_tokens = answer_tasks(model, tok, next_tasks, max_length=ARCH["block_size"])
+    judge = TaskJudge(next_tasks, tok, ARCH, check_docs=100, tolerance=0.01)
+    assert judge.check(arrays, mine, mine_tokens, seed=1).accepted
+    mine[PREFIX + "atom_next"][0, 1] = 1.0 - mine[PREFIX + "atom_next"][0, 1]
+    bad = judge.check(arrays, mine, mine_tokens, seed=1)
+    assert bad.reason == Reason.EVAL_MISMATCH and "greedy" in bad.detail
