@@ -417,7 +417,7 @@ class EvalParams:
                              placeholder='"<folder>"')
     tasks_every: int = _opt(0, _non_negative_int, "with tasks: a node also runs them on every "
                             "N-th version (0: on the last version only)")
-    tasks_check_docs: int = _opt(2, _non_negative_int, "documents per task whose answers the "
+    tasks_check_docs: int = _opt(2, _positive_int, "documents per task whose answers the "
                                  "coordinator recomputes to check a node's tasks reply")
     tasks_deadline_s: float = _opt(900.0, _positive, "seconds a node has to answer a tasks "
                                    "lease")

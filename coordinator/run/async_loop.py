@@ -57,8 +57,8 @@ _LOOK_S = 1.0  # how often the loop reads who is online (each read touches every
 # seconds of replies' own checks per pass, between taking replies and leasing: what a node
 # that just answered may wait for its next lease beyond the pass itself
 _PREPARE_S = 0.02
-# how long the nodes' trust and probation may be reused between outer steps (each read
-# aggregates the whole ledger; verdicts that move them are made mostly at steps)
+# how long the nodes' trust and probation may be reused between outer steps (each read is a
+# query for the verdicts since the last; those that move them are made mostly at steps)
 _STANDING_S = 10.0
 
 

@@ -372,7 +372,17 @@ class RunLoop:
 
     def _finish_evals(self) -> None:
         """At the run's end: every evaluation answered, and its tasks verdicts recorded (a
-        rejected one leased again, until a node's answers stand or ``MAX_TRIES``)."""
+        rejected one leased again, until a node's answers stand or ``MAX_TRIES``). The last
+        version gets its tasks lease here if it had none (its round accepted nothing, so it
+        was made, and evaluated, a round earlier; or a restart lost the lease)."""
+        tasks, version = self.task_evals, self.store.version
+        if tasks is not None and not tasks.leased(version) \
+                and not self.ledger.task_scores(version):
+            got = tasks.lease(self.ledger.latest_version().round, version, self.store.digest,
+                              [n.id for n in self.roster.eligible()], self.store.arrays)
+            if got is not None:
+                node, lease, batch = got
+                self._send({node: [(lease, batch)]})
         while True:
             self._collect(lambda: not self._evals_open())
             if self.task_evals is None:
@@ -505,7 +515,10 @@ class RunLoop:
         if self.checker.dead:  # the loop checks from now on
             self.ledger.add_event("run", "the checker processes are gone: the run loop "
                                          "checks the replies itself")
-            self.close()
+            self.checker.close()
+            self.checker = None
+            if self.task_evals is not None:  # its checks train on the global RNGs, which a
+                self.task_evals.beside = False  # judge thread saves and restores: no overlap
             return self._prepare(budget_s)
         return False
 

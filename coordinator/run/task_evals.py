@@ -69,6 +69,7 @@ class TaskEvals:
     _checks: list[tuple[TaskBatch, Candidate, Future[TaskCheck]]] = field(default_factory=list)
     _open: int = 0  # tasks batches sent and not yet settled
     _retries: list[TaskBatch] = field(default_factory=list)  # to lease to another node
+    _versions: set[int] = field(default_factory=set)  # versions leased in this process
     _pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(
         1, thread_name_prefix="task judge"))
 
@@ -130,8 +131,13 @@ class TaskEvals:
         lease = self.scheduler.lease_tasks(round, node, version, digest, self.bundle,
                                            len(self.judge.tasks), self.cfg.eval.tasks_deadline_s)
         self._open += 1
+        self._versions.add(version)
         return node, lease, TaskBatch("tasks", version, base=base, digest=digest, round=round,
                                       tried=[*tried, node])
+
+    def leased(self, version: int) -> bool:
+        """Whether ``version``'s tasks were leased since this loop started."""
+        return version in self._versions
 
     def take_retries(self) -> list[TaskBatch]:
         """The versions whose tasks go to another node now (their last try failed)."""

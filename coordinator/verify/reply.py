@@ -203,13 +203,18 @@ _TOTAL_RTOL = 1e-9
 
 
 def _check_window_total(windows: np.ndarray, update: Update) -> None:
-    m = update.metrics
     _check(bool((windows >= 0).all()), Reason.METRICS_INCONSISTENT,
            "an eval window has a negative loss")
-    total, claimed = float(windows.sum()), float(m.loss_before) * m.tokens
+    _check_total(float(windows.sum()), update, "windows")
+
+
+def _check_total(total: float, update: Update, what: str) -> None:
+    """``total`` nats (of the reply's ``what``) are its claimed mean loss x tokens."""
+    m = update.metrics
+    claimed = float(m.loss_before) * m.tokens
     _check(abs(total - claimed) <= _TOTAL_RTOL * max(1.0, abs(total)),
            Reason.METRICS_INCONSISTENT,
-           f"windows sum to {total:.6g} nats, the reply claims {claimed:.6g} "
+           f"{what} sum to {total:.6g} nats, the reply claims {claimed:.6g} "
            f"({m.loss_before:.6g} x {m.tokens} tokens)")
 
 
@@ -230,15 +235,12 @@ def _check_answers(arrays: Mapping[str, np.ndarray], lease: Lease) -> None:
 
 
 def _check_answer_total(arrays: Mapping[str, np.ndarray], update: Update) -> None:
-    m, bad = update.metrics, Reason.METRICS_INCONSISTENT
+    bad = Reason.METRICS_INCONSISTENT
     lls = np.concatenate([a[:, 0] for a in arrays.values()])
     greedy = np.concatenate([a[:, 1] for a in arrays.values()])
     _check(bool((lls <= 0).all()), bad, "an answer has a positive log-likelihood")
     _check(bool(np.isin(greedy, (0.0, 1.0)).all()), bad, "a greedy flag is not 0 or 1")
-    total, claimed = -float(lls.sum()), float(m.loss_before) * m.tokens
-    _check(abs(total - claimed) <= _TOTAL_RTOL * max(1.0, abs(total)), bad,
-           f"answers sum to {total:.6g} nats, the reply claims {claimed:.6g} "
-           f"({m.loss_before:.6g} x {m.tokens} tokens)")
+    _check_total(-float(lls.sum()), update, "answers")
 
 
 def _check_shapes(arrays: Mapping[str, np.ndarray],

@@ -12,10 +12,13 @@ total. ``TaskJudge.check`` then:
    run's unpredictable RNG, answered again by the coordinator's own copy of the version;
    every answer of those documents must agree (the log-likelihood within ``[verify]
    eval_tolerance`` of the recomputation, relative, or absolute below 1 nat; the greedy flag
-   equal where a metric reads it: ``loglikelihood`` tasks' ``acc``, not ``multiple_choice``,
-   whose near-ties on another device would reject an honest node for a flag no score uses),
-   or the reply is ``eval_mismatch`` and pays the mismatch penalty as a lying evaluation
-   does.
+   equal where a metric reads it (``answers.reads_greedy``: a ``loglikelihood`` task's
+   ``acc``, a multiple-choice ``exact_match``; elsewhere a near-tie on another device would
+   reject an honest node for a flag no score uses), or the reply is ``eval_mismatch`` and
+   pays the mismatch penalty as a lying evaluation does. The recomputed documents are
+   answered in the same lm-eval pass as the replay, on the requests the node was given
+   (few-shot contexts included). Answers lm-eval cannot aggregate (an absurd log-likelihood
+   overflowing a perplexity) are ``metrics_inconsistent``, once the sample has been judged.
 
 A node that changes the answers of ``m`` of a task's ``n`` documents escapes ``k`` sampled
 documents with chance about ``(1 - m/n)^k``; to move an accuracy by ``m/n`` it must lie on
@@ -25,15 +28,16 @@ its own work and records what it returns.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from protocol.errors import AtomError, Reason
-from training.evals.answers import PREFIX, AnswerMismatch, recompute, score_answers
+from protocol.errors import Reason
+from training.evals.answers import (
+    PREFIX, AnswerMismatch, Recheck, Replayed, reads_greedy, score_answers,
+)
 from training.evals.harness import TaskScore
 from training.evals.tasks import TaskFile
 
@@ -66,46 +70,37 @@ class TaskJudge:
               tokens: int, seed: int) -> TaskCheck:
         """Judge ``answers`` (claiming ``tokens``) to the tasks on version ``base``; ``seed``
         draws the documents recomputed (drawn by the caller from the run's RNG)."""
+        from training.hf_convert import to_transformers  # torch, transformers: only here
+
+        model, spec = to_transformers(base, self.arch)
+        recheck = Recheck(model, self.check_docs, seed, spec.block_size, self.batch_size)
         try:
-            replayed = score_answers(self.tasks, answers, self.tokenizer)
+            replayed = score_answers(self.tasks, answers, self.tokenizer, recheck)
         except AnswerMismatch as err:
             return TaskCheck(Reason.SHAPE_MISMATCH, str(err))
         if replayed.tokens != tokens:
             return TaskCheck(Reason.METRICS_INCONSISTENT,
                              f"reported {tokens} tokens, the requests take {replayed.tokens}")
-        rng = random.Random(seed)
-        picks = {}
-        for task, keys in sorted(replayed.keys.items()):
-            docs = sorted({doc for doc, _ in keys})
-            picks[task] = sorted(rng.sample(docs, min(self.check_docs, len(docs))))
-        checked = sum(len(d) for d in picks.values())
-        if checked:
-            wrong = self._recomputed(base, answers, replayed.keys, picks)
-            if wrong:
-                return TaskCheck(Reason.EVAL_MISMATCH, wrong)
+        wrong = self._compare(answers, replayed)
+        if wrong:
+            return TaskCheck(Reason.EVAL_MISMATCH, wrong)
+        checked = len({(t, doc) for t, got in replayed.rechecked.items() for doc, _ in got})
+        if replayed.scores is None:  # lm-eval could not aggregate what the node answered
+            return TaskCheck(Reason.METRICS_INCONSISTENT, "the answers could not be scored: "
+                             f"{replayed.error}")
         return TaskCheck(None, f"scored with lm-eval; {checked} documents recomputed",
                          tuple(replayed.scores))
 
-    def _recomputed(self, base: Mapping[str, np.ndarray], answers: Mapping[str, np.ndarray],
-                    keys: Mapping[str, list[tuple[int, int]]],
-                    picks: Mapping[str, list[int]]) -> str:
-        """'' if the answers of the ``picks`` documents agree with the coordinator's, else
-        what is off."""
-        from training.hf_convert import to_transformers  # torch, transformers: only here
-
-        model, spec = to_transformers(base, self.arch)
-        truth = recompute(model, self.tokenizer, self.tasks, picks,
-                          max_length=spec.block_size, batch_size=self.batch_size)
-        greedy_read = {t.name for t in self.tasks
-                       if t.config.get("output_type") == "loglikelihood"}
+    def _compare(self, answers: Mapping[str, np.ndarray], replayed: Replayed) -> str:
+        """'' if the node's answers to the rechecked documents agree with the coordinator's,
+        else what is off."""
+        greedy_read = {t.name for t in self.tasks if reads_greedy(t)}
         off, n = [], 0
-        for task, got in sorted(truth.items()):
-            row = {k: i for i, k in enumerate(keys[task])}
+        for task, got in sorted(replayed.rechecked.items()):
+            row = {k: i for i, k in enumerate(replayed.keys[task])}
             claimed = answers[PREFIX + task]
             for key, (ll, greedy) in sorted(got.items()):
                 n += 1
-                if key not in row:  # the replay asked for every request: cannot happen
-                    raise AtomError(f"task {task!r}: request {key} was not replayed")
                 c_ll, c_greedy = claimed[row[key]]
                 flag_off = task in greedy_read and bool(c_greedy) != greedy
                 if abs(c_ll - ll) > self.tolerance * max(abs(ll), 1.0) or flag_off:

@@ -101,7 +101,7 @@ def test_a_bundle_that_is_not_one_is_refused_before_anything_leaves_its_folder(
         tmp_path: Path, data: bytes, message: str) -> None:
     with pytest.raises(ProtocolError, match=message):
         unpack_tasks(data, tmp_path / "in")
-    assert not (tmp_path / "escape.jsonl").exists()
+    assert not list(tmp_path.rglob("escape.jsonl"))  # nothing written outside "in"/<task>
 
 
 def test_a_bundled_task_is_checked_again_on_the_node(tmp_path: Path) -> None:
@@ -367,3 +367,47 @@ def test_a_greedy_flag_is_checked_only_where_a_metric_reads_it(
     mine[PREFIX + "atom_next"][0, 1] = 1.0 - mine[PREFIX + "atom_next"][0, 1]
     bad = judge.check(arrays, mine, mine_tokens, seed=1)
     assert bad.reason == Reason.EVAL_MISMATCH and "greedy" in bad.detail
+
+
+def test_honest_answers_to_a_few_shot_task_pass_the_recomputation(
+        tmp_path: Path, model_and_tokenizer) -> None:
+    """lm-eval draws few-shot examples document after document from one seeded generator:
+    a recomputation over only the sampled documents would give them other contexts and
+    reject an honest node. The judge answers them on the node's very requests."""
+    model, tok, arrays = model_and_tokenizer
+    yaml = (EXAMPLE / "python_mc.yaml").read_text() + "num_fewshot: 2\n"
+    (tmp_path / "python_mc.yaml").write_text(yaml)
+    (tmp_path / "python_mc.jsonl").write_text((EXAMPLE / "python_mc.jsonl").read_text())
+    few = load_tasks(tmp_path)
+    answers, tokens = answer_tasks(model, tok, few, max_length=ARCH["block_size"])
+    for seed in range(3):
+        check = TaskJudge(few, tok, ARCH, check_docs=2, tolerance=0.01).check(
+            arrays, answers, tokens, seed=seed)
+        assert check.accepted, check.detail
+
+
+def test_an_absurd_answer_lm_eval_cannot_aggregate_is_a_rejection_not_a_crash(
+        tasks: list, model_and_tokenizer, answered) -> None:
+    _, tok, arrays = model_and_tokenizer
+    answers, tokens = answered
+    absurd = {k: v.copy() for k, v in answers.items()}
+    absurd[PREFIX + "atom_python_ppl"][0, 0] = -1e6  # exp() of its perplexity overflows
+    judge = TaskJudge(tasks, tok, ARCH, check_docs=1, tolerance=0.01)
+    reasons = {judge.check(arrays, absurd, tokens, seed=s).reason for s in range(4)}
+    # caught by the sample where document 0 is drawn, else refused when scoring fails
+    assert reasons <= {Reason.EVAL_MISMATCH, Reason.METRICS_INCONSISTENT} and reasons
+
+
+def test_the_last_version_gets_its_tasks_lease_even_when_it_was_not_due(
+        tmp_path: Path, corpus: CorpusInfo, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lock-step run whose last round accepted nothing made its last version a round
+    earlier, when it was not due (and a restart loses a lease in flight): the run's end
+    leases it then."""
+    from coordinator.run.task_evals import TaskEvals
+
+    monkeypatch.setattr(TaskEvals, "due", lambda self, version, round: False)
+    net = make_net(tmp_path, corpus, ["honest"], rounds=1, extra=_tasks_section())
+    net.run()
+    (lease,) = [x for x in net.ledger.leases() if x.kind == Kind.TASKS]
+    assert lease.base_version == net.store.version == 1
+    assert net.ledger.task_scores(1)
