@@ -375,14 +375,10 @@ class RunLoop:
         rejected one leased again, until a node's answers stand or ``MAX_TRIES``). The last
         version gets its tasks lease here if it had none (its round accepted nothing, so it
         was made, and evaluated, a round earlier; or a restart lost the lease)."""
-        tasks, version = self.task_evals, self.store.version
-        if tasks is not None and not tasks.leased(version) \
-                and not self.ledger.task_scores(version):
-            got = tasks.lease(self.ledger.latest_version().round, version, self.store.digest,
-                              [n.id for n in self.roster.eligible()], self.store.arrays)
-            if got is not None:
-                node, lease, batch = got
-                self._send({node: [(lease, batch)]})
+        if self.task_evals is not None:
+            s = self.store
+            self._retry_tasks(lambda: (self.ledger.latest_version().round, s.version, s.digest,
+                                       s.arrays))
         while True:
             self._collect(lambda: not self._evals_open())
             if self.task_evals is None:
@@ -560,20 +556,14 @@ class RunLoop:
             self.task_evals.poll()
             self._retry_tasks()
 
-    def _retry_tasks(self) -> bool:
-        """Lease again the lm-eval tasks whose last node failed them (to another node);
-        True if any went out."""
+    def _retry_tasks(self, last: Callable[[], tuple] | None = None) -> bool:
+        """Lease again the lm-eval tasks whose last node failed them, and the ``last()``
+        version's if it had none (``TaskEvals.more``); True if any went out."""
         assert self.task_evals is not None
-        retries = self.task_evals.take_retries()
-        if not retries:
-            return False
         work: Outbox = {}
-        ids = [n.id for n in self.roster.eligible()]
-        for b in retries:
-            got = self.task_evals.lease(b.round, b.version, b.digest, ids, b.base, b.tried)
-            if got is not None:
-                node, lease, batch = got
-                work.setdefault(node, []).append((lease, batch))
+        for node, lease, batch in self.task_evals.more(
+                lambda: [n.id for n in self.roster.eligible()], last):
+            work.setdefault(node, []).append((lease, batch))
         if work:
             self._send(work)
         return bool(work)

@@ -135,14 +135,26 @@ class TaskEvals:
         return node, lease, TaskBatch("tasks", version, base=base, digest=digest, round=round,
                                       tried=[*tried, node])
 
-    def leased(self, version: int) -> bool:
-        """Whether ``version``'s tasks were leased since this loop started."""
-        return version in self._versions
-
-    def take_retries(self) -> list[TaskBatch]:
-        """The versions whose tasks go to another node now (their last try failed)."""
-        out, self._retries = self._retries, []
-        return out
+    def more(self, node_ids: Callable[[], list[int]],
+             last: Callable[[], tuple[int, int, str, dict[str, Any]]] | None = None
+             ) -> list[tuple[int, Lease, TaskBatch]]:
+        """The tasks leases due beyond the evaluations': each version whose last try failed,
+        to a node of ``node_ids()`` that has not had it; and, at the run's end, the ``last()``
+        version ``(round, version, digest, arrays)`` if it had none since this loop started
+        and has no scores (its round accepted nothing, so it was made and evaluated a round
+        earlier; or a restart lost its lease)."""
+        retries, self._retries = self._retries, []
+        final = last() if last is not None else None
+        if final is not None and (final[1] in self._versions
+                                  or self.ledger.task_scores(final[1])):
+            final = None
+        if not retries and final is None:
+            return []
+        ids = node_ids()
+        got = [self.lease(b.round, b.version, b.digest, ids, b.base, b.tried) for b in retries]
+        if final is not None:
+            got.append(self.lease(*final[:3], ids, final[3]))
+        return [g for g in got if g is not None]
 
     def settled(self, batch: TaskBatch) -> None:
         """The batch's lease is answered, failed or expired: judge what came back beside the
