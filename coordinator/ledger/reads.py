@@ -244,6 +244,25 @@ class LedgerReads:
                 .where(recent.c.n <= last, recent.c.reason.in_(sorted(Reason.MISMATCHES))))
         return set(self._all(stmt))
 
+    def accepted_train_shards(self) -> list[tuple[int, int]]:
+        """``(round, shard_id)`` of every train lease with an accepted update, in lease order
+        (a spot-checked shard's two results both): what a restarted run loop replays into its
+        scheduler. Two columns, not every lease and update as rows: at 200k updates those
+        took ~10 s and their memory at every start (a long run holds millions)."""
+        stmt = (select(col(LeaseRow.round), col(LeaseRow.shard_id))
+                .join(UpdateRow, col(UpdateRow.lease_id) == col(LeaseRow.id))
+                .where(col(LeaseRow.kind) == Kind.TRAIN.value,
+                       col(UpdateRow.verdict) == Verdict.ACCEPTED.value)
+                .order_by(col(LeaseRow.id)))
+        return [(int(r), int(s)) for r, s in self._all(stmt)]
+
+    def last_train_round(self) -> int:
+        """The highest round of any train lease (0 before the first)."""
+        stmt = select(func.max(col(LeaseRow.round))).where(
+            col(LeaseRow.kind) == Kind.TRAIN.value)
+        got = self._all(stmt)
+        return int(got[0]) if got and got[0] is not None else 0
+
     def verdicts_after(self, after: int) -> list[tuple[int, int, str, str | None, str]]:
         """``(update id, node id, verdict, reason, lease kind)`` of every update recorded
         after update id ``after``, in id order: the rows ``coordinator.run.standing`` folds

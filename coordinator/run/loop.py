@@ -29,7 +29,7 @@ from flwr.app import RecordDict
 from protocol.blobstore import BlobDir
 from protocol.digest import arrays_to_bytes
 from protocol.errors import ProtocolError
-from protocol.messages import Kind, Lease, Verdict, parse_handback, work_content
+from protocol.messages import Kind, Lease, parse_handback, work_content
 from training.checkpoint import load_checkpoint
 from training.corpus import CorpusInfo
 from training.families import arch_of
@@ -119,10 +119,8 @@ class RunLoop:
                                    tokenizer_digest=self.corpus.tokenizer_digest,
                                    data_manifest=self.corpus.data_manifest,
                                    clock=self.clock)
-        accepted = {u.lease_id for u in self.ledger.updates() if u.verdict == Verdict.ACCEPTED}
         # a spot-checked shard may have two accepted results in its round: it counts once
-        done = {(lease.round, lease.shard_id): lease.shard_id for lease in self.ledger.leases()
-                if lease.kind == Kind.TRAIN and lease.id in accepted}
+        done = {(rnd, shard): shard for rnd, shard in self.ledger.accepted_train_shards()}
         self.scheduler.restore(list(done.values()))
         self.aggregator = get_aggregator(self.cfg.aggregation.method,
                                          dataclasses.asdict(self.cfg.aggregation))
@@ -182,9 +180,8 @@ class RunLoop:
         leases still open are closed (their replies would reach no one) and the round they
         belong to is done again: its close commits atomically, so nothing of it was
         accepted. Versions made before the crash but never scored are scored here."""
-        leases = self.ledger.leases()
-        last = max((x.round for x in leases if x.kind == Kind.TRAIN), default=0)
-        open_ = [x for x in leases if x.status == "issued"]
+        last = self.ledger.last_train_round()
+        open_ = self.ledger.leases(status="issued")
         redo = any(x.kind == Kind.TRAIN and x.round == last for x in open_)
         self._recover(open_, f"; round {last} is done again" if redo else "")
         return last if redo else last + 1

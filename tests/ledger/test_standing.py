@@ -40,3 +40,24 @@ def test_standing_read_incrementally_equals_the_full_queries(ledger: Ledger) -> 
     assert standing.probation() and len(standing.probation()) < 5  # both states were seen
     standing.refresh()  # nothing new: nothing changes
     assert standing.trust() == mine
+
+
+def test_a_restart_reads_the_accepted_train_shards_and_the_last_round(ledger: Ledger) -> None:
+    """What a restarted run loop replays into its scheduler, read as two columns; the same
+    as filtering every lease and update row, which a long run cannot afford at each start."""
+    rng = random.Random(9)
+    make = Make(ledger)
+    inst = ledger.add_institution("Uni A", now=1.0)
+    nodes = [make.node(inst.id) for _ in range(3)]
+    assert ledger.accepted_train_shards() == [] and ledger.last_train_round() == 0
+    for _ in range(40):
+        kind, verdict, reason = rng.choice(OUTCOMES)
+        lease = make.lease(rng.choice(nodes).id, kind=kind)
+        if rng.random() < 0.8:  # some leases never answered
+            make.answer(lease, verdict=verdict, reason=reason)
+    accepted = {u.lease_id for u in ledger.updates() if u.verdict == "accepted"}
+    want = [(x.round, x.shard_id) for x in ledger.leases()
+            if x.kind == "train" and x.id in accepted]
+    assert ledger.accepted_train_shards() == want and want
+    assert ledger.last_train_round() == max(x.round for x in ledger.leases()
+                                            if x.kind == "train")
