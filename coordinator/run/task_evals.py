@@ -94,9 +94,9 @@ class TaskEvals:
             if tk.sha256_text(text) != corpus.tokenizer_digest:
                 raise AtomError("the run's tokenizer.json changed since init")
             blobs.put(text.encode(), corpus.tokenizer_digest)
-            from coordinator.export.hf import hf_tokenizer  # transformers: only with tasks
-
-            tokenizer = hf_tokenizer(corpus, block_size)
+            # the text just checked, wrapped as the node wraps its blob (no second read)
+            tokenizer = tk.wrap_tokenizer(tk.parse_tokenizer(text, "the run's tokenizer"),
+                                          model_max_length=block_size)
         except (AtomError, OSError) as err:
             ledger.add_event("run", f"no lm-eval tasks in eval leases: {err}")
             return None
