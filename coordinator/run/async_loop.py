@@ -60,6 +60,21 @@ _PREPARE_S = 0.02
 # how long the nodes' trust and probation may be reused between outer steps (each read is a
 # query for the verdicts since the last; those that move them are made mostly at steps)
 _STANDING_S = 10.0
+# The nodes whose replies a pass took wait for an outer step due in it, so that their next
+# leases are built on the new version, only while the step should take less than this. A
+# step at 1,000 nodes takes ~0.6 s (verdicts, receipts, aggregation): waiting through it was
+# most of the lease p99 (bench/scale.py), so then they are leased first, on the version the
+# step supersedes: one version staler, which costs a small fleet (where each node is a
+# third of a step) more than a large one (a tenth of a percent of it per node). A step's
+# time is predicted from its size: the last step's seconds per update, ~0.5 ms before any
+# (SQLite, this 2-core machine).
+_HOLD_S = 0.05
+_STEP_S_PER_UPDATE = 5e-4
+# Replies screened per pass before their nodes are leased: the replies that land during an
+# outer step come in together, and each took the screening of all of them (~2.5 ms each
+# here) and their whole fan-out (~2 ms each) before its lease; in slices, the first are
+# leased while the rest wait their turn (bench/scale.py)
+_SLICE = 8
 
 
 def make_run_loop(cfg, *args, **kwargs) -> RunLoop:  # type: ignore[no-untyped-def]
@@ -75,6 +90,7 @@ class AsyncRunLoop(RunLoop):
     _wanted: dict[str, Lease] = field(default_factory=dict)  # originals waiting for a checker
     _since: float | None = None  # when the oldest buffered reply arrived
     _standing: tuple[float, dict[int, float], set[int]] | None = None  # (read at, trust, probation)
+    _step_s_per_update: float = _STEP_S_PER_UPDATE  # the last step's, on the loop's clock
 
     # -- the loop -----------------------------------------------------------------------
 
@@ -88,17 +104,25 @@ class AsyncRunLoop(RunLoop):
         self._evaluate_if_due()
         nodes, looked = self.roster.eligible(), self.clock()
         while self.store.version < steps:
-            self._pump()
+            self._pump(_SLICE)
             # the replies' own checks: one before the step (which takes only checked
             # replies) and the leases (a node that answered waits for at most one), more
             # after them
             self._prepare(0.0)
             if self.clock() - looked >= _LOOK_S:
                 nodes, looked = self.roster.eligible(), self.clock()
-            if self._step_due(len(nodes)):
+            # no step while replies already taken wait in the inbox: they would wait for it
+            taking = None if self._inbox else self._step_due(len(nodes))
+            if self._lease_first(taking):
+                nodes = self._lease(nodes, stepping=taking)
+            if taking is not None:
+                t = self.clock()
                 self._step()
+                self._step_s_per_update = (self.clock() - t) / max(1, taking)
                 self._evaluate_if_due()
             nodes = self._lease(nodes)
+            if self._inbox:  # the rest of a burst: its leases before anything else
+                continue
             if not self._prepare(_PREPARE_S):  # checks left: straight back to the replies
                 self._publish_ahead()
                 self.sleep(_IDLE_S)
@@ -149,19 +173,24 @@ class AsyncRunLoop(RunLoop):
         return ([c for c in self._buffer.cands if c.lease.nonce not in held],
                 [x for x in self._buffer.screened_out if x.nonce not in held])
 
-    def _step_due(self, online: int) -> bool:
+    def _step_due(self, online: int) -> int | None:
+        """None if no outer step is due, else how many fresh updates (no spot-check copies)
+        it takes: the leases sent before it count them as done."""
         buf = self._buffer
         if not buf.cands and not buf.screened_out:
-            return False
+            return None
         if self.store.version == self.cfg.run.rounds - 1:  # the last: all work in
-            if not self._ready()[0] and not buf.screened_out:
-                return False
+            cands, _ = self._ready()
+            if not cands and not buf.screened_out:
+                return None
             out = {s.lease.nonce for s in self._pending.values()}
-            return not self._open_train() and not (set(self._wanted) & out)
+            if self._open_train() or set(self._wanted) & out:
+                return None
+            return sum(1 for c in cands if c.lease.nonce not in self._copies)
         waited = self._since is not None and \
             self.clock() - self._since >= self.cfg.asynchronous.max_wait_s
         if len(buf.cands) < self._k(online) and not waited:
-            return False  # asked every pass: what follows scans every lease out (~1 ms)
+            return None  # asked every pass: what follows scans every lease out (~1 ms)
         cands, _ = self._ready()
         # K counts every fresh update in, a spot-checked one waiting for its partner too:
         # the step takes what is ready and the waiting one joins the next (the step does
@@ -169,7 +198,14 @@ class AsyncRunLoop(RunLoop):
         unchecked = set(self._unprepared)  # ids of the candidates
         fresh = [c for c in buf.cands
                  if c.lease.nonce not in self._copies and id(c) not in unchecked]
-        return bool(cands) and (len(fresh) >= self._k(online) or waited)
+        if not cands or (len(fresh) < self._k(online) and not waited):
+            return None
+        return sum(1 for c in cands if c.lease.nonce not in self._copies)
+
+    def _lease_first(self, taking: int | None) -> bool:
+        """Whether the pass's nodes are leased before the step due (of ``taking`` updates):
+        when it should take longer than ``_HOLD_S``."""
+        return taking is not None and taking * self._step_s_per_update > _HOLD_S
 
     def _step(self) -> None:
         """Judge what is ready in the buffer and make the next version from what stands."""
@@ -219,9 +255,10 @@ class AsyncRunLoop(RunLoop):
 
     # -- leasing ------------------------------------------------------------------------
 
-    def _lease(self, nodes: list[Node]) -> list[Node]:
+    def _lease(self, nodes: list[Node], stepping: int | None = None) -> list[Node]:
         """Give every eligible node with a free slot work: first a spot check waiting for a
-        checker, then new shards while the remaining steps still need work. Returns the
+        checker, then new shards while the remaining steps still need work (with an outer
+        step about to take ``stepping`` fresh updates, as the work after it). Returns the
         eligible nodes, checked afresh when there was work to give (a node revoked or
         benched a moment ago gets none)."""
         depth = 1 + self.cfg.asynchronous.queue
@@ -231,9 +268,11 @@ class AsyncRunLoop(RunLoop):
         fresh = [c for c in self._buffer.cands if c.lease.nonce not in self._copies]
         out = [s for s in self._open_train() if s.lease.nonce not in self._copies]
 
+        steps_left = self.cfg.run.rounds - self.store.version - (stepping is not None)
+        taken = stepping or 0
+
         def need() -> int:
-            return (self.cfg.run.rounds - self.store.version) * self._k(len(nodes)) \
-                - len(fresh) - len(out)
+            return steps_left * self._k(len(nodes)) - (len(fresh) - taken) - len(out)
 
         if need() <= 0 and not self._wanted:
             return nodes
@@ -299,8 +338,8 @@ class AsyncRunLoop(RunLoop):
             return self.store.version, self.cfg.asynchronous.max_staleness
         return sent.batch.version, 0
 
-    def _pump(self) -> None:
+    def _pump(self, limit: int | None = None) -> None:
         before = len(self._buffer.cands)
-        super()._pump()
+        super()._pump(limit)
         if len(self._buffer.cands) > before and self._since is None:
             self._since = self.clock()

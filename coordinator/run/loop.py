@@ -20,6 +20,7 @@ import logging
 import math
 import random
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -47,7 +48,7 @@ from coordinator.run.scheduler import Scheduler
 from coordinator.run.standing import Standing
 from coordinator.run.task_evals import TaskEvals
 from coordinator.run.staleness import update_weight
-from coordinator.run.transport import Transport
+from coordinator.run.transport import Reply, Transport
 from coordinator.verify.checker import Checker
 from coordinator.verify.eval_judge import EvalJudge, plan_quorum, validation_loss
 from coordinator.verify.record import record_judged, screen_reply
@@ -103,6 +104,8 @@ class RunLoop:
     # the checks out at the checker processes, by job id
     _checking: dict[int, tuple[Candidate, CheckJob]] = field(default_factory=dict)
     _passes: int = 0  # pumps so far
+    # replies a poll brought that a sliced pass (``_pump(limit)``) has not taken in yet
+    _inbox: deque[Reply] = field(default_factory=deque)
     _published: set[tuple[int, int]] = field(default_factory=set)  # shard blobs written
 
     def __post_init__(self) -> None:
@@ -515,15 +518,21 @@ class RunLoop:
             return self._prepare(budget_s)
         return False
 
-    def _pump(self) -> None:
+    def _pump(self, limit: int | None = None) -> None:
         """One pass: take the replies in and expire the silent.
 
         Each reply is screened by ``verify`` at once: a failure is recorded (rejected) there
         and then; the others wait in their batch for its verdict. An evaluation whose last
-        lease is settled is judged on the spot.
+        lease is settled is judged on the spot. With a ``limit`` the pass takes at most that
+        many of what a poll brought; the rest wait in ``_inbox`` for the next passes, and
+        the transport is polled again (and leases expired) once it is empty.
         """
         self._passes += 1
-        replies = self.transport.poll(list(self._pending))
+        polled = not self._inbox
+        if polled:
+            self._inbox.extend(self.transport.poll(list(self._pending)))
+        take = len(self._inbox) if limit is None else min(limit, len(self._inbox))
+        replies = [self._inbox.popleft() for _ in range(take)]
         revoked = self.roster.revoked(self._passes) if replies else set()
         for reply in replies:
             sent = self._pending.pop(reply.msg_id, None)
@@ -538,7 +547,7 @@ class RunLoop:
                 else:
                     sent.batch.cands.append(cand)
             self._settled(sent.batch)
-        expired = {lease.nonce for lease in self.scheduler.expire()}
+        expired = {lease.nonce for lease in self.scheduler.expire()} if polled else set()
         for mid, sent in list(self._pending.items()) if expired else ():
             if sent.lease.nonce in expired:
                 del self._pending[mid]

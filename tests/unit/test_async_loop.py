@@ -257,6 +257,90 @@ def test_a_node_revoked_mid_run_gets_no_further_lease_and_earns_nothing(network)
     assert all(u.verdict == "accepted" for u in led.updates(node_id=good.id))
 
 
+@pytest.mark.parametrize("step_s", [0.3, 0.0])
+def test_a_pass_leases_its_nodes_before_an_outer_step_once_steps_are_slow(
+        network, step_s: float) -> None:
+    """At 1,000 nodes a step takes ~0.6 s: the nodes whose replies the pass took get their
+    next leases before it, on the version it supersedes, instead of idling through it. A
+    quick step (every other test: the fake clock stands still through one) keeps them for
+    the new version, and so does the first of a small fleet (3 updates: ~1.5 ms predicted)."""
+    net = with_speeds(network(["honest"] * 3, rounds=5, extra=asynchronous()), 1, 2, 4)
+    loop, close, steps = net.loop, net.loop._close_train, []
+
+    def slow_close(rnd, batch):  # type: ignore[no-untyped-def]
+        steps.append((net.clock(), loop.store.version))
+        net.clock.now += step_s  # the step's work, on the loop's clock
+        close(rnd, batch)
+
+    loop._close_train = slow_close  # type: ignore[method-assign]
+    net.run()
+    pairs = updates_by_lease(net.ledger)
+    assert [v.version for v in net.ledger.versions()] == [0, 1, 2, 3, 4, 5]
+    # nothing leased beyond the run: the last step's pass counted what the step takes
+    assert all(x.status == "answered" and u is not None for x, u in pairs), \
+        "a lease was left open"
+    assert_credit_only_for_accepted(net.ledger)
+    train = [x for x, _ in pairs if x.kind == "train"]
+    # leased in a step's pass before it: at its start, on the version it replaced
+    before = [[x for x in train if x.issued_at == t and x.base_version == v] for t, v in steps]
+    assert len(steps) == 5
+    assert before[0] == [], "the first step, predicted quick, made its pass wait"
+    if step_s:
+        assert any(before[1:]), "no node was leased before a slow step"
+    else:
+        assert not any(before), "a quick step's pass leased before it"
+
+
+def test_a_steps_time_is_predicted_from_its_size(network) -> None:
+    loop = network(["honest"], rounds=2, extra=asynchronous()).loop
+    assert not loop._lease_first(None)  # no step due
+    assert not loop._lease_first(3)  # a small fleet's first step: ~1.5 ms
+    assert loop._lease_first(1000)  # 1,000 nodes' first: ~0.5 s, leased before it
+    loop._step_s_per_update = 0.1  # measured: a slow ledger
+    assert loop._lease_first(1)
+
+
+def test_a_burst_of_replies_is_screened_and_leased_in_slices(network, monkeypatch) -> None:
+    """Replies that land together (as during an outer step) are taken in slices: the first
+    slice's nodes have their next leases before the rest are screened, and no step runs
+    while replies already taken wait."""
+    import coordinator.run.async_loop as async_loop
+
+    monkeypatch.setattr(async_loop, "_SLICE", 2)
+    net = with_speeds(network(["honest"] * 4, rounds=2, extra=asynchronous(buffer=4)),
+                      1, 1, 1, 1)  # equal speeds: every round's replies land in one poll
+    loop, events = net.loop, []
+    screen, send, step = loop._screen, net.transport.send, loop._step
+    names = {n.id: n.name for n in net.nodes}
+
+    def screening(sent, content, revoked):  # type: ignore[no-untyped-def]
+        events.append(("screen", sent.node.id))
+        return screen(sent, content, revoked)
+
+    def sending(dst, kind, content, ttl):  # type: ignore[no-untyped-def]
+        if kind == "train":
+            events.append(("send", next(n.id for n in net.nodes if n.flower_id == dst)))
+        return send(dst, kind, content, ttl)
+
+    def stepping():  # type: ignore[no-untyped-def]
+        assert not loop._inbox, "a step ran while taken replies waited"
+        events.append(("step", None))
+        return step()
+
+    loop._screen, net.transport.send, loop._step = screening, sending, stepping
+    net.run()
+    # the first train replies (after the fan-out of four and version 0's evaluations):
+    # two screened, their two leases, and only then the other two screened
+    i = [i for i, (kind, _) in enumerate(events) if kind == "send"][4]
+    burst = events[i - 2:i + 4]
+    assert [k for k, _ in burst] == ["screen", "screen", "send", "send", "screen", "screen"], \
+        [(k, names.get(n)) for k, n in events]
+    assert [n for _, n in burst[:2]] == [n for _, n in burst[2:4]]
+    assert len({n for _, n in burst}) == 4
+    assert [v.version for v in net.ledger.versions()] == [0, 1, 2]
+    assert all(x.status == "answered" for x, _ in updates_by_lease(net.ledger))
+
+
 def test_a_step_does_not_wait_for_a_spot_check_copy_when_k_updates_are_in(network) -> None:
     from types import SimpleNamespace as NS
 
@@ -268,9 +352,10 @@ def test_a_step_does_not_wait_for_a_spot_check_copy_when_k_updates_are_in(networ
     loop._copies = {"copy-of-a"}
     loop._pending = {"msg": NS(lease=lease["copy-of-a"])}  # the copy is still out
     assert [c.lease.nonce for c in loop._ready()[0]] == ["b", "c"]  # a waits for its copy
-    assert loop._step_due(online=3)  # K = 3 fresh updates are in: b and c go now
+    # K = 3 fresh updates are in: b and c go now (the leases sent before count them)
+    assert loop._step_due(online=3) == 2
     loop._buffer.cands = loop._buffer.cands[:1]  # only a, held: nothing ready
-    assert not loop._step_due(online=3)
+    assert loop._step_due(online=3) is None
 
 
 def test_an_idle_pass_writes_the_next_shards_before_their_leases(network) -> None:
