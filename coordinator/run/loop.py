@@ -103,7 +103,7 @@ class RunLoop:
     _unprepared: dict[int, Candidate] = field(default_factory=dict)
     # the checks out at the checker processes, by job id
     _checking: dict[int, tuple[Candidate, CheckJob]] = field(default_factory=dict)
-    _passes: int = 0  # pumps so far
+    _passes: int = 0  # polls so far
     # replies a poll brought that a sliced pass (``_pump(limit)``) has not taken in yet
     _inbox: deque[Reply] = field(default_factory=deque)
     _published: set[tuple[int, int]] = field(default_factory=set)  # shard blobs written
@@ -527,9 +527,9 @@ class RunLoop:
         many of what a poll brought; the rest wait in ``_inbox`` for the next passes, and
         the transport is polled again (and leases expired) once it is empty.
         """
-        self._passes += 1
         polled = not self._inbox
-        if polled:
+        if polled:  # the slices of one poll share a pass: one read of the revocations
+            self._passes += 1
             self._inbox.extend(self.transport.poll(list(self._pending)))
         take = len(self._inbox) if limit is None else min(limit, len(self._inbox))
         replies = [self._inbox.popleft() for _ in range(take)]

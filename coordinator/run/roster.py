@@ -95,10 +95,11 @@ class Roster:
         return [n for n in nodes if n.id not in revoked and self.benched.get(n.id, 0.0) <= now]
 
     def revoked(self, pass_no: int) -> set[int]:
-        """The revoked nodes' ids, read once per loop pass ``pass_no`` (its replies'
-        screening and its leases share the read): a revocation counts from the next pass
-        on. One read per reply was a fifth of the screening at 1,000 nodes, one more per
-        lease pass ~1 ms (bench/scale.py)."""
+        """The revoked nodes' ids, read once per loop pass ``pass_no`` (a poll: the
+        screening and leases of all its slices share the read): a revocation counts from
+        the next poll on. One read per reply was a fifth of the screening at 1,000 nodes,
+        one more per lease pass ~1 ms, a round trip per slice on PostgreSQL
+        (bench/scale.py)."""
         if self._revoked[0] != pass_no:
             self._revoked = (pass_no, self.ledger.revoked_node_ids())
         return self._revoked[1]

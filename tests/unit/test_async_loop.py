@@ -328,7 +328,28 @@ def test_a_burst_of_replies_is_screened_and_leased_in_slices(network, monkeypatc
         return step()
 
     loop._screen, net.transport.send, loop._step = screening, sending, stepping
+    calls, looking = [], []  # "poll" and "read" (the passes' revocations) in order
+    read_revoked, poll, eligible = net.ledger.revoked_node_ids, net.transport.poll, \
+        loop.roster.eligible
+
+    def looking_up():  # type: ignore[no-untyped-def]  # who is online: its own read
+        looking.append(1)
+        try:
+            return eligible()
+        finally:
+            looking.pop()
+
+    def reading():  # type: ignore[no-untyped-def]
+        if not looking:
+            calls.append("read")
+        return read_revoked()
+
+    loop.roster.eligible, net.ledger.revoked_node_ids = looking_up, reading  # type: ignore[method-assign]
+    net.transport.poll = lambda ids: calls.append("poll") or poll(ids)  # type: ignore[method-assign]
     net.run()
+    # the slices of one poll share one read of the revocations (its leases too)
+    after = ",".join(calls[calls.index("poll"):])  # (the start reads before its first poll)
+    assert "read" in after and "read,read" not in after
     # the first train replies (after the fan-out of four and version 0's evaluations):
     # two screened, their two leases, and only then the other two screened
     i = [i for i, (kind, _) in enumerate(events) if kind == "send"][4]
