@@ -268,8 +268,9 @@ class AsyncRunLoop(RunLoop):
         ids = self._ids[1]
         if not self.scheduler.train_slots(ids, depth):
             return nodes
-        # counts of the fresh updates buffered and the train leases out, copies aside: two
-        # scans that were a tenth of the coordinator's time at 1,000 nodes as lists
+        # counts of the fresh updates buffered and the train leases out, copies aside (the
+        # second still scans every message out: ~0.6 ms a call at 1,000 nodes, which the
+        # scheduler's own counts of open train leases could replace)
         copies, train = self._copies, Kind.TRAIN
         cands = self._buffer.cands
         fresh = len(cands) - (sum(1 for c in cands if c.lease.nonce in copies) if copies else 0)
