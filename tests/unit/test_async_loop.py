@@ -362,6 +362,34 @@ def test_a_burst_of_replies_is_screened_and_leased_in_slices(network, monkeypatc
     assert all(x.status == "answered" for x, _ in updates_by_lease(net.ledger))
 
 
+def test_the_schedulers_count_of_work_out_is_the_leases_sent_and_not_answered(network) -> None:
+    """What the remaining steps count as work out (``Scheduler.train_out``) is the train
+    leases sent and not answered, spot-check copies aside, at every lease pass: through
+    copies, a cheat's rejection, an erroring node's failures, a late reply and the
+    expiries of a node that left."""
+    net = with_speeds(network(["honest", "honest", "partial", "error", "late", "honest"],
+                              rounds=3, verify="spot_check_rate = 1.0\neval_quorum_rate = 0",
+                              extra=asynchronous(buffer=2, queue=1), train="deadline_s = 30"),
+                      1, 1, 1, 1, 1, 1)
+    net.nodes[5].away = (net.clock() + 2.0, net.clock() + 200.0)  # it leaves mid-lease
+    loop, lease, checked = net.loop, net.loop._lease, []
+
+    def leasing(nodes, stepping=None):  # type: ignore[no-untyped-def]
+        sent = sum(1 for x in loop._pending.values()
+                   if x.lease.kind == "train" and x.lease.nonce not in loop._copies)
+        assert loop.scheduler.train_out() == sent
+        checked.append(sent)
+        return lease(nodes, stepping)
+
+    loop._lease = leasing  # type: ignore[method-assign]
+    net.run()
+    assert len(checked) > 10 and max(checked) > 0
+    reasons = {u.reason for _, u in updates_by_lease(net.ledger) if u is not None}
+    assert {None} < reasons  # something was rejected
+    statuses = {x.status for x, _ in updates_by_lease(net.ledger)}
+    assert statuses >= {"answered", "failed", "expired"}
+
+
 def test_a_step_does_not_wait_for_a_spot_check_copy_when_k_updates_are_in(network) -> None:
     from types import SimpleNamespace as NS
 

@@ -400,3 +400,5 @@ def test_the_per_node_index_agrees_with_the_open_leases_through_any_history() ->
             assert s.leases_for(n) == [e.lease for e in s._open.values() if e.node_id == n]
         assert s._shards_out == Counter(e.lease.shard_id for e in s._open.values()
                                         if e.lease.kind == "train"), step
+        assert s.train_out() == sum(1 for e in s._open.values() if e.lease.kind == "train"
+                                    and not e.received and not e.duplicate), step
