@@ -67,7 +67,9 @@ def _zip(files: dict[str, bytes], links: tuple[str, ...] = ()) -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
         for name, data in files.items():
-            zf.writestr(name, data)
+            # a ZipInfo's fixed date, not the clock's: the bytes are parameter ids, and two
+            # xdist workers collecting in different seconds saw different tests
+            zf.writestr(zipfile.ZipInfo(name), data)
         for name in links:
             info = zipfile.ZipInfo(name)
             info.external_attr = 0o120777 << 16
