@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import cProfile
+import heapq
 import itertools
 import json
 import pstats
@@ -148,6 +149,7 @@ class ScaleTransport:
     sends: int = 0
     _online: list[int] = field(default_factory=list)
     _due: dict[str, _Due] = field(default_factory=dict)
+    _order: list[tuple[float, str]] = field(default_factory=list)  # heap of (due at, message)
     _arrived: dict[int, float] = field(default_factory=dict)  # fid -> coord time of a reply
     _ready: dict[int, float] = field(default_factory=dict)  # fid -> simulated time it was due
     _started: set[int] = field(default_factory=set)  # fids that had a lease
@@ -187,15 +189,19 @@ class ScaleTransport:
         node.free_at = begin + work_seconds(lease, node.speed or 1.0)
         mid = f"msg-{next(self._ids)}"
         self._due[mid] = _Due(dst, node.free_at, reply, error)
+        heapq.heappush(self._order, (node.free_at, mid))
         return mid
 
     def poll(self, msg_ids: Collection[str]) -> list[Reply]:
-        now, out = self.clock(), []
-        for mid in msg_ids:
-            due = self._due.get(mid)
-            if due is None or due.at > now:
+        # the replies due, earliest first (a scan of every message out per poll was ~0.5
+        # ms of the bench's own time counted as the coordinator's at 1,000 nodes)
+        now, out, wanted = self.clock(), [], None
+        while self._order and self._order[0][0] <= now:
+            mid = heapq.heappop(self._order)[1]
+            wanted = set(msg_ids) if wanted is None else wanted
+            if mid not in wanted:  # a message the loop gave up on: its reply never comes
                 continue
-            del self._due[mid]
+            due = self._due.pop(mid)
             out.append(Reply(mid, due.fid, due.reply, due.error))
             self._ready[due.fid] = due.at
         arrived = self.coord()

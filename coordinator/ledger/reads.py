@@ -56,6 +56,10 @@ def flower_id(flower_node_id: int | str) -> str:
     return str(value)
 
 
+# built once: the loop reads it every poll (building the statement was a third of the read)
+_REVOKED_IDS = select(Node.id).where(col(Node.revoked))
+
+
 class LedgerReads:
     """Queries over the ATOM ledger on SQLite (default) or PostgreSQL, chosen by URL.
 
@@ -148,6 +152,18 @@ class LedgerReads:
         with self._session() as session:
             return list(session.exec(stmt).all())
 
+    def _column(self, stmt: Any) -> list[Any]:
+        """The first column of ``stmt``'s rows through a bare connection, no ORM session:
+        for a read the run loop makes every poll, where the session's setup was half the
+        cost (0.6 against 1.1 ms on SQLite in a 1,000-node run, bench/scale.py)."""
+        if getattr(self._tx, "session", None) is not None:  # inside atomic: its own writes
+            return self._all(stmt)
+        try:
+            with self._engine.connect() as conn:
+                return list(conn.execute(stmt).scalars())
+        except SQLAlchemyError as exc:
+            raise LedgerError(f"ledger {self.url} failed: {first_line(exc)}") from exc
+
     @staticmethod
     def _must(session: Session, model: type[_Row], key: Any) -> _Row:
         row = session.get(model, key)
@@ -175,7 +191,7 @@ class LedgerReads:
 
     def revoked_node_ids(self) -> set[int]:
         """Ids of the revoked nodes (a cheap check before leasing: few rows, one query)."""
-        return set(self._all(select(Node.id).where(col(Node.revoked))))
+        return set(self._column(_REVOKED_IDS))
 
     def institutions(self) -> list[Institution]:
         return self._all(select(Institution).order_by(col(Institution.id)))

@@ -92,6 +92,7 @@ class AsyncRunLoop(RunLoop):
     _standing: tuple[float, dict[int, float], set[int]] | None = None  # (read at, trust, probation)
     _step_s_per_update: float = _STEP_S_PER_UPDATE  # the last step's, on the loop's clock
     _ids: tuple[list[Node] | None, list[int]] = (None, [])  # the eligible nodes' ids
+    _inst: tuple[list[int] | None, dict[int, int]] = (None, {})  # their institutions
 
     # -- the loop -----------------------------------------------------------------------
 
@@ -181,6 +182,8 @@ class AsyncRunLoop(RunLoop):
         if not buf.cands and not buf.screened_out:
             return None
         if self.store.version == self.cfg.run.rounds - 1:  # the last: all work in
+            if self.scheduler.train_out():  # asked every pass: the rest scans every lease out
+                return None
             cands, _ = self._ready()
             if not cands and not buf.screened_out:
                 return None
@@ -192,14 +195,15 @@ class AsyncRunLoop(RunLoop):
             self.clock() - self._since >= self.cfg.asynchronous.max_wait_s
         if len(buf.cands) < self._k(online) and not waited:
             return None  # asked every pass: what follows scans every lease out (~1 ms)
-        cands, _ = self._ready()
         # K counts every fresh update in, a spot-checked one waiting for its partner too:
         # the step takes what is ready and the waiting one joins the next (the step does
         # not stall for a copy that the checker starts only after its own lease)
-        unchecked = set(self._unprepared)  # ids of the candidates
-        fresh = [c for c in buf.cands
-                 if c.lease.nonce not in self._copies and id(c) not in unchecked]
-        if not cands or (len(fresh) < self._k(online) and not waited):
+        unchecked, copies = self._unprepared, self._copies  # (ids of the candidates)
+        fresh = sum(1 for c in buf.cands if c.lease.nonce not in copies and id(c) not in unchecked)
+        if fresh < self._k(online) and not waited:
+            return None
+        cands, _ = self._ready()  # (a scan of every lease out: after the counts)
+        if not cands:
             return None
         return sum(1 for c in cands if c.lease.nonce not in self._copies)
 
@@ -317,7 +321,10 @@ class AsyncRunLoop(RunLoop):
             return
         live = {s.lease.nonce for s in self._pending.values()} | {
             lease.nonce for sends in work.values() for lease, _ in sends}
-        inst = {i: self.roster.rows[i].institution_id for i in ids if i in self.roster.rows}
+        if self._inst[0] is not ids:  # read once per list: a pass with copies asked them all
+            rows = self.roster.rows
+            self._inst = (ids, {i: rows[i].institution_id for i in ids if i in rows})
+        inst = self._inst[1]
         for nonce, orig in list(self._wanted.items()):
             worker = self.scheduler.node_of(orig)
             if nonce not in live or worker is None:
