@@ -60,22 +60,17 @@ _PREPARE_S = 0.02
 # how long the nodes' trust and probation may be reused between outer steps (each read is a
 # query for the verdicts since the last; those that move them are made mostly at steps)
 _STANDING_S = 10.0
-# The nodes whose replies a pass took wait for an outer step due in it, so that their next
-# leases are built on the new version, only while the step should take less than this. A
-# step at 1,000 nodes takes ~0.6 s (verdicts, receipts, aggregation): waiting through it was
-# most of the lease p99 (bench/scale.py), so then they are leased first, on the version the
-# step supersedes: one version staler, which costs a small fleet (where each node is a
-# third of a step) more than a large one (a tenth of a percent of it per node). A step's
-# time is predicted from its size: the last step's seconds per update, ~0.5 ms before any
-# (SQLite, this 2-core machine).
+# The nodes whose replies a poll brought get their next leases before the replies are
+# screened (``AsyncRunLoop._answered``), except when the replies may complete an outer step
+# that should take less than this: then they wait for it, so that their next leases are
+# built on the new version. A step at 1,000 nodes takes ~0.6 s (verdicts, receipts,
+# aggregation): waiting through it was most of the lease p99 (bench/scale.py), so then they
+# are leased first, on the version the step supersedes: one version staler, which costs a
+# small fleet (where each node is a third of a step) more than a large one (a tenth of a
+# percent of it per node). A step's time is predicted from its size: the last step's
+# seconds per update, ~0.5 ms before any (SQLite, this 2-core machine).
 _HOLD_S = 0.05
 _STEP_S_PER_UPDATE = 5e-4
-# Replies screened per pass before their nodes are leased: the replies that land during an
-# outer step come in together, and each took the screening of all of them (~2.5 ms each
-# here) and their whole fan-out (~2 ms each) before its lease; in slices, the first are
-# leased while the rest wait their turn (bench/scale.py)
-_SLICE = 8
-
 
 def make_run_loop(cfg, *args, **kwargs) -> RunLoop:  # type: ignore[no-untyped-def]
     """The run loop ``cfg`` asks for: asynchronous with ``[async] enabled``, else lock-step."""
@@ -91,7 +86,8 @@ class AsyncRunLoop(RunLoop):
     _since: float | None = None  # when the oldest buffered reply arrived
     _standing: tuple[float, dict[int, float], set[int]] | None = None  # (read at, trust, probation)
     _step_s_per_update: float = _STEP_S_PER_UPDATE  # the last step's, on the loop's clock
-    _ids: tuple[list[Node] | None, list[int]] = (None, [])  # the eligible nodes' ids
+    _nodes: list[Node] = field(default_factory=list)  # eligible, as the roster last said
+    _ids: tuple[list[Node] | None, list[int]] = (None, [])  # their ids
     _inst: tuple[list[int] | None, dict[int, int]] = (None, {})  # their institutions
 
     # -- the loop -----------------------------------------------------------------------
@@ -104,27 +100,23 @@ class AsyncRunLoop(RunLoop):
             return
         self._wait_for_nodes()
         self._evaluate_if_due()
-        nodes, looked = self.roster.eligible(), self.clock()
+        self._nodes, looked = self.roster.eligible(), self.clock()
         while self.store.version < steps:
-            self._pump(_SLICE)
+            self._pump()  # (the nodes that answered get their next leases in it)
             # the replies' own checks: one before the step (which takes only checked
-            # replies) and the leases (a node that answered waits for at most one), more
-            # after them
+            # replies), more after the leases
             self._prepare(0.0)
             if self.clock() - looked >= _LOOK_S:
-                nodes, looked = self.roster.eligible(), self.clock()
-            # no step while replies already taken wait in the inbox: they would wait for it
-            taking = None if self._inbox else self._step_due(len(nodes))
+                self._nodes, looked = self.roster.eligible(), self.clock()
+            taking = self._step_due(len(self._nodes))
             if self._lease_first(taking):
-                nodes = self._lease(nodes, stepping=taking)
+                self._nodes = self._lease(self._nodes, stepping=taking)
             if taking is not None:
                 t = self.clock()
                 self._step()
                 self._step_s_per_update = (self.clock() - t) / max(1, taking)
                 self._evaluate_if_due()
-            nodes = self._lease(nodes)
-            if self._inbox:  # the rest of a burst: its leases before anything else
-                continue
+            self._nodes = self._lease(self._nodes)
             if not self._prepare(_PREPARE_S):  # checks left: straight back to the replies
                 self._publish_ahead()
                 self.sleep(_IDLE_S)
@@ -260,12 +252,14 @@ class AsyncRunLoop(RunLoop):
 
     # -- leasing ------------------------------------------------------------------------
 
-    def _lease(self, nodes: list[Node], stepping: int | None = None) -> list[Node]:
+    def _lease(self, nodes: list[Node], stepping: int | None = None,
+               unscreened: int = 0) -> list[Node]:
         """Give every eligible node with a free slot work: first a spot check waiting for a
         checker, then new shards while the remaining steps still need work (with an outer
-        step about to take ``stepping`` fresh updates, as the work after it). Returns the
-        eligible nodes, checked afresh when there was work to give (a node revoked or
-        benched a moment ago gets none)."""
+        step about to take ``stepping`` fresh updates, as the work after it; with
+        ``unscreened`` fresh replies in that count as updates in). Returns the eligible
+        nodes, checked afresh when there was work to give (a node revoked or benched a
+        moment ago gets none)."""
         depth = 1 + self.cfg.asynchronous.queue
         if self._ids[0] is not nodes:  # 1,000 ORM attribute reads a pass (bench/scale.py)
             self._ids = (nodes, [n.id for n in nodes])
@@ -274,8 +268,7 @@ class AsyncRunLoop(RunLoop):
             return nodes
         # the fresh updates buffered and the train leases out, spot-check copies aside
         # (counted by the scheduler: a lease sent is open there until its reply is in)
-        copies, cands = self._copies, self._buffer.cands
-        fresh = len(cands) - (sum(1 for c in cands if c.lease.nonce in copies) if copies else 0)
+        fresh = self._fresh() + unscreened
         out = self.scheduler.train_out()
         steps_left = self.cfg.run.rounds - self.store.version - (stepping is not None)
         taken = stepping or 0
@@ -311,6 +304,37 @@ class AsyncRunLoop(RunLoop):
             left -= len(leases)
         self._send(work)
         return nodes
+
+    def _fresh(self) -> int:
+        """The fresh updates buffered (spot-check copies aside)."""
+        copies, cands = self._copies, self._buffer.cands
+        return len(cands) - (sum(1 for c in cands if c.lease.nonce in copies) if copies else 0)
+
+    def _answered(self, sents: list[Sent]) -> None:
+        """The nodes whose replies a poll brought get their next work now, before the
+        replies are screened (~1.4 ms each at 1,000 nodes, a third of it the signature):
+        a node waits for the leases before its own, not for the checks of every reply
+        that came with it. An unscreened reply counts as a fresh update; one rejected is
+        leased again once its verdict is in, and a node that sent garbage gets one more
+        lease, as with ``[async] queue`` it holds one already. Not when the replies may
+        complete an outer step predicted quick (``_HOLD_S``): then they are screened, the
+        step is made and the nodes build on the new version."""
+        if self.store.version >= self.cfg.run.rounds or \
+                not any(s.lease.kind == Kind.TRAIN for s in sents):
+            return  # the run is done, or an evaluation freed no train slot
+        new = sum(1 for s in sents
+                  if s.lease.kind == Kind.TRAIN and s.lease.nonce not in self._copies)
+        if self._may_step(new) and not self._lease_first(self._fresh() + new):
+            return
+        self._nodes = self._lease(self._nodes, unscreened=new)
+
+    def _may_step(self, new: int) -> bool:
+        """Whether ``new`` more fresh updates could make an outer step due in this pass."""
+        if self.store.version == self.cfg.run.rounds - 1:
+            return True
+        return self._fresh() + new >= self._k(len(self._nodes)) or (
+            self._since is not None
+            and self.clock() - self._since >= self.cfg.asynchronous.max_wait_s)
 
     def _check(self, ids: list[int], depth: int, trust: dict[int, float],
                probation: set[int], speeds: dict, work: Outbox) -> None:
@@ -350,8 +374,8 @@ class AsyncRunLoop(RunLoop):
             return self.store.version, self.cfg.asynchronous.max_staleness
         return sent.batch.version, 0
 
-    def _pump(self, limit: int | None = None) -> None:
+    def _pump(self) -> None:
         before = len(self._buffer.cands)
-        super()._pump(limit)
+        super()._pump()
         if len(self._buffer.cands) > before and self._since is None:
             self._since = self.clock()

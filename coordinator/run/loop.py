@@ -20,7 +20,6 @@ import logging
 import math
 import random
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -48,7 +47,7 @@ from coordinator.run.scheduler import Scheduler
 from coordinator.run.standing import Standing
 from coordinator.run.task_evals import TaskEvals
 from coordinator.run.staleness import update_weight
-from coordinator.run.transport import Reply, Transport
+from coordinator.run.transport import Transport
 from coordinator.verify.checker import Checker
 from coordinator.verify.eval_judge import EvalJudge, plan_quorum, validation_loss
 from coordinator.verify.record import record_judged, screen_reply
@@ -104,8 +103,6 @@ class RunLoop:
     # the checks out at the checker processes, by job id
     _checking: dict[int, tuple[Candidate, CheckJob]] = field(default_factory=dict)
     _passes: int = 0  # polls so far
-    # replies a poll brought that a sliced pass (``_pump(limit)``) has not taken in yet
-    _inbox: deque[Reply] = field(default_factory=deque)
     _published: set[tuple[int, int]] = field(default_factory=set)  # shard blobs written
 
     def __post_init__(self) -> None:
@@ -518,36 +515,42 @@ class RunLoop:
             return self._prepare(budget_s)
         return False
 
-    def _pump(self, limit: int | None = None) -> None:
+    def _pump(self) -> None:
         """One pass: take the replies in and expire the silent.
 
-        Each reply is screened by ``verify`` at once: a failure is recorded (rejected) there
-        and then; the others wait in their batch for its verdict. An evaluation whose last
-        lease is settled is judged on the spot. With a ``limit`` the pass takes at most that
-        many of what a poll brought; the rest wait in ``_inbox`` for the next passes, and
-        the transport is polled again (and leases expired) once it is empty.
+        A reply's lease stops counting as out at once (its node's slot is free), and the
+        nodes that answered are handed to ``_answered`` before their replies are screened
+        (the asynchronous loop leases them their next work there). Each reply is then
+        screened by ``verify``: a failure is recorded (rejected) there and then; the others
+        wait in their batch for its verdict. An evaluation whose last lease is settled is
+        judged on the spot.
         """
-        polled = not self._inbox
-        if polled:  # the slices of one poll share a pass: one read of the revocations
-            self._passes += 1
-            self._inbox.extend(self.transport.poll(list(self._pending)))
-        take = len(self._inbox) if limit is None else min(limit, len(self._inbox))
-        replies = [self._inbox.popleft() for _ in range(take)]
+        self._passes += 1  # all of a poll's replies and leases share one read of revocations
+        replies = self.transport.poll(list(self._pending))
         revoked = self.roster.revoked(self._passes) if replies else set()
+        taken: list[tuple[Sent, RecordDict]] = []
         for reply in replies:
             sent = self._pending.pop(reply.msg_id, None)
             if sent is None:
                 continue
             if reply.error is not None or reply.content is None:
                 self._failed(sent, reply.error or "empty reply")
-            elif not self._handed_back(sent, reply.content):
-                cand = self._screen(sent, reply.content, sent.node.id in revoked)
-                if cand is None:
-                    sent.batch.screened_out.append(sent.lease)
-                else:
-                    sent.batch.cands.append(cand)
+                self._settled(sent.batch)
+            elif self._handed_back(sent, reply.content):
+                self._settled(sent.batch)
+            else:
+                self.scheduler.received(sent.lease)
+                taken.append((sent, reply.content))
+        if taken:
+            self._answered([sent for sent, _ in taken])
+        for sent, content in taken:
+            cand = self._screen(sent, content, sent.node.id in revoked)
+            if cand is None:
+                sent.batch.screened_out.append(sent.lease)
+            else:
+                sent.batch.cands.append(cand)
             self._settled(sent.batch)
-        expired = {lease.nonce for lease in self.scheduler.expire()} if polled else set()
+        expired = {lease.nonce for lease in self.scheduler.expire()}
         for mid, sent in list(self._pending.items()) if expired else ():
             if sent.lease.nonce in expired:
                 del self._pending[mid]
@@ -613,6 +616,10 @@ class RunLoop:
                            lease.data_digest)
         self._published.add(span)
 
+    def _answered(self, sents: list[Sent]) -> None:
+        """What the nodes of ``sents`` get before their replies are screened: nothing in
+        lock-step rounds (a node's next lease is the next round's)."""
+
     def _screen(self, sent: Sent, content: RecordDict, revoked: bool) -> Candidate | None:
         """``verify`` one reply (from a node ``revoked`` or not): a Candidate for its phase's
         verdict, or None once a rejection has been recorded."""
@@ -627,7 +634,6 @@ class RunLoop:
         if sent.lease.kind == Kind.TRAIN:
             self.judge.cost.screen_s += time.perf_counter() - t0
             self.judge.cost.updates += 1
-        self.scheduler.received(sent.lease)
         if judged.verdict.accepted:
             cand = Candidate(judged, sent.lease, sent.row_id, sent.node, now)
             if sent.lease.kind == Kind.TRAIN:  # its own checks soon, not at the round's end
