@@ -96,10 +96,9 @@ class Roster:
 
     def revoked(self, pass_no: int) -> set[int]:
         """The revoked nodes' ids, read once per loop pass ``pass_no`` (a poll: the
-        screening and leases of all its slices share the read): a revocation counts from
-        the next poll on. One read per reply was a fifth of the screening at 1,000 nodes,
-        one more per lease pass ~1 ms, a round trip per slice on PostgreSQL
-        (bench/scale.py)."""
+        screening of its replies and the leases they free share the read): a revocation
+        counts from the next poll on. One read per reply was a fifth of the screening at
+        1,000 nodes, one more per lease pass ~1 ms (bench/scale.py)."""
         if self._revoked[0] != pass_no:
             self._revoked = (pass_no, self.ledger.revoked_node_ids())
         return self._revoked[1]
