@@ -71,7 +71,14 @@ def test_many_leases_in_one_statement_are_the_rows_one_at_a_time_would_be(
         ledger.record_leases([dict(rows[0], nonce="f" * 32), dict(rows[1])])
     with pytest.raises(LedgerError, match="lease kind"):
         ledger.record_leases([dict(rows[0], nonce="e" * 32, kind="infer")])
+    # more rows than one statement takes (several statements, in one transaction), and as
+    # many as one statement takes (none around it on PostgreSQL): all or nothing either way
+    for n in (1_001, 1_000):
+        many = [dict(rows[0], shard_id=i, nonce=f"{n:04d}{i:028x}") for i in range(n - 1)]
+        with pytest.raises(LedgerError):
+            ledger.record_leases([*many, dict(rows[2])])  # the last one's nonce is taken
     assert len(ledger.leases()) == before
+    assert len(ledger.record_leases(many)) == 999
 
 
 def test_record_update_answers_its_lease(ledger: Ledger, make, node) -> None:
