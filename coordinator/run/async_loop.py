@@ -72,6 +72,7 @@ _STANDING_S = 10.0
 _HOLD_S = 0.05
 _STEP_S_PER_UPDATE = 5e-4
 
+
 def make_run_loop(cfg, *args, **kwargs) -> RunLoop:  # type: ignore[no-untyped-def]
     """The run loop ``cfg`` asks for: asynchronous with ``[async] enabled``, else lock-step."""
     return (AsyncRunLoop if cfg.asynchronous.enabled else RunLoop)(cfg, *args, **kwargs)
@@ -227,8 +228,9 @@ class AsyncRunLoop(RunLoop):
                 c.reject(Reason.STALE_BASE, f"built on version {c.lease.base_version}, "
                          f"coordinator is at {self.store.version} (at most {limit} behind)")
         self._close_train(self.store.version + 1, batch)
-        # verdicts moved trust: read it now, in the step, not in the next lease pass (on
-        # PostgreSQL ~6 ms that every node answering during the step waited for)
+        # verdicts moved trust: read it now, in the step, not in the next lease pass (that
+        # pass leases every node that answered during the step, and they all waited for the
+        # read: most of the PostgreSQL lease p99 at 1,000 nodes, bench/scale.py)
         self._trust(fresh=True)
 
     def _trust(self, fresh: bool = False) -> tuple[dict[int, float], set[int]]:
