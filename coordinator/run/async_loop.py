@@ -184,8 +184,7 @@ class AsyncRunLoop(RunLoop):
             if self._open_train() or set(self._wanted) & out:
                 return None
             return sum(1 for c in cands if c.lease.nonce not in self._copies)
-        waited = self._since is not None and \
-            self.clock() - self._since >= self.cfg.asynchronous.max_wait_s
+        waited = self._waited()
         if len(buf.cands) < self._k(online) and not waited:
             return None  # asked every pass: what follows scans every lease out (~1 ms)
         # K counts every fresh update in, a spot-checked one waiting for its partner too:
@@ -336,9 +335,12 @@ class AsyncRunLoop(RunLoop):
         """Whether ``new`` more fresh updates could make an outer step due in this pass."""
         if self.store.version == self.cfg.run.rounds - 1:
             return True
-        return self._fresh() + new >= self._k(len(self._nodes)) or (
-            self._since is not None
-            and self.clock() - self._since >= self.cfg.asynchronous.max_wait_s)
+        return self._fresh() + new >= self._k(len(self._nodes)) or self._waited()
+
+    def _waited(self) -> bool:
+        """Whether the oldest buffered reply has waited ``[async] max_wait_s``."""
+        return self._since is not None and \
+            self.clock() - self._since >= self.cfg.asynchronous.max_wait_s
 
     def _check(self, ids: list[int], depth: int, trust: dict[int, float],
                probation: set[int], speeds: dict, work: Outbox) -> None:
