@@ -103,7 +103,8 @@ def supernode_command(home: NodeHome, e: Enrollment, *, port: int, threads: int,
         node_config += f' policy="{policy}"'
     if sign_key is not None:
         node_config += f' sign-key="{sign_key}"'
-    return ["flower-supernode", "--superlink", e.fleet_address,
+    # Flower's SuperNode, taking its next message while the worker runs one (node/supernode.py)
+    return ["atom-supernode", "--superlink", e.fleet_address,
             "--root-certificates", str(home.ca_path),
             "--auth-supernode-private-key", str(home.key_path),
             "--port", str(port), "--node-config", node_config,

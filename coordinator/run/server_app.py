@@ -11,6 +11,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from protocol.blobstore import BlobDir
+from protocol.flower_pulls import quick_object_pulls
 from protocol.processes import watch_owner
 from training.corpus import load_corpus
 
@@ -49,6 +50,7 @@ def _orphaned() -> None:
 def main(grid: Grid, context: Context) -> None:
     rd = RunDir(Path(str(context.run_config["workdir"])))
     _log_to(rd.logs / "serverapp.log")
+    quick_object_pulls()  # a reply's objects as they land, not a 1 s backoff later
     for owner in filter(None, str(context.run_config.get("owners", "")).split(",")):
         watch_owner(owner, _orphaned, every_s=0.5)  # the coordinator, its SuperLink
     cfg = rd.config()

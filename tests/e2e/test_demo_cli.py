@@ -94,6 +94,18 @@ def test_demo_two_nodes_two_rounds(workdir: Path) -> None:
             assert len(pids) == len(mine) >= 3 and len(set(pids)) == 1, (name, pids)
             fetched = re.findall(r"fetched \w+ ([0-9a-f]{64})", log)
             assert fetched and len(fetched) == len(set(fetched)), fetched
+        # each SuperNode (atom-supernode) took the message queued behind the one its worker
+        # was running, never more than two (Flower's own loop takes one at a time)
+        for i in range(2):
+            text = (workdir / "nodes" / str(i) / "logs" / "supernode.log").read_text()
+            depth = peak = 0
+            for line in text.splitlines():
+                if "Receiving: " in line:
+                    depth += 1
+                    peak = max(peak, depth)
+                elif "Sent successfully" in line:
+                    depth -= 1
+            assert peak == 2, text[-3000:]
 
 
 def test_demo_on_a_given_postgresql_ledger(workdir: Path) -> None:

@@ -73,3 +73,35 @@ def test_the_supernode_runs_without_an_executor_of_its_own() -> None:
     assert out.returncode == 0
     assert "--isolation" in out.stdout and "process" in out.stdout
     assert "--superexec-auth-secret-file" in out.stdout
+
+
+def test_object_pulls_start_their_backoff_where_quick_object_pulls_sets_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    from flwr.supercore.inflatable import inflatable_utils as iu
+    from flwr.superlink.grid import http_grid
+    from flwr.supernode import start_client_internal as sci
+
+    from protocol.flower_pulls import quick_object_pulls
+
+    # both pulls that wait on a message's objects call this one function
+    assert http_grid.pull_objects is iu.pull_objects is sci.pull_objects
+    monkeypatch.setitem(iu.pull_objects.__kwdefaults__, "initial_backoff",
+                        iu.pull_objects.__kwdefaults__["initial_backoff"])
+    from flwr.supercore.constant import PULL_INITIAL_BACKOFF
+
+    assert PULL_INITIAL_BACKOFF == 1  # Flower's own default, what the docstring measured
+    quick_object_pulls()
+    tries = {"n": 0}
+
+    def lands_on_the_third_try(object_id: str) -> bytes:
+        tries["n"] += 1
+        if tries["n"] < 3:
+            raise iu.ObjectUnavailableError(object_id)
+        return b"x"
+
+    start = time.monotonic()
+    assert iu.pull_objects(["a"], lands_on_the_third_try) == {"a": b"x"}
+    # 0.05 + 0.1 s of backoff (+-20%), where Flower's own default waits 1 + 2 s
+    assert time.monotonic() - start < 0.6 and tries["n"] == 3

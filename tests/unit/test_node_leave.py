@@ -201,7 +201,7 @@ def _script(path: Path, body: str) -> Path:
 def fakes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    _script(bin_dir / "flower-supernode", FAKE_SUPERNODE.format(dir=str(tmp_path)))
+    _script(bin_dir / "atom-supernode", FAKE_SUPERNODE.format(dir=str(tmp_path)))
     _script(bin_dir / "fake-worker", FAKE_WORKER.format(dir=str(tmp_path)))
     (tmp_path / "home").mkdir()
     return tmp_path

@@ -29,12 +29,12 @@ def _script(path: Path, body: str) -> Path:
 
 @pytest.fixture
 def fake_supernode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A `flower-supernode` first on PATH that records each start and exits at once, and a
+    """A `atom-supernode` first on PATH that records each start and exits at once, and a
     warm worker that records each start and stays up."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     starts = tmp_path / "starts"
-    _script(bin_dir / "flower-supernode", f"echo \"$@\" >> {starts}\nexit 3")
+    _script(bin_dir / "atom-supernode", f"echo \"$@\" >> {starts}\nexit 3")
     # (the environment first: a line in worker-starts means it was written)
     worker = _script(bin_dir / "fake-worker", "echo \"$TORCHINDUCTOR_CACHE_DIR\" > "
                                               f"{tmp_path / 'worker-compile-cache'}\n"
@@ -88,7 +88,7 @@ def test_restarts_with_backoff_and_stops_cleanly(tmp_path: Path, fake_supernode:
 def test_a_dead_worker_is_restarted_alone(tmp_path: Path, fake_supernode: Path) -> None:
     """The SuperNode stays up; the worker dies at once each time and comes back with
     backoff (1 s, 2 s): the node keeps its place in the network."""
-    _script(tmp_path / "bin" / "flower-supernode", f"echo \"$@\" >> {fake_supernode}\n"
+    _script(tmp_path / "bin" / "atom-supernode", f"echo \"$@\" >> {fake_supernode}\n"
                                                    "exec sleep 60")
     _script(tmp_path / "bin" / "fake-worker",
             f"echo \"$@\" >> {tmp_path / 'worker-starts'}\nexit 9")
@@ -107,7 +107,7 @@ def test_a_dead_worker_is_restarted_alone(tmp_path: Path, fake_supernode: Path) 
 
 def test_gives_up_when_the_coordinator_refuses_the_key(
         tmp_path: Path, fake_supernode: Path) -> None:
-    _script(tmp_path / "bin" / "flower-supernode", f"echo \"$@\" >> {fake_supernode}\n"
+    _script(tmp_path / "bin" / "atom-supernode", f"echo \"$@\" >> {fake_supernode}\n"
                                                    "echo 'ERROR: Failed to activate SuperNode.'"
                                                    "\nexit 49")
     home = NodeHome(tmp_path / "home")
@@ -122,7 +122,7 @@ def test_supernode_command_carries_key_ca_and_node_config(tmp_path: Path) -> Non
     home = NodeHome(tmp_path)
     cmd = supernode_command(home, ENROLLED, port=9999, threads=1, device="cuda:1",
                             sign_key=None, secret_file=tmp_path / "runtime.secret")
-    assert cmd[:3] == ["flower-supernode", "--superlink", "127.0.0.1:2"]
+    assert cmd[:3] == ["atom-supernode", "--superlink", "127.0.0.1:2"]
     assert cmd[cmd.index("--root-certificates") + 1] == str(home.ca_path)
     assert cmd[cmd.index("--auth-supernode-private-key") + 1] == str(home.key_path)
     node_config = cmd[cmd.index("--node-config") + 1]
