@@ -81,7 +81,7 @@ def ingest_once(shapes: dict[str, Any], payloads: list[bytes], signed: list[Any]
         for off in range(0, len(payload), _CHUNK):  # as PutBlob receives it
             part.append(view[off:off + _CHUNK])
         store.commit(part)
-        arrays = arrays_from_bytes(store.get(update.arrays_digest))
+        arrays = arrays_from_bytes(store.view(update.arrays_digest))
         verdict = verify(update, arrays, Expected(
             lease=lease, node_id=1, public_key_pem=pem, current_version=0, shapes=shapes,
             max_norm=1000.0, now=time.time(), compression=codec, from_store=True))

@@ -228,18 +228,19 @@ class BlobFetcher:
     max_bytes: int
     fetched: list[str] = field(default_factory=list)  # digests downloaded (not cache hits)
 
-    def get(self, digest: str, progress: Progress | None = None) -> bytes:
-        """The blob's bytes, checked against ``digest``; ``BlobError`` naming every source's
-        failure if none could serve it."""
+    def get(self, digest: str, progress: Progress | None = None) -> memoryview:
+        """The blob's bytes (``BlobDir.view``: mapped from the cache, not read), checked
+        against ``digest``; ``BlobError`` naming every source's failure if none could serve
+        it."""
         check_digest(digest)
         # a lease may need the blob a prefetch is fetching: wait for it, never fetch it twice
         with _lock_for(digest):
             return self._get(digest, progress)
 
-    def _get(self, digest: str, progress: Progress | None) -> bytes:
+    def _get(self, digest: str, progress: Progress | None) -> memoryview:
         if self.cache.has(digest):
             metrics.CACHE_LOOKUPS.labels("hit").inc()
-            return self.cache.get(digest)
+            return self.cache.view(digest)
         metrics.CACHE_LOOKUPS.labels("miss").inc()
         failures = []
         for source in self.sources:
@@ -252,7 +253,7 @@ class BlobFetcher:
                 part.discard()  # a source that failed leaves nothing for the next to trust
                 continue
             self.fetched.append(digest)
-            data = self.cache.get(digest)
+            data = self.cache.view(digest)
             metrics.TRANSFER_BYTES.labels("down").inc(len(data))
             return data
         raise BlobError(f"blob {digest[:12]}: no source could serve it ("

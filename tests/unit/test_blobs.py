@@ -93,6 +93,27 @@ def test_store_keeps_only_what_matches_its_name(tmp_path: Path) -> None:
         store.get("../../etc/passwd")
 
 
+def test_a_view_maps_the_blob_copy_on_write_and_outlives_its_eviction(tmp_path: Path) -> None:
+    import os
+    import time
+    store = BlobDir(tmp_path, max_bytes=2_500)
+    arrays = {"w": np.arange(200, dtype=np.float32)}
+    digest = store.put(arrays_to_bytes(arrays))
+    past = time.time() - 100
+    os.utime(store.path(digest), (past, past))
+    view = store.view(digest)
+    assert view == store.get(digest) and store.path(digest).stat().st_mtime > past + 50
+    parsed = arrays_from_bytes(view)
+    parsed["w"] += 1  # writeable views (torch takes them without a copy) ...
+    assert digest_bytes(store.path(digest).read_bytes()) == digest  # ... that never reach the file
+    assert store.view(digest) != view and np.array_equal(parsed["w"], np.arange(200) + 1)
+    store.put(b"x" * 2_000)  # evicts it: the mapping keeps what it maps
+    assert not store.has(digest) and parsed["w"][-1] == 200
+    assert store.view(store.put(b"")) == b""  # an empty blob (a file that cannot be mapped)
+    with pytest.raises(BlobError, match="no blob"):
+        store.view(digest)
+
+
 def test_cache_evicts_the_least_recently_used(tmp_path: Path) -> None:
     import os
     import time
