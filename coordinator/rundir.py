@@ -65,6 +65,11 @@ class RunDir:
         return self.path / "blobs"
 
     @property
+    def replies(self) -> Path:
+        """Train replies nodes handed in beside Flower (``coordinator.run.reply_spool``)."""
+        return self.path / "replies"
+
+    @property
     def corpus(self) -> Path:
         return self.path / "corpus"
 

@@ -58,6 +58,9 @@ class BlobSink(Protocol):
             progress: Progress | None = None) -> None:
         """Hand the coordinator an update payload for the open train lease; ``BlobError``."""
 
+    def submit_reply(self, lease_nonce: str, reply: bytes) -> None:
+        """Hand the coordinator the train lease's reply beside Flower; ``BlobError``."""
+
 
 def _too_big(digest: str, size: int, max_bytes: int) -> BlobError:
     return BlobError(f"blob {digest[:12]} is {size} bytes, over the limit of {max_bytes}")
@@ -155,6 +158,17 @@ class CoordinatorBlobs:
                     break
                 log.info("upload of %s: %s; again (%d)", digest[:12], why, attempt + 1)
         raise BlobError(f"coordinator refused the update payload {digest[:12]}: {why}")
+
+    def submit_reply(self, lease_nonce: str, reply: bytes) -> None:
+        """Hand in the train lease's reply (``content_to_bytes``) beside Flower's way back
+        (coordinator/run/reply_spool.py); ``BlobError`` if refused. One try: the Flower
+        reply still answers the lease."""
+        try:
+            pb_grpc.CoordinatorStub(self.channel).SubmitReply(
+                pb.SubmitReplyRequest(lease_nonce=lease_nonce, reply=reply), timeout=10.0)
+        except grpc.RpcError as err:
+            raise BlobError(f"coordinator refused the reply: {err.code().name}: "  # type: ignore[attr-defined]
+                            f"{err.details()}") from None  # type: ignore[attr-defined]
 
     def _stream(self, stub: pb_grpc.CoordinatorStub, digest: str, into: Partial, offset: int,
                 max_bytes: int, progress: Progress | None) -> bool:

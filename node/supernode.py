@@ -114,21 +114,19 @@ class Pipeline:
                                             daemon=True, name="supernode-replies")
             self._pusher.start()
 
-    def _sent(self) -> None:
+    def _settled(self, n: int) -> None:
         with self._cv:
-            self.in_flight = max(0, self.in_flight - 1)
-            self._replies += 1
+            self.in_flight = max(0, self.in_flight - n)
+            self._replies += n
             self._quick = 0
             self._cv.notify_all()
 
     def _push_forever(self, kwargs: dict[str, Any]) -> None:
-        send = kwargs["send"]
+        send, sent = kwargs["send"], [0]
 
         def counted_send(*args: Any, **kw: Any) -> Any:
-            try:
-                return send(*args, **kw)
-            finally:  # sent or refused, this message is settled (Flower drops it either way)
-                self._sent()
+            sent[0] += 1  # sent or refused, this message is settled (Flower drops it either way)
+            return send(*args, **kw)
 
         kwargs = {**kwargs, "send": counted_send,
                   "state": _ReplyWait(kwargs["state"], self.stop)}
@@ -140,6 +138,12 @@ class Pipeline:
             except Exception:  # noqa: BLE001 - a reply lost is the lease's; go on sending
                 log.exception("could not send a reply")
                 self.stop.wait(0.5)
+            finally:
+                # once the whole reply is up (as Flower's own loop, which pulls only then):
+                # the SuperNode's log never shows more than ``depth`` messages in flight
+                n, sent[0] = sent[0], 0
+                if n:
+                    self._settled(n)
 
 
 def install(depth: int = DEPTH) -> Pipeline:

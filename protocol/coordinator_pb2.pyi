@@ -144,6 +144,18 @@ class BlobUpload(_message.Message):
     data: bytes
     def __init__(self, digest: _Optional[str] = ..., size: _Optional[int] = ..., lease_nonce: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
 
+class SubmitReplyRequest(_message.Message):
+    __slots__ = ("lease_nonce", "reply")
+    LEASE_NONCE_FIELD_NUMBER: _ClassVar[int]
+    REPLY_FIELD_NUMBER: _ClassVar[int]
+    lease_nonce: str
+    reply: bytes
+    def __init__(self, lease_nonce: _Optional[str] = ..., reply: _Optional[bytes] = ...) -> None: ...
+
+class SubmitReplyReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class PutBlobReply(_message.Message):
     __slots__ = ("size",)
     SIZE_FIELD_NUMBER: _ClassVar[int]

@@ -50,10 +50,13 @@ from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict  # pylint: disable=E0611
 
 from protocol._fields import HEX64, NONCE, check_keys, finite, normalise, read_typed, require
 from protocol._records import array_record, decode_arrays, take_records
 from protocol.compression import Compression
+from protocol.errors import ProtocolError
 from protocol.kinds import KINDS, Kind, Verdict
 
 __all__ = [
@@ -73,6 +76,9 @@ __all__ = [
     "parse_handback",
     "parse_reply",
     "parse_work",
+    "MAX_REPLY_BYTES",
+    "content_from_bytes",
+    "content_to_bytes",
     "reply_content",
     "shard_tokens",
     "work_content",
@@ -330,6 +336,27 @@ def shard_tokens(data: bytes, lease: Lease, dtype: str | None = None) -> np.ndar
 def reply_content(update: Update, arrays: Mapping[str, np.ndarray]) -> RecordDict:
     """Pack a (signed) update and its arrays into a reply content."""
     return RecordDict({"update": update.to_record(), "arrays": array_record(arrays, "arrays")})
+
+
+# A reply handed in beside Flower (``SubmitReply``): a signed record and, for an evaluation,
+# its per-window losses; a train payload went up by digest before it
+MAX_REPLY_BYTES = 64 << 10
+
+
+def content_to_bytes(content: RecordDict) -> bytes:
+    """A reply content as bytes (Flower's own protobuf encoding): what ``SubmitReply``
+    carries beside the Flower reply."""
+    return recorddict_to_proto(content).SerializeToString(deterministic=True)
+
+
+def content_from_bytes(data: bytes) -> RecordDict:
+    """``content_to_bytes`` undone; ``ProtocolError`` for bytes that are not one."""
+    proto = ProtoRecordDict()
+    try:
+        proto.ParseFromString(bytes(data))
+        return recorddict_from_proto(proto)
+    except Exception as err:  # noqa: BLE001 - protobuf and Flower raise several kinds
+        raise ProtocolError(f"reply bytes: not a record dict ({type(err).__name__})") from None
 
 
 def parse_reply(content: RecordDict) -> tuple[Update, dict[str, np.ndarray]]:

@@ -20,7 +20,8 @@ from coordinator.run.async_loop import make_run_loop
 from coordinator.run.loop import RunLoop
 from coordinator.run.resume import run_resuming
 from coordinator.run.model_store import ModelStore
-from coordinator.run.transport import FlowerTransport
+from coordinator.run.reply_spool import ReplySpool
+from coordinator.run.transport import FlowerTransport, SpooledTransport
 from coordinator.rundir import RunDir
 
 __all__ = ["app"]
@@ -60,7 +61,9 @@ def main(grid: Grid, context: Context) -> None:
             corpus = load_corpus(rd.corpus)
 
             def make() -> RunLoop:  # from what the ledger holds (again after an outage)
-                return make_run_loop(cfg, ledger, FlowerTransport(grid),
+                # train replies as nodes hand them in, ahead of Flower's way back
+                transport = SpooledTransport(FlowerTransport(grid), ReplySpool(rd.replies))
+                return make_run_loop(cfg, ledger, transport,
                                ModelStore.open(rd.checkpoints, cfg, ledger, corpus=corpus),
                                corpus,
                                issuer=issuer, blobs=BlobDir(rd.blobs))

@@ -6,14 +6,24 @@ interface lets tests drive the real loop with in-process nodes.
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
-__all__ = ["FlowerTransport", "Reply", "Transport", "MESSAGE_TYPES"]
+from protocol.errors import ProtocolError
+from protocol.messages import content_from_bytes
+
+from coordinator.run.reply_spool import ReplySpool
+
+__all__ = ["FlowerTransport", "Reply", "SpooledTransport", "Transport", "MESSAGE_TYPES"]
+
+log = logging.getLogger(__name__)
 
 # Flower routes "<action>.<name>" to @app.<action>("<name>") on the ClientApp.
 # A tasks lease is an evaluation too: the node's evaluate handler reads its kind off the lease.
@@ -60,3 +70,106 @@ class FlowerTransport:
             else:
                 out.append(Reply(md.reply_to_message_id, int(md.src_node_id), msg.content, None))
         return out
+
+
+_DRAIN_S = 3600.0  # Flower's copy of a reply taken from the spool: asked for this long
+_SWEEP_EVERY = 300  # polls between sweeps of spooled replies no lease waits for
+
+
+class _Drain:
+    """Flower's copies of replies already taken from the spool, pulled and dropped by a
+    thread of its own (Flower would otherwise keep them): the run loop does not wait on
+    Flower's per-object pulls for bytes it has. On the bench network those pulls were the
+    loop's largest wait. Its ids and the loop's are disjoint, so the two never ask Flower
+    for the same message."""
+
+    def __init__(self, inner: Transport, every_s: float) -> None:
+        self._inner, self._every_s = inner, every_s
+        self._lock = threading.Lock()
+        self._ids: dict[str, float] = {}  # msg id -> when its reply came from the spool
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def add(self, mid: str) -> None:
+        with self._lock:
+            self._ids[mid] = time.monotonic()
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, daemon=True,
+                                                name="flower-drain")
+                self._thread.start()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._ids)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._every_s):
+            with self._lock:
+                ids = list(self._ids)
+            if not ids:
+                continue
+            try:
+                got = self._inner.poll(ids)
+            except Exception as err:  # noqa: BLE001 - the next pass asks again
+                log.info("could not drain Flower's copies of replies: %s", err)
+                continue
+            old = time.monotonic() - _DRAIN_S
+            with self._lock:
+                for reply in got:
+                    self._ids.pop(reply.msg_id, None)
+                self._ids = {m: t for m, t in self._ids.items() if t >= old}
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+
+@dataclass
+class SpooledTransport:
+    """``inner`` (Flower), with replies taken from ``spool`` as soon as a node hands them to
+    the coordinator's service (``coordinator.run.reply_spool``); Flower's copy, when it
+    comes, is drained beside the loop (``_Drain``). Bytes that are not a reply are dropped:
+    Flower's copy, the node's own reply, answers the lease then."""
+
+    inner: Transport
+    spool: ReplySpool
+    drain_every_s: float = 1.0
+    _leases: dict[str, tuple[str, int]] = field(default_factory=dict)  # msg id -> (nonce, dst)
+    _polls: int = 0
+
+    def __post_init__(self) -> None:
+        self.drain = _Drain(self.inner, self.drain_every_s)
+
+    def online(self) -> list[int]:
+        return self.inner.online()
+
+    def send(self, dst: int, kind: str, content: RecordDict, ttl: float) -> str:
+        mid = self.inner.send(dst, kind, content, ttl)
+        self._leases[mid] = (str(content["lease"]["nonce"]), dst)  # type: ignore[index]
+        return mid
+
+    def poll(self, msg_ids: Collection[str]) -> list[Reply]:
+        waiting = set(msg_ids)
+        for mid in [m for m in self._leases if m not in waiting]:
+            del self._leases[mid]  # answered through Flower, or expired
+        out = []
+        nonces = {self._leases[m][0]: m for m in waiting if m in self._leases}
+        for nonce, data in self.spool.take(nonces).items() if nonces else ():
+            mid = nonces[nonce]
+            try:
+                content = content_from_bytes(data)
+            except ProtocolError as err:
+                log.warning("a spooled reply to lease %s dropped: %s", nonce, err)
+                continue
+            out.append(Reply(mid, self._leases.pop(mid)[1], content, None))
+            self.drain.add(mid)
+        answered = {r.msg_id for r in out}
+        out.extend(self.inner.poll([m for m in waiting if m not in answered]))
+        self._polls += 1
+        if self._polls % _SWEEP_EVERY == 0:
+            self.spool.sweep()
+        return out
+
+    def close(self) -> None:
+        self.drain.close()

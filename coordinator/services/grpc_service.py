@@ -23,12 +23,13 @@ from protocol.errors import (
     AtomError, BlobError, EnrollmentError, LedgerError, NetworkError, ProtocolError,
     VerificationError,
 )
-from protocol.messages import Kind
+from protocol.messages import MAX_REPLY_BYTES, Kind
 from protocol.status import StatusQuery
 
 from coordinator.accounting.credits import ReceiptIssuer
 from coordinator.accounting.statements import StatementDesk
 from coordinator.metrics import BLOB_BYTES
+from coordinator.run.reply_spool import ReplySpool
 from coordinator.services.enrollment import Enroller
 from coordinator.services.status import AccessDenied, NoSuchNode, StatusDesk
 from coordinator.services.status_watch import MAX_WATCHERS, StatusWatch, TooManyWatchers
@@ -64,6 +65,8 @@ class BlobService:
 
     blobs: BlobDir | None
     lease_open: Callable[[str], bool] | None = None  # nonce -> an issued train lease?
+    replies: ReplySpool | None = None  # SubmitReply's, for the run loop; None: refused
+    reply_open: Callable[[str], bool] | None = None  # nonce -> an issued lease (any kind)?
     max_upload_bytes: int = 0  # 0: uploads refused
     CHUNK = 2 << 20  # bytes per message: under gRPC's 4 MiB default limit, few round trips
 
@@ -104,6 +107,22 @@ class BlobService:
             raise
         return pb.PutBlobReply(size=n)
 
+    def SubmitReply(self, request: pb.SubmitReplyRequest,
+                    context: grpc.ServicerContext) -> pb.SubmitReplyReply:
+        try:
+            if self.replies is None or self.reply_open is None:
+                raise AccessDenied("this coordinator takes replies through Flower only")
+            if len(request.reply) > MAX_REPLY_BYTES:  # (before the ledger is asked)
+                raise ProtocolError(f"a reply of {len(request.reply)} bytes is over the "
+                                    f"limit of {MAX_REPLY_BYTES}")
+            if not self.reply_open(request.lease_nonce):
+                raise AccessDenied("no open lease with that nonce")
+            self.replies.put(request.lease_nonce, request.reply)
+        except Exception as err:  # noqa: BLE001 - mapped to a status below
+            _abort(context, err)
+            raise
+        return pb.SubmitReplyReply()
+
     def FetchBlob(self, request: pb.FetchBlobRequest,
                   context: grpc.ServicerContext) -> Iterator[pb.BlobChunk]:
         try:
@@ -139,11 +158,13 @@ class CoordinatorService(BlobService, pb_grpc.CoordinatorServicer):
     statements: StatementDesk | None = None  # default: over the enroller's ledger
     status: StatusDesk | None = None  # default: over the enroller's ledger
     blobs: BlobDir | None = None  # model versions and data shards, by digest
+    replies: ReplySpool | None = None  # train replies handed in beside Flower
     max_upload_bytes: int = 0  # an update payload's bound (``upload_limit``); 0: none taken
     watch: StatusWatch | None = None  # default: over the status desk
 
     def __post_init__(self) -> None:
         self.lease_open = self._train_lease_open
+        self.reply_open = self._lease_issued
         if self.statements is None and self.issuer is not None:
             self.statements = StatementDesk(self.enroller.ledger, self.run_id, self.issuer)
         if self.status is None:
@@ -160,6 +181,10 @@ class CoordinatorService(BlobService, pb_grpc.CoordinatorServicer):
     def _train_lease_open(self, nonce: str) -> bool:
         lease = self.enroller.ledger.lease_by_nonce(nonce)
         return lease is not None and lease.kind == Kind.TRAIN and lease.status == "issued"
+
+    def _lease_issued(self, nonce: str) -> bool:
+        lease = self.enroller.ledger.lease_by_nonce(nonce)
+        return lease is not None and lease.status == "issued"
 
     def Enroll(self, request: pb.EnrollRequest, context: grpc.ServicerContext) -> pb.EnrollReply:
         try:

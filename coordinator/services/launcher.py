@@ -22,6 +22,7 @@ from coordinator.ledger import Ledger
 from coordinator.metrics import SERVICE
 from coordinator.run.model_store import model_config, model_params, run_vocab_size
 from coordinator.rundir import RunDir, prepare_corpus
+from coordinator.run.reply_spool import ReplySpool
 from coordinator.services.enrollment import Enroller
 from coordinator.services.fleet_proxy import FleetProxy
 from coordinator.services.grpc_service import CoordinatorService, serve, upload_limit
@@ -89,7 +90,8 @@ class Coordinator:
         service = CoordinatorService(enroller, cfg.run.id, rd.fleet_address(cfg),
                                      rd.public_key_pem(), ReceiptIssuer.load(rd.key_path),
                                      blobs=BlobDir(rd.blobs), max_upload_bytes=upload_limit(
-                                         params, cfg.compression.scheme))
+                                         params, cfg.compression.scheme),
+                                     replies=ReplySpool(rd.replies))
         self.service = service
         self.server = serve(service, cfg.network.host, cfg.network.coordinator_port,
                             rd.tls.server_cert.read_bytes(), rd.tls.server_key.read_bytes())

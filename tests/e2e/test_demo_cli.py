@@ -106,6 +106,12 @@ def test_demo_two_nodes_two_rounds(workdir: Path) -> None:
                 elif "Sent successfully" in line:
                     depth -= 1
             assert peak == 2, text[-3000:]
+        # every reply was handed to the coordinator's service too, and the run loop took
+        # each one from its spool (what it left there, it never took)
+        for i in range(2):
+            log = (workdir / "nodes" / str(i) / "logs" / "worker.log").read_text()
+            assert "reply handed to Flower only" not in log, log[-2000:]
+        assert not [p.name for p in (workdir / "replies").iterdir()]
 
 
 def test_demo_on_a_given_postgresql_ledger(workdir: Path) -> None:

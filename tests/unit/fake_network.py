@@ -128,6 +128,9 @@ class _Uploads:
         assert self.blobs is not None
         self.blobs.put(data, digest)
 
+    def submit_reply(self, lease_nonce: str, reply: bytes) -> None:
+        pass  # the fake transport hands the reply over itself
+
 
 @dataclass
 class FakeNode:

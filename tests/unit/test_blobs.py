@@ -21,11 +21,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from coordinator.run.reply_spool import ReplySpool
 from coordinator.services.grpc_service import BlobService
 from node.blobs import BlobFetcher, CoordinatorBlobs, HttpMirror
 from protocol import coordinator_pb2 as pb
 from protocol import coordinator_pb2_grpc as pb_grpc
 from protocol.blobstore import BlobDir
+from protocol.messages import MAX_REPLY_BYTES
 from protocol.digest import arrays_from_bytes, arrays_to_bytes, digest_arrays, digest_bytes
 from protocol.errors import BlobError, ProtocolError
 
@@ -293,6 +295,9 @@ def test_no_source_is_one_error_naming_each(tmp_path: Path, mirror) -> None:
     assert "\n" not in msg and _clean(f)
 
 
+_A, _B = "a" * 32, "b" * 32
+
+
 # -- update payloads up ----------------------------------------------------------------------
 
 def test_an_update_payload_goes_up_for_an_open_lease_only(tmp_path: Path, served) -> None:
@@ -316,6 +321,24 @@ def test_an_update_payload_goes_up_for_an_open_lease_only(tmp_path: Path, served
         up.put(hashlib.sha256(huge).hexdigest(), huge, "a" * 32)
     assert not store.has("0" * 64) and not store.has(hashlib.sha256(huge).hexdigest())
     assert list((store.root / ".partial").iterdir()) == []
+
+
+def test_a_reply_is_handed_in_beside_flower_for_an_issued_lease_only(
+        tmp_path: Path, served) -> None:
+    make, _ = served
+    servicer, channel = make()
+    node = CoordinatorBlobs(channel)
+    with pytest.raises(BlobError, match="through Flower only"):
+        node.submit_reply(_A, b"reply")  # a coordinator without a spool
+    servicer.replies = ReplySpool(tmp_path / "replies")
+    servicer.reply_open = lambda nonce: nonce == _A
+    node.submit_reply(_A, b"reply")
+    assert servicer.replies.take([_A]) == {_A: b"reply"}
+    with pytest.raises(BlobError, match="PERMISSION_DENIED: .*no open lease"):
+        node.submit_reply(_B, b"reply")
+    with pytest.raises(BlobError, match="INVALID_ARGUMENT: a reply of .* over the limit"):
+        node.submit_reply(_A, bytes(MAX_REPLY_BYTES + 1))
+    assert servicer.replies.take([_A, _B]) == {}
 
 
 def test_two_nodes_may_upload_the_same_payload_at_once(tmp_path: Path, served) -> None:

@@ -51,7 +51,8 @@ def test_service_shape() -> None:
                        "GetStatus": ("StatusRequest", "StatusReply"),
                        "WatchStatus": ("StatusRequest", "StatusReply"),
                        "FetchBlob": ("FetchBlobRequest", "BlobChunk"),
-                       "PutBlob": ("BlobUpload", "PutBlobReply")}
+                       "PutBlob": ("BlobUpload", "PutBlobReply"),
+                       "SubmitReply": ("SubmitReplyRequest", "SubmitReplyReply")}
     put = service.methods_by_name["PutBlob"]
     assert put.client_streaming and not put.server_streaming
     fetch = service.methods_by_name["FetchBlob"]

@@ -23,7 +23,8 @@ from node.worker import BaseModels, WorkerSettings, do_work
 from protocol.blobstore import BlobDir
 from protocol.compression import apply_delta, encode_delta
 from protocol.digest import arrays_to_bytes, digest_arrays
-from protocol.messages import Lease, parse_reply, parse_work, work_content
+from protocol.errors import BlobError
+from protocol.messages import Lease, content_to_bytes, parse_reply, parse_work, work_content
 from protocol.signing import generate_key
 from training.inner import train_inner
 from training.model import GPTConfig
@@ -329,3 +330,36 @@ def test_the_first_lease_compiles_its_model_while_its_blobs_arrive(tmp_path: Pat
     assert got[0].metrics.loss_before == want[0].metrics.loss_before
     for k in want[1]:
         np.testing.assert_allclose(got[1][k], want[1][k], rtol=0, atol=1e-6)
+
+
+class HandIns:
+    """The coordinator's upload service, as the worker sees it."""
+
+    def __init__(self, blobs: BlobDir, refuse: bool = False) -> None:
+        self.blobs, self.refuse = blobs, refuse
+        self.replies: dict[str, bytes] = {}
+
+    def put(self, digest: str, data: bytes, lease_nonce: str, progress: Any = None) -> None:
+        self.blobs.put(data, digest)
+
+    def submit_reply(self, lease_nonce: str, reply: bytes) -> None:
+        if self.refuse:
+            raise BlobError("coordinator refused the reply: PERMISSION_DENIED: no open lease")
+        self.replies[lease_nonce] = reply
+
+
+@pytest.mark.parametrize("refuse", [False, True])
+def test_every_reply_is_also_handed_to_the_coordinator_s_service(tmp_path: Path,
+                                                                 refuse: bool) -> None:
+    blobs = BlobDir(tmp_path / "blobs")
+    tokens = (np.arange(64) % 256).astype("<u2")
+    model = init_arrays(CFG, seed=0)
+    uploads = HandIns(blobs, refuse)
+    settings = WorkerSettings(node_id=1, key=generate_key(), device="cpu", cache=blobs,
+                              uploads=uploads)
+    for nonce, kind in (("1" * 32, "train"), ("2" * 32, "eval")):
+        reply = do_work(lease_on(blobs, model, tokens, nonce, kind), settings)
+        parse_reply(reply)  # a refused hand-in changes nothing of the reply Flower takes
+        if not refuse:  # the very bytes Flower carries
+            assert uploads.replies[nonce] == content_to_bytes(reply)
+    assert len(uploads.replies) == (0 if refuse else 2)

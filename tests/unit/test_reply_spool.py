@@ -1,0 +1,117 @@
+"""Train replies handed in beside Flower: the spool, the service's ``SubmitReply`` and the
+run loop's ``SpooledTransport`` (a spooled reply answers the lease, Flower's copy is dropped).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Collection
+from pathlib import Path
+
+import pytest
+from flwr.app import ConfigRecord, RecordDict
+
+from coordinator.run.reply_spool import ReplySpool
+from coordinator.run.transport import Reply, SpooledTransport
+from protocol.errors import ProtocolError
+from protocol.messages import MAX_REPLY_BYTES, content_from_bytes, content_to_bytes
+
+A, B = "a" * 32, "b" * 32
+
+
+def test_the_spool_keeps_one_reply_per_lease_until_it_is_taken(tmp_path: Path) -> None:
+    spool = ReplySpool(tmp_path / "replies")
+    spool.put(A, b"first")
+    spool.put(A, b"second")  # a later one replaces it
+    spool.put(B, b"other")
+    assert spool.take([A, "c" * 32]) == {A: b"second"}
+    assert spool.take([A]) == {} and spool.take([B]) == {B: b"other"}
+    assert os.listdir(tmp_path / "replies") == []  # nothing half-written left behind
+    with pytest.raises(ProtocolError, match="32 lowercase hex"):
+        spool.put("../../etc/passwd", b"x")
+    with pytest.raises(ProtocolError, match="over the limit"):
+        spool.put(A, bytes(MAX_REPLY_BYTES + 1))
+
+
+def test_the_spool_sweeps_only_what_waited_too_long(tmp_path: Path) -> None:
+    spool = ReplySpool(tmp_path)
+    spool.put(A, b"old")
+    spool.put(B, b"new")
+    past = time.time() - 7200
+    os.utime(tmp_path / A, (past, past))
+    assert spool.sweep(3600) == 1 and spool.take([A, B]) == {B: b"new"}
+
+
+def _content(nonce: str) -> RecordDict:
+    return RecordDict({"lease": ConfigRecord({"nonce": nonce})})
+
+
+def _reply(nonce: str, via: str) -> RecordDict:
+    return RecordDict({"update": ConfigRecord({"nonce": nonce, "via": via})})
+
+
+class FakeFlower:
+    def __init__(self) -> None:
+        self.sent: dict[str, str] = {}  # msg id -> nonce
+        self.answered: dict[str, RecordDict] = {}  # replies in the SuperLink, by msg id
+        self.asked: list[tuple[str, set[str]]] = []  # (thread, msg ids)
+
+    def online(self) -> list[int]:
+        return [1, 2]
+
+    def send(self, dst: int, kind: str, content: RecordDict, ttl: float) -> str:
+        mid = f"m{len(self.sent)}"
+        self.sent[mid] = str(content["lease"]["nonce"])  # type: ignore[index]
+        return mid
+
+    def poll(self, msg_ids: Collection[str]) -> list[Reply]:
+        self.asked.append((threading.current_thread().name, set(msg_ids)))
+        return [Reply(m, 1, self.answered.pop(m), None) for m in list(msg_ids)
+                if m in self.answered]
+
+
+def test_a_spooled_reply_answers_first_and_flower_s_copy_is_drained_beside(
+        tmp_path: Path) -> None:
+    flower, spool = FakeFlower(), ReplySpool(tmp_path)
+    t = SpooledTransport(flower, spool, drain_every_s=0.02)
+    train, evaluation = t.send(1, "train", _content(A), 60), t.send(2, "eval", _content(B), 60)
+    assert t.poll([train, evaluation]) == []
+    spool.put(A, content_to_bytes(_reply(A, "spool")))
+    (got,) = t.poll([train, evaluation])
+    after = len(flower.asked)
+    assert (got.msg_id, got.src, got.error) == (train, 1, None)
+    assert got.content["update"]["via"] == "spool"  # type: ignore[index]
+    flower.answered[evaluation] = _reply(B, "flower")  # this one came through Flower first
+    (got,) = t.poll([evaluation])
+    assert got.msg_id == evaluation and got.content["update"]["via"] == "flower"  # type: ignore[index]
+    flower.answered[train] = _reply(A, "flower")  # Flower's copy comes: drained, not seen
+    deadline = time.monotonic() + 5
+    while len(t.drain) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(t.drain) == 0 and train not in flower.answered
+    # once answered, the loop never asked for it again: the drain did, on its own thread
+    assert not any(train in ids for who, ids in flower.asked[after - 1:] if who == "MainThread")
+    assert any(train in ids for who, ids in flower.asked if who == "flower-drain")
+    spool.put(B, content_to_bytes(_reply(B, "spool")))  # late: its lease waits no more
+    assert t.poll([]) == [] and spool.take([B])  # (left for the sweep)
+    t.close()
+
+
+def test_bytes_that_are_not_a_reply_leave_the_lease_to_flower(tmp_path: Path) -> None:
+    flower, spool = FakeFlower(), ReplySpool(tmp_path)
+    t = SpooledTransport(flower, spool)
+    train = t.send(1, "train", _content(A), 60)
+    spool.put(A, b"\xff\x00 not a record dict")
+    assert t.poll([train]) == [] and spool.take([A]) == {}
+    flower.answered[train] = _reply(A, "flower")
+    (got,) = t.poll([train])
+    assert got.content["update"]["via"] == "flower"  # type: ignore[index]
+
+
+def test_reply_bytes_round_trip_and_garbage_is_a_protocol_error() -> None:
+    content = _reply(A, "x")
+    assert content_from_bytes(content_to_bytes(content)) == content
+    with pytest.raises(ProtocolError, match="not a record dict"):
+        content_from_bytes(b"\xff\x00garbage")
