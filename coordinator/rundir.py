@@ -66,7 +66,7 @@ class RunDir:
 
     @property
     def replies(self) -> Path:
-        """Train replies nodes handed in beside Flower (``coordinator.run.reply_spool``)."""
+        """Replies nodes handed in beside Flower (``coordinator.run.reply_spool``)."""
         return self.path / "replies"
 
     @property

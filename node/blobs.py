@@ -59,7 +59,7 @@ class BlobSink(Protocol):
         """Hand the coordinator an update payload for the open train lease; ``BlobError``."""
 
     def submit_reply(self, lease_nonce: str, reply: bytes) -> None:
-        """Hand the coordinator the train lease's reply beside Flower; ``BlobError``."""
+        """Hand the coordinator the lease's reply beside Flower; ``BlobError``."""
 
 
 def _too_big(digest: str, size: int, max_bytes: int) -> BlobError:
@@ -160,7 +160,7 @@ class CoordinatorBlobs:
         raise BlobError(f"coordinator refused the update payload {digest[:12]}: {why}")
 
     def submit_reply(self, lease_nonce: str, reply: bytes) -> None:
-        """Hand in the train lease's reply (``content_to_bytes``) beside Flower's way back
+        """Hand in the lease's reply (``content_to_bytes``) beside Flower's way back
         (coordinator/run/reply_spool.py); ``BlobError`` if refused. One try: the Flower
         reply still answers the lease."""
         try:

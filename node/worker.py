@@ -28,8 +28,7 @@ from protocol.digest import arrays_from_bytes, arrays_to_bytes, digest_arrays, d
 from protocol.errors import AtomError, BlobError, ConfigError, ProtocolError
 from protocol.messages import (
     EVAL_WINDOWS, MAX_REPLY_BYTES, Kind, Update, UpdateMetrics, Work, content_to_bytes,
-    handback_content,
-    parse_work, reply_content, shard_tokens,
+    handback_content, parse_work, reply_content, shard_tokens,
 )
 from protocol.signing import sign_update
 from training.data_parallel import InnerPool, train_inner_parallel

@@ -26,7 +26,7 @@ from protocol._fields import NONCE
 from protocol.errors import BlobError, ProtocolError
 from protocol.messages import MAX_REPLY_BYTES
 
-__all__ = ["MAX_REPLY_BYTES", "ReplySpool"]
+__all__ = ["ReplySpool"]
 
 _STALE_S = 3600.0  # a reply no loop took (its lease expired, a restart): swept after this
 

@@ -59,10 +59,11 @@ def main(grid: Grid, context: Context) -> None:
         try:
             issuer = ReceiptIssuer.load(rd.key_path)  # once: every receipt of this run
             corpus = load_corpus(rd.corpus)
+            # replies as nodes hand them in, ahead of Flower's way back; one for the whole
+            # run (a loop made again after an outage keeps its drain of Flower's copies)
+            transport = SpooledTransport(FlowerTransport(grid), ReplySpool(rd.replies))
 
             def make() -> RunLoop:  # from what the ledger holds (again after an outage)
-                # train replies as nodes hand them in, ahead of Flower's way back
-                transport = SpooledTransport(FlowerTransport(grid), ReplySpool(rd.replies))
                 return make_run_loop(cfg, ledger, transport,
                                ModelStore.open(rd.checkpoints, cfg, ledger, corpus=corpus),
                                corpus,

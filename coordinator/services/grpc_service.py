@@ -28,6 +28,7 @@ from protocol.status import StatusQuery
 
 from coordinator.accounting.credits import ReceiptIssuer
 from coordinator.accounting.statements import StatementDesk
+from coordinator.ledger.models import LeaseRow
 from coordinator.metrics import BLOB_BYTES
 from coordinator.run.reply_spool import ReplySpool
 from coordinator.services.enrollment import Enroller
@@ -158,7 +159,7 @@ class CoordinatorService(BlobService, pb_grpc.CoordinatorServicer):
     statements: StatementDesk | None = None  # default: over the enroller's ledger
     status: StatusDesk | None = None  # default: over the enroller's ledger
     blobs: BlobDir | None = None  # model versions and data shards, by digest
-    replies: ReplySpool | None = None  # train replies handed in beside Flower
+    replies: ReplySpool | None = None  # replies handed in beside Flower
     max_upload_bytes: int = 0  # an update payload's bound (``upload_limit``); 0: none taken
     watch: StatusWatch | None = None  # default: over the status desk
 
@@ -178,13 +179,16 @@ class CoordinatorService(BlobService, pb_grpc.CoordinatorServicer):
         assert self.watch is not None
         self.watch.close()
 
-    def _train_lease_open(self, nonce: str) -> bool:
+    def _issued(self, nonce: str) -> LeaseRow | None:
         lease = self.enroller.ledger.lease_by_nonce(nonce)
-        return lease is not None and lease.kind == Kind.TRAIN and lease.status == "issued"
+        return lease if lease is not None and lease.status == "issued" else None
+
+    def _train_lease_open(self, nonce: str) -> bool:
+        lease = self._issued(nonce)
+        return lease is not None and lease.kind == Kind.TRAIN
 
     def _lease_issued(self, nonce: str) -> bool:
-        lease = self.enroller.ledger.lease_by_nonce(nonce)
-        return lease is not None and lease.status == "issued"
+        return self._issued(nonce) is not None
 
     def Enroll(self, request: pb.EnrollRequest, context: grpc.ServicerContext) -> pb.EnrollReply:
         try:
