@@ -58,7 +58,7 @@ import resource
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,7 +78,7 @@ from coordinator.config import parse_config  # noqa: E402
 from coordinator.ledger import Ledger  # noqa: E402
 from coordinator.run.async_loop import make_run_loop  # noqa: E402
 from coordinator.run.model_store import ModelStore  # noqa: E402
-from coordinator.run.transport import Reply  # noqa: E402
+from coordinator.run.transport import Outgoing, Reply  # noqa: E402
 from protocol.blobstore import BlobDir  # noqa: E402
 from protocol.messages import parse_work  # noqa: E402
 from protocol.signing import fingerprint, generate_key, public_key_pem  # noqa: E402
@@ -164,7 +164,10 @@ class ScaleTransport:
     def online(self) -> list[int]:
         return list(self._online)
 
-    def send(self, dst: int, kind: str, content: Any, ttl: float) -> str:
+    def send(self, msgs: Sequence[Outgoing]) -> list[str]:
+        return [self._send_one(m.dst, m.kind, m.content, m.ttl) for m in msgs]
+
+    def _send_one(self, dst: int, kind: str, content: Any, ttl: float) -> str:
         now = self.coord()
         ready = self._ready.pop(dst, None)
         if (arrived := self._arrived.pop(dst, None)) is not None:

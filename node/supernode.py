@@ -33,9 +33,14 @@ log = logging.getLogger("node.supernode")
 DEPTH = 2  # the message being worked on and the one queued behind it
 _REPLY_POLL_S = 0.05  # a local look at the SuperNode's own state: cheap, and latency counts
 _IDLE_S = 3.0  # Flower's pull interval with nothing to do (10,000 idle nodes: ~3,300 req/s)
-# After a reply goes out the next lease is usually on its way (the coordinator polls every
-# 0.2 s): ask again soon, backing off to the idle interval.
-_AFTER_REPLY_S = (0.1, 0.2, 0.4, 0.8, 1.6)
+# After a reply goes out the next lease is usually on its way: the coordinator polls every
+# 0.2 s, and a lock-step round closes within seconds of its last reply. Ask every 0.3 s for
+# 10 s, then fall back to the idle interval. (An exponential 0.1 ... 1.6 s backoff missed
+# most round closes by 1-2 s: bench/throughput.py's lock-step "wait" was 1.2-1.6 s.) A node
+# that always has a lease queued ([async] queue) finds it on the first pull; a 1,000-node
+# lock-step barrier costs the SuperLink ~3,300 pulls/s for its length, what 10,000 idle
+# nodes cost it always.
+_AFTER_REPLY_S = (0.1, 0.2) + (0.3,) * 33
 _MODULE = "flwr.supernode.start_client_internal"
 
 

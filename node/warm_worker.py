@@ -36,6 +36,8 @@ from flwr.app import Context, Message
 from flwr.app.error import Error
 from flwr.common.constant import ErrorCode
 
+from protocol.flower_pulls import quick_object_pulls
+
 from .fab_guard import check_fab
 from .flower_runtime import ClientTask, RuntimeTasks
 from .pause import LEAVING
@@ -133,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     # The installed ClientApp, and through it torch, once for the life of the process.
     from .client_app import app
 
+    quick_object_pulls()  # a task's objects as the SuperNode stores them
     tasks = RuntimeTasks(args.runtime_api, args.secret_file.read_bytes())
     log.info("warm worker pid %d on %s", os.getpid(), args.runtime_api)
     try:

@@ -52,8 +52,8 @@ _PARENT_S = 0.25  # how often an idle checker looks whether its coordinator is s
 
 
 class Checker:
-    """``processes`` checker processes, started on the first job (spawned: the coordinator
-    may run gRPC threads, which a fork would copy half-way)."""
+    """``processes`` checker processes, started by ``start`` or the first job (spawned: the
+    coordinator may run gRPC threads, which a fork would copy half-way)."""
 
     def __init__(self, spec: ModelSpec, corpus: CorpusInfo, blobs: Path, *, seq_len: int,
                  batch_size: int, processes: int = 1,
@@ -75,14 +75,23 @@ class Checker:
         return len(self._out)
 
     @property
+    def started(self) -> bool:
+        return bool(self._procs)
+
+    @property
     def dead(self) -> bool:
         """Started, and every process has exited."""
         return bool(self._procs) and not any(p.is_alive() for p in self._procs)
 
-    def submit(self, job: CheckJob) -> int:
-        """Queue ``job``; returns its id (``results`` hands back the id and its result)."""
+    def start(self) -> None:
+        """Start the processes now, if they are not running yet: a spawn and ``import
+        torch`` take seconds, which the first reply's checks should not wait for."""
         if not self._procs:
             self._start()
+
+    def submit(self, job: CheckJob) -> int:
+        """Queue ``job``; returns its id (``results`` hands back the id and its result)."""
+        self.start()
         jid = next(self._ids)
         live = [i for i, p in enumerate(self._procs) if p.is_alive()]
         if not live:

@@ -54,7 +54,7 @@ import contextlib
 import dataclasses
 import itertools
 import math
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,7 +66,7 @@ import training.evaluate
 import training.model_cache
 
 from coordinator.ledger import Ledger, Node
-from coordinator.run.transport import Reply
+from coordinator.run.transport import Outgoing, Reply
 from node.pause import LeaseGate
 from node.worker import WorkerSettings, do_work
 from protocol.blobstore import BlobDir
@@ -419,7 +419,10 @@ class FakeTransport:
     def online(self) -> list[int]:
         return sorted(n.flower_id for n in self.nodes if self._up(n))
 
-    def send(self, dst: int, kind: str, content: RecordDict, ttl: float) -> str:
+    def send(self, msgs: Sequence[Outgoing]) -> list[str]:
+        return [self._send_one(m.dst, m.kind, m.content, m.ttl) for m in msgs]
+
+    def _send_one(self, dst: int, kind: str, content: RecordDict, ttl: float) -> str:
         node = self._by_fid(dst)
         node.blobs = self.blobs
         lease = parse_work(content).lease

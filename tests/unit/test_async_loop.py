@@ -234,7 +234,7 @@ def test_a_node_revoked_mid_run_gets_no_further_lease_and_earns_nothing(network)
     net = network(["honest", "honest"], rounds=3, extra=asynchronous(buffer=1))
     led, transport = net.ledger, net.transport
     good, bad = net.nodes
-    send = transport.send
+    send = transport._send_one  # noqa: SLF001 - one message of a pass
 
     def send_then_revoke(dst: int, kind: str, content, ttl: float) -> str:  # type: ignore[no-untyped-def]
         mid = send(dst, kind, content, ttl)
@@ -242,7 +242,7 @@ def test_a_node_revoked_mid_run_gets_no_further_lease_and_earns_nothing(network)
             led.revoke_node(bad.id)  # revoked while its first train lease is out
         return mid
 
-    transport.send = send_then_revoke  # type: ignore[method-assign]
+    transport._send_one = send_then_revoke  # type: ignore[method-assign]  # noqa: SLF001
     net.run()
     theirs = [x for x in led.leases(node_id=bad.id) if x.kind == "train"]
     assert len(theirs) == 1  # no lease after the revocation
@@ -314,7 +314,7 @@ def test_a_polls_replies_are_leased_before_they_are_screened_unless_a_quick_step
     net = with_speeds(network(["honest"] * 4, rounds=2, extra=asynchronous(buffer=buffer)),
                       1, 1, 1, 1)  # equal speeds: every round's replies land in one poll
     loop, events = net.loop, []
-    screen, send, step = loop._screen, net.transport.send, loop._step
+    screen, send, step = loop._screen, net.transport._send_one, loop._step
     names = {n.id: n.name for n in net.nodes}
 
     def screening(sent, content, revoked):  # type: ignore[no-untyped-def]
@@ -331,7 +331,7 @@ def test_a_polls_replies_are_leased_before_they_are_screened_unless_a_quick_step
         events.append(("step", None, None))
         return step()
 
-    loop._screen, net.transport.send, loop._step = screening, sending, stepping
+    loop._screen, net.transport._send_one, loop._step = screening, sending, stepping
     calls, looking = [], []  # "poll" and "read" (the revocations) in order
     read_revoked, poll, eligible = net.ledger.revoked_node_ids, net.transport.poll, \
         loop.roster.eligible

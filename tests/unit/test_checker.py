@@ -180,7 +180,7 @@ def test_a_run_whose_checker_dies_checks_the_replies_itself(network) -> None:
                   verify="reject_duplicates = false\nnorm_factor = 0\ncheck_processes = 1")
     checker = net.loop.checker
     assert checker is not None
-    checker._start()  # noqa: SLF001 - started and killed before any reply comes
+    checker.start()  # started and killed before any reply comes
     checker._procs[0].kill()  # noqa: SLF001
     net.run()
     led = net.ledger
@@ -192,6 +192,16 @@ def test_a_run_whose_checker_dies_checks_the_replies_itself(network) -> None:
     assert [v.version for v in led.versions()] == [0, 1, 2]
     assert net.loop.checker is None
     assert any("checker processes are gone" in e.message for e in led.events())
+
+
+def test_the_checker_processes_start_before_the_first_lease(network) -> None:
+    # a spawn and import torch take seconds: the first round's checks must not wait for them
+    net = network(["honest"], rounds=1, verify="check_processes = 1")
+    checker = net.loop.checker
+    assert checker is not None and not checker.started
+    net.loop._wait_for_nodes()  # noqa: SLF001 - what both loops do before leasing
+    assert checker.started and not checker.dead and checker.pending == 0
+    net.loop.close()
 
 
 def test_a_loop_without_replies_yet_keeps_its_checker(network) -> None:

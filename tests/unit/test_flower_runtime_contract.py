@@ -85,14 +85,22 @@ def test_object_pulls_start_their_backoff_where_quick_object_pulls_sets_it(
 
     from protocol.flower_pulls import quick_object_pulls
 
-    # both pulls that wait on a message's objects call this one function
+    from flwr.supernode.runtime import run_clientapp
+
+    # the pulls that wait on a message's objects call these functions: the ServerApp's
+    # and the SuperNode's the first, the worker's (through Flower's pull_task_input) the
+    # second, which passes its own default on to the first
     assert http_grid.pull_objects is iu.pull_objects is sci.pull_objects
-    monkeypatch.setitem(iu.pull_objects.__kwdefaults__, "initial_backoff",
-                        iu.pull_objects.__kwdefaults__["initial_backoff"])
+    tree_pull = iu.pull_and_inflate_object_from_tree
+    assert run_clientapp.pull_and_inflate_object_from_tree is tree_pull
+    for f in (iu.pull_objects, tree_pull):
+        monkeypatch.setitem(f.__kwdefaults__, "initial_backoff",
+                            f.__kwdefaults__["initial_backoff"])
     from flwr.supercore.constant import PULL_INITIAL_BACKOFF
 
     assert PULL_INITIAL_BACKOFF == 1  # Flower's own default, what the docstring measured
     quick_object_pulls()
+    assert tree_pull.__kwdefaults__["initial_backoff"] == 0.05
     tries = {"n": 0}
 
     def lands_on_the_third_try(object_id: str) -> bytes:

@@ -7,14 +7,14 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import pytest
 from flwr.app import ConfigRecord, RecordDict
 
 from coordinator.run.reply_spool import ReplySpool
-from coordinator.run.transport import Reply, SpooledTransport
+from coordinator.run.transport import Outgoing, Reply, SpooledTransport
 from protocol.errors import ProtocolError
 from protocol.messages import MAX_REPLY_BYTES, content_from_bytes, content_to_bytes
 
@@ -61,10 +61,12 @@ class FakeFlower:
     def online(self) -> list[int]:
         return [1, 2]
 
-    def send(self, dst: int, kind: str, content: RecordDict, ttl: float) -> str:
-        mid = f"m{len(self.sent)}"
-        self.sent[mid] = str(content["lease"]["nonce"])  # type: ignore[index]
-        return mid
+    def send(self, msgs: Sequence[Outgoing]) -> list[str]:
+        mids = []
+        for m in msgs:
+            mids.append(mid := f"m{len(self.sent)}")
+            self.sent[mid] = str(m.content["lease"]["nonce"])  # type: ignore[index]
+        return mids
 
     def poll(self, msg_ids: Collection[str]) -> list[Reply]:
         self.asked.append((threading.current_thread().name, set(msg_ids)))
@@ -76,7 +78,8 @@ def test_a_spooled_reply_answers_first_and_flower_s_copy_is_drained_beside(
         tmp_path: Path) -> None:
     flower, spool = FakeFlower(), ReplySpool(tmp_path)
     t = SpooledTransport(flower, spool, drain_every_s=0.02)
-    train, evaluation = t.send(1, "train", _content(A), 60), t.send(2, "eval", _content(B), 60)
+    train, evaluation = t.send([Outgoing(1, "train", _content(A), 60),
+                                Outgoing(2, "eval", _content(B), 60)])
     assert t.poll([train, evaluation]) == []
     spool.put(A, content_to_bytes(_reply(A, "spool")))
     (got,) = t.poll([train, evaluation])
@@ -102,7 +105,7 @@ def test_a_spooled_reply_answers_first_and_flower_s_copy_is_drained_beside(
 def test_bytes_that_are_not_a_reply_leave_the_lease_to_flower(tmp_path: Path) -> None:
     flower, spool = FakeFlower(), ReplySpool(tmp_path)
     t = SpooledTransport(flower, spool)
-    train = t.send(1, "train", _content(A), 60)
+    [train] = t.send([Outgoing(1, "train", _content(A), 60)])
     spool.put(A, b"\xff\x00 not a record dict")
     assert t.poll([train]) == [] and spool.take([A]) == {}
     flower.answered[train] = _reply(A, "flower")

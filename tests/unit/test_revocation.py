@@ -196,7 +196,7 @@ def test_revocation_mid_run_rejects_the_pending_update_and_ends_the_nodes_leases
     net = network(["honest", "honest"], rounds=2)
     led, transport = net.ledger, net.transport
     good, bad = net.nodes
-    send = transport.send
+    send = transport._send_one  # noqa: SLF001 - one message of a pass
 
     def send_then_revoke(dst: int, kind: str, content: Any, ttl: float) -> str:
         mid = send(dst, kind, content, ttl)
@@ -204,7 +204,7 @@ def test_revocation_mid_run_rejects_the_pending_update_and_ends_the_nodes_leases
             led.revoke_node(bad.id)  # revoked while its lease is out
         return mid
 
-    transport.send = send_then_revoke  # type: ignore[method-assign]
+    transport._send_one = send_then_revoke  # type: ignore[method-assign]  # noqa: SLF001
     net.run()
     bad_leases = led.leases(node_id=bad.id)
     # the ones out when it was revoked (its train lease and the evaluation queued behind

@@ -281,6 +281,29 @@ def test_error_reply_fails_the_lease_and_reissues_the_shard(network) -> None:
     assert_credit_only_for_accepted(led)
 
 
+def test_a_message_flower_refuses_fails_its_lease_and_the_shard_is_reissued(network) -> None:
+    net = network(["honest", "honest"])
+    good, refused = net.nodes
+    send, first = net.transport.send, []
+
+    def refusing(msgs):  # type: ignore[no-untyped-def]
+        mids = send(msgs)
+        # the SuperLink answers None for a message it would not take (Flower logs why)
+        return [None if m.dst == refused.flower_id and m.kind == "train" and not first
+                and not first.append(mid) else mid for m, mid in zip(msgs, mids)]
+
+    net.transport.send = refusing  # type: ignore[method-assign]
+    net.run()
+    led = net.ledger
+    [failed] = [x for x in led.leases(node_id=refused.id) if x.status == "failed"]
+    assert failed.kind == "train" and failed.round == 1
+    assert any("refused the message" in e.message for e in led.events() if e.kind == "reissue")
+    again = [x for x in led.leases() if x.kind == "train" and x.round == 2]
+    assert failed.shard_id in {x.shard_id for x in again}
+    assert [v.version for v in led.versions()] == [0, 1, 2]
+    assert_credit_only_for_accepted(led)
+
+
 # -- 3. eval gaps are evaluated locally --------------------------------------------------------
 
 def test_eval_part_nobody_answered_is_evaluated_locally(network, corpus: CorpusInfo) -> None:

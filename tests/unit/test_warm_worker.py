@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
+import types
 from pathlib import Path
 from typing import Any
 
@@ -363,3 +364,25 @@ def test_every_reply_is_also_handed_to_the_coordinator_s_service(tmp_path: Path,
         if not refuse:  # the very bytes Flower carries
             assert uploads.replies[nonce] == content_to_bytes(reply)
     assert len(uploads.replies) == (0 if refuse else 2)
+
+
+def test_the_worker_pulls_a_task_s_objects_as_they_land(monkeypatch: pytest.MonkeyPatch,
+                                                        tmp_path: Path) -> None:
+    # the worker claims a task while the SuperNode still pulls its objects: with Flower's
+    # 1 s first backoff its own pull of them took 0.7-1.0 s (protocol/flower_pulls.py)
+    from flwr.supercore.inflatable import inflatable_utils as iu
+
+    import node.warm_worker as ww
+
+    tree_pull = iu.pull_and_inflate_object_from_tree
+    monkeypatch.setitem(tree_pull.__kwdefaults__, "initial_backoff", 1.0)
+    monkeypatch.setitem(iu.pull_objects.__kwdefaults__, "initial_backoff", 1.0)
+    monkeypatch.setattr(ww, "leave_on_signals", lambda stop: None)
+    monkeypatch.setattr(ww, "RuntimeTasks", lambda *a: types.SimpleNamespace(close=lambda: None))
+    served = []
+    monkeypatch.setattr(ww, "serve", lambda *a: served.append(
+        tree_pull.__kwdefaults__["initial_backoff"]) or 0)
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"s")
+    assert ww.main(["--runtime-api", "127.0.0.1:1", "--secret-file", str(secret)]) == 0
+    assert served == [0.05]
