@@ -6,7 +6,9 @@ ledger and the nodes' worker logs (each lease logs its unix times: received, wor
 and ended, replied):
 
 - ``utilization``: per node and overall, time inside training/evaluation steps over the wall
-  time of the run (first lease issued to last reply accepted);
+  time of the run (first lease issued to last reply accepted); ``utilization_before_tail``
+  the same until the first node's last training step (the run's end aside: see
+  ``_before_tail``);
 - ``lease_overhead_s``: median per lease of (first step - the moment the node could start:
   the lease's issue or the node's previous reply, whichever is later) + (reply accepted -
   last step), with its parts: ``wait`` (Flower delivering the lease, the SuperNode's poll),
@@ -100,11 +102,29 @@ def measure(ledger: Ledger, times: dict[str, dict[str, float]]) -> dict[str, Any
     return {
         "utilization": round(sum(busy.values()) / (wall * len(nodes)), 3),
         "utilization_per_node": per_node,
+        "utilization_before_tail": _before_tail(leases, times, start),
         "lease_overhead_s": round(statistics.median(overhead), 3),
         "lease_overhead_parts_s": {k: round(statistics.median(v), 3) for k, v in parts.items()},
         "leases": len(leases),
         "wall_s": round(wall, 1),
     }
+
+
+def _before_tail(leases: list[Any], times: dict[str, dict[str, float]],
+                 start: float) -> float:
+    """Utilization until the first node's last training step: the window in which every
+    node still had training to do. After it, the run's last outer step waits for the
+    updates it needs while the nodes not among them sit idle, a tail a run of weeks does
+    not have and a bench run of a few steps magnifies."""
+    last: dict[int, float] = {}
+    for lease in leases:
+        if lease.kind == "train":
+            last[lease.node_id] = max(last.get(lease.node_id, 0.0),
+                                      times[lease.nonce]["work_end"])
+    cut = min(last.values(), default=start)
+    busy = sum(max(0.0, min(t["work_end"], cut) - t["work_start"])
+               for t in (times[lease.nonce] for lease in leases))
+    return round(busy / ((cut - start) * len(last)), 3) if cut > start else 0.0
 
 
 _FETCHED = re.compile(r" fetched (model delta|model|shard) [0-9a-f]{64} \((\d+) bytes\)")

@@ -25,7 +25,7 @@ from .enroll import enroll
 from .gpu import NvmlProbe, cuda_index, gpu_count, load_nvml
 from .identity import NodeHome, default_home
 from .policy import Policy
-from .supervisor import COMPILE_MODES, Supervisor
+from .supervisor import COMPILE_MODES, Supervisor, check_installed
 
 __all__ = ["app", "main"]
 
@@ -82,6 +82,7 @@ def join(
         parse_address(metrics, "--metrics")  # a typo is one line, before anything starts
     rules = _policy(policy, window or [], pause_when_gpu_busy, max_gpu_memory, device)
     n_gpus = gpu_count(gpus, device)
+    check_installed()
     node_home = NodeHome((home or default_home()).expanduser().resolve())
     enrollment = node_home.enrollment()
     address = _address(coordinator, token, enrollment.coordinator_address if enrollment else None)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import secrets
 import signal
+import shutil
 import subprocess
 import sys
 import threading
@@ -32,7 +33,7 @@ from rich.text import Text
 
 from protocol.errors import AtomError, EnrollmentError
 from protocol.metrics import MetricsServer, multiprocess_env, serve_metrics
-from protocol.processes import flower_env, free_port, spawn, stop
+from protocol.processes import flower_env, free_port, spawn, stop, tool_path
 
 from .identity import Enrollment, NodeHome
 from .progress import read_progress
@@ -85,6 +86,19 @@ def messages_in_flight(log: Path, since: int) -> tuple[int, int]:
     return received, max(0, received - settled)
 
 
+SUPERNODE = "atom-supernode"  # a console script of this package (node/supernode.py)
+
+
+def check_installed() -> None:
+    """One clear line, before anything is enrolled or started, if this checkout's
+    ``atom-supernode`` is missing: a checkout updated without ``pip install -e .`` again
+    lacks the console scripts added since, and its SuperNode would fail at every restart
+    with the reason only in ``supernode.log``."""
+    if shutil.which(SUPERNODE, path=tool_path()) is None:  # as the SuperNode is started
+        raise AtomError(f"{SUPERNODE} is not installed next to {sys.executable}: run "
+                        "`pip install -e .` in the ATOM checkout again, then join")
+
+
 def supernode_command(home: NodeHome, e: Enrollment, *, port: int, threads: int, device: str,
                       sign_key: Path | None, secret_file: Path,
                       slowdown: float = 1.0, policy: Path | None = None,
@@ -104,7 +118,7 @@ def supernode_command(home: NodeHome, e: Enrollment, *, port: int, threads: int,
     if sign_key is not None:
         node_config += f' sign-key="{sign_key}"'
     # Flower's SuperNode, taking its next message while the worker runs one (node/supernode.py)
-    return ["atom-supernode", "--superlink", e.fleet_address,
+    return [SUPERNODE, "--superlink", e.fleet_address,
             "--root-certificates", str(home.ca_path),
             "--auth-supernode-private-key", str(home.key_path),
             "--port", str(port), "--node-config", node_config,

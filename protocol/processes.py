@@ -17,16 +17,21 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-__all__ = ["alive", "flower_env", "free_port", "process_token", "spawn", "stop", "wait_port",
-           "watch_owner"]
+__all__ = ["alive", "flower_env", "free_port", "process_token", "spawn", "stop", "tool_path",
+           "wait_port", "watch_owner"]
+
+
+def tool_path() -> str:
+    """PATH with this interpreter's scripts first: Flower starts its helpers
+    (flower-superexec, flwr-clientapp) by name, and so do we (atom-supernode), and they must
+    resolve to this environment even when it is not activated."""
+    return os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
 
 
 def flower_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """Environment for a Flower process: a private FLWR_HOME and no calls to the outside."""
     env = dict(os.environ)
-    # Flower starts its helpers (flower-superexec, flwr-clientapp) by name: make sure they
-    # resolve to this interpreter's environment even when it is not activated.
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["PATH"] = tool_path()
     env.update(
         FLWR_HOME=str(flwr_home),
         FLWR_TELEMETRY_ENABLED="0",

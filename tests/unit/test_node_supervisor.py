@@ -156,3 +156,25 @@ def test_slowdown_waits_so_the_work_takes_that_many_times_as_long(monkeypatch) -
     worker._play_slower(4.0, 100.0)
     worker._play_slower(1.0, 100.0)  # no slowdown: no wait
     assert waits == [9.0]
+
+
+def test_join_without_atom_supernode_installed_is_one_line_before_enrolling(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a checkout updated without `pip install -e .` again lacks the new console script:
+    # one line that says what to do, before the invite token is spent
+    from typer.testing import CliRunner
+
+    from node.cli import app as node_app
+
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    monkeypatch.setattr(supervisor, "tool_path", lambda: str(empty))
+    enrolled = []
+    monkeypatch.setattr("node.cli.enroll", lambda *a: enrolled.append(a))
+    res = CliRunner().invoke(node_app, ["join", "127.0.0.1:1", "--token", "x", "--home",
+                                        str(tmp_path / "home"), "--metrics", ""])
+    assert res.exit_code == 1 and not enrolled
+    assert "atom-supernode is not installed" in res.output
+    assert "pip install -e ." in res.output and "Traceback" not in res.output
+    _script(empty / "atom-supernode", "exit 0")
+    supervisor.check_installed()  # found: nothing to say
