@@ -435,8 +435,7 @@ class RunLoop:
                  data_start=x.data_start, data_end=x.data_end, deadline=x.deadline,
                  issued_at=now)
             for node_id, sends in order for x, _ in sends]))
-        msgs: list[Outgoing] = []
-        sents: list[Sent] = []
+        out: list[tuple[int, Outgoing, Sent]] = []  # (place in its node's queue, ...)
         for node_id, sends in order:
             node = self.roster.rows[node_id]
             leases = [lease for lease, _ in sends]
@@ -450,9 +449,14 @@ class RunLoop:
                                        delta=self._deltas.get(lease.base_digest))
                 # The TTL bounds the reply too: keep it well past the deadline so a slow but
                 # honest answer is judged (as late) instead of vanishing inside Flower.
-                msgs.append(Outgoing(int(node.flower_node_id), lease.kind, content,
-                                     lease.deadline - self.clock() + _TTL_SLACK_S))
-                sents.append(Sent(lease, node, next(row_ids), batch))
+                out.append((i, Outgoing(int(node.flower_node_id), lease.kind, content,
+                                        lease.deadline - self.clock() + _TTL_SLACK_S),
+                            Sent(lease, node, next(row_ids), batch)))
+        # every node's first message before anyone's queued one (a stable sort keeps each
+        # node's order): Flower pushes the objects in this order, so the last node's lease
+        # is not behind the others' queued evaluations
+        out.sort(key=lambda x: x[0])
+        msgs, sents = [m for _, m, _ in out], [s for _, _, s in out]
         for mid, sent in zip(self.transport.send(msgs) if msgs else [], sents, strict=True):
             sent.batch.open += 1
             metrics.LEASES_ISSUED.labels(sent.lease.kind).inc()

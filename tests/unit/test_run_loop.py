@@ -281,6 +281,22 @@ def test_error_reply_fails_the_lease_and_reissues_the_shard(network) -> None:
     assert_credit_only_for_accepted(led)
 
 
+def test_a_pass_goes_out_in_one_send_every_node_s_first_lease_before_any_queued_one(
+        network) -> None:
+    net = network(["honest", "honest", "honest"], rounds=1)
+    send, passes = net.transport.send, []
+
+    def recording(msgs):  # type: ignore[no-untyped-def]
+        passes.append([(m.dst, m.kind) for m in msgs])
+        return send(msgs)
+
+    net.transport.send = recording  # type: ignore[method-assign]
+    net.run()
+    first = passes[0]  # round 1's training, each with version 0's evaluation queued behind
+    fids = sorted(n.flower_id for n in net.nodes)
+    assert first == [(f, "train") for f in fids] + [(f, "eval") for f in fids]
+
+
 def test_a_message_flower_refuses_fails_its_lease_and_the_shard_is_reissued(network) -> None:
     net = network(["honest", "honest"])
     good, refused = net.nodes
