@@ -30,7 +30,6 @@ from protocol.blobstore import BlobDir
 from protocol.digest import arrays_to_bytes
 from protocol.errors import ProtocolError
 from protocol.messages import Kind, Lease, parse_handback, work_content
-from training.checkpoint import load_checkpoint
 from training.corpus import CorpusInfo
 from training.families import arch_of
 from training.shards import data_digest, make_shards, shard_bytes
@@ -41,6 +40,7 @@ from coordinator.aggregators import get_aggregator
 from coordinator.config import RunConfig
 from coordinator.ledger import LeaseRow, Ledger
 from coordinator.run.batches import Batch, EvalBatch, Sent, TaskBatch, TrainBatch
+from coordinator.run.eval_rounds import EvalRounds
 from coordinator.run.model_store import ModelStore
 from coordinator.run.roster import Roster
 from coordinator.run.scheduler import Scheduler
@@ -49,7 +49,7 @@ from coordinator.run.task_evals import TaskEvals
 from coordinator.run.staleness import update_weight
 from coordinator.run.transport import Outgoing, Transport
 from coordinator.verify.checker import Checker
-from coordinator.verify.eval_judge import EvalJudge, plan_quorum, validation_loss
+from coordinator.verify.eval_judge import EvalJudge
 from coordinator.verify.record import record_judged, screen_reply
 from coordinator.verify.round_judge import Candidate, RoundJudge
 from coordinator.verify.scoring import CheckJob
@@ -79,7 +79,7 @@ def _blobs_of(lease: Lease) -> tuple[str, ...]:
 
 
 @dataclass
-class RunLoop:
+class RunLoop(EvalRounds):
     cfg: RunConfig
     ledger: Ledger
     transport: Transport
@@ -200,15 +200,6 @@ class RunLoop:
         for v in self.ledger.versions()[:-1]:
             if v.val_loss is None and due(v.version):
                 self._evaluate_here(v.version, v.path)
-
-    def _evaluate_here(self, version: int, path: str) -> None:
-        """Score an older version the coordinator itself (its evaluation was in flight when
-        the coordinator stopped, and the nodes have moved on)."""
-        base, _ = load_checkpoint(path)
-        loss_sum, tokens = self.eval_judge.evaluate_range(base, *self._val_span())
-        self.ledger.set_val_loss(version, loss_sum / tokens if tokens else None, tokens,
-                                 windows_recomputed=0, local_tokens=tokens)
-        self._evaluated.add(version)
 
     def _wait_for_nodes(self) -> None:
         if self.checker is not None:
@@ -333,91 +324,6 @@ class RunLoop:
                 seen.add(c.lease.shard_id)
                 kept.append(c)
         return kept
-
-    def _val_span(self) -> tuple[int, int]:
-        """The validation tokens every version is scored on: the first ``eval_tokens``."""
-        lo, hi = self.corpus.val_range
-        return lo, min(hi, lo + self.cfg.data.eval_tokens)
-
-    def _eval_leases(self, rnd: int, work: Outbox) -> None:
-        """Split the validation slice of the current version over the nodes (some pieces to
-        a second node for a quorum), each queued behind the node's train lease."""
-        lo, hi = self._val_span()
-        nodes = {n.id: n for n in self.roster.eligible()}
-        leases = self.scheduler.lease_eval(rnd, sorted(nodes), self.store.version,
-                                           self.store.digest, [(lo, hi)],
-                                           self.roster.speeds(nodes))
-        quorum = plan_quorum(leases, {i: n.institution_id for i, n in nodes.items()},
-                             self.cfg.verify.eval_quorum_rate, self.rng)
-        batch = EvalBatch("eval", self.store.version, base=self.store.arrays, span=(lo, hi))
-        for of, node in quorum:
-            copy = self.scheduler.lease_eval_copy(rnd, node, of)
-            leases[node].append(copy)
-            batch.copies.append((of, copy))
-        for n, ls in leases.items():
-            work.setdefault(n, []).extend((lease, batch) for lease in ls)
-        self._evals.append(batch)
-        tasks = self.task_evals
-        if tasks is not None and tasks.due(self.store.version, rnd):
-            got = tasks.lease(rnd, self.store.version, self.store.digest, sorted(nodes),
-                              self.store.arrays)
-            if got is not None:
-                node, lease, task_batch = got
-                work.setdefault(node, []).append((lease, task_batch))
-        if not leases:  # no node free to evaluate: the coordinator does it all
-            self._close_eval(batch)
-
-    def _evals_open(self) -> bool:
-        """Some version's evaluation (its lm-eval tasks lease included) is still out."""
-        return bool(self._evals) or (self.task_evals is not None and self.task_evals.out)
-
-    def _finish_evals(self) -> None:
-        """At the run's end: every evaluation answered, and its tasks verdicts recorded (a
-        rejected one leased again, until a node's answers stand or ``MAX_TRIES``). The last
-        version gets its tasks lease here if it had none (its round accepted nothing, so it
-        was made, and evaluated, a round earlier; or a restart lost the lease)."""
-        if self.task_evals is not None:
-            s = self.store
-            self._retry_tasks(lambda: (self.ledger.latest_version().round, s.version, s.digest,
-                                       s.arrays))
-        while True:
-            self._collect(lambda: not self._evals_open())
-            if self.task_evals is None:
-                return
-            self.task_evals.finish()
-            if not self._retry_tasks():
-                return
-
-    def _close_eval(self, batch: EvalBatch) -> None:
-        """Judge a version's evaluation once every lease of it is answered, and publish the
-        version's validation loss from what was accepted (and the coordinator's own
-        evaluation of whatever no accepted reply covers)."""
-        self._evals.remove(batch)
-        cands, copies = batch.cands, batch.copies
-        # originals first: the published loss takes a range from its first accepted reply
-        copy_nonces = {c.nonce for _, c in copies}
-        cands.sort(key=lambda c: c.lease.nonce in copy_nonces)
-        at = {c.lease.nonce: i for i, c in enumerate(cands)}
-        base = batch.base
-        # the verdicts, credits and the loss they make commit together
-        with self.ledger.atomic("close an evaluation"):
-            ids = self.eval_judge.judge(base, cands, [(at[o.nonce], at[c.nonce])
-                                                      for o, c in copies
-                                                      if o.nonce in at and c.nonce in at])
-            val = validation_loss(cands, ids, batch.span,
-                                  lambda a, b: self.eval_judge.evaluate_range(base, a, b))
-            self.ledger.set_val_loss(batch.version, val.loss, val.tokens,
-                                     update_ids=val.update_ids,
-                                     windows_recomputed=self.eval_judge.recomputed,
-                                     local_tokens=val.local_tokens)
-        for lease in batch.screened_out:
-            self.scheduler.answered(lease, False)
-        for c in cands:
-            self.scheduler.answered(c.lease, c.standing)
-        log.info("version %d: val loss %s over %d tokens (%d from %d accepted replies, %d "
-                 "evaluated here; %d windows recomputed)", batch.version, val.loss,
-                 val.tokens, val.tokens - val.local_tokens, len(val.update_ids),
-                 val.local_tokens, self.eval_judge.recomputed)
 
     # -- sending and judging ------------------------------------------------------------
 
