@@ -27,6 +27,7 @@ from flwr.proto.runtime_pb2 import (  # pylint: disable=E0611
 )
 from flwr.common.serde import context_to_proto
 from flwr.supercore.constant import TaskType
+from flwr.supercore.inflatable import inflatable_utils
 from flwr.supercore.interceptors import (
     RuntimeTokenHttpInterceptor,
     RuntimeVersionHttpInterceptor,
@@ -35,9 +36,27 @@ from flwr.supercore.interceptors import (
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message
 
-__all__ = ["ClientTask", "RuntimeTasks", "TaskInput"]
+__all__ = ["TASK_PULL_MAX_S", "ClientTask", "RuntimeTasks", "TaskInput", "bound_task_pulls"]
 
 FLWR_VERSION = "1.42.0"  # the Flower these internals were read from (pinned in pyproject)
+
+# A lease message is small (its bytes travel as blobs) and its objects reach the SuperNode
+# within a second or two; Flower waits up to two hours for them.
+TASK_PULL_MAX_S = 30.0
+
+
+def bound_task_pulls(max_s: float = TASK_PULL_MAX_S) -> None:
+    """Give up a task whose message's objects are not in the SuperNode after ``max_s``.
+
+    Flower 1.42's SuperNode creates a message's task before it pulls the message's objects
+    from the SuperLink, and when that pull ends in ``RunNotRunningException`` (its SuperLink
+    restarted mid-pull: the coordinator's outage recovery) it returns without finishing the
+    task. The worker claims that task and would wait out ``PULL_MAX_TIME`` (2 h) for objects
+    that never come, every later lease queued behind it (seen in the SuperLink-kill test).
+    With the bound the worker abandons it and takes the next task; a lease whose objects
+    really take that long costs itself only (its deadline reissues it). Internal API: the
+    default is read on every call, as in ``protocol.flower_pulls``."""
+    inflatable_utils.pull_and_inflate_object_from_tree.__kwdefaults__["max_time"] = max_s
 _COMPONENT = "flwr-clientapp"  # the Runtime API checks the caller's component name
 
 

@@ -39,7 +39,7 @@ from flwr.common.constant import ErrorCode
 from protocol.flower_pulls import quick_object_pulls
 
 from .fab_guard import check_fab
-from .flower_runtime import ClientTask, RuntimeTasks
+from .flower_runtime import ClientTask, RuntimeTasks, bound_task_pulls
 from .pause import LEAVING
 
 __all__ = ["leave_on_signals", "main", "run_task", "serve"]
@@ -136,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     from .client_app import app
 
     quick_object_pulls()  # a task's objects as the SuperNode stores them
+    bound_task_pulls()  # and not for ever (a task Flower left unfinished)
     tasks = RuntimeTasks(args.runtime_api, args.secret_file.read_bytes())
     log.info("warm worker pid %d on %s", os.getpid(), args.runtime_api)
     try:

@@ -113,3 +113,42 @@ def test_object_pulls_start_their_backoff_where_quick_object_pulls_sets_it(
     assert iu.pull_objects(["a"], lands_on_the_third_try) == {"a": b"x"}
     # 0.05 + 0.1 s of backoff (+-20%), where Flower's own default waits 1 + 2 s
     assert time.monotonic() - start < 0.6 and tries["n"] == 3
+
+
+def test_a_bounded_task_pull_gives_up_on_objects_that_never_come(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Flower's SuperNode can leave a task whose message's objects it never stored (its pull
+    # ended in RunNotRunningException): the worker's pull of it must end, not wait 2 h
+    import time
+
+    from flwr.supercore.inflatable import inflatable_utils as iu
+    from flwr.supercore.inflatable.inflatable_utils import ObjectPullError
+    from flwr.supernode import start_client_internal as sci
+    from flwr.supernode.runtime import run_clientapp
+
+    from node.flower_runtime import bound_task_pulls
+
+    # the worker's pull goes through this function (node.flower_runtime.ClientTask.pull)
+    assert run_clientapp.pull_and_inflate_object_from_tree is iu.pull_and_inflate_object_from_tree
+    # the SuperNode path that leaves the task behind is still there (docstring of the fix)
+    src = inspect.getsource(sci._pull_and_store_message)
+    assert src.index("state.create_task(") < src.index("pull_objects(") < \
+        src.index("except RunNotRunningException")
+    tree_pull = iu.pull_and_inflate_object_from_tree
+    for k in ("max_time", "initial_backoff"):
+        monkeypatch.setitem(tree_pull.__kwdefaults__, k, tree_pull.__kwdefaults__[k])
+    monkeypatch.setitem(tree_pull.__kwdefaults__, "initial_backoff", 0.05)
+    assert tree_pull.__kwdefaults__["max_time"] > 3600  # Flower's own: PULL_MAX_TIME
+    bound_task_pulls(0.3)
+    assert tree_pull.__kwdefaults__["max_time"] == 0.3  # (else the pull below waits 2 h)
+
+    def never(object_id: str) -> bytes:
+        raise iu.ObjectUnavailableError(object_id)
+
+    from flwr.proto.message_pb2 import ObjectTree  # pylint: disable=E0611
+
+    tree = ObjectTree(object_id="a" * 64)
+    start = time.monotonic()
+    with pytest.raises(ObjectPullError):
+        tree_pull(tree, never, lambda object_id: None)
+    assert time.monotonic() - start < 3.0

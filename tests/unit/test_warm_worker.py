@@ -374,15 +374,20 @@ def test_the_worker_pulls_a_task_s_objects_as_they_land(monkeypatch: pytest.Monk
 
     import node.warm_worker as ww
 
+    from node.flower_runtime import TASK_PULL_MAX_S
+
     tree_pull = iu.pull_and_inflate_object_from_tree
     monkeypatch.setitem(tree_pull.__kwdefaults__, "initial_backoff", 1.0)
+    monkeypatch.setitem(tree_pull.__kwdefaults__, "max_time", 7200)
     monkeypatch.setitem(iu.pull_objects.__kwdefaults__, "initial_backoff", 1.0)
     monkeypatch.setattr(ww, "leave_on_signals", lambda stop: None)
     monkeypatch.setattr(ww, "RuntimeTasks", lambda *a: types.SimpleNamespace(close=lambda: None))
     served = []
     monkeypatch.setattr(ww, "serve", lambda *a: served.append(
-        tree_pull.__kwdefaults__["initial_backoff"]) or 0)
+        (tree_pull.__kwdefaults__["initial_backoff"], tree_pull.__kwdefaults__["max_time"]))
+        or 0)
     secret = tmp_path / "secret"
     secret.write_bytes(b"s")
     assert ww.main(["--runtime-api", "127.0.0.1:1", "--secret-file", str(secret)]) == 0
-    assert served == [0.05]
+    # ...and gives up a task whose objects never come (one Flower left unfinished)
+    assert served == [(0.05, TASK_PULL_MAX_S)]
