@@ -57,6 +57,8 @@ def bound_task_pulls(max_s: float = TASK_PULL_MAX_S) -> None:
     really take that long costs itself only (its deadline reissues it). Internal API: the
     default is read on every call, as in ``protocol.flower_pulls``."""
     inflatable_utils.pull_and_inflate_object_from_tree.__kwdefaults__["max_time"] = max_s
+
+
 _COMPONENT = "flwr-clientapp"  # the Runtime API checks the caller's component name
 
 

@@ -50,8 +50,9 @@ class Outgoing:
 class Transport(Protocol):
     def online(self) -> list[int]: ...
 
-    def send(self, msgs: Sequence[Outgoing]) -> list[str]:
-        """Send ``msgs`` (in order: a node runs its messages as they come); their ids."""
+    def send(self, msgs: Sequence[Outgoing]) -> list[str | None]:
+        """Send ``msgs`` (in order: a node runs its messages as they come); their ids, None
+        for a message the transport refused."""
         ...
 
     def poll(self, msg_ids: Collection[str]) -> list[Reply]: ...
@@ -64,7 +65,7 @@ class FlowerTransport:
     def online(self) -> list[int]:
         return sorted(int(n) for n in self.grid.get_node_ids())
 
-    def send(self, msgs: Sequence[Outgoing]) -> list[str]:
+    def send(self, msgs: Sequence[Outgoing]) -> list[str | None]:
         # One push for all: a pass's messages go up in one request and their objects
         # together (the same records, e.g. the model's architecture, once). One push per
         # message took ~0.25 s each on the 2-core bench, so the last node of a lock-step
@@ -159,10 +160,12 @@ class SpooledTransport:
     def online(self) -> list[int]:
         return self.inner.online()
 
-    def send(self, msgs: Sequence[Outgoing]) -> list[str]:
+    def send(self, msgs: Sequence[Outgoing]) -> list[str | None]:
         mids = self.inner.send(msgs)
         for mid, m in zip(mids, msgs):
-            self._leases[mid] = (str(m.content["lease"]["nonce"]), m.dst)  # type: ignore[index]
+            if mid is not None:
+                self._leases[mid] = (str(m.content["lease"]["nonce"]),  # type: ignore[index]
+                                     m.dst)
         return mids
 
     def poll(self, msg_ids: Collection[str]) -> list[Reply]:
