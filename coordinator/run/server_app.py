@@ -69,7 +69,10 @@ def main(grid: Grid, context: Context) -> None:
                                corpus,
                                issuer=issuer, blobs=BlobDir(rd.blobs))
 
-            run_resuming(make)
+            try:
+                run_resuming(make)
+            finally:
+                transport.close()  # its drain thread (Flower's copies of spooled replies)
         except Exception as err:
             logging.getLogger("coordinator").exception("run failed")
             ledger.add_event("error", f"run failed: {str(err).splitlines()[0][:300]}")
