@@ -405,6 +405,9 @@ class AsyncParams:
                       "queued lease starts on an older version (bench/fleet.py: 1 cost ~6% "
                       "in loss at equal tokens against 0)")
     eval_every: int = _opt(1, _positive_int, "evaluate every N-th version (the last always)")
+    fill: bool = _opt(True, _bool, "at the last outer step, a node that would sit idle "
+                      "while the step waits for slower nodes' work gets a lease sized to end "
+                      "with theirs (its update joins the step); false = it waits")
 
 
 @dataclass(frozen=True)

@@ -111,9 +111,12 @@ class Roster:
         return seconds
 
     def speeds(self, node_ids: Iterable[int]) -> dict[int, float | None]:
-        """Tokens/s of each node from its recent accepted work ([train] target_lease_s)."""
-        if self.target_lease_s <= 0:
-            return {}
+        """Tokens/s of each node from its recent accepted work, for sizing leases: none
+        unless [train] target_lease_s asks for sized leases."""
+        return self.measured_speeds(node_ids) if self.target_lease_s > 0 else {}
+
+    def measured_speeds(self, node_ids: Iterable[int]) -> dict[int, float | None]:
+        """Tokens/s of each node from its recent accepted work (None: no usable history)."""
         # the ledger is read once per node (it scans the node's history): reading every
         # node each lease pass, or each version, grows with the run (bench/scale.py)
         ids = list(node_ids)

@@ -122,12 +122,13 @@ class Scheduler:
 
     def lease_train(self, round: int, node_ids: Sequence[int], base_version: int,
                     base_digest: str, speeds: Mapping[int, float | None] | None = None,
-                    depth: int = 1) -> dict[int, Lease]:
+                    depth: int = 1, sizes: Mapping[int, Size] | None = None
+                    ) -> dict[int, Lease]:
         """One train lease for each node (taken in id order) working on fewer than ``depth``
         train leases, as long as shards not already out remain; nodes left without one are
         absent from the result. ``speeds`` (tokens/s by node) size each lease to the node
-        (``coordinator.run.sizing``)."""
-        speeds = speeds or {}
+        (``coordinator.run.sizing``); ``sizes`` gives a node's lease its size outright."""
+        speeds, sizes = speeds or {}, sizes or {}
         out: dict[int, Lease] = {}
         free = self._free(node_ids, "train", depth=depth)
         # the shards out now, kept up to date here: read per take it made a fan-out to
@@ -148,7 +149,8 @@ class Scheduler:
                 begin = self._start(node)
                 lease = self._make(round, shard_id, "train", base_version, base_digest, start,
                                    end, shard_seed(self._run_id, shard_id, epoch), begin=begin,
-                                   size=size_lease(self._train, speeds.get(node)))
+                                   size=sizes.get(node) or size_lease(self._train,
+                                                                      speeds.get(node)))
                 self._put(_Open(node, lease, epoch, duplicate=False,
                                 allowance=lease.deadline - begin))
                 out[node] = lease
@@ -321,6 +323,12 @@ class Scheduler:
     def leases_for(self, node_id: int) -> list[Lease]:
         """The node's open leases (one, or a batch of eval leases)."""
         return [e.lease for e in self._by_node.get(node_id, {}).values()]
+
+    def working_on(self, node_id: int) -> list[Lease]:
+        """The node's train leases whose reply is not in (spot-check copies included), in
+        the order it works through them."""
+        return [e.lease for e in self._by_node.get(node_id, {}).values()
+                if e.lease.kind == Kind.TRAIN and not e.received]
 
     def train_slots(self, node_ids: Sequence[int], depth: int) -> list[int]:
         """The nodes of ``node_ids`` working on fewer than ``depth`` train leases."""

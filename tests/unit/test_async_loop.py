@@ -430,3 +430,48 @@ def test_an_idle_pass_writes_the_next_shards_before_their_leases(network) -> Non
     net.run()
     first = sorted((x for x in net.ledger.leases() if x.kind == "train"), key=lambda x: x.id)
     assert [(x.data_start, x.data_end) for x in first[:2]] == ahead[:2]  # what was written
+
+
+# -- the last step's fill ------------------------------------------------------------------
+
+FILL_TRAIN = "inner_steps = 24\nmin_inner_steps = 4\nlr = 3e-3"
+
+
+def _idle_before_end(net) -> dict[int, float]:  # type: ignore[no-untyped-def]
+    """Fake seconds each node spent with no train work between its last reply and the
+    run's last train reply."""
+    pairs = [(x, u) for x, u in updates_by_lease(net.ledger) if x.kind == "train"]
+    end = max(u.received_at for _, u in pairs)
+    return {n.id: end - max(u.received_at for x, u in pairs if x.node_id == n.id)
+            for n in net.nodes}
+
+
+@pytest.mark.parametrize("fill", [True, False])
+def test_the_last_step_fills_the_idle_wait_with_work_sized_to_end_with_it(
+        network, fill: bool) -> None:
+    """A 3x node and two 1x nodes: at the last step the 1x nodes' leases are still out
+    long after the 3x node (and one 1x node) could be done. With ``fill`` each of those
+    gets one lease sized by its measured speed to end with the slowest (24 x 64 tokens at
+    100 tokens/s is 15.4 fake s), so nobody idles and the run ends no later; without, they
+    wait."""
+    net = with_speeds(network(["honest"] * 3, rounds=4, train=FILL_TRAIN, outer=PLAIN_OUTER,
+                              extra=asynchronous(fill=fill)), 1, 1, 3)
+    net.run()
+    pairs = updates_by_lease(net.ledger)
+    assert all(u is not None and u.verdict == "accepted" for _, u in pairs)
+    assert_credit_only_for_accepted(net.ledger)
+    last = [(x, u) for x, u in pairs if x.kind == "train" and x.round == 4]
+    full = [(x, u) for x, u in last if u.steps == 24]
+    fills = [(x, u) for x, u in last if u.steps != 24]
+    idle = _idle_before_end(net)
+    assert net.ledger.versions()[-1].n_updates >= len(last)  # the fills are in it
+    if not fill:
+        assert not fills and max(idle.values()) > 10
+        return
+    assert len(fills) == 2 and {x.node_id for x, _ in fills} == {
+        net.nodes[1].id, net.nodes[2].id}
+    assert all(4 <= u.steps <= 2000 for _, u in fills)
+    assert max(u.steps for _, u in fills) > 24, "the 3x node's fill was not sized to its speed"
+    # each ends by the full lease's end: the run is no longer for them
+    assert max(u.received_at for _, u in fills) <= max(u.received_at for _, u in full)
+    assert max(idle.values()) < 2.5, idle
