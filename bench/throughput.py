@@ -20,6 +20,10 @@ and ended, replied):
   node of this run moved per trained token (the model version down + its encoded update
   up, from the blobs the run stored).
 
+``async``: the same network on the asynchronous loop (``[async] enabled``, ``--queue``,
+``--async-rounds`` steps), its figures at the top level with ``_async`` appended: the mode
+in which nodes never wait at a barrier (its last step filled: ``[async] fill``).
+
 ``transfer`` (``bench/blob_transfer.py``, ``bench/flower_transfer.py``): a 400 MB blob
 through FetchBlob against the same bytes in a Flower message, and SHA-256 over them.
 ``ingest`` (``bench/ingest.py``): the coordinator's path for K updates against SHA-256,
@@ -27,7 +31,7 @@ its mean against Flower's ``aggregate_arrayrecords``. ``loss`` (``bench/diloco_s
 final validation loss with int8 and top-k over uncompressed at equal tokens, and over
 synchronous data-parallel AdamW on the same batches.
 
-    python bench/throughput.py --json               # everything: ~15 min on 2 cores
+    python bench/throughput.py --json               # everything: ~18 min on 2 cores
     python bench/throughput.py --parts network --preset small --rounds 2
     python bench/throughput.py --parts network --async --queue 1 --rounds 8
 
@@ -163,12 +167,17 @@ def comm_reduction(workdir: Path, ledger: Ledger, nodes: int) -> dict[str, Any]:
             "tokens_trained": tokens}
 
 
-def network(a: argparse.Namespace) -> dict[str, Any]:
-    workdir = a.workdir or Path(tempfile.mkdtemp(prefix="atom-throughput-"))
+def network(a: argparse.Namespace, asynchronous: bool | None = None) -> dict[str, Any]:
+    """The network part: lock-step rounds, or the asynchronous loop (``--async``, or the
+    ``async`` part)."""
+    asynchronous = a.asynchronous if asynchronous is None else asynchronous
+    workdir = (a.workdir / ("async" if asynchronous and not a.asynchronous else "")
+               if a.workdir else Path(tempfile.mkdtemp(prefix="atom-throughput-")))
+    workdir.mkdir(parents=True, exist_ok=True)
     overrides: dict[str, Any] = {"model_preset": a.preset}
     if a.inner_steps:
         overrides["train_inner_steps"] = a.inner_steps
-    if a.asynchronous:
+    if asynchronous:
         overrides.update(async_enabled=True, async_queue=a.queue)
     quiet = Console(file=open(os.devnull, "w"))  # noqa: SIM115
     summary, status = run_demo(nodes=a.nodes, rounds=a.rounds, workdir=workdir,
@@ -179,7 +188,7 @@ def network(a: argparse.Namespace) -> dict[str, Any]:
         out = measure(ledger, node_times(workdir, a.nodes))
         out.update(comm_reduction(workdir, ledger, a.nodes))
     out.update(preset=a.preset, nodes=a.nodes, rounds=a.rounds, val_loss=summary["val_loss"],
-               asynchronous=a.asynchronous, queue=a.queue if a.asynchronous else None)
+               asynchronous=asynchronous, queue=a.queue if asynchronous else None)
     return out
 
 
@@ -195,7 +204,10 @@ def losses(a: argparse.Namespace) -> dict[str, Any]:
             "sim_final_val": sim["final_val"], "sim_dp_val_curve": sim["dp_val_curve"]}
 
 
-PARTS = ("network", "transfer", "ingest", "loss")
+PARTS = ("network", "async", "transfer", "ingest", "loss")
+# what the ``async`` part reports at the top level, beside the (lock-step) network's
+_ASYNC_TOP = ("utilization", "utilization_per_node", "utilization_before_tail",
+              "lease_overhead_s", "lease_overhead_parts_s", "wall_s", "tokens_trained")
 
 
 def main() -> int:
@@ -207,8 +219,10 @@ def main() -> int:
     p.add_argument("--inner-steps", type=int, help="override the run's default")
     p.add_argument("--async", dest="asynchronous", action="store_true",
                    help="the asynchronous loop ([async] enabled; ROUNDS outer steps)")
-    p.add_argument("--queue", type=int, default=1,
-                   help="with --async: train leases queued on each node ([async] queue)")
+    p.add_argument("--async-rounds", type=int, default=8,
+                   help="outer steps of the async part (its end is a larger share of a short run)")
+    p.add_argument("--queue", type=int, default=0,
+                   help="asynchronous: train leases queued on each node ([async] queue)")
     p.add_argument("--workdir", type=Path)
     p.add_argument("--parts", default=",".join(PARTS), help=f"any of {', '.join(PARTS)}")
     p.add_argument("--blob-mb", type=int, default=400)
@@ -230,6 +244,11 @@ def main() -> int:
              + f"); lease overhead {out['lease_overhead_s']:.2f} s median "
              + str(out["lease_overhead_parts_s"]) + f"; comm reduction "
              f"{out['comm_reduction']:.0f}x")
+    if "async" in parts:
+        res = network(argparse.Namespace(**{**vars(a), "rounds": a.async_rounds}), True)
+        out.update({f"{k}_async": res[k] for k in _ASYNC_TOP}, asynchronous_run=res)
+        _say(a, f"asynchronous ({a.async_rounds} steps, queue {a.queue}): utilization "
+             f"{res['utilization']:.3f}, lease overhead {res['lease_overhead_s']:.2f} s")
     if "transfer" in parts:
         blob = blob_transfer.measure(a.blob_mb)
         out.update({k: round(blob[k], 1) for k in ("blob_MBps", "sha256_MBps")})

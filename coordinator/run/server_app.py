@@ -26,6 +26,10 @@ from coordinator.rundir import RunDir
 
 __all__ = ["app"]
 
+# Flower is asked for replies at most this often: they come by the spool, which the loop
+# reads at every pass (0.05 s); Flower's way is for a reply the service refused
+FLOWER_POLL_S = 0.2
+
 app = ServerApp()
 
 
@@ -61,7 +65,8 @@ def main(grid: Grid, context: Context) -> None:
             corpus = load_corpus(rd.corpus)
             # replies as nodes hand them in, ahead of Flower's way back; one for the whole
             # run (a loop made again after an outage keeps its drain of Flower's copies)
-            transport = SpooledTransport(FlowerTransport(grid), ReplySpool(rd.replies))
+            transport = SpooledTransport(FlowerTransport(grid), ReplySpool(rd.replies),
+                                         flower_every_s=FLOWER_POLL_S)
 
             def make() -> RunLoop:  # from what the ledger holds (again after an outage)
                 return make_run_loop(cfg, ledger, transport,

@@ -7,9 +7,10 @@ interface lets tests drive the real loop with in-process nodes.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -151,8 +152,14 @@ class SpooledTransport:
     inner: Transport
     spool: ReplySpool
     drain_every_s: float = 1.0
+    # Flower is asked at most this often (the spool at every poll): a Flower poll is a
+    # round trip through the SuperLink, and nearly every reply comes by the spool, so the
+    # loop can look for replies every 0.05 s without asking the SuperLink 20 times a second
+    flower_every_s: float = 0.0
+    clock: Callable[[], float] = time.monotonic
     _leases: dict[str, tuple[str, int]] = field(default_factory=dict)  # msg id -> (nonce, dst)
     _polls: int = 0
+    _flower_at: float = -math.inf  # when Flower was last asked
 
     def __post_init__(self) -> None:
         self.drain = _Drain(self.inner, self.drain_every_s)
@@ -184,7 +191,9 @@ class SpooledTransport:
             out.append(Reply(mid, self._leases.pop(mid)[1], content, None))
             self.drain.add(mid)
         answered = {r.msg_id for r in out}
-        out.extend(self.inner.poll([m for m in waiting if m not in answered]))
+        if (now := self.clock()) - self._flower_at >= self.flower_every_s:
+            self._flower_at = now
+            out.extend(self.inner.poll([m for m in waiting if m not in answered]))
         self._polls += 1
         if self._polls % _SWEEP_EVERY == 0:
             self.spool.sweep()

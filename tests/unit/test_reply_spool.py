@@ -118,3 +118,22 @@ def test_reply_bytes_round_trip_and_garbage_is_a_protocol_error() -> None:
     assert content_from_bytes(content_to_bytes(content)) == content
     with pytest.raises(ProtocolError, match="not a record dict"):
         content_from_bytes(b"\xff\x00garbage")
+
+
+def test_flower_is_asked_at_most_every_flower_every_s_and_the_spool_at_every_poll(
+        tmp_path: Path) -> None:
+    now = [0.0]
+    flower, spool = FakeFlower(), ReplySpool(tmp_path)
+    t = SpooledTransport(flower, spool, flower_every_s=0.2, clock=lambda: now[0])
+    train, evaluation = t.send([Outgoing(1, "train", _content(A), 60),
+                                Outgoing(2, "eval", _content(B), 60)])
+    assert t.poll([train, evaluation]) == [] and len(flower.asked) == 1
+    flower.answered[evaluation] = _reply(B, "flower")
+    now[0] = 0.05
+    spool.put(A, content_to_bytes(_reply(A, "spool")))
+    (got,) = t.poll([train, evaluation])  # the spool's, without a round trip to Flower
+    assert got.msg_id == train and len(flower.asked) == 1
+    now[0] = 0.2
+    (got,) = t.poll([evaluation])
+    assert got.msg_id == evaluation and len(flower.asked) == 2
+    t.close()
