@@ -31,7 +31,7 @@ its mean against Flower's ``aggregate_arrayrecords``. ``loss`` (``bench/diloco_s
 final validation loss with int8 and top-k over uncompressed at equal tokens, and over
 synchronous data-parallel AdamW on the same batches.
 
-    python bench/throughput.py --json               # everything: ~18 min on 2 cores
+    python bench/throughput.py --json               # everything: ~12 min on 2 cores
     python bench/throughput.py --parts network --preset small --rounds 2
     python bench/throughput.py --parts network --async --queue 1 --rounds 8
 
