@@ -42,7 +42,7 @@ from protocol.messages import Kind, Lease
 from coordinator.ledger import Node
 from coordinator.run.batches import Sent, TrainBatch
 from coordinator.run.loop import Outbox, RunLoop
-from coordinator.run.sizing import Size, deadline_for
+from coordinator.run.fill import NodeWork, fill_sizes
 from coordinator.verify.round_judge import Candidate
 from coordinator.verify.trust import (
     NEW_NODE_TRUST, pick_checker, spot_check_rate,
@@ -93,9 +93,9 @@ class AsyncRunLoop(RunLoop):
     _nodes: list[Node] = field(default_factory=list)  # eligible, as the roster last said
     _ids: tuple[list[Node] | None, list[int]] = (None, [])  # their ids
     _inst: tuple[list[int] | None, dict[int, int]] = (None, {})  # their institutions
-    # when each node should be done with the train work it holds (loop clock), predicted
-    # from its measured speed: what ``_fill`` sizes the last step's extra leases by
-    _ends: dict[int, float] = field(default_factory=dict)
+    # when each node began the work it holds (loop clock): its last reply, or the send to it
+    # while it held nothing; what ``_fill`` predicts its end from
+    _began: dict[int, float] = field(default_factory=dict)
 
     # -- the loop -----------------------------------------------------------------------
 
@@ -286,8 +286,7 @@ class AsyncRunLoop(RunLoop):
             return steps_left * self._k(len(nodes)) - (fresh - taken) - out
 
         if need() <= 0 and not self._wanted:
-            self._fill(ids, depth)
-            return nodes
+            return self._fill(nodes, depth)
         if (still := self.roster.still_eligible(nodes, self.roster.revoked(self._passes))) \
                 is not nodes:
             nodes, ids = still, [n.id for n in still]
@@ -312,73 +311,50 @@ class AsyncRunLoop(RunLoop):
                                                        n in probation):
                     self._wanted[lease.nonce] = lease
             left -= len(leases)
-        self._expect(work)
         self._send(work)
         return nodes
 
-    def _fill(self, ids: list[int], depth: int) -> None:
-        """At the last step, with all the work it needs out: give each node with a free
-        slot and a measured speed a lease that ends when the latest of the work out is
-        predicted to, if that is at least ``min_inner_steps`` away (the step waits for all
-        train work out, so an update that ends by then costs the run no time: it turns
-        the nodes' idle wait for the slowest into tokens). Not spot-checked: a copy would
-        need another node's time past the end."""
-        if not self.cfg.asynchronous.fill or self.store.version != self.cfg.run.rounds - 1 \
-                or not self._ends or not (free := self.scheduler.train_slots(ids, depth)):
-            return
-        now, t = self.clock(), self.cfg.train
-        # the nodes still on train work (one whose lease failed or expired holds none)
-        horizon = max((end for n, end in self._ends.items() if self.scheduler.working_on(n)),
-                      default=now)
-        if horizon <= now:
-            return
-        speeds = self.roster.measured_speeds(free)
-        sizes = {}
-        for n in free:
-            speed = speeds.get(n)
-            if speed is None:
-                continue
-            gap = horizon - max(now, self._ends.get(n, now))
-            steps = min(t.max_inner_steps, int(gap * speed / (t.batch_size * t.seq_len)))
-            if steps >= t.min_inner_steps:
-                sizes[n] = Size(steps, deadline_for(t, steps, speed))
+    def _fill(self, nodes: list[Node], depth: int) -> list[Node]:
+        """At the last step, with all the work it needs out: a lease for each eligible node
+        with a free slot, sized to end with the work still out (``coordinator.run.fill``).
+        Not for a node on probation, and not spot-checked: a copy would need another
+        node's time past the end. Returns the eligible nodes, checked afresh."""
+        if not self.cfg.asynchronous.fill or self.store.version != self.cfg.run.rounds - 1:
+            return nodes
+        nodes = self.roster.still_eligible(nodes, self.roster.revoked(self._passes))
+        _, probation = self._trust()
+        free = [n for n in self.scheduler.train_slots([n.id for n in nodes], depth)
+                if n not in probation]
+        if not free:
+            return nodes
+        busy = [n for n in self._began if self.scheduler.holding(n)]
+        speeds = self.roster.measured_speeds(set(busy) | set(free))
+        now = self.clock()
+
+        def work(n: int) -> NodeWork:
+            return self._began.get(n, now), self.scheduler.holding(n), speeds.get(n)
+
+        sizes = fill_sizes(self.cfg.train, now, {n: work(n) for n in busy},
+                           {n: work(n) for n in free})
         if not sizes:
-            return
+            return nodes
         leases = self.scheduler.lease_train(self.store.version + 1, sorted(sizes),
                                             self.store.version, self.store.digest,
                                             depth=depth, sizes=sizes)
-        work: Outbox = {n: [(lease, self._buffer)] for n, lease in leases.items()}
         for n, lease in leases.items():
             log.info("fill: %s gets %d inner steps to end with the last step's work",
                      self.roster.rows[n].name, lease.inner_steps)
-        self._expect(work)
-        self._send(work)
+        self._send({n: [(lease, self._buffer)] for n, lease in leases.items()})
+        return nodes
 
-    def _expect(self, work: Outbox) -> None:
-        """Move each node's predicted end (``_ends``) past the train leases sent to it."""
-        train = {n: [lease for lease, _ in sends if lease.kind == Kind.TRAIN]
-                 for n, sends in work.items()}
-        speeds = self.roster.measured_speeds([n for n, leases in train.items() if leases])
+    def _send(self, work: Outbox) -> None:
+        """Send as the run loop does, noting when each node that held nothing begins."""
         now = self.clock()
-        for n, leases in train.items():
-            if leases and (speed := speeds.get(n)):
-                self._ends[n] = max(now, self._ends.get(n, now)) + sum(
-                    self._seconds(lease, speed) for lease in leases)
-
-    def _seconds(self, lease: Lease, speed: float) -> float:
-        return lease.inner_steps * lease.batch_size * lease.seq_len / speed
-
-    def _re_anchor(self, sents: list[Sent]) -> None:
-        """A node that answered a train lease is on its next one now: its predicted end is
-        now plus what it still holds (so a node faster or slower than predicted does not
-        carry the error)."""
-        now = self.clock()
-        for n in {s.node.id for s in sents if s.lease.kind == Kind.TRAIN}:
-            if n not in self._ends:
-                continue
-            speed = self.roster.measured_speeds([n]).get(n)
-            rest = self.scheduler.working_on(n)
-            self._ends[n] = now + (sum(self._seconds(x, speed) for x in rest) if speed else 0.0)
+        for n, sends in work.items():
+            new = {lease.nonce for lease, _ in sends}
+            if all(x.nonce in new for x in self.scheduler.holding(n)):
+                self._began[n] = now
+        super()._send(work)
 
     def _fresh(self) -> int:
         """The fresh updates buffered (spot-check copies aside)."""
@@ -394,7 +370,9 @@ class AsyncRunLoop(RunLoop):
         lease, as with ``[async] queue`` it holds one already. Not when the replies may
         complete an outer step predicted quick (``_HOLD_S``): then they are screened, the
         step is made and the nodes build on the new version."""
-        self._re_anchor(sents)
+        now = self.clock()
+        for s in sents:  # each is on to its next work now (or idle)
+            self._began[s.node.id] = now
         if self.store.version >= self.cfg.run.rounds or \
                 not any(s.lease.kind == Kind.TRAIN for s in sents):
             return  # the run is done, or an evaluation freed no train slot

@@ -324,11 +324,10 @@ class Scheduler:
         """The node's open leases (one, or a batch of eval leases)."""
         return [e.lease for e in self._by_node.get(node_id, {}).values()]
 
-    def working_on(self, node_id: int) -> list[Lease]:
-        """The node's train leases whose reply is not in (spot-check copies included), in
-        the order it works through them."""
-        return [e.lease for e in self._by_node.get(node_id, {}).values()
-                if e.lease.kind == Kind.TRAIN and not e.received]
+    def holding(self, node_id: int) -> list[Lease]:
+        """The node's leases whose reply is not in (train, spot-check copies, evaluations),
+        in the order it works through them."""
+        return [e.lease for e in self._by_node.get(node_id, {}).values() if not e.received]
 
     def train_slots(self, node_ids: Sequence[int], depth: int) -> list[int]:
         """The nodes of ``node_ids`` working on fewer than ``depth`` train leases."""

@@ -146,3 +146,33 @@ def test_the_asynchronous_loop_reads_each_nodes_speed_once(tmp_path: Path) -> No
     steps = [u.steps for u in net.ledger.updates() if u.steps]
     assert 7 in steps, "no lease was sized from the measured speed"
     net.ledger.close()
+
+
+# -- the asynchronous loop's last-step fill (coordinator.run.fill) ---------------------------
+
+def _work(kind: str, steps: int = 0, tokens: int = 0):  # type: ignore[no-untyped-def]
+    from test_protocol_messages import make_lease
+
+    return make_lease(kind=kind, inner_steps=steps, batch_size=4, seq_len=50,
+                      data_start=0, data_end=tokens or 1000)
+
+
+def test_fill_sizes_by_hand() -> None:
+    from coordinator.run.fill import fill_sizes, predicted_end
+
+    t = T(target_lease_s=0.0)  # regular leases: inner_steps = 100 (a fill: at least 25)
+    train, evaluation = _work("train", 100), _work("eval", tokens=2000)
+    # began at 0, 100 steps x 200 tokens at 200 tok/s = 100 s, its eval left out: ends at 100
+    slow = (0.0, [train, evaluation], 200.0)
+    assert predicted_end(slow, now=10.0, with_evals=False) == 100.0
+    assert predicted_end(slow, now=10.0, with_evals=True) == 110.0  # eval at the train rate
+    assert predicted_end(slow, now=150.0, with_evals=False) == 150.0  # late: never before now
+    # at t = 40: an idle 1,000 tok/s node has 60 s: 60 x 1000 / 200 = 300 steps, deadline
+    # 3 x 60 + 30; one still on 10 s of work has 50 s: 250 steps; one with no measured
+    # speed, and one whose gap is under 25 steps (4 s: 20), get none
+    sizes = fill_sizes(t, 40.0, {1: slow, 3: (35.0, [_work("train", 75)], 1000.0)},
+                       {2: (40.0, [], 1000.0), 3: (35.0, [_work("train", 75)], 1000.0),
+                        4: (40.0, [], None), 5: (96.0, [], 1000.0)})
+    assert sizes == {2: Size(300, 210.0), 3: Size(250, 180.0)}
+    # nothing held by a node of known speed: no horizon, no fill
+    assert fill_sizes(t, 40.0, {1: (0.0, [train], None)}, {2: (40.0, [], 1000.0)}) == {}
