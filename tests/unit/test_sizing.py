@@ -167,12 +167,12 @@ def test_fill_sizes_by_hand() -> None:
     assert predicted_end(slow, now=10.0, with_evals=False) == 100.0
     assert predicted_end(slow, now=10.0, with_evals=True) == 110.0  # eval at the train rate
     assert predicted_end(slow, now=150.0, with_evals=False) == 150.0  # late: never before now
-    # at t = 40: an idle 1,000 tok/s node has 60 s: 60 x 1000 / 200 = 300 steps, deadline
-    # 3 x 60 + 30; one still on 10 s of work has 50 s: 250 steps; one with no measured
-    # speed, and one whose gap is under 25 steps (4 s: 20), get none
+    # at t = 40: an idle 1,000 tok/s node has 60 s: 0.85 x 60 x 1000 / 200 = 255 steps,
+    # deadline 3 x 51 + 30; one still on 10 s of work has 50 s: 212 steps; one with no
+    # measured speed, and one whose share is under 25 steps (4 s: 17), get none
     sizes = fill_sizes(t, 40.0, {1: slow, 3: (35.0, [_work("train", 75)], 1000.0)},
                        {2: (40.0, [], 1000.0), 3: (35.0, [_work("train", 75)], 1000.0),
                         4: (40.0, [], None), 5: (96.0, [], 1000.0)})
-    assert sizes == {2: Size(300, 210.0), 3: Size(250, 180.0)}
+    assert sizes == {2: Size(255, 183.0), 3: Size(212, 157.2)}
     # nothing held by a node of known speed: no horizon, no fill
     assert fill_sizes(t, 40.0, {1: (0.0, [train], None)}, {2: (40.0, [], 1000.0)}) == {}
