@@ -10,9 +10,10 @@ Record layouts (all values of exact type; ``from_record`` rejects anything else)
                              "metrics.<field>" for every UpdateMetrics field,
                              node_id, arrays_digest, signature (bytes, b"" if unsigned)}
 
-    work  RecordDict {"lease": ConfigRecord, "arch": ConfigRecord (model config scalars),
-                      "blobs": ConfigRecord {"mirrors": list[str]},
-                      "compression": ConfigRecord {scheme, block, fraction}}
+    work  RecordDict {"work": ConfigRecord {"lease.<field>" for every Lease field,
+                      "arch.<key>" (model config scalars), "blobs.mirrors": list[str],
+                      "blobs.prefetch": list[str], "blobs.delta_base", "blobs.delta",
+                      "compression.<key>" (scheme, block, fraction, feedback)}}
     reply RecordDict {"update": ConfigRecord, "arrays": ArrayRecord}
       or  RecordDict {"handback": ConfigRecord {nonce, reason, retry_after_s}}
 
@@ -70,6 +71,7 @@ __all__ = [
     "Update",
     "UpdateMetrics",
     "Verdict",
+    "WORK",
     "Work",
     "eval_window_count",
     "handback_content",
@@ -82,6 +84,7 @@ __all__ = [
     "reply_content",
     "shard_tokens",
     "work_content",
+    "work_nonce",
 ]
 
 
@@ -269,20 +272,33 @@ def work_content(lease: Lease, arch: Mapping[str, int | float | bool | str] | No
     _check_prefetch(prefetch)
     base, change = delta or ("", "")
     _check_delta(base, change)
-    return RecordDict({
-        "lease": lease.to_record(),
-        "arch": ConfigRecord(dict(arch or {})),
-        "blobs": ConfigRecord({"mirrors": list(mirrors), "prefetch": list(prefetch),
-                               "delta_base": base, "delta": change}),
-        "compression": ConfigRecord(compression.to_dict()),
-    })
+    # one record, its parts' keys prefixed: each record is an object Flower pushes, stores
+    # and pulls on its own (SuperLink, SuperNode, worker), and a lease's way to its node was
+    # most of a lock-step round's barrier
+    parts = {"lease": lease.to_record(), "arch": dict(arch or {}),
+             "blobs": {"mirrors": list(mirrors), "prefetch": list(prefetch),
+                       "delta_base": base, "delta": change},
+             "compression": compression.to_dict()}
+    return RecordDict({WORK: ConfigRecord({f"{part}.{key}": value for part, values
+                                           in parts.items() for key, value in values.items()})})
+
+
+def work_nonce(content: RecordDict) -> str:
+    """The lease nonce of ``work_content`` (unchecked: for the sender's own bookkeeping)."""
+    return str(content[WORK]["lease.nonce"])  # type: ignore[index]
 
 
 def parse_work(content: RecordDict) -> Work:
     """Unpack ``work_content``; raises ``ProtocolError`` naming what is wrong."""
-    lease_rec, arch_rec, blobs_rec, comp_rec = take_records(
-        content, {"lease": ConfigRecord, "arch": ConfigRecord, "blobs": ConfigRecord,
-                  "compression": ConfigRecord}, "work")
+    (record,) = take_records(content, {WORK: ConfigRecord}, "work")
+    split: dict[str, dict[str, Any]] = {"lease": {}, "arch": {}, "blobs": {}, "compression": {}}
+    for key, value in record.items():
+        part, dot, name = key.partition(".")
+        require(dot == "." and part in split and name != "", f"work.{key}",
+                "unexpected key (lease.*, arch.*, blobs.* and compression.* only)")
+        split[part][name] = value
+    lease_rec, arch_rec, blobs_rec, comp_rec = (
+        ConfigRecord(split[k]) for k in ("lease", "arch", "blobs", "compression"))
     lease = Lease.from_record(lease_rec)
     arch = dict(arch_rec)
     for key, value in arch.items():
@@ -367,6 +383,7 @@ def parse_reply(content: RecordDict) -> tuple[Update, dict[str, np.ndarray]]:
 
 
 HANDBACK = "handback"  # the one record of a hand-back reply
+WORK = "work"  # the one record of a work message
 MAX_REASON = 300  # a hand-back's reason is one line for an event and a log
 
 

@@ -18,7 +18,7 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 from protocol.errors import ProtocolError
-from protocol.messages import content_from_bytes
+from protocol.messages import content_from_bytes, work_nonce
 
 from coordinator.run.reply_spool import ReplySpool
 
@@ -171,8 +171,7 @@ class SpooledTransport:
         mids = self.inner.send(msgs)
         for mid, m in zip(mids, msgs):
             if mid is not None:
-                self._leases[mid] = (str(m.content["lease"]["nonce"]),  # type: ignore[index]
-                                     m.dst)
+                self._leases[mid] = (work_nonce(m.content), m.dst)
         return mids
 
     def poll(self, msg_ids: Collection[str]) -> list[Reply]:

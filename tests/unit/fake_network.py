@@ -282,7 +282,7 @@ class FakeNode:
         how = self.behaviour if kind in self.on else "honest"
         reply, error, misbehaved = self._answer(how, kind, content)
         if misbehaved:
-            self.attacked.add(Lease.from_record(content["lease"]).nonce)
+            self.attacked.add(parse_work(content).lease.nonce)
         return reply, error
 
     def _answer(self, how: str, kind: str, content: RecordDict

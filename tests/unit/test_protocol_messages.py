@@ -190,15 +190,39 @@ def test_shard_tokens_must_fill_the_lease_range() -> None:
         shard_tokens(data[:-2], lease)
 
 
+def _edit(work: RecordDict, **changes: Any) -> RecordDict:
+    """``work`` with keys of its one record set (``blobs__mirrors`` is "blobs.mirrors"), or
+    removed where the value is None."""
+    record = dict(work["work"])
+    for key, value in changes.items():
+        key = key.replace("__", ".")
+        if value is None:
+            record.pop(key, None)
+        else:
+            record[key] = value
+    return RecordDict({"work": ConfigRecord(record)})
+
+
+def test_work_is_one_record_and_its_keys_are_checked() -> None:
+    # one Flower object for the lease and its context, not four: each is pushed, stored and
+    # pulled on its own, and that was most of a lock-step round's barrier
+    work = work_content(make_lease(), {"n_layer": 2}, ["https://m/x"])
+    assert list(work) == ["work"] and len(work.config_records) == 1
+    assert parse_work(work).arch == {"n_layer": 2}
+    for bad in ({"other__x": 1}, {"nodot": 1}, {"lease__": 1}):
+        with pytest.raises(ProtocolError, match="unexpected key"):
+            parse_work(_edit(work, **bad))
+    with pytest.raises(ProtocolError, match="nonce"):
+        parse_work(_edit(work, lease__nonce=None))
+
+
 @pytest.mark.parametrize("mirrors", [["ftp://x/y"], ["file:///etc"], [""]])
 def test_work_mirrors_must_be_http_urls(mirrors: list[str]) -> None:
     with pytest.raises(ProtocolError, match="mirrors"):
         work_content(make_lease(), {}, mirrors)
     good = work_content(make_lease(), {})
-    good["blobs"] = ConfigRecord({"mirrors": mirrors, "prefetch": [], "delta_base": "",
-                                  "delta": ""})
     with pytest.raises(ProtocolError, match="mirrors"):
-        parse_work(good)
+        parse_work(_edit(good, blobs__mirrors=mirrors))
 
 
 @pytest.mark.parametrize("prefetch", [["z" * 64], ["ab"], ["a" * 64] * 9, [1]])
@@ -207,10 +231,8 @@ def test_work_prefetch_must_be_a_few_digests(prefetch: list) -> None:  # type: i
         work_content(make_lease(), {}, prefetch=prefetch)
     good = work_content(make_lease(), {}, prefetch=["a" * 64, "b" * 64])
     assert parse_work(good).prefetch == ("a" * 64, "b" * 64)
-    good["blobs"] = ConfigRecord({"mirrors": [], "prefetch": prefetch, "delta_base": "",
-                                  "delta": ""})
     with pytest.raises(ProtocolError, match="prefetch"):
-        parse_work(good)
+        parse_work(_edit(good, blobs__prefetch=prefetch))
 
 
 def test_reply_round_trip_is_bit_exact_through_flower() -> None:
@@ -279,14 +301,14 @@ def test_parse_rejects_missing_extra_and_mistyped_records() -> None:
         with pytest.raises(ProtocolError, match=field):
             parse_reply(content)
     work = work_content(make_lease(), {})
-    with pytest.raises(ProtocolError, match="lease"):
-        parse_work(RecordDict({k: work[k] for k in work if k != "lease"}))
-    bad = RecordDict({**{k: work[k] for k in work}, "compression": ConfigRecord(
-        {"scheme": "zip", "block": 256, "fraction": 0.01, "feedback": False})})
+    with pytest.raises(ProtocolError, match="work"):
+        parse_work(RecordDict({}))
     with pytest.raises(ProtocolError, match="compression.scheme"):
-        parse_work(bad)
+        parse_work(_edit(work, compression__scheme="zip"))
     with pytest.raises(ProtocolError, match="model"):  # the old layout, bytes inline
-        parse_work(RecordDict({**{k: work[k] for k in work}, "model": ArrayRecord()}))
+        parse_work(RecordDict({"work": work["work"], "model": ArrayRecord()}))
+    with pytest.raises(ProtocolError, match="missing field 'work'"):  # four records, before
+        parse_work(RecordDict({"lease": make_lease().to_record()}))
     with pytest.raises(ProtocolError, match="RecordDict"):
         parse_reply({"update": good["update"]})  # type: ignore[arg-type]
 

@@ -16,7 +16,7 @@ from flwr.app import ConfigRecord, RecordDict
 from coordinator.run.reply_spool import ReplySpool
 from coordinator.run.transport import Outgoing, Reply, SpooledTransport
 from protocol.errors import ProtocolError
-from protocol.messages import MAX_REPLY_BYTES, content_from_bytes, content_to_bytes
+from protocol.messages import MAX_REPLY_BYTES, content_from_bytes, content_to_bytes, work_nonce
 
 A, B = "a" * 32, "b" * 32
 
@@ -45,7 +45,7 @@ def test_the_spool_sweeps_only_what_waited_too_long(tmp_path: Path) -> None:
 
 
 def _content(nonce: str) -> RecordDict:
-    return RecordDict({"lease": ConfigRecord({"nonce": nonce})})
+    return RecordDict({"work": ConfigRecord({"lease.nonce": nonce})})
 
 
 def _reply(nonce: str, via: str) -> RecordDict:
@@ -65,7 +65,7 @@ class FakeFlower:
         mids = []
         for m in msgs:
             mids.append(mid := f"m{len(self.sent)}")
-            self.sent[mid] = str(m.content["lease"]["nonce"])  # type: ignore[index]
+            self.sent[mid] = work_nonce(m.content)
         return mids
 
     def poll(self, msg_ids: Collection[str]) -> list[Reply]:

@@ -7,6 +7,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from coordinator.run.transport import MESSAGE_TYPES, FlowerTransport, Outgoing
+from protocol.messages import work_nonce
 
 
 class _Grid:
@@ -19,7 +20,7 @@ class _Grid:
 
 
 def _content(n: int) -> RecordDict:
-    return RecordDict({"lease": ConfigRecord({"nonce": f"{n:032x}"})})
+    return RecordDict({"work": ConfigRecord({"lease.nonce": f"{n:032x}"})})
 
 
 def test_a_pass_s_messages_go_to_flower_in_one_push_in_order(
@@ -35,5 +36,5 @@ def test_a_pass_s_messages_go_to_flower_in_one_push_in_order(
     assert [(m.metadata.dst_node_id, m.metadata.message_type) for m in pushed] == [
         (7, MESSAGE_TYPES["train"]), (7, MESSAGE_TYPES["eval"]), (9, MESSAGE_TYPES["tasks"])]
     assert [m.metadata.ttl for m in pushed] == [100.0, 10.0, 50.0]  # at least 10 s
-    assert [str(m.content["lease"]["nonce"]) for m in pushed] == [  # type: ignore[index]
+    assert [work_nonce(m.content) for m in pushed] == [  # type: ignore[index]
         f"{n:032x}" for n in (1, 2, 3)]
