@@ -23,9 +23,10 @@ Leases are issued only while the work out and buffered falls short of what the r
 steps need (K per step), so the last step waits for every train lease still out and the run
 ends with nothing in flight. While it waits, a node with nothing left to do would idle until
 the slowest lease is in: with ``[async] fill`` it gets one more lease sized to end when the
-others are predicted to (``_fill``), and that update joins the last step. After a crash the open leases are closed as expired (their shards
-go back to the pool) and the buffer is empty: nothing in it had been recorded, so nothing
-accepted is lost, and its work is done again.
+others are predicted to (``_fill``), and that update joins the last step. After a crash the
+open leases are closed as expired (their shards go back to the pool) and the buffer is
+empty: nothing in it had been recorded, so nothing accepted is lost, and its work is done
+again.
 """
 
 from __future__ import annotations
@@ -327,14 +328,14 @@ class AsyncRunLoop(RunLoop):
                 if n not in probation]
         if not free:
             return nodes
-        busy = [n for n in self._began if self.scheduler.holding(n)]
-        speeds = self.roster.measured_speeds(set(busy) | set(free))
+        held = {n: h for n in {*self._began, *free} if (h := self.scheduler.holding(n))}
+        speeds = self.roster.measured_speeds(set(held) | set(free))
         now = self.clock()
 
         def work(n: int) -> NodeWork:
-            return self._began.get(n, now), self.scheduler.holding(n), speeds.get(n)
+            return self._began.get(n, now), held.get(n, []), speeds.get(n)
 
-        sizes = fill_sizes(self.cfg.train, now, {n: work(n) for n in busy},
+        sizes = fill_sizes(self.cfg.train, now, {n: work(n) for n in held},
                            {n: work(n) for n in free})
         if not sizes:
             return nodes
