@@ -171,9 +171,11 @@ def network(a: argparse.Namespace, asynchronous: bool | None = None) -> dict[str
     """The network part: lock-step rounds, or the asynchronous loop (``--async``, or the
     ``async`` part)."""
     asynchronous = a.asynchronous if asynchronous is None else asynchronous
-    workdir = (a.workdir / ("async" if asynchronous and not a.asynchronous else "")
-               if a.workdir else Path(tempfile.mkdtemp(prefix="atom-throughput-")))
-    workdir.mkdir(parents=True, exist_ok=True)
+    if a.workdir is None:
+        workdir = Path(tempfile.mkdtemp(prefix="atom-throughput-"))
+    else:  # the async part beside the lock-step network's run directory, not in it
+        workdir = a.workdir / "async" if asynchronous and not a.asynchronous else a.workdir
+        workdir.mkdir(parents=True, exist_ok=True)
     overrides: dict[str, Any] = {"model_preset": a.preset}
     if a.inner_steps:
         overrides["train_inner_steps"] = a.inner_steps

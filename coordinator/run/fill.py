@@ -3,8 +3,8 @@
 The last outer step waits for every train lease still out, so the nodes done first would
 wait for the slowest with nothing to do. ``fill_sizes`` gives each of them one more train
 lease, sized by its measured speed to end when the work out is predicted to (``MARGIN`` of
-the time it has, at least ``MIN_SHARE`` of its regular lease), and its update joins the step: the run ends no later
-and the wait becomes tokens.
+the time it has, at least ``MIN_SHARE`` of its regular lease), and its update joins the
+step: the run ends no later and the wait becomes tokens.
 
 A node's end is predicted from when it began the work it holds (its last reply, or the send
 to it while it held nothing) plus that work at its measured speed (tokens/s of its recent
@@ -58,9 +58,9 @@ def predicted_end(work: NodeWork, now: float, with_evals: bool) -> float:
 
 def fill_sizes(t: SizingLike, now: float, busy: Mapping[int, NodeWork],
                free: Mapping[int, NodeWork]) -> dict[int, Size]:
-    """The fill lease of each ``free`` node (one with a train slot free) that has at least
-    ``min_inner_steps`` of time before the latest predicted end among the ``busy`` nodes
-    (those holding work)."""
+    """The fill lease of each ``free`` node (one with a train slot free) whose share of the
+    time before the latest predicted end among the ``busy`` nodes (those holding work) is
+    worth at least ``min_inner_steps`` and ``MIN_SHARE`` of its regular lease."""
     ends = [predicted_end(w, now, with_evals=False) for w in busy.values()
             if w[2] is not None and w[2] > 0]
     horizon = max(ends, default=now)
