@@ -70,6 +70,11 @@ class RunDir:
         return self.path / "replies"
 
     @property
+    def next_work(self) -> Path:
+        """Leases the loop issued, for nodes to take beside Flower (``WorkSpool``)."""
+        return self.path / "next-work"
+
+    @property
     def corpus(self) -> Path:
         return self.path / "corpus"
 

@@ -170,6 +170,13 @@ class CoordinatorBlobs:
             raise BlobError(f"coordinator refused the reply: {err.code().name}: "  # type: ignore[attr-defined]
                             f"{err.details()}") from None  # type: ignore[attr-defined]
 
+    def next_work(self, after_nonce: str) -> tuple[bytes, float]:
+        """The work issued after lease ``after_nonce`` (empty: none yet) and when to ask
+        again (``node.work_ahead``); raises ``grpc.RpcError``."""
+        got = pb_grpc.CoordinatorStub(self.channel).NextWork(
+            pb.NextWorkRequest(after_nonce=after_nonce), timeout=5.0)
+        return got.work, got.retry_after_s
+
     def _stream(self, stub: pb_grpc.CoordinatorStub, digest: str, into: Partial, offset: int,
                 max_bytes: int, progress: Progress | None) -> bool:
         """Append one stream's chunks; True once the whole blob is in."""

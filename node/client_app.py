@@ -41,7 +41,7 @@ from .policy import Policy
 from .progress import ProgressWriter, TransferProgress
 from .worker import BaseModels, WorkerSettings, do_work
 
-__all__ = ["NodeSession", "app", "lease_gate", "session_for"]
+__all__ = ["NodeSession", "app", "lease_gate", "next_work", "run_work", "session_for"]
 
 app = ClientApp()
 
@@ -58,7 +58,7 @@ class NodeSession:
         key_path = Path(str(node_config.get("sign-key") or home.key_path))
         creds = grpc.ssl_channel_credentials(root_certificates=home.ca_path.read_bytes())
         self.channel = grpc.secure_channel(enrollment.coordinator_address, creds)
-        coordinator = CoordinatorBlobs(self.channel)
+        self.coordinator = coordinator = CoordinatorBlobs(self.channel)
         limits = NodeLimits.from_node_config(node_config)
         gpus = int(node_config.get("gpus", 1))  # checked by ``join`` (``node.gpu.gpu_count``)
         use_compile = compile_choice(str(node_config.get("compile", "auto")))  # ``join --compile``
@@ -130,3 +130,13 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate("shard")
 def evaluate(msg: Message, context: Context) -> Message:
     return Message(session_for(context.node_config).handle(msg.content), reply_to=msg)
+
+
+# The warm worker's leases taken beside Flower (``node.work_ahead``), in the session of the
+# last task Flower gave it.
+def next_work(after_nonce: str, context: Context) -> tuple[bytes, float]:
+    return session_for(context.node_config).coordinator.next_work(after_nonce)
+
+
+def run_work(content: RecordDict, context: Context) -> RecordDict:
+    return session_for(context.node_config).handle(content)

@@ -9,7 +9,9 @@ torch stays imported and ``NodeSession`` keeps the key, the coordinator channel,
 cache and the last base models between leases. A lease that raises gets an error reply and
 the worker carries on; a worker that dies is restarted by the supervisor, and Flower answers
 the lease it held with an error once its task heartbeat lapses (about 60 s), so only that
-lease is lost.
+lease is lost. When Flower has no task for it, the worker takes the node's next lease
+beside Flower if the coordinator has issued it (``node.work_ahead``), and answers Flower's
+copy of it, when that comes, with the same reply.
 
 Signals (``leave_on_signals``): SIGUSR1 makes the node *leave* — the lease in flight is
 handed back after its current training step and every later one at once
@@ -37,10 +39,12 @@ from flwr.app.error import Error
 from flwr.common.constant import ErrorCode
 
 from protocol.flower_pulls import quick_object_pulls
+from protocol.messages import parse_work
 
 from .fab_guard import check_fab
 from .flower_runtime import ClientTask, RuntimeTasks, bound_task_pulls
 from .pause import LEAVING
+from .work_ahead import WorkAhead
 
 __all__ = ["leave_on_signals", "main", "run_task", "serve"]
 
@@ -62,8 +66,16 @@ def _first_line(err: BaseException) -> str:
     return (str(err).splitlines() or [type(err).__name__])[0][:300]
 
 
-def run_task(task: ClientTask, handle: Handler) -> bool:
-    """Run one claimed task to its reply; True if the lease was answered without error."""
+def _nonce(message: Message) -> str | None:
+    try:
+        return parse_work(message.content).lease.nonce
+    except Exception:  # noqa: BLE001 - not a lease: the handler says what is wrong with it
+        return None
+
+
+def run_task(task: ClientTask, handle: Handler, ahead: WorkAhead | None = None) -> bool:
+    """Run one claimed task to its reply; True if the lease was answered without error.
+    With ``ahead``: a lease already run beside Flower is answered with what it gave."""
     try:
         inp = task.pull()
     except Exception as err:  # noqa: BLE001 - Flower answers the lease once its claim lapses
@@ -71,9 +83,22 @@ def run_task(task: ClientTask, handle: Handler) -> bool:
         task.abandon()
         return False
     failed: str | None = None
+    nonce = _nonce(inp.message) if ahead is not None else None
     try:
         check_fab(inp.fab)  # before anything of the run's is used
-        reply = handle(inp.message, inp.context)
+        answer = ahead.answer_for(nonce) if ahead is not None else None
+        if isinstance(answer, BaseException):
+            raise answer
+        if answer is not None:
+            reply = Message(answer, reply_to=inp.message)
+        else:
+            if ahead is not None:
+                ahead.starting(nonce, inp.context)
+            try:
+                reply = handle(inp.message, inp.context)
+            finally:
+                if ahead is not None:
+                    ahead.finished(nonce)
     except Exception as err:  # noqa: BLE001 - any failure is this lease's alone
         log.warning("lease failed: %s: %s", type(err).__name__, _first_line(err))
         reply, failed = _error_reply(inp.message, err), str(err)[:300]
@@ -89,8 +114,9 @@ def run_task(task: ClientTask, handle: Handler) -> bool:
 
 
 def serve(tasks: RuntimeTasks, handle: Handler, stop: threading.Event,
-          poll_s: float = _POLL_S) -> int:
-    """Run tasks until ``stop`` is set; returns how many were handled."""
+          poll_s: float = _POLL_S, ahead: WorkAhead | None = None) -> int:
+    """Run tasks until ``stop`` is set; returns how many were handled (leases ``ahead``
+    gave included: taken beside Flower when Flower has none)."""
     done = 0
     while not stop.is_set():
         try:
@@ -98,11 +124,14 @@ def serve(tasks: RuntimeTasks, handle: Handler, stop: threading.Event,
         except httpx.HTTPError:
             stop.wait(_DOWN_S)
             continue
-        if task is None:
+        if task is not None:
+            run_task(task, handle, ahead)
+            done += 1
+        elif ahead is not None and not LEAVING.is_set() and (work := ahead.take()) is not None:
+            ahead.run(work)
+            done += 1
+        else:
             stop.wait(poll_s)
-            continue
-        run_task(task, handle)
-        done += 1
     return done
 
 
@@ -133,14 +162,15 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     leave_on_signals(stop)  # before the slow import: SIGUSR1 would otherwise kill us
     # The installed ClientApp, and through it torch, once for the life of the process.
-    from .client_app import app
+    from .client_app import app, next_work, run_work
 
     quick_object_pulls()  # a task's objects as the SuperNode stores them
     bound_task_pulls()  # and not for ever (a task Flower left unfinished)
     tasks = RuntimeTasks(args.runtime_api, args.secret_file.read_bytes())
     log.info("warm worker pid %d on %s", os.getpid(), args.runtime_api)
     try:
-        serve(tasks, lambda msg, ctx: app(message=msg, context=ctx), stop)
+        serve(tasks, lambda msg, ctx: app(message=msg, context=ctx), stop,
+              ahead=WorkAhead(next_work, run_work))
     finally:
         tasks.close()
     return 0

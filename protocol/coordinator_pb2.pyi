@@ -156,6 +156,20 @@ class SubmitReplyReply(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class NextWorkRequest(_message.Message):
+    __slots__ = ("after_nonce",)
+    AFTER_NONCE_FIELD_NUMBER: _ClassVar[int]
+    after_nonce: str
+    def __init__(self, after_nonce: _Optional[str] = ...) -> None: ...
+
+class NextWorkReply(_message.Message):
+    __slots__ = ("work", "retry_after_s")
+    WORK_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_S_FIELD_NUMBER: _ClassVar[int]
+    work: bytes
+    retry_after_s: float
+    def __init__(self, work: _Optional[bytes] = ..., retry_after_s: _Optional[float] = ...) -> None: ...
+
 class PutBlobReply(_message.Message):
     __slots__ = ("size",)
     SIZE_FIELD_NUMBER: _ClassVar[int]

@@ -79,6 +79,11 @@ class CoordinatorStub:
                 request_serializer=protocol_dot_coordinator__pb2.SubmitReplyRequest.SerializeToString,
                 response_deserializer=protocol_dot_coordinator__pb2.SubmitReplyReply.FromString,
                 _registered_method=True)
+        self.NextWork = channel.unary_unary(
+                '/atom.v1.Coordinator/NextWork',
+                request_serializer=protocol_dot_coordinator__pb2.NextWorkRequest.SerializeToString,
+                response_deserializer=protocol_dot_coordinator__pb2.NextWorkReply.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -164,6 +169,17 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def NextWork(self, request, context):
+        """The work issued to a node after the lease it names (its nonce, the node's secret), if
+        the run loop has issued it: the same content as the Flower message that follows, which
+        the node then answers with the reply it already has. A cheap peek that a node repeats
+        while it waits, at the pace the coordinator sets (`retry_after_s`), not a long poll:
+        a held call would hold one of the service's few threads.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -211,6 +227,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.SubmitReply,
                     request_deserializer=protocol_dot_coordinator__pb2.SubmitReplyRequest.FromString,
                     response_serializer=protocol_dot_coordinator__pb2.SubmitReplyReply.SerializeToString,
+            ),
+            'NextWork': grpc.unary_unary_rpc_method_handler(
+                    servicer.NextWork,
+                    request_deserializer=protocol_dot_coordinator__pb2.NextWorkRequest.FromString,
+                    response_serializer=protocol_dot_coordinator__pb2.NextWorkReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -456,6 +477,33 @@ class Coordinator:
             '/atom.v1.Coordinator/SubmitReply',
             protocol_dot_coordinator__pb2.SubmitReplyRequest.SerializeToString,
             protocol_dot_coordinator__pb2.SubmitReplyReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def NextWork(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/atom.v1.Coordinator/NextWork',
+            protocol_dot_coordinator__pb2.NextWorkRequest.SerializeToString,
+            protocol_dot_coordinator__pb2.NextWorkReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -20,7 +20,7 @@ from coordinator.run.async_loop import make_run_loop
 from coordinator.run.loop import RunLoop
 from coordinator.run.resume import run_resuming
 from coordinator.run.model_store import ModelStore
-from coordinator.run.reply_spool import ReplySpool
+from coordinator.run.reply_spool import ReplySpool, WorkSpool
 from coordinator.run.transport import FlowerTransport, SpooledTransport
 from coordinator.rundir import RunDir
 
@@ -63,10 +63,12 @@ def main(grid: Grid, context: Context) -> None:
         try:
             issuer = ReceiptIssuer.load(rd.key_path)  # once: every receipt of this run
             corpus = load_corpus(rd.corpus)
-            # replies as nodes hand them in, ahead of Flower's way back; one for the whole
-            # run (a loop made again after an outage keeps its drain of Flower's copies)
+            # replies as nodes hand them in, ahead of Flower's way back, and leases for
+            # nodes to take ahead of Flower's way there; one for the whole run (a loop made
+            # again after an outage keeps its drain of Flower's copies)
             transport = SpooledTransport(FlowerTransport(grid), ReplySpool(rd.replies),
-                                         flower_every_s=FLOWER_POLL_S)
+                                         flower_every_s=FLOWER_POLL_S,
+                                         ahead=WorkSpool(rd.next_work))
 
             def make() -> RunLoop:  # from what the ledger holds (again after an outage)
                 return make_run_loop(cfg, ledger, transport,

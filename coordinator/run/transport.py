@@ -17,10 +17,10 @@ from typing import Protocol
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
-from protocol.errors import ProtocolError
-from protocol.messages import content_from_bytes, work_nonce
+from protocol.errors import BlobError, ProtocolError
+from protocol.messages import content_from_bytes, content_to_bytes, work_nonce
 
-from coordinator.run.reply_spool import ReplySpool
+from coordinator.run.reply_spool import ReplySpool, WorkSpool
 
 __all__ = ["FlowerTransport", "Outgoing", "Reply", "SpooledTransport", "Transport",
            "MESSAGE_TYPES"]
@@ -147,7 +147,12 @@ class SpooledTransport:
     """``inner`` (Flower), with replies taken from ``spool`` as soon as a node hands them to
     the coordinator's service (``coordinator.run.reply_spool``); Flower's copy, when it
     comes, is drained beside the loop (``_Drain``). Bytes that are not a reply are dropped:
-    Flower's copy, the node's own reply, answers the lease then."""
+    Flower's copy, the node's own reply, answers the lease then.
+
+    With ``ahead``, each lease sent also goes there, named by the nonce of the lease sent to
+    the same node before it: a node that has answered that one takes the next from the
+    service as soon as it is issued, without waiting for Flower to bring it. It stays there
+    until its lease is answered or no longer waited for."""
 
     inner: Transport
     spool: ReplySpool
@@ -157,7 +162,10 @@ class SpooledTransport:
     # loop can look for replies every 0.05 s without asking the SuperLink 20 times a second
     flower_every_s: float = 0.0
     clock: Callable[[], float] = time.monotonic
+    ahead: WorkSpool | None = None
     _leases: dict[str, tuple[str, int]] = field(default_factory=dict)  # msg id -> (nonce, dst)
+    _last_sent: dict[int, str] = field(default_factory=dict)  # dst -> its last lease's nonce
+    _ahead_names: dict[str, str] = field(default_factory=dict)  # msg id -> its name in ahead
     _polls: int = 0
     _flower_at: float = -math.inf  # when Flower was last asked
 
@@ -168,16 +176,42 @@ class SpooledTransport:
         return self.inner.online()
 
     def send(self, msgs: Sequence[Outgoing]) -> list[str | None]:
+        nonces = [work_nonce(m.content) for m in msgs]
+        # before Flower's push, so the node may have it first
+        names = [self._put_ahead(m, nonce) for m, nonce in zip(msgs, nonces)]
         mids = self.inner.send(msgs)
-        for mid, m in zip(mids, msgs):
-            if mid is not None:
-                self._leases[mid] = (work_nonce(m.content), m.dst)
+        for mid, m, nonce, name in zip(mids, msgs, nonces, names):
+            if mid is None:
+                if name is not None and self.ahead is not None:
+                    self.ahead.drop(name)
+                continue
+            self._leases[mid] = (nonce, m.dst)
+            if name is not None:
+                self._ahead_names[mid] = name
         return mids
+
+    def _put_ahead(self, m: Outgoing, nonce: str) -> str | None:
+        prev, self._last_sent[m.dst] = self._last_sent.get(m.dst), nonce
+        if self.ahead is None or prev is None:
+            return None
+        try:
+            self.ahead.put(prev, content_to_bytes(m.content))
+        except (BlobError, ProtocolError) as err:
+            log.info("lease %s goes by Flower only: %s", nonce, err)
+            return None
+        return prev
+
+    def _settled(self, mid: str) -> None:
+        """Lease ``mid`` answered or given up: its work leaves the ahead spool."""
+        self._leases.pop(mid, None)
+        name = self._ahead_names.pop(mid, None)
+        if name is not None and self.ahead is not None:
+            self.ahead.drop(name)
 
     def poll(self, msg_ids: Collection[str]) -> list[Reply]:
         waiting = set(msg_ids)
         for mid in [m for m in self._leases if m not in waiting]:
-            del self._leases[mid]  # answered through Flower, or expired
+            self._settled(mid)  # answered through Flower, or expired
         out = []
         nonces = {self._leases[m][0]: m for m in waiting if m in self._leases}
         for nonce, data in self.spool.take(nonces).items() if nonces else ():
@@ -187,7 +221,8 @@ class SpooledTransport:
             except ProtocolError as err:
                 log.warning("a spooled reply to lease %s dropped: %s", nonce, err)
                 continue
-            out.append(Reply(mid, self._leases.pop(mid)[1], content, None))
+            out.append(Reply(mid, self._leases[mid][1], content, None))
+            self._settled(mid)
             self.drain.add(mid)
         answered = {r.msg_id for r in out}
         if (now := self.clock()) - self._flower_at >= self.flower_every_s:
@@ -196,7 +231,11 @@ class SpooledTransport:
         self._polls += 1
         if self._polls % _SWEEP_EVERY == 0:
             self.spool.sweep()
+            if self.ahead is not None:
+                self.ahead.sweep()
         return out
 
     def close(self) -> None:
+        for mid in list(self._ahead_names):
+            self._settled(mid)
         self.drain.close()

@@ -30,7 +30,8 @@ from coordinator.accounting.credits import ReceiptIssuer
 from coordinator.accounting.statements import StatementDesk
 from coordinator.ledger.models import LeaseRow
 from coordinator.metrics import BLOB_BYTES
-from coordinator.run.reply_spool import ReplySpool
+from coordinator.run.reply_spool import ReplySpool, WorkSpool
+from coordinator.services.peek_pace import PeekPace
 from coordinator.services.enrollment import Enroller
 from coordinator.services.status import AccessDenied, NoSuchNode, StatusDesk
 from coordinator.services.status_watch import MAX_WATCHERS, StatusWatch, TooManyWatchers
@@ -68,6 +69,8 @@ class BlobService:
     lease_open: Callable[[str], bool] | None = None  # nonce -> an issued train lease?
     replies: ReplySpool | None = None  # SubmitReply's, for the run loop; None: refused
     reply_open: Callable[[str], bool] | None = None  # nonce -> an issued lease (any kind)?
+    next_work: WorkSpool | None = None  # the run loop's leases, for NextWork; None: refused
+    peek_pace: PeekPace | None = None  # how often a node may ask NextWork
     max_upload_bytes: int = 0  # 0: uploads refused
     CHUNK = 2 << 20  # bytes per message: under gRPC's 4 MiB default limit, few round trips
 
@@ -124,6 +127,20 @@ class BlobService:
             raise
         return pb.SubmitReplyReply()
 
+    def NextWork(self, request: pb.NextWorkRequest,
+                 context: grpc.ServicerContext) -> pb.NextWorkReply:
+        # No ledger read: only the node that answered lease ``after_nonce`` knows it, and the
+        # loop wrote the work there for that node (what it gets is what Flower will bring)
+        try:
+            if self.next_work is None or self.peek_pace is None:
+                raise AccessDenied("this coordinator sends work through Flower only")
+            work = self.next_work.get(request.after_nonce)
+        except Exception as err:  # noqa: BLE001 - mapped to a status below
+            _abort(context, err)
+            raise
+        return pb.NextWorkReply(work=work or b"",
+                                retry_after_s=self.peek_pace.retry_after(request.after_nonce))
+
     def FetchBlob(self, request: pb.FetchBlobRequest,
                   context: grpc.ServicerContext) -> Iterator[pb.BlobChunk]:
         try:
@@ -160,12 +177,16 @@ class CoordinatorService(BlobService, pb_grpc.CoordinatorServicer):
     status: StatusDesk | None = None  # default: over the enroller's ledger
     blobs: BlobDir | None = None  # model versions and data shards, by digest
     replies: ReplySpool | None = None  # replies handed in beside Flower
+    next_work: WorkSpool | None = None  # leases issued, for nodes to take beside Flower
+    peek_pace: PeekPace | None = None  # default: 400 peeks a second at most
     max_upload_bytes: int = 0  # an update payload's bound (``upload_limit``); 0: none taken
     watch: StatusWatch | None = None  # default: over the status desk
 
     def __post_init__(self) -> None:
         self.lease_open = self._train_lease_open
         self.reply_open = self._lease_issued
+        if self.peek_pace is None:
+            self.peek_pace = PeekPace()
         if self.statements is None and self.issuer is not None:
             self.statements = StatementDesk(self.enroller.ledger, self.run_id, self.issuer)
         if self.status is None:

@@ -22,7 +22,7 @@ from coordinator.ledger import Ledger
 from coordinator.metrics import SERVICE
 from coordinator.run.model_store import model_config, model_params, run_vocab_size
 from coordinator.rundir import RunDir, prepare_corpus
-from coordinator.run.reply_spool import ReplySpool
+from coordinator.run.reply_spool import ReplySpool, WorkSpool
 from coordinator.services.enrollment import Enroller
 from coordinator.services.fleet_proxy import FleetProxy
 from coordinator.services.grpc_service import CoordinatorService, serve, upload_limit
@@ -91,7 +91,8 @@ class Coordinator:
                                      rd.public_key_pem(), ReceiptIssuer.load(rd.key_path),
                                      blobs=BlobDir(rd.blobs), max_upload_bytes=upload_limit(
                                          params, cfg.compression.scheme),
-                                     replies=ReplySpool(rd.replies))
+                                     replies=ReplySpool(rd.replies),
+                                     next_work=WorkSpool(rd.next_work))
         self.service = service
         self.server = serve(service, cfg.network.host, cfg.network.coordinator_port,
                             rd.tls.server_cert.read_bytes(), rd.tls.server_key.read_bytes())

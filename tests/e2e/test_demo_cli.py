@@ -112,6 +112,18 @@ def test_demo_two_nodes_two_rounds(workdir: Path) -> None:
             log = (workdir / "nodes" / str(i) / "logs" / "worker.log").read_text()
             assert "reply handed to Flower only" not in log, log[-2000:]
         assert not [p.name for p in (workdir / "replies").iterdir()]
+        # round 2's leases were taken beside Flower as soon as they were issued (each node
+        # asked for the work after the lease it answered), and Flower's copies were answered
+        # with the same replies: each lease ran once
+        for i, name in enumerate(("node-a", "node-b")):
+            log = (workdir / "nodes" / str(i) / "logs" / "worker.log").read_text()
+            assert "taken beside Flower" in log, log[-2000:]
+            assert "lease failed" not in log, log[-2000:]
+            ran = re.findall(r'lease \{"nonce": "([0-9a-f]{32})"', log)
+            mine = [lease.nonce for lease in ledger.leases()
+                    if lease.node_id == by_name[name] and lease.status == "answered"]
+            assert sorted(ran) == sorted(mine), (name, ran, mine)
+        assert not list((workdir / "next-work").iterdir())  # the run's end cleared it
 
 
 def test_demo_on_a_given_postgresql_ledger(workdir: Path) -> None:

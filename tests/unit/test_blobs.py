@@ -21,7 +21,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coordinator.run.reply_spool import ReplySpool
+from coordinator.run.reply_spool import ReplySpool, WorkSpool
+from coordinator.services.peek_pace import PeekPace
 from coordinator.services.grpc_service import BlobService
 from node.blobs import BlobFetcher, CoordinatorBlobs, HttpMirror
 from protocol import coordinator_pb2 as pb
@@ -339,6 +340,30 @@ def test_a_reply_is_handed_in_beside_flower_for_an_issued_lease_only(
     with pytest.raises(BlobError, match="INVALID_ARGUMENT: a reply of .* over the limit"):
         node.submit_reply(_A, bytes(MAX_REPLY_BYTES + 1))
     assert servicer.replies.take([_A, _B]) == {}
+
+
+def test_a_node_takes_its_next_work_by_the_nonce_it_answered_at_the_paced_rate(
+        tmp_path: Path, served) -> None:
+    make, _ = served
+    servicer, channel = make()
+    node = CoordinatorBlobs(channel)
+    with pytest.raises(grpc.RpcError) as refused:
+        node.next_work(_A)  # a coordinator without the spool
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    servicer.next_work = WorkSpool(tmp_path / "next-work")
+    servicer.peek_pace = PeekPace(per_s=1.0, min_s=0.05, max_s=5.0)
+    assert node.next_work(_A) == (b"", 1.0)  # none yet; one asker at one a second
+    servicer.next_work.put(_A, b"the lease after A")
+    work, retry = node.next_work(_A)
+    assert work == b"the lease after A" and retry == 1.0
+    assert node.next_work(_A)[0] == b"the lease after A"  # read, not taken
+    assert node.next_work(_B) == (b"", 2.0)  # two askers now
+    servicer.next_work.drop(_A)
+    assert node.next_work(_A)[0] == b""
+    with pytest.raises(grpc.RpcError) as bad:
+        node.next_work("../../etc/passwd")
+    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "32 lowercase hex" in bad.value.details()
 
 
 def test_two_nodes_may_upload_the_same_payload_at_once(tmp_path: Path, served) -> None:

@@ -52,7 +52,8 @@ def test_service_shape() -> None:
                        "WatchStatus": ("StatusRequest", "StatusReply"),
                        "FetchBlob": ("FetchBlobRequest", "BlobChunk"),
                        "PutBlob": ("BlobUpload", "PutBlobReply"),
-                       "SubmitReply": ("SubmitReplyRequest", "SubmitReplyReply")}
+                       "SubmitReply": ("SubmitReplyRequest", "SubmitReplyReply"),
+                       "NextWork": ("NextWorkRequest", "NextWorkReply")}
     put = service.methods_by_name["PutBlob"]
     assert put.client_streaming and not put.server_streaming
     fetch = service.methods_by_name["FetchBlob"]
@@ -68,6 +69,8 @@ def test_service_shape() -> None:
                       "requester_node_id": (4, fd.TYPE_INT64),
                       "timestamp": (5, fd.TYPE_DOUBLE), "signature": (6, fd.TYPE_BYTES)}
     assert [(f.name, f.number) for f in pb.StatusReply.DESCRIPTOR.fields] == [("json", 1)]
+    assert [(f.name, f.number) for f in pb.NextWorkReply.DESCRIPTOR.fields] == [
+        ("work", 1), ("retry_after_s", 2)]
 
 
 class _Servicer(pb_grpc.CoordinatorServicer):

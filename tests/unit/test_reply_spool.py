@@ -1,5 +1,6 @@
-"""Train replies handed in beside Flower: the spool, the service's ``SubmitReply`` and the
-run loop's ``SpooledTransport`` (a spooled reply answers the lease, Flower's copy is dropped).
+"""Replies and leases beside Flower: the spools, the service's pace for ``NextWork`` and the
+run loop's ``SpooledTransport`` (a spooled reply answers the lease, Flower's copy is dropped;
+a lease goes ahead under the nonce of the one before it, until it is answered).
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from pathlib import Path
 import pytest
 from flwr.app import ConfigRecord, RecordDict
 
-from coordinator.run.reply_spool import ReplySpool
+from coordinator.run.reply_spool import ReplySpool, WorkSpool
 from coordinator.run.transport import Outgoing, Reply, SpooledTransport
+from coordinator.services.peek_pace import PeekPace
 from protocol.errors import ProtocolError
 from protocol.messages import MAX_REPLY_BYTES, content_from_bytes, content_to_bytes, work_nonce
 
@@ -137,3 +139,69 @@ def test_flower_is_asked_at_most_every_flower_every_s_and_the_spool_at_every_pol
     (got,) = t.poll([evaluation])
     assert got.msg_id == evaluation and len(flower.asked) == 2
     t.close()
+
+
+def test_each_lease_goes_ahead_under_the_nonce_of_the_lease_sent_to_its_node_before(
+        tmp_path: Path) -> None:
+    flower, spool, ahead = FakeFlower(), ReplySpool(tmp_path / "r"), WorkSpool(tmp_path / "w")
+    t = SpooledTransport(flower, spool, ahead=ahead)
+    C, D, E = "c" * 32, "d" * 32, "e" * 32
+    [first] = t.send([Outgoing(1, "train", _content(A), 60)])
+    assert os.listdir(tmp_path / "w") == []  # the node's first lease: Flower alone
+    ev, train, other = t.send([Outgoing(1, "eval", _content(B), 60),
+                               Outgoing(1, "train", _content(C), 60),
+                               Outgoing(2, "train", _content(D), 60)])
+    assert content_from_bytes(ahead.get(A)) == _content(B)  # type: ignore[arg-type]
+    assert content_from_bytes(ahead.get(B)) == _content(C)  # type: ignore[arg-type]
+    assert sorted(os.listdir(tmp_path / "w")) == [A, B]
+    # answered by the spool: gone from ahead; no longer waited for: gone too
+    spool.put(B, content_to_bytes(_reply(B, "spool")))
+    assert [r.msg_id for r in t.poll([first, ev, train, other])] == [ev]
+    assert ahead.get(A) is None and ahead.get(B) is not None
+    assert t.poll([first, other]) == [] and ahead.get(B) is None
+    [nxt] = t.send([Outgoing(2, "eval", _content(E), 60)])
+    assert content_from_bytes(ahead.get(D)) == _content(E)  # type: ignore[arg-type]
+    t.close()  # the run is over: nothing left for a node to take
+    assert os.listdir(tmp_path / "w") == []
+
+
+def test_a_lease_flower_refused_is_not_left_ahead(tmp_path: Path) -> None:
+    class Refusing(FakeFlower):
+        def send(self, msgs: Sequence[Outgoing]) -> list[str | None]:  # type: ignore[override]
+            return [None for _ in msgs]
+
+    ahead = WorkSpool(tmp_path / "w")
+    t = SpooledTransport(Refusing(), ReplySpool(tmp_path / "r"), ahead=ahead)
+    t._last_sent[1] = A  # (as after a lease sent before)
+    assert t.send([Outgoing(1, "train", _content(B), 60)]) == [None]
+    assert os.listdir(tmp_path / "w") == []
+    t.close()
+
+
+def test_the_work_spool_is_read_by_nonce_not_taken_and_refuses_bad_names(
+        tmp_path: Path) -> None:
+    ahead = WorkSpool(tmp_path)
+    assert ahead.get(A) is None
+    ahead.put(A, b"work")
+    assert ahead.get(A) == b"work" and ahead.get(A) == b"work"
+    ahead.drop(A)
+    ahead.drop(A)  # (twice: no error)
+    assert ahead.get(A) is None
+    with pytest.raises(ProtocolError, match="next work: the lease nonce"):
+        ahead.get("../replies/" + A)
+    with pytest.raises(ProtocolError, match="next work of .* over the limit"):
+        ahead.put(A, bytes(MAX_REPLY_BYTES + 1))
+
+
+def test_the_peek_pace_spreads_many_askers_and_forgets_the_gone() -> None:
+    now = [0.0]
+    pace = PeekPace(per_s=400.0, min_s=0.05, max_s=5.0, window_s=2.0, clock=lambda: now[0])
+    assert pace.retry_after("n0") == 0.05  # three nodes ask every 0.05 s
+    for i in range(1000):
+        last = pace.retry_after(f"n{i}")
+    assert last == 2.5  # 1,000 askers at 400 a second
+    for i in range(10_000):
+        last = pace.retry_after(f"m{i}")
+    assert last == 5.0  # never slower than max_s
+    now[0] = 2.5  # they are gone (their leases came)
+    assert pace.retry_after("n0") == 0.05

@@ -383,7 +383,7 @@ def test_the_worker_pulls_a_task_s_objects_as_they_land(monkeypatch: pytest.Monk
     monkeypatch.setattr(ww, "leave_on_signals", lambda stop: None)
     monkeypatch.setattr(ww, "RuntimeTasks", lambda *a: types.SimpleNamespace(close=lambda: None))
     served = []
-    monkeypatch.setattr(ww, "serve", lambda *a: served.append(
+    monkeypatch.setattr(ww, "serve", lambda *a, **kw: served.append(
         (tree_pull.__kwdefaults__["initial_backoff"], tree_pull.__kwdefaults__["max_time"]))
         or 0)
     secret = tmp_path / "secret"
