@@ -123,16 +123,30 @@ def test_the_next_lease_runs_beside_flower_and_flower_s_copy_gets_the_same_answe
 def test_nothing_is_asked_before_flower_started_a_run_here() -> None:
     coord = Coordinator({X: work(Y)})
     ran, _ = worker([None, None, Task(work(X))], coord)  # (two empty polls first)
-    assert ran == [(X, "flower"), (Y, "ahead")] and coord.asked == [X]
+    assert ran == [(X, "flower"), (Y, "ahead")] and coord.asked == [X, Y]
 
 
 def test_a_lease_flower_brought_first_is_not_run_again_and_the_chain_goes_past_it() -> None:
     coord = Coordinator({X: work(Y), Y: work(Z)})
-    # Y's Flower copy comes before the worker asks: it runs once, by Flower; the worker then
-    # asks after X, hears of Y (run already), and asks again after Y at once, taking Z
-    ran, ahead = worker([Task(work(X)), Task(work(Y)), None, Task(work(Z))], coord)
-    assert ran == [(X, "flower"), (Y, "flower"), (Z, "ahead")]
-    assert ahead.after == Z
+    ahead = WorkAhead(coord, lambda c, ctx: answer(nonce_of(c), "ahead"))
+    ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    ahead.starting(X, ctx)
+    ahead.finished(X)
+    ahead.starting(Y, ctx)  # Flower's Y claimed before the worker asked after X
+    assert ahead.take() is None and coord.asked == [X]  # Y: not run twice
+    assert ahead.after == Y
+    got = ahead.take()  # and at once the work after Y
+    assert got is not None and nonce_of(got) == Z and coord.asked == [X, Y]
+
+
+def test_the_coordinator_is_asked_before_flower_s_queue() -> None:
+    # Flower's copy of Y is queued, but the worker takes Y and Z beside it first (a claimed
+    # task blocks until its objects are in the SuperNode); the copies get the replies
+    ty, tz = Task(work(Y)), Task(work(Z))
+    ran, _ = worker([Task(work(X)), ty, tz], Coordinator({X: work(Y), Y: work(Z)}))
+    assert ran == [(X, "flower"), (Y, "ahead"), (Z, "ahead")]
+    assert ty.reply is not None and ty.reply.content == answer(Y, "ahead")
+    assert tz.reply is not None and tz.reply.content == answer(Z, "ahead")
 
 
 def test_a_lease_that_failed_beside_flower_fails_its_flower_copy() -> None:
