@@ -67,6 +67,7 @@ Outbox = dict[int, list[tuple[Lease, Batch]]]
 _POLL_S = 0.05
 _TTL_SLACK_S = 600.0
 _AHEAD = 8  # shard blobs an idle pass writes for the leases to come
+_CHECK_WAIT_S = 0.5  # a wait for the checker, between looks whether it is still alive
 # a node that handed a lease back sits out what it asked, within these bounds (a node's policy
 # may change when it restarts: it is asked again at least hourly)
 _HANDBACK_S = (10.0, 3600.0)
@@ -104,6 +105,7 @@ class RunLoop(EvalRounds):
     _unprepared: dict[int, Candidate] = field(default_factory=dict)
     # the checks out at the checker processes, by job id
     _checking: dict[int, tuple[Candidate, CheckJob]] = field(default_factory=dict)
+    _warming: dict[int, CheckJob] = field(default_factory=dict)  # checker jobs of issued leases
     _passes: int = 0  # polls so far
     _published: set[tuple[int, int]] = field(default_factory=set)  # shard blobs written
 
@@ -235,8 +237,12 @@ class RunLoop(EvalRounds):
         self._send(work)
         self._collect(lambda: (batch.open == 0) if batch is not None else not self._evals)
         if batch is not None:
+            t0 = time.perf_counter()
             self._prepare(math.inf)  # what the checker processes still hold
+            t1 = time.perf_counter()
             self._close_train(rnd, batch)
+            log.info("round %d closed: %.3f s for the last checks, %.3f s to judge and "
+                     "commit", rnd, t1 - t0, time.perf_counter() - t1)
 
     def _train_leases(self, rnd: int, work: Outbox) -> TrainBatch | None:
         end = self.clock() + self.cfg.run.wait_for_nodes_s
@@ -373,6 +379,7 @@ class RunLoop(EvalRounds):
                 self._settled(sent.batch)
             else:
                 self._pending[mid] = sent
+                self._check_ahead(sent.lease)
 
     def _collect(self, done: Callable[[], bool]) -> None:
         """Take replies (of any batch) as they come and expire the silent, until ``done``."""
@@ -417,17 +424,11 @@ class RunLoop(EvalRounds):
             if job.update is not None and digest is not None and self.blobs is not None \
                     and self.blobs.has(digest):  # the process reads it: no arrays pickled
                 job = dataclasses.replace(job, update=None, update_digest=digest)
-            self._checking[self.checker.submit(job)] = (c, job)
-        wait = math.inf if budget_s == math.inf else 0.0
-        for jid, res in self.checker.results(wait):
-            c, job = self._checking.pop(jid)
-            self.judge.cost.checker_s = self.checker.busy_s
-            if res.error is None:
-                self.judge.apply(c, job, res)
-            elif id(c) in self._unprepared:  # its checks here, as without the processes
-                log.warning("a checker failed (%s): the loop checks the reply itself", res.error)
-                self.judge.prepare(c.lease.round, self.store.base(c.lease.base_version), c)
-            self._unprepared.pop(id(c), None)
+            self._checking[self.checker.submit(job, key=c.lease.nonce)] = (c, job)
+        while True:  # (with budget_s inf: until every reply's checks are back)
+            self._take_checks(0.0 if budget_s != math.inf else _CHECK_WAIT_S)
+            if budget_s != math.inf or not self._checking or self.checker.dead:
+                break
         if self.checker.dead:  # the loop checks from now on
             self.ledger.add_event("run", "the checker processes are gone: the run loop "
                                          "checks the replies itself")
@@ -437,6 +438,33 @@ class RunLoop(EvalRounds):
                 self.task_evals.beside = False  # judge thread saves and restores: no overlap
             return self._prepare(budget_s)
         return False
+
+    def _take_checks(self, wait_s: float) -> None:
+        """The checker's results in so far (waiting up to ``wait_s`` for a first one)."""
+        assert self.checker is not None
+        for jid, res in self.checker.results(wait_s):
+            ahead = self._warming.pop(jid, None)
+            if ahead is not None:  # a lease's base losses (the process keeps them)
+                if res.error is None:
+                    self.judge.scorer.remember(ahead, res)
+                continue
+            c, job = self._checking.pop(jid)
+            self.judge.cost.checker_s = self.checker.busy_s
+            if res.error is None:
+                self.judge.apply(c, job, res)
+            elif id(c) in self._unprepared:  # its checks here, as without the processes
+                log.warning("a checker failed (%s): the loop checks the reply itself", res.error)
+                self.judge.prepare(c.lease.round, self.store.base(c.lease.base_version), c)
+            self._unprepared.pop(id(c), None)
+
+    def _check_ahead(self, lease: Lease) -> None:
+        """Start the base's side of a train lease's checks (``RoundJudge.plan_ahead``) in
+        a checker process while its node trains."""
+        if self.checker is None or lease.kind != Kind.TRAIN:
+            return
+        job = self.judge.plan_ahead(lease.round, lease)
+        if job.first_batch is not None or job.held is not None:
+            self._warming[self.checker.submit(job, key=lease.nonce)] = job
 
     def _pump(self) -> None:
         """One pass: take the replies in and expire the silent.

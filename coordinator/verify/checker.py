@@ -49,6 +49,7 @@ _BASES = 4  # base versions a process keeps decoded (replies are at most a few b
 _KEEP_VERSIONS = 8  # base losses a process keeps cached, by version
 _JOIN_S = 5.0
 _PARENT_S = 0.25  # how often an idle checker looks whether its coordinator is still there
+_NEAR = 1 << 14  # keys remembered (leases out at once, with room)
 
 
 class Checker:
@@ -66,6 +67,7 @@ class Checker:
         self._ids = itertools.count()
         self._out: dict[int, int] = {}  # job id -> the process that has it
         self._failed: list[tuple[int, CheckResult]] = []  # not sent: no process alive
+        self._near: OrderedDict[str, int] = OrderedDict()  # key -> the process its jobs go to
         self.busy_s = 0.0  # seconds the processes spent checking (the checks' own cost)
         self.jobs_done = 0
 
@@ -89,19 +91,28 @@ class Checker:
         if not self._procs:
             self._start()
 
-    def submit(self, job: CheckJob) -> int:
-        """Queue ``job``; returns its id (``results`` hands back the id and its result)."""
+    def submit(self, job: CheckJob, key: str | None = None) -> int:
+        """Queue ``job``; returns its id (``results`` hands back the id and its result).
+        Jobs of one ``key`` (a lease's nonce) go to the same process while it lives: the
+        base's losses a lease's first job computed are cached there for its reply's."""
         self.start()
         jid = next(self._ids)
         live = [i for i, p in enumerate(self._procs) if p.is_alive()]
         if not live:
             self._fail(jid, "no checker process is running")
             return jid
-        load = {i: 0 for i in live}
-        for i in self._out.values():
-            if i in load:
-                load[i] += 1
-        i = min(live, key=lambda k: load[k])
+        i = self._near.get(key) if key is not None else None
+        if i not in live:
+            load = {k: 0 for k in live}
+            for k in self._out.values():
+                if k in load:
+                    load[k] += 1
+            i = min(live, key=lambda k: load[k])
+        if key is not None:
+            self._near[key] = i
+            self._near.move_to_end(key)
+            while len(self._near) > _NEAR:
+                self._near.popitem(last=False)
         self._out[jid] = i
         self._jobs[i].put((jid, job))  # a feeder thread pickles and writes: never blocks
         return jid

@@ -155,11 +155,23 @@ class RoundJudge:
 
     def plan(self, rnd: int, c: Candidate) -> CheckJob:
         """What ``c``'s own checks compute: its lease's first batch (the base check) and
-        the windows of its usefulness scores, drawn now (one held-out draw per round)."""
-        v, x = self.cfg.verify, c.lease
+        the windows of its usefulness scores (one held-out draw per round, one draw per
+        shard: drawn by ``plan_ahead`` if it ran, or now)."""
+        return self._plan(rnd, c.lease, c.arrays, score=c.improvement is None)
+
+    def plan_ahead(self, rnd: int, lease: Lease) -> CheckJob:
+        """The base's side of a train lease's checks, known once it is issued: the same
+        first batch and windows ``plan`` will name for its reply, without an update. A
+        checker process computes it while the node trains, so the reply's own checks are
+        the local model's passes only (on the bench the round's last reply waited
+        0.3-1.3 s for its checks, the nodes idle)."""
+        return self._plan(rnd, lease, None, score=True)
+
+    def _plan(self, rnd: int, x: Lease, update: Arrays | None, *, score: bool) -> CheckJob:
+        v = self.cfg.verify
         first = FirstBatch(x.data_start, x.data_end, x.seed, x.batch_size, x.seq_len) \
             if v.base_loss_tolerance > 0 else None
-        if v.usefulness_tokens <= 0 or c.improvement is not None:
+        if v.usefulness_tokens <= 0 or not score:
             return CheckJob(x.base_version, x.base_digest, first)
         draws = self._draws.get(x.base_version)
         if draws is None or draws.rnd != rnd:
@@ -173,7 +185,7 @@ class RoundJudge:
             return CheckJob(x.base_version, x.base_digest, first)
         if x.shard_id not in draws.shards:
             draws.shards[x.shard_id] = self._draw(x.data_start, x.data_end)
-        return CheckJob(x.base_version, x.base_digest, first, c.arrays, draws.held,
+        return CheckJob(x.base_version, x.base_digest, first, update, draws.held,
                         draws.shards[x.shard_id])
 
     def apply(self, c: Candidate, job: CheckJob, result: CheckResult) -> None:
@@ -221,7 +233,9 @@ class RoundJudge:
             self._spot_check(rnd, bases[cands[a].lease.base_version], cands[a], cands[b])
         if v.usefulness_tokens > 0:
             self._usefulness(rnd, bases, cands)
-        self._draws.clear()
+        # done with this round's draws; a later round's, drawn ahead as its leases went
+        # out (the asynchronous loop), stay
+        self._draws = {k: d for k, d in self._draws.items() if d.rnd > rnd}
         self.scorer.forget(min(bases, default=0))
         took = time.perf_counter() - t0
         self.cost.round_s += took

@@ -100,8 +100,14 @@ class Scorer:
         self._built: torch.nn.Module | None = None
 
     def run(self, job: CheckJob) -> CheckResult:
+        """The job's losses. Without an update (a lease just issued: ``plan_ahead``) only
+        the base's, kept for the reply's job to find."""
         base = self.base_of(job.base_version, job.base_digest)
         base_loss = None if job.first_batch is None else self.first_batch(job, base)
+        if job.update is None and job.held is not None:
+            for span in (job.held, job.own):
+                if span is not None:
+                    self.base_span(job, base, span)
         if job.update is None or job.held is None:
             return CheckResult(base_loss)
         local = {k: np.asarray(base[k], np.float32) - job.update[k] for k in base}

@@ -78,6 +78,31 @@ def test_the_checker_computes_what_the_loop_would(job_world, corpus) -> None:
     assert not mp.active_children(), "a checker process was left running"
 
 
+def test_a_lease_s_base_losses_computed_ahead_leave_its_reply_the_local_passes_only(
+        job_world, corpus, monkeypatch) -> None:
+    import coordinator.verify.scoring as scoring
+
+    blobs, jobs, inline = job_world
+    honest = jobs[0]
+    passes: list[str] = []
+    first_batch_loss, evaluate_model = scoring.first_batch_loss, scoring.evaluate_model
+    monkeypatch.setattr(scoring, "first_batch_loss", lambda *a, **k: passes.append("first")
+                        or first_batch_loss(*a, **k))
+    monkeypatch.setattr(scoring, "evaluate_model", lambda *a, **k: passes.append("span")
+                        or evaluate_model(*a, **k))
+    fresh = Scorer(SPEC, corpus.tokens(), SEQ, 2, inline.base_of)
+    ahead = dataclasses.replace(honest, update=None)  # what the lease names when issued
+    early = fresh.run(ahead)
+    assert passes == ["first", "span", "span"]  # the base: first batch, held-out, own shard
+    assert early.improvement is None and early.base_loss is not None
+    passes.clear()
+    got = fresh.run(honest)  # the reply: the local model's two passes, nothing of the base
+    assert passes == ["span", "span"]
+    want = inline.run(honest)
+    assert (got.base_loss, got.improvement, got.shard_gain) == (
+        want.base_loss, want.improvement, want.shard_gain)
+
+
 def test_a_job_names_its_update_by_digest_and_the_process_decodes_it(job_world, corpus) -> None:
     """The loop sends the payload's digest, not the arrays: the process reads the int8
     payload from the blob store and decodes it into what the loop itself decoded."""
@@ -149,8 +174,22 @@ def test_a_run_with_the_checks_beside_the_loop_judges_as_the_loop_does(
     judge_run = net.loop.judge._run  # noqa: SLF001 - count the checks the loop runs itself
     net.loop.judge._run = lambda *a: ran_here.append(a) or judge_run(*a)  # noqa: SLF001
     submit = checker.submit
-    checker.submit = lambda job: sent.append(job) or submit(job)  # type: ignore[method-assign]
+    keys: list[str | None] = []
+    checker.submit = lambda job, key=None: (  # type: ignore[method-assign]
+        sent.append(job) or keys.append(key) or submit(job, key))
     net.run()
+    # each train lease's base losses went to the checker as it was issued, on the windows
+    # its reply's job then named, under the same key (so to the same process)
+    ahead = {k: (i, j) for i, (j, k) in enumerate(zip(sent, keys))
+             if j.update is None and j.update_digest is None}
+    replies = [(i, j, k) for i, (j, k) in enumerate(zip(sent, keys))
+               if j.update is not None or j.update_digest is not None]
+    assert ahead and replies and len(ahead) + len(replies) == len(sent)
+    for i, job, key in replies:
+        at, early = ahead[key]
+        assert at < i and (early.first_batch, early.held, early.own) == (
+            job.first_batch, job.held, job.own)
+    sent = [j for _, j, _ in replies]
     # an uploaded update goes to the checker by its payload's digest (the honest node's);
     # one that came inside its message (the free rider signs zeros inline) as arrays
     scored = [j for j in sent if j.held is not None]
@@ -163,7 +202,7 @@ def test_a_run_with_the_checks_beside_the_loop_judges_as_the_loop_does(
     bad = net.nodes[-1].id
     train = [(lease, u) for lease, u in updates_by_lease(led)
              if lease.kind == "train" and u is not None]
-    assert checker.jobs_done == len(train) and checker.busy_s > 0
+    assert checker.jobs_done == len(train) + len(ahead) and checker.busy_s > 0
     for lease, u in train:
         if lease.node_id == bad:
             assert (u.verdict, u.reason) == ("rejected", Reason.NOT_USEFUL), u.detail
