@@ -111,13 +111,16 @@ def window_losses(
     *,
     seq_len: int,
     device: torch.device | str = "cpu",
+    model: torch.nn.Module | None = None,
 ) -> np.ndarray:
     """The loss sums ``evaluate(arrays, cfg, tokens, ...)`` would report for the windows
     numbered ``windows`` (``window_loss[windows]``), computing only those: how the coordinator
-    checks an eval reply's commitments at a small fraction of the node's cost."""
+    checks an eval reply's commitments at a small fraction of the node's cost. ``model``:
+    ``arrays`` already built (``arrays_to_model``) on ``device``, for a caller checking
+    many replies on one version."""
     cuts = eval_windows(len(tokens), seq_len)
     dev = torch.device(device)
-    model = arrays_to_model(arrays, cfg, dev)
+    model = arrays_to_model(arrays, cfg, dev) if model is None else model
     model.eval()
     data = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
     out = np.zeros(len(windows))

@@ -33,6 +33,7 @@ import math
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -40,6 +41,7 @@ from protocol.errors import Reason
 from protocol.messages import EVAL_WINDOWS, Lease
 from training.evaluate import eval_windows, evaluate, window_losses
 from training.families import ModelSpec
+from training.state import arrays_to_model
 
 from coordinator.accounting.credits import ReceiptIssuer
 from coordinator.config import RunConfig
@@ -138,12 +140,14 @@ class EvalJudge:
     issuer: ReceiptIssuer | None = None
     recomputed: int = 0  # windows recomputed by the last ``judge``
     _cache: dict[tuple[int, int, int], float] = field(default_factory=dict)
+    _built: Any = None  # the phase's base as a model (torch.nn.Module), built on first use
 
     def judge(self, base: Arrays, cands: Sequence[Candidate],
               pairs: Sequence[tuple[int, int]]) -> dict[str, int]:
         """Give every eval candidate its verdict and record it; ``pairs`` are index pairs
         (original, quorum copy). Returns the recorded update id of each lease nonce."""
         self._cache.clear()
+        self._built = None
         v = self.cfg.verify
         for c in cands:
             self._sample(base, c, v.eval_check_windows, v.eval_check_fraction)
@@ -224,8 +228,10 @@ class EvalJudge:
         key = (lease.data_start, lease.data_end)
         todo = sorted({i for i in windows if (*key, i) not in self._cache})
         if todo:
+            if self._built is None:  # once per phase: building it cost as much as the
+                self._built = arrays_to_model(base, self.spec)  # passes (a third each)
             sums = window_losses(base, self.spec, np.asarray(self.tokens[slice(*key)]), todo,
-                                 seq_len=lease.seq_len)
+                                 seq_len=lease.seq_len, model=self._built)
             self._cache.update({(*key, i): float(s) for i, s in zip(todo, sums)})
         return [self._cache[(*key, i)] for i in windows]
 
