@@ -177,13 +177,21 @@ class SpooledTransport:
 
     def send(self, msgs: Sequence[Outgoing]) -> list[str | None]:
         nonces = [work_nonce(m.content) for m in msgs]
+        last = dict(self._last_sent)
         # before Flower's push, so the node may have it first
         names = [self._put_ahead(m, nonce) for m, nonce in zip(msgs, nonces)]
-        mids = self.inner.send(msgs)
+        try:
+            mids = self.inner.send(msgs)
+        except BaseException:  # none of them went: none may be taken beside Flower
+            self._last_sent = last
+            mids = [None] * len(msgs)
+            raise
+        finally:
+            for mid, name in zip(mids, names):
+                if mid is None and name is not None and self.ahead is not None:
+                    self.ahead.drop(name)
         for mid, m, nonce, name in zip(mids, msgs, nonces, names):
             if mid is None:
-                if name is not None and self.ahead is not None:
-                    self.ahead.drop(name)
                 continue
             self._leases[mid] = (nonce, m.dst)
             if name is not None:

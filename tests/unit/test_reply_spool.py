@@ -165,7 +165,7 @@ def test_each_lease_goes_ahead_under_the_nonce_of_the_lease_sent_to_its_node_bef
     assert os.listdir(tmp_path / "w") == []
 
 
-def test_a_lease_flower_refused_is_not_left_ahead(tmp_path: Path) -> None:
+def test_a_lease_flower_refused_or_could_not_take_is_not_left_ahead(tmp_path: Path) -> None:
     class Refusing(FakeFlower):
         def send(self, msgs: Sequence[Outgoing]) -> list[str | None]:  # type: ignore[override]
             return [None for _ in msgs]
@@ -175,6 +175,18 @@ def test_a_lease_flower_refused_is_not_left_ahead(tmp_path: Path) -> None:
     t._last_sent[1] = A  # (as after a lease sent before)
     assert t.send([Outgoing(1, "train", _content(B), 60)]) == [None]
     assert os.listdir(tmp_path / "w") == []
+    t.close()
+
+    class Down(FakeFlower):
+        def send(self, msgs: Sequence[Outgoing]) -> list[str | None]:  # type: ignore[override]
+            raise ConnectionError("the SuperLink is down")
+
+    t = SpooledTransport(Down(), ReplySpool(tmp_path / "r"), ahead=ahead)
+    t._last_sent[1] = A
+    with pytest.raises(ConnectionError):
+        t.send([Outgoing(1, "train", _content(B), 60)])
+    # nothing left to take beside Flower, and the next lease goes after A again
+    assert os.listdir(tmp_path / "w") == [] and t._last_sent == {1: A}
     t.close()
 
 
