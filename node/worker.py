@@ -37,6 +37,7 @@ from training.evaluate import evaluate
 from training.families import ModelSpec, param_count
 from training.inner import train_inner
 from training.model_cache import ModelCache
+from training.state import init_arrays
 
 from . import metrics as node_metrics
 from .blobs import BlobFetcher, BlobSink, BlobSource, HttpMirror
@@ -174,6 +175,10 @@ def _do_lease(work: Work, settings: WorkerSettings,
         held = models.peek(work.delta[0]) if models and work.delta else None
         if held is not None and (rebuilt := _rebuild(work, held, fetch)) is not None:
             return rebuilt
+        if work.init_seed is not None and not blobs.cache.has(lease.base_digest) \
+                and (built := _from_seed(work, spec, blobs.cache)) is not None:
+            check_model(built, settings.limits)
+            return built
         # The blob matched base_digest and parses only in its canonical layout, so these
         # arrays are the base model (views of the blob: nothing else allocated yet).
         arrays = arrays_from_bytes(fetch("model", lease.base_digest))
@@ -379,6 +384,26 @@ def _rebuild(work: Work, held: dict[str, np.ndarray], fetch: Callable[[str, str]
         log.warning("the base rebuilt from its change does not match its digest; fetching "
                     "it whole")
         return None
+    return arrays
+
+
+def _from_seed(work: Work, spec: ModelSpec, cache: BlobDir) -> dict[str, np.ndarray] | None:
+    """Version 0 built from the seed it was initialised from, as the coordinator built it
+    (``init_arrays`` on CPU), and kept in the cache like a fetched blob; None (fetch it) if
+    it is not the base (another torch may initialise otherwise) or cannot be kept."""
+    t0, lease = time.perf_counter(), work.lease
+    arrays = init_arrays(spec, int(work.init_seed))  # type: ignore[arg-type]
+    data = arrays_to_bytes(arrays)
+    if digest_bytes(data) != lease.base_digest:
+        log.warning("the base built from seed %s does not match its digest; fetching it",
+                    work.init_seed)
+        return None
+    try:
+        cache.put(data, lease.base_digest)
+    except BlobError as err:  # (a full disk): the arrays are right, only not kept
+        log.warning("the base built from its seed was not cached: %s", err)
+    log.info("built model %s from seed %s (%.2f s)", lease.base_digest, work.init_seed,
+             time.perf_counter() - t0)
     return arrays
 
 

@@ -256,16 +256,22 @@ class Work:
     # version rebuilds the base from it (``protocol.compression.apply_delta``, int8 with
     # ``compression.block``) and checks the result against ``lease.base_digest``
     delta: tuple[str, str] | None = None
+    # the seed the base was initialised from (version 0 of a run trained from scratch): a
+    # node builds it (``training.state.init_arrays`` on CPU) instead of fetching it, and
+    # uses it only if it hashes to ``lease.base_digest`` (another torch may init otherwise)
+    init_seed: int | None = None
 
 
 def work_content(lease: Lease, arch: Mapping[str, int | float | bool | str] | None = None,
                  mirrors: Sequence[str] = (),
                  compression: Compression = Compression(),
                  prefetch: Sequence[str] = (),
-                 delta: tuple[str, str] | None = None) -> RecordDict:
+                 delta: tuple[str, str] | None = None,
+                 init_seed: int | None = None) -> RecordDict:
     """Pack a lease, the model's architecture, the blob mirrors a node may try first, the
-    update encoding, the digests of the node's next lease (to fetch while it works) and the
-    base as a change to the previous version (``Work.delta``)."""
+    update encoding, the digests of the node's next lease (to fetch while it works), the
+    base as a change to the previous version (``Work.delta``) or as the seed it was
+    initialised from (``Work.init_seed``)."""
     for url in mirrors:
         require(isinstance(url, str) and url.startswith(("http://", "https://")),
                 "blobs.mirrors", f"not an http(s) URL: {str(url)[:80]!r}")
@@ -277,7 +283,8 @@ def work_content(lease: Lease, arch: Mapping[str, int | float | bool | str] | No
     # most of a lock-step round's barrier
     parts = {"lease": lease.to_record(), "arch": dict(arch or {}),
              "blobs": {"mirrors": list(mirrors), "prefetch": list(prefetch),
-                       "delta_base": base, "delta": change},
+                       "delta_base": base, "delta": change,
+                       "init_seed": -1 if init_seed is None else int(init_seed)},
              "compression": compression.to_dict()}
     return RecordDict({WORK: ConfigRecord({f"{part}.{key}": value for part, values
                                            in parts.items() for key, value in values.items()})})
@@ -303,7 +310,8 @@ def parse_work(content: RecordDict) -> Work:
     arch = dict(arch_rec)
     for key, value in arch.items():
         require(isinstance(value, (int, float, bool, str)), f"arch.{key}", "must be a scalar")
-    check_keys(blobs_rec, {"mirrors", "prefetch", "delta_base", "delta"}, "blobs record")
+    check_keys(blobs_rec, {"mirrors", "prefetch", "delta_base", "delta", "init_seed"},
+               "blobs record")
     mirrors = blobs_rec["mirrors"]
     require(isinstance(mirrors, list) and all(isinstance(u, str) and u.startswith(
         ("http://", "https://")) for u in mirrors), "blobs.mirrors",
@@ -312,8 +320,12 @@ def parse_work(content: RecordDict) -> Work:
     _check_prefetch(prefetch)
     base, change = blobs_rec["delta_base"], blobs_rec["delta"]
     _check_delta(base, change)
+    seed = blobs_rec["init_seed"]
+    require(type(seed) is int and seed >= -1, "blobs.init_seed",
+            "must be an integer >= 0, or -1 for none")
     return Work(lease, arch, list(mirrors), Compression.from_dict(dict(comp_rec)),
-                tuple(prefetch), (str(base), str(change)) if base else None)
+                tuple(prefetch), (str(base), str(change)) if base else None,
+                None if seed == -1 else seed)
 
 
 MAX_PREFETCH = 8  # a hint, not work: a node fetches at most this many blobs ahead

@@ -360,7 +360,9 @@ class RunLoop(EvalRounds):
                             if d not in (lease.base_digest, lease.data_digest)] if nxt else []
                 content = work_content(lease, self.arch, self.cfg.network.blob_mirrors,
                                        self.codec, prefetch=list(dict.fromkeys(prefetch)),
-                                       delta=self._deltas.get(lease.base_digest))
+                                       delta=self._deltas.get(lease.base_digest),
+                                       init_seed=self.store.init_seed
+                                       if lease.base_version == 0 else None)
                 # The TTL bounds the reply too: keep it well past the deadline so a slow but
                 # honest answer is judged (as late) instead of vanishing inside Flower.
                 out.append((i, Outgoing(int(node.flower_node_id), lease.kind, content,

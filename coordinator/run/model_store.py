@@ -116,6 +116,9 @@ class ModelStore:
     # ``keep`` versions stay in memory (the current one included), by version number
     keep: int = 1
     recent: dict[int, Arrays] = field(default_factory=dict)
+    # version 0 is ``init_arrays(spec, init_seed)``: a node can build it instead of fetching
+    # it (``protocol.messages.Work.init_seed``; it checks the digest)
+    init_seed: int | None = None
 
     def outer_path(self, version: int) -> Path:
         """The outer optimizer's state right after ``version`` was made. One file per version
@@ -142,6 +145,7 @@ class ModelStore:
                     NesterovOuter(cfg.outer.lr, cfg.outer.momentum, cfg.outer.nesterov),
                     broadcast=cfg.compression.broadcast, block=cfg.compression.block,
                     keep=a.max_staleness + 1 if a.enabled else 1)
+        store.init_seed = seed  # (resumed too: version 0 was made here, the same way)
         latest = ledger.latest_version()
         if latest is None:
             store.arrays = init_arrays(store.spec, seed)

@@ -235,7 +235,14 @@ class SpooledTransport:
         answered = {r.msg_id for r in out}
         if (now := self.clock()) - self._flower_at >= self.flower_every_s:
             self._flower_at = now
-            out.extend(self.inner.poll([m for m in waiting if m not in answered]))
+            flower = self.inner.poll([m for m in waiting if m not in answered])
+            # the node hands its reply to the service before Flower's way back, but the spool
+            # was read before Flower was asked: a copy that landed in between is dropped here
+            # (else it waits for the sweep)
+            late = [self._leases[r.msg_id][0] for r in flower if r.msg_id in self._leases]
+            if late:
+                self.spool.take(late)
+            out.extend(flower)
         self._polls += 1
         if self._polls % _SWEEP_EVERY == 0:
             self.spool.sweep()

@@ -66,7 +66,8 @@ def test_demo_two_nodes_two_rounds(workdir: Path) -> None:
             assert summary_by_id[s.node_id]["tokens"] == s.tokens
         # bytes travelled by digest: every version, its change from the previous one (int8
         # broadcast), each shard and update payload is a blob of the coordinator; each node
-        # fetched version 0 whole and every later version as its change
+        # built version 0 from its seed (checked against its digest, no bytes moved) and
+        # fetched every later version as its change
         def blob(root: Path, digest: str) -> Path:
             return root / digest[:2] / digest
 
@@ -81,7 +82,9 @@ def test_demo_two_nodes_two_rounds(workdir: Path) -> None:
             cache = workdir / "nodes" / str(i) / "blobs"
             assert blob(cache, versions[0].digest).is_file(), i
             log = (workdir / "nodes" / str(i) / "logs" / "worker.log").read_text()
-            assert re.findall(r"fetched model ([0-9a-f]{64})", log) == [versions[0].digest]
+            assert re.findall(r"built model ([0-9a-f]{64}) from seed", log) == [
+                versions[0].digest]
+            assert re.findall(r"fetched model ([0-9a-f]{64})", log) == []
             assert len(re.findall(r"fetched model delta ", log)) == changes, log[-2000:]
         # one warm worker per node answered every lease of that node, and downloaded each
         # blob at most once (the eval queued behind a train lease took its base from memory)

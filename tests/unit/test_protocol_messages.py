@@ -235,6 +235,17 @@ def test_work_prefetch_must_be_a_few_digests(prefetch: list) -> None:  # type: i
         parse_work(_edit(good, blobs__prefetch=prefetch))
 
 
+@pytest.mark.parametrize("seed", [-2, 1.5, True, "0"])
+def test_work_init_seed_is_a_seed_or_none(seed: Any) -> None:
+    good = wire(work_content(make_lease(), {}, init_seed=7))
+    assert parse_work(good).init_seed == 7
+    assert parse_work(work_content(make_lease(), {})).init_seed is None
+    with pytest.raises(ProtocolError, match="init_seed"):
+        parse_work(_edit(good, blobs__init_seed=seed))
+    with pytest.raises(ProtocolError, match="init_seed"):
+        parse_work(_edit(good, blobs__init_seed=None))  # (missing)
+
+
 def test_reply_round_trip_is_bit_exact_through_flower() -> None:
     update, arrays = make_update(), _model()
     got_update, got_arrays = parse_reply(wire(reply_content(update, arrays)))

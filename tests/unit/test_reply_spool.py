@@ -104,6 +104,23 @@ def test_a_spooled_reply_answers_first_and_flower_s_copy_is_drained_beside(
     t.close()
 
 
+def test_a_spooled_copy_that_lands_while_flower_is_asked_is_not_left_behind(
+        tmp_path: Path) -> None:
+    class Racing(FakeFlower):
+        def poll(self, msg_ids: Collection[str]) -> list[Reply]:
+            spool.put(A, content_to_bytes(_reply(A, "spool")))  # just after the spool's read
+            return super().poll(msg_ids)
+
+    flower, spool = Racing(), ReplySpool(tmp_path)
+    t = SpooledTransport(flower, spool)
+    [train] = t.send([Outgoing(1, "train", _content(A), 60)])
+    flower.answered[train] = _reply(A, "flower")
+    (got,) = t.poll([train])
+    assert got.content["update"]["via"] == "flower"  # type: ignore[index]
+    assert os.listdir(tmp_path) == []  # the copy was dropped, not left for the sweep
+    t.close()
+
+
 def test_bytes_that_are_not_a_reply_leave_the_lease_to_flower(tmp_path: Path) -> None:
     flower, spool = FakeFlower(), ReplySpool(tmp_path)
     t = SpooledTransport(flower, spool)

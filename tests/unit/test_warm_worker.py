@@ -193,6 +193,49 @@ def test_the_base_is_read_once_and_never_used_for_another_digest(tmp_path: Path)
     assert other.metrics.loss_before != first.metrics.loss_before
 
 
+class StoreSource:
+    """A blob source over another store (the coordinator's), counting what it serves."""
+
+    name = "coordinator"
+
+    def __init__(self, store: BlobDir) -> None:
+        self.store, self.served = store, []  # type: list[str]
+
+    def fetch(self, digest: str, into: Any, max_bytes: int, progress: Any) -> None:
+        self.served.append(digest)
+        into.append(bytes(self.store.view(digest)))
+
+
+def test_version_0_is_built_from_its_seed_and_fetched_only_if_that_is_not_it(
+        tmp_path: Path) -> None:
+    coordinator, cache = BlobDir(tmp_path / "coordinator"), BlobDir(tmp_path / "cache")
+    tokens = (np.arange(64) % 256).astype("<u2")
+    v0 = init_arrays(CFG, seed=7)  # the run's version 0
+    lease = parse_work(lease_on(coordinator, v0, tokens, "1" * 32)).lease
+    source = StoreSource(coordinator)
+
+    @dataclasses.dataclass(frozen=True)
+    class Settings(WorkerSettings):
+        def fetcher(self, mirrors: list[str]) -> BlobFetcher:
+            assert self.cache is not None
+            return BlobFetcher(self.cache, [source], self.limits.max_work_bytes)
+
+    settings = Settings(node_id=1, key=generate_key(), device="cpu", cache=cache)
+    got = parse_reply(do_work(work_content(lease, dataclasses.asdict(CFG), init_seed=7),
+                              settings))[0]
+    assert source.served == [lease.data_digest] and cache.has(lease.base_digest)
+    want = train_inner(v0, CFG, tokens, steps=2, batch_size=2, seq_len=8, lr=1e-3,
+                       weight_decay=0.0, seed=1, device="cpu")
+    assert got.metrics.loss_before == pytest.approx(want.loss_before)
+    # a seed that does not make the base (another torch, a lying coordinator): fetched whole
+    cache.path(lease.base_digest).unlink()
+    other = dataclasses.replace(lease, nonce="2" * 32)
+    got = parse_reply(do_work(work_content(other, dataclasses.asdict(CFG), init_seed=8),
+                              settings))[0]
+    assert source.served == [lease.data_digest, lease.base_digest]
+    assert got.metrics.loss_before == pytest.approx(want.loss_before)
+
+
 def test_base_models_keep_the_most_recent_and_read_only() -> None:
     models = BaseModels(keep=2)
     loads: list[str] = []
