@@ -26,7 +26,7 @@ import grpc
 from flwr.app import Context, RecordDict
 
 from protocol.errors import ProtocolError
-from protocol.messages import content_from_bytes, parse_work
+from protocol.messages import content_from_bytes, parse_work, work_nonce
 
 __all__ = ["WorkAhead"]
 
@@ -102,7 +102,7 @@ class WorkAhead:
     def run(self, content: RecordDict) -> None:
         """Run a lease ``take`` gave, keeping its answer for Flower's copy."""
         assert self.context is not None
-        nonce = parse_work(content).lease.nonce
+        nonce = work_nonce(content)  # (``take`` checked it)
         self._remember(self._started, nonce, None)
         log.info("lease %s taken beside Flower", nonce)
         try:

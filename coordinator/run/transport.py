@@ -184,12 +184,9 @@ class SpooledTransport:
             mids = self.inner.send(msgs)
         except BaseException:  # none of them went: none may be taken beside Flower
             self._last_sent = last
-            mids = [None] * len(msgs)
+            self._drop_ahead(names)
             raise
-        finally:
-            for mid, name in zip(mids, names):
-                if mid is None and name is not None and self.ahead is not None:
-                    self.ahead.drop(name)
+        self._drop_ahead([name for mid, name in zip(mids, names) if mid is None])
         for mid, m, nonce, name in zip(mids, msgs, nonces, names):
             if mid is None:
                 continue
@@ -212,9 +209,12 @@ class SpooledTransport:
     def _settled(self, mid: str) -> None:
         """Lease ``mid`` answered or given up: its work leaves the ahead spool."""
         self._leases.pop(mid, None)
-        name = self._ahead_names.pop(mid, None)
-        if name is not None and self.ahead is not None:
-            self.ahead.drop(name)
+        self._drop_ahead([self._ahead_names.pop(mid, None)])
+
+    def _drop_ahead(self, names: Sequence[str | None]) -> None:
+        for name in names:
+            if name is not None and self.ahead is not None:
+                self.ahead.drop(name)
 
     def poll(self, msg_ids: Collection[str]) -> list[Reply]:
         waiting = set(msg_ids)

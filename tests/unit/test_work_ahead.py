@@ -16,7 +16,7 @@ from node.warm_worker import serve
 from node.work_ahead import WorkAhead
 from protocol.messages import Lease, content_to_bytes, work_content
 
-from test_warm_worker import GOOD_FAB, FakeInput  # noqa: E402 (rootdir on sys.path)
+from test_warm_worker import GOOD_FAB, FakeInput, FakeTask  # noqa: E402 (rootdir on sys.path)
 
 X, Y, Z = "1" * 32, "2" * 32, "3" * 32
 
@@ -38,25 +38,18 @@ def nonce_of(content: RecordDict) -> str:
     return str(content["work"]["lease.nonce"])  # type: ignore[index]
 
 
-class Task:
+class Task(FakeTask):
     """A Flower task carrying ``content``."""
 
     def __init__(self, content: RecordDict) -> None:
+        super().__init__(0)
         self.content = content
-        self.reply: Message | None = None
-        self.failed: str | None = None
 
     def pull(self) -> FakeInput:
         TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = 1
         msg = Message(self.content, dst_node_id=1, message_type="train.shard")
         return FakeInput(msg, Context(run_id=1, node_id=1, node_config={"home": "h"},
                                       state=RecordDict(), run_config={}), GOOD_FAB)
-
-    def finish(self, reply: Message, *, failed: str | None = None) -> None:
-        self.reply, self.failed = reply, failed
-
-    def abandon(self) -> None:
-        pass
 
 
 class Script:
