@@ -41,6 +41,7 @@ from coordinator.config import RunConfig
 from coordinator.ledger import LeaseRow, Ledger
 from coordinator.run.batches import Batch, EvalBatch, Sent, TaskBatch, TrainBatch
 from coordinator.run.eval_rounds import EvalRounds
+from coordinator.run.reply_checks import ReplyChecks
 from coordinator.run.model_store import ModelStore
 from coordinator.run.roster import Roster
 from coordinator.run.scheduler import Scheduler
@@ -67,7 +68,6 @@ Outbox = dict[int, list[tuple[Lease, Batch]]]
 _POLL_S = 0.05
 _TTL_SLACK_S = 600.0
 _AHEAD = 8  # shard blobs an idle pass writes for the leases to come
-_CHECK_WAIT_S = 0.5  # a wait for the checker, between looks whether it is still alive
 # a node that handed a lease back sits out what it asked, within these bounds (a node's policy
 # may change when it restarts: it is asked again at least hourly)
 _HANDBACK_S = (10.0, 3600.0)
@@ -82,7 +82,7 @@ def _blobs_of(lease: Lease) -> tuple[str, ...]:
 
 
 @dataclass
-class RunLoop(EvalRounds):
+class RunLoop(EvalRounds, ReplyChecks):
     cfg: RunConfig
     ledger: Ledger
     transport: Transport
@@ -391,82 +391,6 @@ class RunLoop(EvalRounds):
             self._prepare(0.0 if self.checker is not None else math.inf)
             if not done():
                 self.sleep(_POLL_S)
-
-    def _prepare(self, budget_s: float) -> bool:
-        """Run the screened replies' own checks (base check, usefulness scores) in arrival
-        order; True if some are still to come. Beside the loop (``verify.checker``) they
-        are queued and whatever came back is taken, waiting ``budget_s`` only if it is
-        ``math.inf`` (all of them). In the loop they run at least one and for about
-        ``budget_s`` on the loop's clock (a test's fake clock stands still: there all of
-        them, the same in every run), in slices between the loop's other work: at 1,000
-        nodes checking every reply before leasing again kept nodes waiting for seconds
-        (bench/scale.py). One judged before its turn is checked by the judge itself."""
-        if self.checker is not None:
-            return self._prepare_beside(budget_s)
-        end = self.clock() + budget_s
-        while self._unprepared:
-            c = self._unprepared.pop(next(iter(self._unprepared)))
-            if c.standing:
-                self.judge.prepare(c.lease.round, self.store.base(c.lease.base_version), c)
-            if self.clock() > end:
-                break
-        return bool(self._unprepared)
-
-    def _prepare_beside(self, budget_s: float) -> bool:
-        assert self.checker is not None
-        out = {id(c) for c, _ in self._checking.values()}
-        for key, c in list(self._unprepared.items()):
-            if key in out:
-                continue
-            if not c.standing:
-                del self._unprepared[key]
-                continue
-            job = self.judge.plan(c.lease.round, c)
-            digest = c.judged.update.arrays_digest if c.judged.update is not None else None
-            if job.update is not None and digest is not None and self.blobs is not None \
-                    and self.blobs.has(digest):  # the process reads it: no arrays pickled
-                job = dataclasses.replace(job, update=None, update_digest=digest)
-            self._checking[self.checker.submit(job, key=c.lease.nonce)] = (c, job)
-        while True:  # (with budget_s inf: until every reply's checks are back)
-            self._take_checks(0.0 if budget_s != math.inf else _CHECK_WAIT_S)
-            if budget_s != math.inf or not self._checking or self.checker.dead:
-                break
-        if self.checker.dead:  # the loop checks from now on
-            self.ledger.add_event("run", "the checker processes are gone: the run loop "
-                                         "checks the replies itself")
-            self.checker.close()
-            self.checker = None
-            if self.task_evals is not None:  # its checks train on the global RNGs, which a
-                self.task_evals.beside = False  # judge thread saves and restores: no overlap
-            return self._prepare(budget_s)
-        return False
-
-    def _take_checks(self, wait_s: float) -> None:
-        """The checker's results in so far (waiting up to ``wait_s`` for a first one)."""
-        assert self.checker is not None
-        for jid, res in self.checker.results(wait_s):
-            ahead = self._warming.pop(jid, None)
-            if ahead is not None:  # a lease's base losses (the process keeps them)
-                if res.error is None:
-                    self.judge.scorer.remember(ahead, res)
-                continue
-            c, job = self._checking.pop(jid)
-            self.judge.cost.checker_s = self.checker.busy_s
-            if res.error is None:
-                self.judge.apply(c, job, res)
-            elif id(c) in self._unprepared:  # its checks here, as without the processes
-                log.warning("a checker failed (%s): the loop checks the reply itself", res.error)
-                self.judge.prepare(c.lease.round, self.store.base(c.lease.base_version), c)
-            self._unprepared.pop(id(c), None)
-
-    def _check_ahead(self, lease: Lease) -> None:
-        """Start the base's side of a train lease's checks (``RoundJudge.plan_ahead``) in
-        a checker process while its node trains."""
-        if self.checker is None or lease.kind != Kind.TRAIN:
-            return
-        job = self.judge.plan_ahead(lease.round, lease)
-        if job.first_batch is not None or job.held is not None:
-            self._warming[self.checker.submit(job, key=lease.nonce)] = job
 
     def _pump(self) -> None:
         """One pass: take the replies in and expire the silent.
