@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import multiprocessing as mp
+import shutil
 import statistics
 import sys
 import tempfile
@@ -29,7 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from coordinator.services.grpc_service import BlobService, serve  # noqa: E402
-from coordinator.services.pki import make_pki  # noqa: E402
+from coordinator.services.pki import make_pki, tls_files  # noqa: E402
 from node.blobs import BlobFetcher, CoordinatorBlobs  # noqa: E402
 from protocol import coordinator_pb2_grpc as pb_grpc  # noqa: E402
 from protocol.blobstore import BlobDir  # noqa: E402
@@ -42,9 +44,19 @@ class _Blobs(BlobService, pb_grpc.CoordinatorServicer):
         self.blobs = blobs
 
 
+def _serve(root: str, port: int, ready: Any) -> None:
+    """The coordinator's side, in a process of its own as in a real network (in the
+    fetching process it would take the GIL from the fetch); runs until killed."""
+    tls = tls_files(Path(root) / "tls")
+    server = serve(_Blobs(BlobDir(Path(root) / "coordinator")), "127.0.0.1", port,  # type: ignore[arg-type]
+                   tls.server_cert.read_bytes(), tls.server_key.read_bytes())
+    ready.set()
+    server.wait_for_termination()
+
+
 def measure(mb: int = 400, repeats: int = 3) -> dict[str, Any]:
-    """``mb`` MB of random bytes through FetchBlob (TLS, loopback) into a checked cache,
-    ``repeats`` times, against SHA-256 over the same bytes; medians."""
+    """``mb`` MB of random bytes through FetchBlob (TLS, loopback, from a server process)
+    into a checked cache, ``repeats`` times, against SHA-256 over the same bytes; medians."""
     data = np.random.default_rng(0).integers(0, 256, mb * 1_000_000, dtype=np.uint8).tobytes()
 
     sha = []
@@ -56,24 +68,30 @@ def measure(mb: int = 400, repeats: int = 3) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="atom-blob-bench-") as tmp:
         root = Path(tmp)
         tls = make_pki(root / "tls", ["127.0.0.1"])
-        store = BlobDir(root / "coordinator")
-        store.put(data, digest)
+        BlobDir(root / "coordinator").put(data, digest)
         port = free_port()
-        server = serve(_Blobs(store), "127.0.0.1", port, tls.server_cert.read_bytes(),  # type: ignore[arg-type]
-                       tls.server_key.read_bytes())
+        ctx = mp.get_context("spawn")
+        ready = ctx.Event()
+        server = ctx.Process(target=_serve, args=(tmp, port, ready), daemon=True)
+        server.start()
         fetch = []
         try:
+            if not ready.wait(60):
+                raise SystemExit("the blob server did not start")
             creds = grpc.ssl_channel_credentials(root_certificates=tls.ca_cert.read_bytes())
             for i in range(repeats):
                 with grpc.secure_channel(f"127.0.0.1:{port}", creds) as channel:
-                    fetcher = BlobFetcher(BlobDir(root / f"node-{i}"),
-                                          [CoordinatorBlobs(channel)], 1 << 40)
+                    cache = BlobDir(root / f"node-{i}")
+                    fetcher = BlobFetcher(cache, [CoordinatorBlobs(channel)], 1 << 40)
                     t = time.perf_counter()
                     got = fetcher.get(digest)
                     fetch.append(time.perf_counter() - t)
                     assert len(got) == len(data)
+                    del got
+                    shutil.rmtree(cache.root)  # no repeat writes behind another's dirty pages
         finally:
-            server.stop(None)
+            server.kill()
+            server.join()
     size = len(data) / 1e6
     out = {"blob_mb": size, "blob_MBps": size / statistics.median(fetch),
            "sha256_MBps": size / statistics.median(sha),

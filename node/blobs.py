@@ -184,15 +184,16 @@ class CoordinatorBlobs:
         stream = stub.FetchBlob(pb.FetchBlobRequest(digest=digest, offset=offset),
                                 timeout=self.timeout_s)
         for chunk in _read_ahead(stream):
+            data = chunk.data  # read once: each access copies the bytes out of the message
             if size < 0:
                 size = chunk.size
                 if size > max_bytes:
                     raise _too_big(digest, size, max_bytes)
-            if chunk.size != size or chunk.offset != offset or offset + len(chunk.data) > size:
+            if chunk.size != size or chunk.offset != offset or offset + len(data) > size:
                 into.discard()  # a coordinator that contradicts itself: start clean
                 raise BlobError(f"coordinator: blob {digest[:12]} arrived out of order")
-            into.append(chunk.data)
-            offset += len(chunk.data)
+            into.append(data)
+            offset += len(data)
             if progress is not None:
                 progress(offset, size)
         return size >= 0 and offset == size

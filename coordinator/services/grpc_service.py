@@ -36,7 +36,8 @@ from coordinator.services.enrollment import Enroller
 from coordinator.services.status import AccessDenied, NoSuchNode, StatusDesk
 from coordinator.services.status_watch import MAX_WATCHERS, StatusWatch, TooManyWatchers
 
-__all__ = ["BlobService", "CoordinatorService", "serve", "upload_limit"]
+__all__ = ["BlobService", "CoordinatorService", "add_to_server", "chunk_wire", "serve",
+           "upload_limit"]
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +143,7 @@ class BlobService:
                                 retry_after_s=self.peek_pace.retry_after(request.after_nonce))
 
     def FetchBlob(self, request: pb.FetchBlobRequest,
-                  context: grpc.ServicerContext) -> Iterator[pb.BlobChunk]:
+                  context: grpc.ServicerContext) -> Iterator[bytes]:
         try:
             if self.blobs is None:
                 raise BlobError("this coordinator serves no blobs")
@@ -159,11 +160,49 @@ class BlobService:
             raise
         offset = request.offset
         if offset == size:  # nothing left (or an empty blob): still say how big it is
-            yield pb.BlobChunk(size=size, offset=offset, data=b"")
+            yield chunk_wire(size, offset, b"")
         for chunk in self.blobs.chunks(digest, offset, self.CHUNK):
-            yield pb.BlobChunk(size=size, offset=offset, data=chunk)
+            yield chunk_wire(size, offset, chunk)
             offset += len(chunk)
             BLOB_BYTES.labels("out").inc(len(chunk))
+
+
+_DATA_TAG = b"\x1a"  # BlobChunk field 3 (data), length-delimited
+
+
+def chunk_wire(size: int, offset: int, data: bytes) -> bytes:
+    """A ``BlobChunk``'s wire bytes with ``data`` copied once. Built as a message, a 2 MiB
+    chunk is copied into it and again when it is serialized: on a 400 MB blob those copies
+    were a third of the server's share of the transfer."""
+    head = pb.BlobChunk(size=size, offset=offset).SerializeToString()
+    n, length = len(data), bytearray()
+    while n > 0x7F:  # protobuf's base-128 varint
+        length.append(n & 0x7F | 0x80)
+        n >>= 7
+    length.append(n)
+    return b"".join((head, _DATA_TAG, length, data))
+
+
+def add_to_server(service: pb_grpc.CoordinatorServicer, server: grpc.Server) -> None:
+    """The generated registration, but ``FetchBlob``'s chunks go out as the wire bytes
+    ``chunk_wire`` built (the generated handler would serialize a ``BlobChunk``)."""
+
+    class Capture:  # takes what the generated code registers
+        def add_generic_rpc_handlers(self, _handlers: object) -> None:
+            pass
+
+        def add_registered_method_handlers(self, name: str, handlers: dict) -> None:
+            self.name, self.handlers = name, handlers
+
+    capture = Capture()
+    pb_grpc.add_CoordinatorServicer_to_server(service, capture)
+    handlers = dict(capture.handlers)
+    handlers["FetchBlob"] = grpc.unary_stream_rpc_method_handler(
+        service.FetchBlob, request_deserializer=pb.FetchBlobRequest.FromString,
+        response_serializer=bytes)  # already bytes: bytes(b) is b, no copy
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(capture.name, handlers),))
+    server.add_registered_method_handlers(capture.name, handlers)
 
 
 @dataclass
@@ -309,7 +348,7 @@ def serve(service: CoordinatorService, host: str, port: int, cert_chain: bytes,
           key: bytes) -> grpc.Server:
     # a status stream holds a thread while it waits: room for all of them besides the rest
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8 + MAX_WATCHERS))
-    pb_grpc.add_CoordinatorServicer_to_server(service, server)
+    add_to_server(service, server)
     creds = grpc.ssl_server_credentials([(key, cert_chain)])
     bound = server.add_secure_port(f"{host}:{port}", creds)
     if bound == 0:

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from coordinator.run.reply_spool import ReplySpool, WorkSpool
 from coordinator.services.peek_pace import PeekPace
-from coordinator.services.grpc_service import BlobService
+from coordinator.services.grpc_service import BlobService, add_to_server, chunk_wire
 from node.blobs import BlobFetcher, CoordinatorBlobs, HttpMirror
 from protocol import coordinator_pb2 as pb
 from protocol import coordinator_pb2_grpc as pb_grpc
@@ -147,6 +147,20 @@ def test_full_disk_is_one_clear_error_and_leaves_nothing(tmp_path: Path,
 
 # -- the coordinator's stream ----------------------------------------------------------------
 
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 1 << 62), st.integers(0, 1 << 62),
+       st.sampled_from([0, 1, 127, 128, 300, 16383, 16384, (2 << 20) + 1]))
+def test_a_chunk_built_as_wire_bytes_is_the_message_protobuf_reads(size: int, offset: int,
+                                                                   n: int) -> None:
+    data = bytes(range(256)) * (n // 256) + bytes(n % 256)
+    msg = pb.BlobChunk.FromString(chunk_wire(size, offset, data))
+    assert (msg.size, msg.offset, msg.data) == (size, offset, data)
+    if n:  # and, with data, the very bytes protobuf would write
+        assert chunk_wire(size, offset, data) == pb.BlobChunk(
+            size=size, offset=offset, data=data).SerializeToString()
+
+
+
 class _Served(BlobService, pb_grpc.CoordinatorServicer):
     CHUNK = 256 * 1024
 
@@ -160,8 +174,8 @@ class _Served(BlobService, pb_grpc.CoordinatorServicer):
             if self.drop_after and i == self.drop_after and len(self.offsets) == 1:
                 context.abort(grpc.StatusCode.UNAVAILABLE, "connection dropped")
             if self.corrupt and i == 1:
-                chunk = pb.BlobChunk(size=chunk.size, offset=chunk.offset,
-                                     data=bytes(len(chunk.data)))
+                msg = pb.BlobChunk.FromString(chunk)
+                chunk = chunk_wire(msg.size, msg.offset, bytes(len(msg.data)))
             yield chunk
 
 
@@ -175,7 +189,7 @@ def served(tmp_path: Path) -> Iterator:
     def make(**kw) -> tuple[_Served, grpc.Channel]:  # type: ignore[no-untyped-def]
         servicer = _Served(store, **kw)
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-        pb_grpc.add_CoordinatorServicer_to_server(servicer, server)
+        add_to_server(servicer, server)
         port = server.add_insecure_port("127.0.0.1:0")
         server.start()
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
