@@ -34,6 +34,7 @@ synchronous data-parallel AdamW on the same batches.
     python bench/throughput.py --json               # everything: ~12 min on 2 cores
     python bench/throughput.py --parts network --preset small --rounds 2
     python bench/throughput.py --parts network --async --queue 1 --rounds 8
+    python bench/throughput.py --parts network --set verify_check_processes=2
 
 Run on demand; not part of the test suite.
 """
@@ -181,6 +182,10 @@ def network(a: argparse.Namespace, asynchronous: bool | None = None) -> dict[str
         overrides["train_inner_steps"] = a.inner_steps
     if asynchronous:
         overrides.update(async_enabled=True, async_queue=a.queue)
+    for item in a.set:  # run.toml settings as section_key=value, e.g. verify_check_processes=2
+        key, _, value = item.partition("=")
+        overrides[key] = json.loads(value) if value[:1].isdigit() or value in (
+            "true", "false") else value
     quiet = Console(file=open(os.devnull, "w"))  # noqa: SIM115
     summary, status = run_demo(nodes=a.nodes, rounds=a.rounds, workdir=workdir,
                                console=quiet, overrides=overrides)
@@ -226,6 +231,8 @@ def main() -> int:
     p.add_argument("--queue", type=int, default=0,
                    help="asynchronous: train leases queued on each node ([async] queue)")
     p.add_argument("--workdir", type=Path)
+    p.add_argument("--set", action="append", default=[], metavar="SECTION_KEY=VALUE",
+                   help="a run.toml setting of the network runs, e.g. verify_check_processes=2")
     p.add_argument("--parts", default=",".join(PARTS), help=f"any of {', '.join(PARTS)}")
     p.add_argument("--blob-mb", type=int, default=400)
     p.add_argument("--ingest-preset", default="small", choices=sorted(PRESETS))
