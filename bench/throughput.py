@@ -50,6 +50,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -184,8 +185,10 @@ def network(a: argparse.Namespace, asynchronous: bool | None = None) -> dict[str
         overrides.update(async_enabled=True, async_queue=a.queue)
     for item in a.set:  # run.toml settings as section_key=value, e.g. verify_check_processes=2
         key, _, value = item.partition("=")
-        overrides[key] = json.loads(value) if value[:1].isdigit() or value in (
-            "true", "false") else value
+        try:  # a TOML value (2, -1, 0.5, true, "x"); a bare word is a string
+            overrides[key] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            overrides[key] = value
     quiet = Console(file=open(os.devnull, "w"))  # noqa: SIM115
     summary, status = run_demo(nodes=a.nodes, rounds=a.rounds, workdir=workdir,
                                console=quiet, overrides=overrides)
@@ -240,6 +243,8 @@ def main() -> int:
     p.add_argument("--json", action="store_true", help="print one JSON object last")
     a = p.parse_args()
     parts = [x for x in a.parts.split(",") if x]
+    if bad := [x for x in a.set if "=" not in x]:
+        p.error(f"--set {bad[0]!r}: expected SECTION_KEY=VALUE")
     if bad := sorted(set(parts) - set(PARTS)):
         p.error(f"unknown part {bad[0]!r}")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")

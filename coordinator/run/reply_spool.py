@@ -51,17 +51,22 @@ class ReplySpool:
         except OSError as exc:
             raise BlobError(f"reply spool {self.root}: {exc.strerror or exc}") from None
 
-    def put(self, nonce: str, data: bytes) -> None:
-        """Keep ``data`` under lease ``nonce`` (a later one replaces it)."""
+    def _path(self, nonce: str) -> Path:
+        """Where lease ``nonce``'s file goes; a nonce that is not one never names a path."""
         if NONCE.fullmatch(nonce) is None:
             raise ProtocolError(f"{self._WHAT}: the lease nonce must be 32 lowercase hex")
+        return self.root / nonce
+
+    def put(self, nonce: str, data: bytes) -> None:
+        """Keep ``data`` under lease ``nonce`` (a later one replaces it)."""
+        path = self._path(nonce)
         if len(data) > MAX_REPLY_BYTES:
             raise ProtocolError(f"{self._WHAT} of {len(data)} bytes is over the limit of "
                                 f"{MAX_REPLY_BYTES}")
         tmp = self.root / f".{nonce}.{secrets.token_hex(4)}"
         try:
             tmp.write_bytes(data)
-            os.replace(tmp, self.root / nonce)
+            os.replace(tmp, path)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise BlobError(f"{self._WHAT} spool: {exc.strerror or exc}") from None
@@ -109,10 +114,9 @@ class WorkSpool(ReplySpool):
 
     def get(self, after_nonce: str) -> bytes | None:
         """The work issued after lease ``after_nonce``, None if there is none (yet)."""
-        if NONCE.fullmatch(after_nonce) is None:
-            raise ProtocolError("next work: the lease nonce must be 32 lowercase hex")
+        path = self._path(after_nonce)
         try:
-            return (self.root / after_nonce).read_bytes()
+            return path.read_bytes()
         except OSError:
             return None
 
