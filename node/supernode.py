@@ -11,8 +11,8 @@ after its reply had gone out and a pull had come back: 1.7-1.8 s a lease on the 
 checks them): replies go out from a thread of their own as soon as the worker hands them
 over, and the loop pulls the next message while fewer than ``DEPTH`` are in flight, so the
 worker finds its next task waiting when it finishes one. Idle, it asks the SuperLink for work
-every 3 s as Flower does, and sooner right after a reply (the next lease is usually on its
-way then). Everything else — TLS, node auth, the Runtime API, the object store — is
+every 3 s as Flower does, and sooner right after a reply or its own start (the next lease,
+or a joining node's first, is usually on its way then). Everything else — TLS, node auth, the Runtime API, the object store — is
 Flower's, unchanged.
 """
 
@@ -39,7 +39,10 @@ _IDLE_S = 3.0  # Flower's pull interval with nothing to do (10,000 idle nodes: ~
 # most round closes by 1-2 s: bench/throughput.py's lock-step "wait" was 1.2-1.6 s.) A node
 # that always has a lease queued ([async] queue) finds it on the first pull; a 1,000-node
 # lock-step barrier costs the SuperLink ~3,300 pulls/s for its length, what 10,000 idle
-# nodes cost it always.
+# nodes cost it always. A SuperNode that has just started asks the same way: its node has
+# just enrolled, and the first lease of a run (or of a running network's next round or free
+# slot) usually follows within seconds; Flower's 3 s sleep cost each node's first lease
+# 1.2-4 s (bench/throughput.py), 33 pulls once per start is what it costs the SuperLink.
 _AFTER_REPLY_S = (0.1, 0.2) + (0.3,) * 33
 _MODULE = "flwr.supernode.start_client_internal"
 
@@ -88,7 +91,7 @@ class Pipeline:
         self._cv = threading.Condition()
         self.in_flight = 0
         self._replies = 0  # replies sent so far
-        self._quick = len(after_reply_s)  # into after_reply_s; a reply restarts it
+        self._quick = 0  # into after_reply_s (past its end: idle_s); a reply restarts it
         self._pusher: threading.Thread | None = None
         self.stop = threading.Event()
 
