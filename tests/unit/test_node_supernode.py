@@ -135,7 +135,7 @@ def test_just_started_it_asks_soon_then_every_idle_interval(link: FakeLink) -> N
     _loop(pipeline, link, 1)
     _wait(lambda: len(link.pulls) >= 3)  # at 0, +0.05, +0.15: a joining node's first lease
     first = link.pulls[0]
-    assert link.pulls[2] - first < 0.45, link.pulls  # Flower's loop: the second at +3 s
+    assert link.pulls[2] - first < 1.5, link.pulls  # ~0.15 s; Flower's loop: the second at +3 s
     time.sleep(1.0)
     # then the idle interval (0.75, 1.35): never again 0.05 s apart
     gaps = [b - a for a, b in zip(link.pulls[2:], link.pulls[3:])]
