@@ -12,8 +12,12 @@ and ended, replied):
 - ``lease_overhead_s``: median per lease of (first step - the moment the node could start:
   the lease's issue or the node's previous reply, whichever is later) + (reply accepted -
   last step), with its parts: ``wait`` (Flower delivering the lease, the SuperNode's poll),
-  ``fetch`` (blobs, parse), ``upload`` (payload by digest, sign), ``reply`` (Flower back,
-  the coordinator's poll and ``verify``).
+  ``fetch`` (blobs: the data plane, the digest, the cache), ``decode`` (the rest before
+  the first step: parse, apply the version's change, build the model), ``upload`` (payload
+  by digest, sign), ``reply`` (Flower or the coordinator's service back, its poll: a
+  reply's time is taken before it is screened; in lock-step a train reply's checks and the
+  round's judging are the next lease's ``wait``, and the coordinator logs them as "round N
+  closed: ...").
 
 - ``comm_reduction``: the bytes a synchronous data-parallel run moves per trained token
   (one fp32 gradient ring all-reduce per step, sent + received, W = the nodes) over what a
@@ -89,7 +93,8 @@ def measure(ledger: Ledger, times: dict[str, dict[str, float]]) -> dict[str, Any
     start = min(lease.issued_at for lease in ledger.leases())
     end = max(u.received_at for u in updates.values())
     busy: dict[int, float] = {i: 0.0 for i in nodes}
-    parts: dict[str, list[float]] = {k: [] for k in ("wait", "fetch", "upload", "reply")}
+    parts: dict[str, list[float]] = {k: [] for k in ("wait", "fetch", "decode", "upload",
+                                                      "reply")}
     overhead: list[float] = []
     free_at: dict[int, float] = {}  # when each node replied last
     for lease in sorted(leases, key=lambda x: times[x.nonce]["received"]):
@@ -97,11 +102,12 @@ def measure(ledger: Ledger, times: dict[str, dict[str, float]]) -> dict[str, Any
         busy[lease.node_id] += t["work_end"] - t["work_start"]
         ready = max(lease.issued_at, free_at.get(lease.node_id, lease.issued_at))
         got = updates[lease.id].received_at
-        wait, fetch = t["received"] - ready, t["work_start"] - t["received"]
+        wait, before = t["received"] - ready, t["work_start"] - t["received"]
+        fetch = min(t.get("fetch_s", before), before)
         upload, reply = t["replied"] - t["work_end"], got - t["replied"]
-        for k, v in zip(parts, (wait, fetch, upload, reply)):
+        for k, v in zip(parts, (wait, fetch, before - fetch, upload, reply)):
             parts[k].append(v)
-        overhead.append(wait + fetch + upload + reply)
+        overhead.append(wait + before + upload + reply)
         free_at[lease.node_id] = t["replied"]
     wall = end - start
     per_node = {nodes[i]: round(b / wall, 3) for i, b in busy.items()}

@@ -134,7 +134,8 @@ def do_work(content: RecordDict, settings: WorkerSettings,
     (``protocol.messages.HandBack``) when the node's gate says pause, before the work or
     after the training step in progress; ``transfer`` hears how fetching each blob goes.
     Logs one ``lease {...}`` JSON line of unix times (received, work started and ended,
-    replied) for ``bench/throughput.py``."""
+    replied) and ``fetch_s``, the seconds before the work spent getting blobs (the rest is
+    parsing, decoding and building the model), for ``bench/throughput.py``."""
     received = time.time()
     work = parse_work(content)
     try:
@@ -161,10 +162,13 @@ def _do_lease(work: Work, settings: WorkerSettings,
             check_memory(lease.kind, param_count(spec), cap)
         gate.check(working=False)
     blobs = settings.fetcher(work.mirrors)
+    fetching = [0.0]  # seconds in blobs.get (the prefetch thread's are its own)
 
     def fetch(what: str, digest: str) -> memoryview:
         report = None if transfer is None else (lambda done, total: transfer(what, done, total))
+        t0 = time.perf_counter()
         data = blobs.get(digest, report)
+        fetching[0] += time.perf_counter() - t0
         if digest in blobs.fetched:
             log.info("fetched %s %s (%d bytes)", what, digest, len(data))
         return data
@@ -199,6 +203,7 @@ def _do_lease(work: Work, settings: WorkerSettings,
     if gate is not None:  # the fetch may have taken a while
         gate.check(working=False)
     times["work_start"] = time.time()
+    times["fetch_s"] = fetching[0]
     arrays, metrics = _compute(work, spec, model, data, settings, progress)
     times["work_end"] = time.time()
     if lease.kind == Kind.TRAIN and settings.uploads is not None:

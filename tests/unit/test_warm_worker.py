@@ -4,6 +4,7 @@ that fails costs that lease only, and a base kept in memory is used only for its
 from __future__ import annotations
 
 import dataclasses
+import json
 import threading
 import time
 import types
@@ -168,6 +169,33 @@ class CountingSettings(WorkerSettings):
     def fetcher(self, mirrors: list[str]) -> BlobFetcher:
         assert self.cache is not None
         return CountingFetcher(self.cache, [], self.limits.max_work_bytes)
+
+
+class DelayedFetcher(BlobFetcher):
+    def get(self, digest: str, progress: Any = None) -> bytes:
+        time.sleep(0.2)  # a blob that takes its time to arrive
+        return super().get(digest, progress)
+
+
+@dataclasses.dataclass(frozen=True)
+class DelayedSettings(WorkerSettings):
+    def fetcher(self, mirrors: list[str]) -> BlobFetcher:
+        assert self.cache is not None
+        return DelayedFetcher(self.cache, [], self.limits.max_work_bytes)
+
+
+def test_a_lease_logs_how_long_its_blobs_took_apart_from_the_rest(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # bench/throughput.py splits the time before the first step into fetch and decode
+    blobs = BlobDir(tmp_path / "blobs")
+    tokens = (np.arange(64) % 256).astype("<u2")
+    settings = DelayedSettings(node_id=1, key=generate_key(), device="cpu", cache=blobs)
+    with caplog.at_level("INFO", logger="node.worker"):
+        do_work(lease_on(blobs, init_arrays(CFG, seed=0), tokens, "1" * 32), settings)
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("lease {")]
+    t = json.loads(line[len("lease "):])
+    assert t["nonce"] == "1" * 32
+    assert 0.4 <= t["fetch_s"] <= t["work_start"] - t["received"]  # the model and the shard
 
 
 def test_the_base_is_read_once_and_never_used_for_another_digest(tmp_path: Path) -> None:
