@@ -35,8 +35,12 @@ its mean against Flower's ``aggregate_arrayrecords``. ``loss`` (``bench/diloco_s
 final validation loss with int8 and top-k over uncompressed at equal tokens, and over
 synchronous data-parallel AdamW on the same batches.
 
+The larger presets need fewer inner steps on this machine: at ``small``'s default H = 240 a
+train lease took 247-299 s with three nodes on two cores, and one missed the default 300 s
+``deadline_s`` (its lease expired, its node idled a round).
+
     python bench/throughput.py --json               # everything: ~12 min on 2 cores
-    python bench/throughput.py --parts network --preset small --rounds 2
+    python bench/throughput.py --parts network --preset small --rounds 2 --inner-steps 24
     python bench/throughput.py --parts network --async --queue 1 --rounds 8
     python bench/throughput.py --parts network --set verify_check_processes=2
 
