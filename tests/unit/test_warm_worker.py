@@ -158,9 +158,11 @@ def lease_on(blobs: BlobDir, model: dict[str, np.ndarray], tokens: np.ndarray,
 
 class CountingFetcher(BlobFetcher):
     reads: list[str] = []
+    delay_s = 0.0  # a blob that takes its time to arrive
 
     def get(self, digest: str, progress: Any = None) -> bytes:
         CountingFetcher.reads.append(digest)
+        time.sleep(CountingFetcher.delay_s)
         return super().get(digest, progress)
 
 
@@ -171,25 +173,14 @@ class CountingSettings(WorkerSettings):
         return CountingFetcher(self.cache, [], self.limits.max_work_bytes)
 
 
-class DelayedFetcher(BlobFetcher):
-    def get(self, digest: str, progress: Any = None) -> bytes:
-        time.sleep(0.2)  # a blob that takes its time to arrive
-        return super().get(digest, progress)
-
-
-@dataclasses.dataclass(frozen=True)
-class DelayedSettings(WorkerSettings):
-    def fetcher(self, mirrors: list[str]) -> BlobFetcher:
-        assert self.cache is not None
-        return DelayedFetcher(self.cache, [], self.limits.max_work_bytes)
-
-
 def test_a_lease_logs_how_long_its_blobs_took_apart_from_the_rest(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+        tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     # bench/throughput.py splits the time before the first step into fetch and decode
     blobs = BlobDir(tmp_path / "blobs")
     tokens = (np.arange(64) % 256).astype("<u2")
-    settings = DelayedSettings(node_id=1, key=generate_key(), device="cpu", cache=blobs)
+    monkeypatch.setattr(CountingFetcher, "delay_s", 0.2)
+    settings = CountingSettings(node_id=1, key=generate_key(), device="cpu", cache=blobs)
     with caplog.at_level("INFO", logger="node.worker"):
         do_work(lease_on(blobs, init_arrays(CFG, seed=0), tokens, "1" * 32), settings)
     [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("lease {")]
