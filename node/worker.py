@@ -27,7 +27,7 @@ from protocol.compression import ErrorFeedback, apply_delta
 from protocol.digest import arrays_from_bytes, arrays_to_bytes, digest_arrays, digest_bytes
 from protocol.errors import AtomError, BlobError, ConfigError, ProtocolError
 from protocol.messages import (
-    EVAL_WINDOWS, MAX_REPLY_BYTES, Kind, Update, UpdateMetrics, Work, content_to_bytes,
+    EVAL_WINDOWS, MAX_REPLY_BYTES, Kind, Lease, Update, UpdateMetrics, Work, content_to_bytes,
     handback_content, parse_work, reply_content, shard_tokens,
 )
 from protocol.signing import sign_update
@@ -149,6 +149,19 @@ def do_work(content: RecordDict, settings: WorkerSettings,
         return handback_content(paused.handback(lease))
 
 
+def _expired(lease: Lease, received: float) -> BlobError | None:
+    """What a refused upload means when the lease's deadline has passed: the coordinator
+    closed the lease and takes no update for it (said plainly, not as the gRPC refusal)."""
+    late = time.time() - lease.deadline
+    if late <= 0:
+        return None
+    return BlobError(f"lease {lease.nonce[:8]} ran {late:.0f} s past its deadline "
+                     f"({lease.deadline - received:.0f} s from its arrival): the coordinator "
+                     f"closed it and took no update, so this lease's work is lost (a node "
+                     f"busy with other work, or a [train] deadline_s too short for this "
+                     f"model on this node)")
+
+
 def _do_lease(work: Work, settings: WorkerSettings,
               progress: Callable[[str, int, int, int], Progress] | None,
               transfer: Transfer | None, received: float) -> RecordDict:
@@ -213,7 +226,12 @@ def _do_lease(work: Work, settings: WorkerSettings,
         digest = digest_bytes(payload)  # == digest_arrays(arrays): the canonical layout
         report = None if transfer is None else (lambda done, total: transfer("update", done,
                                                                               total))
-        settings.uploads.put(digest, payload, lease.nonce, report)
+        try:
+            settings.uploads.put(digest, payload, lease.nonce, report)
+        except BlobError as err:
+            if (expired := _expired(lease, received)) is not None:
+                raise expired from err
+            raise
         update = Update(lease=lease, node_id=settings.node_id, arrays_digest=digest,
                         metrics=metrics)
         reply = reply_content(sign_update(update, settings.key), {})

@@ -146,13 +146,13 @@ def test_a_failing_lease_costs_only_itself() -> None:
 # -- the session's memory: the base of the last leases -------------------------------------
 
 def lease_on(blobs: BlobDir, model: dict[str, np.ndarray], tokens: np.ndarray,
-             nonce: str, kind: str = "train") -> RecordDict:
+             nonce: str, kind: str = "train", deadline_s: float = 60.0) -> RecordDict:
     lease = Lease(run_id="r", round=1, shard_id=0, kind=kind, base_version=0,
                   base_digest=blobs.put(arrays_to_bytes(model)), data_start=0,
                   data_end=len(tokens), data_digest=blobs.put(tokens.tobytes()),
                   tokenizer_digest="7" * 64, data_manifest="8" * 64,
                   inner_steps=2 if kind == "train" else 0, batch_size=2, seq_len=8, lr=1e-3,
-                  weight_decay=0.0, seed=1, deadline=time.time() + 60, nonce=nonce)
+                  weight_decay=0.0, seed=1, deadline=time.time() + deadline_s, nonce=nonce)
     return work_content(lease, dataclasses.asdict(CFG))
 
 
@@ -426,6 +426,29 @@ def test_every_reply_is_also_handed_to_the_coordinator_s_service(tmp_path: Path,
         if not refuse:  # the very bytes Flower carries
             assert uploads.replies[nonce] == content_to_bytes(reply)
     assert len(uploads.replies) == (0 if refuse else 2)
+
+
+class ClosedLeases(HandIns):
+    """An upload service whose leases are all closed (as the coordinator's, once a lease's
+    deadline has passed and the loop expired it)."""
+
+    def put(self, digest: str, data: bytes, lease_nonce: str, progress: Any = None) -> None:
+        raise BlobError(f"coordinator refused the update payload {digest[:12]}: "
+                        "PERMISSION_DENIED: forbidden: no open train lease with that nonce")
+
+
+def test_an_upload_refused_after_the_deadline_says_the_lease_expired(tmp_path: Path) -> None:
+    blobs = BlobDir(tmp_path / "blobs")
+    tokens = (np.arange(64) % 256).astype("<u2")
+    model = init_arrays(CFG, seed=0)
+    settings = WorkerSettings(node_id=1, key=generate_key(), device="cpu", cache=blobs,
+                              uploads=ClosedLeases(blobs))
+    with pytest.raises(BlobError, match=r"^lease 11111111 ran \d+ s past its deadline .*"
+                                        r"took no update, so this lease's work is lost"):
+        do_work(lease_on(blobs, model, tokens, "1" * 32, deadline_s=-5), settings)
+    # before its deadline, a refusal is what the coordinator said (a revoked node, a bad nonce)
+    with pytest.raises(BlobError, match="no open train lease with that nonce"):
+        do_work(lease_on(blobs, model, tokens, "2" * 32), settings)
 
 
 def test_the_worker_pulls_a_task_s_objects_as_they_land(monkeypatch: pytest.MonkeyPatch,
