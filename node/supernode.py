@@ -11,22 +11,24 @@ after its reply had gone out and a pull had come back: 1.7-1.8 s a lease on the 
 checks them): replies go out from a thread of their own as soon as the worker hands them
 over, and the loop pulls the next message while fewer than ``DEPTH`` are in flight, so the
 worker finds its next task waiting when it finishes one. Idle, it asks the SuperLink for work
-every 3 s as Flower does, and sooner right after a reply or its own start (the next lease,
-or a joining node's first, is usually on its way then). Everything else — TLS, node auth,
-the Runtime API, the object store — is Flower's, unchanged.
+every 3 s as Flower does, and sooner right after a reply or, when its node has just joined,
+its own start (the next lease, or a joining node's first, is usually on its way then).
+Everything else — TLS, node auth, the Runtime API, the object store — is Flower's,
+unchanged.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
+import os
 import threading
 from collections.abc import Callable
 from typing import Any
 
 from protocol.flower_pulls import quick_object_pulls
 
-__all__ = ["DEPTH", "Pipeline", "install", "main"]
+__all__ = ["DEPTH", "JUST_JOINED", "Pipeline", "install", "main"]
 
 log = logging.getLogger("node.supernode")
 
@@ -39,13 +41,15 @@ _IDLE_S = 3.0  # Flower's pull interval with nothing to do (10,000 idle nodes: ~
 # most round closes by 1-2 s: bench/throughput.py's lock-step "wait" was 1.2-1.6 s.) A node
 # that always has a lease queued ([async] queue) finds it on the first pull; a 1,000-node
 # lock-step barrier costs the SuperLink ~3,300 pulls/s for its length, what 10,000 idle
-# nodes cost it always. A SuperNode that has just started asks the same way: its node has
-# just enrolled, and the first lease of a run (or of a running network's next round or free
-# slot) usually follows within seconds; Flower's 3 s sleep cost each node's first lease
-# 1.2-4 s (bench/throughput.py). It costs the SuperLink 33 pulls once per start (a fleet
-# of 10,000 restarted at the same moment: ~33,000 pulls/s for 10 s).
+# nodes cost it always. The SuperNode a node's ``join`` starts first asks the same way
+# (``JUST_JOINED``): the first lease of a run, or of a running network's next round or free
+# slot, usually follows within seconds, and Flower's 3 s sleep cost each node's first lease
+# 1.2-4 s (bench/throughput.py); 33 pulls once per join. Not a restarted one: every
+# SuperNode restarts when the SuperLink does, and 10,000 asking every 0.3 s at once would
+# be ~33,000 pulls/s just as the SuperLink comes back.
 _AFTER_REPLY_S = (0.1, 0.2) + (0.3,) * 33
 _MODULE = "flwr.supernode.start_client_internal"
+JUST_JOINED = "ATOM_SUPERNODE_JUST_JOINED"  # "1" in the environment of a join's first start
 
 
 class _Stopped(Exception):
@@ -86,13 +90,15 @@ class Pipeline:
 
     def __init__(self, pull: Callable[..., int | None], push: Callable[..., None],
                  depth: int = DEPTH, idle_s: float = _IDLE_S,
-                 after_reply_s: tuple[float, ...] = _AFTER_REPLY_S) -> None:
+                 after_reply_s: tuple[float, ...] = _AFTER_REPLY_S,
+                 just_joined: bool = False) -> None:
         self._pull, self._push, self.depth = pull, push, depth
         self._idle_s, self._after_reply_s = idle_s, after_reply_s
         self._cv = threading.Condition()
         self.in_flight = 0
         self._replies = 0  # replies sent so far
-        self._quick = 0  # into after_reply_s (past its end: idle_s); a reply restarts it
+        # into after_reply_s (past its end: idle_s); a reply restarts it, and so does a join
+        self._quick = 0 if just_joined else len(after_reply_s)
         self._pusher: threading.Thread | None = None
         self.stop = threading.Event()
 
@@ -158,7 +164,8 @@ def install(depth: int = DEPTH) -> Pipeline:
     """Replace the SuperNode loop's pull and push steps with a :class:`Pipeline`'s."""
     module = importlib.import_module(_MODULE)
     quick_object_pulls()  # a lease's objects as they land (protocol/flower_pulls.py)
-    pipeline = Pipeline(module._pull_and_store_message, module._push_messages, depth)
+    pipeline = Pipeline(module._pull_and_store_message, module._push_messages, depth,
+                        just_joined=os.environ.get(JUST_JOINED) == "1")
     module._pull_and_store_message = pipeline.pull_next
     module._push_messages = pipeline.push_started
     return pipeline

@@ -37,6 +37,7 @@ from protocol.processes import flower_env, free_port, spawn, stop, tool_path
 
 from .identity import Enrollment, NodeHome
 from .progress import read_progress
+from .supernode import JUST_JOINED
 
 __all__ = ["COMPILE_MODES", "Supervisor", "new_runtime_secret", "supernode_command",
            "worker_command"]
@@ -234,7 +235,10 @@ class Supervisor:
                                         compile_mode=self.compile_mode)
                 started = time.monotonic()
                 log_start = log.stat().st_size if log.exists() else 0
-                proc = spawn(cmd, env=env, log=log)
+                # the first SuperNode of a join asks for its first lease at once; a restart
+                # (the SuperLink restarted: every node's at once) waits as Flower does
+                proc = spawn(cmd, env={**env, JUST_JOINED: "1"} if restarts == 0 else env,
+                             log=log)
                 worker = _Worker(worker_command(port, secret), env, worker_log, self.console)
                 try:
                     while proc.poll() is None and not self._stop.wait(0.5):

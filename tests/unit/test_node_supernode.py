@@ -130,8 +130,8 @@ def test_a_reply_goes_out_within_a_tenth_of_a_second(link: FakeLink) -> None:
     assert sorted(delays)[1] < 0.2, delays
 
 
-def test_just_started_it_asks_soon_then_every_idle_interval(link: FakeLink) -> None:
-    pipeline = _pipeline(link, idle_s=0.6, after_reply_s=(0.05, 0.1))
+def test_just_joined_it_asks_soon_then_every_idle_interval(link: FakeLink) -> None:
+    pipeline = _pipeline(link, idle_s=0.6, after_reply_s=(0.05, 0.1), just_joined=True)
     _loop(pipeline, link, 1)
     _wait(lambda: len(link.pulls) >= 3)  # at 0, +0.05, +0.15: a joining node's first lease
     first = link.pulls[0]
@@ -145,12 +145,23 @@ def test_just_started_it_asks_soon_then_every_idle_interval(link: FakeLink) -> N
     pipeline.stop.set()
 
 
+def test_restarted_it_asks_at_the_idle_interval_from_the_start(link: FakeLink) -> None:
+    # every SuperNode restarts when the SuperLink does: none of them asks every 0.05 s then
+    pipeline = _pipeline(link, idle_s=0.6, after_reply_s=(0.05, 0.1))
+    _loop(pipeline, link, 1)
+    _wait(lambda: len(link.pulls) >= 2)
+    assert link.pulls[1] - link.pulls[0] > 0.4, link.pulls
+    link.queued = 1
+    _wait(lambda: link.stored)
+    pipeline.stop.set()
+
+
 def test_idle_it_asks_every_idle_interval_and_soon_after_a_reply(link: FakeLink) -> None:
     link.queued = 1
     pipeline = _pipeline(link, idle_s=0.6, after_reply_s=(0.05, 0.1))
     _loop(pipeline, link, 2)
     _wait(lambda: len(link.stored) == 1)
-    time.sleep(0.4)  # past the quick asks after the start
+    time.sleep(0.4)
     start = time.monotonic()
     time.sleep(1.4)  # one every 0.6 s
     idle = len([t for t in link.pulls if t >= start])

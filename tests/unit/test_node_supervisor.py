@@ -15,6 +15,7 @@ from protocol.errors import EnrollmentError
 from node.identity import Enrollment, NodeHome
 from node import supervisor
 from node.supervisor import Supervisor, supernode_command
+from node.supernode import JUST_JOINED
 
 ENROLLED = Enrollment(node_id=7, flower_node_id="123", name="gpu-box", institution="Uni X",
                       run_id="r", coordinator_address="127.0.0.1:1",
@@ -34,7 +35,9 @@ def fake_supernode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     starts = tmp_path / "starts"
-    _script(bin_dir / "atom-supernode", f"echo \"$@\" >> {starts}\nexit 3")
+    # each start's line: whether it is the join's first (JUST_JOINED), then its arguments
+    _script(bin_dir / "atom-supernode",
+            f"echo \"${{{JUST_JOINED}:-0}} $@\" >> {starts}\nexit 3")
     # (the environment first: a line in worker-starts means it was written)
     worker = _script(bin_dir / "fake-worker", "echo \"$TORCHINDUCTOR_CACHE_DIR\" > "
                                               f"{tmp_path / 'worker-compile-cache'}\n"
@@ -69,6 +72,9 @@ def test_restarts_with_backoff_and_stops_cleanly(tmp_path: Path, fake_supernode:
     assert not t.is_alive() and result == [0]
     starts = fake_supernode.read_text().splitlines()
     assert 2 <= len(starts) <= 4, starts
+    # the first asks for its first lease at once; a restart (after the SuperLink's, every
+    # node's at once) at Flower's pace
+    assert starts[0].startswith("1 ") and all(s.startswith("0 ") for s in starts[1:])
     assert "--auth-supernode-private-key" in starts[0] and "127.0.0.1:2" in starts[0]
     assert "--isolation process" in starts[0]  # no flwr-clientapp per message
     secret = home.path / "runtime.secret"  # only the worker may claim the node's tasks
