@@ -175,13 +175,14 @@ def _do_lease(work: Work, settings: WorkerSettings,
             check_memory(lease.kind, param_count(spec), cap)
         gate.check(working=False)
     blobs = settings.fetcher(work.mirrors)
-    fetching = [0.0]  # seconds in blobs.get (the prefetch thread's are its own)
+    fetch_s = 0.0  # seconds in blobs.get (the prefetch thread's are its own)
 
     def fetch(what: str, digest: str) -> memoryview:
+        nonlocal fetch_s
         report = None if transfer is None else (lambda done, total: transfer(what, done, total))
         t0 = time.perf_counter()
         data = blobs.get(digest, report)
-        fetching[0] += time.perf_counter() - t0
+        fetch_s += time.perf_counter() - t0
         if digest in blobs.fetched:
             log.info("fetched %s %s (%d bytes)", what, digest, len(data))
         return data
@@ -216,7 +217,7 @@ def _do_lease(work: Work, settings: WorkerSettings,
     if gate is not None:  # the fetch may have taken a while
         gate.check(working=False)
     times["work_start"] = time.time()
-    times["fetch_s"] = fetching[0]
+    times["fetch_s"] = fetch_s
     arrays, metrics = _compute(work, spec, model, data, settings, progress)
     times["work_end"] = time.time()
     if lease.kind == Kind.TRAIN and settings.uploads is not None:

@@ -160,7 +160,6 @@ def test_a_chunk_built_as_wire_bytes_is_the_message_protobuf_reads(size: int, of
             size=size, offset=offset, data=data).SerializeToString()
 
 
-
 class _Served(BlobService, pb_grpc.CoordinatorServicer):
     CHUNK = 256 * 1024
 
